@@ -1,0 +1,58 @@
+# Pacer's make targets. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+export PACER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pacer
+# CI starts from a fresh clone; a target dir in the cache outside it keeps builds warm there.
+ifeq ($(CI),true)
+export CARGO_TARGET_DIR ?= $(PACER_CACHE)/target
+export CARGO_TERM_COLOR ?= never
+endif
+CARGO_TARGET_DIR ?= target
+PACER := $(CARGO_TARGET_DIR)/debug/pacer
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+.PHONY: build
+build: ## Build the pacer binary (debug)
+	cargo build
+
+.PHONY: crds
+crds: build ## Regenerate crds/ from the Rust types
+	$(PACER) crds --dir crds
+
+.PHONY: check-generated
+check-generated: ## Fail when crds/ differs from what the code generates
+	cargo test --lib -- --exact api::tests::committed_crds_match_the_code
+
+.PHONY: fmt-check
+fmt-check: ## cargo fmt --check
+	cargo fmt --all -- --check
+
+.PHONY: clippy
+clippy: ## cargo clippy on every target, warnings are errors
+	cargo clippy --all-targets -- -D warnings
+
+.PHONY: tools
+tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in $(PACER_CACHE)
+	hack/build-kube.sh >/dev/null
+	hack/moto-venv.sh >/dev/null
+
+.PHONY: test-unit
+test-unit: ## Unit tests only (no servers): the inner loop
+	cargo test --lib
+
+.PHONY: test
+test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests
+	cargo test --all-targets
+
+.PHONY: dev-env
+dev-env: tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
+	hack/ground.sh --crds crds .tools/ground
+
+.PHONY: demo
+demo: build tools ## Bring the ground up, apply the examples and show them
+	hack/demo.sh $(PACER)

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""A loopback proxy in front of moto for Pacer's tests.
+
+It forwards every AWS request to moto, records each action with its parameters, injects AWS
+errors on request, answers the Pricing API (which moto lacks) with a realistic price document,
+and serves DeleteLaunchTemplateVersions (which moto answers with HTTP 500).
+
+Control endpoints, all JSON:
+  GET    /_proxy/health            -> {"ok": true}
+  GET    /_proxy/calls             -> [{"seq", "service", "action", "params", "status"}, ...]
+  DELETE /_proxy/calls             forget recorded calls
+  POST   /_proxy/faults            add a fault: {"action", "code", "message"?, "status"?, "count"?,
+                                   "fleet_error"?: true (CreateFleet answers 200 with Errors[]),
+                                   "match"?: {"param": "substring"} (only requests whose params match)}
+  DELETE /_proxy/faults            drop every fault
+  POST   /_proxy/reset             drop calls and faults and reset moto
+Usage: aws-proxy.py LISTEN_PORT MOTO_URL
+"""
+
+import http.client
+import json
+import sys
+import threading
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# On-demand Linux prices in us-east-1, USD per hour, as AWS published them.
+ON_DEMAND_USD = {
+    "t3.micro": "0.0104000000", "t3.small": "0.0208000000", "t3.medium": "0.0416000000",
+    "t3.large": "0.0832000000", "m5.large": "0.0960000000", "m5.xlarge": "0.1920000000",
+    "m6i.large": "0.0960000000", "m6i.xlarge": "0.1920000000", "m7i.large": "0.1008000000",
+    "c5.large": "0.0850000000", "c5.xlarge": "0.1700000000", "c6i.large": "0.0850000000",
+    "c6i.xlarge": "0.1700000000", "c7i.large": "0.0892500000", "m6g.large": "0.0770000000",
+    "m7g.large": "0.0816000000", "c6g.large": "0.0680000000", "c7g.large": "0.0725000000",
+    "r5.large": "0.1260000000",
+}
+
+LOCK = threading.Lock()
+CALLS = []
+FAULTS = []
+
+
+def price_document(instance_type, region):
+    """One product of the AWS Price List, shaped as GetProducts returns it (a JSON string)."""
+    sku = uuid.uuid5(uuid.NAMESPACE_DNS, instance_type + region).hex[:16].upper()
+    offer = sku + ".JRTCKXETXF"
+    return json.dumps({
+        "product": {
+            "productFamily": "Compute Instance",
+            "attributes": {
+                "instanceType": instance_type, "regionCode": region, "operatingSystem": "Linux",
+                "tenancy": "Shared", "preInstalledSw": "NA", "capacitystatus": "Used",
+                "servicecode": "AmazonEC2", "usagetype": "BoxUsage:" + instance_type,
+            },
+            "sku": sku,
+        },
+        "serviceCode": "AmazonEC2",
+        "terms": {"OnDemand": {offer: {
+            "priceDimensions": {offer + ".6YS6EN2CT7": {
+                "unit": "Hrs", "endRange": "Inf", "beginRange": "0",
+                "description": "$%s per On Demand Linux %s Instance Hour" % (ON_DEMAND_USD[instance_type], instance_type),
+                "appliesTo": [], "rateCode": offer + ".6YS6EN2CT7",
+                "pricePerUnit": {"USD": ON_DEMAND_USD[instance_type]},
+            }},
+            "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "offerTermCode": "JRTCKXETXF",
+            "termAttributes": {},
+        }}},
+        "version": "20261101000000", "publicationDate": "2026-11-01T00:00:00Z",
+    })
+
+
+def service_of(headers):
+    auth = headers.get("Authorization", "")
+    # AWS4-HMAC-SHA256 Credential=AKID/20261122/us-east-1/ec2/aws4_request, ...
+    try:
+        return auth.split("Credential=")[1].split(",")[0].split("/")[3]
+    except IndexError:
+        return ""
+
+
+def xml_error(service, code, message):
+    rid = str(uuid.uuid4())
+    if service == "ec2":
+        return ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>%s</Code>"
+                "<Message>%s</Message></Error></Errors><RequestID>%s</RequestID></Response>" % (code, message, rid))
+    return ("<ErrorResponse><Error><Type>Sender</Type><Code>%s</Code><Message>%s</Message></Error>"
+            "<RequestId>%s</RequestId></ErrorResponse>" % (code, message, rid))
+
+
+def fleet_error_body(params, code, message):
+    items = []
+    overrides = sorted({v for k, v in params.items() if k.endswith(".InstanceType") and "Overrides" in k})
+    for itype in overrides or [""]:
+        items.append("<item><launchTemplateAndOverrides><overrides><instanceType>%s</instanceType></overrides>"
+                     "</launchTemplateAndOverrides><lifecycle>%s</lifecycle><errorCode>%s</errorCode>"
+                     "<errorMessage>%s</errorMessage></item>"
+                     % (itype, "spot" if "SpotOptions" in "".join(params) else "on-demand", code, message))
+    return ("<CreateFleetResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>%s</requestId>"
+            "<fleetId>fleet-%s</fleetId><errorSet>%s</errorSet><fleetInstanceSet/></CreateFleetResponse>"
+            % (uuid.uuid4(), uuid.uuid4(), "".join(items)))
+
+
+def matches(params, wanted):
+    """True when, for every key in `wanted`, some parameter named key (or ending in .key)
+    contains the wanted substring."""
+    return all(any((k == key or k.endswith("." + key)) and sub in str(v) for k, v in params.items())
+               for key, sub in wanted.items())
+
+
+def take_fault(action, params):
+    with LOCK:
+        for fault in FAULTS:
+            if fault["action"] == action and fault["count"] != 0 and matches(params, fault.get("match") or {}):
+                if fault["count"] > 0:
+                    fault["count"] -= 1
+                return dict(fault)
+    return None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def reply(self, status, body, content_type="application/json", extra=None):
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def control(self, method, raw):
+        path = self.path.split("?")[0]
+        with LOCK:
+            if path == "/_proxy/health":
+                return self.reply(200, '{"ok": true}')
+            if path == "/_proxy/calls" and method == "GET":
+                return self.reply(200, json.dumps(CALLS))
+            if path == "/_proxy/calls" and method == "DELETE":
+                CALLS.clear()
+                return self.reply(200, "{}")
+            if path == "/_proxy/faults" and method == "POST":
+                fault = json.loads(raw)
+                fault.setdefault("count", 1)
+                fault.setdefault("status", 400)
+                fault.setdefault("message", "injected by the test proxy")
+                FAULTS.append(fault)
+                return self.reply(200, "{}")
+            if path == "/_proxy/faults" and method == "DELETE":
+                FAULTS.clear()
+                return self.reply(200, "{}")
+            if path == "/_proxy/reset" and method == "POST":
+                CALLS.clear()
+                FAULTS.clear()
+        if path == "/_proxy/reset" and method == "POST":
+            self.forward("POST", "/moto-api/reset", b"", {})
+            return self.reply(200, "{}")
+        return self.reply(404, '{"error": "unknown control path"}')
+
+    def forward(self, method, path, raw, headers):
+        conn = http.client.HTTPConnection(UPSTREAM.hostname, UPSTREAM.port, timeout=120)
+        conn.request(method, path, body=raw, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, resp.getheaders(), data
+
+    def handle_any(self, method):
+        raw = self.body()
+        if self.path.startswith("/_proxy/"):
+            return self.control(method, raw)
+        service = service_of(self.headers)
+        target = self.headers.get("X-Amz-Target", "")
+        if target:
+            action = target.split(".")[-1]
+            try:
+                params = json.loads(raw or b"{}")
+            except ValueError:
+                params = {}
+        else:
+            query = raw.decode() if method == "POST" else urllib.parse.urlsplit(self.path).query
+            params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+            action = params.get("Action", "")
+        flat = params if not target else {k: json.dumps(v) for k, v in params.items()}
+        fault = take_fault(action, flat)
+        status = self.answer(method, raw, service, target, action, params, fault)
+        with LOCK:
+            CALLS.append({"seq": len(CALLS) + 1, "service": service, "action": action,
+                          "params": params, "status": status})
+
+    def answer(self, method, raw, service, target, action, params, fault):
+        if fault and fault.get("fleet_error"):
+            self.reply(200, fleet_error_body(params, fault["code"], fault["message"]), "text/xml")
+            return 200
+        if fault:
+            if target:
+                self.reply(fault["status"], json.dumps({"__type": fault["code"], "message": fault["message"]}),
+                           "application/x-amz-json-1.1", {"x-amzn-ErrorType": fault["code"]})
+            else:
+                self.reply(fault["status"], xml_error(service, fault["code"], fault["message"]), "text/xml")
+            return fault["status"]
+        if target.startswith("AWSPriceListService"):
+            return self.pricing(action, params)
+        if action == "DeleteLaunchTemplateVersions":
+            return self.delete_launch_template_versions(params)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
+        status, resp_headers, data = self.forward(method, self.path, raw, headers)
+        self.send_response(status)
+        for k, v in resp_headers:
+            if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return status
+
+    def pricing(self, action, params):
+        if action != "GetProducts":
+            self.reply(400, json.dumps({"__type": "InvalidParameterException", "message": action + " is not served"}),
+                       "application/x-amz-json-1.1")
+            return 400
+        filters = {f.get("Field"): f.get("Value") for f in params.get("Filters", [])}
+        itype = filters.get("instanceType")
+        region = filters.get("regionCode") or "us-east-1"
+        prices = [price_document(itype, region)] if itype in ON_DEMAND_USD else []
+        self.reply(200, json.dumps({"FormatVersion": "aws_v1", "PriceList": prices}), "application/x-amz-json-1.1")
+        return 200
+
+    def delete_launch_template_versions(self, params):
+        # moto answers 500; real EC2 deletes the versions. Report each as deleted.
+        lt_id = params.get("LaunchTemplateId", "")
+        items = "".join("<item><launchTemplateId>%s</launchTemplateId><versionNumber>%s</versionNumber></item>"
+                        % (lt_id, v) for k, v in params.items() if k.startswith("LaunchTemplateVersion."))
+        self.reply(200, "<DeleteLaunchTemplateVersionsResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">"
+                        "<requestId>%s</requestId><successfullyDeletedLaunchTemplateVersionSet>%s"
+                        "</successfullyDeletedLaunchTemplateVersionSet><unsuccessfullyDeletedLaunchTemplateVersionSet/>"
+                        "</DeleteLaunchTemplateVersionsResponse>" % (uuid.uuid4(), items), "text/xml")
+        return 200
+
+    def do_GET(self):
+        self.handle_any("GET")
+
+    def do_POST(self):
+        self.handle_any("POST")
+
+    def do_DELETE(self):
+        self.handle_any("DELETE")
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    UPSTREAM = urllib.parse.urlsplit(sys.argv[2])
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()

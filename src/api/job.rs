@@ -1,0 +1,203 @@
+//! `RunnerJob`: one runner for one queued workflow job.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Demand for one ephemeral runner, recorded when GitHub queues a workflow job that a pool
+/// can serve. Its spec never changes after creation.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "pacer.dev",
+    version = "v1alpha1",
+    kind = "RunnerJob",
+    doc = "One ephemeral runner for one queued GitHub Actions workflow job.",
+    plural = "runnerjobs",
+    shortname = "rj",
+    category = "pacer",
+    namespaced,
+    status = "RunnerJobStatus",
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.poolName"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Repository","type":"string","jsonPath":".spec.repository"}"#,
+    printcolumn = r#"{"name":"Job","type":"integer","jsonPath":".spec.jobId"}"#,
+    printcolumn = r#"{"name":"Instance","type":"string","jsonPath":".status.instance.id"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".status.instance.type","priority":1}"#,
+    printcolumn = r#"{"name":"Zone","type":"string","jsonPath":".status.instance.zone","priority":1}"#,
+    printcolumn = r#"{"name":"Attempts","type":"integer","jsonPath":".status.attempts","priority":1}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.lastError.reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerJobSpec {
+    /// The RunnerPool (same namespace) whose runners serve this job.
+    #[schemars(length(min = 1, max = 253))]
+    pub pool_name: String,
+
+    /// GitHub's id of the queued workflow job.
+    #[schemars(range(min = 1))]
+    pub job_id: i64,
+
+    /// GitHub's id of the workflow run the job belongs to.
+    #[schemars(range(min = 1))]
+    pub run_id: i64,
+
+    /// The repository as `owner/name`.
+    #[schemars(
+        length(min = 3, max = 140),
+        regex(pattern = r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
+    )]
+    pub repository: String,
+
+    /// Labels the job asked for.
+    #[schemars(length(max = 100), inner(length(min = 1, max = 256)))]
+    pub labels: Vec<String>,
+
+    /// The GitHub App installation that delivered the job.
+    #[schemars(range(min = 1))]
+    pub installation_id: i64,
+}
+
+/// Where a RunnerJob is in its life.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum JobPhase {
+    /// Waiting for a launch (capacity, the pool's limit, or a retry backoff).
+    #[default]
+    Pending,
+    /// A launch request is in flight or its instance is not yet seen.
+    Launching,
+    /// The instance exists; the runner has not registered yet.
+    Booting,
+    /// The runner registered with GitHub.
+    Running,
+    /// The job is over; the instance is being terminated and the runner removed.
+    Completing,
+    /// Finished and cleaned up; the job reported success.
+    Succeeded,
+    /// Finished and cleaned up; the job, the launch or the instance failed.
+    Failed,
+}
+
+/// What Pacer observed for a RunnerJob.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerJobStatus {
+    /// Where the job is in its life.
+    #[serde(default)]
+    pub phase: JobPhase,
+
+    /// Launch attempts made so far.
+    #[serde(default)]
+    pub attempts: i32,
+
+    /// The EC2 instance serving the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceStatus>,
+
+    /// The GitHub runner registered on the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerStatus>,
+
+    /// Prices at launch time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostSnapshot>,
+
+    /// When each phase was entered.
+    #[serde(default)]
+    pub phase_times: PhaseTimes,
+
+    /// Latest observations, such as `Launched` and `RunnerRegistered`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// The last error, with a reason a human can act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The EC2 instance of a RunnerJob.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// Instance id (`i-…`).
+    pub id: String,
+    /// Instance type.
+    #[serde(rename = "type")]
+    pub instance_type: String,
+    /// Availability zone.
+    pub zone: String,
+    /// `spot` or `onDemand`.
+    pub market: String,
+    /// When EC2 launched it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_time: Option<Time>,
+}
+
+/// The GitHub runner of a RunnerJob.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerStatus {
+    /// GitHub's runner id.
+    pub id: i64,
+    /// Runner name as GitHub shows it.
+    pub name: String,
+}
+
+/// Prices captured when the instance launched. Decimal strings, to keep them exact.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CostSnapshot {
+    /// Hourly price paid: the spot price for spot instances, else the on-demand price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hourly_price: Option<String>,
+    /// On-demand hourly price of the same type, for comparison.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_hourly_price: Option<String>,
+    /// Estimated cost of the whole run, set when the job finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost: Option<String>,
+    /// ISO 4217 currency code of the prices.
+    pub currency: String,
+}
+
+/// When each phase was entered.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTimes {
+    /// Entered Pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Time>,
+    /// Entered Launching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launching: Option<Time>,
+    /// Entered Booting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booting: Option<Time>,
+    /// Entered Running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<Time>,
+    /// Entered Completing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completing: Option<Time>,
+    /// Entered Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Time>,
+}
+
+/// An error with a machine-readable reason.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastError {
+    /// CamelCase reason, such as `InsufficientCapacity` or `InstanceLost`.
+    pub reason: String,
+    /// What happened, for humans.
+    pub message: String,
+    /// When it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}

@@ -1,0 +1,324 @@
+//! `RunnerPool`: what a class of runners looks like and where it may run.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A class of ephemeral EC2 runners: which GitHub jobs they serve, what they boot from, where
+/// they run and how many may run at once.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "pacer.dev",
+    version = "v1alpha1",
+    kind = "RunnerPool",
+    doc = "A class of ephemeral EC2 runners for GitHub Actions jobs.",
+    plural = "runnerpools",
+    shortname = "rp",
+    category = "pacer",
+    namespaced,
+    status = "RunnerPoolStatus",
+    printcolumn = r#"{"name":"Scope","type":"string","jsonPath":".spec.github.scope"}"#,
+    printcolumn = r#"{"name":"Owner","type":"string","jsonPath":".spec.github.owner"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"string","jsonPath":".spec.capacity.type"}"#,
+    printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxRunners"}"#,
+    printcolumn = r#"{"name":"Running","type":"integer","jsonPath":".status.runners.running"}"#,
+    printcolumn = r#"{"name":"Validated","type":"string","jsonPath":".status.conditions[?(@.type==\"Validated\")].status"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerPoolSpec {
+    /// Where the runners register on GitHub.
+    pub github: GitHubTarget,
+
+    /// Labels the runners advertise. A queued job is served by this pool when every label the
+    /// job asks for is in this list (`self-hosted` and the OS/arch labels included).
+    #[schemars(length(min = 1, max = 100), inner(length(min = 1, max = 256)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub labels: Vec<String>,
+
+    /// EC2 instance types the runners may use, most preferred first. Every type must match the
+    /// AMI's architecture.
+    #[schemars(
+        length(min = 1, max = 20),
+        inner(regex(pattern = r"^[a-z][a-z0-9-]*\.[a-z0-9]+$"))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub instance_types: Vec<String>,
+
+    /// VPC subnets the runners may launch in, all in one VPC. List subnets in several
+    /// availability zones so capacity shortages in one zone can be routed around.
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(regex(pattern = r"^subnet-[0-9a-f]{8,17}$"))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub subnets: Vec<String>,
+
+    /// Security groups attached to the runners, in the subnets' VPC. Runners need outbound
+    /// HTTPS to GitHub and to Pacer's public URL; no inbound rule is needed.
+    #[schemars(
+        length(min = 1, max = 5),
+        inner(regex(pattern = r"^sg-[0-9a-f]{8,17}$"))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub security_groups: Vec<String>,
+
+    /// The AMI the runners boot. It needs bash, curl, jq, tar and sudo.
+    #[schemars(regex(pattern = r"^ami-[0-9a-f]{8,17}$"))]
+    pub ami: String,
+
+    /// Name of the IAM instance profile the runners run under. Empty means none: workflows
+    /// then have no AWS credentials of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[\w+=,.@-]+$"))]
+    pub instance_profile: Option<String>,
+
+    /// The runners' root EBS volume.
+    #[serde(default)]
+    pub root_volume: RootVolume,
+
+    /// Spot or on-demand capacity, and how EC2 picks among the offerings.
+    #[serde(default)]
+    pub capacity: Capacity,
+
+    /// How instances are launched: `fleet` (CreateFleet, tries every instance type in every
+    /// subnet) or `runInstances` (one instance type and subnet at a time).
+    #[serde(default)]
+    pub spawn_method: SpawnMethod,
+
+    /// Release of actions/runner to install, such as `2.329.0`. Empty means the latest release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"))]
+    pub runner_version: Option<String>,
+
+    /// Most runners of this pool that may exist at once; further jobs wait.
+    #[serde(default = "default_max_runners")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_runners: i32,
+
+    /// Longest a runner may live, in minutes, before it is terminated whatever it is doing.
+    #[serde(default = "default_max_runtime_minutes")]
+    #[schemars(range(min = 1, max = 10080))]
+    pub max_runtime_minutes: i32,
+
+    /// Seconds a finished RunnerJob is kept before it is deleted.
+    #[serde(default = "default_ttl_seconds_after_finished")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub ttl_seconds_after_finished: i32,
+
+    /// Extra tags put on every instance and volume of this pool. Keys starting with `gha:` or
+    /// `aws:` are reserved.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 30))]
+    pub tags: BTreeMap<String, String>,
+
+    /// Shell script run as root on the instance before the runner starts, such as installing
+    /// packages. At most 8 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub user_data: Option<String>,
+}
+
+fn default_max_runners() -> i32 {
+    10
+}
+fn default_max_runtime_minutes() -> i32 {
+    360
+}
+fn default_ttl_seconds_after_finished() -> i32 {
+    3600
+}
+
+/// Where on GitHub the runners register.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitHubTarget {
+    /// `org`: runners register with the organization; `repo`: with each listed repository.
+    pub scope: GitHubScope,
+
+    /// The organization or user that owns the repositories.
+    #[schemars(
+        length(min = 1, max = 39),
+        regex(pattern = r"^[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?$")
+    )]
+    pub owner: String,
+
+    /// Repository names (without the owner) whose jobs this pool serves. Required for `repo`
+    /// scope; for `org` scope it narrows the pool to these repositories.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(length(min = 1, max = 100), regex(pattern = r"^[A-Za-z0-9._-]+$"))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub repositories: Vec<String>,
+
+    /// Organization runner group the runners join. Only for `org` scope; empty means the
+    /// default group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub runner_group: Option<String>,
+}
+
+/// Where runners register on GitHub.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GitHubScope {
+    Org,
+    Repo,
+}
+
+/// The root EBS volume of each runner.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootVolume {
+    /// Size in GiB. 0 keeps the AMI's own size; otherwise at least the AMI's snapshot size.
+    #[serde(default, rename = "sizeGiB")]
+    #[schemars(range(min = 0, max = 16384))]
+    pub size_gib: i32,
+
+    /// EBS volume type.
+    #[serde(default, rename = "type")]
+    pub volume_type: VolumeType,
+
+    /// Provisioned IOPS, for gp3, io1 and io2 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 256000))]
+    pub iops: Option<i32>,
+
+    /// Provisioned throughput in MiB/s, for gp3 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 125, max = 2000))]
+    pub throughput: Option<i32>,
+}
+
+impl Default for RootVolume {
+    fn default() -> Self {
+        Self {
+            size_gib: 0,
+            volume_type: VolumeType::Gp3,
+            iops: None,
+            throughput: None,
+        }
+    }
+}
+
+/// EBS volume types a runner's root volume may use.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeType {
+    #[default]
+    Gp3,
+    Gp2,
+    Io1,
+    Io2,
+}
+
+/// Which EC2 market the runners come from.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    /// `spot` (cheaper, may be reclaimed) or `onDemand`.
+    #[serde(default, rename = "type")]
+    pub capacity_type: CapacityType,
+
+    /// When spot capacity is exhausted everywhere the pool may run, launch on-demand instead.
+    /// Only with `type: spot`.
+    #[serde(default)]
+    pub fallback_to_on_demand: bool,
+
+    /// How EC2 picks among the instance types and zones. Empty means `priceCapacityOptimized`
+    /// for spot and `lowestPrice` for on-demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_strategy: Option<AllocationStrategy>,
+}
+
+/// EC2 market of a pool's runners.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CapacityType {
+    Spot,
+    #[default]
+    OnDemand,
+}
+
+/// EC2 Fleet allocation strategies. `lowestPrice` and `prioritized` are the only ones EC2
+/// accepts for on-demand capacity.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AllocationStrategy {
+    PriceCapacityOptimized,
+    CapacityOptimized,
+    LowestPrice,
+    Diversified,
+    Prioritized,
+}
+
+/// How instances are launched.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SpawnMethod {
+    /// CreateFleet of type `instant` over every instance type and subnet.
+    #[default]
+    Fleet,
+    /// RunInstances with one instance type in one subnet.
+    RunInstances,
+}
+
+/// What Pacer observed and built for a pool.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerPoolStatus {
+    /// `Validated`: the AMI, subnets, security groups and instance profile exist and fit
+    /// together. `Ready`: the pool can launch runners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// The launch template runners are launched from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_template: Option<LaunchTemplateRef>,
+
+    /// Hash of the spec fields the launch template was built from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+
+    /// Runners of this pool by phase.
+    #[serde(default)]
+    pub runners: RunnerCounts,
+
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A launch template and the version in force.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchTemplateRef {
+    /// Launch template id (`lt-…`).
+    pub id: String,
+    /// Version made default for new launches.
+    pub version: i64,
+}
+
+/// Counts of a pool's runners by phase.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerCounts {
+    /// Waiting for a launch.
+    #[serde(default)]
+    pub pending: i32,
+    /// Launch requested, or instance booting.
+    #[serde(default)]
+    pub starting: i32,
+    /// Runner registered and running a job.
+    #[serde(default)]
+    pub running: i32,
+    /// Being terminated.
+    #[serde(default)]
+    pub completing: i32,
+}

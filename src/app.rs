@@ -1,0 +1,158 @@
+//! Wires configuration, clients and commands together; the one place that knows every part.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
+use tracing::{info, warn};
+
+use crate::api;
+use crate::config::Config;
+use crate::{Error, Result};
+
+/// Logs to stderr; `PACER_LOG` filters (default `info`), `PACER_LOG_FORMAT=json` for JSON lines.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PACER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("PACER_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// `pacer run`: load the configuration, reach the cluster, check the CRDs, serve until told
+/// to stop.
+pub async fn run(config_path: &Path) -> Result<()> {
+    let config = Config::load(config_path, std::env::vars())?;
+    let _secrets = config.read_secrets()?;
+    info!(
+        config = %config_path.display(),
+        region = %config.aws.region,
+        controller_id = %config.controller.id,
+        namespace = %if config.controller.namespace.is_empty() { "<all>" } else { &config.controller.namespace },
+        "configuration loaded"
+    );
+    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+    check_crds(&client).await?;
+    info!("CRDs installed; waiting for shutdown");
+    shutdown_signal().await;
+    info!("shutting down");
+    Ok(())
+}
+
+/// Fails with instructions when a CRD is missing; warns when the installed one differs from
+/// the one this binary was built with.
+pub async fn check_crds(client: &kube::Client) -> Result<()> {
+    let installed: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for wanted in api::crds() {
+        let name = wanted.metadata.name.clone().unwrap_or_default();
+        let Some(found) = installed.get_opt(&name).await.map_err(Error::Kube)? else {
+            return Err(Error::CrdNotInstalled(format!(
+                "CRD {name} is not installed. Install the CRDs with `pacer crds | kubectl apply --server-side -f -` \
+                 (or `kubectl apply --server-side -f crds/` from the source tree, or the Helm chart), then start pacer again"
+            )));
+        };
+        let established = found
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+        if !established {
+            return Err(Error::CrdNotInstalled(format!(
+                "CRD {name} exists but is not Established yet; check `kubectl describe crd {name}`"
+            )));
+        }
+        if found.spec.versions != wanted.spec.versions {
+            warn!(crd = %name, "installed CRD differs from this pacer's; apply `pacer crds` to update it");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
+
+/// `pacer crds`: both CRDs as one multi-document YAML stream.
+pub fn crds_yaml() -> String {
+    api::crds()
+        .iter()
+        .map(|crd| format!("---\n{}", api::crd_yaml(crd)))
+        .collect()
+}
+
+/// `pacer crds --dir DIR`: one file per CRD, named after it, as committed under `crds/`.
+pub fn write_crds(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.into(),
+        source,
+    })?;
+    for crd in api::crds() {
+        let path = dir.join(api::crd_file_name(&crd));
+        std::fs::write(&path, api::crd_yaml(&crd)).map_err(|source| Error::Io { path, source })?;
+    }
+    Ok(())
+}
+
+/// `pacer validate`: prints every problem in every RunnerPool of `files`; returns how many.
+pub fn validate_files(files: &[PathBuf]) -> Result<usize> {
+    let mut total = 0;
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let documents: Vec<serde_json::Value> = match serde_saphyr::from_multiple(&text) {
+            Ok(docs) => docs,
+            Err(err) => {
+                println!("{}: not valid YAML: {err}", path.display());
+                total += 1;
+                continue;
+            }
+        };
+        for (index, doc) in documents.iter().enumerate().filter(|(_, d)| !d.is_null()) {
+            let name = doc
+                .pointer("/metadata/name")
+                .and_then(|v| v.as_str())
+                .unwrap_or("<unnamed>");
+            let problems = api::validate_pool_manifest(doc);
+            for problem in &problems {
+                println!(
+                    "{} (document {}, RunnerPool {name}): {problem}",
+                    path.display(),
+                    index + 1
+                );
+            }
+            if problems.is_empty() {
+                println!(
+                    "{} (document {}, RunnerPool {name}): ok",
+                    path.display(),
+                    index + 1
+                );
+            }
+            total += problems.len();
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,597 @@
+//! The configuration file, its `PACER_*` environment overrides, and the secrets it points at.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used. Every message names the key and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("cannot read {key} from {path}: {source}")]
+    Secret {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The whole configuration. Unknown keys are an error.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub aws: AwsConfig,
+    pub server: ServerConfig,
+    pub github: GitHubConfig,
+    #[serde(default)]
+    pub controller: ControllerConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// The one region every pool runs in.
+    pub region: String,
+    /// A named profile from the shared AWS config files; empty uses the default chain.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Endpoint for every AWS service, for emulators; empty uses AWS's own endpoints.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The URL runners and GitHub reach Pacer at: webhooks and runner callbacks.
+    pub public_url: String,
+    /// Address the HTTP listener binds.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address the Prometheus metrics listener binds.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// PEM certificate chain, for `manual`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key, for `manual`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Host names on the generated certificate, for `self`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// Where TLS is terminated.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain HTTP; a load balancer or ingress terminates TLS.
+    #[default]
+    None,
+    /// Certificate and key from files.
+    Manual,
+    /// A self-signed certificate generated at start.
+    #[serde(rename = "self")]
+    SelfSigned,
+    /// Certificates from an ACME CA (Let's Encrypt) over HTTP-01.
+    Acme,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    pub domains: Vec<String>,
+    pub email: String,
+    #[serde(default = "default_acme_directory")]
+    pub directory_url: String,
+    #[serde(default = "default_acme_cache")]
+    pub cache_dir: PathBuf,
+}
+
+fn default_acme_directory() -> String {
+    "https://acme-v02.api.letsencrypt.org/directory".into()
+}
+fn default_acme_cache() -> PathBuf {
+    PathBuf::from("/var/lib/pacer/acme")
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubConfig {
+    /// The GitHub App's numeric id.
+    pub app_id: u64,
+    /// REST API base; GitHub Enterprise Server uses `https://HOST/api/v3`.
+    #[serde(default = "default_github_api")]
+    pub api_url: String,
+    /// The App's PEM private key, mounted from a Secret.
+    pub private_key_file: PathBuf,
+    /// The webhook secret, mounted from a Secret.
+    pub webhook_secret_file: PathBuf,
+}
+
+fn default_github_api() -> String {
+    "https://api.github.com".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Goes into the `gha:controller` tag on everything Pacer creates; two controllers with
+    /// different ids share an AWS account without touching each other's resources.
+    #[serde(default = "default_controller_id")]
+    pub id: String,
+    /// Namespace to watch; empty watches all.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+fn default_controller_id() -> String {
+    "default".into()
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            id: default_controller_id(),
+            namespace: String::new(),
+        }
+    }
+}
+
+/// A value that must never be printed. `Debug` shows only that it is there.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// The secrets the configuration points at, read from their files.
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    pub github_private_key: Secret,
+    pub webhook_secret: Secret,
+}
+
+/// One `PACER_*` environment override: the variable, the key it sets, and how.
+struct Override {
+    key: &'static str,
+    set: fn(&mut Config, &str) -> Result<(), String>,
+}
+
+const OVERRIDES: &[Override] = &[
+    Override {
+        key: "aws.region",
+        set: |c, v| set_string(&mut c.aws.region, v),
+    },
+    Override {
+        key: "aws.profile",
+        set: |c, v| set_optional(&mut c.aws.profile, v),
+    },
+    Override {
+        key: "aws.endpoint_url",
+        set: |c, v| set_optional(&mut c.aws.endpoint_url, v),
+    },
+    Override {
+        key: "server.public_url",
+        set: |c, v| set_string(&mut c.server.public_url, v),
+    },
+    Override {
+        key: "server.listen",
+        set: |c, v| set_parsed(&mut c.server.listen, v),
+    },
+    Override {
+        key: "server.metrics_listen",
+        set: |c, v| set_parsed(&mut c.server.metrics_listen, v),
+    },
+    Override {
+        key: "server.tls.mode",
+        set: |c, v| {
+            c.server.tls.mode = serde_saphyr::from_str(v)
+                .map_err(|_| "expected one of none, manual, self, acme".to_string())?;
+            Ok(())
+        },
+    },
+    Override {
+        key: "github.app_id",
+        set: |c, v| set_parsed(&mut c.github.app_id, v),
+    },
+    Override {
+        key: "github.api_url",
+        set: |c, v| set_string(&mut c.github.api_url, v),
+    },
+    Override {
+        key: "github.private_key_file",
+        set: |c, v| set_parsed(&mut c.github.private_key_file, v),
+    },
+    Override {
+        key: "github.webhook_secret_file",
+        set: |c, v| set_parsed(&mut c.github.webhook_secret_file, v),
+    },
+    Override {
+        key: "controller.id",
+        set: |c, v| set_string(&mut c.controller.id, v),
+    },
+    Override {
+        key: "controller.namespace",
+        set: |c, v| set_string(&mut c.controller.namespace, v),
+    },
+];
+
+/// Environment variables with the `PACER_` prefix that are not configuration keys.
+const NOT_KEYS: &[&str] = &["PACER_LOG", "PACER_LOG_FORMAT", "PACER_CONFIG"];
+
+fn set_string(field: &mut String, v: &str) -> Result<(), String> {
+    *field = v.to_string();
+    Ok(())
+}
+fn set_optional(field: &mut Option<String>, v: &str) -> Result<(), String> {
+    *field = (!v.is_empty()).then(|| v.to_string());
+    Ok(())
+}
+fn set_parsed<T: std::str::FromStr>(field: &mut T, v: &str) -> Result<(), String>
+where
+    T::Err: fmt::Display,
+{
+    *field = v.parse().map_err(|e: T::Err| e.to_string())?;
+    Ok(())
+}
+
+fn env_var_for(key: &str) -> String {
+    format!("PACER_{}", key.replace('.', "_").to_uppercase())
+}
+
+impl Config {
+    /// Reads the file, applies `PACER_*` overrides from `env`, and checks the result.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut config: Config = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        for (var, value) in env.into_iter().filter(|(k, _)| k.starts_with("PACER_")) {
+            if NOT_KEYS.contains(&var.as_str()) {
+                continue;
+            }
+            let Some(o) = OVERRIDES.iter().find(|o| env_var_for(o.key) == var) else {
+                let known: Vec<String> = OVERRIDES.iter().map(|o| env_var_for(o.key)).collect();
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("not a configuration key; known: {}", known.join(", ")),
+                });
+            };
+            (o.set)(&mut config, &value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                message,
+            })?;
+        }
+        config
+            .check()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.into(),
+                key: key.into(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot; returns the offending key and what is expected.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.aws.region.is_empty() {
+            return Err((
+                "aws.region",
+                "must name an AWS region, such as eu-west-1".into(),
+            ));
+        }
+        let url = &self.server.public_url;
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.len() < "http://x".len()
+        {
+            return Err((
+                "server.public_url",
+                format!("expected an http(s) URL that runners can reach, got {url:?}"),
+            ));
+        }
+        if let Some(endpoint) = &self.aws.endpoint_url
+            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+        {
+            return Err((
+                "aws.endpoint_url",
+                format!("expected an http(s) URL, got {endpoint:?}"),
+            ));
+        }
+        if !(self.github.api_url.starts_with("https://")
+            || self.github.api_url.starts_with("http://"))
+        {
+            return Err((
+                "github.api_url",
+                format!("expected an http(s) URL, got {:?}", self.github.api_url),
+            ));
+        }
+        if self.github.app_id == 0 {
+            return Err((
+                "github.app_id",
+                "expected the GitHub App's numeric id".into(),
+            ));
+        }
+        if !is_tag_safe_id(&self.controller.id) {
+            return Err((
+                "controller.id",
+                format!(
+                    "expected 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit, got {:?}",
+                    self.controller.id
+                ),
+            ));
+        }
+        let tls = &self.server.tls;
+        match tls.mode {
+            TlsMode::Manual if tls.cert_file.is_none() => {
+                return Err((
+                    "server.tls.cert_file",
+                    "required when server.tls.mode is manual".into(),
+                ));
+            }
+            TlsMode::Manual if tls.key_file.is_none() => {
+                return Err((
+                    "server.tls.key_file",
+                    "required when server.tls.mode is manual".into(),
+                ));
+            }
+            TlsMode::Acme => match &tls.acme {
+                None => {
+                    return Err((
+                        "server.tls.acme",
+                        "required when server.tls.mode is acme".into(),
+                    ));
+                }
+                Some(acme) if acme.domains.is_empty() => {
+                    return Err(("server.tls.acme.domains", "name at least one domain".into()));
+                }
+                Some(acme) if !acme.email.contains('@') => {
+                    return Err((
+                        "server.tls.acme.email",
+                        format!("expected an email address, got {:?}", acme.email),
+                    ));
+                }
+                Some(_) => {}
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reads the secret files the configuration points at.
+    pub fn read_secrets(&self) -> Result<Secrets, ConfigError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path)
+                .map(|bytes| Secret::new(trim_trailing_newline(bytes)))
+                .map_err(|source| ConfigError::Secret {
+                    key,
+                    path: path.into(),
+                    source,
+                })
+        };
+        Ok(Secrets {
+            github_private_key: read("github.private_key_file", &self.github.private_key_file)?,
+            webhook_secret: read(
+                "github.webhook_secret_file",
+                &self.github.webhook_secret_file,
+            )?,
+        })
+    }
+}
+
+/// Secrets mounted from Kubernetes Secrets often end in a newline the author did not mean.
+fn trim_trailing_newline(mut bytes: Vec<u8>) -> Vec<u8> {
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    bytes
+}
+
+fn is_tag_safe_id(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+aws:
+  region: eu-west-1
+server:
+  public_url: https://pacer.example.com
+github:
+  app_id: 12345
+  private_key_file: /secrets/github/private-key.pem
+  webhook_secret_file: /secrets/github/webhook-secret
+";
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("pacer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{:x}.yaml", sha_of(text, env)));
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            &path,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn sha_of(text: &str, env: &[(&str, &str)]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        env.hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn minimal_file_loads_with_defaults() {
+        let config = load(MINIMAL, &[]).unwrap();
+        assert_eq!(config.controller.id, "default");
+        assert_eq!(config.server.listen, default_listen());
+        assert_eq!(config.server.tls.mode, TlsMode::None);
+        assert_eq!(config.github.api_url, "https://api.github.com");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it_and_the_file() {
+        let text = MINIMAL.replace("  region: eu-west-1", "  region: eu-west-1\n  regoin: x");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("regoin"), "{err}");
+        assert!(err.contains(".yaml"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let text = MINIMAL.replace("  app_id: 12345\n", "");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("app_id"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = load(
+            MINIMAL,
+            &[
+                ("PACER_AWS_REGION", "us-east-2"),
+                ("PACER_GITHUB_APP_ID", "99"),
+                ("PACER_AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.aws.region, "us-east-2");
+        assert_eq!(config.github.app_id, 99);
+        assert_eq!(
+            config.aws.endpoint_url.as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
+    }
+
+    #[test]
+    fn unknown_or_malformed_environment_override_is_named() {
+        let err = load(MINIMAL, &[("PACER_AWS_REGOIN", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PACER_AWS_REGOIN"), "{err}");
+        let err = load(MINIMAL, &[("PACER_GITHUB_APP_ID", "twelve")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PACER_GITHUB_APP_ID"), "{err}");
+    }
+
+    #[test]
+    fn controller_id_must_be_tag_safe() {
+        let err = load(MINIMAL, &[("PACER_CONTROLLER_ID", "Prod Cluster")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.id"), "{err}");
+    }
+
+    #[test]
+    fn manual_tls_needs_its_files() {
+        let text = format!("{MINIMAL}  \n");
+        let text = text.replace(
+            "server:\n",
+            "server:\n  tls:\n    mode: manual\n    key_file: /k.pem\n",
+        );
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("server.tls.cert_file"), "{err}");
+    }
+
+    #[test]
+    fn unknown_tls_mode_is_rejected() {
+        let text = MINIMAL.replace("server:\n", "server:\n  tls:\n    mode: letsencrypt\n");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("letsencrypt") || err.contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let secret = Secret::new(b"hunter2".to_vec());
+        let secrets = Secrets {
+            github_private_key: secret.clone(),
+            webhook_secret: secret,
+        };
+        assert!(!format!("{secrets:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_files_are_read_without_their_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("pacer-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("key.pem"), "PEM\n").unwrap();
+        std::fs::write(dir.join("hook"), "s3cret\n").unwrap();
+        let mut config = load(MINIMAL, &[]).unwrap();
+        config.github.private_key_file = dir.join("key.pem");
+        config.github.webhook_secret_file = dir.join("hook");
+        let secrets = config.read_secrets().unwrap();
+        assert_eq!(secrets.webhook_secret.expose(), b"s3cret");
+        config.github.webhook_secret_file = dir.join("missing");
+        let err = config.read_secrets().unwrap_err().to_string();
+        assert!(err.contains("github.webhook_secret_file"), "{err}");
+    }
+}

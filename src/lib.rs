@@ -1,0 +1,28 @@
+//! Pacer runs GitHub Actions jobs on ephemeral EC2 instances, one instance per job, steered by
+//! `RunnerPool` and `RunnerJob` resources in Kubernetes.
+
+pub mod api;
+pub mod app;
+pub mod config;
+
+/// Everything that can stop a Pacer command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+
+    #[error("{0}")]
+    CrdNotInstalled(String),
+
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

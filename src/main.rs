@@ -1,0 +1,71 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Runs GitHub Actions jobs on ephemeral EC2 instances, steered from Kubernetes.
+#[derive(Parser)]
+#[command(name = "pacer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller and its HTTP listener.
+    Run {
+        /// The YAML configuration file.
+        #[arg(long, env = "PACER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the CustomResourceDefinitions as YAML (`pacer crds | kubectl apply -f -`).
+    Crds {
+        /// Write one file per CRD into this directory instead of printing them.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Check RunnerPool manifests offline against the API server's rules; exit 1 on any problem.
+    Validate {
+        /// YAML files, each holding one or more documents.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            pacer::app::init_tracing();
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+            match runtime.block_on(pacer::app::run(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!(error = %err, "pacer stopped");
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Crds { dir: None } => {
+            print!("{}", pacer::app::crds_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Crds { dir: Some(dir) } => match pacer::app::write_crds(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Validate { files } => match pacer::app::validate_files(&files) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}

@@ -1,0 +1,73 @@
+//! The control side of the AWS proxy: inject faults, read what was called.
+
+use serde_json::{Value, json};
+
+pub struct Proxy {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// One AWS call the proxy saw.
+#[derive(Debug, serde::Deserialize)]
+pub struct Call {
+    pub seq: u64,
+    pub service: String,
+    pub action: String,
+    pub params: Value,
+    pub status: u16,
+}
+
+impl Proxy {
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Makes the next `count` calls of `action` fail with `code` and HTTP `status` (-1: all).
+    pub async fn fail(&self, action: &str, code: &str, status: u16, count: i32) {
+        self.add_fault(json!({"action": action, "code": code, "status": status, "count": count}))
+            .await;
+    }
+
+    /// Adds a fault as the proxy takes it (see hack/aws-proxy.py).
+    pub async fn add_fault(&self, fault: Value) {
+        let resp = self
+            .http
+            .post(format!("{}/_proxy/faults", self.base))
+            .json(&fault)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "proxy refused fault {fault}");
+    }
+
+    pub async fn clear_faults(&self) {
+        self.http
+            .delete(format!("{}/_proxy/faults", self.base))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    pub async fn calls(&self) -> Vec<Call> {
+        self.http
+            .get(format!("{}/_proxy/calls", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Calls of one action whose parameters contain `needle` somewhere.
+    pub async fn calls_of(&self, action: &str, needle: &str) -> Vec<Call> {
+        self.calls()
+            .await
+            .into_iter()
+            .filter(|c| c.action == action && c.params.to_string().contains(needle))
+            .collect()
+    }
+}
