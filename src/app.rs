@@ -1,13 +1,17 @@
 //! Wires configuration, clients and commands together; the one place that knows every part.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
 use tracing::{info, warn};
 
-use crate::api;
+use crate::api::{self, RunnerPool};
+use crate::cloud::aws::{AwsEc2, AwsSettings};
+use crate::cloud::{self, Ec2};
 use crate::config::Config;
+use crate::controller;
 use crate::{Error, Result};
 
 /// Logs to stderr; `PACER_LOG` filters (default `info`), `PACER_LOG_FORMAT=json` for JSON lines.
@@ -38,9 +42,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
     );
     let client = kube::Client::try_default().await.map_err(Error::Kube)?;
     check_crds(&client).await?;
-    info!("CRDs installed; waiting for shutdown");
-    shutdown_signal().await;
-    info!("shutting down");
+
+    let aws = cloud::aws::sdk_config(&AwsSettings {
+        region: config.aws.region.clone(),
+        profile: config.aws.profile.clone(),
+        endpoint_url: config.aws.endpoint_url.clone(),
+    })
+    .await;
+    let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws));
+    let settings = controller::Settings::new(&config.controller.id, &config.server.public_url);
+    let ctx = Arc::new(controller::Context::new(client.clone(), ec2, settings));
+    let pools: Api<RunnerPool> = if config.controller.namespace.is_empty() {
+        Api::all(client.clone())
+    } else {
+        Api::namespaced(client.clone(), &config.controller.namespace)
+    };
+    info!("controllers starting");
+    // The controllers stop on SIGTERM/Ctrl-C themselves; wait for them to drain.
+    controller::pool::run(ctx, pools).await;
+    info!("shut down");
     Ok(())
 }
 
@@ -74,24 +94,6 @@ pub async fn check_crds(client: &kube::Client) -> Result<()> {
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
 }
 
 /// `pacer crds`: both CRDs as one multi-document YAML stream.

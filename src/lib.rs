@@ -3,7 +3,10 @@
 
 pub mod api;
 pub mod app;
+pub mod cloud;
 pub mod config;
+pub mod controller;
+pub mod domain;
 
 /// Everything that can stop a Pacer command.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,592 @@
+//! The EC2 boundary on the AWS SDK. Converts between Pacer's types and the SDK's, and every SDK
+//! error into a classified [`CloudError`].
+
+use std::collections::BTreeMap;
+
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types as ec2;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use super::{
+    CloudError, CloudResult, Ec2, ErrorClass, Image, InstanceTypeInfo, LaunchRequest,
+    LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet,
+};
+
+/// EC2 and IAM through the AWS SDK.
+#[derive(Clone)]
+pub struct AwsEc2 {
+    ec2: aws_sdk_ec2::Client,
+    iam: aws_sdk_iam::Client,
+}
+
+/// Where the SDK clients point and how they authenticate.
+#[derive(Clone, Debug, Default)]
+pub struct AwsSettings {
+    pub region: String,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// Loads the SDK configuration from the default credential chain (environment, shared files,
+/// IRSA web identity, EKS Pod Identity, IMDS), with adaptive retries for throttling.
+pub async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(settings.region.clone()))
+        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(5));
+    if let Some(profile) = &settings.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(endpoint) = &settings.endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
+}
+
+impl AwsEc2 {
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        Self {
+            ec2: aws_sdk_ec2::Client::new(config),
+            iam: aws_sdk_iam::Client::new(config),
+        }
+    }
+}
+
+/// Turns any SDK error into a classified one; transport failures count as `Other`.
+fn classify_sdk<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    action: &'static str,
+    err: SdkError<E, R>,
+) -> CloudError {
+    match &err {
+        SdkError::ServiceError(service) => {
+            let inner = service.err();
+            let code = inner.code().unwrap_or("Unknown").to_string();
+            CloudError::new(action, code, inner.message().unwrap_or_default())
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            CloudError {
+                class: ErrorClass::Throttled,
+                action,
+                code: "Transport".into(),
+                message: aws_smithy_error_text(&err),
+            }
+        }
+        _ => CloudError {
+            class: ErrorClass::Other,
+            action,
+            code: "Sdk".into(),
+            message: aws_smithy_error_text(&err),
+        },
+    }
+}
+
+fn aws_smithy_error_text(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn ec2_tags(tags: &BTreeMap<String, String>) -> Vec<ec2::Tag> {
+    tags.iter()
+        .map(|(k, v)| ec2::Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn tag_spec(resource: ec2::ResourceType, tags: &BTreeMap<String, String>) -> ec2::TagSpecification {
+    ec2::TagSpecification::builder()
+        .resource_type(resource)
+        .set_tags(Some(ec2_tags(tags)))
+        .build()
+}
+
+fn template_data(data: &LaunchTemplateData) -> ec2::RequestLaunchTemplateData {
+    let tags = |resource| {
+        ec2::LaunchTemplateTagSpecificationRequest::builder()
+            .resource_type(resource)
+            .set_tags(Some(ec2_tags(&data.tags)))
+            .build()
+    };
+    let mut builder = ec2::RequestLaunchTemplateData::builder()
+        .image_id(&data.image_id)
+        .set_security_group_ids(Some(data.security_group_ids.clone()))
+        .metadata_options(
+            ec2::LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                .http_endpoint(ec2::LaunchTemplateInstanceMetadataEndpointState::Enabled)
+                .http_tokens(ec2::LaunchTemplateHttpTokensState::Required)
+                .http_put_response_hop_limit(2)
+                .build(),
+        )
+        .instance_initiated_shutdown_behavior(ec2::ShutdownBehavior::Terminate)
+        .user_data(&data.user_data)
+        .tag_specifications(tags(ec2::ResourceType::Instance))
+        .tag_specifications(tags(ec2::ResourceType::Volume));
+    if let Some(profile) = &data.instance_profile {
+        builder = builder.iam_instance_profile(
+            ec2::LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
+                .name(profile)
+                .build(),
+        );
+    }
+    if let Some(volume) = &data.root_volume {
+        let ebs = ec2::LaunchTemplateEbsBlockDeviceRequest::builder()
+            .set_volume_size(volume.size_gib)
+            .volume_type(ec2::VolumeType::from(volume.volume_type.as_str()))
+            .set_iops(volume.iops)
+            .set_throughput(volume.throughput)
+            .encrypted(true)
+            .delete_on_termination(true)
+            .build();
+        builder = builder.block_device_mappings(
+            ec2::LaunchTemplateBlockDeviceMappingRequest::builder()
+                .device_name(&volume.device_name)
+                .ebs(ebs)
+                .build(),
+        );
+    }
+    if data.spot {
+        builder = builder.instance_market_options(
+            ec2::LaunchTemplateInstanceMarketOptionsRequest::builder()
+                .market_type(ec2::MarketType::Spot)
+                .spot_options(
+                    ec2::LaunchTemplateSpotMarketOptionsRequest::builder()
+                        .spot_instance_type(ec2::SpotInstanceType::OneTime)
+                        .instance_interruption_behavior(
+                            ec2::InstanceInterruptionBehavior::Terminate,
+                        )
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    builder.build()
+}
+
+fn launch_template(lt: &ec2::LaunchTemplate) -> LaunchTemplate {
+    LaunchTemplate {
+        id: lt.launch_template_id().unwrap_or_default().to_string(),
+        name: lt.launch_template_name().unwrap_or_default().to_string(),
+        default_version: lt.default_version_number().unwrap_or_default(),
+        latest_version: lt.latest_version_number().unwrap_or_default(),
+        tags: lt
+            .tags()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().into(),
+                    t.value().unwrap_or_default().into(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// A DryRun that would have succeeded answers with the error code `DryRunOperation`.
+fn dry_run_outcome(err: CloudError) -> CloudResult<()> {
+    if err.code == "DryRunOperation" {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+impl Ec2 for AwsEc2 {
+    fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>> {
+        async move {
+            let out = self
+                .ec2
+                .describe_images()
+                .set_image_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeImages", e))?;
+            Ok(out
+                .images()
+                .iter()
+                .map(|image| {
+                    let root = image.root_device_name().map(str::to_string);
+                    let root_snapshot_gib = image
+                        .block_device_mappings()
+                        .iter()
+                        .find(|m| m.device_name() == root.as_deref())
+                        .and_then(|m| m.ebs())
+                        .and_then(|ebs| ebs.volume_size());
+                    Image {
+                        id: image.image_id().unwrap_or_default().to_string(),
+                        architecture: image
+                            .architecture()
+                            .map(|a| a.as_str().to_string())
+                            .unwrap_or_default(),
+                        root_device_name: root,
+                        root_snapshot_gib,
+                    }
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn describe_subnets<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<Subnet>>> {
+        async move {
+            let out = self
+                .ec2
+                .describe_subnets()
+                .set_subnet_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeSubnets", e))?;
+            Ok(out
+                .subnets()
+                .iter()
+                .map(|s| Subnet {
+                    id: s.subnet_id().unwrap_or_default().into(),
+                    vpc_id: s.vpc_id().unwrap_or_default().into(),
+                    zone: s.availability_zone().unwrap_or_default().into(),
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn describe_security_groups<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<SecurityGroup>>> {
+        async move {
+            let out = self
+                .ec2
+                .describe_security_groups()
+                .set_group_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeSecurityGroups", e))?;
+            Ok(out
+                .security_groups()
+                .iter()
+                .map(|g| SecurityGroup {
+                    id: g.group_id().unwrap_or_default().into(),
+                    vpc_id: g.vpc_id().unwrap_or_default().into(),
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn describe_instance_types<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<InstanceTypeInfo>>> {
+        async move {
+            let out = self
+                .ec2
+                .describe_instance_types()
+                .set_instance_types(Some(
+                    names
+                        .iter()
+                        .map(|n| ec2::InstanceType::from(n.as_str()))
+                        .collect(),
+                ))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeInstanceTypes", e))?;
+            Ok(out
+                .instance_types()
+                .iter()
+                .map(|t| InstanceTypeInfo {
+                    name: t
+                        .instance_type()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
+                    architectures: t
+                        .processor_info()
+                        .map(|p| {
+                            p.supported_architectures()
+                                .iter()
+                                .map(|a| a.as_str().to_string())
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn instance_profile_roles<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<Vec<String>>>> {
+        async move {
+            match self
+                .iam
+                .get_instance_profile()
+                .instance_profile_name(name)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(out.instance_profile().map(|p| {
+                    p.roles()
+                        .iter()
+                        .map(|r| r.role_name().to_string())
+                        .collect()
+                })),
+                Err(err) => {
+                    let err = classify_sdk("GetInstanceProfile", err);
+                    if err.is(ErrorClass::NotFound) {
+                        Ok(None)
+                    } else {
+                        Err(err)
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn find_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>> {
+        async move {
+            match self
+                .ec2
+                .describe_launch_templates()
+                .launch_template_names(name)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(out.launch_templates().first().map(launch_template)),
+                Err(err) => {
+                    let err = classify_sdk("DescribeLaunchTemplates", err);
+                    if err.is(ErrorClass::NotFound) {
+                        Ok(None)
+                    } else {
+                        Err(err)
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn default_version_description<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        async move {
+            let out = self
+                .ec2
+                .describe_launch_template_versions()
+                .launch_template_id(id)
+                .versions("$Default")
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeLaunchTemplateVersions", e))?;
+            Ok(out
+                .launch_template_versions()
+                .first()
+                .and_then(|v| v.version_description())
+                .map(str::to_string))
+        }
+        .boxed()
+    }
+
+    fn create_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, CloudResult<LaunchTemplate>> {
+        async move {
+            let out = self
+                .ec2
+                .create_launch_template()
+                .launch_template_name(name)
+                .version_description(description)
+                .launch_template_data(template_data(data))
+                .tag_specifications(tag_spec(ec2::ResourceType::LaunchTemplate, tags))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("CreateLaunchTemplate", e))?;
+            out.launch_template().map(launch_template).ok_or_else(|| {
+                CloudError::new(
+                    "CreateLaunchTemplate",
+                    "EmptyResponse",
+                    "no launch template in the answer",
+                )
+            })
+        }
+        .boxed()
+    }
+
+    fn create_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+    ) -> BoxFuture<'a, CloudResult<i64>> {
+        async move {
+            let out = self
+                .ec2
+                .create_launch_template_version()
+                .launch_template_id(id)
+                .version_description(description)
+                .launch_template_data(template_data(data))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("CreateLaunchTemplateVersion", e))?;
+            out.launch_template_version()
+                .and_then(|v| v.version_number())
+                .ok_or_else(|| {
+                    CloudError::new(
+                        "CreateLaunchTemplateVersion",
+                        "EmptyResponse",
+                        "no version number in the answer",
+                    )
+                })
+        }
+        .boxed()
+    }
+
+    fn set_default_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        version: i64,
+    ) -> BoxFuture<'a, CloudResult<()>> {
+        async move {
+            self.ec2
+                .modify_launch_template()
+                .launch_template_id(id)
+                .default_version(version.to_string())
+                .send()
+                .await
+                .map_err(|e| classify_sdk("ModifyLaunchTemplate", e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete_launch_template_versions<'a>(
+        &'a self,
+        id: &'a str,
+        versions: &'a [i64],
+    ) -> BoxFuture<'a, CloudResult<()>> {
+        async move {
+            self.ec2
+                .delete_launch_template_versions()
+                .launch_template_id(id)
+                .set_versions(Some(versions.iter().map(i64::to_string).collect()))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DeleteLaunchTemplateVersions", e))?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>> {
+        async move {
+            match self
+                .ec2
+                .delete_launch_template()
+                .launch_template_id(id)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(err) => {
+                    let err = classify_sdk("DeleteLaunchTemplate", err);
+                    if err.is(ErrorClass::NotFound) {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
+        async move {
+            let version = request.version.to_string();
+            if request.fleet {
+                let spec = ec2::FleetLaunchTemplateSpecificationRequest::builder()
+                    .launch_template_id(&request.launch_template_id)
+                    .version(&version)
+                    .build();
+                let overrides = request.offerings.iter().map(|(instance_type, subnet)| {
+                    ec2::FleetLaunchTemplateOverridesRequest::builder()
+                        .instance_type(ec2::InstanceType::from(instance_type.as_str()))
+                        .subnet_id(subnet)
+                        .build()
+                });
+                let market = if request.spot {
+                    ec2::DefaultTargetCapacityType::Spot
+                } else {
+                    ec2::DefaultTargetCapacityType::OnDemand
+                };
+                let result = self
+                    .ec2
+                    .create_fleet()
+                    .dry_run(true)
+                    .r#type(ec2::FleetType::Instant)
+                    .launch_template_configs(
+                        ec2::FleetLaunchTemplateConfigRequest::builder()
+                            .launch_template_specification(spec)
+                            .set_overrides(Some(overrides.collect()))
+                            .build(),
+                    )
+                    .target_capacity_specification(
+                        ec2::TargetCapacitySpecificationRequest::builder()
+                            .total_target_capacity(1)
+                            .default_target_capacity_type(market)
+                            .build(),
+                    )
+                    .tag_specifications(tag_spec(ec2::ResourceType::Instance, &request.tags))
+                    .tag_specifications(tag_spec(ec2::ResourceType::Volume, &request.tags))
+                    .tag_specifications(tag_spec(ec2::ResourceType::Fleet, &request.tags))
+                    .send()
+                    .await;
+                match result {
+                    Ok(_) => Ok(()),
+                    Err(e) => dry_run_outcome(classify_sdk("CreateFleet", e)),
+                }
+            } else {
+                let (instance_type, subnet) =
+                    request.offerings.first().cloned().unwrap_or_default();
+                let result = self
+                    .ec2
+                    .run_instances()
+                    .dry_run(true)
+                    .min_count(1)
+                    .max_count(1)
+                    .launch_template(
+                        ec2::LaunchTemplateSpecification::builder()
+                            .launch_template_id(&request.launch_template_id)
+                            .version(&version)
+                            .build(),
+                    )
+                    .instance_type(ec2::InstanceType::from(instance_type.as_str()))
+                    .subnet_id(subnet)
+                    .tag_specifications(tag_spec(ec2::ResourceType::Instance, &request.tags))
+                    .tag_specifications(tag_spec(ec2::ResourceType::Volume, &request.tags))
+                    .send()
+                    .await;
+                match result {
+                    Ok(_) => Ok(()),
+                    Err(e) => dry_run_outcome(classify_sdk("RunInstances", e)),
+                }
+            }
+        }
+        .boxed()
+    }
+}

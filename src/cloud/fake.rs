@@ -1,0 +1,391 @@
+//! An in-memory EC2 that behaves: it keeps what it is told to create, records every call, and
+//! can be told to fail the next calls of an action. For fast tests of the logic above it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use super::{
+    CloudError, CloudResult, Ec2, Image, InstanceTypeInfo, LaunchRequest, LaunchTemplate,
+    LaunchTemplateData, SecurityGroup, Subnet,
+};
+
+#[derive(Default)]
+struct State {
+    images: Vec<Image>,
+    subnets: Vec<Subnet>,
+    security_groups: Vec<SecurityGroup>,
+    instance_types: Vec<InstanceTypeInfo>,
+    profiles: HashMap<String, Vec<String>>,
+    templates: BTreeMap<String, FakeTemplate>,
+    next_id: u64,
+    calls: Vec<String>,
+    /// Action -> (error code, remaining count).
+    failures: HashMap<String, (String, u32)>,
+}
+
+/// A launch template as the fake stores it.
+#[derive(Clone, Debug)]
+pub struct FakeTemplate {
+    pub template: LaunchTemplate,
+    /// Version number -> (description, data); deleted versions are removed.
+    pub versions: BTreeMap<i64, (String, LaunchTemplateData)>,
+}
+
+#[derive(Default)]
+pub struct FakeEc2 {
+    state: Mutex<State>,
+}
+
+impl FakeEc2 {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_image(self, id: &str, architecture: &str, root_snapshot_gib: i32) -> Self {
+        self.state.lock().unwrap().images.push(Image {
+            id: id.into(),
+            architecture: architecture.into(),
+            root_device_name: Some("/dev/sda1".into()),
+            root_snapshot_gib: Some(root_snapshot_gib),
+        });
+        self
+    }
+
+    pub fn with_subnet(self, id: &str, vpc_id: &str, zone: &str) -> Self {
+        self.state.lock().unwrap().subnets.push(Subnet {
+            id: id.into(),
+            vpc_id: vpc_id.into(),
+            zone: zone.into(),
+        });
+        self
+    }
+
+    pub fn with_security_group(self, id: &str, vpc_id: &str) -> Self {
+        self.state
+            .lock()
+            .unwrap()
+            .security_groups
+            .push(SecurityGroup {
+                id: id.into(),
+                vpc_id: vpc_id.into(),
+            });
+        self
+    }
+
+    pub fn with_instance_type(self, name: &str, architecture: &str) -> Self {
+        self.state
+            .lock()
+            .unwrap()
+            .instance_types
+            .push(InstanceTypeInfo {
+                name: name.into(),
+                architectures: vec![architecture.into()],
+            });
+        self
+    }
+
+    pub fn with_instance_profile(self, name: &str, roles: &[&str]) -> Self {
+        self.state
+            .lock()
+            .unwrap()
+            .profiles
+            .insert(name.into(), roles.iter().map(|r| r.to_string()).collect());
+        self
+    }
+
+    /// Makes the next `times` calls of `action` fail with `code`.
+    pub fn fail_next(&self, action: &str, code: &str, times: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .failures
+            .insert(action.into(), (code.into(), times));
+    }
+
+    /// Every call so far, by action name.
+    pub fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    pub fn count(&self, action: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|c| *c == action)
+            .count()
+    }
+
+    pub fn template(&self, name: &str) -> Option<FakeTemplate> {
+        self.state.lock().unwrap().templates.get(name).cloned()
+    }
+
+    pub fn remove_template(&self, name: &str) {
+        self.state.lock().unwrap().templates.remove(name);
+    }
+
+    /// Records the call and answers with an injected failure if one is due.
+    fn call<T>(
+        &self,
+        action: &'static str,
+        f: impl FnOnce(&mut State) -> CloudResult<T>,
+    ) -> BoxFuture<'static, CloudResult<T>>
+    where
+        T: Send + 'static,
+    {
+        let mut state = self.state.lock().unwrap();
+        state.calls.push(action.into());
+        let result = match state.failures.get_mut(action) {
+            Some((code, remaining)) if *remaining > 0 => {
+                *remaining -= 1;
+                Err(CloudError::new(
+                    action,
+                    code.clone(),
+                    "injected by the fake",
+                ))
+            }
+            _ => f(&mut state),
+        };
+        async move { result }.boxed()
+    }
+}
+
+fn not_found(action: &'static str, code: &str, id: &str) -> CloudError {
+    CloudError::new(action, code, format!("The id '{id}' does not exist"))
+}
+
+fn find_template<'s>(
+    state: &'s mut State,
+    id: &str,
+    action: &'static str,
+) -> CloudResult<&'s mut FakeTemplate> {
+    state
+        .templates
+        .values_mut()
+        .find(|t| t.template.id == id)
+        .ok_or_else(|| not_found(action, "InvalidLaunchTemplateId.NotFound", id))
+}
+
+impl Ec2 for FakeEc2 {
+    fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>> {
+        self.call("DescribeImages", |s| {
+            ids.iter()
+                .map(|id| {
+                    s.images
+                        .iter()
+                        .find(|i| &i.id == id)
+                        .cloned()
+                        .ok_or_else(|| not_found("DescribeImages", "InvalidAMIID.NotFound", id))
+                })
+                .collect()
+        })
+    }
+
+    fn describe_subnets<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<Subnet>>> {
+        self.call("DescribeSubnets", |s| {
+            ids.iter()
+                .map(|id| {
+                    s.subnets
+                        .iter()
+                        .find(|x| &x.id == id)
+                        .cloned()
+                        .ok_or_else(|| not_found("DescribeSubnets", "InvalidSubnetID.NotFound", id))
+                })
+                .collect()
+        })
+    }
+
+    fn describe_security_groups<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<SecurityGroup>>> {
+        self.call("DescribeSecurityGroups", |s| {
+            ids.iter()
+                .map(|id| {
+                    s.security_groups
+                        .iter()
+                        .find(|x| &x.id == id)
+                        .cloned()
+                        .ok_or_else(|| {
+                            not_found("DescribeSecurityGroups", "InvalidGroup.NotFound", id)
+                        })
+                })
+                .collect()
+        })
+    }
+
+    fn describe_instance_types<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<InstanceTypeInfo>>> {
+        self.call("DescribeInstanceTypes", |s| {
+            names
+                .iter()
+                .map(|n| {
+                    s.instance_types
+                        .iter()
+                        .find(|t| &t.name == n)
+                        .cloned()
+                        .ok_or_else(|| {
+                            CloudError::new(
+                                "DescribeInstanceTypes",
+                                "InvalidInstanceType",
+                                format!("The instance type '{n}' does not exist"),
+                            )
+                        })
+                })
+                .collect()
+        })
+    }
+
+    fn instance_profile_roles<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<Vec<String>>>> {
+        self.call("GetInstanceProfile", |s| Ok(s.profiles.get(name).cloned()))
+    }
+
+    fn find_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>> {
+        self.call("DescribeLaunchTemplates", |s| {
+            Ok(s.templates.get(name).map(|t| t.template.clone()))
+        })
+    }
+
+    fn default_version_description<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        self.call("DescribeLaunchTemplateVersions", |s| {
+            let t = find_template(s, id, "DescribeLaunchTemplateVersions")?;
+            Ok(t.versions
+                .get(&t.template.default_version)
+                .map(|(d, _)| d.clone()))
+        })
+    }
+
+    fn create_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, CloudResult<LaunchTemplate>> {
+        self.call("CreateLaunchTemplate", |s| {
+            if s.templates.contains_key(name) {
+                return Err(CloudError::new(
+                    "CreateLaunchTemplate",
+                    "InvalidLaunchTemplateName.AlreadyExistsException",
+                    format!("Launch template name already in use: {name}"),
+                ));
+            }
+            s.next_id += 1;
+            let template = LaunchTemplate {
+                id: format!("lt-{:017x}", s.next_id),
+                name: name.into(),
+                default_version: 1,
+                latest_version: 1,
+                tags: tags.clone(),
+            };
+            let versions = BTreeMap::from([(1, (description.to_string(), data.clone()))]);
+            s.templates.insert(
+                name.into(),
+                FakeTemplate {
+                    template: template.clone(),
+                    versions,
+                },
+            );
+            Ok(template)
+        })
+    }
+
+    fn create_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+    ) -> BoxFuture<'a, CloudResult<i64>> {
+        self.call("CreateLaunchTemplateVersion", |s| {
+            let t = find_template(s, id, "CreateLaunchTemplateVersion")?;
+            t.template.latest_version += 1;
+            let version = t.template.latest_version;
+            t.versions
+                .insert(version, (description.to_string(), data.clone()));
+            Ok(version)
+        })
+    }
+
+    fn set_default_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        version: i64,
+    ) -> BoxFuture<'a, CloudResult<()>> {
+        self.call("ModifyLaunchTemplate", |s| {
+            let t = find_template(s, id, "ModifyLaunchTemplate")?;
+            if !t.versions.contains_key(&version) {
+                return Err(not_found(
+                    "ModifyLaunchTemplate",
+                    "InvalidLaunchTemplateId.VersionNotFound",
+                    &version.to_string(),
+                ));
+            }
+            t.template.default_version = version;
+            Ok(())
+        })
+    }
+
+    fn delete_launch_template_versions<'a>(
+        &'a self,
+        id: &'a str,
+        versions: &'a [i64],
+    ) -> BoxFuture<'a, CloudResult<()>> {
+        self.call("DeleteLaunchTemplateVersions", |s| {
+            let t = find_template(s, id, "DeleteLaunchTemplateVersions")?;
+            for v in versions
+                .iter()
+                .filter(|v| **v != t.template.default_version)
+            {
+                t.versions.remove(v);
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>> {
+        self.call("DeleteLaunchTemplate", |s| {
+            s.templates.retain(|_, t| t.template.id != id);
+            Ok(())
+        })
+    }
+
+    fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
+        let action = if request.fleet {
+            "CreateFleet"
+        } else {
+            "RunInstances"
+        };
+        self.call(action, |s| {
+            if s.templates
+                .values()
+                .any(|t| t.template.id == request.launch_template_id)
+            {
+                Ok(())
+            } else {
+                Err(not_found(
+                    action,
+                    "InvalidLaunchTemplateId.NotFound",
+                    &request.launch_template_id,
+                ))
+            }
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! The EC2 boundary: the calls Pacer makes, in Pacer's own types. `aws` implements it with the
+//! AWS SDK, `fake` in memory for fast tests of the logic above it.
+
+pub mod aws;
+mod error;
+pub mod fake;
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+
+pub use error::{CloudError, ErrorClass, classify};
+
+pub type CloudResult<T> = Result<T, CloudError>;
+
+/// Tag keys Pacer writes. `gha:managed-by=pacer` is what the IAM policy keys on.
+pub mod tags {
+    pub const MANAGED_BY: &str = "gha:managed-by";
+    pub const MANAGED_BY_VALUE: &str = "pacer";
+    pub const CONTROLLER: &str = "gha:controller";
+    pub const POOL: &str = "gha:pool";
+    pub const SPEC_HASH: &str = "gha:spec-hash";
+}
+
+/// An AMI, as far as validation needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    pub id: String,
+    /// `x86_64`, `arm64`, ...
+    pub architecture: String,
+    pub root_device_name: Option<String>,
+    /// Size of the root device's snapshot, when the AMI is EBS-backed.
+    pub root_snapshot_gib: Option<i32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    pub id: String,
+    pub vpc_id: String,
+    pub zone: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecurityGroup {
+    pub id: String,
+    pub vpc_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceTypeInfo {
+    pub name: String,
+    /// Architectures the type runs: `x86_64`, `arm64`, `i386`, ...
+    pub architectures: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchTemplate {
+    pub id: String,
+    pub name: String,
+    pub default_version: i64,
+    pub latest_version: i64,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The root volume of a launch template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockDevice {
+    pub device_name: String,
+    /// `None` keeps the AMI's size.
+    pub size_gib: Option<i32>,
+    pub volume_type: String,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+}
+
+/// What a launch template says, in Pacer's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchTemplateData {
+    pub image_id: String,
+    pub security_group_ids: Vec<String>,
+    pub instance_profile: Option<String>,
+    pub root_volume: Option<BlockDevice>,
+    /// Spot market options, for spot-only pools.
+    pub spot: bool,
+    /// Base64 of the user-data script.
+    pub user_data: String,
+    /// Tags for the instances and volumes launched from the template.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// One instance launch, as CreateFleet or RunInstances would make it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchRequest {
+    pub launch_template_id: String,
+    pub version: i64,
+    /// (instance type, subnet) pairs EC2 may choose from, most preferred first.
+    pub offerings: Vec<(String, String)>,
+    pub spot: bool,
+    pub fleet: bool,
+    /// Tags for the instance and its volumes, sent in the launch request itself.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The EC2 and IAM calls Pacer makes, and nothing else.
+pub trait Ec2: Send + Sync {
+    fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>>;
+    fn describe_subnets<'a>(&'a self, ids: &'a [String])
+    -> BoxFuture<'a, CloudResult<Vec<Subnet>>>;
+    fn describe_security_groups<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<SecurityGroup>>>;
+    fn describe_instance_types<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<InstanceTypeInfo>>>;
+    /// The roles in an instance profile; `None` when the profile does not exist.
+    fn instance_profile_roles<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<Vec<String>>>>;
+    fn find_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>>;
+    /// The description of a template's default version, where Pacer records the spec hash.
+    fn default_version_description<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>>;
+    /// Creates a template, tagged with `tags` in the same request; its first version carries
+    /// `description`.
+    fn create_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+        tags: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, CloudResult<LaunchTemplate>>;
+    /// Adds a version and returns its number.
+    fn create_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+    ) -> BoxFuture<'a, CloudResult<i64>>;
+    fn set_default_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        version: i64,
+    ) -> BoxFuture<'a, CloudResult<()>>;
+    fn delete_launch_template_versions<'a>(
+        &'a self,
+        id: &'a str,
+        versions: &'a [i64],
+    ) -> BoxFuture<'a, CloudResult<()>>;
+    fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>>;
+    /// Asks EC2 whether the launch would be permitted (`DryRun=true`); `Ok` when it would.
+    fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>>;
+}

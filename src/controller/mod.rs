@@ -1,0 +1,185 @@
+//! Reconcilers and what they share: the context, the error type and its retry policy, status
+//! conditions and Events.
+
+pub mod conditions;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+
+use crate::cloud::{CloudError, Ec2, ErrorClass};
+
+/// The field manager of every status Pacer writes.
+pub const FIELD_MANAGER: &str = "pacer";
+
+/// What reconcilers need, wired once by the app.
+pub struct Context {
+    pub client: kube::Client,
+    pub ec2: Arc<dyn Ec2>,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    /// Consecutive failed passes per object, to tell a blip from a persistent problem.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Settings from the configuration that reconcilers use.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub controller_id: String,
+    pub public_url: String,
+    /// How often a healthy object is looked at again, since its inputs can change under us.
+    pub resync: Duration,
+    /// The unit of retry backoff: 5 s in production, shorter in tests.
+    pub backoff_unit: Duration,
+}
+
+impl Settings {
+    pub fn new(controller_id: &str, public_url: &str) -> Self {
+        Self {
+            controller_id: controller_id.into(),
+            public_url: public_url.into(),
+            resync: Duration::from_secs(300),
+            backoff_unit: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Context {
+    pub fn new(client: kube::Client, ec2: Arc<dyn Ec2>, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: "pacer".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            ec2,
+            settings,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Publishes an Event about `obj`; a failure to publish is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %err, reason, "could not publish event");
+        }
+    }
+
+    /// Counts a failed pass; returns how many in a row.
+    fn failed(&self, key: &str) -> u32 {
+        let mut failures = self.failures.lock().unwrap();
+        let n = failures.entry(key.to_string()).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures.lock().unwrap().remove(key);
+    }
+}
+
+/// Why a reconcile pass did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("AWS: {0}")]
+    Cloud(#[from] CloudError),
+
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error("{0}")]
+    Waiting(String),
+
+    #[error(
+        "launch template {0} exists but is not tagged as this controller's; rename or delete it"
+    )]
+    TemplateNotOurs(String),
+}
+
+impl Error {
+    /// A static category for metrics, logs and Event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Cloud(e) if e.is(ErrorClass::Throttled) => "AwsThrottled",
+            Error::Cloud(e) if e.is(ErrorClass::Unauthorized) => "AwsUnauthorized",
+            Error::Cloud(_) => "AwsError",
+            Error::Kube(_) => "KubernetesError",
+            Error::Waiting(_) => "Waiting",
+            Error::TemplateNotOurs(_) => "LaunchTemplateNameTaken",
+        }
+    }
+
+    /// How long to wait before attempt `attempt + 1`, in units of backoff: doubling from a
+    /// base that is longer for throttling, capped at 60 units (5 minutes in production).
+    pub fn retry_after(&self, attempt: u32, unit: Duration) -> Duration {
+        let base: u32 = match self {
+            Error::Cloud(e) if e.is(ErrorClass::Throttled) => 6,
+            Error::TemplateNotOurs(_) => 60,
+            _ => 1,
+        };
+        unit * (base << attempt.clamp(1, 6).saturating_sub(1)).min(60)
+    }
+}
+
+/// Passes in a row that must fail before a Warning Event: one blip is not news.
+const FAILURES_BEFORE_WARNING: u32 = 3;
+
+/// The retry policy every controller shares: back off per object, and say so in an Event
+/// once a problem persists.
+pub fn error_policy<K>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+{
+    let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+    let attempt = ctx.failed(&key);
+    let wait = err.retry_after(attempt, ctx.settings.backoff_unit);
+    tracing::warn!(object = %key, reason = err.reason(), attempt, error = %err, "reconcile failed");
+    if attempt == FAILURES_BEFORE_WARNING && !matches!(err, Error::Waiting(_)) {
+        let note = err.to_string();
+        let reason = err.reason();
+        tokio::spawn(async move { ctx.event(&*obj, EventType::Warning, reason, note).await });
+    }
+    Action::requeue(wait)
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_backs_off_longer_and_everything_is_capped_at_five_minutes() {
+        let unit = Duration::from_secs(5);
+        let throttled = Error::Cloud(CloudError::new(
+            "DescribeSubnets",
+            "RequestLimitExceeded",
+            "slow down",
+        ));
+        let other = Error::Cloud(CloudError::new("DescribeSubnets", "Weird", "?"));
+        assert_eq!(throttled.retry_after(1, unit), Duration::from_secs(30));
+        assert_eq!(throttled.retry_after(2, unit), Duration::from_secs(60));
+        assert_eq!(other.retry_after(1, unit), Duration::from_secs(5));
+        assert_eq!(other.retry_after(3, unit), Duration::from_secs(20));
+        assert_eq!(throttled.retry_after(40, unit), Duration::from_secs(300));
+    }
+}

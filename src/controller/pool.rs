@@ -1,0 +1,390 @@
+//! The RunnerPool reconciler: validates a pool against EC2, keeps its launch template in line,
+//! proves by DryRun that the IAM policy lets it launch, and reports all of it in conditions.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Resource, ResourceExt};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{Context, Error, FIELD_MANAGER, Result, conditions, error_policy};
+use crate::api::{LaunchTemplateRef, RunnerJob, RunnerPool, RunnerPoolSpec, RunnerPoolStatus};
+use crate::cloud::{CloudError, ErrorClass, LaunchTemplateData, tags};
+use crate::domain::pool::{self as decide, Lookup, Observed, PoolIdentity, ProfileLookup, Verdict};
+use crate::domain::userdata::{self, BootParams};
+
+pub const FINALIZER: &str = "pacer.dev/launch-template";
+
+pub const VALIDATED: &str = "Validated";
+pub const LAUNCH_PERMITTED: &str = "LaunchPermitted";
+pub const READY: &str = "Ready";
+
+/// Runs the RunnerPool controller until the stream ends (shutdown).
+pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>) {
+    let (reader, writer) = reflector::store();
+    // Only spec changes, finalizers and deletion wake the reconciler: its own status writes
+    // must not. Inputs that change in EC2 are caught by the periodic resync.
+    let relevant = |pool: &RunnerPool| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            pool.metadata.generation,
+            &pool.metadata.finalizers,
+            pool.metadata.deletion_timestamp.is_some(),
+        )
+            .hash(&mut h);
+        Some(h.finish())
+    };
+    let stream = watcher(pools.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(relevant, Default::default());
+    Controller::for_stream(stream, reader)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
+async fn reconcile(pool: Arc<RunnerPool>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = pool.namespace().unwrap_or_default();
+    let key = format!("{ns}/{}", pool.name_any());
+    let span = info_span!("reconcile", pool = %key, generation = pool.metadata.generation);
+    async move {
+        let api: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
+        let action = finalizer(&api, FINALIZER, pool, |event| async {
+            match event {
+                Finalizer::Apply(pool) => apply(&pool, &ctx).await,
+                Finalizer::Cleanup(pool) => cleanup(&pool, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|err| match err {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            kube::runtime::finalizer::Error::AddFinalizer(e)
+            | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+            other => Error::Waiting(other.to_string()),
+        })?;
+        ctx.succeeded(&key);
+        Ok(action)
+    }
+    .instrument(span)
+    .await
+}
+
+fn identity<'a>(pool: &'a RunnerPool, ctx: &'a Context) -> PoolIdentity<'a> {
+    PoolIdentity {
+        controller_id: &ctx.settings.controller_id,
+        namespace: pool.metadata.namespace.as_deref().unwrap_or_default(),
+        name: pool.metadata.name.as_deref().unwrap_or_default(),
+    }
+}
+
+/// NotFound becomes a `Missing` answer; anything else (throttling, outages) is an error to
+/// retry, never a verdict on the pool.
+fn lookup<T>(result: Result<T, CloudError>) -> Result<Lookup<T>> {
+    match result {
+        Ok(found) => Ok(Lookup::Found(found)),
+        Err(e) if e.is(ErrorClass::NotFound) => Ok(Lookup::Missing(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn observe(spec: &RunnerPoolSpec, ctx: &Context) -> Result<Observed> {
+    let ec2 = &ctx.ec2;
+    let image = match lookup(ec2.describe_images(std::slice::from_ref(&spec.ami)).await)? {
+        Lookup::Found(images) => match images.into_iter().next() {
+            Some(image) => Lookup::Found(image),
+            None => Lookup::Missing("no such image is visible to this account".into()),
+        },
+        Lookup::Missing(why) => Lookup::Missing(why),
+    };
+    let instance_types = lookup(ec2.describe_instance_types(&spec.instance_types).await)?;
+    let subnets = lookup(ec2.describe_subnets(&spec.subnets).await)?;
+    let security_groups = lookup(ec2.describe_security_groups(&spec.security_groups).await)?;
+    let instance_profile = match &spec.instance_profile {
+        None => ProfileLookup::NotSet,
+        Some(name) => match ec2.instance_profile_roles(name).await {
+            Ok(Some(roles)) => ProfileLookup::Roles(roles),
+            Ok(None) => ProfileLookup::NotFound,
+            Err(e) if e.is(ErrorClass::Unauthorized) => ProfileLookup::AccessDenied,
+            Err(e) => return Err(e.into()),
+        },
+    };
+    Ok(Observed {
+        image,
+        instance_types,
+        subnets,
+        security_groups,
+        instance_profile,
+    })
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// The status under construction in one pass, and the Events its changes deserve.
+struct Pass {
+    status: RunnerPoolStatus,
+    generation: Option<i64>,
+    events: Vec<(EventType, &'static str, String)>,
+}
+
+impl Pass {
+    fn condition(&mut self, type_: &str, ok: bool, reason: &'static str, message: String) {
+        let changed = conditions::set(
+            &mut self.status.conditions,
+            type_,
+            ok,
+            reason,
+            message.clone(),
+            self.generation,
+            now(),
+        );
+        if changed && (type_ != READY || ok) {
+            let kind = if ok {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            self.events.push((kind, reason, message));
+        }
+    }
+}
+
+async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
+    let id = identity(pool, ctx);
+    let mut pass = Pass {
+        status: pool.status.clone().unwrap_or_default(),
+        generation: pool.metadata.generation,
+        events: Vec::new(),
+    };
+    pass.status.observed_generation = pool.metadata.generation;
+
+    let observed = observe(&pool.spec, ctx).await?;
+    let verdict = decide::validate(&pool.spec, &observed);
+    let rendered = userdata::render(&BootParams {
+        public_url: &ctx.settings.public_url,
+        pool: &id.key(),
+        runner_version: pool.spec.runner_version.as_deref(),
+        extra: pool.spec.user_data.as_deref(),
+    });
+    let verdict = match (verdict, rendered.as_ref()) {
+        (Verdict::Valid { .. }, Err(too_large)) => Verdict::Invalid {
+            reason: "UserDataTooLarge",
+            message: format!("spec.userData: {too_large}"),
+        },
+        (verdict, _) => verdict,
+    };
+    let (Verdict::Valid { notes }, Lookup::Found(image), Ok(user_data)) =
+        (&verdict, &observed.image, rendered)
+    else {
+        let Verdict::Invalid { reason, message } = verdict else {
+            unreachable!("valid verdicts have an image and user-data")
+        };
+        pass.condition(VALIDATED, false, reason, message.clone());
+        pass.condition(
+            LAUNCH_PERMITTED,
+            false,
+            "NotValidated",
+            "the pool is not valid; see Validated".into(),
+        );
+        pass.condition(READY, false, reason, message);
+        return finish(pool, ctx, pass).await;
+    };
+    let message = if notes.is_empty() {
+        "AMI, instance types, subnets, security groups and instance profile exist and fit together"
+            .to_string()
+    } else {
+        format!("valid, with a caveat: {}", notes.join("; "))
+    };
+    let caveat = !notes.is_empty()
+        && !pass
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == VALIDATED && c.message == message);
+    pass.condition(VALIDATED, true, "Validated", message.clone());
+    if caveat {
+        pass.events
+            .push((EventType::Warning, "ValidationIncomplete", message));
+    }
+
+    let data = decide::template_data(&pool.spec, &id, image, &user_data);
+    let hash = decide::spec_hash(&data);
+    let template = ensure_template(ctx, &id, &data, &hash, &mut pass).await?;
+    pass.status.spec_hash = Some(hash);
+
+    let request = decide::dry_run_request(&pool.spec, &id, &template.id, template.version);
+    match ctx.ec2.dry_run_launch(&request).await {
+        Ok(()) => pass.condition(
+            LAUNCH_PERMITTED,
+            true,
+            "DryRunSucceeded",
+            format!(
+                "a DryRun {} with the pool's tags was permitted",
+                if request.fleet {
+                    "CreateFleet"
+                } else {
+                    "RunInstances"
+                }
+            ),
+        ),
+        Err(e) if e.is(ErrorClass::Unauthorized) => pass.condition(
+            LAUNCH_PERMITTED,
+            false,
+            "LaunchNotPermitted",
+            format!("{e}; grant the statements of docs/iam-role.json to Pacer's role"),
+        ),
+        Err(e) if matches!(e.class, ErrorClass::InvalidInput | ErrorClass::NotFound) => {
+            pass.condition(LAUNCH_PERMITTED, false, "LaunchRejected", e.to_string())
+        }
+        Err(e) => return Err(e.into()),
+    }
+    pass.status.launch_template = Some(template);
+
+    let permitted = conditions::is_true(&pass.status.conditions, LAUNCH_PERMITTED);
+    if permitted {
+        pass.condition(READY, true, "Ready", "the pool can launch runners".into());
+    } else {
+        pass.condition(
+            READY,
+            false,
+            "LaunchNotPermitted",
+            "see LaunchPermitted".into(),
+        );
+    }
+    finish(pool, ctx, pass).await
+}
+
+/// Writes the status in one server-side apply and publishes the pass's Events.
+async fn finish(pool: &RunnerPool, ctx: &Context, pass: Pass) -> Result<Action> {
+    let api: Api<RunnerPool> = Api::namespaced(
+        ctx.client.clone(),
+        pool.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let patch = serde_json::json!({
+        "apiVersion": RunnerPool::api_version(&()),
+        "kind": RunnerPool::kind(&()),
+        "status": pass.status,
+    });
+    api.patch_status(
+        &pool.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    for (kind, reason, note) in pass.events {
+        ctx.event(pool, kind, reason, note).await;
+    }
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+fn owned_by_us(
+    template_tags: &std::collections::BTreeMap<String, String>,
+    controller_id: &str,
+) -> bool {
+    template_tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
+        && template_tags.get(tags::CONTROLLER).map(String::as_str) == Some(controller_id)
+}
+
+/// Makes the pool's launch template say `data`: creates it, or adds a version made default
+/// when the spec hash recorded on the default version differs. Keeps the last few versions.
+async fn ensure_template(
+    ctx: &Context,
+    id: &PoolIdentity<'_>,
+    data: &LaunchTemplateData,
+    hash: &str,
+    pass: &mut Pass,
+) -> Result<LaunchTemplateRef> {
+    let name = id.template_name();
+    let description = decide::version_description(hash);
+    let Some(existing) = ctx.ec2.find_launch_template(&name).await? else {
+        let created = ctx
+            .ec2
+            .create_launch_template(&name, &description, data, &id.template_tags())
+            .await?;
+        info!(template = %created.id, "created launch template");
+        pass.events.push((
+            EventType::Normal,
+            "LaunchTemplateCreated",
+            format!("created launch template {name} ({})", created.id),
+        ));
+        return Ok(LaunchTemplateRef {
+            id: created.id,
+            version: created.default_version.max(1),
+        });
+    };
+    if !owned_by_us(&existing.tags, id.controller_id) {
+        return Err(Error::TemplateNotOurs(name));
+    }
+    let current = ctx.ec2.default_version_description(&existing.id).await?;
+    if current.as_deref().and_then(decide::hash_in_description) == Some(hash) {
+        return Ok(LaunchTemplateRef {
+            id: existing.id,
+            version: existing.default_version,
+        });
+    }
+    let version = ctx
+        .ec2
+        .create_launch_template_version(&existing.id, &description, data)
+        .await?;
+    ctx.ec2
+        .set_default_launch_template_version(&existing.id, version)
+        .await?;
+    info!(template = %existing.id, version, "new launch template version is the default");
+    pass.events.push((
+        EventType::Normal,
+        "LaunchTemplateUpdated",
+        format!("launch template {name} version {version} is now the default"),
+    ));
+    let old = decide::versions_to_delete(version);
+    if !old.is_empty()
+        && let Err(e) = ctx
+            .ec2
+            .delete_launch_template_versions(&existing.id, &old)
+            .await
+    {
+        // Old versions only cost clutter; never fail a pass over them.
+        warn!(template = %existing.id, error = %e, "could not delete old launch template versions");
+    }
+    Ok(LaunchTemplateRef {
+        id: existing.id,
+        version,
+    })
+}
+
+/// Deletes the launch template once the pool's RunnerJobs are gone. NotFound is success.
+async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
+    let ns = pool.metadata.namespace.as_deref().unwrap_or_default();
+    let jobs: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), ns);
+    let remaining = jobs
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|j| j.spec.pool_name == pool.name_any())
+        .count();
+    if remaining > 0 {
+        return Err(Error::Waiting(format!(
+            "waiting for {remaining} RunnerJobs of the pool to finish before deleting its launch template"
+        )));
+    }
+    let id = identity(pool, ctx);
+    if let Some(template) = ctx.ec2.find_launch_template(&id.template_name()).await?
+        && owned_by_us(&template.tags, id.controller_id)
+    {
+        ctx.ec2.delete_launch_template(&template.id).await?;
+        info!(template = %template.id, "deleted launch template");
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,4 @@
+//! Pure decisions: no I/O, no clocks. Everything here is a function of its arguments.
+
+pub mod pool;
+pub mod userdata;
