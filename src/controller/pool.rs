@@ -16,7 +16,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{Context, Error, FIELD_MANAGER, Result, conditions, error_policy};
 use crate::api::{LaunchTemplateRef, RunnerJob, RunnerPool, RunnerPoolSpec, RunnerPoolStatus};
-use crate::cloud::{CloudError, ErrorClass, LaunchTemplateData, tags};
+use crate::cloud::{CloudError, Ec2, ErrorClass, LaunchTemplateData, tags};
 use crate::domain::pool::{self as decide, Lookup, Observed, PoolIdentity, ProfileLookup, Verdict};
 use crate::domain::userdata::{self, BootParams};
 
@@ -221,7 +221,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
 
     let data = decide::template_data(&pool.spec, &id, image, &user_data);
     let hash = decide::spec_hash(&data);
-    let template = ensure_template(ctx, &id, &data, &hash, &mut pass).await?;
+    let template = ensure_template(ctx.ec2.as_ref(), &id, &data, &hash, &mut pass.events).await?;
     pass.status.spec_hash = Some(hash);
 
     let request = decide::dry_run_request(&pool.spec, &id, &template.id, template.version);
@@ -300,21 +300,20 @@ fn owned_by_us(
 /// Makes the pool's launch template say `data`: creates it, or adds a version made default
 /// when the spec hash recorded on the default version differs. Keeps the last few versions.
 async fn ensure_template(
-    ctx: &Context,
+    ec2: &dyn Ec2,
     id: &PoolIdentity<'_>,
     data: &LaunchTemplateData,
     hash: &str,
-    pass: &mut Pass,
+    events: &mut Vec<(EventType, &'static str, String)>,
 ) -> Result<LaunchTemplateRef> {
     let name = id.template_name();
     let description = decide::version_description(hash);
-    let Some(existing) = ctx.ec2.find_launch_template(&name).await? else {
-        let created = ctx
-            .ec2
+    let Some(existing) = ec2.find_launch_template(&name).await? else {
+        let created = ec2
             .create_launch_template(&name, &description, data, &id.template_tags())
             .await?;
         info!(template = %created.id, "created launch template");
-        pass.events.push((
+        events.push((
             EventType::Normal,
             "LaunchTemplateCreated",
             format!("created launch template {name} ({})", created.id),
@@ -327,30 +326,27 @@ async fn ensure_template(
     if !owned_by_us(&existing.tags, id.controller_id) {
         return Err(Error::TemplateNotOurs(name));
     }
-    let current = ctx.ec2.default_version_description(&existing.id).await?;
+    let current = ec2.default_version_description(&existing.id).await?;
     if current.as_deref().and_then(decide::hash_in_description) == Some(hash) {
         return Ok(LaunchTemplateRef {
             id: existing.id,
             version: existing.default_version,
         });
     }
-    let version = ctx
-        .ec2
+    let version = ec2
         .create_launch_template_version(&existing.id, &description, data)
         .await?;
-    ctx.ec2
-        .set_default_launch_template_version(&existing.id, version)
+    ec2.set_default_launch_template_version(&existing.id, version)
         .await?;
     info!(template = %existing.id, version, "new launch template version is the default");
-    pass.events.push((
+    events.push((
         EventType::Normal,
         "LaunchTemplateUpdated",
         format!("launch template {name} version {version} is now the default"),
     ));
     let old = decide::versions_to_delete(version);
     if !old.is_empty()
-        && let Err(e) = ctx
-            .ec2
+        && let Err(e) = ec2
             .delete_launch_template_versions(&existing.id, &old)
             .await
     {
@@ -387,4 +383,106 @@ async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         info!(template = %template.id, "deleted launch template");
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::fake::FakeEc2;
+
+    fn data(image: &str) -> LaunchTemplateData {
+        LaunchTemplateData {
+            image_id: image.into(),
+            security_group_ids: vec!["sg-0a1b2c3d4e5f60001".into()],
+            instance_profile: None,
+            root_volume: None,
+            spot: false,
+            user_data: String::new(),
+            tags: Default::default(),
+        }
+    }
+
+    const ID: PoolIdentity<'static> = PoolIdentity {
+        controller_id: "test",
+        namespace: "ci",
+        name: "linux",
+    };
+
+    async fn ensure(ec2: &FakeEc2, image: &str) -> LaunchTemplateRef {
+        let data = data(image);
+        let hash = decide::spec_hash(&data);
+        ensure_template(ec2, &ID, &data, &hash, &mut Vec::new())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_template_is_created_once_and_versioned_only_when_its_data_changes() {
+        let ec2 = FakeEc2::new();
+        let first = ensure(&ec2, "ami-1").await;
+        assert_eq!(first.version, 1);
+        assert_eq!(ensure(&ec2, "ami-1").await, first);
+        assert_eq!(
+            ec2.count("CreateLaunchTemplate") + ec2.count("CreateLaunchTemplateVersion"),
+            1
+        );
+        let second = ensure(&ec2, "ami-2").await;
+        assert_eq!((second.id.as_str(), second.version), (first.id.as_str(), 2));
+        let template = ec2.template(&ID.template_name()).unwrap();
+        assert_eq!(template.template.default_version, 2);
+        assert_eq!(template.template.tags["gha:managed-by"], "pacer");
+    }
+
+    #[tokio::test]
+    async fn only_the_last_three_versions_are_kept() {
+        let ec2 = FakeEc2::new();
+        for i in 1..=6 {
+            ensure(&ec2, &format!("ami-{i}")).await;
+        }
+        let versions: Vec<i64> = ec2
+            .template(&ID.template_name())
+            .unwrap()
+            .versions
+            .keys()
+            .copied()
+            .collect();
+        assert_eq!(versions, [4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_version_cleanup_does_not_fail_the_pass() {
+        let ec2 = FakeEc2::new();
+        for i in 1..=3 {
+            ensure(&ec2, &format!("ami-{i}")).await;
+        }
+        ec2.fail_next("DeleteLaunchTemplateVersions", "NotImplemented", 1);
+        assert_eq!(ensure(&ec2, "ami-4").await.version, 4);
+    }
+
+    #[tokio::test]
+    async fn a_template_with_our_name_but_not_our_tags_is_left_alone() {
+        let ec2 = FakeEc2::new();
+        let foreign = Default::default();
+        ec2.create_launch_template(&ID.template_name(), "theirs", &data("ami-1"), &foreign)
+            .await
+            .unwrap();
+        let data = data("ami-2");
+        let err = ensure_template(&ec2, &ID, &data, &decide::spec_hash(&data), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::TemplateNotOurs(_)));
+        assert_eq!(ec2.count("CreateLaunchTemplateVersion"), 0);
+    }
+
+    #[tokio::test]
+    async fn throttling_is_an_error_to_retry_not_a_verdict() {
+        let ec2 = FakeEc2::new();
+        ec2.fail_next("DescribeLaunchTemplates", "RequestLimitExceeded", 1);
+        let data = data("ami-1");
+        let err = ensure_template(&ec2, &ID, &data, &decide::spec_hash(&data), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "AwsThrottled");
+        assert_eq!(ensure(&ec2, "ami-1").await.version, 1);
+    }
 }
