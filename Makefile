@@ -20,13 +20,17 @@ help: ## List the targets
 build: ## Build the pacer binary (debug)
 	cargo build
 
-.PHONY: crds
-crds: build ## Regenerate crds/ from the Rust types
+.PHONY: generate
+generate: build ## Regenerate crds/ and docs/iam-role.json from the code
 	$(PACER) crds --dir crds
+	$(PACER) iam-policy > docs/iam-role.json
+
+.PHONY: crds
+crds: generate ## Same as generate
 
 .PHONY: check-generated
-check-generated: ## Fail when crds/ differs from what the code generates
-	cargo test --lib -- --exact api::tests::committed_crds_match_the_code
+check-generated: ## Fail when crds/ or docs/iam-role.json differ from what the code generates
+	cargo test --lib -- committed_
 
 .PHONY: fmt-check
 fmt-check: ## cargo fmt --check

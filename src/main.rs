@@ -25,6 +25,8 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print the IAM policy Pacer's role needs (placeholders in REPLACE_* form).
+    IamPolicy,
     /// Check RunnerPool manifests offline against the API server's rules; exit 1 on any problem.
     Validate {
         /// YAML files, each holding one or more documents.
@@ -59,6 +61,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::IamPolicy => {
+            print!("{}", pacer::cloud::iam_policy::policy_json());
+            ExitCode::SUCCESS
+        }
         Command::Validate { files } => match pacer::app::validate_files(&files) {
             Ok(0) => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,

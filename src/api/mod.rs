@@ -108,7 +108,7 @@ mod tests {
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
                 committed == crd_yaml(&crd),
-                "{} is out of date: run `make crds` and commit the result",
+                "{} is out of date: run `make generate` and commit the result",
                 path.display()
             );
         }

@@ -4,6 +4,7 @@
 pub mod aws;
 mod error;
 pub mod fake;
+pub mod iam_policy;
 
 use std::collections::BTreeMap;
 
