@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# `make demo`: brings the local ground up (real kube-apiserver, moto), installs the CRDs, checks
-# and applies the example RunnerPools and shows them. Ctrl-C takes everything down.
+# `make demo`: the whole system on local real parts. Brings up kube-apiserver + etcd and moto
+# behind the AWS proxy, installs the CRDs, runs `pacer run` against them, applies the example
+# RunnerPools (pointed at moto's fixtures) and shows them reconciled. Ctrl-C ends it all.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-pacer=${1:-$root/target/debug/pacer}
+pacer=$(cd "$(dirname "${1:-$root/target/debug/pacer}")" && pwd)/$(basename "${1:-pacer}")
 state="$root/.tools/demo"
+mkdir -p "$root/.tools"
 
+rm -rf "$state"
 "$pacer" crds --dir "$state-crds" >/dev/null
 "$here/ground.sh" --crds "$state-crds" "$state" >/dev/null &
 ground=$!
-trap 'kill $ground 2>/dev/null || true; wait $ground 2>/dev/null || true' EXIT
+pids=($ground)
+trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 trap 'exit 130' INT TERM
 while [ ! -f "$state/env" ]; do
   kill -0 $ground 2>/dev/null || { echo "demo: the test ground failed to start" >&2; exit 1; }
@@ -18,25 +22,62 @@ while [ ! -f "$state/env" ]; do
 done
 set -a; source "$state/env"; set +a
 k() { "$KUBECTL" "$@"; }
-
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# Pacer's configuration for the local ground. The GitHub App is not used yet.
+conf="$state/pacer"
+mkdir -p "$conf"
+printf 'not-a-real-key\n' >"$conf/github-key.pem"
+printf 'demo-webhook-secret\n' >"$conf/webhook-secret"
+cat >"$conf/config.yaml" <<CONFIG
+aws:
+  region: $AWS_REGION
+  endpoint_url: $AWS_ENDPOINT_URL
+server:
+  public_url: http://127.0.0.1:8080
+github:
+  app_id: 1
+  private_key_file: $conf/github-key.pem
+  webhook_secret_file: $conf/webhook-secret
+controller:
+  id: demo
+CONFIG
+
 step "pacer validate examples/*.yaml (offline, the same rules as the API server)"
 "$pacer" validate "$root"/examples/*.yaml
-step "kubectl apply the example pools"
+
+step "pacer run (log in $state/logs/pacer.log)"
+"$pacer" run --config "$conf/config.yaml" >"$state/logs/pacer.log" 2>&1 &
+pids+=($!)
+
+step "kubectl apply the example pools, pointed at moto's VPC, subnets, security group and AMIs"
 k create namespace ci --dry-run=client -o yaml | k apply -f - >/dev/null
-k apply -f "$root/examples/"
+for f in "$root"/examples/runnerpool-*.yaml; do
+  sed -e "s/subnet-0a1b2c3d4e5f60001/$FIXTURE_SUBNET_A/; s/subnet-0a1b2c3d4e5f60002/$FIXTURE_SUBNET_B/" \
+      -e "s/sg-0a1b2c3d4e5f60001/$FIXTURE_SECURITY_GROUP/" "$f" | k apply -f -
+done
+k wait --for condition=Ready --timeout 60s runnerpools --all -n ci >/dev/null || true
+
 step "kubectl get runnerpools -n ci"
 k get runnerpools -n ci -o wide
+step "kubectl get events -n ci"
+k get events -n ci --sort-by .metadata.creationTimestamp | tail -n 8
+
 step "an invalid pool is refused by the API server, naming the field"
 sed 's/ami: ami-0a1b2c3d4e5f60001/ami: ubuntu-24.04/; s/name: linux-x64/name: broken/' \
   "$root/examples/runnerpool-org-spot.yaml" | k apply -f - || true
-step "AWS fixtures in moto (through the recording proxy at $AWS_PROXY_URL)"
-grep '^FIXTURE_' "$state/env"
+
+step "a pool whose subnet does not exist is refused by the controller, naming the field"
+sed -e "s/name: linux-x64/name: missing-subnet/; s/sg-0a1b2c3d4e5f60001/$FIXTURE_SECURITY_GROUP/" \
+  "$root/examples/runnerpool-org-spot.yaml" | k apply -f - >/dev/null
+sleep 3
+k get runnerpool missing-subnet -n ci -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}'
+
 cat <<MSG
 
-The ground stays up until Ctrl-C. In another shell:
+The ground and pacer stay up until Ctrl-C. In another shell:
   export KUBECONFIG=$KUBECONFIG
   $KUBECTL get runnerpools -A
-  curl -s $AWS_PROXY_URL/_proxy/calls | python3 -m json.tool | head
+  curl -s $AWS_PROXY_URL/_proxy/calls | python3 -m json.tool | less   # every AWS call pacer made
 MSG
 wait $ground

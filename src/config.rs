@@ -267,7 +267,12 @@ const OVERRIDES: &[Override] = &[
 ];
 
 /// Environment variables with the `PACER_` prefix that are not configuration keys.
-const NOT_KEYS: &[&str] = &["PACER_LOG", "PACER_LOG_FORMAT", "PACER_CONFIG"];
+const NOT_KEYS: &[&str] = &[
+    "PACER_LOG",
+    "PACER_LOG_FORMAT",
+    "PACER_CONFIG",
+    "PACER_CACHE",
+];
 
 fn set_string(field: &mut String, v: &str) -> Result<(), String> {
     *field = v.to_string();
