@@ -1,4 +1,5 @@
 //! Pure decisions: no I/O, no clocks. Everything here is a function of its arguments.
 
+pub mod job;
 pub mod pool;
 pub mod userdata;

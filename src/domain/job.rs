@@ -1,0 +1,528 @@
+//! The RunnerJob phase machine: from what the cluster, EC2 and the runner report, and the time,
+//! decide the next phase and the one step that gets there. Pure; the reconciler carries it out.
+//!
+//! ```text
+//! Pending ──launch──► Launching ──instance seen──► Booting ──registered──► Running
+//! Running ──completed──► Completing ──terminated──► Succeeded | Failed
+//! any ──boot timeout / max runtime / instance gone / cancelled / deleted──► Completing or Failed
+//! ```
+
+use std::time::Duration;
+
+use crate::api::JobPhase;
+
+/// What EC2 says about the instance tagged with this job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InstanceState {
+    /// No instance carries the job's tag.
+    Absent,
+    /// Pending or running.
+    Alive { id: String },
+    /// Stopping, stopped, shutting down or terminated, with EC2's state reason.
+    Gone { id: String, reason: String },
+}
+
+/// How the job ended, as the runner's callback or GitHub's webhook reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// Cancelled on GitHub, before or while it ran.
+    Cancelled,
+}
+
+/// Everything the decision depends on.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    pub phase: JobPhase,
+    /// Time spent in the current phase.
+    pub in_phase: Duration,
+    pub instance: InstanceState,
+    /// Whether the runner registered with GitHub.
+    pub registered: bool,
+    pub outcome: Option<Outcome>,
+    /// The RunnerJob is being deleted.
+    pub deleting: bool,
+    /// The pool has room for another runner.
+    pub pool_has_room: bool,
+    /// Time left before a capacity retry is due; zero when none is pending.
+    pub backoff_left: Duration,
+}
+
+/// Timeouts from the pool and the controller's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub boot_timeout: Duration,
+    pub max_runtime: Duration,
+    pub ttl_after_finished: Duration,
+    /// How long a launch may go unseen in EC2's (eventually consistent) answers.
+    pub launch_visibility: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            boot_timeout: Duration::from_secs(10 * 60),
+            max_runtime: Duration::from_secs(6 * 3600),
+            ttl_after_finished: Duration::from_secs(3600),
+            launch_visibility: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The one thing to do in this pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing now; look again after this long.
+    Wait(Duration),
+    /// Launch an instance (a new attempt).
+    Launch,
+    /// Terminate the job's instance (tag-scoped), then look again.
+    Terminate,
+    /// Remove the finalizer: nothing of the job is left in EC2.
+    Release,
+    /// Delete the finished RunnerJob (its TTL ran out).
+    Delete,
+}
+
+/// The decision: the phase to record, the step, and why (a CamelCase reason and a message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub phase: JobPhase,
+    pub step: Step,
+    pub reason: Option<(&'static str, String)>,
+}
+
+fn go(phase: JobPhase, step: Step) -> Decision {
+    Decision {
+        phase,
+        step,
+        reason: None,
+    }
+}
+
+fn because(
+    phase: JobPhase,
+    step: Step,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> Decision {
+    Decision {
+        phase,
+        step,
+        reason: Some((reason, message.into())),
+    }
+}
+
+const POLL: Duration = Duration::from_secs(10);
+
+fn left(limit: Duration, spent: Duration) -> Duration {
+    limit.saturating_sub(spent).max(Duration::from_secs(1))
+}
+
+/// Decides the next phase and step.
+pub fn decide(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    let finished = matches!(f.phase, Succeeded | Failed);
+    if f.deleting {
+        return match &f.instance {
+            InstanceState::Alive { .. } => because(
+                Completing,
+                Step::Terminate,
+                "Deleted",
+                "the RunnerJob is being deleted",
+            ),
+            _ => go(if finished { f.phase } else { Failed }, Step::Release),
+        };
+    }
+    if finished {
+        // Late events change nothing; only the TTL matters.
+        return match &f.instance {
+            InstanceState::Alive { .. } => go(f.phase, Step::Terminate),
+            _ if f.in_phase >= limits.ttl_after_finished => go(f.phase, Step::Delete),
+            _ => go(
+                f.phase,
+                Step::Wait(left(limits.ttl_after_finished, f.in_phase)),
+            ),
+        };
+    }
+    if let InstanceState::Gone { id, reason } = &f.instance
+        && f.phase != Completing
+    {
+        return because(
+            Failed,
+            Step::Wait(POLL),
+            "InstanceLost",
+            format!("instance {id} is gone: {reason}"),
+        );
+    }
+    match f.outcome {
+        Some(outcome) if f.phase != Completing => {
+            return match (&f.instance, outcome) {
+                (InstanceState::Absent, Outcome::Cancelled) if f.phase == Pending => because(
+                    Failed,
+                    Step::Wait(POLL),
+                    "Cancelled",
+                    "the job was cancelled before a runner started",
+                ),
+                (_, Outcome::Cancelled) => because(
+                    Completing,
+                    Step::Terminate,
+                    "Cancelled",
+                    "the job was cancelled",
+                ),
+                _ => go(Completing, Step::Terminate),
+            };
+        }
+        _ => {}
+    }
+    match f.phase {
+        Pending => match &f.instance {
+            InstanceState::Alive { .. } => go(Booting, Step::Wait(POLL)),
+            _ if !f.pool_has_room => because(
+                Pending,
+                Step::Wait(POLL),
+                "PoolAtCapacity",
+                "the pool has maxRunners runners already",
+            ),
+            _ if !f.backoff_left.is_zero() => go(Pending, Step::Wait(f.backoff_left)),
+            _ => go(Launching, Step::Launch),
+        },
+        Launching => match &f.instance {
+            InstanceState::Alive { .. } => go(Booting, Step::Wait(POLL)),
+            // EC2 lists new instances a little late; past that, the launch did not happen.
+            _ if f.in_phase < limits.launch_visibility => {
+                go(Launching, Step::Wait(Duration::from_secs(2)))
+            }
+            _ => go(Launching, Step::Launch),
+        },
+        Booting if f.registered => go(Running, Step::Wait(POLL)),
+        Booting if f.in_phase >= limits.boot_timeout => because(
+            Completing,
+            Step::Terminate,
+            "BootTimeout",
+            format!(
+                "the runner did not register within {} s",
+                limits.boot_timeout.as_secs()
+            ),
+        ),
+        Booting => go(
+            Booting,
+            Step::Wait(left(limits.boot_timeout, f.in_phase).min(POLL)),
+        ),
+        Running if f.in_phase >= limits.max_runtime => because(
+            Completing,
+            Step::Terminate,
+            "MaxRuntimeExceeded",
+            format!(
+                "the runner ran longer than {} minutes",
+                limits.max_runtime.as_secs() / 60
+            ),
+        ),
+        Running => go(
+            Running,
+            Step::Wait(left(limits.max_runtime, f.in_phase).min(Duration::from_secs(60))),
+        ),
+        Completing => match &f.instance {
+            InstanceState::Alive { .. } => go(Completing, Step::Terminate),
+            _ => {
+                let phase = if f.outcome == Some(Outcome::Success) {
+                    Succeeded
+                } else {
+                    Failed
+                };
+                go(phase, Step::Wait(POLL))
+            }
+        },
+        Succeeded | Failed => unreachable!("finished jobs returned above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobPhase::*;
+
+    fn facts(phase: JobPhase) -> Facts {
+        Facts {
+            phase,
+            in_phase: Duration::from_secs(5),
+            instance: InstanceState::Absent,
+            registered: false,
+            outcome: None,
+            deleting: false,
+            pool_has_room: true,
+            backoff_left: Duration::ZERO,
+        }
+    }
+
+    fn alive() -> InstanceState {
+        InstanceState::Alive { id: "i-1".into() }
+    }
+
+    fn gone() -> InstanceState {
+        InstanceState::Gone {
+            id: "i-1".into(),
+            reason: "Server.SpotInstanceTermination".into(),
+        }
+    }
+
+    fn mins(m: u64) -> Duration {
+        Duration::from_secs(m * 60)
+    }
+
+    #[test]
+    fn every_transition() {
+        /// Name, phase, how the facts differ, and the expected phase, step and reason.
+        type Case = (
+            &'static str,
+            JobPhase,
+            fn(&mut Facts),
+            JobPhase,
+            Step,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "pending launches",
+                Pending,
+                |_| {},
+                Launching,
+                Step::Launch,
+                None,
+            ),
+            (
+                "pending waits for room",
+                Pending,
+                |f| f.pool_has_room = false,
+                Pending,
+                Step::Wait(POLL),
+                Some("PoolAtCapacity"),
+            ),
+            (
+                "pending waits out a backoff",
+                Pending,
+                |f| f.backoff_left = Duration::from_secs(30),
+                Pending,
+                Step::Wait(Duration::from_secs(30)),
+                None,
+            ),
+            (
+                "pending adopts an instance launched before a crash",
+                Pending,
+                |f| f.instance = alive(),
+                Booting,
+                Step::Wait(POLL),
+                None,
+            ),
+            (
+                "launching sees its instance",
+                Launching,
+                |f| f.instance = alive(),
+                Booting,
+                Step::Wait(POLL),
+                None,
+            ),
+            (
+                "launching waits for EC2 to list it",
+                Launching,
+                |_| {},
+                Launching,
+                Step::Wait(Duration::from_secs(2)),
+                None,
+            ),
+            (
+                "launching relaunches a launch that never happened",
+                Launching,
+                |f| f.in_phase = mins(2),
+                Launching,
+                Step::Launch,
+                None,
+            ),
+            (
+                "booting runner registers",
+                Booting,
+                |f| {
+                    f.instance = alive();
+                    f.registered = true
+                },
+                Running,
+                Step::Wait(POLL),
+                None,
+            ),
+            (
+                "booting times out",
+                Booting,
+                |f| {
+                    f.instance = alive();
+                    f.in_phase = mins(10)
+                },
+                Completing,
+                Step::Terminate,
+                Some("BootTimeout"),
+            ),
+            (
+                "instance gone while booting",
+                Booting,
+                |f| f.instance = gone(),
+                Failed,
+                Step::Wait(POLL),
+                Some("InstanceLost"),
+            ),
+            (
+                "instance gone while running",
+                Running,
+                |f| f.instance = gone(),
+                Failed,
+                Step::Wait(POLL),
+                Some("InstanceLost"),
+            ),
+            (
+                "running completes",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.outcome = Some(Outcome::Success)
+                },
+                Completing,
+                Step::Terminate,
+                None,
+            ),
+            (
+                "running past max runtime",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.in_phase = mins(360)
+                },
+                Completing,
+                Step::Terminate,
+                Some("MaxRuntimeExceeded"),
+            ),
+            (
+                "cancelled while launching",
+                Launching,
+                |f| f.outcome = Some(Outcome::Cancelled),
+                Completing,
+                Step::Terminate,
+                Some("Cancelled"),
+            ),
+            (
+                "cancelled before launch",
+                Pending,
+                |f| f.outcome = Some(Outcome::Cancelled),
+                Failed,
+                Step::Wait(POLL),
+                Some("Cancelled"),
+            ),
+            (
+                "completing terminates",
+                Completing,
+                |f| {
+                    f.instance = alive();
+                    f.outcome = Some(Outcome::Success)
+                },
+                Completing,
+                Step::Terminate,
+                None,
+            ),
+            (
+                "completing ends in success",
+                Completing,
+                |f| {
+                    f.instance = gone();
+                    f.outcome = Some(Outcome::Success)
+                },
+                Succeeded,
+                Step::Wait(POLL),
+                None,
+            ),
+            (
+                "completing ends in failure",
+                Completing,
+                |f| {
+                    f.instance = InstanceState::Absent;
+                    f.outcome = Some(Outcome::Failure)
+                },
+                Failed,
+                Step::Wait(POLL),
+                None,
+            ),
+            (
+                "completion reported twice changes nothing",
+                Completing,
+                |f| {
+                    f.instance = alive();
+                    f.outcome = Some(Outcome::Success)
+                },
+                Completing,
+                Step::Terminate,
+                None,
+            ),
+            (
+                "late events for a finished job are ignored",
+                Succeeded,
+                |f| {
+                    f.outcome = Some(Outcome::Failure);
+                    f.registered = true
+                },
+                Succeeded,
+                Step::Wait(Duration::from_secs(3595)),
+                None,
+            ),
+            (
+                "a finished job is deleted after its TTL",
+                Failed,
+                |f| f.in_phase = mins(60),
+                Failed,
+                Step::Delete,
+                None,
+            ),
+            (
+                "a finished job with a live instance terminates it",
+                Succeeded,
+                |f| f.instance = alive(),
+                Succeeded,
+                Step::Terminate,
+                None,
+            ),
+            (
+                "deleting terminates first",
+                Running,
+                |f| {
+                    f.deleting = true;
+                    f.instance = alive()
+                },
+                Completing,
+                Step::Terminate,
+                Some("Deleted"),
+            ),
+            (
+                "deleting releases once nothing is left",
+                Completing,
+                |f| {
+                    f.deleting = true;
+                    f.instance = gone()
+                },
+                Failed,
+                Step::Release,
+                None,
+            ),
+            (
+                "deleting a finished job keeps its phase",
+                Succeeded,
+                |f| f.deleting = true,
+                Succeeded,
+                Step::Release,
+                None,
+            ),
+        ];
+        for (name, phase, change, want_phase, want_step, want_reason) in cases {
+            let mut f = facts(phase);
+            change(&mut f);
+            let d = decide(&f, &Limits::default());
+            assert_eq!((d.phase, &d.step), (want_phase, &want_step), "{name}");
+            assert_eq!(d.reason.as_ref().map(|r| r.0), want_reason, "{name}");
+        }
+    }
+}
