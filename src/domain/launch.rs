@@ -1,0 +1,293 @@
+//! Launch planning: which offerings (market, instance type, subnet) to try, what to remember
+//! when EC2 has no capacity, how long to back off, and the tags and idempotency token of a
+//! launch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::api::{CapacityType, RunnerPoolSpec};
+use crate::cloud::tags;
+
+/// EC2 market of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Market {
+    Spot,
+    OnDemand,
+}
+
+/// One (market, instance type, zone) that EC2 may or may not have capacity for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Offering {
+    pub market: Market,
+    pub instance_type: String,
+    pub subnet: String,
+    pub zone: String,
+}
+
+/// How long an offering that failed for capacity is skipped.
+pub const UNAVAILABLE_FOR: Duration = Duration::from_secs(180);
+
+/// Offerings recently refused for capacity, shared by every job of the controller. Time is
+/// passed in, so tests need no clock.
+#[derive(Debug, Default)]
+pub struct CapacityCache {
+    until: HashMap<(Market, String, String), Instant>,
+}
+
+impl CapacityCache {
+    pub fn mark_unavailable(
+        &mut self,
+        market: Market,
+        instance_type: &str,
+        zone: &str,
+        now: Instant,
+    ) {
+        self.until.insert(
+            (market, instance_type.to_string(), zone.to_string()),
+            now + UNAVAILABLE_FOR,
+        );
+    }
+
+    pub fn is_available(
+        &self,
+        market: Market,
+        instance_type: &str,
+        zone: &str,
+        now: Instant,
+    ) -> bool {
+        self.until
+            .get(&(market, instance_type.to_string(), zone.to_string()))
+            .is_none_or(|until| now >= *until)
+    }
+
+    /// Forgets expired entries, so the cache stays as small as the current shortage.
+    pub fn prune(&mut self, now: Instant) {
+        self.until.retain(|_, until| now < *until);
+    }
+}
+
+/// The offerings to try now, most preferred first: the pool's market (then on-demand when a
+/// spot pool may fall back), instance types in the pool's order, subnets in its order; minus
+/// those the cache says are exhausted. Empty means: back off and retry.
+pub fn offerings(
+    spec: &RunnerPoolSpec,
+    zones: &BTreeMap<String, String>,
+    cache: &CapacityCache,
+    now: Instant,
+) -> Vec<Offering> {
+    let markets: &[Market] = match (
+        spec.capacity.capacity_type,
+        spec.capacity.fallback_to_on_demand,
+    ) {
+        (CapacityType::OnDemand, _) => &[Market::OnDemand],
+        (CapacityType::Spot, false) => &[Market::Spot],
+        (CapacityType::Spot, true) => &[Market::Spot, Market::OnDemand],
+    };
+    let mut out = Vec::new();
+    for &market in markets {
+        for instance_type in &spec.instance_types {
+            for subnet in &spec.subnets {
+                let zone = zones.get(subnet).cloned().unwrap_or_default();
+                if cache.is_available(market, instance_type, &zone, now) {
+                    out.push(Offering {
+                        market,
+                        instance_type: instance_type.clone(),
+                        subnet: subnet.clone(),
+                        zone,
+                    });
+                }
+            }
+        }
+        // Fall back to on-demand only when no spot offering is left.
+        if !out.is_empty() {
+            break;
+        }
+    }
+    out
+}
+
+/// Launch attempts before a job fails with `InsufficientCapacity`.
+pub const MAX_ATTEMPTS: i32 = 12;
+
+/// Wait after the `attempt`-th failed launch: 30 s, doubling, at most 5 minutes.
+pub fn backoff(attempt: i32) -> Duration {
+    let doublings = attempt.clamp(1, 5) - 1;
+    Duration::from_secs(30u64 << doublings).min(Duration::from_secs(300))
+}
+
+/// EC2's idempotency token for one attempt of one job: a retry of the same attempt is the
+/// same launch to EC2, a new attempt is a new one. At most 64 ASCII characters.
+pub fn client_token(job_uid: &str, attempt: i32) -> String {
+    let digest = Sha256::digest(format!("{job_uid}/{attempt}").as_bytes());
+    format!(
+        "pacer-{}",
+        digest
+            .iter()
+            .take(24)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+/// Who a launch is for.
+#[derive(Clone, Debug)]
+pub struct JobIdentity<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub job_id: i64,
+    pub repository: &'a str,
+}
+
+/// Tag keys that tie an instance to its RunnerJob.
+pub const RUNNER_JOB: &str = "gha:runner_job";
+pub const RUNNER_JOB_UID: &str = "gha:runner_job_uid";
+pub const JOB_ID: &str = "gha:job_id";
+pub const REPO: &str = "gha:repo";
+
+/// Tags of a job's instance and volumes, sent in the launch request itself: the pool's tags
+/// (ours and the user's) plus the job's.
+pub fn instance_tags(
+    pool_tags: &BTreeMap<String, String>,
+    job: &JobIdentity<'_>,
+) -> BTreeMap<String, String> {
+    let mut all = pool_tags.clone();
+    all.insert(RUNNER_JOB.into(), format!("{}/{}", job.namespace, job.name));
+    all.insert(RUNNER_JOB_UID.into(), job.uid.into());
+    all.insert(JOB_ID.into(), job.job_id.to_string());
+    all.insert(REPO.into(), job.repository.into());
+    debug_assert_eq!(
+        all.get(tags::MANAGED_BY).map(String::as_str),
+        Some(tags::MANAGED_BY_VALUE)
+    );
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(capacity: CapacityType, fallback: bool) -> RunnerPoolSpec {
+        let text = include_str!("../../examples/runnerpool-org-spot.yaml");
+        let mut spec = serde_saphyr::from_str::<crate::api::RunnerPool>(text)
+            .unwrap()
+            .spec;
+        spec.capacity.capacity_type = capacity;
+        spec.capacity.fallback_to_on_demand = fallback;
+        spec.instance_types = vec!["m7i.large".into(), "m6i.large".into()];
+        spec
+    }
+
+    fn zones() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("subnet-0a1b2c3d4e5f60001".into(), "us-east-1a".into()),
+            ("subnet-0a1b2c3d4e5f60002".into(), "us-east-1b".into()),
+        ])
+    }
+
+    fn names(offerings: &[Offering]) -> Vec<String> {
+        offerings
+            .iter()
+            .map(|o| format!("{:?}/{}/{}", o.market, o.instance_type, o.zone))
+            .collect()
+    }
+
+    #[test]
+    fn offerings_follow_the_pools_preference() {
+        let now = Instant::now();
+        let all = offerings(
+            &spec(CapacityType::OnDemand, false),
+            &zones(),
+            &CapacityCache::default(),
+            now,
+        );
+        assert_eq!(
+            names(&all),
+            [
+                "OnDemand/m7i.large/us-east-1a",
+                "OnDemand/m7i.large/us-east-1b",
+                "OnDemand/m6i.large/us-east-1a",
+                "OnDemand/m6i.large/us-east-1b"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_exhausted_type_is_skipped_for_three_minutes() {
+        let now = Instant::now();
+        let mut cache = CapacityCache::default();
+        for zone in ["us-east-1a", "us-east-1b"] {
+            cache.mark_unavailable(Market::Spot, "m7i.large", zone, now);
+        }
+        let s = spec(CapacityType::Spot, false);
+        assert_eq!(
+            names(&offerings(&s, &zones(), &cache, now)),
+            ["Spot/m6i.large/us-east-1a", "Spot/m6i.large/us-east-1b"]
+        );
+        let later = now + UNAVAILABLE_FOR;
+        assert_eq!(offerings(&s, &zones(), &cache, later).len(), 4);
+        cache.prune(later);
+        assert!(cache.until.is_empty());
+    }
+
+    #[test]
+    fn spot_falls_back_to_on_demand_only_when_allowed_and_exhausted() {
+        let now = Instant::now();
+        let mut cache = CapacityCache::default();
+        for t in ["m7i.large", "m6i.large"] {
+            for zone in ["us-east-1a", "us-east-1b"] {
+                cache.mark_unavailable(Market::Spot, t, zone, now);
+            }
+        }
+        assert!(offerings(&spec(CapacityType::Spot, false), &zones(), &cache, now).is_empty());
+        let fallback = offerings(&spec(CapacityType::Spot, true), &zones(), &cache, now);
+        assert!(fallback.iter().all(|o| o.market == Market::OnDemand) && fallback.len() == 4);
+        // With spot left, no on-demand offering is tried.
+        let fresh = offerings(
+            &spec(CapacityType::Spot, true),
+            &zones(),
+            &CapacityCache::default(),
+            now,
+        );
+        assert!(fresh.iter().all(|o| o.market == Market::Spot));
+    }
+
+    #[test]
+    fn backoff_doubles_from_30_seconds_to_5_minutes() {
+        let secs: Vec<u64> = (1..=7).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(secs, [30, 60, 120, 240, 300, 300, 300]);
+    }
+
+    #[test]
+    fn client_tokens_are_stable_per_attempt_and_fit_ec2() {
+        let a = client_token("5f1c-uid", 1);
+        assert_eq!(a, client_token("5f1c-uid", 1));
+        assert_ne!(a, client_token("5f1c-uid", 2));
+        assert_ne!(a, client_token("other-uid", 1));
+        assert!(a.len() <= 64 && a.is_ascii());
+    }
+
+    #[test]
+    fn instance_tags_tie_the_instance_to_its_job() {
+        let pool = BTreeMap::from([
+            ("gha:managed-by".to_string(), "pacer".to_string()),
+            ("gha:controller".to_string(), "prod".to_string()),
+            ("team".to_string(), "platform".to_string()),
+        ]);
+        let job = JobIdentity {
+            namespace: "ci",
+            name: "job-1",
+            uid: "uid-1",
+            job_id: 42,
+            repository: "o/r",
+        };
+        let tags = instance_tags(&pool, &job);
+        assert_eq!(tags[RUNNER_JOB], "ci/job-1");
+        assert_eq!(tags[RUNNER_JOB_UID], "uid-1");
+        assert_eq!(tags[JOB_ID], "42");
+        assert_eq!(tags[REPO], "o/r");
+        assert_eq!(tags["team"], "platform");
+    }
+}
