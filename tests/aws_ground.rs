@@ -227,3 +227,108 @@ async fn proxy_serves_on_demand_prices() {
         Some("AccessDeniedException")
     );
 }
+
+#[tokio::test]
+async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() {
+    use pacer::cloud::{Ec2, ErrorClass, LaunchRequest, LaunchTemplateData, aws::AwsEc2};
+    use std::collections::BTreeMap;
+
+    let ground = ground(Parts::Aws);
+    let ec2 = AwsEc2::new(&ground.aws_config().await);
+    let controller = "adapter-test";
+    let ours = BTreeMap::from([
+        ("gha:managed-by".to_string(), "pacer".to_string()),
+        ("gha:controller".to_string(), controller.to_string()),
+    ]);
+    let data = LaunchTemplateData {
+        image_id: ground.fixture("AMI_X86_64").into(),
+        security_group_ids: vec![ground.fixture("SECURITY_GROUP").into()],
+        instance_profile: None,
+        root_volume: None,
+        spot: false,
+        user_data: String::new(),
+        tags: ours.clone(),
+    };
+    let template = ec2
+        .create_launch_template("pacer/adapter-test/ns/pool", "test", &data, &ours)
+        .await
+        .unwrap();
+    let request = |fleet: bool, uid: &str| {
+        let mut tags = ours.clone();
+        tags.insert("gha:runner_job_uid".into(), uid.into());
+        LaunchRequest {
+            launch_template_id: template.id.clone(),
+            version: 1,
+            offerings: vec![("m6i.large".into(), ground.fixture("SUBNET_B").into())],
+            spot: false,
+            fleet,
+            tags,
+            client_token: Some(format!("token-{uid}")),
+        }
+    };
+    let by_fleet = ec2.launch(&request(true, "uid-fleet")).await.unwrap();
+    let by_run = ec2.launch(&request(false, "uid-run")).await.unwrap();
+    assert_eq!(
+        (by_fleet.instances.len(), by_run.instances.len()),
+        (1, 1),
+        "{by_fleet:?} {by_run:?}"
+    );
+
+    let found = ec2.describe_managed_instances(controller).await.unwrap();
+    let mut uids: Vec<_> = found
+        .iter()
+        .map(|i| i.tags["gha:runner_job_uid"].as_str())
+        .collect();
+    uids.sort();
+    assert_eq!(uids, ["uid-fleet", "uid-run"]);
+    assert!(
+        found
+            .iter()
+            .all(|i| i.zone == "us-east-1b" && i.instance_type == "m6i.large"),
+        "{found:?}"
+    );
+    assert!(
+        ec2.describe_managed_instances("another-controller")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The tags were in the launch requests themselves.
+    for (action, uid) in [("CreateFleet", "uid-fleet"), ("RunInstances", "uid-run")] {
+        let calls = ground.proxy().calls_of(action, uid).await;
+        assert!(
+            calls[0].params.to_string().contains("gha:managed-by"),
+            "{action}: {:?}",
+            calls[0].params
+        );
+    }
+
+    let ids: Vec<String> = found.iter().map(|i| i.id.clone()).collect();
+    ec2.terminate_instances(&ids).await.unwrap();
+    assert!(
+        ec2.describe_managed_instances(controller)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    ec2.terminate_instances(&ids)
+        .await
+        .expect("terminating twice is fine");
+
+    // A fleet without capacity answers with errors, not an instance.
+    ground
+        .proxy()
+        .add_fault(
+            serde_json::json!({"action": "CreateFleet", "code": "InsufficientInstanceCapacity",
+            "fleet_error": true, "match": {"ClientToken": "token-no-capacity"}}),
+        )
+        .await;
+    let none = ec2.launch(&request(true, "no-capacity")).await.unwrap();
+    assert!(none.instances.is_empty());
+    assert_eq!(
+        none.failures[0].error.class,
+        ErrorClass::InsufficientCapacity
+    );
+    assert_eq!(none.failures[0].instance_type.as_deref(), Some("m6i.large"));
+}

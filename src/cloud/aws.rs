@@ -9,8 +9,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::{
-    CloudError, CloudResult, Ec2, ErrorClass, Image, InstanceTypeInfo, LaunchRequest,
-    LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet,
+    CloudError, CloudResult, Ec2, ErrorClass, Image, Instance, InstanceTypeInfo, LaunchFailure,
+    LaunchOutcome, LaunchRequest, LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet, tags,
 };
 
 /// EC2 and IAM through the AWS SDK.
@@ -517,76 +517,293 @@ impl Ec2 for AwsEc2 {
 
     fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
         async move {
-            let version = request.version.to_string();
-            if request.fleet {
-                let spec = ec2::FleetLaunchTemplateSpecificationRequest::builder()
-                    .launch_template_id(&request.launch_template_id)
-                    .version(&version)
-                    .build();
-                let overrides = request.offerings.iter().map(|(instance_type, subnet)| {
-                    ec2::FleetLaunchTemplateOverridesRequest::builder()
-                        .instance_type(ec2::InstanceType::from(instance_type.as_str()))
-                        .subnet_id(subnet)
-                        .build()
-                });
-                let market = if request.spot {
-                    ec2::DefaultTargetCapacityType::Spot
-                } else {
-                    ec2::DefaultTargetCapacityType::OnDemand
-                };
-                let result = self
-                    .ec2
-                    .create_fleet()
+            let result = if request.fleet {
+                self.fleet(request)
                     .dry_run(true)
-                    .r#type(ec2::FleetType::Instant)
-                    .launch_template_configs(
-                        ec2::FleetLaunchTemplateConfigRequest::builder()
-                            .launch_template_specification(spec)
-                            .set_overrides(Some(overrides.collect()))
-                            .build(),
-                    )
-                    .target_capacity_specification(
-                        ec2::TargetCapacitySpecificationRequest::builder()
-                            .total_target_capacity(1)
-                            .default_target_capacity_type(market)
-                            .build(),
-                    )
-                    .tag_specifications(tag_spec(ec2::ResourceType::Instance, &request.tags))
-                    .tag_specifications(tag_spec(ec2::ResourceType::Volume, &request.tags))
-                    .tag_specifications(tag_spec(ec2::ResourceType::Fleet, &request.tags))
                     .send()
-                    .await;
-                match result {
-                    Ok(_) => Ok(()),
-                    Err(e) => dry_run_outcome(classify_sdk("CreateFleet", e)),
-                }
+                    .await
+                    .map(drop)
+                    .map_err(|e| classify_sdk("CreateFleet", e))
             } else {
-                let (instance_type, subnet) =
-                    request.offerings.first().cloned().unwrap_or_default();
-                let result = self
-                    .ec2
-                    .run_instances()
+                self.run(request)
                     .dry_run(true)
-                    .min_count(1)
-                    .max_count(1)
-                    .launch_template(
-                        ec2::LaunchTemplateSpecification::builder()
-                            .launch_template_id(&request.launch_template_id)
-                            .version(&version)
-                            .build(),
-                    )
-                    .instance_type(ec2::InstanceType::from(instance_type.as_str()))
-                    .subnet_id(subnet)
-                    .tag_specifications(tag_spec(ec2::ResourceType::Instance, &request.tags))
-                    .tag_specifications(tag_spec(ec2::ResourceType::Volume, &request.tags))
                     .send()
-                    .await;
-                match result {
-                    Ok(_) => Ok(()),
-                    Err(e) => dry_run_outcome(classify_sdk("RunInstances", e)),
+                    .await
+                    .map(drop)
+                    .map_err(|e| classify_sdk("RunInstances", e))
+            };
+            result.or_else(dry_run_outcome)
+        }
+        .boxed()
+    }
+
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, CloudResult<LaunchOutcome>> {
+        async move {
+            if request.fleet {
+                let out = self
+                    .fleet(request)
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk("CreateFleet", e))?;
+                let instances = out
+                    .instances()
+                    .iter()
+                    .flat_map(|group| {
+                        let overrides = group
+                            .launch_template_and_overrides()
+                            .and_then(|l| l.overrides());
+                        let zone = overrides
+                            .and_then(|o| o.availability_zone())
+                            .unwrap_or_default()
+                            .to_string();
+                        let instance_type = group
+                            .instance_type()
+                            .map(|t| t.as_str().to_string())
+                            .unwrap_or_default();
+                        let spot = group.lifecycle().is_some_and(|l| l.as_str() == "spot");
+                        group.instance_ids().iter().map(move |id| Instance {
+                            id: id.clone(),
+                            instance_type: instance_type.clone(),
+                            zone: zone.clone(),
+                            spot,
+                            state: "pending".into(),
+                            state_reason: None,
+                            launch_time: None,
+                            tags: request.tags.clone(),
+                        })
+                    })
+                    .collect();
+                let failures = out
+                    .errors()
+                    .iter()
+                    .map(|e| {
+                        let overrides = e
+                            .launch_template_and_overrides()
+                            .and_then(|l| l.overrides());
+                        LaunchFailure {
+                            instance_type: overrides
+                                .and_then(|o| o.instance_type())
+                                .map(|t| t.as_str().to_string()),
+                            subnet: overrides.and_then(|o| o.subnet_id()).map(str::to_string),
+                            spot: e.lifecycle().is_some_and(|l| l.as_str() == "spot"),
+                            error: CloudError::new(
+                                "CreateFleet",
+                                e.error_code().unwrap_or("Unknown"),
+                                e.error_message().unwrap_or_default(),
+                            ),
+                        }
+                    })
+                    .collect();
+                Ok(LaunchOutcome {
+                    instances,
+                    failures,
+                })
+            } else {
+                let out = self
+                    .run(request)
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk("RunInstances", e))?;
+                Ok(LaunchOutcome {
+                    instances: out.instances().iter().map(instance).collect(),
+                    failures: Vec::new(),
+                })
+            }
+        }
+        .boxed()
+    }
+
+    fn describe_managed_instances<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
+        async move {
+            let filter = |name: &str, values: &[&str]| {
+                ec2::Filter::builder()
+                    .name(name)
+                    .set_values(Some(values.iter().map(|v| v.to_string()).collect()))
+                    .build()
+            };
+            let mut pages = self
+                .ec2
+                .describe_instances()
+                .filters(filter(
+                    &format!("tag:{}", tags::MANAGED_BY),
+                    &[tags::MANAGED_BY_VALUE],
+                ))
+                .filters(filter(
+                    &format!("tag:{}", tags::CONTROLLER),
+                    &[controller_id],
+                ))
+                .filters(filter(
+                    "instance-state-name",
+                    &["pending", "running", "stopping", "stopped"],
+                ))
+                .max_results(1000)
+                .into_paginator()
+                .send();
+            let mut instances = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| classify_sdk("DescribeInstances", e))?;
+                instances.extend(
+                    page.reservations()
+                        .iter()
+                        .flat_map(|r| r.instances())
+                        .map(instance),
+                );
+            }
+            Ok(instances)
+        }
+        .boxed()
+    }
+
+    fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        async move {
+            match self
+                .ec2
+                .terminate_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(err) => {
+                    let err = classify_sdk("TerminateInstances", err);
+                    if err.is(ErrorClass::NotFound) {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
                 }
             }
         }
         .boxed()
+    }
+}
+
+impl AwsEc2 {
+    /// CreateFleet (instant, one instance) over the request's offerings, tagged in the request.
+    fn fleet(
+        &self,
+        request: &LaunchRequest,
+    ) -> aws_sdk_ec2::operation::create_fleet::builders::CreateFleetFluentBuilder {
+        let spec = ec2::FleetLaunchTemplateSpecificationRequest::builder()
+            .launch_template_id(&request.launch_template_id)
+            .version(request.version.to_string())
+            .build();
+        let overrides = request
+            .offerings
+            .iter()
+            .enumerate()
+            .map(|(i, (instance_type, subnet))| {
+                ec2::FleetLaunchTemplateOverridesRequest::builder()
+                    .instance_type(ec2::InstanceType::from(instance_type.as_str()))
+                    .subnet_id(subnet)
+                    .priority(i as f64)
+                    .build()
+            });
+        let market = if request.spot {
+            ec2::DefaultTargetCapacityType::Spot
+        } else {
+            ec2::DefaultTargetCapacityType::OnDemand
+        };
+        self.ec2
+            .create_fleet()
+            .r#type(ec2::FleetType::Instant)
+            .set_client_token(request.client_token.clone())
+            .launch_template_configs(
+                ec2::FleetLaunchTemplateConfigRequest::builder()
+                    .launch_template_specification(spec)
+                    .set_overrides(Some(overrides.collect()))
+                    .build(),
+            )
+            .target_capacity_specification(
+                ec2::TargetCapacitySpecificationRequest::builder()
+                    .total_target_capacity(1)
+                    .default_target_capacity_type(market)
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ec2::ResourceType::Instance, &request.tags))
+            .tag_specifications(tag_spec(ec2::ResourceType::Volume, &request.tags))
+            .tag_specifications(tag_spec(ec2::ResourceType::Fleet, &request.tags))
+    }
+
+    /// RunInstances of one instance in the request's first offering, tagged in the request.
+    fn run(
+        &self,
+        request: &LaunchRequest,
+    ) -> aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder {
+        let (instance_type, subnet) = request.offerings.first().cloned().unwrap_or_default();
+        let mut builder = self
+            .ec2
+            .run_instances()
+            .min_count(1)
+            .max_count(1)
+            .set_client_token(request.client_token.clone())
+            .launch_template(
+                ec2::LaunchTemplateSpecification::builder()
+                    .launch_template_id(&request.launch_template_id)
+                    .version(request.version.to_string())
+                    .build(),
+            )
+            .instance_type(ec2::InstanceType::from(instance_type.as_str()))
+            .subnet_id(subnet)
+            .tag_specifications(tag_spec(ec2::ResourceType::Instance, &request.tags))
+            .tag_specifications(tag_spec(ec2::ResourceType::Volume, &request.tags));
+        if request.spot {
+            builder = builder.instance_market_options(
+                ec2::InstanceMarketOptionsRequest::builder()
+                    .market_type(ec2::MarketType::Spot)
+                    .spot_options(
+                        ec2::SpotMarketOptions::builder()
+                            .spot_instance_type(ec2::SpotInstanceType::OneTime)
+                            .instance_interruption_behavior(
+                                ec2::InstanceInterruptionBehavior::Terminate,
+                            )
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        builder
+    }
+}
+
+fn instance(i: &ec2::Instance) -> Instance {
+    Instance {
+        id: i.instance_id().unwrap_or_default().to_string(),
+        instance_type: i
+            .instance_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        zone: i
+            .placement()
+            .and_then(|p| p.availability_zone())
+            .unwrap_or_default()
+            .to_string(),
+        spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default(),
+        state_reason: i
+            .state_reason()
+            .and_then(|r| r.message())
+            .map(str::to_string),
+        launch_time: i.launch_time().map(|t| t.secs()),
+        tags: i
+            .tags()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().into(),
+                    t.value().unwrap_or_default().into(),
+                )
+            })
+            .collect(),
     }
 }

@@ -8,8 +8,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use super::{
-    CloudError, CloudResult, Ec2, Image, InstanceTypeInfo, LaunchRequest, LaunchTemplate,
-    LaunchTemplateData, SecurityGroup, Subnet,
+    CloudError, CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchFailure, LaunchOutcome,
+    LaunchRequest, LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet, tags,
 };
 
 #[derive(Default)]
@@ -19,6 +19,9 @@ struct State {
     security_groups: Vec<SecurityGroup>,
     instance_types: Vec<InstanceTypeInfo>,
     profiles: HashMap<String, Vec<String>>,
+    instances: Vec<Instance>,
+    /// Instance types with no capacity, in every market and zone.
+    exhausted: Vec<String>,
     templates: BTreeMap<String, FakeTemplate>,
     next_id: u64,
     calls: Vec<String>,
@@ -103,6 +106,20 @@ impl FakeEc2 {
             .unwrap()
             .failures
             .insert(action.into(), (code.into(), times));
+    }
+
+    /// Makes EC2 report no capacity for `instance_type` until told otherwise.
+    pub fn exhaust(&self, instance_type: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .exhausted
+            .push(instance_type.into());
+    }
+
+    /// Every instance ever launched, terminated ones included.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.state.lock().unwrap().instances.clone()
     }
 
     /// Every call so far, by action name.
@@ -387,5 +404,173 @@ impl Ec2 for FakeEc2 {
                 ))
             }
         })
+    }
+
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, CloudResult<LaunchOutcome>> {
+        let action = if request.fleet {
+            "CreateFleet"
+        } else {
+            "RunInstances"
+        };
+        self.call(action, |s| {
+            if !s
+                .templates
+                .values()
+                .any(|t| t.template.id == request.launch_template_id)
+            {
+                return Err(not_found(
+                    action,
+                    "InvalidLaunchTemplateId.NotFound",
+                    &request.launch_template_id,
+                ));
+            }
+            let tried = if request.fleet {
+                &request.offerings[..]
+            } else {
+                &request.offerings[..request.offerings.len().min(1)]
+            };
+            let mut outcome = LaunchOutcome::default();
+            for (instance_type, subnet) in tried {
+                if s.exhausted.contains(instance_type) {
+                    let error = CloudError::new(
+                        action,
+                        "InsufficientInstanceCapacity",
+                        format!("no {instance_type} capacity"),
+                    );
+                    if !request.fleet {
+                        return Err(error);
+                    }
+                    outcome.failures.push(LaunchFailure {
+                        instance_type: Some(instance_type.clone()),
+                        subnet: Some(subnet.clone()),
+                        spot: request.spot,
+                        error,
+                    });
+                    continue;
+                }
+                s.next_id += 1;
+                let zone = s
+                    .subnets
+                    .iter()
+                    .find(|x| &x.id == subnet)
+                    .map(|x| x.zone.clone())
+                    .unwrap_or_else(|| "us-east-1a".into());
+                let instance = Instance {
+                    id: format!("i-{:017x}", s.next_id),
+                    instance_type: instance_type.clone(),
+                    zone,
+                    spot: request.spot,
+                    state: "pending".into(),
+                    state_reason: None,
+                    launch_time: None,
+                    tags: request.tags.clone(),
+                };
+                s.instances.push(instance.clone());
+                outcome.instances.push(instance);
+                break;
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn describe_managed_instances<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
+        self.call("DescribeInstances", |s| {
+            Ok(s.instances
+                .iter()
+                .filter(|i| {
+                    i.tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
+                        && i.tags.get(tags::CONTROLLER).map(String::as_str) == Some(controller_id)
+                        && ["pending", "running", "stopping", "stopped"].contains(&i.state.as_str())
+                })
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.call("TerminateInstances", |s| {
+            for instance in s.instances.iter_mut().filter(|i| ids.contains(&i.id)) {
+                instance.state = "terminated".into();
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template_data() -> LaunchTemplateData {
+        LaunchTemplateData {
+            image_id: "ami-1".into(),
+            security_group_ids: vec![],
+            instance_profile: None,
+            root_volume: None,
+            spot: false,
+            user_data: String::new(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fleet_skips_exhausted_types_and_run_instances_fails_on_them() {
+        let ec2 = FakeEc2::new().with_subnet("subnet-1", "vpc-1", "us-east-1b");
+        let ours = BTreeMap::from([
+            (
+                tags::MANAGED_BY.to_string(),
+                tags::MANAGED_BY_VALUE.to_string(),
+            ),
+            (tags::CONTROLLER.to_string(), "c".to_string()),
+        ]);
+        let lt = ec2
+            .create_launch_template("lt", "d", &template_data(), &ours)
+            .await
+            .unwrap();
+        ec2.exhaust("m7i.large");
+        let mut request = LaunchRequest {
+            launch_template_id: lt.id,
+            version: 1,
+            offerings: vec![
+                ("m7i.large".into(), "subnet-1".into()),
+                ("m6i.large".into(), "subnet-1".into()),
+            ],
+            spot: true,
+            fleet: true,
+            tags: ours,
+            client_token: None,
+        };
+        let out = ec2.launch(&request).await.unwrap();
+        assert_eq!(out.failures.len(), 1);
+        assert_eq!(
+            (
+                out.instances[0].instance_type.as_str(),
+                out.instances[0].zone.as_str()
+            ),
+            ("m6i.large", "us-east-1b")
+        );
+
+        request.fleet = false;
+        let err = ec2.launch(&request).await.unwrap_err();
+        assert!(err.is(crate::cloud::ErrorClass::InsufficientCapacity));
+
+        let live = ec2.describe_managed_instances("c").await.unwrap();
+        assert_eq!(live.len(), 1);
+        ec2.terminate_instances(&[live[0].id.clone()])
+            .await
+            .unwrap();
+        assert!(
+            ec2.describe_managed_instances("c")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(ec2.count("CreateFleet") + ec2.count("RunInstances"), 2);
     }
 }

@@ -25,9 +25,10 @@ const LAUNCH_TEMPLATES: &[&str] = &["arn:aws:ec2:REPLACE_AWS_REGION:*:launch-tem
 
 pub const STATEMENTS: &[Statement] = &[
     Statement {
-        sid: "DescribeForValidation",
+        sid: "DescribeReadOnly",
         actions: &[
             "ec2:DescribeImages",
+            "ec2:DescribeInstances",
             "ec2:DescribeInstanceTypes",
             "ec2:DescribeLaunchTemplateVersions",
             "ec2:DescribeLaunchTemplates",
@@ -121,6 +122,13 @@ pub const STATEMENTS: &[Statement] = &[
         implied_by: Some(
             "tag specifications in CreateLaunchTemplate, CreateFleet and RunInstances",
         ),
+    },
+    Statement {
+        sid: "TerminateOnlyOurInstances",
+        actions: &["ec2:TerminateInstances"],
+        resources: &["arn:aws:ec2:REPLACE_AWS_REGION:*:instance/*"],
+        condition: &[(RESOURCE_TAG, OURS)],
+        implied_by: None,
     },
     Statement {
         sid: "PassRunnerInstanceProfile",

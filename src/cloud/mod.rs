@@ -100,6 +100,40 @@ pub struct LaunchRequest {
     pub fleet: bool,
     /// Tags for the instance and its volumes, sent in the launch request itself.
     pub tags: BTreeMap<String, String>,
+    /// EC2's idempotency token; the same token is the same launch.
+    pub client_token: Option<String>,
+}
+
+/// An instance Pacer launched, as EC2 describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub instance_type: String,
+    pub zone: String,
+    pub spot: bool,
+    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down` or `terminated`.
+    pub state: String,
+    /// EC2's reason for the last state change, such as a spot interruption.
+    pub state_reason: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub launch_time: Option<i64>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// An offering EC2 refused in a launch, with its error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchFailure {
+    pub instance_type: Option<String>,
+    pub subnet: Option<String>,
+    pub spot: bool,
+    pub error: CloudError,
+}
+
+/// What a launch produced: instances, and the offerings that failed on the way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchOutcome {
+    pub instances: Vec<Instance>,
+    pub failures: Vec<LaunchFailure>,
 }
 
 /// The EC2 and IAM calls Pacer makes, and nothing else.
@@ -158,4 +192,17 @@ pub trait Ec2: Send + Sync {
     fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>>;
     /// Asks EC2 whether the launch would be permitted (`DryRun=true`); `Ok` when it would.
     fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>>;
+    /// Launches one instance: CreateFleet (instant) or RunInstances per the request.
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, CloudResult<LaunchOutcome>>;
+    /// Every live (not terminated or shutting down) instance tagged as this controller's, in
+    /// one paginated call, whatever the number of jobs.
+    fn describe_managed_instances<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>>;
+    /// Terminates instances; the IAM policy allows it only for instances carrying our tag.
+    fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
 }

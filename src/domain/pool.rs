@@ -325,6 +325,7 @@ pub fn dry_run_request(
         spot: spec.capacity.capacity_type == CapacityType::Spot,
         fleet: spec.spawn_method == SpawnMethod::Fleet,
         tags: identity.instance_tags(spec),
+        client_token: None,
     }
 }
 
