@@ -7,7 +7,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::Api;
 use tracing::{info, warn};
 
-use crate::api::{self, RunnerPool};
+use crate::api::{self, RunnerJob, RunnerPool};
 use crate::cloud::aws::{AwsEc2, AwsSettings};
 use crate::cloud::{self, Ec2};
 use crate::config::Config;
@@ -52,14 +52,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws));
     let settings = controller::Settings::new(&config.controller.id, &config.server.public_url);
     let ctx = Arc::new(controller::Context::new(client.clone(), ec2, settings));
-    let pools: Api<RunnerPool> = if config.controller.namespace.is_empty() {
-        Api::all(client.clone())
+    let (pools, jobs): (Api<RunnerPool>, Api<RunnerJob>) = if config.controller.namespace.is_empty()
+    {
+        (Api::all(client.clone()), Api::all(client.clone()))
     } else {
-        Api::namespaced(client.clone(), &config.controller.namespace)
+        (
+            Api::namespaced(client.clone(), &config.controller.namespace),
+            Api::namespaced(client.clone(), &config.controller.namespace),
+        )
     };
     info!("controllers starting");
-    // The controllers stop on SIGTERM/Ctrl-C themselves; wait for them to drain.
-    controller::pool::run(ctx, pools).await;
+    // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
+    let controllers = futures::future::join(
+        controller::pool::run(ctx.clone(), pools),
+        controller::job::run(ctx.clone(), jobs.clone()),
+    );
+    tokio::select! {
+        _ = controllers => {}
+        () = controller::gc::run(ctx, jobs) => {}
+    }
     info!("shut down");
     Ok(())
 }

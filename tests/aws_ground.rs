@@ -274,7 +274,13 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
         "{by_fleet:?} {by_run:?}"
     );
 
-    let found = ec2.describe_managed_instances(controller).await.unwrap();
+    let found: Vec<_> = ec2
+        .describe_managed_instances(controller)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.is_alive())
+        .collect();
     let mut uids: Vec<_> = found
         .iter()
         .map(|i| i.tags["gha:runner_job_uid"].as_str())
@@ -306,12 +312,13 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
 
     let ids: Vec<String> = found.iter().map(|i| i.id.clone()).collect();
     ec2.terminate_instances(&ids).await.unwrap();
-    assert!(
-        ec2.describe_managed_instances(controller)
-            .await
-            .unwrap()
-            .is_empty()
+    let after = ec2.describe_managed_instances(controller).await.unwrap();
+    assert_eq!(
+        after.len(),
+        2,
+        "terminated instances stay listed for a while"
     );
+    assert!(after.iter().all(|i| !i.is_alive()), "{after:?}");
     ec2.terminate_instances(&ids)
         .await
         .expect("terminating twice is fine");

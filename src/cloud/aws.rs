@@ -638,10 +638,6 @@ impl Ec2 for AwsEc2 {
                     &format!("tag:{}", tags::CONTROLLER),
                     &[controller_id],
                 ))
-                .filters(filter(
-                    "instance-state-name",
-                    &["pending", "running", "stopping", "stopped"],
-                ))
                 .max_results(1000)
                 .into_paginator()
                 .send();

@@ -486,7 +486,6 @@ impl Ec2 for FakeEc2 {
                 .filter(|i| {
                     i.tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
                         && i.tags.get(tags::CONTROLLER).map(String::as_str) == Some(controller_id)
-                        && ["pending", "running", "stopping", "stopped"].contains(&i.state.as_str())
                 })
                 .cloned()
                 .collect())
@@ -497,6 +496,8 @@ impl Ec2 for FakeEc2 {
         self.call("TerminateInstances", |s| {
             for instance in s.instances.iter_mut().filter(|i| ids.contains(&i.id)) {
                 instance.state = "terminated".into();
+                instance.state_reason =
+                    Some("Client.UserInitiatedShutdown: User initiated shutdown".into());
             }
             Ok(())
         })
@@ -565,12 +566,7 @@ mod tests {
         ec2.terminate_instances(&[live[0].id.clone()])
             .await
             .unwrap();
-        assert!(
-            ec2.describe_managed_instances("c")
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(!ec2.describe_managed_instances("c").await.unwrap()[0].is_alive());
         assert_eq!(ec2.count("CreateFleet") + ec2.count("RunInstances"), 2);
     }
 }

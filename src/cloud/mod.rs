@@ -120,6 +120,13 @@ pub struct Instance {
     pub tags: BTreeMap<String, String>,
 }
 
+impl Instance {
+    /// Pending or running: not on its way out.
+    pub fn is_alive(&self) -> bool {
+        matches!(self.state.as_str(), "pending" | "running")
+    }
+}
+
 /// An offering EC2 refused in a launch, with its error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaunchFailure {
@@ -197,8 +204,9 @@ pub trait Ec2: Send + Sync {
         &'a self,
         request: &'a LaunchRequest,
     ) -> BoxFuture<'a, CloudResult<LaunchOutcome>>;
-    /// Every live (not terminated or shutting down) instance tagged as this controller's, in
-    /// one paginated call, whatever the number of jobs.
+    /// Every instance tagged as this controller's, terminated ones included while EC2 still
+    /// lists them (their state reason says why they went), in one paginated call, whatever
+    /// the number of jobs.
     fn describe_managed_instances<'a>(
         &'a self,
         controller_id: &'a str,

@@ -2,6 +2,8 @@
 //! conditions and Events.
 
 pub mod conditions;
+pub mod gc;
+pub mod job;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -25,6 +27,8 @@ pub struct Context {
     pub settings: Settings,
     /// Consecutive failed passes per object, to tell a blip from a persistent problem.
     failures: Mutex<HashMap<String, u32>>,
+    /// State the RunnerJob reconciler shares across jobs.
+    pub jobs: job::Shared,
 }
 
 /// Settings from the configuration that reconcilers use.
@@ -36,6 +40,15 @@ pub struct Settings {
     pub resync: Duration,
     /// The unit of retry backoff: 5 s in production, shorter in tests.
     pub backoff_unit: Duration,
+    /// How old the shared DescribeInstances snapshot may be before a pass refreshes it.
+    pub instance_refresh: Duration,
+    /// Timeouts of a job's phases.
+    pub job_limits: crate::domain::job::Limits,
+    /// How often the garbage collector runs, and how old an unclaimed instance must be.
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
+    /// Launch attempts before a job fails with `InsufficientCapacity`.
+    pub max_launch_attempts: i32,
 }
 
 impl Settings {
@@ -45,6 +58,11 @@ impl Settings {
             public_url: public_url.into(),
             resync: Duration::from_secs(300),
             backoff_unit: Duration::from_secs(5),
+            instance_refresh: Duration::from_secs(10),
+            job_limits: Default::default(),
+            gc_interval: Duration::from_secs(60),
+            gc_grace: Duration::from_secs(120),
+            max_launch_attempts: crate::domain::launch::MAX_ATTEMPTS,
         }
     }
 }
@@ -61,6 +79,7 @@ impl Context {
             ec2,
             settings,
             failures: Mutex::default(),
+            jobs: job::Shared::default(),
         }
     }
 

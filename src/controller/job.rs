@@ -1,0 +1,619 @@
+//! The RunnerJob reconciler: carries out what the phase machine decides — launch one tagged
+//! instance, follow it through one shared DescribeInstances snapshot, terminate it when the job
+//! is over or the object is deleted — and records each step in the status.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::Store;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Resource, ResourceExt};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{Context, Error, FIELD_MANAGER, Result, error_policy};
+use crate::api::{
+    InstanceStatus, JobPhase, JobResult, LastError, RunnerJob, RunnerJobStatus, RunnerPool,
+};
+use crate::cloud::{ErrorClass, Instance, LaunchRequest};
+use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide};
+use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
+use crate::domain::pool::PoolIdentity;
+
+pub const FINALIZER: &str = "pacer.dev/instance";
+
+/// Instances by the uid of the RunnerJob they were launched for.
+pub type InstancesByJob = Arc<HashMap<String, Instance>>;
+
+/// What every job's pass shares.
+#[derive(Default)]
+pub struct Shared {
+    /// Offerings EC2 recently had no capacity for.
+    capacity: Mutex<CapacityCache>,
+    /// Subnet -> availability zone.
+    zones: Mutex<HashMap<String, String>>,
+    /// The last DescribeInstances answer, by RunnerJob uid, and when it was taken.
+    snapshot: tokio::sync::Mutex<Option<(Instant, InstancesByJob)>>,
+    /// Instances launched by this process, by RunnerJob uid: guards against launching twice
+    /// while the snapshot predates the launch and the status write did not land.
+    launched: Mutex<HashMap<String, Instance>>,
+    /// Every RunnerJob, as the controller's watch sees them.
+    store: OnceLock<Store<RunnerJob>>,
+    /// Test fault hook: die right after the launch call returns, before the status write:
+    /// that pass and every later one fail, as if the process had crashed there.
+    pub fail_after_launch: AtomicBool,
+    crashed: AtomicBool,
+}
+
+impl Shared {
+    fn store(&self) -> Option<&Store<RunnerJob>> {
+        self.store.get()
+    }
+}
+
+/// Runs the RunnerJob controller until shutdown.
+pub async fn run(ctx: Arc<Context>, jobs: Api<RunnerJob>) {
+    let (reader, writer) = reflector::store();
+    let _ = ctx.jobs.store.set(reader.clone());
+    let stream = watcher(jobs, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(stream, reader)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
+async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = job.namespace().unwrap_or_default();
+    let key = format!("{ns}/{}", job.name_any());
+    let span =
+        info_span!("reconcile", job = %key, pool = %job.spec.pool_name, job_id = job.spec.job_id);
+    async move {
+        let api: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let action = finalizer(&api, FINALIZER, job, |event| async {
+            match event {
+                Finalizer::Apply(job) => pass(&job, &ctx, false).await,
+                Finalizer::Cleanup(job) => pass(&job, &ctx, true).await,
+            }
+        })
+        .await
+        .map_err(|err| match err {
+            kube::runtime::finalizer::Error::ApplyFailed(e)
+            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+            kube::runtime::finalizer::Error::AddFinalizer(e)
+            | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+            other => Error::Waiting(other.to_string()),
+        })?;
+        ctx.succeeded(&key);
+        Ok(action)
+    }
+    .instrument(span)
+    .await
+}
+
+/// The shared instance snapshot, refreshed when older than `instance_refresh`: one
+/// DescribeInstances serves every job's pass in that window.
+pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJob> {
+    let mut snapshot = ctx.jobs.snapshot.lock().await;
+    if let Some((taken, instances)) = snapshot.as_ref()
+        && taken.elapsed() < max_age
+    {
+        return Ok(instances.clone());
+    }
+    let listed = ctx
+        .ec2
+        .describe_managed_instances(&ctx.settings.controller_id)
+        .await?;
+    let mut by_uid: HashMap<String, Instance> = HashMap::new();
+    for instance in listed {
+        let Some(uid) = instance.tags.get(launch::RUNNER_JOB_UID).cloned() else {
+            continue;
+        };
+        // A live instance wins over a terminated one of an earlier attempt.
+        if by_uid.get(&uid).is_none_or(|seen| !seen.is_alive()) {
+            by_uid.insert(uid, instance);
+        }
+    }
+    let by_uid = Arc::new(by_uid);
+    *snapshot = Some((Instant::now(), by_uid.clone()));
+    Ok(by_uid)
+}
+
+fn since(t: Option<&Time>, now: Timestamp) -> Duration {
+    t.map(|t| now.duration_since(t.0).unsigned_abs())
+        .unwrap_or_default()
+}
+
+fn entered(status: &RunnerJobStatus, job: &RunnerJob) -> Option<Time> {
+    let t = &status.phase_times;
+    match status.phase {
+        JobPhase::Pending => t
+            .pending
+            .clone()
+            .or_else(|| job.metadata.creation_timestamp.clone()),
+        JobPhase::Launching => t.launching.clone(),
+        JobPhase::Booting => t.booting.clone(),
+        JobPhase::Running => t.running.clone(),
+        JobPhase::Completing => t.completing.clone(),
+        JobPhase::Succeeded | JobPhase::Failed => t.finished.clone(),
+    }
+}
+
+/// What EC2 says about the job's instance, from the snapshot, this process's own launches and
+/// the status, in that order of authority.
+fn instance_state(
+    uid: &str,
+    status: &RunnerJobStatus,
+    snapshot: &HashMap<String, Instance>,
+    launched: Option<&Instance>,
+    now: Timestamp,
+    visibility: Duration,
+) -> InstanceState {
+    if let Some(i) = snapshot.get(uid) {
+        return if i.is_alive() {
+            InstanceState::Alive { id: i.id.clone() }
+        } else {
+            InstanceState::Gone {
+                id: i.id.clone(),
+                reason: i.state_reason.clone().unwrap_or_else(|| i.state.clone()),
+            }
+        };
+    }
+    let recorded = launched
+        .map(|i| i.id.clone())
+        .or_else(|| status.instance.as_ref().map(|i| i.id.clone()));
+    let since_launch = since(
+        status
+            .instance
+            .as_ref()
+            .and_then(|i| i.launch_time.as_ref()),
+        now,
+    );
+    match recorded {
+        // Launched moments ago (or by this process, before its status write): EC2 lists new
+        // instances a little late.
+        Some(id) if launched.is_some() && status.instance.is_none() => InstanceState::Alive { id },
+        Some(id) if since_launch < visibility => InstanceState::Alive { id },
+        Some(id) => InstanceState::Gone {
+            id,
+            reason: "EC2 no longer lists it".into(),
+        },
+        None => InstanceState::Absent,
+    }
+}
+
+fn pool_has_room(ctx: &Context, job: &RunnerJob, pool: &RunnerPool) -> bool {
+    let Some(store) = ctx.jobs.store() else {
+        return true;
+    };
+    let busy = store
+        .state()
+        .iter()
+        .filter(|j| {
+            j.spec.pool_name == job.spec.pool_name
+                && j.namespace() == job.namespace()
+                && j.uid() != job.uid()
+        })
+        .filter(|j| {
+            let phase = j.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            matches!(
+                phase,
+                JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing
+            )
+        })
+        .count();
+    busy < pool.spec.max_runners as usize
+}
+
+fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
+    status.completion.as_ref().map(|c| match c.result {
+        JobResult::Success => Outcome::Success,
+        JobResult::Failure => Outcome::Failure,
+        JobResult::Cancelled => Outcome::Cancelled,
+    })
+}
+
+/// One pass: gather the facts, decide, carry out the step, write the status.
+async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> {
+    if ctx.jobs.crashed.load(Ordering::SeqCst) {
+        return Err(Error::Waiting(
+            "fault hook: this controller has crashed".into(),
+        ));
+    }
+    let now = Timestamp::now();
+    let uid = job.uid().unwrap_or_default();
+    let ns = job.namespace().unwrap_or_default();
+    let mut status = job.status.clone().unwrap_or_default();
+    let pools: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let pool = pools.get_opt(&job.spec.pool_name).await?;
+    let limits = match &pool {
+        Some(p) => crate::domain::job::Limits {
+            max_runtime: Duration::from_secs(p.spec.max_runtime_minutes as u64 * 60),
+            ttl_after_finished: Duration::from_secs(p.spec.ttl_seconds_after_finished as u64),
+            ..ctx.settings.job_limits
+        },
+        None => ctx.settings.job_limits,
+    };
+    let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
+    let launched = ctx.jobs.launched.lock().unwrap().get(&uid).cloned();
+    let in_phase = since(entered(&status, job).as_ref(), now);
+    let instance = instance_state(
+        &uid,
+        &status,
+        &snapshot,
+        launched.as_ref(),
+        now,
+        limits.launch_visibility,
+    );
+    let facts = Facts {
+        phase: status.phase,
+        in_phase,
+        instance: instance.clone(),
+        registered: status.runner.is_some(),
+        outcome: outcome(&status),
+        deleting,
+        pool_has_room: pool.as_ref().is_some_and(|p| pool_has_room(ctx, job, p)),
+        backoff_left: status
+            .next_attempt_at
+            .as_ref()
+            .map(|t| t.0.duration_since(now))
+            .filter(|d| d.is_positive())
+            .map(|d| d.unsigned_abs())
+            .unwrap_or_default(),
+    };
+    let Decision {
+        phase,
+        step,
+        reason,
+    } = decide(&facts, &limits);
+    if let Some((reason, message)) = reason {
+        status.last_error = Some(LastError {
+            reason: reason.into(),
+            message,
+            time: Some(Time(now)),
+        });
+    }
+    let next = match step {
+        Step::Wait(d) => Action::requeue(d),
+        Step::Launch => match &pool {
+            Some(pool) => launch_step(job, pool, ctx, &mut status, now).await?,
+            None => {
+                status.last_error = Some(LastError {
+                    reason: "PoolNotFound".into(),
+                    message: format!(
+                        "RunnerPool {} does not exist in namespace {ns}",
+                        job.spec.pool_name
+                    ),
+                    time: Some(Time(now)),
+                });
+                Action::requeue(Duration::from_secs(30))
+            }
+        },
+        Step::Terminate => {
+            if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance {
+                ctx.ec2
+                    .terminate_instances(std::slice::from_ref(id))
+                    .await?;
+                info!(instance = %id, "terminated");
+            }
+            // Look again soon, with a fresh snapshot.
+            *ctx.jobs.snapshot.lock().await = None;
+            Action::requeue(Duration::from_secs(2))
+        }
+        Step::Release => {
+            ctx.jobs.launched.lock().unwrap().remove(&uid);
+            return Ok(Action::await_change());
+        }
+        Step::Delete => {
+            Api::<RunnerJob>::namespaced(ctx.client.clone(), &ns)
+                .delete(&job.name_any(), &DeleteParams::default())
+                .await?;
+            return Ok(Action::await_change());
+        }
+    };
+    // The launch step sets the phase itself; otherwise take the decision's.
+    if step != Step::Launch {
+        enter(&mut status, phase, now);
+    }
+    if let (InstanceState::Alive { id }, Some(record)) = (&instance, snapshot.get(&uid))
+        && status.instance.as_ref().is_none_or(|i| &i.id != id)
+    {
+        // Adopted: launched before a crash, or seen before the status recorded it.
+        status.instance = Some(instance_status(record, None));
+    }
+    status.observed_generation = job.metadata.generation;
+    write_status(job, ctx, &status).await?;
+    if deleting {
+        // Release returned above; anything else keeps the finalizer until the instance is gone.
+        return Err(Error::Waiting(
+            "terminating the instance before removing the finalizer".into(),
+        ));
+    }
+    Ok(next)
+}
+
+fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {
+    if status.phase == phase && entered_time(status).is_some() {
+        return;
+    }
+    status.phase = phase;
+    let t = Some(Time(now));
+    let times = &mut status.phase_times;
+    match phase {
+        JobPhase::Pending => times.pending = t,
+        JobPhase::Launching => times.launching = t,
+        JobPhase::Booting => times.booting = t,
+        JobPhase::Running => times.running = t,
+        JobPhase::Completing => times.completing = t,
+        JobPhase::Succeeded | JobPhase::Failed => times.finished = t,
+    }
+}
+
+fn entered_time(status: &RunnerJobStatus) -> Option<&Time> {
+    let t = &status.phase_times;
+    match status.phase {
+        JobPhase::Pending => t.pending.as_ref(),
+        JobPhase::Launching => t.launching.as_ref(),
+        JobPhase::Booting => t.booting.as_ref(),
+        JobPhase::Running => t.running.as_ref(),
+        JobPhase::Completing => t.completing.as_ref(),
+        JobPhase::Succeeded | JobPhase::Failed => t.finished.as_ref(),
+    }
+}
+
+fn instance_status(i: &Instance, launched_at: Option<Timestamp>) -> InstanceStatus {
+    InstanceStatus {
+        id: i.id.clone(),
+        instance_type: i.instance_type.clone(),
+        zone: i.zone.clone(),
+        market: if i.spot { "spot" } else { "onDemand" }.into(),
+        launch_time: i
+            .launch_time
+            .and_then(|s| Timestamp::from_second(s).ok())
+            .or(launched_at)
+            .map(Time),
+    }
+}
+
+async fn write_status(job: &RunnerJob, ctx: &Context, status: &RunnerJobStatus) -> Result<()> {
+    let api: Api<RunnerJob> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": RunnerJob::api_version(&()),
+        "kind": RunnerJob::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &job.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Availability zones of the pool's subnets, looked up once per subnet.
+async fn zones(ctx: &Context, subnets: &[String]) -> Result<BTreeMap<String, String>> {
+    let missing: Vec<String> = {
+        let known = ctx.jobs.zones.lock().unwrap();
+        subnets
+            .iter()
+            .filter(|s| !known.contains_key(*s))
+            .cloned()
+            .collect()
+    };
+    if !missing.is_empty() {
+        let found = ctx.ec2.describe_subnets(&missing).await?;
+        let mut known = ctx.jobs.zones.lock().unwrap();
+        for subnet in found {
+            known.insert(subnet.id, subnet.zone);
+        }
+    }
+    let known = ctx.jobs.zones.lock().unwrap();
+    Ok(subnets
+        .iter()
+        .filter_map(|s| known.get(s).map(|z| (s.clone(), z.clone())))
+        .collect())
+}
+
+/// Tries the offerings left, recording capacity failures, until one instance is launched or
+/// none is left; then backs off, or gives up after `MAX_ATTEMPTS`.
+async fn launch_step(
+    job: &RunnerJob,
+    pool: &RunnerPool,
+    ctx: &Context,
+    status: &mut RunnerJobStatus,
+    now: Timestamp,
+) -> Result<Action> {
+    let Some(template) = pool.status.as_ref().and_then(|s| s.launch_template.clone()) else {
+        status.last_error = Some(LastError {
+            reason: "PoolNotReady".into(),
+            message: format!(
+                "RunnerPool {} has no launch template yet; see its conditions",
+                pool.name_any()
+            ),
+            time: Some(Time(now)),
+        });
+        enter(status, JobPhase::Pending, now);
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+    let uid = job.uid().unwrap_or_default();
+    let ns = job.namespace().unwrap_or_default();
+    let pool_identity = PoolIdentity {
+        controller_id: &ctx.settings.controller_id,
+        namespace: &ns,
+        name: &pool.name_any(),
+    };
+    let tags = launch::instance_tags(
+        &pool_identity.instance_tags(&pool.spec),
+        &JobIdentity {
+            namespace: &ns,
+            name: &job.name_any(),
+            uid: &uid,
+            job_id: job.spec.job_id,
+            repository: &job.spec.repository,
+        },
+    );
+    let zones = zones(ctx, &pool.spec.subnets).await?;
+    let attempt = status.attempts + 1;
+    for _ in 0..3 {
+        let offerings = launch::offerings(
+            &pool.spec,
+            &zones,
+            &ctx.jobs.capacity.lock().unwrap(),
+            Instant::now(),
+        );
+        let Some(first) = offerings.first() else {
+            break;
+        };
+        let market = first.market;
+        let fleet = pool.spec.spawn_method == crate::api::SpawnMethod::Fleet;
+        let chosen: Vec<(String, String)> = offerings
+            .iter()
+            .filter(|o| o.market == market)
+            .take(if fleet { usize::MAX } else { 1 })
+            .map(|o| (o.instance_type.clone(), o.subnet.clone()))
+            .collect();
+        let request = LaunchRequest {
+            launch_template_id: template.id.clone(),
+            version: template.version,
+            offerings: chosen.clone(),
+            spot: market == Market::Spot,
+            fleet,
+            tags: tags.clone(),
+            client_token: Some(launch::client_token(&uid, attempt)),
+        };
+        let outcome = match ctx.ec2.launch(&request).await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is(ErrorClass::InsufficientCapacity) => {
+                let (t, subnet) = &chosen[0];
+                mark(
+                    ctx,
+                    market,
+                    t,
+                    zones.get(subnet).map(String::as_str).unwrap_or_default(),
+                    &e.to_string(),
+                );
+                continue;
+            }
+            Err(e)
+                if matches!(
+                    e.class,
+                    ErrorClass::InvalidInput | ErrorClass::NotFound | ErrorClass::Unauthorized
+                ) =>
+            {
+                status.attempts = attempt;
+                status.last_error = Some(LastError {
+                    reason: "LaunchFailed".into(),
+                    message: e.to_string(),
+                    time: Some(Time(now)),
+                });
+                enter(status, JobPhase::Failed, now);
+                return Ok(Action::requeue(Duration::from_secs(10)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for failure in &outcome.failures {
+            if failure.error.is(ErrorClass::InsufficientCapacity) {
+                let t = failure.instance_type.clone().unwrap_or_default();
+                let zone = failure
+                    .subnet
+                    .as_ref()
+                    .and_then(|s| zones.get(s))
+                    .cloned()
+                    .unwrap_or_default();
+                if zone.is_empty() {
+                    // Fleet errors may not say which subnet; the type is out everywhere we asked.
+                    for (ty, subnet) in chosen.iter().filter(|(ty, _)| *ty == t) {
+                        mark(
+                            ctx,
+                            market,
+                            ty,
+                            zones.get(subnet).map(String::as_str).unwrap_or_default(),
+                            &failure.error.to_string(),
+                        );
+                    }
+                } else {
+                    mark(ctx, market, &t, &zone, &failure.error.to_string());
+                }
+            }
+        }
+        let Some(mut instance) = outcome.instances.into_iter().next() else {
+            continue;
+        };
+        if instance.zone.is_empty() {
+            let subnet = chosen
+                .iter()
+                .find(|(t, _)| *t == instance.instance_type)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            instance.zone = zones.get(&subnet).cloned().unwrap_or_default();
+        }
+        ctx.jobs
+            .launched
+            .lock()
+            .unwrap()
+            .insert(uid.clone(), instance.clone());
+        info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, attempt, "launched");
+        if ctx.jobs.fail_after_launch.load(Ordering::SeqCst) {
+            ctx.jobs.crashed.store(true, Ordering::SeqCst);
+            return Err(Error::Waiting(
+                "fault hook: crashed right after the launch".into(),
+            ));
+        }
+        status.attempts = attempt;
+        status.instance = Some(instance_status(&instance, Some(now)));
+        status.last_error = None;
+        status.next_attempt_at = None;
+        enter(status, JobPhase::Launching, now);
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    status.attempts = attempt;
+    if attempt >= ctx.settings.max_launch_attempts {
+        status.last_error = Some(LastError {
+            reason: "InsufficientCapacity".into(),
+            message: format!("no capacity for any offering of the pool after {attempt} attempts"),
+            time: Some(Time(now)),
+        });
+        enter(status, JobPhase::Failed, now);
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    let wait = launch::backoff(attempt).mul_f64(ctx.settings.backoff_unit.as_secs_f64() / 5.0);
+    status.next_attempt_at = Some(Time(now + wait));
+    status.last_error = Some(LastError {
+        reason: "InsufficientCapacity".into(),
+        message: format!(
+            "no capacity for the pool's offerings; attempt {attempt} of {}, retrying in {} s",
+            ctx.settings.max_launch_attempts,
+            wait.as_secs()
+        ),
+        time: Some(Time(now)),
+    });
+    enter(status, JobPhase::Pending, now);
+    Ok(Action::requeue(wait))
+}
+
+fn mark(ctx: &Context, market: Market, instance_type: &str, zone: &str, why: &str) {
+    warn!(
+        ?market,
+        instance_type,
+        zone,
+        error = why,
+        "no capacity; skipping this offering for a while"
+    );
+    ctx.jobs
+        .capacity
+        .lock()
+        .unwrap()
+        .mark_unavailable(market, instance_type, zone, Instant::now());
+}

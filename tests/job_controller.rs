@@ -1,0 +1,424 @@
+//! The RunnerJob reconciler and the garbage collector against a real kube-apiserver and moto
+//! behind the AWS proxy.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use pacer::api::{JobPhase, RunnerJob, RunnerJobSpec, RunnerPool};
+use pacer::cloud::aws::AwsEc2;
+use pacer::cloud::{Ec2, Instance};
+use pacer::controller::{self, Context, Settings};
+use serde_json::{Value, json};
+use support::{Ground, Parts, ground, repo_root};
+
+struct World {
+    ground: &'static Ground,
+    ns: String,
+    controller_id: String,
+    client: kube::Client,
+    pools: Api<RunnerPool>,
+    jobs: Api<RunnerJob>,
+    ec2: AwsEc2,
+}
+
+impl World {
+    async fn new(test: &str) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pacer=info")
+            .with_test_writer()
+            .try_init();
+        let ground = ground(Parts::Both);
+        let client = ground.kube_client().await;
+        let ns = ground.namespace(&client, test).await;
+        let ec2 = AwsEc2::new(&ground.aws_config().await);
+        Self {
+            ground,
+            controller_id: format!("jobs-{test}"),
+            pools: Api::namespaced(client.clone(), &ns),
+            jobs: Api::namespaced(client.clone(), &ns),
+            ns,
+            client,
+            ec2,
+        }
+    }
+
+    fn context(&self) -> Arc<Context> {
+        let settings = Settings {
+            resync: Duration::from_secs(2),
+            backoff_unit: Duration::from_millis(200),
+            instance_refresh: Duration::from_millis(500),
+            gc_grace: Duration::ZERO,
+            max_launch_attempts: 3,
+            ..Settings::new(&self.controller_id, "https://pacer.example.test")
+        };
+        Arc::new(Context::new(
+            self.client.clone(),
+            Arc::new(self.ec2.clone()),
+            settings,
+        ))
+    }
+
+    /// Starts both controllers on `ctx`; dropping the handle stops them.
+    fn start(&self, ctx: Arc<Context>) -> tokio::task::JoinHandle<()> {
+        let (pools, jobs) = (self.pools.clone(), self.jobs.clone());
+        tokio::spawn(async move {
+            futures::future::join(
+                controller::pool::run(ctx.clone(), pools),
+                controller::job::run(ctx, jobs),
+            )
+            .await;
+        })
+    }
+
+    async fn ready_pool(&self, change: impl FnOnce(&mut Value)) {
+        let text =
+            std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
+        let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
+        pool["metadata"] = json!({"name": "linux", "namespace": self.ns});
+        let spec = &mut pool["spec"];
+        spec["ami"] = json!(self.ground.fixture("AMI_X86_64"));
+        spec["subnets"] = json!([
+            self.ground.fixture("SUBNET_A"),
+            self.ground.fixture("SUBNET_B")
+        ]);
+        spec["securityGroups"] = json!([self.ground.fixture("SECURITY_GROUP")]);
+        change(&mut pool);
+        let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+        self.pools
+            .create(&PostParams::default(), &pool)
+            .await
+            .unwrap();
+        self.wait(|| async {
+            let p = self.pools.get("linux").await.unwrap();
+            p.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .await;
+    }
+
+    async fn create_job(&self, name: &str, job_id: i64) -> RunnerJob {
+        let mut job = RunnerJob::new(
+            name,
+            RunnerJobSpec {
+                pool_name: "linux".into(),
+                job_id,
+                run_id: 7,
+                repository: "example-org/api".into(),
+                labels: vec!["self-hosted".into(), "linux".into()],
+                installation_id: 1,
+            },
+        );
+        job.metadata.namespace = Some(self.ns.clone());
+        self.jobs
+            .create(&PostParams::default(), &job)
+            .await
+            .unwrap()
+    }
+
+    async fn phase(&self, name: &str) -> Option<JobPhase> {
+        self.jobs
+            .get_opt(name)
+            .await
+            .unwrap()
+            .map(|j| j.status.unwrap_or_default().phase)
+    }
+
+    async fn wait_phase(&self, name: &str, phase: JobPhase) -> RunnerJob {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+        loop {
+            let job = self.jobs.get(name).await.unwrap();
+            if job.status.as_ref().map(|s| s.phase) == Some(phase) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never reached {phase:?}: {:?}",
+                job.status
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait<F: std::future::Future<Output = bool>>(&self, mut check: impl FnMut() -> F) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Instances in moto tagged with this RunnerJob's uid.
+    async fn instances_of(&self, uid: &str) -> Vec<Instance> {
+        let all = self
+            .ec2
+            .describe_managed_instances(&self.controller_id)
+            .await
+            .unwrap();
+        all.into_iter()
+            .filter(|i| i.tags.get("gha:runner_job_uid").map(String::as_str) == Some(uid))
+            .collect()
+    }
+
+    async fn alive_of(&self, uid: &str) -> Vec<Instance> {
+        self.instances_of(uid)
+            .await
+            .into_iter()
+            .filter(|i| i.is_alive())
+            .collect()
+    }
+
+    async fn report(&self, name: &str, result: &str) {
+        let patch = json!({"status": {"completion": {"result": result}}});
+        self.jobs
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
+    let w = World::new("one-instance").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|_| {}).await;
+    let job = w.create_job("job-1", 4242).await;
+    let uid = job.metadata.uid.clone().unwrap();
+    let job = w.wait_phase("job-1", JobPhase::Booting).await;
+    assert!(
+        job.metadata
+            .finalizers
+            .unwrap()
+            .contains(&"pacer.dev/instance".to_string())
+    );
+
+    let alive = w.alive_of(&uid).await;
+    assert_eq!(alive.len(), 1, "{alive:?}");
+    let tags = &alive[0].tags;
+    assert_eq!(tags["gha:managed-by"], "pacer");
+    assert_eq!(tags["gha:controller"], w.controller_id);
+    assert_eq!(tags["gha:pool"], format!("{}/linux", w.ns));
+    assert_eq!(tags["gha:runner_job"], format!("{}/job-1", w.ns));
+    assert_eq!(tags["gha:job_id"], "4242");
+    assert_eq!(tags["gha:repo"], "example-org/api");
+    assert_eq!(tags["team"], "platform");
+    let status = job.status.unwrap();
+    let instance = status.instance.unwrap();
+    assert_eq!(instance.id, alive[0].id);
+    assert_eq!((instance.market.as_str(), status.attempts), ("spot", 1));
+    assert!(status.phase_times.launching.is_some() && status.phase_times.booting.is_some());
+
+    w.report("job-1", "success").await;
+    w.wait_phase("job-1", JobPhase::Succeeded).await;
+    assert!(w.alive_of(&uid).await.is_empty());
+    assert_eq!(
+        w.instances_of(&uid).await.len(),
+        1,
+        "still exactly one instance, now terminated"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_running_job_terminates_its_instance_first() {
+    let w = World::new("delete-job").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|_| {}).await;
+    let uid = w.create_job("job-1", 1).await.metadata.uid.unwrap();
+    w.wait_phase("job-1", JobPhase::Booting).await;
+    w.jobs
+        .delete("job-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    w.wait(|| async { w.phase("job-1").await.is_none() }).await;
+    assert!(
+        w.alive_of(&uid).await.is_empty(),
+        "the finalizer went only after the instance"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_right_after_launch_still_leaves_exactly_one_instance() {
+    let w = World::new("crash").await;
+    let crashing = w.context();
+    crashing
+        .jobs
+        .fail_after_launch
+        .store(true, Ordering::SeqCst);
+    let first = w.start(crashing);
+    w.ready_pool(|_| {}).await;
+    let uid = w.create_job("job-1", 1).await.metadata.uid.unwrap();
+    w.wait(|| async { !w.instances_of(&uid).await.is_empty() })
+        .await;
+    first.abort();
+    assert_eq!(
+        w.phase("job-1").await,
+        Some(JobPhase::Pending),
+        "the crash came before the status write"
+    );
+
+    let _second = w.start(w.context());
+    let job = w.wait_phase("job-1", JobPhase::Booting).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = w.instances_of(&uid).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(
+        job.status.unwrap().instance.unwrap().id,
+        all[0].id,
+        "the restarted controller adopted it"
+    );
+}
+
+#[tokio::test]
+async fn capacity_errors_move_to_the_next_type_then_fall_back_then_give_up() {
+    let w = World::new("capacity").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|p| {
+        p["spec"]["spawnMethod"] = json!("runInstances");
+        p["spec"]["instanceTypes"] = json!(["m7i.large", "m6i.large"]);
+    })
+    .await;
+    let proxy = w.ground.proxy();
+    // Spot m7i.large is out for this namespace's jobs: the next type is used.
+    proxy
+        .add_fault(
+            json!({"action": "RunInstances", "code": "InsufficientInstanceCapacity", "count": -1,
+            "match": {"InstanceType": "m7i.large", "Value": format!("{}/", w.ns)}}),
+        )
+        .await;
+    let uid = w.create_job("next-type", 1).await.metadata.uid.unwrap();
+    let job = w.wait_phase("next-type", JobPhase::Booting).await;
+    let instance = job.status.unwrap().instance.unwrap();
+    assert_eq!(
+        (instance.instance_type.as_str(), instance.market.as_str()),
+        ("m6i.large", "spot")
+    );
+    assert_eq!(w.alive_of(&uid).await.len(), 1);
+
+    // All spot is out: the pool may fall back to on-demand.
+    proxy
+        .add_fault(
+            json!({"action": "RunInstances", "code": "InsufficientInstanceCapacity", "count": -1,
+            "match": {"MarketType": "spot", "Value": format!("{}/", w.ns)}}),
+        )
+        .await;
+    let job = w.create_job("fallback", 2).await;
+    let done = w.wait_phase("fallback", JobPhase::Booting).await;
+    assert_eq!(done.status.unwrap().instance.unwrap().market, "onDemand");
+    assert_eq!(w.alive_of(&job.metadata.uid.unwrap()).await.len(), 1);
+
+    // Nothing left at all: the job fails after its attempts and leaves nothing behind.
+    proxy
+        .add_fault(
+            json!({"action": "RunInstances", "code": "InsufficientInstanceCapacity", "count": -1,
+            "match": {"Value": format!("{}/", w.ns)}}),
+        )
+        .await;
+    let job = w.create_job("no-capacity", 3).await;
+    let failed = w.wait_phase("no-capacity", JobPhase::Failed).await;
+    let status = failed.status.unwrap();
+    assert_eq!(status.last_error.unwrap().reason, "InsufficientCapacity");
+    assert_eq!(status.attempts, 3);
+    assert!(w.instances_of(&job.metadata.uid.unwrap()).await.is_empty());
+}
+
+#[tokio::test]
+async fn gc_terminates_unclaimed_instances_of_ours_only() {
+    let w = World::new("gc").await;
+    let ctx = w.context();
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|_| {}).await;
+    let claimed = w.create_job("claimed", 1).await.metadata.uid.unwrap();
+    w.wait_phase("claimed", JobPhase::Booting).await;
+
+    let template = w
+        .pools
+        .get("linux")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .launch_template
+        .unwrap();
+    let launch = |controller: &str, uid: &str| {
+        let tags = [
+            ("gha:managed-by", "pacer"),
+            ("gha:controller", controller),
+            ("gha:runner_job_uid", uid),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        pacer::cloud::LaunchRequest {
+            launch_template_id: template.id.clone(),
+            version: template.version,
+            offerings: vec![("m6i.large".into(), w.ground.fixture("SUBNET_A").into())],
+            spot: false,
+            fleet: false,
+            tags,
+            client_token: None,
+        }
+    };
+    let orphan = w
+        .ec2
+        .launch(&launch(&w.controller_id, "no-such-job"))
+        .await
+        .unwrap()
+        .instances
+        .remove(0);
+    let foreign = w
+        .ec2
+        .launch(&launch("another-cluster", "no-such-job"))
+        .await
+        .unwrap()
+        .instances
+        .remove(0);
+    let untagged = aws_sdk_ec2::Client::new(&w.ground.aws_config().await)
+        .run_instances()
+        .image_id(w.ground.fixture("AMI_X86_64"))
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+
+    let jobs: Api<RunnerJob> = Api::namespaced(w.client.clone(), &w.ns);
+    let terminated = controller::gc::collect(&ctx, &jobs).await.unwrap();
+    assert_eq!(terminated, 1);
+    let sdk = aws_sdk_ec2::Client::new(&w.ground.aws_config().await);
+    let state = |id: String| {
+        let sdk = sdk.clone();
+        async move {
+            let out = sdk
+                .describe_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .unwrap();
+            out.reservations()[0].instances()[0]
+                .state()
+                .unwrap()
+                .name()
+                .unwrap()
+                .as_str()
+                .to_string()
+        }
+    };
+    assert_eq!(state(orphan.id).await, "terminated");
+    assert_eq!(state(foreign.id).await, "running");
+    assert_eq!(state(untagged).await, "running");
+    assert_eq!(
+        w.alive_of(&claimed).await.len(),
+        1,
+        "a claimed instance stays"
+    );
+}
