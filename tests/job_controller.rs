@@ -214,8 +214,22 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     assert_eq!((instance.market.as_str(), status.attempts), ("spot", 1));
     assert!(status.phase_times.launching.is_some() && status.phase_times.booting.is_some());
 
+    let cost = status.cost.unwrap();
+    assert_eq!(cost.currency, "USD");
+    assert_eq!(
+        cost.on_demand_hourly_price.as_deref(),
+        Some("0.1008000000"),
+        "the Pricing answer for m7i.large"
+    );
+    assert_eq!(
+        cost.hourly_price.as_deref(),
+        Some("0.00001"),
+        "moto's spot price history"
+    );
+
     w.report("job-1", "success").await;
-    w.wait_phase("job-1", JobPhase::Succeeded).await;
+    let done = w.wait_phase("job-1", JobPhase::Succeeded).await;
+    assert!(done.status.unwrap().cost.unwrap().estimated_cost.is_some());
     assert!(w.alive_of(&uid).await.is_empty());
     assert_eq!(
         w.instances_of(&uid).await.len(),
@@ -421,4 +435,33 @@ async fn gc_terminates_unclaimed_instances_of_ours_only() {
         1,
         "a claimed instance stays"
     );
+}
+
+#[tokio::test]
+async fn denied_pricing_leaves_prices_empty_warns_once_and_launches_anyway() {
+    let w = World::new("pricing-denied").await;
+    let ctx = w.context();
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|p| {
+        p["spec"]["instanceTypes"] = json!(["c6i.large"]);
+        p["spec"]["capacity"] = json!({"type": "onDemand"});
+    })
+    .await;
+    w.ground
+        .proxy()
+        .add_fault(
+            json!({"action": "GetProducts", "code": "AccessDeniedException", "count": -1,
+            "match": {"Filters": "c6i.large"}}),
+        )
+        .await;
+    for name in ["job-1", "job-2"] {
+        w.create_job(name, 1).await;
+        let job = w.wait_phase(name, JobPhase::Booting).await;
+        let cost = job.status.unwrap().cost.unwrap();
+        assert_eq!(
+            (cost.hourly_price, cost.on_demand_hourly_price),
+            (None, None)
+        );
+    }
+    assert!(ctx.jobs.warned_about_prices());
 }

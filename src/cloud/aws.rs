@@ -18,6 +18,8 @@ use super::{
 pub struct AwsEc2 {
     ec2: aws_sdk_ec2::Client,
     iam: aws_sdk_iam::Client,
+    pricing: aws_sdk_pricing::Client,
+    region: String,
 }
 
 /// Where the SDK clients point and how they authenticate.
@@ -45,9 +47,16 @@ pub async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
 
 impl AwsEc2 {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
+        // The Pricing API is served from us-east-1 (and two other regions), whatever region
+        // the instances run in.
+        let pricing = aws_sdk_pricing::config::Builder::from(config)
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
         Self {
             ec2: aws_sdk_ec2::Client::new(config),
             iam: aws_sdk_iam::Client::new(config),
+            pricing: aws_sdk_pricing::Client::from_conf(pricing),
+            region: config.region().map(|r| r.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -656,6 +665,66 @@ impl Ec2 for AwsEc2 {
         .boxed()
     }
 
+    fn on_demand_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        use aws_sdk_pricing::types::{Filter, FilterType};
+        async move {
+            let term = |field: &str, value: &str| {
+                Filter::builder()
+                    .r#type(FilterType::TermMatch)
+                    .field(field)
+                    .value(value)
+                    .build()
+                    .expect("all fields set")
+            };
+            let out = self
+                .pricing
+                .get_products()
+                .service_code("AmazonEC2")
+                .filters(term("instanceType", instance_type))
+                .filters(term("regionCode", &self.region))
+                .filters(term("operatingSystem", "Linux"))
+                .filters(term("tenancy", "Shared"))
+                .filters(term("preInstalledSw", "NA"))
+                .filters(term("capacitystatus", "Used"))
+                .max_results(1)
+                .send()
+                .await
+                .map_err(|e| classify_sdk("GetProducts", e))?;
+            Ok(out.price_list().first().and_then(|doc| on_demand_usd(doc)))
+        }
+        .boxed()
+    }
+
+    fn spot_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+        zone: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        async move {
+            let out = self
+                .ec2
+                .describe_spot_price_history()
+                .instance_types(ec2::InstanceType::from(instance_type))
+                .availability_zone(zone)
+                .product_descriptions("Linux/UNIX")
+                .start_time(aws_sdk_ec2::primitives::DateTime::from(
+                    std::time::SystemTime::now(),
+                ))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeSpotPriceHistory", e))?;
+            Ok(out
+                .spot_price_history()
+                .first()
+                .and_then(|p| p.spot_price())
+                .map(str::to_string))
+        }
+        .boxed()
+    }
+
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
         async move {
             match self
@@ -766,6 +835,21 @@ impl AwsEc2 {
         }
         builder
     }
+}
+
+/// The USD price per hour in one Price List product document.
+fn on_demand_usd(document: &str) -> Option<String> {
+    let product: serde_json::Value = serde_json::from_str(document).ok()?;
+    let term = product
+        .pointer("/terms/OnDemand")?
+        .as_object()?
+        .values()
+        .next()?;
+    let dimension = term.get("priceDimensions")?.as_object()?.values().next()?;
+    dimension
+        .pointer("/pricePerUnit/USD")?
+        .as_str()
+        .map(str::to_string)
 }
 
 fn instance(i: &ec2::Instance) -> Instance {

@@ -492,6 +492,25 @@ impl Ec2 for FakeEc2 {
         })
     }
 
+    fn on_demand_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        self.call("GetProducts", |_| {
+            Ok((!instance_type.is_empty()).then(|| "0.0960000000".to_string()))
+        })
+    }
+
+    fn spot_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+        _zone: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        self.call("DescribeSpotPriceHistory", |_| {
+            Ok((!instance_type.is_empty()).then(|| "0.031200".to_string()))
+        })
+    }
+
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
         self.call("TerminateInstances", |s| {
             for instance in s.instances.iter_mut().filter(|i| ids.contains(&i.id)) {

@@ -40,6 +40,13 @@ pub const STATEMENTS: &[Statement] = &[
         implied_by: None,
     },
     Statement {
+        sid: "ReadPricesForCostSnapshots",
+        actions: &["ec2:DescribeSpotPriceHistory", "pricing:GetProducts"],
+        resources: &["*"],
+        condition: &[],
+        implied_by: None,
+    },
+    Statement {
         sid: "ValidateInstanceProfile",
         actions: &["iam:GetInstanceProfile"],
         resources: &["arn:aws:iam::REPLACE_ACCOUNT_ID:instance-profile/*"],
@@ -177,7 +184,8 @@ mod tests {
     /// `ec2:DescribeImages`.
     fn actions_called() -> Vec<String> {
         let source = include_str!("aws.rs");
-        let call = regex_lite::Regex::new(r"self\s*\.\s*(ec2|iam)\s*\.\s*([a-z_]+)\s*\(").unwrap();
+        let call =
+            regex_lite::Regex::new(r"self\s*\.\s*(ec2|iam|pricing)\s*\.\s*([a-z_]+)\s*\(").unwrap();
         let mut actions: Vec<String> = call
             .captures_iter(source)
             .map(|c| {

@@ -211,6 +211,18 @@ pub trait Ec2: Send + Sync {
         &'a self,
         controller_id: &'a str,
     ) -> BoxFuture<'a, CloudResult<Vec<Instance>>>;
+    /// On-demand Linux hourly price in USD of an instance type in the configured region, from
+    /// the Pricing API; `None` when it lists none.
+    fn on_demand_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>>;
+    /// The latest Linux spot price in USD of an instance type in a zone.
+    fn spot_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+        zone: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>>;
     /// Terminates instances; the IAM policy allows it only for instances carrying our tag.
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
 }

@@ -20,7 +20,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{Context, Error, FIELD_MANAGER, Result, error_policy};
 use crate::api::{
-    InstanceStatus, JobPhase, JobResult, LastError, RunnerJob, RunnerJobStatus, RunnerPool,
+    CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, RunnerJob, RunnerJobStatus,
+    RunnerPool,
 };
 use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide};
@@ -44,6 +45,11 @@ pub struct Shared {
     /// Instances launched by this process, by RunnerJob uid: guards against launching twice
     /// while the snapshot predates the launch and the status write did not land.
     launched: Mutex<HashMap<String, Instance>>,
+    /// On-demand prices by instance type, with when they were fetched.
+    prices: Mutex<HashMap<String, (Instant, Option<String>)>>,
+    /// Price look-ups that failed, warned about once each.
+    warned_on_demand: AtomicBool,
+    warned_spot: AtomicBool,
     /// Every RunnerJob, as the controller's watch sees them.
     store: OnceLock<Store<RunnerJob>>,
     /// Test fault hook: die right after the launch call returns, before the status write:
@@ -325,6 +331,21 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     if step != Step::Launch {
         enter(&mut status, phase, now);
     }
+    if matches!(status.phase, JobPhase::Succeeded | JobPhase::Failed) {
+        let ran = since(
+            status
+                .instance
+                .as_ref()
+                .and_then(|i| i.launch_time.as_ref()),
+            now,
+        )
+        .as_secs();
+        if let Some(cost) = status.cost.as_mut().filter(|c| c.estimated_cost.is_none())
+            && let Some(hourly) = &cost.hourly_price
+        {
+            cost.estimated_cost = crate::domain::cost::estimate(hourly, ran);
+        }
+    }
     if let (InstanceState::Alive { id }, Some(record)) = (&instance, snapshot.get(&uid))
         && status.instance.as_ref().is_none_or(|i| &i.id != id)
     {
@@ -572,6 +593,7 @@ async fn launch_step(
             ));
         }
         status.attempts = attempt;
+        status.cost = cost_snapshot(ctx, &instance).await;
         status.instance = Some(instance_status(&instance, Some(now)));
         status.last_error = None;
         status.next_attempt_at = None;
@@ -601,6 +623,75 @@ async fn launch_step(
     });
     enter(status, JobPhase::Pending, now);
     Ok(Action::requeue(wait))
+}
+
+/// How long an on-demand price is reused.
+const PRICE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Prices at launch. A denied or failing look-up leaves its price empty and is logged once,
+/// not once per job: the permissions are optional and launches go on without them.
+async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapshot> {
+    let shared = &ctx.jobs;
+    let cached = shared
+        .prices
+        .lock()
+        .unwrap()
+        .get(&instance.instance_type)
+        .filter(|(at, _)| at.elapsed() < PRICE_TTL)
+        .cloned();
+    let on_demand = match cached {
+        Some((_, price)) => price,
+        None => match ctx.ec2.on_demand_price(&instance.instance_type).await {
+            Ok(price) => {
+                shared.prices.lock().unwrap().insert(
+                    instance.instance_type.clone(),
+                    (Instant::now(), price.clone()),
+                );
+                price
+            }
+            Err(e) => {
+                if !shared.warned_on_demand.swap(true, Ordering::SeqCst) {
+                    warn!(error = %e, "cannot read on-demand prices (pricing:GetProducts); cost snapshots go without them");
+                }
+                None
+            }
+        },
+    };
+    let spot = if instance.spot {
+        match ctx
+            .ec2
+            .spot_price(&instance.instance_type, &instance.zone)
+            .await
+        {
+            Ok(price) => price,
+            Err(e) => {
+                if !shared.warned_spot.swap(true, Ordering::SeqCst) {
+                    warn!(error = %e, "cannot read spot prices (ec2:DescribeSpotPriceHistory); cost snapshots go without them");
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let hourly = if instance.spot {
+        spot
+    } else {
+        on_demand.clone()
+    };
+    Some(CostSnapshot {
+        hourly_price: hourly,
+        on_demand_hourly_price: on_demand,
+        estimated_cost: None,
+        currency: "USD".into(),
+    })
+}
+
+impl Shared {
+    /// Whether a failed on-demand price look-up was warned about (once).
+    pub fn warned_about_prices(&self) -> bool {
+        self.warned_on_demand.load(Ordering::SeqCst)
+    }
 }
 
 fn mark(ctx: &Context, market: Market, instance_type: &str, zone: &str, why: &str) {

@@ -1,5 +1,6 @@
 //! Pure decisions: no I/O, no clocks. Everything here is a function of its arguments.
 
+pub mod cost;
 pub mod gc;
 pub mod job;
 pub mod launch;
