@@ -61,6 +61,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Api::namespaced(client.clone(), &config.controller.namespace),
         )
     };
+    let listener = tokio::net::TcpListener::bind(config.server.metrics_listen)
+        .await
+        .map_err(|source| Error::Io {
+            path: PathBuf::from(config.server.metrics_listen.to_string()),
+            source,
+        })?;
+    info!(address = %config.server.metrics_listen, "serving metrics at /metrics");
+    let metrics = axum::serve(listener, crate::http::metrics_router(ctx.clone()));
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
     let controllers = futures::future::join(
@@ -70,6 +78,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     tokio::select! {
         _ = controllers => {}
         () = controller::gc::run(ctx, jobs) => {}
+        result = metrics.into_future() => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        }
     }
     info!("shut down");
     Ok(())

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -186,7 +187,8 @@ impl World {
 #[tokio::test]
 async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     let w = World::new("one-instance").await;
-    let _controllers = w.start(w.context());
+    let ctx = w.context();
+    let _controllers = w.start(ctx.clone());
     w.ready_pool(|_| {}).await;
     let job = w.create_job("job-1", 4242).await;
     let uid = job.metadata.uid.clone().unwrap();
@@ -230,6 +232,32 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     w.report("job-1", "success").await;
     let done = w.wait_phase("job-1", JobPhase::Succeeded).await;
     assert!(done.status.unwrap().cost.unwrap().estimated_cost.is_some());
+
+    // The metrics listener, on a real socket.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, pacer::http::metrics_router(ctx)).into_future());
+    let text = reqwest::get(format!("http://{address}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "pacer_launch_latency_seconds_count 1",
+        r#"pacer_ec2_calls_total{action="Launch",outcome="ok"} 1"#,
+        r#"pacer_runner_jobs{namespace=""#,
+        "pacer_job_cost_usd_total{",
+    ] {
+        assert!(text.contains(expected), "{expected} not in:\n{text}");
+    }
+    let describes = text
+        .lines()
+        .find(|l| {
+            l.starts_with(r#"pacer_ec2_calls_total{action="DescribeInstances",outcome="ok"}"#)
+        })
+        .unwrap();
+    eprintln!("{describes}");
     assert!(w.alive_of(&uid).await.is_empty());
     assert_eq!(
         w.instances_of(&uid).await.len(),

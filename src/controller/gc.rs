@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::{Context, Result};
 use crate::api::RunnerJob;
+use crate::cloud::Ec2 as _;
 use crate::domain::gc::orphans;
 
 /// Runs a collection every `gc_interval` until the task is dropped.
@@ -35,7 +36,7 @@ pub async fn collect(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
     // EC2 first: an instance launched after this listing cannot be mistaken for an orphan by
     // a RunnerJob listing taken before its launch.
     let instances = ctx
-        .ec2
+        .ec2()
         .describe_managed_instances(&ctx.settings.controller_id)
         .await?;
     let live: HashSet<String> = jobs
@@ -56,7 +57,8 @@ pub async fn collect(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
     .map(|i| i.id.clone())
     .collect();
     if !doomed.is_empty() {
-        ctx.ec2.terminate_instances(&doomed).await?;
+        ctx.ec2().terminate_instances(&doomed).await?;
+        ctx.metrics.gc_terminated.inc_by(doomed.len() as u64);
         for id in &doomed {
             info!(instance = %id, "terminated an instance no RunnerJob claims");
         }

@@ -18,12 +18,13 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::metrics::{Offering, Pool, PoolPhase};
 use super::{Context, Error, FIELD_MANAGER, Result, error_policy};
 use crate::api::{
     CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, RunnerJob, RunnerJobStatus,
     RunnerPool,
 };
-use crate::cloud::{ErrorClass, Instance, LaunchRequest};
+use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide};
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -117,7 +118,7 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
         return Ok(instances.clone());
     }
     let listed = ctx
-        .ec2
+        .ec2()
         .describe_managed_instances(&ctx.settings.controller_id)
         .await?;
     let mut by_uid: HashMap<String, Instance> = HashMap::new();
@@ -307,7 +308,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         },
         Step::Terminate => {
             if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance {
-                ctx.ec2
+                ctx.ec2()
                     .terminate_instances(std::slice::from_ref(id))
                     .await?;
                 info!(instance = %id, "terminated");
@@ -329,7 +330,15 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     };
     // The launch step sets the phase itself; otherwise take the decision's.
     if step != Step::Launch {
+        let before = status.phase;
+        let entered_before = entered_time(&status).cloned();
         enter(&mut status, phase, now);
+        let spent = since(entered_before.as_ref(), now).as_secs_f64();
+        match (before, status.phase) {
+            (JobPhase::Booting, JobPhase::Running) => ctx.metrics.boot_duration.observe(spent),
+            (JobPhase::Running, JobPhase::Completing) => ctx.metrics.run_duration.observe(spent),
+            _ => {}
+        }
     }
     if matches!(status.phase, JobPhase::Succeeded | JobPhase::Failed) {
         let ran = since(
@@ -344,6 +353,17 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             && let Some(hourly) = &cost.hourly_price
         {
             cost.estimated_cost = crate::domain::cost::estimate(hourly, ran);
+            if let Some(usd) = cost
+                .estimated_cost
+                .as_deref()
+                .and_then(|c| c.parse::<f64>().ok())
+            {
+                let pool = Pool {
+                    namespace: ns.clone(),
+                    pool: job.spec.pool_name.clone(),
+                };
+                ctx.metrics.job_cost.get_or_create(&pool).inc_by(usd);
+            }
         }
     }
     if let (InstanceState::Alive { id }, Some(record)) = (&instance, snapshot.get(&uid))
@@ -434,7 +454,7 @@ async fn zones(ctx: &Context, subnets: &[String]) -> Result<BTreeMap<String, Str
             .collect()
     };
     if !missing.is_empty() {
-        let found = ctx.ec2.describe_subnets(&missing).await?;
+        let found = ctx.ec2().describe_subnets(&missing).await?;
         let mut known = ctx.jobs.zones.lock().unwrap();
         for subnet in found {
             known.insert(subnet.id, subnet.zone);
@@ -514,7 +534,7 @@ async fn launch_step(
             tags: tags.clone(),
             client_token: Some(launch::client_token(&uid, attempt)),
         };
-        let outcome = match ctx.ec2.launch(&request).await {
+        let outcome = match ctx.ec2().launch(&request).await {
             Ok(outcome) => outcome,
             Err(e) if e.is(ErrorClass::InsufficientCapacity) => {
                 let (t, subnet) = &chosen[0];
@@ -592,6 +612,8 @@ async fn launch_step(
                 "fault hook: crashed right after the launch".into(),
             ));
         }
+        let waited = since(job.metadata.creation_timestamp.as_ref(), Timestamp::now());
+        ctx.metrics.launch_latency.observe(waited.as_secs_f64());
         status.attempts = attempt;
         status.cost = cost_snapshot(ctx, &instance).await;
         status.instance = Some(instance_status(&instance, Some(now)));
@@ -641,7 +663,7 @@ async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapsho
         .cloned();
     let on_demand = match cached {
         Some((_, price)) => price,
-        None => match ctx.ec2.on_demand_price(&instance.instance_type).await {
+        None => match ctx.ec2().on_demand_price(&instance.instance_type).await {
             Ok(price) => {
                 shared.prices.lock().unwrap().insert(
                     instance.instance_type.clone(),
@@ -659,7 +681,7 @@ async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapsho
     };
     let spot = if instance.spot {
         match ctx
-            .ec2
+            .ec2()
             .spot_price(&instance.instance_type, &instance.zone)
             .await
         {
@@ -695,6 +717,13 @@ impl Shared {
 }
 
 fn mark(ctx: &Context, market: Market, instance_type: &str, zone: &str, why: &str) {
+    ctx.metrics
+        .capacity_errors
+        .get_or_create(&Offering {
+            instance_type: instance_type.into(),
+            zone: zone.into(),
+        })
+        .inc();
     warn!(
         ?market,
         instance_type,
@@ -707,4 +736,27 @@ fn mark(ctx: &Context, market: Market, instance_type: &str, zone: &str, why: &st
         .lock()
         .unwrap()
         .mark_unavailable(market, instance_type, zone, Instant::now());
+}
+
+/// Sets the RunnerJobs-by-phase gauges from the controller's view of the cluster.
+pub fn count_jobs(ctx: &Context) {
+    let Some(store) = ctx.jobs.store() else {
+        return;
+    };
+    let mut counts: HashMap<PoolPhase, i64> = HashMap::new();
+    for job in store.state() {
+        let key = PoolPhase {
+            namespace: job.namespace().unwrap_or_default(),
+            pool: job.spec.pool_name.clone(),
+            phase: format!(
+                "{:?}",
+                job.status.as_ref().map(|s| s.phase).unwrap_or_default()
+            ),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    ctx.metrics.jobs.clear();
+    for (key, n) in counts {
+        ctx.metrics.jobs.get_or_create(&key).set(n);
+    }
 }

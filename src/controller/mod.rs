@@ -4,6 +4,7 @@
 pub mod conditions;
 pub mod gc;
 pub mod job;
+pub mod metrics;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -22,7 +23,9 @@ pub const FIELD_MANAGER: &str = "pacer";
 /// What reconcilers need, wired once by the app.
 pub struct Context {
     pub client: kube::Client,
-    pub ec2: Arc<dyn Ec2>,
+    /// The EC2 boundary; reach it through [`Context::ec2`], which counts every call.
+    ec2: Arc<dyn Ec2>,
+    pub metrics: metrics::Metrics,
     pub recorder: Recorder,
     pub settings: Settings,
     /// Consecutive failed passes per object, to tell a blip from a persistent problem.
@@ -80,6 +83,15 @@ impl Context {
             settings,
             failures: Mutex::default(),
             jobs: job::Shared::default(),
+            metrics: metrics::Metrics::default(),
+        }
+    }
+
+    /// The EC2 boundary, every call counted in the metrics.
+    pub fn ec2(&self) -> metrics::Metered<'_, dyn Ec2> {
+        metrics::Metered {
+            inner: self.ec2.as_ref(),
+            metrics: &self.metrics,
         }
     }
 

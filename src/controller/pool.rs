@@ -99,7 +99,7 @@ fn lookup<T>(result: Result<T, CloudError>) -> Result<Lookup<T>> {
 }
 
 async fn observe(spec: &RunnerPoolSpec, ctx: &Context) -> Result<Observed> {
-    let ec2 = &ctx.ec2;
+    let ec2 = &ctx.ec2();
     let image = match lookup(ec2.describe_images(std::slice::from_ref(&spec.ami)).await)? {
         Lookup::Found(images) => match images.into_iter().next() {
             Some(image) => Lookup::Found(image),
@@ -221,11 +221,11 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
 
     let data = decide::template_data(&pool.spec, &id, image, &user_data);
     let hash = decide::spec_hash(&data);
-    let template = ensure_template(ctx.ec2.as_ref(), &id, &data, &hash, &mut pass.events).await?;
+    let template = ensure_template(&ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
     pass.status.spec_hash = Some(hash);
 
     let request = decide::dry_run_request(&pool.spec, &id, &template.id, template.version);
-    match ctx.ec2.dry_run_launch(&request).await {
+    match ctx.ec2().dry_run_launch(&request).await {
         Ok(()) => pass.condition(
             LAUNCH_PERMITTED,
             true,
@@ -376,10 +376,10 @@ async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         )));
     }
     let id = identity(pool, ctx);
-    if let Some(template) = ctx.ec2.find_launch_template(&id.template_name()).await?
+    if let Some(template) = ctx.ec2().find_launch_template(&id.template_name()).await?
         && owned_by_us(&template.tags, id.controller_id)
     {
-        ctx.ec2.delete_launch_template(&template.id).await?;
+        ctx.ec2().delete_launch_template(&template.id).await?;
         info!(template = %template.id, "deleted launch template");
     }
     Ok(Action::await_change())

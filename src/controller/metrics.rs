@@ -1,0 +1,379 @@
+//! Prometheus metrics: what the controllers did and how long it took. Served as text on
+//! `server.metrics_listen` at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::cloud::{
+    CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchOutcome, LaunchRequest,
+    LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolPhase {
+    pub namespace: String,
+    pub pool: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Pool {
+    pub namespace: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Call {
+    pub action: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Offering {
+    pub instance_type: String,
+    pub zone: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 50 ms to ~3.4 h.
+    Histogram::new(exponential_buckets(0.05, 2.0, 18))
+}
+
+/// Every metric Pacer exports.
+pub struct Metrics {
+    registry: Registry,
+    pub jobs: Family<PoolPhase, Gauge>,
+    pub launch_latency: Histogram,
+    pub boot_duration: Histogram,
+    pub run_duration: Histogram,
+    pub ec2_calls: Family<Call, Counter>,
+    pub capacity_errors: Family<Offering, Counter>,
+    pub gc_terminated: Counter,
+    pub job_cost: Family<Pool, Counter<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("pacer");
+        let jobs = Family::<PoolPhase, Gauge>::default();
+        let launch_latency = seconds_histogram();
+        let boot_duration = seconds_histogram();
+        let run_duration = seconds_histogram();
+        let ec2_calls = Family::<Call, Counter>::default();
+        let capacity_errors = Family::<Offering, Counter>::default();
+        let gc_terminated = Counter::default();
+        let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
+        registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
+        registry.register(
+            "launch_latency_seconds",
+            "From RunnerJob creation to the launch call's return",
+            launch_latency.clone(),
+        );
+        registry.register(
+            "boot_duration_seconds",
+            "From instance seen to runner registered",
+            boot_duration.clone(),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "From runner registered to job over",
+            run_duration.clone(),
+        );
+        registry.register(
+            "ec2_calls",
+            "AWS calls by action and outcome (ok or the error class)",
+            ec2_calls.clone(),
+        );
+        registry.register(
+            "capacity_errors",
+            "Insufficient-capacity answers by instance type and zone",
+            capacity_errors.clone(),
+        );
+        registry.register(
+            "gc_terminated_instances",
+            "Instances the garbage collector terminated",
+            gc_terminated.clone(),
+        );
+        registry.register(
+            "job_cost_usd",
+            "Estimated cost of finished jobs",
+            job_cost.clone(),
+        );
+        Self {
+            registry,
+            jobs,
+            launch_latency,
+            boot_duration,
+            run_duration,
+            ec2_calls,
+            capacity_errors,
+            gc_terminated,
+            job_cost,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    fn call<T>(&self, action: &str, result: &CloudResult<T>) {
+        let outcome = match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.class),
+        };
+        self.ec2_calls
+            .get_or_create(&Call {
+                action: action.into(),
+                outcome,
+            })
+            .inc();
+    }
+}
+
+/// The EC2 boundary with every call counted by action and outcome.
+pub struct Metered<'m, E: ?Sized> {
+    pub inner: &'m E,
+    pub metrics: &'m Metrics,
+}
+
+macro_rules! metered {
+    ($self:ident, $action:literal, $call:expr) => {{
+        let metrics = $self.metrics;
+        $call
+            .map(move |result| {
+                metrics.call($action, &result);
+                result
+            })
+            .boxed()
+    }};
+}
+
+impl<E: Ec2 + ?Sized> Ec2 for Metered<'_, E> {
+    fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>> {
+        metered!(self, "DescribeImages", self.inner.describe_images(ids))
+    }
+    fn describe_subnets<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<Subnet>>> {
+        metered!(self, "DescribeSubnets", self.inner.describe_subnets(ids))
+    }
+    fn describe_security_groups<'a>(
+        &'a self,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<SecurityGroup>>> {
+        metered!(
+            self,
+            "DescribeSecurityGroups",
+            self.inner.describe_security_groups(ids)
+        )
+    }
+    fn describe_instance_types<'a>(
+        &'a self,
+        names: &'a [String],
+    ) -> BoxFuture<'a, CloudResult<Vec<InstanceTypeInfo>>> {
+        metered!(
+            self,
+            "DescribeInstanceTypes",
+            self.inner.describe_instance_types(names)
+        )
+    }
+    fn instance_profile_roles<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<Vec<String>>>> {
+        metered!(
+            self,
+            "GetInstanceProfile",
+            self.inner.instance_profile_roles(name)
+        )
+    }
+    fn find_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>> {
+        metered!(
+            self,
+            "DescribeLaunchTemplates",
+            self.inner.find_launch_template(name)
+        )
+    }
+    fn default_version_description<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        metered!(
+            self,
+            "DescribeLaunchTemplateVersions",
+            self.inner.default_version_description(id)
+        )
+    }
+    fn create_launch_template<'a>(
+        &'a self,
+        name: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+        tags: &'a std::collections::BTreeMap<String, String>,
+    ) -> BoxFuture<'a, CloudResult<LaunchTemplate>> {
+        metered!(
+            self,
+            "CreateLaunchTemplate",
+            self.inner
+                .create_launch_template(name, description, data, tags)
+        )
+    }
+    fn create_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        description: &'a str,
+        data: &'a LaunchTemplateData,
+    ) -> BoxFuture<'a, CloudResult<i64>> {
+        metered!(
+            self,
+            "CreateLaunchTemplateVersion",
+            self.inner
+                .create_launch_template_version(id, description, data)
+        )
+    }
+    fn set_default_launch_template_version<'a>(
+        &'a self,
+        id: &'a str,
+        version: i64,
+    ) -> BoxFuture<'a, CloudResult<()>> {
+        metered!(
+            self,
+            "ModifyLaunchTemplate",
+            self.inner.set_default_launch_template_version(id, version)
+        )
+    }
+    fn delete_launch_template_versions<'a>(
+        &'a self,
+        id: &'a str,
+        versions: &'a [i64],
+    ) -> BoxFuture<'a, CloudResult<()>> {
+        metered!(
+            self,
+            "DeleteLaunchTemplateVersions",
+            self.inner.delete_launch_template_versions(id, versions)
+        )
+    }
+    fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>> {
+        metered!(
+            self,
+            "DeleteLaunchTemplate",
+            self.inner.delete_launch_template(id)
+        )
+    }
+    fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
+        metered!(self, "DryRunLaunch", self.inner.dry_run_launch(request))
+    }
+    fn launch<'a>(
+        &'a self,
+        request: &'a LaunchRequest,
+    ) -> BoxFuture<'a, CloudResult<LaunchOutcome>> {
+        metered!(self, "Launch", self.inner.launch(request))
+    }
+    fn describe_managed_instances<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
+        metered!(
+            self,
+            "DescribeInstances",
+            self.inner.describe_managed_instances(controller_id)
+        )
+    }
+    fn on_demand_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        metered!(
+            self,
+            "GetProducts",
+            self.inner.on_demand_price(instance_type)
+        )
+    }
+    fn spot_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+        zone: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        metered!(
+            self,
+            "DescribeSpotPriceHistory",
+            self.inner.spot_price(instance_type, zone)
+        )
+    }
+    fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        metered!(
+            self,
+            "TerminateInstances",
+            self.inner.terminate_instances(ids)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::fake::FakeEc2;
+
+    #[tokio::test]
+    async fn calls_are_counted_by_action_and_outcome_and_exported() {
+        let metrics = Metrics::default();
+        let fake = FakeEc2::new().with_subnet("subnet-1", "vpc-1", "us-east-1a");
+        let ec2 = Metered {
+            inner: &fake,
+            metrics: &metrics,
+        };
+        ec2.describe_subnets(&["subnet-1".to_string()])
+            .await
+            .unwrap();
+        fake.fail_next("DescribeSubnets", "RequestLimitExceeded", 1);
+        ec2.describe_subnets(&["subnet-1".to_string()])
+            .await
+            .unwrap_err();
+        metrics.launch_latency.observe(0.4);
+        metrics
+            .jobs
+            .get_or_create(&PoolPhase {
+                namespace: "ci".into(),
+                pool: "linux".into(),
+                phase: "Running".into(),
+            })
+            .set(3);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"pacer_ec2_calls_total{action="DescribeSubnets",outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"pacer_ec2_calls_total{action="DescribeSubnets",outcome="Throttled"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("pacer_launch_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pacer_runner_jobs{namespace="ci",pool="linux",phase="Running"} 3"#),
+            "{text}"
+        );
+    }
+}
