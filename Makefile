@@ -53,6 +53,10 @@ test-unit: ## Unit tests only (no servers): the inner loop
 test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests
 	cargo test --all-targets
 
+.PHONY: bench
+bench: tools ## Launch latency, EC2 calls per job and memory with many RunnerJobs (BENCH_JOBS, BENCH_STORED, BENCH_LATENCY_MS, BENCH_MOTO=1)
+	cargo bench --bench launch --profile $(or $(BENCH_PROFILE),dev)
+
 .PHONY: dev-env
 dev-env: tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
 	hack/ground.sh --crds crds .tools/ground

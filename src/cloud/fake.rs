@@ -40,6 +40,10 @@ pub struct FakeTemplate {
 #[derive(Default)]
 pub struct FakeEc2 {
     state: Mutex<State>,
+    /// How long every call takes, like a round trip to EC2.
+    latency: std::time::Duration,
+    /// When each instance was launched, by the RunnerJob uid in its tags.
+    launched_at: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl FakeEc2 {
@@ -97,6 +101,17 @@ impl FakeEc2 {
             .profiles
             .insert(name.into(), roles.iter().map(|r| r.to_string()).collect());
         self
+    }
+
+    /// Makes every call take `latency`.
+    pub fn with_latency(mut self, latency: std::time::Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// When the instance for the RunnerJob with this uid was launched, if it was.
+    pub fn launched_at(&self, uid: &str) -> Option<std::time::Instant> {
+        self.launched_at.lock().unwrap().get(uid).copied()
     }
 
     /// Makes the next `times` calls of `action` fail with `code`.
@@ -167,7 +182,14 @@ impl FakeEc2 {
             }
             _ => f(&mut state),
         };
-        async move { result }.boxed()
+        let latency = self.latency;
+        async move {
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+            result
+        }
+        .boxed()
     }
 }
 
@@ -468,6 +490,12 @@ impl Ec2 for FakeEc2 {
                     launch_time: None,
                     tags: request.tags.clone(),
                 };
+                if let Some(uid) = instance.tags.get("gha:runner_job_uid") {
+                    self.launched_at
+                        .lock()
+                        .unwrap()
+                        .insert(uid.clone(), std::time::Instant::now());
+                }
                 s.instances.push(instance.clone());
                 outcome.instances.push(instance);
                 break;

@@ -40,19 +40,21 @@ pub struct Shared {
     /// Offerings EC2 recently had no capacity for.
     capacity: Mutex<CapacityCache>,
     /// Subnet -> availability zone.
-    zones: Mutex<HashMap<String, String>>,
+    zones: tokio::sync::Mutex<HashMap<String, String>>,
     /// The last DescribeInstances answer, by RunnerJob uid, and when it was taken.
     snapshot: tokio::sync::Mutex<Option<(Instant, InstancesByJob)>>,
     /// Instances launched by this process, by RunnerJob uid: guards against launching twice
     /// while the snapshot predates the launch and the status write did not land.
     launched: Mutex<HashMap<String, Instance>>,
-    /// On-demand prices by instance type, with when they were fetched.
-    prices: Mutex<HashMap<String, (Instant, Option<String>)>>,
+    /// Prices by kind, instance type (and zone), with when they expire.
+    prices: tokio::sync::Mutex<HashMap<String, (Instant, Option<String>)>>,
     /// Price look-ups that failed, warned about once each.
     warned_on_demand: AtomicBool,
     warned_spot: AtomicBool,
     /// Every RunnerJob, as the controller's watch sees them.
     store: OnceLock<Store<RunnerJob>>,
+    /// Every RunnerPool, as the pool controller's watch sees them.
+    pub(super) pools: OnceLock<Store<RunnerPool>>,
     /// Test fault hook: die right after the launch call returns, before the status write:
     /// that pass and every later one fail, as if the process had crashed there.
     pub fail_after_launch: AtomicBool,
@@ -71,6 +73,8 @@ pub async fn run(ctx: Arc<Context>, jobs: Api<RunnerJob>) {
     let _ = ctx.jobs.store.set(reader.clone());
     let stream = watcher(jobs, watcher::Config::default())
         .default_backoff()
+        // Thousands of RunnerJobs are cached; their managed fields are never read.
+        .modify(|job| job.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects();
     Controller::for_stream(stream, reader)
@@ -242,7 +246,13 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     let ns = job.namespace().unwrap_or_default();
     let mut status = job.status.clone().unwrap_or_default();
     let pools: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
-    let pool = pools.get_opt(&job.spec.pool_name).await?;
+    // The pool controller's cache when it has the pool, else the API server.
+    let key =
+        kube::runtime::reflector::ObjectRef::<RunnerPool>::new(&job.spec.pool_name).within(&ns);
+    let pool = match ctx.jobs.pools.get().and_then(|store| store.get(&key)) {
+        Some(pool) => Some((*pool).clone()),
+        None => pools.get_opt(&job.spec.pool_name).await?,
+    };
     let limits = match &pool {
         Some(p) => crate::domain::job::Limits {
             max_runtime: Duration::from_secs(p.spec.max_runtime_minutes as u64 * 60),
@@ -313,9 +323,8 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
                     .await?;
                 info!(instance = %id, "terminated");
             }
-            // Look again soon, with a fresh snapshot.
-            *ctx.jobs.snapshot.lock().await = None;
-            Action::requeue(Duration::from_secs(2))
+            // The next snapshot shows whether it went; one DescribeInstances serves every job.
+            Action::requeue(ctx.settings.instance_refresh)
         }
         Step::Release => {
             ctx.jobs.launched.lock().unwrap().remove(&uid);
@@ -443,24 +452,20 @@ async fn write_status(job: &RunnerJob, ctx: &Context, status: &RunnerJobStatus) 
     Ok(())
 }
 
-/// Availability zones of the pool's subnets, looked up once per subnet.
+/// Availability zones of the pool's subnets, looked up once per subnet. The lock is held
+/// across the look-up so concurrent launches wait for one call instead of each making it.
 async fn zones(ctx: &Context, subnets: &[String]) -> Result<BTreeMap<String, String>> {
-    let missing: Vec<String> = {
-        let known = ctx.jobs.zones.lock().unwrap();
-        subnets
-            .iter()
-            .filter(|s| !known.contains_key(*s))
-            .cloned()
-            .collect()
-    };
+    let mut known = ctx.jobs.zones.lock().await;
+    let missing: Vec<String> = subnets
+        .iter()
+        .filter(|s| !known.contains_key(*s))
+        .cloned()
+        .collect();
     if !missing.is_empty() {
-        let found = ctx.ec2().describe_subnets(&missing).await?;
-        let mut known = ctx.jobs.zones.lock().unwrap();
-        for subnet in found {
+        for subnet in ctx.ec2().describe_subnets(&missing).await? {
             known.insert(subnet.id, subnet.zone);
         }
     }
-    let known = ctx.jobs.zones.lock().unwrap();
     Ok(subnets
         .iter()
         .filter_map(|s| known.get(s).map(|z| (s.clone(), z.clone())))
@@ -647,52 +652,65 @@ async fn launch_step(
     Ok(Action::requeue(wait))
 }
 
-/// How long an on-demand price is reused.
-const PRICE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long prices are reused: on-demand prices change rarely, spot prices slowly.
+const ON_DEMAND_TTL: Duration = Duration::from_secs(24 * 3600);
+const SPOT_TTL: Duration = Duration::from_secs(10 * 60);
+/// How long a failed look-up is remembered before it is tried again.
+const FAILED_PRICE_TTL: Duration = Duration::from_secs(10 * 60);
 
-/// Prices at launch. A denied or failing look-up leaves its price empty and is logged once,
-/// not once per job: the permissions are optional and launches go on without them.
+/// A price from the cache, or looked up and cached. The lock is held across the look-up so
+/// that a burst of launches makes one call. A failure is warned about once and remembered for a
+/// while, so a missing permission does not cost a call per job.
+async fn cached_price(
+    ctx: &Context,
+    key: String,
+    ttl: Duration,
+    warned: &AtomicBool,
+    permission: &str,
+    lookup: impl std::future::Future<Output = crate::cloud::CloudResult<Option<String>>>,
+) -> Option<String> {
+    let mut prices = ctx.jobs.prices.lock().await;
+    if let Some((expires, price)) = prices.get(&key)
+        && Instant::now() < *expires
+    {
+        return price.clone();
+    }
+    let (price, ttl) = match lookup.await {
+        Ok(price) => (price, ttl),
+        Err(e) => {
+            if !warned.swap(true, Ordering::SeqCst) {
+                warn!(error = %e, permission, "cannot read prices; cost snapshots go without them");
+            }
+            (None, FAILED_PRICE_TTL)
+        }
+    };
+    prices.insert(key, (Instant::now() + ttl, price.clone()));
+    price
+}
+
+/// Prices at launch. A denied or failing look-up leaves its price empty; the launch goes on.
 async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapshot> {
     let shared = &ctx.jobs;
-    let cached = shared
-        .prices
-        .lock()
-        .unwrap()
-        .get(&instance.instance_type)
-        .filter(|(at, _)| at.elapsed() < PRICE_TTL)
-        .cloned();
-    let on_demand = match cached {
-        Some((_, price)) => price,
-        None => match ctx.ec2().on_demand_price(&instance.instance_type).await {
-            Ok(price) => {
-                shared.prices.lock().unwrap().insert(
-                    instance.instance_type.clone(),
-                    (Instant::now(), price.clone()),
-                );
-                price
-            }
-            Err(e) => {
-                if !shared.warned_on_demand.swap(true, Ordering::SeqCst) {
-                    warn!(error = %e, "cannot read on-demand prices (pricing:GetProducts); cost snapshots go without them");
-                }
-                None
-            }
-        },
-    };
+    let ec2 = ctx.ec2();
+    let on_demand = cached_price(
+        ctx,
+        format!("on-demand/{}", instance.instance_type),
+        ON_DEMAND_TTL,
+        &shared.warned_on_demand,
+        "pricing:GetProducts",
+        ec2.on_demand_price(&instance.instance_type),
+    )
+    .await;
     let spot = if instance.spot {
-        match ctx
-            .ec2()
-            .spot_price(&instance.instance_type, &instance.zone)
-            .await
-        {
-            Ok(price) => price,
-            Err(e) => {
-                if !shared.warned_spot.swap(true, Ordering::SeqCst) {
-                    warn!(error = %e, "cannot read spot prices (ec2:DescribeSpotPriceHistory); cost snapshots go without them");
-                }
-                None
-            }
-        }
+        cached_price(
+            ctx,
+            format!("spot/{}/{}", instance.instance_type, instance.zone),
+            SPOT_TTL,
+            &shared.warned_spot,
+            "ec2:DescribeSpotPriceHistory",
+            ec2.spot_price(&instance.instance_type, &instance.zone),
+        )
+        .await
     } else {
         None
     };

@@ -29,6 +29,7 @@ pub const READY: &str = "Ready";
 /// Runs the RunnerPool controller until the stream ends (shutdown).
 pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>) {
     let (reader, writer) = reflector::store();
+    let _ = ctx.jobs.pools.set(reader.clone());
     // Only spec changes, finalizers and deletion wake the reconciler: its own status writes
     // must not. Inputs that change in EC2 are caught by the periodic resync.
     let relevant = |pool: &RunnerPool| {

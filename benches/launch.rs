@@ -1,0 +1,290 @@
+//! `make bench`: creates many RunnerJobs at once and measures how fast the controller gets to
+//! the launch call, how many EC2 calls a job costs, and the controller's memory.
+//!
+//! Runs against the in-memory fake EC2 with a per-call latency (`BENCH_LATENCY_MS`, default
+//! 200) and, with `BENCH_MOTO=1`, against moto. `BENCH_JOBS` (default 500) jobs are timed;
+//! `BENCH_STORED` (default 10000) RunnerJobs are then stored for the memory reading.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use kube::api::{Api, PostParams};
+use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
+use pacer::cloud::Ec2;
+use pacer::cloud::aws::AwsEc2;
+use pacer::cloud::fake::FakeEc2;
+use pacer::controller::{self, Context, Settings};
+use serde_json::json;
+use support::{Parts, ground, repo_root};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn pool(ns: &str, subnets: [&str; 2], sg: &str, ami: &str) -> RunnerPool {
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
+    let mut pool: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    pool["metadata"] = json!({"name": "bench", "namespace": ns});
+    pool["spec"]["subnets"] = json!(subnets);
+    pool["spec"]["securityGroups"] = json!([sg]);
+    pool["spec"]["ami"] = json!(ami);
+    pool["spec"]["maxRunners"] = json!(10000);
+    serde_json::from_value(pool).unwrap()
+}
+
+fn job(ns: &str, i: usize) -> RunnerJob {
+    let mut job = RunnerJob::new(
+        &format!("job-{i}"),
+        RunnerJobSpec {
+            pool_name: "bench".into(),
+            job_id: i as i64 + 1,
+            run_id: 1,
+            repository: "example-org/api".into(),
+            labels: vec!["self-hosted".into()],
+            installation_id: 1,
+        },
+    );
+    job.metadata.namespace = Some(ns.into());
+    job
+}
+
+/// Creates `n` jobs, 64 at a time; returns when each creation returned, by name.
+async fn create_jobs(
+    jobs: &Api<RunnerJob>,
+    ns: &str,
+    range: std::ops::Range<usize>,
+) -> HashMap<String, Instant> {
+    stream::iter(range)
+        .map(|i| {
+            let jobs = jobs.clone();
+            let job = job(ns, i);
+            async move {
+                let created = jobs.create(&PostParams::default(), &job).await.unwrap();
+                (created.metadata.uid.unwrap(), Instant::now())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
+}
+
+struct Run {
+    name: &'static str,
+    ec2: Arc<dyn Ec2>,
+    fake: Option<Arc<FakeEc2>>,
+    ami: String,
+    subnets: [String; 2],
+    sg: String,
+}
+
+async fn bench(run: Run, count: usize, stored: usize) {
+    let ground = ground(Parts::Both);
+    let client = ground.kube_client().await;
+    let ns = ground
+        .namespace(&client, &format!("bench-{}", run.name))
+        .await;
+    let settings = Settings {
+        instance_refresh: Duration::from_secs(2),
+        ..Settings::new(&format!("bench-{}", run.name), "https://pacer.example.test")
+    };
+    let ctx = Arc::new(Context::new(client.clone(), run.ec2.clone(), settings));
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    let c = ctx.clone();
+    let (p, j) = (pools.clone(), jobs.clone());
+    tokio::spawn(async move {
+        futures::future::join(
+            controller::pool::run(c.clone(), p),
+            controller::job::run(c, j),
+        )
+        .await
+    });
+    pools
+        .create(
+            &PostParams::default(),
+            &pool(&ns, [&run.subnets[0], &run.subnets[1]], &run.sg, &run.ami),
+        )
+        .await
+        .unwrap();
+    loop {
+        let p = pools.get("bench").await.unwrap();
+        if p.status.is_some_and(|s| s.launch_template.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls_before = ctx.metrics.encode();
+
+    let started = Instant::now();
+    let created = create_jobs(&jobs, &ns, 0..count).await;
+    let mut latencies = Vec::with_capacity(count);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        latencies.clear();
+        match &run.fake {
+            Some(fake) => {
+                for (uid, at) in &created {
+                    if let Some(launched) = fake.launched_at(uid) {
+                        latencies.push(launched.saturating_duration_since(*at));
+                    }
+                }
+            }
+            None => {
+                let list = jobs.list(&Default::default()).await.unwrap();
+                let launched = list
+                    .items
+                    .iter()
+                    .filter(|j| j.status.as_ref().is_some_and(|s| s.instance.is_some()))
+                    .count();
+                latencies.resize(launched, started.elapsed());
+            }
+        }
+        if latencies.len() == count || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_launched = started.elapsed();
+    latencies.sort();
+    // Let every job reach Booting so the steady-state reads are counted too.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let calls = ctx.metrics.encode();
+    let (mutating, reads) = count_calls(&calls_before, &calls);
+
+    println!("== {} ({count} RunnerJobs)", run.name);
+    println!(
+        "launched {} of {count} in {:.2?}",
+        latencies.len(),
+        all_launched
+    );
+    if run.fake.is_some() && !latencies.is_empty() {
+        println!(
+            "creation -> launch call: p50 {:.0?}  p95 {:.0?}  p99 {:.0?}",
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.95),
+            percentile(&latencies, 0.99)
+        );
+    }
+    println!(
+        "EC2 calls per job: mutating {:.2}, read {:.3}",
+        mutating as f64 / count as f64,
+        reads as f64 / count as f64
+    );
+    println!(
+        "controller RSS with {count} RunnerJobs: {:.0} MiB",
+        rss_mib()
+    );
+    if std::env::var("BENCH_VERBOSE").is_ok() {
+        calls
+            .lines()
+            .filter(|l| l.starts_with("pacer_ec2_calls_total{"))
+            .for_each(|l| println!("  {l}"));
+    }
+    if stored > count {
+        create_jobs(&jobs, &ns, count..stored).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        println!(
+            "controller RSS with {stored} RunnerJobs stored: {:.0} MiB",
+            rss_mib()
+        );
+    }
+}
+
+/// Calls made between two metric readings, split into mutating and read actions.
+fn count_calls(before: &str, after: &str) -> (u64, u64) {
+    let totals = |text: &str| -> HashMap<String, u64> {
+        text.lines()
+            .filter(|l| l.starts_with("pacer_ec2_calls_total{"))
+            .filter_map(|l| {
+                l.rsplit_once(' ')
+                    .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+            })
+            .collect()
+    };
+    let (before, after) = (totals(before), totals(after));
+    let (mut mutating, mut reads) = (0, 0);
+    for (key, n) in &after {
+        let n = n - before.get(key).copied().unwrap_or(0);
+        let read = ["Describe", "GetProducts", "GetInstanceProfile", "DryRun"]
+            .iter()
+            .any(|r| key.contains(r));
+        if read { reads += n } else { mutating += n }
+    }
+    (mutating, reads)
+}
+
+#[tokio::main]
+async fn main() {
+    let count = env("BENCH_JOBS", 500) as usize;
+    let stored = env("BENCH_STORED", 10_000) as usize;
+    let latency = Duration::from_millis(env("BENCH_LATENCY_MS", 200));
+    let (subnets, sg, ami) = (
+        [
+            "subnet-0a1b2c3d4e5f60001".to_string(),
+            "subnet-0a1b2c3d4e5f60002".to_string(),
+        ],
+        "sg-0a1b2c3d4e5f60001".to_string(),
+        "ami-0a1b2c3d4e5f60001".to_string(),
+    );
+    let mut fake = FakeEc2::new()
+        .with_image(&ami, "x86_64", 8)
+        .with_subnet(&subnets[0], "vpc-1", "us-east-1a")
+        .with_subnet(&subnets[1], "vpc-1", "us-east-1b")
+        .with_security_group(&sg, "vpc-1");
+    for t in ["m7i.large", "m6i.large", "c6i.large"] {
+        fake = fake.with_instance_type(t, "x86_64");
+    }
+    let fake = Arc::new(fake.with_latency(latency));
+    println!("fake EC2 latency per call: {latency:?}");
+    bench(
+        Run {
+            name: "fake",
+            ec2: fake.clone(),
+            fake: Some(fake),
+            ami,
+            subnets,
+            sg,
+        },
+        count,
+        stored,
+    )
+    .await;
+
+    if std::env::var("BENCH_MOTO").as_deref() == Ok("1") {
+        let g = ground(Parts::Both);
+        let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&g.aws_config().await));
+        let run = Run {
+            name: "moto",
+            ec2,
+            fake: None,
+            ami: g.fixture("AMI_X86_64").into(),
+            subnets: [g.fixture("SUBNET_A").into(), g.fixture("SUBNET_B").into()],
+            sg: g.fixture("SECURITY_GROUP").into(),
+        };
+        bench(run, count.min(200), 0).await;
+    }
+}
