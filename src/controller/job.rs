@@ -145,19 +145,14 @@ fn since(t: Option<&Time>, now: Timestamp) -> Duration {
         .unwrap_or_default()
 }
 
+/// When the job entered its current phase; a new job has been Pending since its creation.
 fn entered(status: &RunnerJobStatus, job: &RunnerJob) -> Option<Time> {
-    let t = &status.phase_times;
-    match status.phase {
-        JobPhase::Pending => t
-            .pending
-            .clone()
-            .or_else(|| job.metadata.creation_timestamp.clone()),
-        JobPhase::Launching => t.launching.clone(),
-        JobPhase::Booting => t.booting.clone(),
-        JobPhase::Running => t.running.clone(),
-        JobPhase::Completing => t.completing.clone(),
-        JobPhase::Succeeded | JobPhase::Failed => t.finished.clone(),
-    }
+    entered_time(status)
+        .cloned()
+        .or_else(|| match status.phase {
+            JobPhase::Pending => job.metadata.creation_timestamp.clone(),
+            _ => None,
+        })
 }
 
 /// What EC2 says about the job's instance, from the snapshot, this process's own launches and
