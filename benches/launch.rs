@@ -118,7 +118,7 @@ async fn bench(run: Run, count: usize, stored: usize) {
     let (p, j) = (pools.clone(), jobs.clone());
     tokio::spawn(async move {
         futures::future::join(
-            controller::pool::run(c.clone(), p),
+            controller::pool::run(c.clone(), p, j.clone()),
             controller::job::run(c, j),
         )
         .await

@@ -72,7 +72,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
     let controllers = futures::future::join(
-        controller::pool::run(ctx.clone(), pools),
+        controller::pool::run(ctx.clone(), pools, jobs.clone()),
         controller::job::run(ctx.clone(), jobs.clone()),
     );
     tokio::select! {

@@ -68,7 +68,7 @@ impl World {
         let (pools, jobs) = (self.pools.clone(), self.jobs.clone());
         tokio::spawn(async move {
             futures::future::join(
-                controller::pool::run(ctx.clone(), pools),
+                controller::pool::run(ctx.clone(), pools, jobs.clone()),
                 controller::job::run(ctx, jobs),
             )
             .await;
@@ -202,6 +202,17 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
 
     let alive = w.alive_of(&uid).await;
     assert_eq!(alive.len(), 1, "{alive:?}");
+    let starting = || async {
+        w.pools
+            .get("linux")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .runners
+            .starting
+    };
+    w.wait(|| async { starting().await == 1 }).await;
     let tags = &alive[0].tags;
     assert_eq!(tags["gha:managed-by"], "pacer");
     assert_eq!(tags["gha:controller"], w.controller_id);
@@ -232,6 +243,7 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     w.report("job-1", "success").await;
     let done = w.wait_phase("job-1", JobPhase::Succeeded).await;
     assert!(done.status.unwrap().cost.unwrap().estimated_cost.is_some());
+    w.wait(|| async { starting().await == 0 }).await;
 
     // The metrics listener, on a real socket.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

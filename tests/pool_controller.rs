@@ -43,7 +43,11 @@ impl World {
             settings,
         ));
         let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
-        let controller = tokio::spawn(controller::pool::run(ctx, pools.clone()));
+        let controller = tokio::spawn(controller::pool::run(
+            ctx,
+            pools.clone(),
+            Api::namespaced(client.clone(), &ns),
+        ));
         Self {
             ground,
             ns,

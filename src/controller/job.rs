@@ -62,7 +62,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn store(&self) -> Option<&Store<RunnerJob>> {
+    pub(super) fn store(&self) -> Option<&Store<RunnerJob>> {
         self.store.get()
     }
 }

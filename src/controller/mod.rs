@@ -32,6 +32,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// State the RunnerJob reconciler shares across jobs.
     pub jobs: job::Shared,
+    /// When each pool (`namespace/name`) was last fully checked against EC2, at which generation.
+    pool_checks: Mutex<HashMap<String, (Option<i64>, std::time::Instant)>>,
 }
 
 /// Settings from the configuration that reconcilers use.
@@ -84,6 +86,7 @@ impl Context {
             failures: Mutex::default(),
             jobs: job::Shared::default(),
             metrics: metrics::Metrics::default(),
+            pool_checks: Mutex::default(),
         }
     }
 

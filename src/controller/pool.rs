@@ -3,6 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -10,12 +11,15 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{Context, Error, FIELD_MANAGER, Result, conditions, error_policy};
-use crate::api::{LaunchTemplateRef, RunnerJob, RunnerPool, RunnerPoolSpec, RunnerPoolStatus};
+use crate::api::{
+    LaunchTemplateRef, RunnerCounts, RunnerJob, RunnerPool, RunnerPoolSpec, RunnerPoolStatus,
+};
 use crate::cloud::{CloudError, Ec2, ErrorClass, LaunchTemplateData, tags};
 use crate::domain::pool::{self as decide, Lookup, Observed, PoolIdentity, ProfileLookup, Verdict};
 use crate::domain::userdata::{self, BootParams};
@@ -27,7 +31,7 @@ pub const LAUNCH_PERMITTED: &str = "LaunchPermitted";
 pub const READY: &str = "Ready";
 
 /// Runs the RunnerPool controller until the stream ends (shutdown).
-pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>) {
+pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>) {
     let (reader, writer) = reflector::store();
     let _ = ctx.jobs.pools.set(reader.clone());
     // Only spec changes, finalizers and deletion wake the reconciler: its own status writes
@@ -47,7 +51,14 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(relevant, Default::default());
+    // A RunnerJob's change wakes its pool to recount its runners (cheaply: see `apply`).
+    let pool_of = |job: RunnerJob| {
+        let ns = job.namespace().unwrap_or_default();
+        Some(ObjectRef::<RunnerPool>::new(&job.spec.pool_name).within(&ns))
+    };
     Controller::for_stream(stream, reader)
+        .watches(jobs, watcher::Config::default(), pool_of)
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| std::future::ready(()))
@@ -169,6 +180,20 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         generation: pool.metadata.generation,
         events: Vec::new(),
     };
+    pass.status.runners = count_runners(pool, ctx);
+
+    // Checked this generation in the last resync period: only the counts can have changed.
+    let checked = ctx.pool_checks.lock().unwrap().get(&id.key()).copied();
+    if let Some((generation, at)) = checked
+        && generation == pool.metadata.generation
+        && pass.status.observed_generation == generation
+        && at.elapsed() < ctx.settings.resync
+    {
+        if pool.status.as_ref().map(|s| &s.runners) != Some(&pass.status.runners) {
+            finish(pool, ctx, pass).await?;
+        }
+        return Ok(Action::requeue(ctx.settings.resync - at.elapsed()));
+    }
     pass.status.observed_generation = pool.metadata.generation;
 
     let observed = observe(&pool.spec, ctx).await?;
@@ -264,7 +289,27 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
             "see LaunchPermitted".into(),
         );
     }
-    finish(pool, ctx, pass).await
+    let action = finish(pool, ctx, pass).await?;
+    ctx.pool_checks
+        .lock()
+        .unwrap()
+        .insert(id.key(), (pool.metadata.generation, Instant::now()));
+    Ok(action)
+}
+
+/// The pool's runners by phase, from the RunnerJob controller's cache when it runs here.
+fn count_runners(pool: &RunnerPool, ctx: &Context) -> RunnerCounts {
+    let Some(store) = ctx.jobs.store() else {
+        return pool.status.clone().unwrap_or_default().runners;
+    };
+    let (ns, name) = (pool.namespace(), pool.name_any());
+    decide::runner_counts(
+        store
+            .state()
+            .iter()
+            .filter(|j| j.namespace() == ns && j.spec.pool_name == name)
+            .map(|j| j.status.as_ref().map(|s| s.phase).unwrap_or_default()),
+    )
 }
 
 /// Writes the status in one server-side apply and publishes the pass's Events.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{CapacityType, RunnerPoolSpec, SpawnMethod};
+use crate::api::{CapacityType, JobPhase, RunnerCounts, RunnerPoolSpec, SpawnMethod};
 use crate::cloud::{
     BlockDevice, Image, InstanceTypeInfo, LaunchRequest, LaunchTemplateData, SecurityGroup, Subnet,
     tags,
@@ -190,6 +190,22 @@ pub fn validate(spec: &RunnerPoolSpec, observed: &Observed) -> Verdict {
         }
     }
     Verdict::Valid { notes }
+}
+
+/// Counts runners by phase: waiting, starting (launching or booting), running, completing.
+/// Finished jobs are not runners any more.
+pub fn runner_counts(phases: impl IntoIterator<Item = JobPhase>) -> RunnerCounts {
+    let mut counts = RunnerCounts::default();
+    for phase in phases {
+        match phase {
+            JobPhase::Pending => counts.pending += 1,
+            JobPhase::Launching | JobPhase::Booting => counts.starting += 1,
+            JobPhase::Running => counts.running += 1,
+            JobPhase::Completing => counts.completing += 1,
+            JobPhase::Succeeded | JobPhase::Failed => {}
+        }
+    }
+    counts
 }
 
 /// Identity of a pool as Pacer names and tags its AWS resources.
@@ -543,6 +559,23 @@ mod tests {
         );
         s.capacity.fallback_to_on_demand = false;
         assert!(template_data(&s, &identity(), &img, "").spot);
+    }
+
+    #[test]
+    fn runners_are_counted_by_phase_and_finished_jobs_are_not_runners() {
+        use JobPhase::*;
+        let counts = runner_counts([
+            Pending, Launching, Booting, Running, Running, Completing, Succeeded, Failed,
+        ]);
+        assert_eq!(
+            (
+                counts.pending,
+                counts.starting,
+                counts.running,
+                counts.completing
+            ),
+            (1, 2, 2, 1)
+        );
     }
 
     #[test]
