@@ -63,6 +63,21 @@ k get runnerpools -n ci -o wide
 step "kubectl get events -n ci"
 k get events -n ci --sort-by .metadata.creationTimestamp | tail -n 8
 
+step "a queued job: a RunnerJob gets one tagged instance in moto"
+cat <<JOB | k apply -f -
+apiVersion: pacer.dev/v1alpha1
+kind: RunnerJob
+metadata: {name: job-29679449, namespace: ci}
+spec: {poolName: linux-x64, jobId: 29679449, runId: 10834231556, repository: example-org/api, labels: [self-hosted, linux, x64], installationId: 41234567}
+JOB
+k wait --for jsonpath='{.status.phase}'=Booting --timeout 60s runnerjob/job-29679449 -n ci >/dev/null || true
+k get runnerjobs -n ci -o wide
+step "the job is over: pacer terminates the instance"
+k patch runnerjob job-29679449 -n ci --subresource status --type merge -p '{"status":{"completion":{"result":"success"}}}' >/dev/null
+k wait --for jsonpath='{.status.phase}'=Succeeded --timeout 60s runnerjob/job-29679449 -n ci >/dev/null || true
+k get runnerjobs -n ci -o wide
+k get runnerjob job-29679449 -n ci -o jsonpath='cost: {.status.cost}{"\n"}'
+
 step "an invalid pool is refused by the API server, naming the field"
 sed 's/ami: ami-0a1b2c3d4e5f60001/ami: ubuntu-24.04/; s/name: linux-x64/name: broken/' \
   "$root/examples/runnerpool-org-spot.yaml" | k apply -f - || true
