@@ -51,7 +51,7 @@ test-unit: ## Unit tests only (no servers): the inner loop
 
 .PHONY: test
 test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests
-	cargo test --all-targets
+	cargo test --lib --bins --tests
 
 .PHONY: bench
 bench: tools ## Launch latency, EC2 calls per job and memory with many RunnerJobs (BENCH_JOBS, BENCH_STORED, BENCH_LATENCY_MS, BENCH_MOTO=1)
