@@ -150,6 +150,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// Unwraps what kube's finalizer helper reports: our own error, or the API call that failed.
+    pub fn from_finalizer(err: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as F;
+        match err {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            F::AddFinalizer(e) | F::RemoveFinalizer(e) => Error::Kube(e),
+            other => Error::Waiting(other.to_string()),
+        }
+    }
+
     /// A static category for metrics, logs and Event reasons.
     pub fn reason(&self) -> &'static str {
         match self {

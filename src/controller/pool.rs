@@ -78,13 +78,7 @@ async fn reconcile(pool: Arc<RunnerPool>, ctx: Arc<Context>) -> Result<Action> {
             }
         })
         .await
-        .map_err(|err| match err {
-            kube::runtime::finalizer::Error::ApplyFailed(e)
-            | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-            kube::runtime::finalizer::Error::AddFinalizer(e)
-            | kube::runtime::finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
-            other => Error::Waiting(other.to_string()),
-        })?;
+        .map_err(Error::from_finalizer)?;
         ctx.succeeded(&key);
         Ok(action)
     }
