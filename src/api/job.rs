@@ -217,6 +217,32 @@ pub struct PhaseTimes {
     pub finished: Option<Time>,
 }
 
+impl PhaseTimes {
+    /// When `phase` was entered; Succeeded and Failed share `finished`.
+    pub fn of(&self, phase: JobPhase) -> Option<&Time> {
+        match phase {
+            JobPhase::Pending => self.pending.as_ref(),
+            JobPhase::Launching => self.launching.as_ref(),
+            JobPhase::Booting => self.booting.as_ref(),
+            JobPhase::Running => self.running.as_ref(),
+            JobPhase::Completing => self.completing.as_ref(),
+            JobPhase::Succeeded | JobPhase::Failed => self.finished.as_ref(),
+        }
+    }
+
+    /// The field recording when `phase` was entered.
+    pub fn of_mut(&mut self, phase: JobPhase) -> &mut Option<Time> {
+        match phase {
+            JobPhase::Pending => &mut self.pending,
+            JobPhase::Launching => &mut self.launching,
+            JobPhase::Booting => &mut self.booting,
+            JobPhase::Running => &mut self.running,
+            JobPhase::Completing => &mut self.completing,
+            JobPhase::Succeeded | JobPhase::Failed => &mut self.finished,
+        }
+    }
+}
+
 /// An error with a machine-readable reason.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

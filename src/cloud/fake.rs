@@ -511,10 +511,7 @@ impl Ec2 for FakeEc2 {
         self.call("DescribeInstances", |s| {
             Ok(s.instances
                 .iter()
-                .filter(|i| {
-                    i.tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
-                        && i.tags.get(tags::CONTROLLER).map(String::as_str) == Some(controller_id)
-                })
+                .filter(|i| tags::owned_by(&i.tags, controller_id))
                 .cloned()
                 .collect())
         })

@@ -21,6 +21,16 @@ pub mod tags {
     pub const CONTROLLER: &str = "gha:controller";
     pub const POOL: &str = "gha:pool";
     pub const SPEC_HASH: &str = "gha:spec-hash";
+
+    /// Whether `tags` mark a resource as created by the controller with this id: the only
+    /// resources Pacer ever modifies or deletes.
+    pub fn owned_by(
+        tags: &std::collections::BTreeMap<String, String>,
+        controller_id: &str,
+    ) -> bool {
+        tags.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE)
+            && tags.get(CONTROLLER).map(String::as_str) == Some(controller_id)
+    }
 }
 
 /// An AMI, as far as validation needs it.

@@ -386,28 +386,11 @@ fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {
         return;
     }
     status.phase = phase;
-    let t = Some(Time(now));
-    let times = &mut status.phase_times;
-    match phase {
-        JobPhase::Pending => times.pending = t,
-        JobPhase::Launching => times.launching = t,
-        JobPhase::Booting => times.booting = t,
-        JobPhase::Running => times.running = t,
-        JobPhase::Completing => times.completing = t,
-        JobPhase::Succeeded | JobPhase::Failed => times.finished = t,
-    }
+    *status.phase_times.of_mut(phase) = Some(Time(now));
 }
 
 fn entered_time(status: &RunnerJobStatus) -> Option<&Time> {
-    let t = &status.phase_times;
-    match status.phase {
-        JobPhase::Pending => t.pending.as_ref(),
-        JobPhase::Launching => t.launching.as_ref(),
-        JobPhase::Booting => t.booting.as_ref(),
-        JobPhase::Running => t.running.as_ref(),
-        JobPhase::Completing => t.completing.as_ref(),
-        JobPhase::Succeeded | JobPhase::Failed => t.finished.as_ref(),
-    }
+    status.phase_times.of(status.phase)
 }
 
 fn instance_status(i: &Instance, launched_at: Option<Timestamp>) -> InstanceStatus {

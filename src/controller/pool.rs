@@ -329,14 +329,6 @@ async fn finish(pool: &RunnerPool, ctx: &Context, pass: Pass) -> Result<Action> 
     Ok(Action::requeue(ctx.settings.resync))
 }
 
-fn owned_by_us(
-    template_tags: &std::collections::BTreeMap<String, String>,
-    controller_id: &str,
-) -> bool {
-    template_tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
-        && template_tags.get(tags::CONTROLLER).map(String::as_str) == Some(controller_id)
-}
-
 /// Makes the pool's launch template say `data`: creates it, or adds a version made default
 /// when the spec hash recorded on the default version differs. Keeps the last few versions.
 async fn ensure_template(
@@ -363,7 +355,7 @@ async fn ensure_template(
             version: created.default_version.max(1),
         });
     };
-    if !owned_by_us(&existing.tags, id.controller_id) {
+    if !tags::owned_by(&existing.tags, id.controller_id) {
         return Err(Error::TemplateNotOurs(name));
     }
     let current = ec2.default_version_description(&existing.id).await?;
@@ -417,7 +409,7 @@ async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     }
     let id = identity(pool, ctx);
     if let Some(template) = ctx.ec2().find_launch_template(&id.template_name()).await?
-        && owned_by_us(&template.tags, id.controller_id)
+        && tags::owned_by(&template.tags, id.controller_id)
     {
         ctx.ec2().delete_launch_template(&template.id).await?;
         info!(template = %template.id, "deleted launch template");

@@ -17,10 +17,7 @@ pub fn orphans<'a>(
 ) -> Vec<&'a Instance> {
     instances
         .iter()
-        .filter(|i| {
-            i.tags.get(tags::MANAGED_BY).map(String::as_str) == Some(tags::MANAGED_BY_VALUE)
-                && i.tags.get(tags::CONTROLLER).map(String::as_str) == Some(controller_id)
-        })
+        .filter(|i| tags::owned_by(&i.tags, controller_id))
         .filter(|i| {
             matches!(
                 i.state.as_str(),
