@@ -116,13 +116,7 @@ async fn bench(run: Run, count: usize, stored: usize) {
     let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
     let c = ctx.clone();
     let (p, j) = (pools.clone(), jobs.clone());
-    tokio::spawn(async move {
-        futures::future::join(
-            controller::pool::run(c.clone(), p, j.clone()),
-            controller::job::run(c, j),
-        )
-        .await
-    });
+    tokio::spawn(controller::run(c, p, j));
     pools
         .create(
             &PostParams::default(),
@@ -141,6 +135,7 @@ async fn bench(run: Run, count: usize, stored: usize) {
 
     let started = Instant::now();
     let created = create_jobs(&jobs, &ns, 0..count).await;
+    let creating = started.elapsed();
     let mut latencies = Vec::with_capacity(count);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -181,6 +176,7 @@ async fn bench(run: Run, count: usize, stored: usize) {
         latencies.len(),
         all_launched
     );
+    println!("creating the {count} RunnerJobs took {creating:.2?}");
     if run.fake.is_some() && !latencies.is_empty() {
         println!(
             "creation -> launch call: p50 {:.0?}  p95 {:.0?}  p99 {:.0?}",

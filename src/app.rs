@@ -71,13 +71,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let metrics = axum::serve(listener, crate::http::metrics_router(ctx.clone()));
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
-    let controllers = futures::future::join(
-        controller::pool::run(ctx.clone(), pools, jobs.clone()),
-        controller::job::run(ctx.clone(), jobs.clone()),
-    );
+    let scope = controller::gc::Scope {
+        pools: pools.clone(),
+        jobs: jobs.clone(),
+        namespace: Some(config.controller.namespace.clone()).filter(|ns| !ns.is_empty()),
+    };
+    let controllers = controller::run(ctx.clone(), pools, jobs);
     tokio::select! {
         _ = controllers => {}
-        () = controller::gc::run(ctx, jobs) => {}
+        () = controller::gc::run(ctx, scope) => {}
         result = metrics.into_future() => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "the metrics listener stopped");

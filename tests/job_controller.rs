@@ -67,11 +67,7 @@ impl World {
     fn start(&self, ctx: Arc<Context>) -> tokio::task::JoinHandle<()> {
         let (pools, jobs) = (self.pools.clone(), self.jobs.clone());
         tokio::spawn(async move {
-            futures::future::join(
-                controller::pool::run(ctx.clone(), pools, jobs.clone()),
-                controller::job::run(ctx, jobs),
-            )
-            .await;
+            controller::run(ctx, pools, jobs).await;
         })
     }
 
@@ -382,7 +378,7 @@ async fn capacity_errors_move_to_the_next_type_then_fall_back_then_give_up() {
 }
 
 #[tokio::test]
-async fn gc_terminates_unclaimed_instances_of_ours_only() {
+async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
     let w = World::new("gc").await;
     let ctx = w.context();
     let _controllers = w.start(ctx.clone());
@@ -445,10 +441,69 @@ async fn gc_terminates_unclaimed_instances_of_ours_only() {
         .unwrap()
         .to_string();
 
-    let jobs: Api<RunnerJob> = Api::namespaced(w.client.clone(), &w.ns);
-    let terminated = controller::gc::collect(&ctx, &jobs).await.unwrap();
-    assert_eq!(terminated, 1);
     let sdk = aws_sdk_ec2::Client::new(&w.ground.aws_config().await);
+    // Launch templates for a pool that is gone: one of ours, one of another controller.
+    let ghost_pool = format!("{}/ghost", w.ns);
+    for (name, controller) in [
+        (format!("{}-ghost", w.ns), w.controller_id.as_str()),
+        (format!("{}-foreign", w.ns), "another-cluster"),
+    ] {
+        use aws_sdk_ec2::types::{RequestLaunchTemplateData, ResourceType, Tag, TagSpecification};
+        let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+        sdk.create_launch_template()
+            .launch_template_name(name)
+            .launch_template_data(
+                RequestLaunchTemplateData::builder()
+                    .image_id(w.ground.fixture("AMI_X86_64"))
+                    .build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::LaunchTemplate)
+                    .tags(tag("gha:managed-by", "pacer"))
+                    .tags(tag("gha:controller", controller))
+                    .tags(tag("gha:pool", &ghost_pool))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let scope = controller::gc::Scope {
+        pools: w.pools.clone(),
+        jobs: w.jobs.clone(),
+        namespace: Some(w.ns.clone()),
+    };
+    let collected = controller::gc::collect(&ctx, &scope).await.unwrap();
+    assert_eq!(
+        collected,
+        controller::gc::Collected {
+            instances: 1,
+            templates: 1
+        }
+    );
+    let template_ids: Vec<(String, String)> = sdk
+        .describe_launch_templates()
+        .send()
+        .await
+        .unwrap()
+        .launch_templates()
+        .iter()
+        .map(|t| {
+            (
+                t.launch_template_name().unwrap_or_default().to_string(),
+                t.launch_template_id().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let has = |name: String| template_ids.iter().any(|(n, _)| *n == name);
+    assert!(!has(format!("{}-ghost", w.ns)));
+    assert!(has(format!("{}-foreign", w.ns)));
+    assert!(
+        template_ids.iter().any(|(_, id)| *id == template.id),
+        "the live pool's template stays: {template_ids:?}"
+    );
     let state = |id: String| {
         let sdk = sdk.clone();
         async move {

@@ -43,7 +43,7 @@ impl World {
             settings,
         ));
         let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
-        let controller = tokio::spawn(controller::pool::run(
+        let controller = tokio::spawn(controller::run(
             ctx,
             pools.clone(),
             Api::namespaced(client.clone(), &ns),

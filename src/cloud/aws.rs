@@ -191,7 +191,16 @@ fn launch_template(lt: &ec2::LaunchTemplate) -> LaunchTemplate {
                 )
             })
             .collect(),
+        created: lt.create_time().map(|t| t.secs()),
     }
+}
+
+/// A filter on one tag's value.
+fn tag_filter(key: &str, value: &str) -> ec2::Filter {
+    ec2::Filter::builder()
+        .name(format!("tag:{key}"))
+        .values(value)
+        .build()
 }
 
 /// A DryRun that would have succeeded answers with the error code `DryRunOperation`.
@@ -381,6 +390,29 @@ impl Ec2 for AwsEc2 {
                     }
                 }
             }
+        }
+        .boxed()
+    }
+
+    fn describe_managed_launch_templates<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<LaunchTemplate>>> {
+        async move {
+            let mut pages = self
+                .ec2
+                .describe_launch_templates()
+                .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
+                .filters(tag_filter(tags::CONTROLLER, controller_id))
+                .max_results(200)
+                .into_paginator()
+                .send();
+            let mut templates = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| classify_sdk("DescribeLaunchTemplates", e))?;
+                templates.extend(page.launch_templates().iter().map(launch_template));
+            }
+            Ok(templates)
         }
         .boxed()
     }
@@ -630,23 +662,11 @@ impl Ec2 for AwsEc2 {
         controller_id: &'a str,
     ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
         async move {
-            let filter = |name: &str, values: &[&str]| {
-                ec2::Filter::builder()
-                    .name(name)
-                    .set_values(Some(values.iter().map(|v| v.to_string()).collect()))
-                    .build()
-            };
             let mut pages = self
                 .ec2
                 .describe_instances()
-                .filters(filter(
-                    &format!("tag:{}", tags::MANAGED_BY),
-                    &[tags::MANAGED_BY_VALUE],
-                ))
-                .filters(filter(
-                    &format!("tag:{}", tags::CONTROLLER),
-                    &[controller_id],
-                ))
+                .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
+                .filters(tag_filter(tags::CONTROLLER, controller_id))
                 .max_results(1000)
                 .into_paginator()
                 .send();

@@ -300,6 +300,19 @@ impl Ec2 for FakeEc2 {
         })
     }
 
+    fn describe_managed_launch_templates<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<LaunchTemplate>>> {
+        self.call("DescribeLaunchTemplates", |s| {
+            Ok(s.templates
+                .values()
+                .map(|t| t.template.clone())
+                .filter(|t| tags::owned_by(&t.tags, controller_id))
+                .collect())
+        })
+    }
+
     fn default_version_description<'a>(
         &'a self,
         id: &'a str,
@@ -334,6 +347,10 @@ impl Ec2 for FakeEc2 {
                 default_version: 1,
                 latest_version: 1,
                 tags: tags.clone(),
+                created: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs() as i64),
             };
             let versions = BTreeMap::from([(1, (description.to_string(), data.clone()))]);
             s.templates.insert(

@@ -71,6 +71,8 @@ pub struct LaunchTemplate {
     pub default_version: i64,
     pub latest_version: i64,
     pub tags: BTreeMap<String, String>,
+    /// Seconds since the Unix epoch.
+    pub created: Option<i64>,
 }
 
 /// The root volume of a launch template.
@@ -175,6 +177,11 @@ pub trait Ec2: Send + Sync {
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>>;
+    /// Every launch template tagged as this controller's, in one paginated call.
+    fn describe_managed_launch_templates<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<LaunchTemplate>>>;
     /// The description of a template's default version, where Pacer records the spec hash.
     fn default_version_description<'a>(
         &'a self,

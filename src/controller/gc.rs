@@ -1,50 +1,74 @@
 //! The garbage collector: EC2 first, then the cluster; terminates our instances that no live
-//! RunnerJob claims once they are past a grace period.
+//! RunnerJob claims and deletes our launch templates whose RunnerPool is gone, once they are
+//! past a grace period.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::Resource;
+use kube::api::{Api, ListParams, ObjectMeta};
+use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::{Context, Result};
-use crate::api::RunnerJob;
-use crate::cloud::Ec2 as _;
-use crate::domain::gc::orphans;
+use crate::api::{RunnerJob, RunnerPool};
+use crate::cloud::{Ec2 as _, ErrorClass};
+use crate::domain::gc::{orphan_templates, orphans};
+
+/// The part of the cluster the collector compares EC2 with.
+#[derive(Clone)]
+pub struct Scope {
+    pub pools: Api<RunnerPool>,
+    pub jobs: Api<RunnerJob>,
+    /// The one namespace this controller serves, or `None` for all.
+    pub namespace: Option<String>,
+}
+
+/// What one round removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub instances: usize,
+    pub templates: usize,
+}
 
 /// Runs a collection every `gc_interval` until the task is dropped.
-pub async fn run(ctx: Arc<Context>, jobs: Api<RunnerJob>) {
+pub async fn run(ctx: Arc<Context>, scope: Scope) {
     let mut tick = tokio::time::interval(ctx.settings.gc_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match collect(&ctx, &jobs).await {
-            Ok(0) => {}
-            Ok(n) => info!(
-                terminated = n,
-                "garbage collector terminated unclaimed instances"
+        match collect(&ctx, &scope).await {
+            Ok(c) if c == Collected::default() => {}
+            Ok(c) => info!(
+                instances = c.instances,
+                launch_templates = c.templates,
+                "garbage collector removed unclaimed resources"
             ),
             Err(e) => warn!(error = %e, "garbage collection failed; trying again next round"),
         }
     }
 }
 
-/// One round; returns how many instances it terminated.
-pub async fn collect(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
+/// One round.
+pub async fn collect(ctx: &Context, scope: &Scope) -> Result<Collected> {
+    Ok(Collected {
+        instances: collect_instances(ctx, &scope.jobs).await?,
+        templates: collect_templates(ctx, scope).await?,
+    })
+}
+
+async fn collect_instances(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
     // EC2 first: an instance launched after this listing cannot be mistaken for an orphan by
     // a RunnerJob listing taken before its launch.
     let instances = ctx
         .ec2()
         .describe_managed_instances(&ctx.settings.controller_id)
         .await?;
-    let live: HashSet<String> = jobs
-        .list(&ListParams::default())
+    let live: HashSet<String> = list_metadata(jobs)
         .await?
-        .items
         .iter()
-        .filter_map(|j| j.uid())
+        .filter_map(|j| j.uid.clone())
         .collect();
     let doomed: Vec<String> = orphans(
         &instances,
@@ -64,4 +88,66 @@ pub async fn collect(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
         }
     }
     Ok(doomed.len())
+}
+
+async fn collect_templates(ctx: &Context, scope: &Scope) -> Result<usize> {
+    // EC2 first again: a pool created after this listing has no template in it yet.
+    let templates = ctx
+        .ec2()
+        .describe_managed_launch_templates(&ctx.settings.controller_id)
+        .await?;
+    if templates.is_empty() {
+        return Ok(0);
+    }
+    let live: HashSet<String> = list_metadata(&scope.pools)
+        .await?
+        .iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p.namespace.as_deref().unwrap_or_default(),
+                p.name.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    let doomed = orphan_templates(
+        &templates,
+        &ctx.settings.controller_id,
+        scope.namespace.as_deref(),
+        &live,
+        Timestamp::now().as_second(),
+        ctx.settings.gc_grace,
+    );
+    let mut deleted = 0;
+    for template in doomed {
+        match ctx.ec2().delete_launch_template(&template.id).await {
+            Ok(()) => {}
+            // Deleted meanwhile, by its pool's finalizer or by hand: that is the goal anyway.
+            Err(e) if e.is(ErrorClass::NotFound) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        deleted += 1;
+        ctx.metrics.gc_templates_deleted.inc();
+        info!(launch_template = %template.name, id = %template.id,
+            "deleted a launch template whose RunnerPool is gone");
+    }
+    Ok(deleted)
+}
+
+/// The metadata of every object, from the API server rather than a cache that may lag: a page
+/// at a time and metadata only, so thousands of objects cost little.
+async fn list_metadata<K>(api: &Api<K>) -> Result<Vec<ObjectMeta>>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let mut all = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list_metadata(&params).await?;
+        all.extend(page.items.into_iter().map(|o| o.metadata));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(all),
+        }
+    }
 }

@@ -14,7 +14,6 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -52,7 +51,7 @@ pub struct Shared {
     warned_on_demand: AtomicBool,
     warned_spot: AtomicBool,
     /// Every RunnerJob, as the controller's watch sees them.
-    store: OnceLock<Store<RunnerJob>>,
+    pub(super) store: OnceLock<Store<RunnerJob>>,
     /// Every RunnerPool, as the pool controller's watch sees them.
     pub(super) pools: OnceLock<Store<RunnerPool>>,
     /// Test fault hook: die right after the launch call returns, before the status write:
@@ -67,17 +66,13 @@ impl Shared {
     }
 }
 
-/// Runs the RunnerJob controller until shutdown.
-pub async fn run(ctx: Arc<Context>, jobs: Api<RunnerJob>) {
-    let (reader, writer) = reflector::store();
-    let _ = ctx.jobs.store.set(reader.clone());
-    let stream = watcher(jobs, watcher::Config::default())
-        .default_backoff()
-        // Thousands of RunnerJobs are cached; their managed fields are never read.
-        .modify(|job| job.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects();
-    Controller::for_stream(stream, reader)
+/// Runs the RunnerJob controller on the shared RunnerJob watch until shutdown.
+pub(super) async fn run(
+    ctx: Arc<Context>,
+    store: Store<RunnerJob>,
+    changes: impl futures::Stream<Item = Arc<RunnerJob>> + Send + 'static,
+) {
+    Controller::for_shared_stream(changes, store)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| std::future::ready(()))
@@ -120,10 +115,12 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
         .describe_managed_instances(&ctx.settings.controller_id)
         .await?;
     let mut by_uid: HashMap<String, Instance> = HashMap::new();
-    for instance in listed {
-        let Some(uid) = instance.tags.get(launch::RUNNER_JOB_UID).cloned() else {
+    for mut instance in listed {
+        let Some(uid) = instance.tags.remove(launch::RUNNER_JOB_UID) else {
             continue;
         };
+        // Passes read the state, not the tags; thousands of instances are kept here.
+        instance.tags = Default::default();
         // A live instance wins over a terminated one of an earlier attempt.
         if by_uid.get(&uid).is_none_or(|seen| !seen.is_alive()) {
             by_uid.insert(uid, instance);
@@ -196,6 +193,10 @@ fn pool_has_room(ctx: &Context, job: &RunnerJob, pool: &RunnerPool) -> bool {
     let Some(store) = ctx.jobs.store() else {
         return true;
     };
+    let max = pool.spec.max_runners as usize;
+    if store.len() <= max {
+        return true;
+    }
     let busy = store
         .state()
         .iter()
@@ -212,7 +213,7 @@ fn pool_has_room(ctx: &Context, job: &RunnerJob, pool: &RunnerPool) -> bool {
             )
         })
         .count();
-    busy < pool.spec.max_runners as usize
+    busy < max
 }
 
 fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
@@ -251,7 +252,14 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         None => ctx.settings.job_limits,
     };
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
-    let launched = ctx.jobs.launched.lock().unwrap().get(&uid).cloned();
+    let launched = {
+        let mut launched = ctx.jobs.launched.lock().unwrap();
+        // Once the status records the launch, the status is the record.
+        if status.instance.is_some() {
+            launched.remove(&uid);
+        }
+        launched.get(&uid).cloned()
+    };
     let in_phase = since(entered(&status, job).as_ref(), now);
     let instance = instance_state(
         &uid,

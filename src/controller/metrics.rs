@@ -57,6 +57,7 @@ pub struct Metrics {
     pub ec2_calls: Family<Call, Counter>,
     pub capacity_errors: Family<Offering, Counter>,
     pub gc_terminated: Counter,
+    pub gc_templates_deleted: Counter,
     pub job_cost: Family<Pool, Counter<f64, AtomicU64>>,
 }
 
@@ -70,6 +71,7 @@ impl Default for Metrics {
         let ec2_calls = Family::<Call, Counter>::default();
         let capacity_errors = Family::<Offering, Counter>::default();
         let gc_terminated = Counter::default();
+        let gc_templates_deleted = Counter::default();
         let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
         registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
         registry.register(
@@ -103,6 +105,11 @@ impl Default for Metrics {
             gc_terminated.clone(),
         );
         registry.register(
+            "gc_deleted_launch_templates",
+            "Launch templates the garbage collector deleted",
+            gc_templates_deleted.clone(),
+        );
+        registry.register(
             "job_cost_usd",
             "Estimated cost of finished jobs",
             job_cost.clone(),
@@ -116,6 +123,7 @@ impl Default for Metrics {
             ec2_calls,
             capacity_errors,
             gc_terminated,
+            gc_templates_deleted,
             job_cost,
         }
     }
@@ -210,6 +218,16 @@ impl<E: Ec2 + ?Sized> Ec2 for Metered<'_, E> {
             self,
             "DescribeLaunchTemplates",
             self.inner.find_launch_template(name)
+        )
+    }
+    fn describe_managed_launch_templates<'a>(
+        &'a self,
+        controller_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Vec<LaunchTemplate>>> {
+        metered!(
+            self,
+            "DescribeLaunchTemplates",
+            self.inner.describe_managed_launch_templates(controller_id)
         )
     }
     fn default_version_description<'a>(

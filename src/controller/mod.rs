@@ -11,14 +11,49 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+use crate::api::{RunnerJob, RunnerPool};
 
 use crate::cloud::{CloudError, Ec2, ErrorClass};
 
 /// The field manager of every status Pacer writes.
 pub const FIELD_MANAGER: &str = "pacer";
+
+/// Runs the RunnerPool and RunnerJob controllers until shutdown. Both read one RunnerJob
+/// watch: the job controller reconciles from it, the pool controller recounts its runners.
+pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>) {
+    // Room for a burst of changes before the watch waits for the slower subscriber.
+    let (store, writer) = reflector::store_shared(1024);
+    let for_jobs = writer.subscribe().expect("a shared store has subscribers");
+    let for_pools = writer.subscribe().expect("a shared store has subscribers");
+    let _ = ctx.jobs.store.set(store.clone());
+    let events = watcher(jobs, watcher::Config::default())
+        .default_backoff()
+        // Thousands of RunnerJobs are cached; their managed fields are never read.
+        .modify(|job| job.managed_fields_mut().clear())
+        .reflect_shared(writer)
+        .for_each(|event| {
+            if let Err(e) = event {
+                warn!(error = %e, "watching RunnerJobs failed; retrying");
+            }
+            std::future::ready(())
+        });
+    let controllers = futures::future::join(
+        pool::run(ctx.clone(), pools, for_pools),
+        job::run(ctx, store, for_jobs),
+    );
+    tokio::select! {
+        () = events => {}
+        _ = controllers => {}
+    }
+}
 
 /// What reconcilers need, wired once by the app.
 pub struct Context {

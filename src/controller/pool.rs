@@ -31,7 +31,11 @@ pub const LAUNCH_PERMITTED: &str = "LaunchPermitted";
 pub const READY: &str = "Ready";
 
 /// Runs the RunnerPool controller until the stream ends (shutdown).
-pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>) {
+pub(super) async fn run(
+    ctx: Arc<Context>,
+    pools: Api<RunnerPool>,
+    jobs: impl futures::Stream<Item = Arc<RunnerJob>> + Send + 'static,
+) {
     let (reader, writer) = reflector::store();
     let _ = ctx.jobs.pools.set(reader.clone());
     // Only spec changes, finalizers and deletion wake the reconciler: its own status writes
@@ -52,12 +56,12 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
         .applied_objects()
         .predicate_filter(relevant, Default::default());
     // A RunnerJob's change wakes its pool to recount its runners (cheaply: see `apply`).
-    let pool_of = |job: RunnerJob| {
+    let pool_of = |job: Arc<RunnerJob>| {
         let ns = job.namespace().unwrap_or_default();
         Some(ObjectRef::<RunnerPool>::new(&job.spec.pool_name).within(&ns))
     };
     Controller::for_stream(stream, reader)
-        .watches(jobs, watcher::Config::default(), pool_of)
+        .watches_shared_stream(jobs, pool_of)
         .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

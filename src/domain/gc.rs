@@ -1,9 +1,9 @@
-//! Which of our instances nobody claims any more.
+//! Which of our instances and launch templates nobody claims any more.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::cloud::{Instance, tags};
+use crate::cloud::{Instance, LaunchTemplate, tags};
 use crate::domain::launch::RUNNER_JOB_UID;
 
 /// Instances to terminate: tagged as this controller's, not on their way out already, older
@@ -32,6 +32,32 @@ pub fn orphans<'a>(
             i.tags
                 .get(RUNNER_JOB_UID)
                 .is_none_or(|uid| !live_jobs.contains(uid))
+        })
+        .collect()
+}
+
+/// Launch templates to delete: tagged as this controller's, for a pool (`namespace/name`)
+/// within `namespace` (all when `None`) that no longer exists, and older than `grace`. A pool
+/// being deleted still exists, and its own finalizer deletes its template.
+pub fn orphan_templates<'a>(
+    templates: &'a [LaunchTemplate],
+    controller_id: &str,
+    namespace: Option<&str>,
+    live_pools: &HashSet<String>,
+    now: i64,
+    grace: Duration,
+) -> Vec<&'a LaunchTemplate> {
+    templates
+        .iter()
+        .filter(|t| tags::owned_by(&t.tags, controller_id))
+        .filter(|t| t.created.is_some_and(|c| now - c >= grace.as_secs() as i64))
+        .filter(|t| match t.tags.get(tags::POOL) {
+            Some(pool) => {
+                let in_scope = namespace.is_none_or(|ns| pool.split('/').next() == Some(ns));
+                in_scope && !live_pools.contains(pool)
+            }
+            // Ours by its tags, yet for no pool: nothing will ever use it.
+            None => namespace.is_none(),
         })
         .collect()
 }
@@ -119,5 +145,68 @@ mod tests {
             .map(|i| i.id.as_str())
             .collect();
         assert_eq!(ids, ["i-orphan", "i-stopped"]);
+    }
+
+    fn template(
+        name: &str,
+        controller: Option<&str>,
+        pool: Option<&str>,
+        created: i64,
+    ) -> LaunchTemplate {
+        let mut tags = BTreeMap::new();
+        if let Some(c) = controller {
+            tags.insert(
+                tags::MANAGED_BY.to_string(),
+                tags::MANAGED_BY_VALUE.to_string(),
+            );
+            tags.insert(tags::CONTROLLER.to_string(), c.to_string());
+        }
+        if let Some(p) = pool {
+            tags.insert(tags::POOL.to_string(), p.to_string());
+        }
+        LaunchTemplate {
+            id: format!("lt-{name}"),
+            name: name.into(),
+            default_version: 1,
+            latest_version: 1,
+            tags,
+            created: Some(created),
+        }
+    }
+
+    #[test]
+    fn only_old_templates_of_ours_whose_pool_is_gone_are_orphans() {
+        let now = 10_000;
+        let templates = vec![
+            template("gone", Some("prod"), Some("ci/gone"), now - 300),
+            template("live", Some("prod"), Some("ci/live"), now - 300),
+            template("young", Some("prod"), Some("ci/gone"), now - 30),
+            template(
+                "other-controller",
+                Some("staging"),
+                Some("ci/gone"),
+                now - 300,
+            ),
+            template("not-ours", None, Some("ci/gone"), now - 300),
+            template("other-namespace", Some("prod"), Some("web/gone"), now - 300),
+            template("no-pool", Some("prod"), None, now - 300),
+        ];
+        let live = HashSet::from(["ci/live".to_string()]);
+        let names = |namespace| -> Vec<&str> {
+            orphan_templates(
+                &templates,
+                "prod",
+                namespace,
+                &live,
+                now,
+                Duration::from_secs(120),
+            )
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect()
+        };
+        assert_eq!(names(None), ["gone", "other-namespace", "no-pool"]);
+        // A controller confined to one namespace leaves the others' templates alone.
+        assert_eq!(names(Some("ci")), ["gone"]);
     }
 }
