@@ -3,7 +3,8 @@
 
 It forwards every AWS request to moto, records each action with its parameters, injects AWS
 errors on request, answers the Pricing API (which moto lacks) with a realistic price document,
-and serves DeleteLaunchTemplateVersions (which moto answers with HTTP 500).
+serves DeleteLaunchTemplateVersions (which moto answers with HTTP 500), and answers
+DescribeSpotPriceHistory from a table a test sets (moto has one constant spot price).
 
 Control endpoints, all JSON:
   GET    /_proxy/health            -> {"ok": true}
@@ -13,7 +14,9 @@ Control endpoints, all JSON:
                                    "fleet_error"?: true (CreateFleet answers 200 with Errors[]),
                                    "match"?: {"param": "substring"} (only requests whose params match)}
   DELETE /_proxy/faults            drop every fault
-  POST   /_proxy/reset             drop calls and faults and reset moto
+  POST   /_proxy/spot-prices       set spot prices: {"instance type": {"zone": "price"}}; history
+                                   requests for a type in the table are answered from it
+  POST   /_proxy/reset             drop calls, faults and spot prices and reset moto
 Usage: aws-proxy.py LISTEN_PORT MOTO_URL
 """
 
@@ -21,6 +24,7 @@ import http.client
 import json
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +43,7 @@ ON_DEMAND_USD = {
 LOCK = threading.Lock()
 CALLS = []
 FAULTS = []
+SPOT_PRICES = {}
 
 
 def price_document(instance_type, region):
@@ -158,9 +163,14 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/_proxy/faults" and method == "DELETE":
                 FAULTS.clear()
                 return self.reply(200, "{}")
+            if path == "/_proxy/spot-prices" and method == "POST":
+                for itype, zones in json.loads(raw).items():
+                    SPOT_PRICES.setdefault(itype, {}).update(zones)
+                return self.reply(200, "{}")
             if path == "/_proxy/reset" and method == "POST":
                 CALLS.clear()
                 FAULTS.clear()
+                SPOT_PRICES.clear()
         if path == "/_proxy/reset" and method == "POST":
             self.forward("POST", "/moto-api/reset", b"", {})
             return self.reply(200, "{}")
@@ -212,6 +222,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.pricing(action, params)
         if action == "DeleteLaunchTemplateVersions":
             return self.delete_launch_template_versions(params)
+        if action == "DescribeSpotPriceHistory" and params.get("InstanceType.1") in SPOT_PRICES:
+            return self.spot_price_history(params)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
         status, resp_headers, data = self.forward(method, self.path, raw, headers)
         self.send_response(status)
@@ -233,6 +245,19 @@ class Handler(BaseHTTPRequestHandler):
         region = filters.get("regionCode") or "us-east-1"
         prices = [price_document(itype, region)] if itype in ON_DEMAND_USD else []
         self.reply(200, json.dumps({"FormatVersion": "aws_v1", "PriceList": prices}), "application/x-amz-json-1.1")
+        return 200
+
+    def spot_price_history(self, params):
+        itype, zone = params.get("InstanceType.1"), params.get("AvailabilityZone")
+        with LOCK:
+            prices = [(z, p) for z, p in SPOT_PRICES[itype].items() if zone in (None, z)]
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        items = "".join("<item><instanceType>%s</instanceType><productDescription>Linux/UNIX</productDescription>"
+                        "<spotPrice>%s</spotPrice><timestamp>%s</timestamp><availabilityZone>%s</availabilityZone>"
+                        "</item>" % (itype, p, now, z) for z, p in prices)
+        self.reply(200, "<DescribeSpotPriceHistoryResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">"
+                        "<requestId>%s</requestId><spotPriceHistorySet>%s</spotPriceHistorySet><nextToken/>"
+                        "</DescribeSpotPriceHistoryResponse>" % (uuid.uuid4(), items), "text/xml")
         return 200
 
     def delete_launch_template_versions(self, params):

@@ -560,3 +560,83 @@ async fn denied_pricing_leaves_prices_empty_warns_once_and_launches_anyway() {
     }
     assert!(ctx.jobs.warned_about_prices());
 }
+
+#[tokio::test]
+async fn a_spot_run_instances_launch_takes_the_cheapest_zone() {
+    let w = World::new("cheapest-zone").await;
+    let ctx = w.context();
+    let _controllers = w.start(ctx.clone());
+    // moto quotes one spot price everywhere; the proxy answers for m5.large from this table.
+    w.ground
+        .proxy()
+        .set_spot_prices(json!({"m5.large": {"us-east-1a": "0.041000", "us-east-1b": "0.029000"}}))
+        .await;
+    w.ready_pool(|p| {
+        p["spec"]["spawnMethod"] = json!("runInstances");
+        p["spec"]["instanceTypes"] = json!(["m5.large"]);
+        p["spec"]["capacity"] = json!({"type": "spot", "fallbackToOnDemand": false});
+    })
+    .await;
+    w.create_job("job-1", 1).await;
+    let status = w
+        .wait_phase("job-1", JobPhase::Booting)
+        .await
+        .status
+        .unwrap();
+    let instance = status.instance.unwrap();
+    assert_eq!(
+        (instance.zone.as_str(), instance.market.as_str()),
+        ("us-east-1b", "spot")
+    );
+    assert_eq!(
+        status.cost.unwrap().hourly_price.as_deref(),
+        Some("0.029000"),
+        "the spot price history of the zone it launched in"
+    );
+    let launches: Vec<_> = w
+        .ground
+        .proxy()
+        .calls()
+        .await
+        .into_iter()
+        .filter(|c| c.action == "RunInstances" && c.params.get("DryRun").is_none())
+        .filter(|c| c.params.to_string().contains(&w.ns))
+        .collect();
+    assert_eq!(launches.len(), 1, "{launches:?}");
+    assert_eq!(
+        launches[0].params["SubnetId"],
+        json!(w.ground.fixture("SUBNET_B"))
+    );
+}
+
+#[tokio::test]
+async fn a_full_pool_holds_jobs_pending_and_finished_jobs_go_after_their_ttl() {
+    let w = World::new("capacity-ttl").await;
+    let ctx = w.context();
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|p| {
+        p["spec"]["maxRunners"] = json!(1);
+        p["spec"]["ttlSecondsAfterFinished"] = json!(2);
+    })
+    .await;
+    let first = w.create_job("job-1", 1).await.metadata.uid.unwrap();
+    w.wait_phase("job-1", JobPhase::Booting).await;
+    let second = w.create_job("job-2", 2).await.metadata.uid.unwrap();
+    w.wait(|| async {
+        let job = w.jobs.get("job-2").await.unwrap();
+        job.status.is_some_and(|s| {
+            s.phase == JobPhase::Pending
+                && s.last_error.is_some_and(|e| e.reason == "PoolAtCapacity")
+        })
+    })
+    .await;
+    assert!(w.instances_of(&second).await.is_empty());
+
+    w.report("job-1", "success").await;
+    w.wait_phase("job-2", JobPhase::Booting).await;
+    // The finished job is deleted once its TTL is over, and its instance is gone.
+    w.wait(|| async { w.jobs.get_opt("job-1").await.unwrap().is_none() })
+        .await;
+    assert!(w.alive_of(&first).await.is_empty());
+    assert_eq!(w.alive_of(&second).await.len(), 1);
+}

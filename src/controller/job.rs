@@ -492,18 +492,21 @@ async fn launch_step(
     );
     let zones = zones(ctx, &pool.spec.subnets).await?;
     let attempt = status.attempts + 1;
+    let fleet = pool.spec.spawn_method == crate::api::SpawnMethod::Fleet;
     for _ in 0..3 {
-        let offerings = launch::offerings(
+        let mut offerings = launch::offerings(
             &pool.spec,
             &zones,
             &ctx.jobs.capacity.lock().unwrap(),
             Instant::now(),
         );
+        if !fleet {
+            cheapest_zone_first(ctx, &mut offerings).await;
+        }
         let Some(first) = offerings.first() else {
             break;
         };
         let market = first.market;
-        let fleet = pool.spec.spawn_method == crate::api::SpawnMethod::Fleet;
         let chosen: Vec<(String, String)> = offerings
             .iter()
             .filter(|o| o.market == market)
@@ -668,6 +671,40 @@ async fn cached_price(
     price
 }
 
+/// The current spot price of a type in a zone, cached.
+async fn spot_price(ctx: &Context, instance_type: &str, zone: &str) -> Option<String> {
+    cached_price(
+        ctx,
+        format!("spot/{instance_type}/{zone}"),
+        SPOT_TTL,
+        &ctx.jobs.warned_spot,
+        "ec2:DescribeSpotPriceHistory",
+        ctx.ec2().spot_price(instance_type, zone),
+    )
+    .await
+}
+
+/// A single-offering launch on spot goes to the zone where the first type is cheapest now.
+async fn cheapest_zone_first(ctx: &Context, offerings: &mut [launch::Offering]) {
+    let Some(first) = offerings.first().cloned() else {
+        return;
+    };
+    if first.market != Market::Spot {
+        return;
+    }
+    let mut prices = HashMap::new();
+    for o in offerings
+        .iter()
+        .filter(|o| o.instance_type == first.instance_type)
+    {
+        let price = spot_price(ctx, &o.instance_type, &o.zone).await;
+        if let Some(price) = price.and_then(|p| p.parse::<f64>().ok()) {
+            prices.insert(o.zone.clone(), price);
+        }
+    }
+    launch::cheapest_zone_first(offerings, &prices);
+}
+
 /// Prices at launch. A denied or failing look-up leaves its price empty; the launch goes on.
 async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapshot> {
     let shared = &ctx.jobs;
@@ -682,15 +719,7 @@ async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapsho
     )
     .await;
     let spot = if instance.spot {
-        cached_price(
-            ctx,
-            format!("spot/{}/{}", instance.instance_type, instance.zone),
-            SPOT_TTL,
-            &shared.warned_spot,
-            "ec2:DescribeSpotPriceHistory",
-            ec2.spot_price(&instance.instance_type, &instance.zone),
-        )
-        .await
+        spot_price(ctx, &instance.instance_type, &instance.zone).await
     } else {
         None
     };

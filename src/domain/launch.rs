@@ -108,6 +108,26 @@ pub fn offerings(
     out
 }
 
+/// For a single-offering launch (`runInstances`) on spot: puts the first instance type's
+/// offerings in order of their zone's current spot price, cheapest first. Zones without a
+/// known price go last; equal prices keep the pool's subnet order.
+pub fn cheapest_zone_first(offerings: &mut [Offering], prices: &HashMap<String, f64>) {
+    let Some(first) = offerings.first().cloned() else {
+        return;
+    };
+    if first.market != Market::Spot {
+        return;
+    }
+    let same = offerings
+        .iter()
+        .take_while(|o| o.market == first.market && o.instance_type == first.instance_type)
+        .count();
+    offerings[..same].sort_by(|a, b| {
+        let price = |o: &Offering| prices.get(&o.zone).copied().unwrap_or(f64::INFINITY);
+        price(a).total_cmp(&price(b))
+    });
+}
+
 /// Launch attempts before a job fails with `InsufficientCapacity`.
 pub const MAX_ATTEMPTS: i32 = 12;
 
@@ -252,6 +272,43 @@ mod tests {
             now,
         );
         assert!(fresh.iter().all(|o| o.market == Market::Spot));
+    }
+
+    #[test]
+    fn a_single_spot_launch_goes_to_the_cheapest_zone_of_the_first_type() {
+        let now = Instant::now();
+        let s = spec(CapacityType::Spot, false);
+        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now);
+        let prices = HashMap::from([
+            ("us-east-1a".to_string(), 0.041),
+            ("us-east-1b".to_string(), 0.029),
+        ]);
+        cheapest_zone_first(&mut all, &prices);
+        assert_eq!(
+            names(&all),
+            [
+                "Spot/m7i.large/us-east-1b",
+                "Spot/m7i.large/us-east-1a",
+                "Spot/m6i.large/us-east-1a",
+                "Spot/m6i.large/us-east-1b"
+            ]
+        );
+        // An unknown price goes last; no prices at all keep the pool's order.
+        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now);
+        cheapest_zone_first(&mut all, &HashMap::from([("us-east-1b".to_string(), 0.05)]));
+        assert_eq!(all[0].zone, "us-east-1b");
+        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now);
+        cheapest_zone_first(&mut all, &HashMap::new());
+        assert_eq!(all[0].zone, "us-east-1a");
+        // On-demand has no spot price to follow.
+        let mut on_demand = offerings(
+            &spec(CapacityType::OnDemand, false),
+            &zones(),
+            &CapacityCache::default(),
+            now,
+        );
+        cheapest_zone_first(&mut on_demand, &prices);
+        assert_eq!(on_demand[0].zone, "us-east-1a");
     }
 
     #[test]

@@ -43,6 +43,19 @@ impl Proxy {
         assert!(resp.status().is_success(), "proxy refused fault {fault}");
     }
 
+    /// Makes the proxy answer spot price history for these types from `prices`:
+    /// `{"instance type": {"zone": "price"}}`.
+    pub async fn set_spot_prices(&self, prices: Value) {
+        let resp = self
+            .http
+            .post(format!("{}/_proxy/spot-prices", self.base))
+            .json(&prices)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "proxy refused {prices}");
+    }
+
     pub async fn clear_faults(&self) {
         self.http
             .delete(format!("{}/_proxy/faults", self.base))
