@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::Store;
-use kube::{Resource, ResourceExt};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::metrics::{Offering, Pool, PoolPhase};
@@ -41,7 +40,9 @@ pub struct Shared {
     /// Subnet -> availability zone.
     zones: tokio::sync::Mutex<HashMap<String, String>>,
     /// The last DescribeInstances answer, by RunnerJob uid, and when it was taken.
-    snapshot: tokio::sync::Mutex<Option<(Instant, InstancesByJob)>>,
+    snapshot: Mutex<Option<(Instant, InstancesByJob)>>,
+    /// Held by the one pass refreshing the snapshot.
+    refreshing: tokio::sync::Mutex<()>,
     /// Instances launched by this process, by RunnerJob uid: guards against launching twice
     /// while the snapshot predates the launch and the status write did not land.
     launched: Mutex<HashMap<String, Instance>>,
@@ -86,14 +87,24 @@ async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
         info_span!("reconcile", job = %key, pool = %job.spec.pool_name, job_id = job.spec.job_id);
     async move {
         let api: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), &ns);
-        let action = finalizer(&api, FINALIZER, job, |event| async {
-            match event {
-                Finalizer::Apply(job) => pass(&job, &ctx, false).await,
-                Finalizer::Cleanup(job) => pass(&job, &ctx, true).await,
+        let ours = job.finalizers().iter().any(|f| f == FINALIZER);
+        let action = match (job.metadata.deletion_timestamp.is_some(), ours) {
+            // Going away with nothing of ours to hold it.
+            (true, false) => Action::await_change(),
+            // The finalizer is on before any launch; the pass goes on with the patched object
+            // rather than waiting for the watch to bring it back.
+            (false, false) => {
+                let job = set_finalizer(&api, &job, true).await?;
+                pass(&job, &ctx, false).await?
             }
-        })
-        .await
-        .map_err(Error::from_finalizer)?;
+            (false, true) => pass(&job, &ctx, false).await?,
+            // A deleting pass returns only once the instance is gone.
+            (true, true) => {
+                let action = pass(&job, &ctx, true).await?;
+                set_finalizer(&api, &job, false).await?;
+                action
+            }
+        };
         ctx.succeeded(&key);
         Ok(action)
     }
@@ -101,14 +112,56 @@ async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
     .await
 }
 
+/// Adds or removes our finalizer. The patch names the resourceVersion it was computed from,
+/// so a concurrent change to the list fails it (and the pass is retried) instead of being lost.
+async fn set_finalizer(api: &Api<RunnerJob>, job: &RunnerJob, on: bool) -> Result<RunnerJob> {
+    let mut finalizers: Vec<&str> = job
+        .finalizers()
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != FINALIZER)
+        .collect();
+    if on {
+        finalizers.push(FINALIZER);
+    }
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": job.resource_version()}
+    });
+    Ok(api
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?)
+}
+
 /// The shared instance snapshot, refreshed when older than `instance_refresh`: one
 /// DescribeInstances serves every job's pass in that window.
+///
+/// While one pass refreshes it, the others go on with the previous snapshot: any snapshot this
+/// process took shows every instance launched before the process started, and the process
+/// remembers its own launches until their status records them.
 pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJob> {
-    let mut snapshot = ctx.jobs.snapshot.lock().await;
-    if let Some((taken, instances)) = snapshot.as_ref()
-        && taken.elapsed() < max_age
-    {
-        return Ok(instances.clone());
+    let current = || {
+        ctx.jobs
+            .snapshot
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(taken, instances)| (taken.elapsed() < max_age, instances.clone()))
+    };
+    let _refreshing = match current() {
+        Some((true, instances)) => return Ok(instances),
+        Some((false, instances)) => match ctx.jobs.refreshing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => return Ok(instances),
+        },
+        None => ctx.jobs.refreshing.lock().await,
+    };
+    // Someone else may have refreshed it while this pass waited.
+    if let Some((true, instances)) = current() {
+        return Ok(instances);
     }
     let listed = ctx
         .ec2()
@@ -127,7 +180,7 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
         }
     }
     let by_uid = Arc::new(by_uid);
-    *snapshot = Some((Instant::now(), by_uid.clone()));
+    *ctx.jobs.snapshot.lock().unwrap() = Some((Instant::now(), by_uid.clone()));
     Ok(by_uid)
 }
 
@@ -415,18 +468,25 @@ fn instance_status(i: &Instance, launched_at: Option<Timestamp>) -> InstanceStat
     }
 }
 
+/// Writes what the pass changed in the status, as a merge patch; nothing when it changed
+/// nothing, so a job that is only being watched costs the API server no writes. Fields the
+/// pass did not change (the completion the HTTP side reports) are left to their writers.
 async fn write_status(job: &RunnerJob, ctx: &Context, status: &RunnerJobStatus) -> Result<()> {
+    // A status is strings, numbers and maps with string keys: it always serializes.
+    let json = |s: &RunnerJobStatus| serde_json::to_value(s).expect("a status serializes");
+    let before = json(job.status.as_ref().unwrap_or(&RunnerJobStatus::default()));
+    let Some(changes) = super::merge_patch(&before, &json(status)) else {
+        return Ok(());
+    };
     let api: Api<RunnerJob> =
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": RunnerJob::api_version(&()),
-        "kind": RunnerJob::kind(&()),
-        "status": status,
-    });
     api.patch_status(
         &job.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Merge(serde_json::json!({ "status": changes })),
     )
     .await?;
     Ok(())

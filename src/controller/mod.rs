@@ -26,6 +26,35 @@ use crate::cloud::{CloudError, Ec2, ErrorClass};
 /// The field manager of every status Pacer writes.
 pub const FIELD_MANAGER: &str = "pacer";
 
+/// The JSON merge patch (RFC 7386) that turns `before` into `after`, or `None` when they are
+/// equal. Objects are compared key by key; a key gone from `after` becomes `null`.
+pub(crate) fn merge_patch(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    use serde_json::{Map, Value};
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            let mut patch = Map::new();
+            for (key, new) in a {
+                let change = match b.get(key) {
+                    Some(old) => merge_patch(old, new),
+                    None => Some(new.clone()),
+                };
+                if let Some(change) = change {
+                    patch.insert(key.clone(), change);
+                }
+            }
+            for key in b.keys().filter(|k| !a.contains_key(*k)) {
+                patch.insert(key.clone(), Value::Null);
+            }
+            (!patch.is_empty()).then_some(Value::Object(patch))
+        }
+        _ if before == after => None,
+        _ => Some(after.clone()),
+    }
+}
+
 /// Runs the RunnerPool and RunnerJob controllers until shutdown. Both read one RunnerJob
 /// watch: the job controller reconciles from it, the pool controller recounts its runners.
 pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>) {
@@ -260,5 +289,39 @@ mod tests {
         assert_eq!(other.retry_after(1, unit), Duration::from_secs(5));
         assert_eq!(other.retry_after(3, unit), Duration::from_secs(20));
         assert_eq!(throttled.retry_after(40, unit), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_merge_patch_holds_only_what_changed() {
+        use serde_json::json;
+        let before = json!({
+            "phase": "Pending",
+            "attempts": 1,
+            "lastError": {"reason": "InsufficientCapacity", "message": "m7i.large"},
+            "completion": {"result": "success"},
+            "conditions": [{"type": "A"}]
+        });
+        let after = json!({
+            "phase": "Launching",
+            "attempts": 1,
+            "instance": {"id": "i-1", "zone": "us-east-1a"},
+            "completion": {"result": "success"},
+            "conditions": [{"type": "A"}, {"type": "B"}]
+        });
+        assert_eq!(
+            merge_patch(&before, &after),
+            Some(json!({
+                "phase": "Launching",
+                "instance": {"id": "i-1", "zone": "us-east-1a"},
+                "lastError": null,
+                "conditions": [{"type": "A"}, {"type": "B"}]
+            }))
+        );
+        assert_eq!(merge_patch(&after, &after), None);
+        let nested = merge_patch(
+            &json!({"cost": {"currency": "USD", "hourlyPrice": "0.1"}}),
+            &json!({"cost": {"currency": "USD", "hourlyPrice": "0.1", "estimatedCost": "0.02"}}),
+        );
+        assert_eq!(nested, Some(json!({"cost": {"estimatedCost": "0.02"}})));
     }
 }
