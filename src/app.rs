@@ -40,7 +40,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         namespace = %if config.controller.namespace.is_empty() { "<all>" } else { &config.controller.namespace },
         "configuration loaded"
     );
-    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+    let kube_config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Kube(kube::Error::InferConfig(e)))?;
+    let client = controller::kube_client(kube_config).map_err(Error::Kube)?;
     check_crds(&client).await?;
 
     let aws = cloud::aws::sdk_config(&AwsSettings {

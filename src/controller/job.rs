@@ -73,7 +73,10 @@ pub(super) async fn run(
     store: Store<RunnerJob>,
     changes: impl futures::Stream<Item = Arc<RunnerJob>> + Send + 'static,
 ) {
+    let config =
+        kube::runtime::controller::Config::default().concurrency(ctx.settings.job_concurrency);
     Controller::for_shared_stream(changes, store)
+        .with_config(config)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| std::future::ready(()))

@@ -55,6 +55,19 @@ pub(crate) fn merge_patch(
     }
 }
 
+/// Requests to the API server in flight at once. Each holds an HTTP/1.1 connection with its TLS
+/// state and buffers, so a burst of passes would otherwise open hundreds; beyond this they
+/// wait in the client's queue. Watches hold a permit only until their response starts.
+pub const API_CONCURRENCY: usize = 32;
+
+/// The Kubernetes client the controllers use: kube's default stack from `config`, with at
+/// most [`API_CONCURRENCY`] requests in flight.
+pub fn kube_client(config: kube::Config) -> kube::Result<kube::Client> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(API_CONCURRENCY))
+        .build())
+}
+
 /// Runs the RunnerPool and RunnerJob controllers until shutdown. Both read one RunnerJob
 /// watch: the job controller reconciles from it, the pool controller recounts its runners.
 pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>) {
@@ -118,6 +131,10 @@ pub struct Settings {
     pub gc_grace: Duration,
     /// Launch attempts before a job fails with `InsufficientCapacity`.
     pub max_launch_attempts: i32,
+    /// RunnerJob passes running at once. Each holds at most one API server request, so this
+    /// also bounds the connections (and their buffers) to the API server; a burst beyond it
+    /// queues.
+    pub job_concurrency: u16,
 }
 
 impl Settings {
@@ -132,6 +149,7 @@ impl Settings {
             gc_interval: Duration::from_secs(60),
             gc_grace: Duration::from_secs(120),
             max_launch_attempts: crate::domain::launch::MAX_ATTEMPTS,
+            job_concurrency: 128,
         }
     }
 }

@@ -62,7 +62,11 @@ pub(super) async fn run(
     };
     Controller::for_stream(stream, reader)
         .watches_shared_stream(jobs, pool_of)
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .debounce(Duration::from_secs(1))
+                .concurrency(8),
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|_| std::future::ready(()))

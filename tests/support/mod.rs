@@ -118,12 +118,16 @@ impl Ground {
 
     /// A client for the ground's API server. Each test makes its own: clients belong to the
     /// runtime that built them.
+    /// A client as the controller builds it.
     pub async fn kube_client(&self) -> kube::Client {
+        pacer::controller::kube_client(self.kube_config().await).unwrap()
+    }
+
+    pub async fn kube_config(&self) -> kube::Config {
         let kubeconfig = kube::config::Kubeconfig::read_from(self.var("KUBECONFIG")).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
-            .unwrap();
-        kube::Client::try_from(config).unwrap()
+            .unwrap()
     }
 
     /// A fresh namespace for one test.
