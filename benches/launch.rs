@@ -29,15 +29,25 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn rss_mib() -> f64 {
+/// The process's resident memory, in MiB: all of it, and the anonymous part (heap and stacks,
+/// without the executable's pages).
+fn rss_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .map(|kib: f64| kib / 1024.0)
+            .unwrap_or(0.0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+fn rss() -> String {
+    let (all, anon) = rss_mib();
+    format!("{all:.0} MiB (anonymous {anon:.0} MiB)")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -57,7 +67,8 @@ fn pool(ns: &str, subnets: [&str; 2], sg: &str, ami: &str) -> RunnerPool {
 }
 
 fn job(ns: &str, i: usize) -> RunnerJob {
-    let mut job = RunnerJob::new(
+    RunnerJob::for_queued_job(
+        ns,
         &format!("job-{i}"),
         RunnerJobSpec {
             pool_name: "bench".into(),
@@ -67,9 +78,7 @@ fn job(ns: &str, i: usize) -> RunnerJob {
             labels: vec!["self-hosted".into()],
             installation_id: 1,
         },
-    );
-    job.metadata.namespace = Some(ns.into());
-    job
+    )
 }
 
 /// Creates `n` jobs, 64 at a time; returns when each creation returned, by name.
@@ -183,7 +192,7 @@ async fn bench(run: Run, count: usize, stored: usize) {
     println!("creating the {count} RunnerJobs took {creating:.2?}");
     if run.fake.is_some() && !latencies.is_empty() {
         println!(
-            "creation -> launch call: p50 {:.0?}  p95 {:.0?}  p99 {:.0?}",
+            "creation -> launch call: p50 {:.2?}  p95 {:.2?}  p99 {:.2?}",
             percentile(&latencies, 0.50),
             percentile(&latencies, 0.95),
             percentile(&latencies, 0.99)
@@ -194,10 +203,7 @@ async fn bench(run: Run, count: usize, stored: usize) {
         mutating as f64 / count as f64,
         reads as f64 / count as f64
     );
-    println!(
-        "controller RSS with {count} RunnerJobs: {:.0} MiB",
-        rss_mib()
-    );
+    println!("controller RSS with {count} RunnerJobs: {}", rss());
     if std::env::var("BENCH_VERBOSE").is_ok() {
         calls
             .lines()
@@ -205,12 +211,18 @@ async fn bench(run: Run, count: usize, stored: usize) {
             .for_each(|l| println!("  {l}"));
     }
     if stored > count {
-        create_jobs(&creating_jobs, &ns, count..stored).await;
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        println!(
-            "controller RSS with {stored} RunnerJobs stored: {:.0} MiB",
-            rss_mib()
-        );
+        let more = create_jobs(&creating_jobs, &ns, count..stored).await;
+        // Read memory once the controller is done with them: every job launched and the
+        // snapshot refreshed, not in the middle of the burst.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while let Some(fake) = &run.fake
+            && more.keys().any(|uid| fake.launched_at(uid).is_none())
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(ctx.settings.instance_refresh * 3).await;
+        println!("controller RSS with {stored} RunnerJobs stored: {}", rss());
     }
 }
 

@@ -100,23 +100,34 @@ impl World {
         .await;
     }
 
+    /// Creates a RunnerJob as `kubectl` would, without the finalizer.
     async fn create_job(&self, name: &str, job_id: i64) -> RunnerJob {
-        let mut job = RunnerJob::new(
-            name,
-            RunnerJobSpec {
-                pool_name: "linux".into(),
-                job_id,
-                run_id: 7,
-                repository: "example-org/api".into(),
-                labels: vec!["self-hosted".into(), "linux".into()],
-                installation_id: 1,
-            },
-        );
-        job.metadata.namespace = Some(self.ns.clone());
+        let mut job = RunnerJob::for_queued_job(&self.ns, name, Self::spec(job_id));
+        job.metadata.finalizers = None;
         self.jobs
             .create(&PostParams::default(), &job)
             .await
             .unwrap()
+    }
+
+    /// Creates a RunnerJob as Pacer records one for a queued job: finalizer on from birth.
+    async fn create_queued_job(&self, name: &str, job_id: i64) -> RunnerJob {
+        let job = RunnerJob::for_queued_job(&self.ns, name, Self::spec(job_id));
+        self.jobs
+            .create(&PostParams::default(), &job)
+            .await
+            .unwrap()
+    }
+
+    fn spec(job_id: i64) -> RunnerJobSpec {
+        RunnerJobSpec {
+            pool_name: "linux".into(),
+            job_id,
+            run_id: 7,
+            repository: "example-org/api".into(),
+            labels: vec!["self-hosted".into(), "linux".into()],
+            installation_id: 1,
+        }
     }
 
     async fn phase(&self, name: &str) -> Option<JobPhase> {
@@ -621,7 +632,7 @@ async fn a_full_pool_holds_jobs_pending_and_finished_jobs_go_after_their_ttl() {
     .await;
     let first = w.create_job("job-1", 1).await.metadata.uid.unwrap();
     w.wait_phase("job-1", JobPhase::Booting).await;
-    let second = w.create_job("job-2", 2).await.metadata.uid.unwrap();
+    let second = w.create_queued_job("job-2", 2).await.metadata.uid.unwrap();
     w.wait(|| async {
         let job = w.jobs.get("job-2").await.unwrap();
         job.status.is_some_and(|s| {

@@ -5,6 +5,21 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// The finalizer that keeps a RunnerJob until its instance is terminated.
+pub const FINALIZER: &str = "pacer.dev/instance";
+
+impl RunnerJob {
+    /// A RunnerJob as Pacer records it for a queued workflow job: born with its finalizer, so
+    /// its launch costs the API server no extra write. (The controller adds the finalizer to
+    /// RunnerJobs created any other way before it launches anything for them.)
+    pub fn for_queued_job(namespace: &str, name: &str, spec: RunnerJobSpec) -> Self {
+        let mut job = Self::new(name, spec);
+        job.metadata.namespace = Some(namespace.into());
+        job.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        job
+    }
+}
+
 /// Demand for one ephemeral runner, recorded when GitHub queues a workflow job that a pool
 /// can serve. Its spec never changes after creation.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

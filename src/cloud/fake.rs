@@ -42,7 +42,7 @@ pub struct FakeEc2 {
     state: Mutex<State>,
     /// How long every call takes, like a round trip to EC2.
     latency: std::time::Duration,
-    /// When each instance was launched, by the RunnerJob uid in its tags.
+    /// When the launch call of each instance returns, by the RunnerJob uid in its tags.
     launched_at: Mutex<HashMap<String, std::time::Instant>>,
 }
 
@@ -109,7 +109,8 @@ impl FakeEc2 {
         self
     }
 
-    /// When the instance for the RunnerJob with this uid was launched, if it was.
+    /// When the launch call of the RunnerJob with this uid returned (or will, while its
+    /// latency runs), if there was one.
     pub fn launched_at(&self, uid: &str) -> Option<std::time::Instant> {
         self.launched_at.lock().unwrap().get(uid).copied()
     }
@@ -511,7 +512,7 @@ impl Ec2 for FakeEc2 {
                     self.launched_at
                         .lock()
                         .unwrap()
-                        .insert(uid.clone(), std::time::Instant::now());
+                        .insert(uid.clone(), std::time::Instant::now() + self.latency);
                 }
                 s.instances.push(instance.clone());
                 outcome.instances.push(instance);

@@ -27,7 +27,7 @@ use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide};
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
 
-pub const FINALIZER: &str = "pacer.dev/instance";
+pub use crate::api::JOB_FINALIZER as FINALIZER;
 
 /// Instances by the uid of the RunnerJob they were launched for.
 pub type InstancesByJob = Arc<HashMap<String, Instance>>;
@@ -356,7 +356,35 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     let next = match step {
         Step::Wait(d) => Action::requeue(d),
         Step::Launch => match &pool {
-            Some(pool) => launch_step(job, pool, ctx, &mut status, now).await?,
+            Some(pool) => {
+                let next = launch_step(job, pool, ctx, &mut status, now).await?;
+                match (status.phase, &status.instance) {
+                    // The launch call returned the instance, so it exists: the machine takes
+                    // its next step in this pass and the status is written once.
+                    (JobPhase::Launching, Some(launched)) => {
+                        let facts = Facts {
+                            phase: JobPhase::Launching,
+                            in_phase: Duration::ZERO,
+                            instance: InstanceState::Alive {
+                                id: launched.id.clone(),
+                            },
+                            ..facts
+                        };
+                        match decide(&facts, &limits) {
+                            Decision {
+                                phase,
+                                step: Step::Wait(d),
+                                ..
+                            } => {
+                                enter(&mut status, phase, now);
+                                Action::requeue(d)
+                            }
+                            _ => next,
+                        }
+                    }
+                    _ => next,
+                }
+            }
             None => {
                 status.last_error = Some(LastError {
                     reason: "PoolNotFound".into(),

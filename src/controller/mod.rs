@@ -149,7 +149,7 @@ impl Settings {
             gc_interval: Duration::from_secs(60),
             gc_grace: Duration::from_secs(120),
             max_launch_attempts: crate::domain::launch::MAX_ATTEMPTS,
-            job_concurrency: 128,
+            job_concurrency: 512,
         }
     }
 }
