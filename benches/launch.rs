@@ -5,6 +5,10 @@
 //! 200) and, with `BENCH_MOTO=1`, against moto. `BENCH_JOBS` (default 500) jobs are timed;
 //! `BENCH_STORED` (default 10000) RunnerJobs are then stored for the memory reading.
 
+// The allocator the pacer binary uses, so memory readings match production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -119,17 +123,15 @@ async fn bench(run: Run, count: usize, stored: usize) {
     // The bench creates its RunnerJobs through a client of its own, so they do not queue
     // behind the controller's requests.
     let creator = kube::Client::try_from(ground.kube_config().await).unwrap();
-    let settings = Settings {
-        instance_refresh: Duration::from_secs(2),
-        ..Settings::new(&format!("bench-{}", run.name), "https://pacer.example.test")
-    };
+    // The production settings.
+    let settings = Settings::new(&format!("bench-{}", run.name), "https://pacer.example.test");
     let ctx = Arc::new(Context::new(client.clone(), run.ec2.clone(), settings));
     let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
     let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
     let creating_jobs: Api<RunnerJob> = Api::namespaced(creator, &ns);
     let c = ctx.clone();
     let (p, j) = (pools.clone(), jobs.clone());
-    tokio::spawn(controller::run(c, p, j));
+    let controllers = tokio::spawn(controller::run(c, p, j));
     pools
         .create(
             &PostParams::default(),
@@ -224,6 +226,9 @@ async fn bench(run: Run, count: usize, stored: usize) {
         tokio::time::sleep(ctx.settings.instance_refresh * 3).await;
         println!("controller RSS with {stored} RunnerJobs stored: {}", rss());
     }
+    // Stop the controllers before the runtime goes, so their tasks end cleanly.
+    controllers.abort();
+    let _ = controllers.await;
 }
 
 /// Calls made between two metric readings, split into mutating and read actions.

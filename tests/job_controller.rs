@@ -227,7 +227,27 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     assert_eq!(tags["gha:runner_job"], format!("{}/job-1", w.ns));
     assert_eq!(tags["gha:job_id"], "4242");
     assert_eq!(tags["gha:repo"], "example-org/api");
-    assert_eq!(tags["team"], "platform");
+    assert!(
+        tags.keys().all(|k| k.starts_with("gha:")),
+        "Pacer reads back only its own tags: {tags:?}"
+    );
+    // The pool's own tags reach the instance too.
+    let described = aws_sdk_ec2::Client::new(&w.ground.aws_config().await)
+        .describe_instances()
+        .instance_ids(&alive[0].id)
+        .send()
+        .await
+        .unwrap();
+    let user_tags: Vec<(String, String)> = described.reservations()[0].instances()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().into(), t.value().unwrap().into()))
+        .filter(|(k, _): &(String, String)| !k.starts_with("gha:"))
+        .collect();
+    assert!(
+        user_tags.contains(&("team".to_string(), "platform".to_string())),
+        "{user_tags:?}"
+    );
     let status = job.status.unwrap();
     let instance = status.instance.unwrap();
     assert_eq!(instance.id, alive[0].id);

@@ -677,7 +677,11 @@ impl Ec2 for AwsEc2 {
                     page.reservations()
                         .iter()
                         .flat_map(|r| r.instances())
-                        .map(instance),
+                        .map(instance)
+                        .map(|mut i| {
+                            i.tags.retain(|k, _| k.starts_with(tags::PREFIX));
+                            i
+                        }),
                 );
             }
             Ok(instances)

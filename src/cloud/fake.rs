@@ -530,7 +530,21 @@ impl Ec2 for FakeEc2 {
             Ok(s.instances
                 .iter()
                 .filter(|i| tags::owned_by(&i.tags, controller_id))
-                .cloned()
+                .map(|i| Instance {
+                    id: i.id.clone(),
+                    instance_type: i.instance_type.clone(),
+                    zone: i.zone.clone(),
+                    spot: i.spot,
+                    state: i.state.clone(),
+                    state_reason: i.state_reason.clone(),
+                    launch_time: i.launch_time,
+                    tags: i
+                        .tags
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(tags::PREFIX))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                })
                 .collect())
         })
     }

@@ -21,6 +21,8 @@ pub mod tags {
     pub const CONTROLLER: &str = "gha:controller";
     pub const POOL: &str = "gha:pool";
     pub const SPEC_HASH: &str = "gha:spec-hash";
+    /// Every key Pacer writes starts with this; users may not use it (see the pool rules).
+    pub const PREFIX: &str = "gha:";
 
     /// Whether `tags` mark a resource as created by the controller with this id: the only
     /// resources Pacer ever modifies or deletes.
@@ -223,7 +225,8 @@ pub trait Ec2: Send + Sync {
     ) -> BoxFuture<'a, CloudResult<LaunchOutcome>>;
     /// Every instance tagged as this controller's, terminated ones included while EC2 still
     /// lists them (their state reason says why they went), in one paginated call, whatever
-    /// the number of jobs.
+    /// the number of jobs. Only Pacer's own (`gha:`) tags are kept: thousands of instances
+    /// are listed every few seconds, and the users' tags are not Pacer's business.
     fn describe_managed_instances<'a>(
         &'a self,
         controller_id: &'a str,

@@ -170,7 +170,7 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
         .ec2()
         .describe_managed_instances(&ctx.settings.controller_id)
         .await?;
-    let mut by_uid: HashMap<String, Instance> = HashMap::new();
+    let mut by_uid: HashMap<String, Instance> = HashMap::with_capacity(listed.len());
     for mut instance in listed {
         let Some(uid) = instance.tags.remove(launch::RUNNER_JOB_UID) else {
             continue;
