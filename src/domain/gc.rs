@@ -67,13 +67,12 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn instance(
-        id: &str,
+    /// Our ownership tags when `controller` is set, and `key` when `value` is.
+    fn tags_of(
         controller: Option<&str>,
-        uid: Option<&str>,
-        state: &str,
-        launched: i64,
-    ) -> Instance {
+        key: &str,
+        value: Option<&str>,
+    ) -> BTreeMap<String, String> {
         let mut tags = BTreeMap::new();
         if let Some(c) = controller {
             tags.insert(
@@ -82,9 +81,20 @@ mod tests {
             );
             tags.insert(tags::CONTROLLER.to_string(), c.to_string());
         }
-        if let Some(u) = uid {
-            tags.insert(RUNNER_JOB_UID.to_string(), u.to_string());
+        if let Some(v) = value {
+            tags.insert(key.to_string(), v.to_string());
         }
+        tags
+    }
+
+    fn instance(
+        id: &str,
+        controller: Option<&str>,
+        uid: Option<&str>,
+        state: &str,
+        launched: i64,
+    ) -> Instance {
+        let tags = tags_of(controller, RUNNER_JOB_UID, uid);
         Instance {
             id: id.into(),
             instance_type: "m6i.large".into(),
@@ -153,17 +163,7 @@ mod tests {
         pool: Option<&str>,
         created: i64,
     ) -> LaunchTemplate {
-        let mut tags = BTreeMap::new();
-        if let Some(c) = controller {
-            tags.insert(
-                tags::MANAGED_BY.to_string(),
-                tags::MANAGED_BY_VALUE.to_string(),
-            );
-            tags.insert(tags::CONTROLLER.to_string(), c.to_string());
-        }
-        if let Some(p) = pool {
-            tags.insert(tags::POOL.to_string(), p.to_string());
-        }
+        let tags = tags_of(controller, tags::POOL, pool);
         LaunchTemplate {
             id: format!("lt-{name}"),
             name: name.into(),
