@@ -14,7 +14,7 @@ use pacer::cloud::aws::AwsEc2;
 use pacer::cloud::{Ec2, Instance};
 use pacer::controller::{self, Context, Settings};
 use serde_json::{Value, json};
-use support::{Ground, Parts, ground, repo_root};
+use support::{Ground, Parts, ground};
 
 struct World {
     ground: &'static Ground,
@@ -72,17 +72,7 @@ impl World {
     }
 
     async fn ready_pool(&self, change: impl FnOnce(&mut Value)) {
-        let text =
-            std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
-        let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
-        pool["metadata"] = json!({"name": "linux", "namespace": self.ns});
-        let spec = &mut pool["spec"];
-        spec["ami"] = json!(self.ground.fixture("AMI_X86_64"));
-        spec["subnets"] = json!([
-            self.ground.fixture("SUBNET_A"),
-            self.ground.fixture("SUBNET_B")
-        ]);
-        spec["securityGroups"] = json!([self.ground.fixture("SECURITY_GROUP")]);
+        let mut pool = self.ground.example_pool(&self.ns, "linux");
         change(&mut pool);
         let pool: RunnerPool = serde_json::from_value(pool).unwrap();
         self.pools

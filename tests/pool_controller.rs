@@ -12,7 +12,7 @@ use pacer::api::RunnerPool;
 use pacer::cloud::aws::AwsEc2;
 use pacer::controller::{self, Context, Settings};
 use serde_json::{Value, json};
-use support::{Ground, Parts, ground, repo_root};
+use support::{Ground, Parts, ground};
 
 const CONTROLLER_ID: &str = "pool-tests";
 
@@ -60,18 +60,7 @@ impl World {
 
     /// The example pool, pointed at the ground's fixtures.
     fn pool(&self, name: &str) -> Value {
-        let text =
-            std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
-        let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
-        pool["metadata"] = json!({"name": name, "namespace": self.ns});
-        let spec = &mut pool["spec"];
-        spec["ami"] = json!(self.ground.fixture("AMI_X86_64"));
-        spec["subnets"] = json!([
-            self.ground.fixture("SUBNET_A"),
-            self.ground.fixture("SUBNET_B")
-        ]);
-        spec["securityGroups"] = json!([self.ground.fixture("SECURITY_GROUP")]);
-        pool
+        self.ground.example_pool(&self.ns, name)
     }
 
     async fn create(&self, pool: Value) -> String {

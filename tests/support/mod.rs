@@ -116,9 +116,22 @@ impl Ground {
         self.var(&format!("FIXTURE_{name}"))
     }
 
-    /// A client for the ground's API server. Each test makes its own: clients belong to the
-    /// runtime that built them.
-    /// A client as the controller builds it.
+    /// The example RunnerPool `namespace/name`, pointed at the ground's AMI, subnets and
+    /// security group.
+    pub fn example_pool(&self, namespace: &str, name: &str) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
+        let mut pool: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+        pool["metadata"] = serde_json::json!({"name": name, "namespace": namespace});
+        let spec = &mut pool["spec"];
+        spec["ami"] = serde_json::json!(self.fixture("AMI_X86_64"));
+        spec["subnets"] = serde_json::json!([self.fixture("SUBNET_A"), self.fixture("SUBNET_B")]);
+        spec["securityGroups"] = serde_json::json!([self.fixture("SECURITY_GROUP")]);
+        pool
+    }
+
+    /// A client for the ground's API server, built as the controller builds its own. Each test
+    /// makes its own: clients belong to the runtime that built them.
     pub async fn kube_client(&self) -> kube::Client {
         pacer::controller::kube_client(self.kube_config().await).unwrap()
     }
