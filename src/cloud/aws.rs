@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types as ec2;
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt as _};
 
 use super::{
     CloudError, CloudResult, Ec2, ErrorClass, Image, Instance, InstanceTypeInfo, LaunchFailure,
-    LaunchOutcome, LaunchRequest, LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet, tags,
+    LaunchOutcome, LaunchRequest, LaunchTemplate, LaunchTemplateData, Pages, SecurityGroup, Subnet,
+    tags,
 };
 
 /// EC2 and IAM through the AWS SDK.
@@ -657,35 +658,32 @@ impl Ec2 for AwsEc2 {
         .boxed()
     }
 
-    fn describe_managed_instances<'a>(
-        &'a self,
-        controller_id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
-        async move {
-            let mut pages = self
-                .ec2
-                .describe_instances()
-                .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
-                .filters(tag_filter(tags::CONTROLLER, controller_id))
-                .max_results(1000)
-                .into_paginator()
-                .send();
-            let mut instances = Vec::new();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(|e| classify_sdk("DescribeInstances", e))?;
-                instances.extend(
-                    page.reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .map(instance)
-                        .map(|mut i| {
-                            i.tags.retain(|k, _| k.starts_with(tags::PREFIX));
-                            i
-                        }),
-                );
-            }
-            Ok(instances)
-        }
+    fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance> {
+        let pages = self
+            .ec2
+            .describe_instances()
+            .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
+            .filters(tag_filter(tags::CONTROLLER, controller_id))
+            .max_results(1000)
+            .into_paginator()
+            .send();
+        futures::stream::unfold(pages, |mut pages| async move {
+            let page = pages.next().await?.map(|page| {
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .map(instance)
+                    .map(|mut i| {
+                        i.tags.retain(|k, _| k.starts_with(tags::PREFIX));
+                        i
+                    })
+                    .collect()
+            });
+            Some((
+                page.map_err(|e| classify_sdk("DescribeInstances", e)),
+                pages,
+            ))
+        })
         .boxed()
     }
 

@@ -4,13 +4,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt as _};
 
 use super::{
     CloudError, CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchFailure, LaunchOutcome,
-    LaunchRequest, LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet, tags,
+    LaunchRequest, LaunchTemplate, LaunchTemplateData, Pages, SecurityGroup, Subnet, tags,
 };
+
+/// Instances per DescribeInstances page, EC2's largest.
+const PAGE: usize = 1000;
 
 #[derive(Default)]
 struct State {
@@ -522,31 +525,39 @@ impl Ec2 for FakeEc2 {
         })
     }
 
-    fn describe_managed_instances<'a>(
-        &'a self,
-        controller_id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
-        self.call("DescribeInstances", |s| {
-            Ok(s.instances
-                .iter()
-                .filter(|i| tags::owned_by(&i.tags, controller_id))
-                .map(|i| Instance {
-                    id: i.id.clone(),
-                    instance_type: i.instance_type.clone(),
-                    zone: i.zone.clone(),
-                    spot: i.spot,
-                    state: i.state.clone(),
-                    state_reason: i.state_reason.clone(),
-                    launch_time: i.launch_time,
-                    tags: i
-                        .tags
+    fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance> {
+        // Pages of PAGE instances, each fetched (and counted, and delayed) as its own call.
+        futures::stream::try_unfold(Some(0), move |from| async move {
+            let Some(from) = from else { return Ok(None) };
+            let page = self
+                .call("DescribeInstances", |s| {
+                    Ok(s.instances
                         .iter()
-                        .filter(|(k, _)| k.starts_with(tags::PREFIX))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                        .filter(|i| tags::owned_by(&i.tags, controller_id))
+                        .skip(from)
+                        .take(PAGE)
+                        .map(|i| Instance {
+                            id: i.id.clone(),
+                            instance_type: i.instance_type.clone(),
+                            zone: i.zone.clone(),
+                            spot: i.spot,
+                            state: i.state.clone(),
+                            state_reason: i.state_reason.clone(),
+                            launch_time: i.launch_time,
+                            tags: i
+                                .tags
+                                .iter()
+                                .filter(|(k, _)| k.starts_with(tags::PREFIX))
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                        })
+                        .collect::<Vec<_>>())
                 })
-                .collect())
+                .await?;
+            let next = (page.len() == PAGE).then_some(from + PAGE);
+            Ok(Some((page, next)))
         })
+        .boxed()
     }
 
     fn on_demand_price<'a>(
@@ -583,6 +594,7 @@ impl Ec2 for FakeEc2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::TryStreamExt as _;
 
     fn template_data() -> LaunchTemplateData {
         LaunchTemplateData {
@@ -596,22 +608,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_fleet_skips_exhausted_types_and_run_instances_fails_on_them() {
+    /// A fake with one subnet and a launch template, and a fleet request for two types
+    /// tagged as controller `controller`'s.
+    async fn fleet_of(controller: &str) -> (FakeEc2, LaunchRequest) {
         let ec2 = FakeEc2::new().with_subnet("subnet-1", "vpc-1", "us-east-1b");
         let ours = BTreeMap::from([
             (
                 tags::MANAGED_BY.to_string(),
                 tags::MANAGED_BY_VALUE.to_string(),
             ),
-            (tags::CONTROLLER.to_string(), "c".to_string()),
+            (tags::CONTROLLER.to_string(), controller.to_string()),
+            ("team".to_string(), "ci".to_string()),
         ]);
         let lt = ec2
             .create_launch_template("lt", "d", &template_data(), &ours)
             .await
             .unwrap();
-        ec2.exhaust("m7i.large");
-        let mut request = LaunchRequest {
+        let request = LaunchRequest {
             launch_template_id: lt.id,
             version: 1,
             offerings: vec![
@@ -623,6 +636,13 @@ mod tests {
             tags: ours,
             client_token: None,
         };
+        (ec2, request)
+    }
+
+    #[tokio::test]
+    async fn a_fleet_skips_exhausted_types_and_run_instances_fails_on_them() {
+        let (ec2, mut request) = fleet_of("c").await;
+        ec2.exhaust("m7i.large");
         let out = ec2.launch(&request).await.unwrap();
         assert_eq!(out.failures.len(), 1);
         assert_eq!(
@@ -644,5 +664,23 @@ mod tests {
             .unwrap();
         assert!(!ec2.describe_managed_instances("c").await.unwrap()[0].is_alive());
         assert_eq!(ec2.count("CreateFleet") + ec2.count("RunInstances"), 2);
+    }
+
+    #[tokio::test]
+    async fn managed_instances_come_a_page_per_call_with_only_our_tags() {
+        let (ec2, mut request) = fleet_of("c").await;
+        for _ in 0..=PAGE {
+            ec2.launch(&request).await.unwrap();
+        }
+        request.tags.insert(tags::CONTROLLER.into(), "other".into());
+        ec2.launch(&request).await.unwrap();
+
+        let pages: Vec<Vec<Instance>> =
+            ec2.managed_instance_pages("c").try_collect().await.unwrap();
+        assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [PAGE, 1]);
+        assert_eq!(ec2.count("DescribeInstances"), 2);
+        let all = ec2.describe_managed_instances("c").await.unwrap();
+        assert_eq!(all.len(), PAGE + 1);
+        assert!(all.iter().all(|i| !i.tags.contains_key("team")));
     }
 }

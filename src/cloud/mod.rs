@@ -9,10 +9,15 @@ pub mod iam_policy;
 use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt as _, TryStreamExt as _};
 
 pub use error::{CloudError, ErrorClass, classify};
 
 pub type CloudResult<T> = Result<T, CloudError>;
+
+/// A paginated listing: one item per page, each the answer of one call.
+pub type Pages<'a, T> = BoxStream<'a, CloudResult<Vec<T>>>;
 
 /// Tag keys Pacer writes. `gha:managed-by=pacer` is what the IAM policy keys on.
 pub mod tags {
@@ -224,13 +229,21 @@ pub trait Ec2: Send + Sync {
         request: &'a LaunchRequest,
     ) -> BoxFuture<'a, CloudResult<LaunchOutcome>>;
     /// Every instance tagged as this controller's, terminated ones included while EC2 still
-    /// lists them (their state reason says why they went), in one paginated call, whatever
-    /// the number of jobs. Only Pacer's own (`gha:`) tags are kept: thousands of instances
-    /// are listed every few seconds, and the users' tags are not Pacer's business.
+    /// lists them (their state reason says why they went), a page per call of one paginated
+    /// listing, whatever the number of jobs. Only Pacer's own (`gha:`) tags are kept:
+    /// thousands of instances are listed every few seconds, and the users' tags are not
+    /// Pacer's business. Callers that keep only part of each instance fold the pages as they
+    /// come rather than holding the whole listing.
+    fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance>;
+    /// All of `managed_instance_pages` at once.
     fn describe_managed_instances<'a>(
         &'a self,
         controller_id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>>;
+    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
+        self.managed_instance_pages(controller_id)
+            .try_concat()
+            .boxed()
+    }
     /// On-demand Linux hourly price in USD of an instance type in the configured region, from
     /// the Pricing API; `None` when it lists none.
     fn on_demand_price<'a>(

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use futures::TryStreamExt as _;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use kube::api::{Api, ListParams, ObjectMeta};
@@ -13,8 +14,10 @@ use tracing::{info, warn};
 
 use super::{Context, Result};
 use crate::api::{RunnerJob, RunnerPool};
-use crate::cloud::{Ec2 as _, ErrorClass};
-use crate::domain::gc::{orphan_templates, orphans};
+use crate::cloud::tags::{CONTROLLER, MANAGED_BY};
+use crate::cloud::{Ec2 as _, ErrorClass, Instance};
+use crate::domain::gc::{may_be_orphan, orphan_templates, orphans};
+use crate::domain::launch::RUNNER_JOB_UID;
 
 /// The part of the cluster the collector compares EC2 with.
 #[derive(Clone)]
@@ -60,26 +63,37 @@ pub async fn collect(ctx: &Context, scope: &Scope) -> Result<Collected> {
 
 async fn collect_instances(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
     // EC2 first: an instance launched after this listing cannot be mistaken for an orphan by
-    // a RunnerJob listing taken before its launch.
-    let instances = ctx
+    // a RunnerJob listing taken before its launch. There may be thousands of instances: only
+    // the candidates are kept, page by page, with the tags the rule reads.
+    let (id, now, grace) = (
+        &ctx.settings.controller_id,
+        Timestamp::now().as_second(),
+        ctx.settings.gc_grace,
+    );
+    let instances: Vec<Instance> = ctx
         .ec2()
-        .describe_managed_instances(&ctx.settings.controller_id)
+        .managed_instance_pages(id)
+        .try_fold(Vec::new(), |mut kept, page| {
+            let candidates = page
+                .into_iter()
+                .filter(|i| may_be_orphan(i, id, now, grace));
+            kept.extend(candidates.map(|mut i| {
+                i.tags
+                    .retain(|k, _| [MANAGED_BY, CONTROLLER, RUNNER_JOB_UID].contains(&k.as_str()));
+                i
+            }));
+            std::future::ready(Ok(kept))
+        })
         .await?;
     let live: HashSet<String> = list_metadata(jobs)
         .await?
         .iter()
         .filter_map(|j| j.uid.clone())
         .collect();
-    let doomed: Vec<String> = orphans(
-        &instances,
-        &ctx.settings.controller_id,
-        &live,
-        Timestamp::now().as_second(),
-        ctx.settings.gc_grace,
-    )
-    .into_iter()
-    .map(|i| i.id.clone())
-    .collect();
+    let doomed: Vec<String> = orphans(&instances, id, &live, now, grace)
+        .into_iter()
+        .map(|i| i.id.clone())
+        .collect();
     if !doomed.is_empty() {
         ctx.ec2().terminate_instances(&doomed).await?;
         ctx.metrics.gc_terminated.inc_by(doomed.len() as u64);

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt as _};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -166,20 +166,28 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
     if let Some((true, instances)) = current() {
         return Ok(instances);
     }
-    let listed = ctx
-        .ec2()
-        .describe_managed_instances(&ctx.settings.controller_id)
-        .await?;
-    let mut by_uid: HashMap<String, Instance> = HashMap::with_capacity(listed.len());
-    for mut instance in listed {
-        let Some(uid) = instance.tags.remove(launch::RUNNER_JOB_UID) else {
-            continue;
-        };
-        // Passes read the state, not the tags; thousands of instances are kept here.
-        instance.tags = Default::default();
-        // A live instance wins over a terminated one of an earlier attempt.
-        if by_uid.get(&uid).is_none_or(|seen| !seen.is_alive()) {
-            by_uid.insert(uid, instance);
+    // Sized like the last one, and filled page by page: thousands of instances are kept here,
+    // and only their state, not their tags.
+    let mut by_uid: HashMap<String, Instance> = HashMap::with_capacity(
+        ctx.jobs
+            .snapshot
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |(_, s)| s.len()),
+    );
+    let ec2 = ctx.ec2();
+    let mut pages = ec2.managed_instance_pages(&ctx.settings.controller_id);
+    while let Some(page) = pages.try_next().await? {
+        for mut instance in page {
+            let Some(uid) = instance.tags.remove(launch::RUNNER_JOB_UID) else {
+                continue;
+            };
+            instance.tags = Default::default();
+            // A live instance wins over a terminated one of an earlier attempt.
+            if by_uid.get(&uid).is_none_or(|seen| !seen.is_alive()) {
+                by_uid.insert(uid, instance);
+            }
         }
     }
     let by_uid = Arc::new(by_uid);
@@ -296,8 +304,8 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     let key =
         kube::runtime::reflector::ObjectRef::<RunnerPool>::new(&job.spec.pool_name).within(&ns);
     let pool = match ctx.jobs.pools.get().and_then(|store| store.get(&key)) {
-        Some(pool) => Some((*pool).clone()),
-        None => pools.get_opt(&job.spec.pool_name).await?,
+        Some(pool) => Some(pool),
+        None => pools.get_opt(&job.spec.pool_name).await?.map(Arc::new),
     };
     let limits = match &pool {
         Some(p) => crate::domain::job::Limits {

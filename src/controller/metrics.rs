@@ -3,8 +3,8 @@
 
 use std::sync::atomic::AtomicU64;
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt as _};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cloud::{
     CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchOutcome, LaunchRequest,
-    LaunchTemplate, LaunchTemplateData, SecurityGroup, Subnet,
+    LaunchTemplate, LaunchTemplateData, Pages, SecurityGroup, Subnet,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -305,15 +305,16 @@ impl<E: Ec2 + ?Sized> Ec2 for Metered<'_, E> {
     ) -> BoxFuture<'a, CloudResult<LaunchOutcome>> {
         metered!(self, "Launch", self.inner.launch(request))
     }
-    fn describe_managed_instances<'a>(
-        &'a self,
-        controller_id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Vec<Instance>>> {
-        metered!(
-            self,
-            "DescribeInstances",
-            self.inner.describe_managed_instances(controller_id)
-        )
+    fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance> {
+        // Each page is a call of its own.
+        let metrics = self.metrics;
+        self.inner
+            .managed_instance_pages(controller_id)
+            .map(move |page| {
+                metrics.call("DescribeInstances", &page);
+                page
+            })
+            .boxed()
     }
     fn on_demand_price<'a>(
         &'a self,

@@ -6,8 +6,7 @@ use std::time::Duration;
 use crate::cloud::{Instance, LaunchTemplate, tags};
 use crate::domain::launch::RUNNER_JOB_UID;
 
-/// Instances to terminate: tagged as this controller's, not on their way out already, older
-/// than `grace`, and claimed by no live RunnerJob. `now` is seconds since the Unix epoch.
+/// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims.
 pub fn orphans<'a>(
     instances: &'a [Instance],
     controller_id: &str,
@@ -17,23 +16,25 @@ pub fn orphans<'a>(
 ) -> Vec<&'a Instance> {
     instances
         .iter()
-        .filter(|i| tags::owned_by(&i.tags, controller_id))
-        .filter(|i| {
-            matches!(
-                i.state.as_str(),
-                "pending" | "running" | "stopping" | "stopped"
-            )
-        })
-        .filter(|i| {
-            i.launch_time
-                .is_some_and(|t| now - t >= grace.as_secs() as i64)
-        })
+        .filter(|i| may_be_orphan(i, controller_id, now, grace))
         .filter(|i| {
             i.tags
                 .get(RUNNER_JOB_UID)
                 .is_none_or(|uid| !live_jobs.contains(uid))
         })
         .collect()
+}
+
+/// What makes an instance a candidate, whatever the RunnerJobs: tagged as this controller's,
+/// not on its way out already, and older than `grace`. `now` is seconds since the Unix epoch.
+pub fn may_be_orphan(i: &Instance, controller_id: &str, now: i64, grace: Duration) -> bool {
+    tags::owned_by(&i.tags, controller_id)
+        && matches!(
+            i.state.as_str(),
+            "pending" | "running" | "stopping" | "stopped"
+        )
+        && i.launch_time
+            .is_some_and(|t| now - t >= grace.as_secs() as i64)
 }
 
 /// Launch templates to delete: tagged as this controller's, for a pool (`namespace/name`)
