@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // A controller caching thousands of objects and churning through small allocations keeps a
-// smaller resident set on mimalloc than on the system allocator (see docs/testing.md).
+// smaller resident set on mimalloc than on the system allocator (see docs/testing.md);
+// `pacer run` tunes it through its environment (`app::reexec_with_allocator_option`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
+            pacer::app::reexec_with_allocator_option();
             pacer::app::init_tracing();
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(pacer::app::run(&config)) {
