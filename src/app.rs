@@ -82,7 +82,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     })
     .await;
     let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws));
-    let settings = controller::Settings::new(&config.controller.id, &config.server.public_url);
+    let settings = controller::Settings {
+        job_concurrency: config.controller.job_concurrency,
+        ..controller::Settings::new(&config.controller.id, &config.server.public_url)
+    };
     let ctx = Arc::new(controller::Context::new(client.clone(), ec2, settings));
     let (pools, jobs): (Api<RunnerPool>, Api<RunnerJob>) = if config.controller.namespace.is_empty()
     {

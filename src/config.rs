@@ -160,6 +160,14 @@ pub struct ControllerConfig {
     /// Namespace to watch; empty watches all.
     #[serde(default)]
     pub namespace: String,
+    /// RunnerJob passes at once. A burst of queued jobs launches about this many in parallel;
+    /// the API server still sees at most 32 requests in flight.
+    #[serde(default = "default_job_concurrency")]
+    pub job_concurrency: u16,
+}
+
+fn default_job_concurrency() -> u16 {
+    512
 }
 
 fn default_controller_id() -> String {
@@ -171,6 +179,7 @@ impl Default for ControllerConfig {
         Self {
             id: default_controller_id(),
             namespace: String::new(),
+            job_concurrency: default_job_concurrency(),
         }
     }
 }
@@ -263,6 +272,10 @@ const OVERRIDES: &[Override] = &[
     Override {
         key: "controller.namespace",
         set: |c, v| set_string(&mut c.controller.namespace, v),
+    },
+    Override {
+        key: "controller.job_concurrency",
+        set: |c, v| set_parsed(&mut c.controller.job_concurrency, v),
     },
 ];
 
@@ -380,6 +393,12 @@ impl Config {
                     "expected 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit, got {:?}",
                     self.controller.id
                 ),
+            ));
+        }
+        if self.controller.job_concurrency == 0 {
+            return Err((
+                "controller.job_concurrency",
+                "expected at least 1 RunnerJob pass at once".into(),
             ));
         }
         let tls = &self.server.tls;
@@ -530,6 +549,7 @@ github:
         .unwrap();
         assert_eq!(config.aws.region, "us-east-2");
         assert_eq!(config.github.app_id, 99);
+        assert_eq!(config.controller.job_concurrency, 512);
         assert_eq!(
             config.aws.endpoint_url.as_deref(),
             Some("http://127.0.0.1:5000")
@@ -546,6 +566,24 @@ github:
             .unwrap_err()
             .to_string();
         assert!(err.contains("PACER_GITHUB_APP_ID"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_example_loads_as_written() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config.example.yaml");
+        let config = Config::load(&path, []).unwrap();
+        assert_eq!(config.controller.id, "prod-eu");
+        assert_eq!(config.controller.job_concurrency, 512);
+    }
+
+    #[test]
+    fn job_concurrency_is_set_by_environment_and_never_zero() {
+        let config = load(MINIMAL, &[("PACER_CONTROLLER_JOB_CONCURRENCY", "64")]).unwrap();
+        assert_eq!(config.controller.job_concurrency, 64);
+        let err = load(MINIMAL, &[("PACER_CONTROLLER_JOB_CONCURRENCY", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.job_concurrency"), "{err}");
     }
 
     #[test]
