@@ -48,7 +48,11 @@ impl World {
     }
 
     fn context(&self) -> Arc<Context> {
-        let settings = Settings {
+        self.context_with(|_| {})
+    }
+
+    fn context_with(&self, change: impl FnOnce(&mut Settings)) -> Arc<Context> {
+        let mut settings = Settings {
             resync: Duration::from_secs(2),
             backoff_unit: Duration::from_millis(200),
             instance_refresh: Duration::from_millis(500),
@@ -56,6 +60,7 @@ impl World {
             max_launch_attempts: 3,
             ..Settings::new(&self.controller_id, "https://pacer.example.test")
         };
+        change(&mut settings);
         Arc::new(Context::new(
             self.client.clone(),
             Arc::new(self.ec2.clone()),
@@ -631,9 +636,10 @@ async fn a_spot_run_instances_launch_takes_the_cheapest_zone() {
 }
 
 #[tokio::test]
-async fn a_full_pool_holds_jobs_pending_and_finished_jobs_go_after_their_ttl() {
+async fn a_full_pool_holds_jobs_pending_until_one_finishes_and_finished_jobs_go_after_their_ttl() {
     let w = World::new("capacity-ttl").await;
-    let ctx = w.context();
+    // A waiting job would look again only after an hour: the first job's finishing must wake it.
+    let ctx = w.context_with(|s| s.job_limits.capacity_recheck = Duration::from_secs(3600));
     let _controllers = w.start(ctx.clone());
     w.ready_pool(|p| {
         p["spec"]["maxRunners"] = json!(1);
@@ -654,6 +660,7 @@ async fn a_full_pool_holds_jobs_pending_and_finished_jobs_go_after_their_ttl() {
     assert!(w.instances_of(&second).await.is_empty());
 
     w.report("job-1", "success").await;
+    // Woken by job-1's finishing, not by a recheck.
     w.wait_phase("job-2", JobPhase::Booting).await;
     // The finished job is deleted once its TTL is over, and its instance is gone.
     w.wait(|| async { w.jobs.get_opt("job-1").await.unwrap().is_none() })

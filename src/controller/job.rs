@@ -13,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::metrics::{Offering, Pool, PoolPhase};
@@ -68,14 +68,20 @@ impl Shared {
 }
 
 /// Runs the RunnerJob controller on the shared RunnerJob watch until shutdown.
+///
+/// `finished` is a second subscription to the same watch: a job that finishes wakes the jobs
+/// of its pool waiting for room.
 pub(super) async fn run(
     ctx: Arc<Context>,
     store: Store<RunnerJob>,
     changes: impl futures::Stream<Item = Arc<RunnerJob>> + Send + 'static,
+    finished: impl futures::Stream<Item = Arc<RunnerJob>> + Send + 'static,
 ) {
     let config =
         kube::runtime::controller::Config::default().concurrency(ctx.settings.job_concurrency);
+    let wake = ctx.clone();
     Controller::for_shared_stream(changes, store)
+        .watches_shared_stream(finished, move |job| waiting_for_room(&wake, &job))
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -258,26 +264,64 @@ fn pool_has_room(ctx: &Context, job: &RunnerJob, pool: &RunnerPool) -> bool {
         return true;
     };
     let max = pool.spec.max_runners as usize;
-    if store.len() <= max {
-        return true;
+    store.len() <= max || pool_usage(store, job).0 < max
+}
+
+/// The other RunnerJobs of `job`'s pool: how many hold (or are getting) a runner, and those
+/// still Pending.
+fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (usize, Vec<Arc<RunnerJob>>) {
+    let (mut busy, mut pending) = (0, Vec::new());
+    for other in store.state() {
+        if other.spec.pool_name != job.spec.pool_name
+            || other.namespace() != job.namespace()
+            || other.uid() == job.uid()
+        {
+            continue;
+        }
+        match other.status.as_ref().map(|s| s.phase).unwrap_or_default() {
+            JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing => {
+                busy += 1
+            }
+            JobPhase::Pending => pending.push(other),
+            JobPhase::Succeeded | JobPhase::Failed => {}
+        }
     }
-    let busy = store
-        .state()
+    (busy, pending)
+}
+
+/// When a job finishes, the jobs of its pool to look again now: the oldest Pending ones, as
+/// many as the pool has room for.
+///
+/// Only for a job that finished within the last recheck interval: the watch brings every
+/// finished job again on a relist, and those waiting have looked again since on their own.
+fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>> {
+    let Some(status) = job.status.as_ref() else {
+        return Vec::new();
+    };
+    let finished = matches!(status.phase, JobPhase::Succeeded | JobPhase::Failed);
+    let recheck = ctx.settings.job_limits.capacity_recheck;
+    if !finished || since(entered_time(status), Timestamp::now()) > recheck {
+        return Vec::new();
+    }
+    let (Some(store), Some(pools)) = (ctx.jobs.store(), ctx.jobs.pools.get()) else {
+        return Vec::new();
+    };
+    let key = ObjectRef::<RunnerPool>::new(&job.spec.pool_name)
+        .within(&job.namespace().unwrap_or_default());
+    let Some(pool) = pools.get(&key) else {
+        return Vec::new();
+    };
+    let (busy, mut pending) = pool_usage(store, job);
+    let room = (pool.spec.max_runners as usize).saturating_sub(busy);
+    pending.sort_by(|a, b| {
+        let created = |j: &RunnerJob| j.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a).cmp(&created(b))
+    });
+    pending
         .iter()
-        .filter(|j| {
-            j.spec.pool_name == job.spec.pool_name
-                && j.namespace() == job.namespace()
-                && j.uid() != job.uid()
-        })
-        .filter(|j| {
-            let phase = j.status.as_ref().map(|s| s.phase).unwrap_or_default();
-            matches!(
-                phase,
-                JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing
-            )
-        })
-        .count();
-    busy < max
+        .take(room)
+        .map(|j| ObjectRef::from_obj(&**j))
+        .collect()
 }
 
 fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {

@@ -69,12 +69,14 @@ pub fn kube_client(config: kube::Config) -> kube::Result<kube::Client> {
 }
 
 /// Runs the RunnerPool and RunnerJob controllers until shutdown. Both read one RunnerJob
-/// watch: the job controller reconciles from it, the pool controller recounts its runners.
+/// watch: the job controller reconciles from it and wakes jobs waiting for room when one
+/// finishes, the pool controller recounts its runners.
 pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>) {
     // Room for a burst of changes before the watch waits for the slower subscriber.
     let (store, writer) = reflector::store_shared(1024);
     let for_jobs = writer.subscribe().expect("a shared store has subscribers");
     let for_pools = writer.subscribe().expect("a shared store has subscribers");
+    let for_waiting_jobs = writer.subscribe().expect("a shared store has subscribers");
     let _ = ctx.jobs.store.set(store.clone());
     let events = watcher(jobs, watcher::Config::default())
         .default_backoff()
@@ -95,7 +97,7 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
         });
     let controllers = futures::future::join(
         pool::run(ctx.clone(), pools, for_pools),
-        job::run(ctx, store, for_jobs),
+        job::run(ctx, store, for_jobs, for_waiting_jobs),
     );
     tokio::select! {
         () = events => {}

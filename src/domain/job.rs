@@ -57,6 +57,10 @@ pub struct Limits {
     pub ttl_after_finished: Duration,
     /// How long a launch may go unseen in EC2's (eventually consistent) answers.
     pub launch_visibility: Duration,
+    /// How often a job waiting for room in its pool looks again. A job of the pool that
+    /// finishes wakes the waiting ones sooner; this catches what that misses (a runner
+    /// deleted before it finished).
+    pub capacity_recheck: Duration,
 }
 
 impl Default for Limits {
@@ -66,6 +70,7 @@ impl Default for Limits {
             max_runtime: Duration::from_secs(6 * 3600),
             ttl_after_finished: Duration::from_secs(3600),
             launch_visibility: Duration::from_secs(60),
+            capacity_recheck: POLL,
         }
     }
 }
@@ -181,7 +186,7 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             InstanceState::Alive { .. } => go(Booting, Step::Wait(POLL)),
             _ if !f.pool_has_room => because(
                 Pending,
-                Step::Wait(POLL),
+                Step::Wait(limits.capacity_recheck),
                 "PoolAtCapacity",
                 "the pool has maxRunners runners already",
             ),
