@@ -23,7 +23,7 @@ use crate::api::{
     RunnerPool,
 };
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
-use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide};
+use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide, to_wake};
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
 
@@ -289,8 +289,8 @@ fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (usize, Vec<Arc<Runn
     (busy, pending)
 }
 
-/// When a job finishes, the jobs of its pool to look again now: the oldest Pending ones, as
-/// many as the pool has room for.
+/// When a job finishes, the jobs of its pool to look again now: those `to_wake` picks from
+/// its Pending ones.
 ///
 /// Only for a job that finished within the last recheck interval: the watch brings every
 /// finished job again on a relist, and those waiting have looked again since on their own.
@@ -311,17 +311,15 @@ fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>>
     let Some(pool) = pools.get(&key) else {
         return Vec::new();
     };
-    let (busy, mut pending) = pool_usage(store, job);
-    let room = (pool.spec.max_runners as usize).saturating_sub(busy);
-    pending.sort_by(|a, b| {
-        let created = |j: &RunnerJob| j.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        created(a).cmp(&created(b))
-    });
-    pending
+    let (busy, pending) = pool_usage(store, job);
+    let pending = pending
         .iter()
-        .take(room)
-        .map(|j| ObjectRef::from_obj(&**j))
-        .collect()
+        .map(|j| {
+            let created = j.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            (created, ObjectRef::from_obj(&**j))
+        })
+        .collect();
+    to_wake(pool.spec.max_runners as usize, busy, pending)
 }
 
 fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {

@@ -243,10 +243,27 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
     }
 }
 
+/// The jobs to wake when a runner of their pool finishes: the oldest waiting ones, as many as
+/// the pool has room for. `waiting` pairs each job with when it was created.
+pub fn to_wake<T, C: Ord>(max_runners: usize, busy: usize, mut waiting: Vec<(C, T)>) -> Vec<T> {
+    let room = max_runners.saturating_sub(busy);
+    waiting.sort_by(|a, b| a.0.cmp(&b.0));
+    waiting.into_iter().take(room).map(|(_, job)| job).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use JobPhase::*;
+
+    #[test]
+    fn the_oldest_waiting_jobs_are_woken_as_many_as_there_is_room() {
+        let waiting = || vec![(4, "d"), (1, "a"), (3, "c"), (2, "b")];
+        assert_eq!(to_wake(3, 1, waiting()), ["a", "b"]);
+        assert_eq!(to_wake(9, 0, waiting()), ["a", "b", "c", "d"]);
+        assert!(to_wake(3, 3, waiting()).is_empty());
+        assert!(to_wake(3, 5, waiting()).is_empty());
+    }
 
     fn facts(phase: JobPhase) -> Facts {
         Facts {
