@@ -267,6 +267,13 @@ fn pool_has_room(ctx: &Context, job: &RunnerJob, pool: &RunnerPool) -> bool {
     store.len() <= max || pool_usage(store, job).0 < max
 }
 
+/// `job`'s pool as the pool controller's cache holds it.
+fn cached_pool(ctx: &Context, job: &RunnerJob) -> Option<Arc<RunnerPool>> {
+    let key = ObjectRef::<RunnerPool>::new(&job.spec.pool_name)
+        .within(&job.namespace().unwrap_or_default());
+    ctx.jobs.pools.get()?.get(&key)
+}
+
 /// The other RunnerJobs of `job`'s pool: how many hold (or are getting) a runner, and those
 /// still Pending.
 fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (usize, Vec<Arc<RunnerJob>>) {
@@ -303,12 +310,7 @@ fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>>
     if !finished || since(entered_time(status), Timestamp::now()) > recheck {
         return Vec::new();
     }
-    let (Some(store), Some(pools)) = (ctx.jobs.store(), ctx.jobs.pools.get()) else {
-        return Vec::new();
-    };
-    let key = ObjectRef::<RunnerPool>::new(&job.spec.pool_name)
-        .within(&job.namespace().unwrap_or_default());
-    let Some(pool) = pools.get(&key) else {
+    let (Some(store), Some(pool)) = (ctx.jobs.store(), cached_pool(ctx, job)) else {
         return Vec::new();
     };
     let (busy, pending) = pool_usage(store, job);
@@ -343,9 +345,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     let mut status = job.status.clone().unwrap_or_default();
     let pools: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
     // The pool controller's cache when it has the pool, else the API server.
-    let key =
-        kube::runtime::reflector::ObjectRef::<RunnerPool>::new(&job.spec.pool_name).within(&ns);
-    let pool = match ctx.jobs.pools.get().and_then(|store| store.get(&key)) {
+    let pool = match cached_pool(ctx, job) {
         Some(pool) => Some(pool),
         None => pools.get_opt(&job.spec.pool_name).await?.map(Arc::new),
     };
