@@ -80,7 +80,7 @@ fn job(ns: &str, i: usize) -> RunnerJob {
             run_id: 1,
             repository: "example-org/api".into(),
             labels: vec!["self-hosted".into()],
-            installation_id: 1,
+            installation_id: Some(1),
         },
     )
 }

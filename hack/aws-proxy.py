@@ -4,7 +4,10 @@
 It forwards every AWS request to moto, records each action with its parameters, injects AWS
 errors on request, answers the Pricing API (which moto lacks) with a realistic price document,
 serves DeleteLaunchTemplateVersions (which moto answers with HTTP 500), and answers
-DescribeSpotPriceHistory from a table a test sets (moto has one constant spot price).
+DescribeSpotPriceHistory from a table a test sets (moto has one constant spot price), and keeps
+RunInstances and CreateFleet ClientTokens as EC2 does (moto ignores them): the same token with the
+same parameters replays the first successful answer (an empty fleet included) and launches
+nothing; the same token with other parameters is refused with IdempotentParameterMismatch (400).
 
 Control endpoints, all JSON:
   GET    /_proxy/health            -> {"ok": true}
@@ -44,6 +47,9 @@ LOCK = threading.Lock()
 CALLS = []
 FAULTS = []
 SPOT_PRICES = {}
+# ClientToken -> (parameters without the token, content type, body of the first 200 answer).
+TOKENS = {}
+IDEMPOTENT_ACTIONS = ("RunInstances", "CreateFleet")
 
 
 def price_document(instance_type, region):
@@ -131,6 +137,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def reply(self, status, body, content_type="application/json", extra=None):
         data = body.encode() if isinstance(body, str) else body
+        self.sent = (status, content_type, data)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -171,6 +178,7 @@ class Handler(BaseHTTPRequestHandler):
                 CALLS.clear()
                 FAULTS.clear()
                 SPOT_PRICES.clear()
+                TOKENS.clear()
         if path == "/_proxy/reset" and method == "POST":
             self.forward("POST", "/moto-api/reset", b"", {})
             return self.reply(200, "{}")
@@ -201,11 +209,28 @@ class Handler(BaseHTTPRequestHandler):
             params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
             action = params.get("Action", "")
         flat = params if not target else {k: json.dumps(v) for k, v in params.items()}
-        fault = take_fault(action, flat)
-        status = self.answer(method, raw, service, target, action, params, fault)
+        token = params.get("ClientToken") if action in IDEMPOTENT_ACTIONS else None
+        rest = {k: v for k, v in params.items() if k != "ClientToken"}
+        with LOCK:
+            known = TOKENS.get(token) if token else None
+        replayed = known is not None
+        if known and known[0] != rest:
+            status = 400
+            self.reply(400, xml_error(service, "IdempotentParameterMismatch",
+                                      "The client token %s was used with other parameters" % token), "text/xml")
+        elif known:
+            status = 200
+            self.reply(200, known[2], known[1])
+        else:
+            fault = take_fault(action, flat)
+            self.sent = None
+            status = self.answer(method, raw, service, target, action, params, fault)
+            if token and status == 200 and self.sent:
+                with LOCK:
+                    TOKENS.setdefault(token, (rest, self.sent[1], self.sent[2]))
         with LOCK:
             CALLS.append({"seq": len(CALLS) + 1, "service": service, "action": action,
-                          "params": params, "status": status})
+                          "params": params, "status": status, "replayed": replayed})
 
     def answer(self, method, raw, service, target, action, params, fault):
         if fault and fault.get("fleet_error"):
@@ -226,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.spot_price_history(params)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
         status, resp_headers, data = self.forward(method, self.path, raw, headers)
+        content_type = dict((k.lower(), v) for k, v in resp_headers).get("content-type", "text/xml")
+        self.sent = (status, content_type, data)
         self.send_response(status)
         for k, v in resp_headers:
             if k.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):

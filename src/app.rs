@@ -61,7 +61,7 @@ pub fn init_tracing() {
 /// to stop.
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path, std::env::vars())?;
-    let _secrets = config.read_secrets()?;
+    let secrets = config.read_secrets()?;
     info!(
         config = %config_path.display(),
         region = %config.aws.region,
@@ -104,17 +104,65 @@ pub async fn run(config_path: &Path) -> Result<()> {
         })?;
     info!(address = %config.server.metrics_listen, "serving metrics at /metrics");
     let metrics = axum::serve(listener, crate::http::metrics_router(ctx.clone()));
+
+    let namespace = Some(config.controller.namespace.clone()).filter(|ns| !ns.is_empty());
+    let (pool_cache, pool_writer) = kube::runtime::reflector::store();
+    let web = Arc::new(crate::http::Web::new(
+        ctx.clone(),
+        pool_cache.clone(),
+        secrets.webhook_secrets(),
+        namespace.clone(),
+    ));
+    let pool_watch = {
+        use futures::StreamExt as _;
+        use kube::runtime::{WatchStreamExt as _, watcher};
+        watcher(pools.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(pool_writer)
+            .for_each(|event| {
+                if let Err(e) = event {
+                    warn!(error = %e, "watching RunnerPools for webhooks failed; retrying");
+                }
+                std::future::ready(())
+            })
+    };
+    let ready = {
+        let web = web.clone();
+        async move {
+            if pool_cache.wait_until_ready().await.is_ok() {
+                web.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                info!("RunnerPool cache synced; ready for webhooks");
+            }
+            std::future::pending::<()>().await
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| Error::Io {
+            path: PathBuf::from(config.server.listen.to_string()),
+            source,
+        })?;
+    info!(address = %config.server.listen, "serving webhooks at /api/webhook");
+    let main =
+        axum::serve(listener, crate::http::router(web)).with_graceful_shutdown(shutdown_signal());
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
     let scope = controller::gc::Scope {
         pools: pools.clone(),
         jobs: jobs.clone(),
-        namespace: Some(config.controller.namespace.clone()).filter(|ns| !ns.is_empty()),
+        namespace,
     };
     let controllers = controller::run(ctx.clone(), pools, jobs);
     tokio::select! {
         _ = controllers => {}
         () = controller::gc::run(ctx, scope) => {}
+        () = pool_watch => {}
+        () = ready => {}
+        result = main.into_future() => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the listener stopped");
+            }
+        }
         result = metrics.into_future() => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "the metrics listener stopped");
@@ -123,6 +171,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!("shut down");
     Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C, the signals the controllers stop on too.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
 }
 
 /// Fails with instructions when a CRD is missing; warns when the installed one differs from

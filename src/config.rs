@@ -144,6 +144,9 @@ pub struct GitHubConfig {
     pub private_key_file: PathBuf,
     /// The webhook secret, mounted from a Secret.
     pub webhook_secret_file: PathBuf,
+    /// While the webhook secret is rotated: the previous one, still accepted.
+    #[serde(default)]
+    pub previous_webhook_secret_file: Option<PathBuf>,
 }
 
 fn default_github_api() -> String {
@@ -208,6 +211,16 @@ impl fmt::Debug for Secret {
 pub struct Secrets {
     pub github_private_key: Secret,
     pub webhook_secret: Secret,
+    pub previous_webhook_secret: Option<Secret>,
+}
+
+impl Secrets {
+    /// The webhook secrets a delivery may be signed with: the current one, then the previous.
+    pub fn webhook_secrets(&self) -> Vec<Secret> {
+        std::iter::once(self.webhook_secret.clone())
+            .chain(self.previous_webhook_secret.clone())
+            .collect()
+    }
 }
 
 /// One `PACER_*` environment override: the variable, the key it sets, and how.
@@ -264,6 +277,13 @@ const OVERRIDES: &[Override] = &[
     Override {
         key: "github.webhook_secret_file",
         set: |c, v| set_parsed(&mut c.github.webhook_secret_file, v),
+    },
+    Override {
+        key: "github.previous_webhook_secret_file",
+        set: |c, v| {
+            c.github.previous_webhook_secret_file = (!v.is_empty()).then(|| v.into());
+            Ok(())
+        },
     },
     Override {
         key: "controller.id",
@@ -455,6 +475,12 @@ impl Config {
                 "github.webhook_secret_file",
                 &self.github.webhook_secret_file,
             )?,
+            previous_webhook_secret: self
+                .github
+                .previous_webhook_secret_file
+                .as_deref()
+                .map(|path| read("github.previous_webhook_secret_file", path))
+                .transpose()?,
         })
     }
 }
@@ -618,6 +644,7 @@ github:
         let secrets = Secrets {
             github_private_key: secret.clone(),
             webhook_secret: secret,
+            previous_webhook_secret: None,
         };
         assert!(!format!("{secrets:?}").contains("hunter2"));
     }

@@ -7,6 +7,7 @@ pub mod cloud;
 pub mod config;
 pub mod controller;
 pub mod domain;
+pub mod github;
 pub mod http;
 
 /// Everything that can stop a Pacer command.

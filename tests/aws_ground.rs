@@ -263,6 +263,7 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
             spot: false,
             fleet,
             tags,
+            allocation_strategy: None,
             client_token: Some(format!("token-{uid}")),
         }
     };
@@ -338,4 +339,34 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
         ErrorClass::InsufficientCapacity
     );
     assert_eq!(none.failures[0].instance_type.as_deref(), Some("m6i.large"));
+
+    // The proxy keeps ClientTokens as EC2 does. The fault is spent, yet the same request
+    // under the same token gets the first (empty) answer back.
+    let again = ec2.launch(&request(true, "no-capacity")).await.unwrap();
+    assert_eq!(again, none);
+    // The same launch again returns the same instance and launches nothing new.
+    let replay = ec2.launch(&request(true, "uid-fleet")).await.unwrap();
+    assert_eq!(replay.instances[0].id, by_fleet.instances[0].id);
+    let replay = ec2.launch(&request(false, "uid-run")).await.unwrap();
+    assert_eq!(replay.instances[0].id, by_run.instances[0].id);
+    assert_eq!(
+        ec2.describe_managed_instances(controller)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let calls = ground.proxy().calls_of("RunInstances", "uid-run").await;
+    assert_eq!(
+        calls.iter().map(|c| c.replayed).collect::<Vec<_>>(),
+        [false, true]
+    );
+    // The same token with other parameters is refused, and classified.
+    let mut other = request(true, "no-capacity");
+    other.spot = true;
+    let err = ec2.launch(&other).await.unwrap_err();
+    assert_eq!(
+        (err.code.as_str(), err.class),
+        ("IdempotentParameterMismatch", ErrorClass::InvalidInput)
+    );
 }

@@ -121,7 +121,7 @@ impl World {
             run_id: 7,
             repository: "example-org/api".into(),
             labels: vec!["self-hosted".into(), "linux".into()],
-            installation_id: 1,
+            installation_id: Some(1),
         }
     }
 
@@ -404,6 +404,52 @@ async fn capacity_errors_move_to_the_next_type_then_fall_back_then_give_up() {
 }
 
 #[tokio::test]
+async fn a_spot_fleet_out_of_capacity_falls_back_to_on_demand_under_its_own_token() {
+    let w = World::new("fleet-fallback").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|_| {}).await;
+    let proxy = w.ground.proxy();
+    // Every spot offering answers 200 with Errors[]; EC2 would replay that empty answer to
+    // the same token, and refuse the token for the on-demand request that follows.
+    proxy
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "InsufficientInstanceCapacity",
+            "fleet_error": true, "count": -1,
+            "match": {"DefaultTargetCapacityType": "spot", "Value": format!("{}/", w.ns)}}),
+        )
+        .await;
+    let uid = w
+        .create_queued_job("fallback", 1)
+        .await
+        .metadata
+        .uid
+        .unwrap();
+    let job = w.wait_phase("fallback", JobPhase::Booting).await;
+    assert_eq!(job.status.unwrap().instance.unwrap().market, "onDemand");
+    assert_eq!(w.alive_of(&uid).await.len(), 1);
+
+    let calls = proxy.calls_of("CreateFleet", &uid).await;
+    let param = |c: &support::proxy::Call, key: &str| c.params[key].as_str().map(String::from);
+    assert!(calls.iter().all(|c| c.status == 200), "{calls:?}");
+    let spot = &calls[0];
+    let on_demand = calls.last().unwrap();
+    assert_ne!(
+        param(spot, "ClientToken"),
+        param(on_demand, "ClientToken"),
+        "another request needs another token"
+    );
+    // The pool's allocation strategy (the default for each market) is sent.
+    assert_eq!(
+        param(spot, "SpotOptions.AllocationStrategy").as_deref(),
+        Some("price-capacity-optimized")
+    );
+    assert_eq!(
+        param(on_demand, "OnDemandOptions.AllocationStrategy").as_deref(),
+        Some("lowest-price")
+    );
+}
+
+#[tokio::test]
 async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
     let w = World::new("gc").await;
     let ctx = w.context();
@@ -422,9 +468,11 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
         .launch_template
         .unwrap();
     let launch = |controller: &str, uid: &str| {
+        let pool = format!("{}/linux", w.ns);
         let tags = [
             ("gha:managed-by", "pacer"),
             ("gha:controller", controller),
+            ("gha:pool", pool.as_str()),
             ("gha:runner_job_uid", uid),
         ]
         .into_iter()
@@ -437,6 +485,7 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
             spot: false,
             fleet: false,
             tags,
+            allocation_strategy: None,
             client_token: None,
         }
     };
@@ -667,4 +716,210 @@ async fn a_full_pool_holds_jobs_pending_until_one_finishes_and_finished_jobs_go_
         .await;
     assert!(w.alive_of(&first).await.is_empty());
     assert_eq!(w.alive_of(&second).await.len(), 1);
+}
+
+/// Launches an instance tagged as `controller`'s, for a job of pool `linux` in `ns` that does
+/// not exist: what a crash between launch and record, or another installation, leaves.
+async fn launch_unclaimed(w: &World, controller: &str, ns: &str) -> Instance {
+    let template = w
+        .pools
+        .get("linux")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .launch_template
+        .unwrap();
+    let pool = format!("{ns}/linux");
+    let tags = [
+        ("gha:managed-by", "pacer"),
+        ("gha:controller", controller),
+        ("gha:pool", pool.as_str()),
+        ("gha:runner_job_uid", "no-such-job"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let request = pacer::cloud::LaunchRequest {
+        launch_template_id: template.id,
+        version: template.version,
+        offerings: vec![("m6i.large".into(), w.ground.fixture("SUBNET_A").into())],
+        spot: false,
+        fleet: false,
+        tags,
+        allocation_strategy: None,
+        client_token: None,
+    };
+    w.ec2.launch(&request).await.unwrap().instances.remove(0)
+}
+
+#[tokio::test]
+async fn namespace_scoped_controllers_sharing_an_id_leave_each_others_runners_alone() {
+    let a = World::new("gc-ns-a").await;
+    let mut b = World::new("gc-ns-b").await;
+    b.controller_id = a.controller_id.clone();
+    let grace = Duration::from_secs(2);
+    let (ctx_a, ctx_b) = (
+        a.context_with(|s| s.gc_grace = grace),
+        b.context_with(|s| s.gc_grace = grace),
+    );
+    let _a = a.start(ctx_a.clone());
+    let _b = b.start(ctx_b.clone());
+    a.ready_pool(|_| {}).await;
+    b.ready_pool(|_| {}).await;
+    let uid_a = a.create_queued_job("job", 1).await.metadata.uid.unwrap();
+    let uid_b = b.create_queued_job("job", 2).await.metadata.uid.unwrap();
+    a.wait_phase("job", JobPhase::Booting).await;
+    b.wait_phase("job", JobPhase::Booting).await;
+    let orphan = launch_unclaimed(&a, &a.controller_id, &a.ns).await;
+
+    let scope = |w: &World| controller::gc::Scope {
+        pools: w.pools.clone(),
+        jobs: w.jobs.clone(),
+        namespace: Some(w.ns.clone()),
+    };
+    // Within the grace period nothing is collected, not even the orphan.
+    let none = controller::gc::collect(&ctx_a, &scope(&a)).await.unwrap();
+    assert_eq!(none.instances, 0);
+    tokio::time::sleep(grace + Duration::from_secs(1)).await;
+    for (ctx, w) in [(&ctx_a, &a), (&ctx_b, &b)] {
+        controller::gc::collect(ctx, &scope(w)).await.unwrap();
+    }
+    assert_eq!(a.alive_of(&uid_a).await.len(), 1, "a's runner lives");
+    assert_eq!(b.alive_of(&uid_b).await.len(), 1, "b's runner lives");
+    let left = a
+        .ec2
+        .describe_managed_instances(&a.controller_id)
+        .await
+        .unwrap();
+    let orphan_now = left.iter().find(|i| i.id == orphan.id).unwrap();
+    assert!(
+        !orphan_now.is_alive(),
+        "a's own orphan goes after the grace"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_never_runs_more_than_max_runners_and_every_job_runs() {
+    let w = World::new("burst").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|p| p["spec"]["maxRunners"] = json!(10)).await;
+    let names: Vec<String> = (0..100).map(|i| format!("burst-{i}")).collect();
+    futures::future::join_all(
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| w.create_queued_job(name, 1000 + i as i64)),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut most = 0;
+    loop {
+        // Sampled from EC2 throughout: never more than maxRunners alive at once.
+        let alive = w
+            .ec2
+            .describe_managed_instances(&w.controller_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|i| i.is_alive())
+            .count();
+        most = most.max(alive);
+        assert!(alive <= 10, "{alive} instances alive for maxRunners 10");
+        let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+        let phase = |j: &RunnerJob| j.status.as_ref().map(|s| s.phase).unwrap_or_default();
+        if jobs.iter().all(|j| phase(j) == JobPhase::Succeeded) {
+            break;
+        }
+        // Runners finish their jobs, making room for the next ones.
+        for job in jobs.iter().filter(|j| phase(j) == JobPhase::Booting) {
+            w.report(&job.metadata.name.clone().unwrap(), "success")
+                .await;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every job ran: {:?}",
+            jobs.iter().map(phase).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(most > 0);
+}
+
+#[tokio::test]
+async fn jobs_of_a_missing_deleting_or_unready_pool_are_not_launched() {
+    let w = World::new("pool-gates").await;
+    let _controllers = w.start(w.context());
+    let reason = |w: &World, name: &'static str| {
+        let jobs = w.jobs.clone();
+        async move {
+            let job = jobs.get(name).await.unwrap();
+            let status = job.status.unwrap_or_default();
+            (
+                status.phase,
+                status.last_error.map(|e| e.reason).unwrap_or_default(),
+            )
+        }
+    };
+    // No pool at all: PoolNotFound, not PoolAtCapacity.
+    w.create_queued_job("orphan", 1).await;
+    w.wait(|| async { reason(&w, "orphan").await == (JobPhase::Pending, "PoolNotFound".into()) })
+        .await;
+
+    // A pool whose spec turned invalid hands out no launch template.
+    w.ready_pool(|_| {}).await;
+    w.wait_phase("orphan", JobPhase::Booting).await;
+    w.pools
+        .patch(
+            "linux",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"instanceTypes": ["m7i.huge"]}})),
+        )
+        .await
+        .unwrap();
+    w.wait(|| async {
+        let pool = w.pools.get("linux").await.unwrap();
+        let status = pool.status.unwrap_or_default();
+        status.observed_generation == pool.metadata.generation
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False")
+    })
+    .await;
+    let stale = w.create_queued_job("stale", 2).await.metadata.uid.unwrap();
+    w.wait(|| async { reason(&w, "stale").await == (JobPhase::Pending, "PoolNotReady".into()) })
+        .await;
+
+    // A pool being deleted launches nothing more; its running job holds the deletion, its
+    // finished jobs do not.
+    w.pools
+        .patch(
+            "linux",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"instanceTypes": ["m6i.large"]}})),
+        )
+        .await
+        .unwrap();
+    w.wait_phase("stale", JobPhase::Booting).await;
+    w.report("stale", "success").await;
+    w.wait_phase("stale", JobPhase::Succeeded).await;
+    w.pools
+        .delete("linux", &DeleteParams::default())
+        .await
+        .unwrap();
+    let late = w.create_queued_job("late", 3).await.metadata.uid.unwrap();
+    w.wait(|| async { reason(&w, "late").await == (JobPhase::Pending, "PoolDeleting".into()) })
+        .await;
+    assert!(
+        w.pools.get_opt("linux").await.unwrap().is_some(),
+        "orphan's runner holds it"
+    );
+    w.report("orphan", "success").await;
+    w.wait(|| async { w.pools.get_opt("linux").await.unwrap().is_none() })
+        .await;
+    w.wait(|| async { reason(&w, "late").await == (JobPhase::Pending, "PoolNotFound".into()) })
+        .await;
+    assert!(w.instances_of(&late).await.is_empty());
+    assert_eq!(w.instances_of(&stale).await.len(), 1);
 }

@@ -292,6 +292,10 @@ async fn each_bad_input_has_its_reason_and_fixing_it_clears_it() {
         ),
         ("RootVolumeTooSmall", json!({"rootVolume": {"sizeGiB": 4}})),
         (
+            "InstanceTypeNotFound",
+            json!({"instanceTypes": ["m7i.huge"]}),
+        ),
+        (
             "SubnetNotFound",
             json!({"subnets": ["subnet-0000000000000dead"]}),
         ),

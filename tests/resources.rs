@@ -211,7 +211,7 @@ fn job(ns: &str, name: &str) -> RunnerJob {
             run_id: 10_834_231_556,
             repository: "example-org/api".into(),
             labels: vec!["self-hosted".into(), "linux".into()],
-            installation_id: 41_234_567,
+            installation_id: Some(41_234_567),
         },
     );
     job.metadata.namespace = Some(ns.into());

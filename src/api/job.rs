@@ -69,9 +69,12 @@ pub struct RunnerJobSpec {
     #[schemars(length(max = 100), inner(length(min = 1, max = 256)))]
     pub labels: Vec<String>,
 
-    /// The GitHub App installation that delivered the job.
+    /// The GitHub App installation that delivered the job. Absent when the job came from a
+    /// repository or organization webhook: the installation is then looked up from the
+    /// repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub installation_id: i64,
+    pub installation_id: Option<i64>,
 }
 
 /// Where a RunnerJob is in its life.
@@ -92,6 +95,13 @@ pub enum JobPhase {
     Succeeded,
     /// Finished and cleaned up; the job, the launch or the instance failed.
     Failed,
+}
+
+impl JobPhase {
+    /// Succeeded or Failed: nothing more happens but the TTL.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
 }
 
 /// What Pacer observed for a RunnerJob.
@@ -134,6 +144,12 @@ pub struct RunnerJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion: Option<Completion>,
 
+    /// The workflow job the runner actually took, from GitHub's `in_progress` webhook. A
+    /// just-in-time runner takes any queued job its labels satisfy, not necessarily the one
+    /// this RunnerJob was recorded for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_job: Option<AssignedJob>,
+
     /// Earliest time of the next launch attempt, after a capacity failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<Time>,
@@ -152,6 +168,18 @@ pub struct Completion {
     /// When it was reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_at: Option<Time>,
+}
+
+/// A workflow job a runner took.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AssignedJob {
+    /// GitHub's id of the workflow job.
+    pub job_id: i64,
+    /// GitHub's id of its workflow run.
+    pub run_id: i64,
+    /// The repository as `owner/name`.
+    pub repository: String,
 }
 
 /// How a job ended.

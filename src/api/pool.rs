@@ -95,6 +95,13 @@ pub struct RunnerPoolSpec {
     #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"))]
     pub runner_version: Option<String>,
 
+    /// When several pools serve a queued job equally well (the same number of labels beyond
+    /// the job's), the one with the highest priority gets it; then the first by
+    /// namespace/name.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+
     /// Most runners of this pool that may exist at once; further jobs wait.
     #[serde(default = "default_max_runners")]
     #[schemars(range(min = 1, max = 10000))]
@@ -121,6 +128,10 @@ pub struct RunnerPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 8192))]
     pub user_data: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn default_max_runners() -> i32 {

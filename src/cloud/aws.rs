@@ -797,8 +797,23 @@ impl AwsEc2 {
         } else {
             ec2::DefaultTargetCapacityType::OnDemand
         };
-        self.ec2
-            .create_fleet()
+        let mut builder = self.ec2.create_fleet();
+        if let Some(strategy) = request.allocation_strategy.as_deref() {
+            builder = if request.spot {
+                builder.spot_options(
+                    ec2::SpotOptionsRequest::builder()
+                        .allocation_strategy(ec2::SpotAllocationStrategy::from(strategy))
+                        .build(),
+                )
+            } else {
+                builder.on_demand_options(
+                    ec2::OnDemandOptionsRequest::builder()
+                        .allocation_strategy(ec2::FleetOnDemandAllocationStrategy::from(strategy))
+                        .build(),
+                )
+            };
+        }
+        builder
             .r#type(ec2::FleetType::Instant)
             .set_client_token(request.client_token.clone())
             .launch_template_configs(

@@ -60,6 +60,8 @@ const TABLE: &[(ErrorClass, &[&str])] = &[
             "InvalidLaunchTemplateId.NotFound",
             "InvalidLaunchTemplateName.NotFoundException",
             "InvalidLaunchTemplateId.VersionNotFound",
+            // DescribeInstanceTypes' answer for a type that does not exist.
+            "InvalidInstanceType",
             "NoSuchEntity",
         ],
     ),
@@ -121,6 +123,8 @@ const TABLE: &[(ErrorClass, &[&str])] = &[
             "InvalidUserData.Malformed",
             "ValidationError",
             "MissingParameter",
+            // A ClientToken reused with other parameters: the same request cannot succeed.
+            "IdempotentParameterMismatch",
         ],
     ),
     (
@@ -172,6 +176,8 @@ mod tests {
             ("AccessDenied", ErrorClass::Unauthorized),
             ("InvalidParameterValue", ErrorClass::InvalidInput),
             ("InvalidKeyPair.Malformed", ErrorClass::InvalidInput),
+            ("IdempotentParameterMismatch", ErrorClass::InvalidInput),
+            ("InvalidInstanceType", ErrorClass::NotFound),
             ("SomethingNew", ErrorClass::Other),
         ];
         for (code, class) in cases {

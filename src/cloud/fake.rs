@@ -30,6 +30,8 @@ struct State {
     calls: Vec<String>,
     /// Action -> (error code, remaining count).
     failures: HashMap<String, (String, u32)>,
+    /// Launch answers by ClientToken, with the parameters they answered, as EC2 keeps them.
+    tokens: HashMap<String, (String, LaunchOutcome)>,
 }
 
 /// A launch template as the fake stores it.
@@ -470,6 +472,20 @@ impl Ec2 for FakeEc2 {
                     &request.launch_template_id,
                 ));
             }
+            // EC2 replays the first answer to a token with the same parameters, and refuses
+            // the token with other ones.
+            if let Some(token) = &request.client_token
+                && let Some((parameters, outcome)) = s.tokens.get(token)
+            {
+                if *parameters != request.parameters() {
+                    return Err(CloudError::new(
+                        action,
+                        "IdempotentParameterMismatch",
+                        format!("client token {token} was used with other parameters"),
+                    ));
+                }
+                return Ok(outcome.clone());
+            }
             let tried = if request.fleet {
                 &request.offerings[..]
             } else {
@@ -520,6 +536,10 @@ impl Ec2 for FakeEc2 {
                 s.instances.push(instance.clone());
                 outcome.instances.push(instance);
                 break;
+            }
+            if let Some(token) = &request.client_token {
+                s.tokens
+                    .insert(token.clone(), (request.parameters(), outcome.clone()));
             }
             Ok(outcome)
         })
@@ -634,6 +654,7 @@ mod tests {
             spot: true,
             fleet: true,
             tags: ours,
+            allocation_strategy: None,
             client_token: None,
         };
         (ec2, request)
@@ -664,6 +685,30 @@ mod tests {
             .unwrap();
         assert!(!ec2.describe_managed_instances("c").await.unwrap()[0].is_alive());
         assert_eq!(ec2.count("CreateFleet") + ec2.count("RunInstances"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_client_token_replays_its_first_answer_and_refuses_other_parameters() {
+        let (ec2, mut request) = fleet_of("c").await;
+        ec2.exhaust("m7i.large");
+        ec2.exhaust("m6i.large");
+        request.client_token = Some("token-1".into());
+        let empty = ec2.launch(&request).await.unwrap();
+        assert!(empty.instances.is_empty());
+        // Capacity is back, but the same request under the same token is the same launch.
+        ec2.state.lock().unwrap().exhausted.clear();
+        assert_eq!(ec2.launch(&request).await.unwrap(), empty);
+
+        request.client_token = Some("token-2".into());
+        let first = ec2.launch(&request).await.unwrap();
+        assert_eq!(first.instances.len(), 1);
+        assert_eq!(ec2.launch(&request).await.unwrap(), first);
+        assert_eq!(ec2.describe_managed_instances("c").await.unwrap().len(), 1);
+
+        request.spot = false;
+        let err = ec2.launch(&request).await.unwrap_err();
+        assert_eq!(err.code, "IdempotentParameterMismatch");
+        assert!(err.is(crate::cloud::ErrorClass::InvalidInput));
     }
 
     #[tokio::test]

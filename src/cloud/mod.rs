@@ -29,6 +29,41 @@ pub mod tags {
     /// Every key Pacer writes starts with this; users may not use it (see the pool rules).
     pub const PREFIX: &str = "gha:";
 
+    /// EC2's limits on one tag, in Unicode characters, and on the tags of one resource.
+    pub const MAX_KEY_CHARS: usize = 128;
+    pub const MAX_VALUE_CHARS: usize = 256;
+    pub const MAX_TAGS: usize = 50;
+
+    /// Checks tags against EC2's limits (key and value length, count, the reserved `aws:`
+    /// prefix): the one place that knows them. The error names the offending tag.
+    pub fn check(tags: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+        if tags.len() > MAX_TAGS {
+            return Err(format!(
+                "{} tags, over EC2's {MAX_TAGS} per resource",
+                tags.len()
+            ));
+        }
+        for (key, value) in tags {
+            if key.is_empty() || key.chars().count() > MAX_KEY_CHARS {
+                return Err(format!(
+                    "tag key {key:?} must be 1 to {MAX_KEY_CHARS} characters"
+                ));
+            }
+            if key.to_ascii_lowercase().starts_with("aws:") {
+                return Err(format!(
+                    "tag key {key:?} uses the prefix aws:, reserved by AWS"
+                ));
+            }
+            let n = value.chars().count();
+            if n > MAX_VALUE_CHARS {
+                return Err(format!(
+                    "tag {key} would be {n} characters, over EC2's {MAX_VALUE_CHARS}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `tags` mark a resource as created by the controller with this id: the only
     /// resources Pacer ever modifies or deletes.
     pub fn owned_by(
@@ -119,8 +154,34 @@ pub struct LaunchRequest {
     pub fleet: bool,
     /// Tags for the instance and its volumes, sent in the launch request itself.
     pub tags: BTreeMap<String, String>,
+    /// CreateFleet's allocation strategy for the request's market, as EC2 spells it
+    /// (`price-capacity-optimized`, `lowest-price`, ...); `None` leaves EC2's default.
+    pub allocation_strategy: Option<String>,
     /// EC2's idempotency token; the same token is the same launch.
     pub client_token: Option<String>,
+}
+
+impl LaunchRequest {
+    /// Every parameter EC2 sees, the token aside, in a stable text form: two requests with the
+    /// same parameters are the same launch to EC2, and a token reused for other parameters is
+    /// refused (`IdempotentParameterMismatch`).
+    pub fn parameters(&self) -> String {
+        let mut out = format!(
+            "template={}:{}\nspot={}\nfleet={}\nstrategy={}\n",
+            self.launch_template_id,
+            self.version,
+            self.spot,
+            self.fleet,
+            self.allocation_strategy.as_deref().unwrap_or_default()
+        );
+        for (instance_type, subnet) in &self.offerings {
+            out.push_str(&format!("offering={instance_type}@{subnet}\n"));
+        }
+        for (key, value) in &self.tags {
+            out.push_str(&format!("tag={key}={value}\n"));
+        }
+        out
+    }
 }
 
 /// An instance Pacer launched, as EC2 describes it.

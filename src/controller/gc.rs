@@ -14,9 +14,9 @@ use tracing::{info, warn};
 
 use super::{Context, Result};
 use crate::api::{RunnerJob, RunnerPool};
-use crate::cloud::tags::{CONTROLLER, MANAGED_BY};
+use crate::cloud::tags::{CONTROLLER, MANAGED_BY, POOL};
 use crate::cloud::{Ec2 as _, ErrorClass, Instance};
-use crate::domain::gc::{may_be_orphan, orphan_templates, orphans};
+use crate::domain::gc::{Owner, may_be_orphan, orphan_templates, orphans};
 use crate::domain::launch::RUNNER_JOB_UID;
 
 /// The part of the cluster the collector compares EC2 with.
@@ -56,41 +56,49 @@ pub async fn run(ctx: Arc<Context>, scope: Scope) {
 /// One round.
 pub async fn collect(ctx: &Context, scope: &Scope) -> Result<Collected> {
     Ok(Collected {
-        instances: collect_instances(ctx, &scope.jobs).await?,
+        instances: collect_instances(ctx, scope).await?,
         templates: collect_templates(ctx, scope).await?,
     })
 }
 
-async fn collect_instances(ctx: &Context, jobs: &Api<RunnerJob>) -> Result<usize> {
+fn owner<'a>(ctx: &'a Context, scope: &'a Scope) -> Owner<'a> {
+    Owner {
+        controller_id: &ctx.settings.controller_id,
+        namespace: scope.namespace.as_deref(),
+    }
+}
+
+async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
     // EC2 first: an instance launched after this listing cannot be mistaken for an orphan by
     // a RunnerJob listing taken before its launch. There may be thousands of instances: only
     // the candidates are kept, page by page, with the tags the rule reads.
-    let (id, now, grace) = (
-        &ctx.settings.controller_id,
+    let (owner, now, grace) = (
+        owner(ctx, scope),
         Timestamp::now().as_second(),
         ctx.settings.gc_grace,
     );
     let instances: Vec<Instance> = ctx
         .ec2()
-        .managed_instance_pages(id)
+        .managed_instance_pages(owner.controller_id)
         .try_fold(Vec::new(), |mut kept, page| {
             let candidates = page
                 .into_iter()
-                .filter(|i| may_be_orphan(i, id, now, grace));
+                .filter(|i| may_be_orphan(i, owner, now, grace));
             kept.extend(candidates.map(|mut i| {
-                i.tags
-                    .retain(|k, _| [MANAGED_BY, CONTROLLER, RUNNER_JOB_UID].contains(&k.as_str()));
+                i.tags.retain(|k, _| {
+                    [MANAGED_BY, CONTROLLER, POOL, RUNNER_JOB_UID].contains(&k.as_str())
+                });
                 i
             }));
             std::future::ready(Ok(kept))
         })
         .await?;
-    let live: HashSet<String> = list_metadata(jobs)
+    let live: HashSet<String> = list_metadata(&scope.jobs)
         .await?
         .iter()
         .filter_map(|j| j.uid.clone())
         .collect();
-    let doomed: Vec<String> = orphans(&instances, id, &live, now, grace)
+    let doomed: Vec<String> = orphans(&instances, owner, &live, now, grace)
         .into_iter()
         .map(|i| i.id.clone())
         .collect();
@@ -126,8 +134,7 @@ async fn collect_templates(ctx: &Context, scope: &Scope) -> Result<usize> {
         .collect();
     let doomed = orphan_templates(
         &templates,
-        &ctx.settings.controller_id,
-        scope.namespace.as_deref(),
+        owner(ctx, scope),
         &live,
         Timestamp::now().as_second(),
         ctx.settings.gc_grace,

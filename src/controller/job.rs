@@ -2,7 +2,7 @@
 //! instance, follow it through one shared DescribeInstances snapshot, terminate it when the job
 //! is over or the object is deleted — and records each step in the status.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,7 +23,9 @@ use crate::api::{
     RunnerPool,
 };
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
-use crate::domain::job::{Decision, Facts, InstanceState, Outcome, Step, decide, to_wake};
+use crate::domain::job::{
+    Decision, Facts, InstanceState, Outcome, PoolAdmission, Step, decide, pool_readiness, to_wake,
+};
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
 
@@ -43,6 +45,9 @@ pub struct Shared {
     snapshot: Mutex<Option<(Instant, InstancesByJob)>>,
     /// Held by the one pass refreshing the snapshot.
     refreshing: tokio::sync::Mutex<()>,
+    /// Runner slots this process reserved, by `namespace/pool`: the uids of jobs admitted to
+    /// launch. With the cache's busy jobs they make admission exact (see `admit`).
+    slots: Mutex<HashMap<String, HashSet<String>>>,
     /// Instances launched by this process, by RunnerJob uid: guards against launching twice
     /// while the snapshot predates the launch and the status write did not land.
     launched: Mutex<HashMap<String, Instance>>,
@@ -259,12 +264,51 @@ fn instance_state(
     }
 }
 
-fn pool_has_room(ctx: &Context, job: &RunnerJob, pool: &RunnerPool) -> bool {
-    let Some(store) = ctx.jobs.store() else {
-        return true;
+/// Whether `job` may launch from `pool` now. When the pool is ready, a runner slot is
+/// reserved for the job under one lock, so concurrent passes never admit more than
+/// `maxRunners`: the slots taken are the jobs the cache shows holding a runner plus those this
+/// process admitted that the cache does not show yet. The job keeps its slot until
+/// [`release_slot`].
+fn admit(ctx: &Context, job: &RunnerJob, pool: Option<&RunnerPool>) -> PoolAdmission {
+    if let Err(not_now) = pool_readiness(pool) {
+        return not_now;
+    }
+    let (Some(pool), Some(store)) = (pool, ctx.jobs.store()) else {
+        return PoolAdmission::Admitted;
     };
-    let max = pool.spec.max_runners as usize;
-    store.len() <= max || pool_usage(store, job).0 < max
+    let uid = job.uid().unwrap_or_default();
+    let mut slots = ctx.jobs.slots.lock().unwrap();
+    let reserved = slots.entry(pool_key(job)).or_default();
+    if reserved.contains(&uid) {
+        return PoolAdmission::Admitted;
+    }
+    let (mut holders, pending) = pool_usage(store, job);
+    // Reservations of jobs the cache shows finished, or no longer has, are stale.
+    reserved.retain(|held| {
+        holders.contains(held) || pending.iter().any(|j| j.uid().as_deref() == Some(held))
+    });
+    holders.extend(reserved.iter().cloned());
+    if holders.len() >= pool.spec.max_runners as usize {
+        return PoolAdmission::Full;
+    }
+    reserved.insert(uid);
+    PoolAdmission::Admitted
+}
+
+/// Gives back the job's runner slot: it finished, or went back to waiting without an instance.
+fn release_slot(ctx: &Context, job: &RunnerJob) {
+    let uid = job.uid().unwrap_or_default();
+    if let Some(reserved) = ctx.jobs.slots.lock().unwrap().get_mut(&pool_key(job)) {
+        reserved.remove(&uid);
+    }
+}
+
+fn pool_key(job: &RunnerJob) -> String {
+    format!(
+        "{}/{}",
+        job.namespace().unwrap_or_default(),
+        job.spec.pool_name
+    )
 }
 
 /// `job`'s pool as the pool controller's cache holds it.
@@ -274,10 +318,10 @@ fn cached_pool(ctx: &Context, job: &RunnerJob) -> Option<Arc<RunnerPool>> {
     ctx.jobs.pools.get()?.get(&key)
 }
 
-/// The other RunnerJobs of `job`'s pool: how many hold (or are getting) a runner, and those
-/// still Pending.
-fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (usize, Vec<Arc<RunnerJob>>) {
-    let (mut busy, mut pending) = (0, Vec::new());
+/// The other RunnerJobs of `job`'s pool: the uids of those that hold (or are getting) a
+/// runner, and those still Pending.
+fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (HashSet<String>, Vec<Arc<RunnerJob>>) {
+    let (mut busy, mut pending) = (HashSet::new(), Vec::new());
     for other in store.state() {
         if other.spec.pool_name != job.spec.pool_name
             || other.namespace() != job.namespace()
@@ -287,7 +331,7 @@ fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (usize, Vec<Arc<Runn
         }
         match other.status.as_ref().map(|s| s.phase).unwrap_or_default() {
             JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing => {
-                busy += 1
+                busy.insert(other.uid().unwrap_or_default());
             }
             JobPhase::Pending => pending.push(other),
             JobPhase::Succeeded | JobPhase::Failed => {}
@@ -321,7 +365,7 @@ fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>>
             (created, ObjectRef::from_obj(&**j))
         })
         .collect();
-    to_wake(pool.spec.max_runners as usize, busy, pending)
+    to_wake(pool.spec.max_runners as usize, busy.len(), pending)
 }
 
 fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
@@ -382,7 +426,11 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         registered: status.runner.is_some(),
         outcome: outcome(&status),
         deleting,
-        pool_has_room: pool.as_ref().is_some_and(|p| pool_has_room(ctx, job, p)),
+        pool: if status.phase == JobPhase::Pending && !deleting {
+            admit(ctx, job, pool.as_deref())
+        } else {
+            PoolAdmission::Admitted
+        },
         backoff_left: status
             .next_attempt_at
             .as_ref()
@@ -448,7 +496,15 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             }
         },
         Step::Terminate => {
-            if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance {
+            // Only an id EC2 listed under this job's tag, or our own launch returned: the status
+            // is writable by others and must not steer a termination.
+            let verified = |id: &String| {
+                snapshot.get(&uid).is_some_and(|i| &i.id == id)
+                    || launched.as_ref().is_some_and(|i| &i.id == id)
+            };
+            if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance
+                && verified(id)
+            {
                 ctx.ec2()
                     .terminate_instances(std::slice::from_ref(id))
                     .await?;
@@ -459,6 +515,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         }
         Step::Release => {
             ctx.jobs.launched.lock().unwrap().remove(&uid);
+            release_slot(ctx, job);
             return Ok(Action::await_change());
         }
         Step::Delete => {
@@ -511,6 +568,11 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     {
         // Adopted: launched before a crash, or seen before the status recorded it.
         status.instance = Some(instance_status(record, None));
+    }
+    if status.phase.is_finished()
+        || (status.phase == JobPhase::Pending && status.instance.is_none())
+    {
+        release_slot(ctx, job);
     }
     status.observed_generation = job.metadata.generation;
     write_status(job, ctx, &status).await?;
@@ -654,15 +716,18 @@ async fn launch_step(
             .take(if fleet { usize::MAX } else { 1 })
             .map(|o| (o.instance_type.clone(), o.subnet.clone()))
             .collect();
-        let request = LaunchRequest {
+        let mut request = LaunchRequest {
             launch_template_id: template.id.clone(),
             version: template.version,
             offerings: chosen.clone(),
             spot: market == Market::Spot,
             fleet,
             tags: tags.clone(),
-            client_token: Some(launch::client_token(&uid, attempt)),
+            allocation_strategy: fleet
+                .then(|| launch::allocation_strategy(&pool.spec.capacity, market).to_string()),
+            client_token: None,
         };
+        request.client_token = Some(launch::client_token(&uid, attempt, &request.parameters()));
         let outcome = match ctx.ec2().launch(&request).await {
             Ok(outcome) => outcome,
             Err(e) if e.is(ErrorClass::InsufficientCapacity) => {
@@ -675,6 +740,18 @@ async fn launch_step(
                     &e.to_string(),
                 );
                 continue;
+            }
+            // The pool's template was deleted behind our back: the job's status change wakes
+            // the pool, which checks EC2 afresh and recreates it; the job waits for that.
+            Err(e) if e.is(ErrorClass::NotFound) && e.code.starts_with("InvalidLaunchTemplate") => {
+                ctx.forget_pool_check(&pool_identity.key());
+                status.last_error = Some(LastError {
+                    reason: "LaunchTemplateMissing".into(),
+                    message: format!("{e}; waiting for the RunnerPool to recreate it"),
+                    time: Some(Time(now)),
+                });
+                enter(status, JobPhase::Pending, now);
+                return Ok(Action::requeue(ctx.settings.backoff_unit));
             }
             Err(e)
                 if matches!(

@@ -36,6 +36,15 @@ pub struct Call {
     pub outcome: String,
 }
 
+/// One webhook delivery: GitHub's event and action (`-` when there is none, `other` for
+/// actions Pacer does not know, so the label stays bounded) and what Pacer made of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Delivery {
+    pub event: String,
+    pub action: String,
+    pub result: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Offering {
     pub instance_type: String,
@@ -59,6 +68,7 @@ pub struct Metrics {
     pub gc_terminated: Counter,
     pub gc_templates_deleted: Counter,
     pub job_cost: Family<Pool, Counter<f64, AtomicU64>>,
+    pub webhook_deliveries: Family<Delivery, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,6 +83,7 @@ impl Default for Metrics {
         let gc_terminated = Counter::default();
         let gc_templates_deleted = Counter::default();
         let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
+        let webhook_deliveries = Family::<Delivery, Counter>::default();
         registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
         registry.register(
             "launch_latency_seconds",
@@ -114,6 +125,11 @@ impl Default for Metrics {
             "Estimated cost of finished jobs",
             job_cost.clone(),
         );
+        registry.register(
+            "webhook_deliveries",
+            "GitHub webhook deliveries by event, action and result",
+            webhook_deliveries.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -125,6 +141,7 @@ impl Default for Metrics {
             gc_terminated,
             gc_templates_deleted,
             job_cost,
+            webhook_deliveries,
         }
     }
 }

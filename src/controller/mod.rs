@@ -180,6 +180,11 @@ impl Context {
         }
     }
 
+    /// Makes the pool's next pass check EC2 in full, as if its spec had changed.
+    pub(crate) fn forget_pool_check(&self, pool_key: &str) {
+        self.pool_checks.lock().unwrap().remove(pool_key);
+    }
+
     /// The EC2 boundary, every call counted in the metrics.
     pub fn ec2(&self) -> metrics::Metered<'_, dyn Ec2> {
         metrics::Metered {

@@ -21,6 +21,7 @@ use crate::api::{
     LaunchTemplateRef, RunnerCounts, RunnerJob, RunnerPool, RunnerPoolSpec, RunnerPoolStatus,
 };
 use crate::cloud::{CloudError, Ec2, ErrorClass, LaunchTemplateData, tags};
+use crate::domain::job::may_hold_instance;
 use crate::domain::pool::{self as decide, Lookup, Observed, PoolIdentity, ProfileLookup, Verdict};
 use crate::domain::userdata::{self, BootParams};
 
@@ -199,7 +200,17 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     pass.status.observed_generation = pool.metadata.generation;
 
     let observed = observe(&pool.spec, ctx).await?;
-    let verdict = decide::validate(&pool.spec, &observed);
+    let verdict = match decide::validate(&pool.spec, &observed) {
+        Verdict::Valid { .. } if let Err(why) = tags::check(&id.instance_tags(&pool.spec)) => {
+            Verdict::Invalid {
+                reason: "TagInvalid",
+                message: format!(
+                    "metadata.namespace/metadata.name and spec.tags: the instances' tags: {why}"
+                ),
+            }
+        }
+        verdict => verdict,
+    };
     let rendered = userdata::render(&BootParams {
         public_url: &ctx.settings.public_url,
         pool: &id.key(),
@@ -399,7 +410,9 @@ async fn ensure_template(
     })
 }
 
-/// Deletes the launch template once the pool's RunnerJobs are gone. NotFound is success.
+/// Deletes the launch template once no RunnerJob of the pool may hold an instance (finished
+/// jobs and jobs that never launched do not; a pool being deleted launches nothing more).
+/// NotFound is success.
 async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     let ns = pool.metadata.namespace.as_deref().unwrap_or_default();
     let jobs: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), ns);
@@ -409,10 +422,14 @@ async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         .items
         .iter()
         .filter(|j| j.spec.pool_name == pool.name_any())
+        .filter(|j| {
+            let status = j.status.clone().unwrap_or_default();
+            may_hold_instance(status.phase, status.instance.is_some())
+        })
         .count();
     if remaining > 0 {
         return Err(Error::Waiting(format!(
-            "waiting for {remaining} RunnerJobs of the pool to finish before deleting its launch template"
+            "waiting for {remaining} RunnerJobs of the pool that may hold an instance to finish before deleting its launch template"
         )));
     }
     let id = identity(pool, ctx);

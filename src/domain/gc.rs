@@ -6,17 +6,39 @@ use std::time::Duration;
 use crate::cloud::{Instance, LaunchTemplate, tags};
 use crate::domain::launch::RUNNER_JOB_UID;
 
+/// Who is asking: a controller id, confined to one namespace or serving all (`None`). Two
+/// controllers sharing an id in different namespaces must leave each other's resources alone.
+#[derive(Clone, Copy, Debug)]
+pub struct Owner<'a> {
+    pub controller_id: &'a str,
+    pub namespace: Option<&'a str>,
+}
+
+impl Owner<'_> {
+    /// Whether a resource with these tags is this owner's to collect: tagged with its
+    /// controller id and, when it serves one namespace, for a pool (`namespace/name` in
+    /// `gha:pool`) of that namespace. A resource of ours for no pool belongs to no namespace.
+    pub fn owns(&self, tags: &std::collections::BTreeMap<String, String>) -> bool {
+        tags::owned_by(tags, self.controller_id)
+            && match (self.namespace, tags.get(tags::POOL)) {
+                (None, _) => true,
+                (Some(ns), Some(pool)) => pool.split('/').next() == Some(ns),
+                (Some(_), None) => false,
+            }
+    }
+}
+
 /// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims.
 pub fn orphans<'a>(
     instances: &'a [Instance],
-    controller_id: &str,
+    owner: Owner<'_>,
     live_jobs: &HashSet<String>,
     now: i64,
     grace: Duration,
 ) -> Vec<&'a Instance> {
     instances
         .iter()
-        .filter(|i| may_be_orphan(i, controller_id, now, grace))
+        .filter(|i| may_be_orphan(i, owner, now, grace))
         .filter(|i| {
             i.tags
                 .get(RUNNER_JOB_UID)
@@ -25,10 +47,10 @@ pub fn orphans<'a>(
         .collect()
 }
 
-/// What makes an instance a candidate, whatever the RunnerJobs: tagged as this controller's,
-/// not on its way out already, and older than `grace`. `now` is seconds since the Unix epoch.
-pub fn may_be_orphan(i: &Instance, controller_id: &str, now: i64, grace: Duration) -> bool {
-    tags::owned_by(&i.tags, controller_id)
+/// What makes an instance a candidate, whatever the RunnerJobs: the owner's, not on its way
+/// out already, and older than `grace`. `now` is seconds since the Unix epoch.
+pub fn may_be_orphan(i: &Instance, owner: Owner<'_>, now: i64, grace: Duration) -> bool {
+    owner.owns(&i.tags)
         && matches!(
             i.state.as_str(),
             "pending" | "running" | "stopping" | "stopped"
@@ -42,23 +64,20 @@ pub fn may_be_orphan(i: &Instance, controller_id: &str, now: i64, grace: Duratio
 /// being deleted still exists, and its own finalizer deletes its template.
 pub fn orphan_templates<'a>(
     templates: &'a [LaunchTemplate],
-    controller_id: &str,
-    namespace: Option<&str>,
+    owner: Owner<'_>,
     live_pools: &HashSet<String>,
     now: i64,
     grace: Duration,
 ) -> Vec<&'a LaunchTemplate> {
     templates
         .iter()
-        .filter(|t| tags::owned_by(&t.tags, controller_id))
+        .filter(|t| owner.owns(&t.tags))
         .filter(|t| t.created.is_some_and(|c| now - c >= grace.as_secs() as i64))
-        .filter(|t| match t.tags.get(tags::POOL) {
-            Some(pool) => {
-                let in_scope = namespace.is_none_or(|ns| pool.split('/').next() == Some(ns));
-                in_scope && !live_pools.contains(pool)
-            }
-            // Ours by its tags, yet for no pool: nothing will ever use it.
-            None => namespace.is_none(),
+        // Ours by its tags, yet for no pool: nothing will ever use it.
+        .filter(|t| {
+            t.tags
+                .get(tags::POOL)
+                .is_none_or(|pool| !live_pools.contains(pool))
         })
         .collect()
 }
@@ -95,7 +114,10 @@ mod tests {
         state: &str,
         launched: i64,
     ) -> Instance {
-        let tags = tags_of(controller, RUNNER_JOB_UID, uid);
+        let mut tags = tags_of(controller, RUNNER_JOB_UID, uid);
+        if controller.is_some() {
+            tags.insert(tags::POOL.into(), "ci/linux".into());
+        }
         Instance {
             id: id.into(),
             instance_type: "m6i.large".into(),
@@ -150,12 +172,26 @@ mod tests {
             ),
             instance("i-stopped", Some("prod"), None, "stopped", now - 300),
         ];
+        let mut other_namespace = instance("i-web", Some("prod"), Some("gone"), "running", 0);
+        other_namespace
+            .tags
+            .insert(tags::POOL.into(), "web/linux".into());
+        let instances = [instances, vec![other_namespace]].concat();
         let live = HashSet::from(["live-job".to_string()]);
-        let ids: Vec<&str> = orphans(&instances, "prod", &live, now, Duration::from_secs(120))
-            .iter()
-            .map(|i| i.id.as_str())
-            .collect();
-        assert_eq!(ids, ["i-orphan", "i-stopped"]);
+        let ids = |namespace| -> Vec<&str> {
+            let owner = Owner {
+                controller_id: "prod",
+                namespace,
+            };
+            orphans(&instances, owner, &live, now, Duration::from_secs(120))
+                .iter()
+                .map(|i| i.id.as_str())
+                .collect()
+        };
+        assert_eq!(ids(None), ["i-orphan", "i-stopped", "i-web"]);
+        // A controller confined to one namespace leaves the others' instances alone, even
+        // under the same controller id: it cannot see their RunnerJobs.
+        assert_eq!(ids(Some("ci")), ["i-orphan", "i-stopped"]);
     }
 
     fn template(
@@ -194,17 +230,14 @@ mod tests {
         ];
         let live = HashSet::from(["ci/live".to_string()]);
         let names = |namespace| -> Vec<&str> {
-            orphan_templates(
-                &templates,
-                "prod",
+            let owner = Owner {
+                controller_id: "prod",
                 namespace,
-                &live,
-                now,
-                Duration::from_secs(120),
-            )
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect()
+            };
+            orphan_templates(&templates, owner, &live, now, Duration::from_secs(120))
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect()
         };
         assert_eq!(names(None), ["gone", "other-namespace", "no-pool"]);
         // A controller confined to one namespace leaves the others' templates alone.

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::api::JobPhase;
+use crate::api::{JobPhase, RunnerPool};
 
 /// What EC2 says about the instance tagged with this job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,10 +43,25 @@ pub struct Facts {
     pub outcome: Option<Outcome>,
     /// The RunnerJob is being deleted.
     pub deleting: bool,
-    /// The pool has room for another runner.
-    pub pool_has_room: bool,
+    /// Whether the job's pool may launch for it now.
+    pub pool: PoolAdmission,
     /// Time left before a capacity retry is due; zero when none is pending.
     pub backoff_left: Duration,
+}
+
+/// What the job's pool says to a launch for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolAdmission {
+    /// Ready at its current generation, and a runner slot is reserved for this job.
+    Admitted,
+    /// Ready, but `maxRunners` runners are running or launching.
+    Full,
+    /// No such RunnerPool.
+    Missing,
+    /// The pool is being deleted: it launches nothing more.
+    Deleting,
+    /// The pool's launch template does not (yet) match its spec: why, for a human.
+    NotReady(String),
 }
 
 /// Timeouts from the pool and the controller's settings.
@@ -182,16 +197,34 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
         _ => {}
     }
     match f.phase {
-        Pending => match &f.instance {
-            InstanceState::Alive { .. } => go(Booting, Step::Wait(POLL)),
-            _ if !f.pool_has_room => because(
+        Pending => match (&f.instance, &f.pool) {
+            (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
+            (_, PoolAdmission::Full) => because(
                 Pending,
                 Step::Wait(limits.capacity_recheck),
                 "PoolAtCapacity",
                 "the pool has maxRunners runners already",
             ),
+            (_, PoolAdmission::Missing) => because(
+                Pending,
+                Step::Wait(limits.capacity_recheck),
+                "PoolNotFound",
+                "the RunnerPool does not exist in the job's namespace",
+            ),
+            (_, PoolAdmission::Deleting) => because(
+                Pending,
+                Step::Wait(limits.capacity_recheck),
+                "PoolDeleting",
+                "the RunnerPool is being deleted and launches nothing more",
+            ),
+            (_, PoolAdmission::NotReady(why)) => because(
+                Pending,
+                Step::Wait(limits.capacity_recheck),
+                "PoolNotReady",
+                why.clone(),
+            ),
             _ if !f.backoff_left.is_zero() => go(Pending, Step::Wait(f.backoff_left)),
-            _ => go(Launching, Step::Launch),
+            (_, PoolAdmission::Admitted) => go(Launching, Step::Launch),
         },
         Launching => match &f.instance {
             InstanceState::Alive { .. } => go(Booting, Step::Wait(POLL)),
@@ -243,6 +276,54 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
     }
 }
 
+/// Whether `pool` may launch at all now, before counting its runners: it exists, is not being
+/// deleted, and its `Ready` condition is True for its current generation, so its launch
+/// template matches its spec (a template built for an older spec would pair new instance types
+/// or subnets with old settings).
+pub fn pool_readiness(pool: Option<&RunnerPool>) -> Result<(), PoolAdmission> {
+    let Some(pool) = pool else {
+        return Err(PoolAdmission::Missing);
+    };
+    if pool.metadata.deletion_timestamp.is_some() {
+        return Err(PoolAdmission::Deleting);
+    }
+    let generation = pool.metadata.generation;
+    let status = pool.status.as_ref();
+    let ready = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    match ready {
+        Some(c) if c.status == "True" && c.observed_generation == generation => {
+            match status.and_then(|s| s.launch_template.as_ref()) {
+                Some(_) => Ok(()),
+                None => Err(PoolAdmission::NotReady(
+                    "the RunnerPool has no launch template yet".into(),
+                )),
+            }
+        }
+        Some(c) if c.status == "True" => Err(PoolAdmission::NotReady(format!(
+            "the RunnerPool's generation {} is not built yet (Ready describes {})",
+            generation.unwrap_or_default(),
+            c.observed_generation.unwrap_or_default()
+        ))),
+        Some(c) => Err(PoolAdmission::NotReady(format!(
+            "the RunnerPool is not Ready: {}: {}",
+            c.reason, c.message
+        ))),
+        None => Err(PoolAdmission::NotReady(
+            "the RunnerPool has not been validated yet".into(),
+        )),
+    }
+}
+
+/// Whether a job whose status reads so may hold an instance: it launched and has not finished.
+/// A finished job's instance is its own finalizer's business, not its pool's.
+pub fn may_hold_instance(phase: JobPhase, has_instance: bool) -> bool {
+    match phase {
+        JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing => true,
+        JobPhase::Pending => has_instance,
+        JobPhase::Succeeded | JobPhase::Failed => false,
+    }
+}
+
 /// The jobs to wake when a runner of their pool finishes: the oldest waiting ones, as many as
 /// the pool has room for. `waiting` pairs each job with when it was created.
 pub fn to_wake<T, C: Ord>(max_runners: usize, busy: usize, mut waiting: Vec<(C, T)>) -> Vec<T> {
@@ -255,6 +336,66 @@ pub fn to_wake<T, C: Ord>(max_runners: usize, busy: usize, mut waiting: Vec<(C, 
 mod tests {
     use super::*;
     use JobPhase::*;
+
+    #[test]
+    fn only_a_pool_ready_at_its_generation_admits_launches() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+        let pool = |generation: i64, ready: &str, observed: i64, template: bool| {
+            let text = include_str!("../../examples/runnerpool-org-spot.yaml");
+            let mut pool: RunnerPool = serde_saphyr::from_str(text).unwrap();
+            pool.metadata.generation = Some(generation);
+            let status = pool.status.get_or_insert_default();
+            status.conditions.push(Condition {
+                type_: "Ready".into(),
+                status: ready.into(),
+                observed_generation: Some(observed),
+                reason: "TemplateFailed".into(),
+                message: "spec.instanceTypes: no such type".into(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            });
+            if template {
+                status.launch_template = Some(crate::api::LaunchTemplateRef {
+                    id: "lt-1".into(),
+                    version: 1,
+                });
+            }
+            pool
+        };
+        assert_eq!(pool_readiness(Some(&pool(2, "True", 2, true))), Ok(()));
+        assert_eq!(pool_readiness(None), Err(PoolAdmission::Missing));
+        let mut deleting = pool(2, "True", 2, true);
+        deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(
+            pool_readiness(Some(&deleting)),
+            Err(PoolAdmission::Deleting)
+        );
+        for (stale, why) in [
+            (pool(3, "True", 2, true), "generation 3 is not built yet"),
+            (
+                pool(2, "False", 2, true),
+                "spec.instanceTypes: no such type",
+            ),
+            (pool(2, "True", 2, false), "no launch template yet"),
+        ] {
+            match pool_readiness(Some(&stale)) {
+                Err(PoolAdmission::NotReady(message)) => {
+                    assert!(message.contains(why), "{message}")
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn only_launched_unfinished_jobs_may_hold_an_instance() {
+        assert!(!may_hold_instance(Pending, false));
+        assert!(may_hold_instance(Pending, true));
+        for phase in [Launching, Booting, Running, Completing] {
+            assert!(may_hold_instance(phase, false));
+        }
+        assert!(!may_hold_instance(Succeeded, true));
+        assert!(!may_hold_instance(Failed, true));
+    }
 
     #[test]
     fn the_oldest_waiting_jobs_are_woken_as_many_as_there_is_room() {
@@ -273,7 +414,7 @@ mod tests {
             registered: false,
             outcome: None,
             deleting: false,
-            pool_has_room: true,
+            pool: PoolAdmission::Admitted,
             backoff_left: Duration::ZERO,
         }
     }
@@ -316,10 +457,34 @@ mod tests {
             (
                 "pending waits for room",
                 Pending,
-                |f| f.pool_has_room = false,
+                |f| f.pool = PoolAdmission::Full,
                 Pending,
                 Step::Wait(POLL),
                 Some("PoolAtCapacity"),
+            ),
+            (
+                "pending waits for a missing pool",
+                Pending,
+                |f| f.pool = PoolAdmission::Missing,
+                Pending,
+                Step::Wait(POLL),
+                Some("PoolNotFound"),
+            ),
+            (
+                "a pool being deleted launches nothing",
+                Pending,
+                |f| f.pool = PoolAdmission::Deleting,
+                Pending,
+                Step::Wait(POLL),
+                Some("PoolDeleting"),
+            ),
+            (
+                "a pool whose template lags its spec launches nothing",
+                Pending,
+                |f| f.pool = PoolAdmission::NotReady("generation 2 not built yet".into()),
+                Pending,
+                Step::Wait(POLL),
+                Some("PoolNotReady"),
             ),
             (
                 "pending waits out a backoff",

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{CapacityType, RunnerPoolSpec};
+use crate::api::{AllocationStrategy, Capacity, CapacityType, RunnerPoolSpec};
 use crate::cloud::tags;
 
 /// EC2 market of one launch.
@@ -137,10 +137,14 @@ pub fn backoff(attempt: i32) -> Duration {
     Duration::from_secs(30u64 << doublings).min(Duration::from_secs(300))
 }
 
-/// EC2's idempotency token for one attempt of one job: a retry of the same attempt is the
-/// same launch to EC2, a new attempt is a new one. At most 64 ASCII characters.
-pub fn client_token(job_uid: &str, attempt: i32) -> String {
-    let digest = Sha256::digest(format!("{job_uid}/{attempt}").as_bytes());
+/// EC2's idempotency token for one launch request of one attempt of one job: the same
+/// request again (a retry, or the same pass after a crash) is the same launch to EC2 and gets
+/// its first answer back; another request (other offerings, another market, a new attempt)
+/// is a new launch. EC2 refuses a token reused with other parameters, and replays the first
+/// answer (even an empty fleet) for the same ones, so the parameters are part of the token.
+/// At most 64 ASCII characters.
+pub fn client_token(job_uid: &str, attempt: i32, parameters: &str) -> String {
+    let digest = Sha256::digest(format!("{job_uid}/{attempt}/{parameters}").as_bytes());
     format!(
         "pacer-{}",
         digest
@@ -149,6 +153,22 @@ pub fn client_token(job_uid: &str, attempt: i32) -> String {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     )
+}
+
+/// CreateFleet's allocation strategy for a launch in `market`, as EC2 spells it. A spot pool
+/// falling back to on-demand keeps an on-demand strategy it names, else `lowest-price`.
+pub fn allocation_strategy(capacity: &Capacity, market: Market) -> &'static str {
+    use AllocationStrategy as S;
+    let chosen = capacity.allocation_strategy;
+    match (market, chosen) {
+        (Market::Spot, None | Some(S::PriceCapacityOptimized)) => "price-capacity-optimized",
+        (Market::Spot, Some(S::CapacityOptimized)) => "capacity-optimized",
+        (Market::Spot, Some(S::LowestPrice)) => "lowest-price",
+        (Market::Spot, Some(S::Diversified)) => "diversified",
+        (Market::Spot, Some(S::Prioritized)) => "capacity-optimized-prioritized",
+        (Market::OnDemand, Some(S::Prioritized)) => "prioritized",
+        (Market::OnDemand, _) => "lowest-price",
+    }
 }
 
 /// Who a launch is for.
@@ -174,7 +194,10 @@ pub fn instance_tags(
     job: &JobIdentity<'_>,
 ) -> BTreeMap<String, String> {
     let mut all = pool_tags.clone();
-    all.insert(RUNNER_JOB.into(), format!("{}/{}", job.namespace, job.name));
+    all.insert(
+        RUNNER_JOB.into(),
+        fit_tag_value(format!("{}/{}", job.namespace, job.name)),
+    );
     all.insert(RUNNER_JOB_UID.into(), job.uid.into());
     all.insert(JOB_ID.into(), job.job_id.to_string());
     all.insert(REPO.into(), job.repository.into());
@@ -183,6 +206,22 @@ pub fn instance_tags(
         Some(tags::MANAGED_BY_VALUE)
     );
     all
+}
+
+/// A tag value within EC2's limit: unchanged when it fits, else cut and ended with a digest
+/// of the whole, so distinct values stay distinct. For values people read (`gha:runner_job`);
+/// values Pacer matches on are refused by validation instead.
+pub fn fit_tag_value(value: String) -> String {
+    if value.chars().count() <= tags::MAX_VALUE_CHARS {
+        return value;
+    }
+    let digest = Sha256::digest(value.as_bytes());
+    let suffix: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let kept: String = value
+        .chars()
+        .take(tags::MAX_VALUE_CHARS - suffix.len() - 1)
+        .collect();
+    format!("{kept}-{suffix}")
 }
 
 #[cfg(test)]
@@ -319,11 +358,83 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_per_attempt_and_fit_ec2() {
-        let a = client_token("5f1c-uid", 1);
-        assert_eq!(a, client_token("5f1c-uid", 1));
-        assert_ne!(a, client_token("5f1c-uid", 2));
-        assert_ne!(a, client_token("other-uid", 1));
+        let a = client_token("5f1c-uid", 1, "offering=m7i.large@subnet-1");
+        assert_eq!(
+            a,
+            client_token("5f1c-uid", 1, "offering=m7i.large@subnet-1")
+        );
+        assert_ne!(
+            a,
+            client_token("5f1c-uid", 2, "offering=m7i.large@subnet-1")
+        );
+        assert_ne!(
+            a,
+            client_token("other-uid", 1, "offering=m7i.large@subnet-1")
+        );
+        // Another request in the same attempt (the next offering, on-demand) is another launch.
+        assert_ne!(
+            a,
+            client_token("5f1c-uid", 1, "offering=m6i.large@subnet-1")
+        );
         assert!(a.len() <= 64 && a.is_ascii());
+    }
+
+    #[test]
+    fn allocation_strategies_are_spelled_as_ec2_takes_them_per_market() {
+        use AllocationStrategy as S;
+        let cases = [
+            (None, Market::Spot, "price-capacity-optimized"),
+            (
+                Some(S::CapacityOptimized),
+                Market::Spot,
+                "capacity-optimized",
+            ),
+            (Some(S::LowestPrice), Market::Spot, "lowest-price"),
+            (
+                Some(S::Prioritized),
+                Market::Spot,
+                "capacity-optimized-prioritized",
+            ),
+            (None, Market::OnDemand, "lowest-price"),
+            (Some(S::Prioritized), Market::OnDemand, "prioritized"),
+            // A spot pool falling back to on-demand cannot send a spot-only strategy.
+            (Some(S::CapacityOptimized), Market::OnDemand, "lowest-price"),
+        ];
+        for (chosen, market, expected) in cases {
+            let capacity = Capacity {
+                allocation_strategy: chosen,
+                ..Capacity::default()
+            };
+            assert_eq!(
+                allocation_strategy(&capacity, market),
+                expected,
+                "{chosen:?} {market:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_instance_tag_fits_ec2_even_for_the_longest_names() {
+        fn job<'a>(namespace: &'a str, name: &'a str) -> JobIdentity<'a> {
+            JobIdentity {
+                namespace,
+                name,
+                uid: "uid",
+                job_id: 1,
+                repository: "example-org/api",
+            }
+        }
+        let pool = BTreeMap::from([(tags::MANAGED_BY.into(), tags::MANAGED_BY_VALUE.into())]);
+        let (ns, name, other) = ("n".repeat(63), "j".repeat(253), "k".repeat(253));
+        let long = instance_tags(&pool, &job(&ns, &name));
+        assert_eq!(tags::check(&long), Ok(()));
+        let other = instance_tags(&pool, &job(&ns, &other));
+        assert_ne!(long[RUNNER_JOB], other[RUNNER_JOB]);
+        // Short values are left as they are.
+        assert_eq!(
+            instance_tags(&pool, &job(&ns, "job-1"))[RUNNER_JOB],
+            format!("{ns}/job-1")
+        );
     }
 
     #[test]

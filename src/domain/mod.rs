@@ -4,5 +4,6 @@ pub mod cost;
 pub mod gc;
 pub mod job;
 pub mod launch;
+pub mod matching;
 pub mod pool;
 pub mod userdata;

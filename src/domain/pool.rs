@@ -341,6 +341,15 @@ pub fn dry_run_request(
         spot: spec.capacity.capacity_type == CapacityType::Spot,
         fleet: spec.spawn_method == SpawnMethod::Fleet,
         tags: identity.instance_tags(spec),
+        allocation_strategy: crate::domain::launch::allocation_strategy(
+            &spec.capacity,
+            match spec.capacity.capacity_type {
+                CapacityType::Spot => crate::domain::launch::Market::Spot,
+                CapacityType::OnDemand => crate::domain::launch::Market::OnDemand,
+            },
+        )
+        .to_string()
+        .into(),
         client_token: None,
     }
 }

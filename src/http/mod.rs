@@ -1,14 +1,160 @@
-//! Pacer's HTTP listeners. For now: Prometheus metrics on their own port.
+//! Pacer's HTTP listeners: the main one (GitHub's webhooks, health) built by [`router`], and
+//! Prometheus metrics on their own port.
 
-use std::sync::Arc;
+mod webhook;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kube::runtime::reflector::Store;
 
+use crate::api::RunnerPool;
+use crate::config::Secret;
 use crate::controller::{Context, job};
+
+/// Largest webhook body accepted. GitHub caps payloads at 25 MB, but `workflow_job` bodies are
+/// a few KiB.
+pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
+/// Longest a request may take before it is answered 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests handled at once; more wait their turn.
+pub const CONCURRENCY: usize = 256;
+
+/// What the main listener's handlers share.
+pub struct Web {
+    /// The API server client, the controller id and the metrics.
+    pub ctx: Arc<Context>,
+    /// Every RunnerPool the controller watches, for matching queued jobs.
+    pub pools: Store<RunnerPool>,
+    /// Webhook secrets: the current one and, while rotating, the previous one.
+    pub webhook_secrets: Vec<Secret>,
+    /// The one namespace served, or `None` for all.
+    pub namespace: Option<String>,
+    /// Set once the pool cache has synced: until then a queued job could miss its pool.
+    pub ready: AtomicBool,
+    /// Deliveries handled recently: a fast path for GitHub's redeliveries; correctness
+    /// never depends on it (RunnerJob names do that).
+    deliveries: Mutex<Recent>,
+}
+
+impl Web {
+    pub fn new(
+        ctx: Arc<Context>,
+        pools: Store<RunnerPool>,
+        webhook_secrets: Vec<Secret>,
+        namespace: Option<String>,
+    ) -> Self {
+        Self {
+            ctx,
+            pools,
+            webhook_secrets,
+            namespace,
+            ready: AtomicBool::new(false),
+            deliveries: Mutex::new(Recent::with_capacity(4096)),
+        }
+    }
+}
+
+/// A bounded set of recent delivery ids: the oldest goes when it is full.
+struct Recent {
+    order: VecDeque<String>,
+    seen: HashSet<String>,
+    capacity: usize,
+}
+
+impl Recent {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            order: VecDeque::with_capacity(capacity),
+            seen: HashSet::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
+    fn insert(&mut self, id: String) {
+        if !self.seen.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        if self.order.len() > self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+    }
+}
+
+/// The main listener: `POST /api/webhook`, `GET /healthz`, `GET /readyz`.
+pub fn router(state: Arc<Web>) -> Router {
+    use tower_http::timeout::TimeoutLayer;
+    use tower_http::trace::TraceLayer;
+    let delivery = HeaderName::from_static("x-github-delivery");
+    let span = move |request: &Request<_>| {
+        let delivery = request
+            .headers()
+            .get(&delivery)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), delivery)
+    };
+    Router::new()
+        .route(
+            "/api/webhook",
+            post(webhook::receive).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(CONCURRENCY))
+        .layer(TraceLayer::new_for_http().make_span_with(span))
+        .with_state(state)
+}
+
+async fn readyz(State(web): State<Arc<Web>>) -> Response {
+    if web.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RunnerPool cache not synced yet",
+        )
+            .into_response()
+    }
+}
+
+/// Why a request failed, as the client is told: a status and a reason, never internals
+/// (those are logged where they happen).
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized(&'static str),
+    BadRequest(String),
+    Unavailable(&'static str),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, reason) = match self {
+            Self::Unauthorized(why) => (StatusCode::UNAUTHORIZED, why.to_string()),
+            Self::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
+            Self::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
+        };
+        (status, axum::Json(serde_json::json!({ "error": reason }))).into_response()
+    }
+}
 
 /// `GET /metrics`: the Prometheus text exposition.
 pub fn metrics_router(ctx: Arc<Context>) -> Router {
@@ -26,4 +172,19 @@ async fn metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
         )],
         ctx.metrics.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_deliveries_forget_the_oldest_when_full() {
+        let mut recent = Recent::with_capacity(2);
+        for id in ["a", "b", "a", "c"] {
+            recent.insert(id.into());
+        }
+        assert!(!recent.contains("a"));
+        assert!(recent.contains("b") && recent.contains("c"));
+    }
 }

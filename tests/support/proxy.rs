@@ -15,6 +15,9 @@ pub struct Call {
     pub action: String,
     pub params: Value,
     pub status: u16,
+    /// Answered from the proxy's ClientToken record, as EC2 replays an idempotent launch.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 impl Proxy {

@@ -1,0 +1,368 @@
+//! `POST /api/webhook`: GitHub's `workflow_job` deliveries become RunnerJobs (queued), runner
+//! assignments (in_progress) and completions (completed). Every effect is a write to the API
+//! server; no AWS or GitHub call happens here.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt as _;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use tracing::{info, warn};
+
+use super::{ApiError, Web};
+use crate::api::{JobResult, RunnerJob, RunnerJobSpec};
+use crate::controller::FIELD_MANAGER;
+use crate::controller::metrics::Delivery;
+use crate::domain::matching::{self, QueuedJob};
+use crate::github::webhook::{WorkflowJobEvent, verify};
+use crate::github::{job_id_of_runner, job_object_name};
+
+/// What a delivery came to, for the response and the `webhook_deliveries` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Effect {
+    Created,
+    Found,
+    NoPool,
+    Assigned,
+    Completed,
+    Cancelled,
+    Ignored,
+}
+
+impl Effect {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Found => "exists",
+            Self::NoPool => "no_pool",
+            Self::Assigned => "assigned",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+            Self::Ignored => "ignored",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Self::Created | Self::Found => StatusCode::ACCEPTED,
+            _ => StatusCode::OK,
+        }
+    }
+}
+
+const KNOWN_ACTIONS: [&str; 4] = ["queued", "waiting", "in_progress", "completed"];
+
+pub(super) async fn receive(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let event = header("x-github-event").unwrap_or_default().to_string();
+    let delivery = header("x-github-delivery").unwrap_or_default().to_string();
+    let count = |action: &str, result: &str| {
+        let action = if event == "workflow_job" && !KNOWN_ACTIONS.contains(&action) {
+            "other"
+        } else {
+            action
+        };
+        let event = match event.as_str() {
+            "workflow_job" | "ping" => event.as_str(),
+            _ => "other",
+        };
+        web.ctx
+            .metrics
+            .webhook_deliveries
+            .get_or_create(&Delivery {
+                event: event.into(),
+                action: action.into(),
+                result: result.into(),
+            })
+            .inc();
+    };
+    // Nothing is parsed before the signature is checked, over the raw bytes.
+    let secrets: Vec<&[u8]> = web.webhook_secrets.iter().map(|s| s.expose()).collect();
+    let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
+    if !verify(&secrets, signature, &body) {
+        count("-", "unauthorized");
+        warn!("webhook delivery refused: missing or wrong X-Hub-Signature-256");
+        return ApiError::Unauthorized("missing or wrong X-Hub-Signature-256").into_response();
+    }
+    match event.as_str() {
+        "ping" => {
+            count("-", "pong");
+            return (StatusCode::OK, "pong").into_response();
+        }
+        "workflow_job" => {}
+        _ => {
+            count("-", "ignored");
+            return StatusCode::NO_CONTENT.into_response();
+        }
+    }
+    let payload: WorkflowJobEvent = match serde_json::from_slice(&body) {
+        Ok(payload) => payload,
+        Err(e) => {
+            count("-", "bad_request");
+            return ApiError::BadRequest(format!("not a workflow_job payload: {e}"))
+                .into_response();
+        }
+    };
+    let action = payload.action.clone();
+    if !delivery.is_empty() && web.deliveries.lock().unwrap().contains(&delivery) {
+        count(&action, "duplicate");
+        return (StatusCode::OK, "already handled").into_response();
+    }
+    match handle(&web, &payload).await {
+        Ok(effect) => {
+            if !delivery.is_empty() {
+                web.deliveries.lock().unwrap().insert(delivery);
+            }
+            count(&action, effect.label());
+            (effect.status(), effect.label()).into_response()
+        }
+        Err(e) => {
+            count(&action, "error");
+            e.into_response()
+        }
+    }
+}
+
+/// Carries out one `workflow_job` delivery.
+async fn handle(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
+    let job = &event.workflow_job;
+    match (event.action.as_str(), job.status.as_str()) {
+        ("queued", "queued") => record(web, event).await,
+        // Held for an environment's approval: a `queued` delivery follows when it is released.
+        ("queued" | "waiting", _) => Ok(Effect::Ignored),
+        ("in_progress", _) => assign(web, event).await,
+        ("completed", _) => complete(web, event).await,
+        (other, _) => {
+            info!(
+                action = other,
+                job_id = job.id,
+                "ignoring an unknown workflow_job action"
+            );
+            Ok(Effect::Ignored)
+        }
+    }
+}
+
+fn jobs_api(web: &Web, namespace: Option<&str>) -> Api<RunnerJob> {
+    let client = web.ctx.client.clone();
+    match namespace.or(web.namespace.as_deref()) {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+fn unavailable(e: kube::Error) -> ApiError {
+    warn!(error = %e, "the API server failed a webhook's write; GitHub will redeliver");
+    ApiError::Unavailable("the Kubernetes API server is unavailable; retry later")
+}
+
+/// `queued`: one RunnerJob in the namespace of the pool that serves the job, named after the
+/// job id, so duplicates and redeliveries find the first.
+async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
+    if !web.ready.load(Ordering::SeqCst) {
+        return Err(ApiError::Unavailable(
+            "RunnerPool cache not synced yet; retry later",
+        ));
+    }
+    let job = &event.workflow_job;
+    let pools = web.pools.state();
+    let candidates: Vec<&crate::api::RunnerPool> = pools
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| {
+            web.namespace
+                .as_deref()
+                .is_none_or(|ns| p.namespace().as_deref() == Some(ns))
+        })
+        .collect();
+    let queued = QueuedJob {
+        labels: &job.labels,
+        owner: &event.repository.owner.login,
+        repository: &event.repository.name,
+    };
+    let Some(pool) = matching::choose(&candidates, &queued) else {
+        info!(job_id = job.id, run_id = job.run_id, repository = %event.repository.full_name,
+            labels = ?job.labels, "no RunnerPool serves this queued job");
+        return Ok(Effect::NoPool);
+    };
+    let ns = pool.namespace().unwrap_or_default();
+    let name = job_object_name(job.id);
+    let record = RunnerJob::for_queued_job(
+        &ns,
+        &name,
+        RunnerJobSpec {
+            pool_name: pool.name_any(),
+            job_id: job.id,
+            run_id: job.run_id,
+            repository: event.repository.full_name.clone(),
+            labels: job.labels.clone(),
+            installation_id: event.installation.as_ref().map(|i| i.id),
+        },
+    );
+    let api: Api<RunnerJob> = Api::namespaced(web.ctx.client.clone(), &ns);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, &record).await {
+        Ok(_) => {
+            info!(job_id = job.id, run_id = job.run_id, repository = %event.repository.full_name,
+                runner_job = %format!("{ns}/{name}"), "recorded a queued job");
+            Ok(Effect::Created)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Effect::Found),
+        Err(kube::Error::Api(e)) if e.code == 422 => Err(ApiError::BadRequest(format!(
+            "the workflow job cannot be recorded: {}",
+            e.message
+        ))),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// The RunnerJob recorded for a GitHub job id, in whichever namespace its pool is.
+async fn find(web: &Web, job_id: i64) -> Result<Option<RunnerJob>, ApiError> {
+    let params =
+        ListParams::default().fields(&format!("metadata.name={}", job_object_name(job_id)));
+    let found = jobs_api(web, None)
+        .list(&params)
+        .await
+        .map_err(unavailable)?;
+    Ok(found.items.into_iter().next())
+}
+
+/// The RunnerJob whose runner is `runner_name`, when Pacer named it.
+async fn by_runner(web: &Web, runner_name: Option<&str>) -> Result<Option<RunnerJob>, ApiError> {
+    let controller_id = &web.ctx.settings.controller_id;
+    match runner_name.and_then(|name| job_id_of_runner(controller_id, name)) {
+        Some(job_id) => find(web, job_id).await,
+        None => Ok(None),
+    }
+}
+
+async fn patch_status(
+    web: &Web,
+    job: &RunnerJob,
+    status: serde_json::Value,
+) -> Result<(), ApiError> {
+    let api = jobs_api(web, job.namespace().as_deref());
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    match api.patch_status(&job.name_any(), &params, &patch).await {
+        Ok(_) => Ok(()),
+        // Deleted meanwhile: nothing is left to record on.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// `in_progress`: which job the runner actually took.
+async fn assign(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
+    let job = &event.workflow_job;
+    let Some(ours) = by_runner(web, job.runner_name.as_deref()).await? else {
+        return Ok(Effect::Ignored);
+    };
+    let assigned = serde_json::json!({
+        "jobId": job.id, "runId": job.run_id, "repository": event.repository.full_name,
+    });
+    patch_status(web, &ours, serde_json::json!({ "assignedJob": assigned })).await?;
+    info!(job_id = job.id, runner = job.runner_name.as_deref().unwrap_or_default(),
+        runner_job = %ours.name_any(), "a runner of ours took a job");
+    Ok(Effect::Assigned)
+}
+
+/// How GitHub's conclusion reads as a result: only success succeeds.
+fn result_of(conclusion: Option<&str>) -> JobResult {
+    match conclusion {
+        Some("success") => JobResult::Success,
+        Some("cancelled") => JobResult::Cancelled,
+        _ => JobResult::Failure,
+    }
+}
+
+/// `completed`: the completion of the job our runner ran, or, for a job cancelled before any
+/// runner took it, one less runner wanted.
+async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
+    let job = &event.workflow_job;
+    let now = Time(Timestamp::now());
+    let runner = job.runner_name.as_deref().filter(|r| !r.is_empty());
+    if runner.is_some() {
+        let Some(ours) = by_runner(web, runner).await? else {
+            return Ok(Effect::Ignored);
+        };
+        if ours.status.as_ref().is_some_and(|s| s.completion.is_some()) {
+            return Ok(Effect::Completed);
+        }
+        let completion = crate::api::Completion {
+            result: result_of(job.conclusion.as_deref()),
+            reported_at: Some(now),
+        };
+        patch_status(web, &ours, serde_json::json!({ "completion": completion })).await?;
+        return Ok(Effect::Completed);
+    }
+    // No runner took it: the demand it created is gone. Its own RunnerJob gives up its runner
+    // if that runner has not taken a job; else the newest of its pool that has not.
+    let Some(recorded) = find(web, job.id).await? else {
+        return Ok(Effect::Ignored);
+    };
+    let idle = |j: &RunnerJob| {
+        j.status.as_ref().is_none_or(|s| {
+            s.assigned_job.is_none() && s.completion.is_none() && !s.phase.is_finished()
+        }) && j.metadata.deletion_timestamp.is_none()
+    };
+    let victim = if idle(&recorded) {
+        Some(recorded)
+    } else {
+        let api = jobs_api(web, recorded.namespace().as_deref());
+        let all = api
+            .list(&ListParams::default())
+            .await
+            .map_err(unavailable)?;
+        all.items
+            .into_iter()
+            .filter(|j| j.spec.pool_name == recorded.spec.pool_name && idle(j))
+            .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
+    };
+    let Some(victim) = victim else {
+        return Ok(Effect::Ignored);
+    };
+    let completion = crate::api::Completion {
+        result: JobResult::Cancelled,
+        reported_at: Some(now),
+    };
+    patch_status(
+        web,
+        &victim,
+        serde_json::json!({ "completion": completion }),
+    )
+    .await?;
+    info!(job_id = job.id, runner_job = %victim.name_any(),
+        "a queued job was cancelled; its runner is no longer wanted");
+    Ok(Effect::Cancelled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_success_succeeds() {
+        assert_eq!(result_of(Some("success")), JobResult::Success);
+        assert_eq!(result_of(Some("cancelled")), JobResult::Cancelled);
+        for other in [Some("failure"), Some("timed_out"), Some("skipped"), None] {
+            assert_eq!(result_of(other), JobResult::Failure, "{other:?}");
+        }
+    }
+}
