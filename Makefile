@@ -41,9 +41,10 @@ clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: tools
-tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in $(PACER_CACHE)
+tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in $(PACER_CACHE), and the webhook fixtures
 	hack/build-kube.sh >/dev/null
 	hack/moto-venv.sh >/dev/null
+	hack/webhook-fixtures.sh >/dev/null
 
 .PHONY: test-unit
 test-unit: ## Unit tests only (no servers): the inner loop

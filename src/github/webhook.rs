@@ -84,6 +84,15 @@ pub struct Repository {
     pub owner: Owner,
 }
 
+impl Repository {
+    /// The owner as `full_name` spells it, the form RunnerJobs record.
+    pub fn owner(&self) -> &str {
+        self.full_name
+            .split_once('/')
+            .map_or(self.owner.login.as_str(), |(owner, _)| owner)
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct Owner {
     pub login: String,

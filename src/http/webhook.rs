@@ -187,7 +187,7 @@ async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError>
         .collect();
     let queued = QueuedJob {
         labels: &job.labels,
-        owner: &event.repository.owner.login,
+        owner: event.repository.owner(),
         repository: &event.repository.name,
     };
     let Some(pool) = matching::choose(&candidates, &queued) else {
