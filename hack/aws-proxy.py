@@ -15,8 +15,18 @@ Control endpoints, all JSON:
   DELETE /_proxy/calls             forget recorded calls
   POST   /_proxy/faults            add a fault: {"action", "code", "message"?, "status"?, "count"?,
                                    "fleet_error"?: true (CreateFleet answers 200 with Errors[]),
+                                   "delay_answer"?: seconds (the call goes through at once and its
+                                   ClientToken is kept, but the answer comes this much later, as
+                                   from an overloaded endpoint or a lost connection),
+                                   "lose_answer"?: true (the call goes through and its ClientToken
+                                   is kept, but the connection drops before any answer: retries,
+                                   replays included, are lost the same way while the fault lasts),
                                    "match"?: {"param": "substring"} (only requests whose params match)}
   DELETE /_proxy/faults            drop every fault
+  POST   /_proxy/describe-lag      {"seconds": N, "match"?: "substring"}: DescribeInstances leaves
+                                   out instances launched less than N seconds ago (only those with
+                                   a tag value containing the substring), as EC2's eventually
+                                   consistent listing does (moto lists them at once)
   POST   /_proxy/spot-prices       set spot prices: {"instance type": {"zone": "price"}}; history
                                    requests for a type in the table are answered from it
   POST   /_proxy/reset             drop calls, faults and spot prices and reset moto
@@ -30,6 +40,8 @@ import threading
 import time
 import urllib.parse
 import uuid
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # On-demand Linux prices in us-east-1, USD per hour, as AWS published them.
@@ -50,6 +62,10 @@ SPOT_PRICES = {}
 # ClientToken -> (parameters without the token, content type, body of the first 200 answer).
 TOKENS = {}
 IDEMPOTENT_ACTIONS = ("RunInstances", "CreateFleet")
+# (seconds, tag value substring) pairs.
+DESCRIBE_LAG = []
+EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+ET.register_namespace("", EC2_NS)
 
 
 def price_document(instance_type, region):
@@ -112,6 +128,31 @@ def fleet_error_body(params, code, message):
             % (uuid.uuid4(), uuid.uuid4(), "".join(items)))
 
 
+def hide_recent_launches(data, lags):
+    """DescribeInstances as EC2 answers shortly after a launch: instances launched less than a
+    lag ago (for those whose tags match it) are not listed yet."""
+    root = ET.fromstring(data)
+    now = datetime.now(timezone.utc).timestamp()
+    q = "{%s}" % EC2_NS
+    for reservation in root.iter(q + "reservationSet"):
+        for item in list(reservation):
+            instances = item.find(q + "instancesSet")
+            if instances is None:
+                continue
+            for instance in list(instances):
+                launched = instance.findtext(q + "launchTime") or ""
+                try:
+                    at = datetime.strptime(launched[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+                except ValueError:
+                    continue
+                values = " ".join(v.text or "" for v in instance.iter(q + "value"))
+                if any(now - at.timestamp() < lag and sub in values for lag, sub in lags):
+                    instances.remove(instance)
+            if len(instances) == 0:
+                reservation.remove(item)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
 def matches(params, wanted):
     """True when, for every key in `wanted`, some parameter named key (or ending in .key)
     contains the wanted substring."""
@@ -119,9 +160,12 @@ def matches(params, wanted):
                for key, sub in wanted.items())
 
 
-def take_fault(action, params):
+def take_fault(action, params, lost=False):
+    """The first fault for this call, counted; `lost` picks lose_answer faults, else others."""
     with LOCK:
         for fault in FAULTS:
+            if bool(fault.get("lose_answer")) != lost:
+                continue
             if fault["action"] == action and fault["count"] != 0 and matches(params, fault.get("match") or {}):
                 if fault["count"] > 0:
                     fault["count"] -= 1
@@ -174,7 +218,12 @@ class Handler(BaseHTTPRequestHandler):
                 for itype, zones in json.loads(raw).items():
                     SPOT_PRICES.setdefault(itype, {}).update(zones)
                 return self.reply(200, "{}")
+            if path == "/_proxy/describe-lag" and method == "POST":
+                lag = json.loads(raw)
+                DESCRIBE_LAG.append((float(lag.get("seconds", 0)), lag.get("match") or ""))
+                return self.reply(200, "{}")
             if path == "/_proxy/reset" and method == "POST":
+                DESCRIBE_LAG.clear()
                 CALLS.clear()
                 FAULTS.clear()
                 SPOT_PRICES.clear()
@@ -214,6 +263,18 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             known = TOKENS.get(token) if token else None
         replayed = known is not None
+        if take_fault(action, flat, lost=True):
+            if not known:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
+                status, resp_headers, data = self.forward(method, self.path, raw, headers)
+                if token and status == 200:
+                    with LOCK:
+                        TOKENS.setdefault(token, (rest, "text/xml", data))
+            self.close_connection = True
+            with LOCK:
+                CALLS.append({"seq": len(CALLS) + 1, "service": service, "action": action,
+                              "params": params, "status": 0, "replayed": replayed})
+            return
         if known and known[0] != rest:
             status = 400
             self.reply(400, xml_error(service, "IdempotentParameterMismatch",
@@ -224,7 +285,10 @@ class Handler(BaseHTTPRequestHandler):
         else:
             fault = take_fault(action, flat)
             self.sent = None
-            status = self.answer(method, raw, service, target, action, params, fault)
+            if fault and fault.get("delay_answer"):
+                status = self.late_answer(method, raw, token, rest, fault["delay_answer"])
+            else:
+                status = self.answer(method, raw, service, target, action, params, fault)
             if token and status == 200 and self.sent:
                 with LOCK:
                     TOKENS.setdefault(token, (rest, self.sent[1], self.sent[2]))
@@ -251,6 +315,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.spot_price_history(params)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
         status, resp_headers, data = self.forward(method, self.path, raw, headers)
+        if action == "DescribeInstances" and status == 200 and DESCRIBE_LAG:
+            data = hide_recent_launches(data, list(DESCRIBE_LAG))
         content_type = dict((k.lower(), v) for k, v in resp_headers).get("content-type", "text/xml")
         self.sent = (status, content_type, data)
         self.send_response(status)
@@ -260,6 +326,22 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        return status
+
+    def late_answer(self, method, raw, token, rest, delay):
+        """Forwards the call now and answers it `delay` seconds later. EC2 has acted (and kept
+        the token) before the caller hears of it."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
+        status, resp_headers, data = self.forward(method, self.path, raw, headers)
+        content_type = dict((k.lower(), v) for k, v in resp_headers).get("content-type", "text/xml")
+        if token and status == 200:
+            with LOCK:
+                TOKENS.setdefault(token, (rest, content_type, data))
+        time.sleep(float(delay))
+        try:
+            self.reply(status, data, content_type)
+        except OSError:
+            pass  # the caller gave up waiting
         return status
 
     def pricing(self, action, params):

@@ -5,7 +5,6 @@ mod support;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -321,13 +320,17 @@ async fn deleting_a_running_job_terminates_its_instance_first() {
 #[tokio::test]
 async fn a_crash_right_after_launch_still_leaves_exactly_one_instance() {
     let w = World::new("crash").await;
-    let crashing = w.context();
-    crashing
-        .jobs
-        .fail_after_launch
-        .store(true, Ordering::SeqCst);
-    let first = w.start(crashing);
+    let first = w.start(w.context());
     w.ready_pool(|_| {}).await;
+    // EC2 launches at once, but the answer is held back: the controller dies before it hears
+    // it, so no status records the launch.
+    w.ground
+        .proxy()
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "-", "delay_answer": 30,
+            "match": {"Key": "gha:runner_job_uid", "Value": format!("{}/", w.ns)}}),
+        )
+        .await;
     let uid = w.create_job("job-1", 1).await.metadata.uid.unwrap();
     w.wait(|| async { !w.instances_of(&uid).await.is_empty() })
         .await;
@@ -922,4 +925,111 @@ async fn jobs_of_a_missing_deleting_or_unready_pool_are_not_launched() {
         .await;
     assert!(w.instances_of(&late).await.is_empty());
     assert_eq!(w.instances_of(&stale).await.len(), 1);
+}
+
+#[tokio::test]
+async fn late_answers_and_a_lagging_listing_fail_no_job_and_each_instance_is_terminated_once() {
+    let w = World::new("late-answers").await;
+    let _controllers = w.start(w.context_with(|s| {
+        s.job_limits.launch_visibility = Duration::from_secs(4);
+    }));
+    w.ready_pool(|_| {}).await;
+    let proxy = w.ground.proxy();
+    let ours = format!("{}/", w.ns);
+    // EC2 lists new instances 2 s late, answers launches 6 s late (past the 4 s window), and
+    // throttles DescribeInstances for a while.
+    proxy.describe_lag(2.0, &ours).await;
+    proxy
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "-", "delay_answer": 6, "count": -1,
+            "match": {"Key": "gha:runner_job_uid", "Value": ours}}),
+        )
+        .await;
+    proxy
+        .add_fault(
+            json!({"action": "DescribeInstances", "code": "RequestLimitExceeded",
+            "status": 503, "count": 12}),
+        )
+        .await;
+    let names: Vec<String> = (0..5).map(|i| format!("late-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        w.create_queued_job(name, 100 + i as i64).await;
+    }
+    let phases = || async {
+        let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+        jobs.into_iter()
+            .map(|j| j.status.unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let statuses = phases().await;
+        let failed: Vec<_> = statuses
+            .iter()
+            .filter(|s| s.phase == JobPhase::Failed)
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "a job failed while its instance ran: {failed:?}"
+        );
+        if statuses.iter().all(|s| s.phase == JobPhase::Booting) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{statuses:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.clear_faults().await;
+    // Every runner finishes at once: the terminations share calls, one per instance.
+    futures::future::join_all(names.iter().map(|n| w.report(n, "success"))).await;
+    for name in &names {
+        w.wait_phase(name, JobPhase::Succeeded).await;
+    }
+    let instances: Vec<Instance> = w
+        .ec2
+        .describe_managed_instances(&w.controller_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.tags.get("gha:pool").is_some_and(|p| p.starts_with(&ours)))
+        .collect();
+    assert_eq!(instances.len(), 5, "one instance per job: {instances:?}");
+    assert!(instances.iter().all(|i| !i.is_alive()), "{instances:?}");
+    let terminations = proxy.calls_of("TerminateInstances", "").await;
+    for instance in &instances {
+        let sent = terminations
+            .iter()
+            .filter(|c| c.params.to_string().contains(&instance.id))
+            .count();
+        assert_eq!(sent, 1, "{} terminated {sent} times", instance.id);
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_job_whose_launch_answer_was_lost_terminates_the_instance_first() {
+    let w = World::new("lost-answer").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|_| {}).await;
+    let proxy = w.ground.proxy();
+    let ours = format!("{}/", w.ns);
+    // The launch goes through, but no answer ever comes back, and EC2 lists it late.
+    proxy.describe_lag(4.0, &ours).await;
+    proxy
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "-", "lose_answer": true,
+            "count": -1, "match": {"Key": "gha:runner_job_uid", "Value": ours}}),
+        )
+        .await;
+    let uid = w.create_queued_job("lost", 1).await.metadata.uid.unwrap();
+    w.wait(|| async { !w.instances_of(&uid).await.is_empty() })
+        .await;
+    w.jobs
+        .delete("lost", &DeleteParams::default())
+        .await
+        .unwrap();
+    w.wait(|| async { w.jobs.get_opt("lost").await.unwrap().is_none() })
+        .await;
+    assert!(
+        w.alive_of(&uid).await.is_empty(),
+        "the instance went before the RunnerJob"
+    );
 }

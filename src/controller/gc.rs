@@ -93,10 +93,25 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
             std::future::ready(Ok(kept))
         })
         .await?;
+    // A finished job claims no instance (its own pass terminates one it still holds; this
+    // backs that up). Finished is final, so the watch cache is trusted for it.
+    let finished: HashSet<String> = ctx
+        .jobs
+        .store()
+        .map(|store| {
+            store
+                .state()
+                .iter()
+                .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
+                .filter_map(|j| j.metadata.uid.clone())
+                .collect()
+        })
+        .unwrap_or_default();
     let live: HashSet<String> = list_metadata(&scope.jobs)
         .await?
         .iter()
         .filter_map(|j| j.uid.clone())
+        .filter(|uid| !finished.contains(uid))
         .collect();
     let doomed: Vec<String> = orphans(&instances, owner, &live, now, grace)
         .into_iter()

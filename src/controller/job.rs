@@ -24,7 +24,8 @@ use crate::api::{
 };
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
-    Decision, Facts, InstanceState, Outcome, PoolAdmission, Step, decide, pool_readiness, to_wake,
+    Decision, Facts, InstanceState, Listed, Outcome, PoolAdmission, Step, decide,
+    instance_state as domain_instance_state, pool_readiness, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -34,6 +35,13 @@ pub use crate::api::JOB_FINALIZER as FINALIZER;
 /// Instances by the uid of the RunnerJob they were launched for.
 pub type InstancesByJob = Arc<HashMap<String, Instance>>;
 
+/// One DescribeInstances listing, shared by every pass, and when it was requested.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub instances: InstancesByJob,
+    pub taken: Timestamp,
+}
+
 /// What every job's pass shares.
 #[derive(Default)]
 pub struct Shared {
@@ -42,15 +50,14 @@ pub struct Shared {
     /// Subnet -> availability zone.
     zones: tokio::sync::Mutex<HashMap<String, String>>,
     /// The last DescribeInstances answer, by RunnerJob uid, and when it was taken.
-    snapshot: Mutex<Option<(Instant, InstancesByJob)>>,
+    snapshot: Mutex<Option<(Instant, Snapshot)>>,
     /// Held by the one pass refreshing the snapshot.
     refreshing: tokio::sync::Mutex<()>,
     /// Runner slots this process reserved, by `namespace/pool`: the uids of jobs admitted to
     /// launch. With the cache's busy jobs they make admission exact (see `admit`).
     slots: Mutex<HashMap<String, HashSet<String>>>,
-    /// Instances launched by this process, by RunnerJob uid: guards against launching twice
-    /// while the snapshot predates the launch and the status write did not land.
-    launched: Mutex<HashMap<String, Instance>>,
+    /// Launches and terminations this process made that EC2's listings may not show yet.
+    pub(super) ledger: super::ledger::Ledger,
     /// Prices by kind, instance type (and zone), with when they expire.
     prices: tokio::sync::Mutex<HashMap<String, (Instant, Option<String>)>>,
     /// Price look-ups that failed, warned about once each.
@@ -60,10 +67,6 @@ pub struct Shared {
     pub(super) store: OnceLock<Store<RunnerJob>>,
     /// Every RunnerPool, as the pool controller's watch sees them.
     pub(super) pools: OnceLock<Store<RunnerPool>>,
-    /// Test fault hook: die right after the launch call returns, before the status write:
-    /// that pass and every later one fail, as if the process had crashed there.
-    pub fail_after_launch: AtomicBool,
-    crashed: AtomicBool,
 }
 
 impl Shared {
@@ -156,14 +159,14 @@ async fn set_finalizer(api: &Api<RunnerJob>, job: &RunnerJob, on: bool) -> Resul
 /// While one pass refreshes it, the others go on with the previous snapshot: any snapshot this
 /// process took shows every instance launched before the process started, and the process
 /// remembers its own launches until their status records them.
-pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJob> {
+pub async fn instances(ctx: &Context, max_age: Duration) -> Result<Snapshot> {
     let current = || {
         ctx.jobs
             .snapshot
             .lock()
             .unwrap()
             .as_ref()
-            .map(|(taken, instances)| (taken.elapsed() < max_age, instances.clone()))
+            .map(|(taken, snapshot)| (taken.elapsed() < max_age, snapshot.clone()))
     };
     let _refreshing = match current() {
         Some((true, instances)) => return Ok(instances),
@@ -185,8 +188,10 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
             .lock()
             .unwrap()
             .as_ref()
-            .map_or(0, |(_, s)| s.len()),
+            .map_or(0, |(_, s)| s.instances.len()),
     );
+    // Anything launched before this moment shows in the listing, once EC2 has caught up.
+    let taken = Timestamp::now();
     let ec2 = ctx.ec2();
     let mut pages = ec2.managed_instance_pages(&ctx.settings.controller_id);
     while let Some(page) = pages.try_next().await? {
@@ -201,9 +206,12 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<InstancesByJo
             }
         }
     }
-    let by_uid = Arc::new(by_uid);
-    *ctx.jobs.snapshot.lock().unwrap() = Some((Instant::now(), by_uid.clone()));
-    Ok(by_uid)
+    let snapshot = Snapshot {
+        instances: Arc::new(by_uid),
+        taken,
+    };
+    *ctx.jobs.snapshot.lock().unwrap() = Some((Instant::now(), snapshot.clone()));
+    Ok(snapshot)
 }
 
 fn since(t: Option<&Time>, now: Timestamp) -> Duration {
@@ -221,47 +229,37 @@ fn entered(status: &RunnerJobStatus, job: &RunnerJob) -> Option<Time> {
         })
 }
 
-/// What EC2 says about the job's instance, from the snapshot, this process's own launches and
-/// the status, in that order of authority.
+/// What EC2 says about the job's instance: the shared listing, and the id this process
+/// launched or the status recorded, judged gone only from a listing taken a visibility window
+/// after the launch's answer.
 fn instance_state(
+    snapshot: &Snapshot,
     uid: &str,
     status: &RunnerJobStatus,
-    snapshot: &HashMap<String, Instance>,
-    launched: Option<&Instance>,
-    now: Timestamp,
+    launched: Option<&(Instance, Timestamp)>,
     visibility: Duration,
 ) -> InstanceState {
-    if let Some(i) = snapshot.get(uid) {
-        return if i.is_alive() {
-            InstanceState::Alive { id: i.id.clone() }
-        } else {
-            InstanceState::Gone {
-                id: i.id.clone(),
-                reason: i.state_reason.clone().unwrap_or_else(|| i.state.clone()),
-            }
-        };
-    }
-    let recorded = launched
-        .map(|i| i.id.clone())
-        .or_else(|| status.instance.as_ref().map(|i| i.id.clone()));
-    let since_launch = since(
-        status
-            .instance
-            .as_ref()
-            .and_then(|i| i.launch_time.as_ref()),
-        now,
-    );
-    match recorded {
-        // Launched moments ago (or by this process, before its status write): EC2 lists new
-        // instances a little late.
-        Some(id) if launched.is_some() && status.instance.is_none() => InstanceState::Alive { id },
-        Some(id) if since_launch < visibility => InstanceState::Alive { id },
-        Some(id) => InstanceState::Gone {
-            id,
-            reason: "EC2 no longer lists it".into(),
-        },
-        None => InstanceState::Absent,
-    }
+    let listed = snapshot.instances.get(uid).map(|i| Listed {
+        id: &i.id,
+        alive: i.is_alive(),
+        reason: i.state_reason.as_deref().unwrap_or(&i.state),
+    });
+    let known = launched
+        .map(|(i, _)| i.id.as_str())
+        .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()));
+    // The launch's answer came no later than this; the Launching time is set when it does.
+    let answered = launched
+        .map(|(_, at)| *at)
+        .or_else(|| status.phase_times.launching.as_ref().map(|t| t.0))
+        .or_else(|| {
+            status
+                .instance
+                .as_ref()
+                .and_then(|i| i.launch_time.as_ref())
+                .map(|t| t.0)
+        });
+    let settled = answered.is_none_or(|at| snapshot.taken >= at + visibility);
+    domain_instance_state(listed, known, settled)
 }
 
 /// Whether `job` may launch from `pool` now. When the pool is ready, a runner slot is
@@ -378,11 +376,6 @@ fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
 
 /// One pass: gather the facts, decide, carry out the step, write the status.
 async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> {
-    if ctx.jobs.crashed.load(Ordering::SeqCst) {
-        return Err(Error::Waiting(
-            "fault hook: this controller has crashed".into(),
-        ));
-    }
     let now = Timestamp::now();
     let uid = job.uid().unwrap_or_default();
     let ns = job.namespace().unwrap_or_default();
@@ -402,23 +395,20 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         None => ctx.settings.job_limits,
     };
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
-    let launched = {
-        let mut launched = ctx.jobs.launched.lock().unwrap();
-        // Once the status records the launch, the status is the record.
-        if status.instance.is_some() {
-            launched.remove(&uid);
-        }
-        launched.get(&uid).cloned()
-    };
+    let launched = ctx.jobs.ledger.launched(&uid);
     let in_phase = since(entered(&status, job).as_ref(), now);
     let instance = instance_state(
+        &snapshot,
         &uid,
         &status,
-        &snapshot,
         launched.as_ref(),
-        now,
         limits.launch_visibility,
     );
+    let launch_unsettled = ctx
+        .jobs
+        .ledger
+        .unsettled_since(&uid)
+        .is_some_and(|sent| now.duration_since(sent).unsigned_abs() < limits.launch_visibility);
     let facts = Facts {
         phase: status.phase,
         in_phase,
@@ -426,6 +416,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         registered: status.runner.is_some(),
         outcome: outcome(&status),
         deleting,
+        launch_unsettled,
         pool: if status.phase == JobPhase::Pending && !deleting {
             admit(ctx, job, pool.as_deref())
         } else {
@@ -499,29 +490,40 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             // Only an id EC2 listed under this job's tag, or our own launch returned: the status
             // is writable by others and must not steer a termination.
             let verified = |id: &String| {
-                snapshot.get(&uid).is_some_and(|i| &i.id == id)
-                    || launched.as_ref().is_some_and(|i| &i.id == id)
+                snapshot.instances.get(&uid).is_some_and(|i| &i.id == id)
+                    || launched.as_ref().is_some_and(|(i, _)| &i.id == id)
             };
             if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance
                 && verified(id)
+                && ctx
+                    .jobs
+                    .ledger
+                    .terminate(ctx, id, snapshot.taken, limits.launch_visibility)
+                    .await?
             {
-                ctx.ec2()
-                    .terminate_instances(std::slice::from_ref(id))
-                    .await?;
                 info!(instance = %id, "terminated");
             }
             // The next snapshot shows whether it went; one DescribeInstances serves every job.
             Action::requeue(ctx.settings.instance_refresh)
         }
         Step::Release => {
-            ctx.jobs.launched.lock().unwrap().remove(&uid);
+            ctx.jobs.ledger.forget(&uid);
             release_slot(ctx, job);
             return Ok(Action::await_change());
         }
         Step::Delete => {
+            // Only this object: one recreated under the same name is not this one's to delete.
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: Some(uid.clone()),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
             Api::<RunnerJob>::namespaced(ctx.client.clone(), &ns)
-                .delete(&job.name_any(), &DeleteParams::default())
+                .delete(&job.name_any(), &params)
                 .await?;
+            ctx.jobs.ledger.forget(&uid);
             return Ok(Action::await_change());
         }
     };
@@ -563,7 +565,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             }
         }
     }
-    if let (InstanceState::Alive { id }, Some(record)) = (&instance, snapshot.get(&uid))
+    if let (InstanceState::Alive { id }, Some(record)) = (&instance, snapshot.instances.get(&uid))
         && status.instance.as_ref().is_none_or(|i| &i.id != id)
     {
         // Adopted: launched before a crash, or seen before the status recorded it.
@@ -728,7 +730,24 @@ async fn launch_step(
             client_token: None,
         };
         request.client_token = Some(launch::client_token(&uid, attempt, &request.parameters()));
-        let outcome = match ctx.ec2().launch(&request).await {
+        ctx.jobs.ledger.launch_sent(&uid, Timestamp::now());
+        let answer = ctx.ec2().launch(&request).await;
+        match &answer {
+            // No answer (a transport failure): EC2 may have launched. The same request,
+            // retried under the same token, finds out.
+            Err(e) if e.code == "Transport" => {}
+            Ok(outcome) => {
+                let first = outcome.instances.first();
+                ctx.jobs
+                    .ledger
+                    .launch_answered(&uid, first, Timestamp::now());
+            }
+            Err(_) => ctx
+                .jobs
+                .ledger
+                .launch_answered(&uid, None, Timestamp::now()),
+        }
+        let outcome = match answer {
             Ok(outcome) => outcome,
             Err(e) if e.is(ErrorClass::InsufficientCapacity) => {
                 let (t, subnet) = &chosen[0];
@@ -806,18 +825,11 @@ async fn launch_step(
                 .unwrap_or_default();
             instance.zone = zones.get(&subnet).cloned().unwrap_or_default();
         }
+        // Recorded with the zone filled in.
         ctx.jobs
-            .launched
-            .lock()
-            .unwrap()
-            .insert(uid.clone(), instance.clone());
+            .ledger
+            .launch_answered(&uid, Some(&instance), Timestamp::now());
         info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, attempt, "launched");
-        if ctx.jobs.fail_after_launch.load(Ordering::SeqCst) {
-            ctx.jobs.crashed.store(true, Ordering::SeqCst);
-            return Err(Error::Waiting(
-                "fault hook: crashed right after the launch".into(),
-            ));
-        }
         let waited = since(job.metadata.creation_timestamp.as_ref(), Timestamp::now());
         ctx.metrics.launch_latency.observe(waited.as_secs_f64());
         status.attempts = attempt;

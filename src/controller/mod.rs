@@ -4,6 +4,7 @@
 pub mod conditions;
 pub mod gc;
 pub mod job;
+mod ledger;
 pub mod metrics;
 pub mod pool;
 

@@ -22,6 +22,40 @@ pub enum InstanceState {
     Gone { id: String, reason: String },
 }
 
+/// The job's instance as the shared EC2 listing shows it.
+#[derive(Clone, Copy, Debug)]
+pub struct Listed<'a> {
+    pub id: &'a str,
+    pub alive: bool,
+    /// EC2's state reason, or the state when it gives none.
+    pub reason: &'a str,
+}
+
+/// What EC2 says about the job's instance. `listed` is the instance tagged with the job in
+/// the shared listing; `known` the id this process launched or the status recorded; `settled`
+/// whether that listing was taken long enough after the launch's answer for EC2 to show the
+/// instance (DescribeInstances lags launches). An instance known but not listed is gone only
+/// from a settled listing.
+pub fn instance_state(
+    listed: Option<Listed<'_>>,
+    known: Option<&str>,
+    settled: bool,
+) -> InstanceState {
+    match (listed, known) {
+        (Some(i), _) if i.alive => InstanceState::Alive { id: i.id.into() },
+        (Some(i), _) => InstanceState::Gone {
+            id: i.id.into(),
+            reason: i.reason.into(),
+        },
+        (None, Some(id)) if !settled => InstanceState::Alive { id: id.into() },
+        (None, Some(id)) => InstanceState::Gone {
+            id: id.into(),
+            reason: "EC2 no longer lists it".into(),
+        },
+        (None, None) => InstanceState::Absent,
+    }
+}
+
 /// How the job ended, as the runner's callback or GitHub's webhook reported it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -43,6 +77,9 @@ pub struct Facts {
     pub outcome: Option<Outcome>,
     /// The RunnerJob is being deleted.
     pub deleting: bool,
+    /// A launch call for the job went out and its answer is not in: EC2 may have launched an
+    /// instance it does not list yet.
+    pub launch_unsettled: bool,
     /// Whether the job's pool may launch for it now.
     pub pool: PoolAdmission,
     /// Time left before a capacity retry is due; zero when none is pending.
@@ -152,14 +189,24 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
                 "Deleted",
                 "the RunnerJob is being deleted",
             ),
+            // Its launch may have made an instance EC2 does not list yet: wait for the answer
+            // or the listing rather than leave the instance to the garbage collector.
+            InstanceState::Absent if f.launch_unsettled => {
+                go(f.phase, Step::Wait(Duration::from_secs(2)))
+            }
             _ => go(if finished { f.phase } else { Failed }, Step::Release),
         };
     }
     if finished {
-        // Late events change nothing; only the TTL matters.
+        // Late events change nothing; only the TTL matters, once EC2 has had time to show an
+        // instance it was slow to list: until then the job keeps looking.
         return match &f.instance {
             InstanceState::Alive { .. } => go(f.phase, Step::Terminate),
             _ if f.in_phase >= limits.ttl_after_finished => go(f.phase, Step::Delete),
+            _ if f.in_phase < limits.launch_visibility => go(
+                f.phase,
+                Step::Wait(left(limits.ttl_after_finished, f.in_phase).min(POLL)),
+            ),
             _ => go(
                 f.phase,
                 Step::Wait(left(limits.ttl_after_finished, f.in_phase)),
@@ -338,6 +385,26 @@ mod tests {
     use JobPhase::*;
 
     #[test]
+    fn an_instance_not_listed_is_gone_only_from_a_settled_listing() {
+        let listed = |alive| {
+            Some(Listed {
+                id: "i-1",
+                alive,
+                reason: "Server.SpotInstanceTermination",
+            })
+        };
+        assert_eq!(instance_state(listed(true), None, false), alive());
+        assert_eq!(instance_state(listed(false), Some("i-1"), false), gone());
+        // Launched, answered, but not listed yet: alive until the listing has settled.
+        assert_eq!(instance_state(None, Some("i-1"), false), alive());
+        assert!(matches!(
+            instance_state(None, Some("i-1"), true),
+            InstanceState::Gone { .. }
+        ));
+        assert_eq!(instance_state(None, None, true), InstanceState::Absent);
+    }
+
+    #[test]
     fn only_a_pool_ready_at_its_generation_admits_launches() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
         let pool = |generation: i64, ready: &str, observed: i64, template: bool| {
@@ -414,6 +481,7 @@ mod tests {
             registered: false,
             outcome: None,
             deleting: false,
+            launch_unsettled: false,
             pool: PoolAdmission::Admitted,
             backoff_left: Duration::ZERO,
         }
@@ -647,14 +715,23 @@ mod tests {
                 None,
             ),
             (
+                "a just-finished job keeps looking while EC2 may not list its instance yet",
+                Succeeded,
+                |_| {},
+                Succeeded,
+                Step::Wait(POLL),
+                None,
+            ),
+            (
                 "late events for a finished job are ignored",
                 Succeeded,
                 |f| {
+                    f.in_phase = mins(2);
                     f.outcome = Some(Outcome::Failure);
                     f.registered = true
                 },
                 Succeeded,
-                Step::Wait(Duration::from_secs(3595)),
+                Step::Wait(mins(58)),
                 None,
             ),
             (
@@ -693,6 +770,17 @@ mod tests {
                 },
                 Failed,
                 Step::Release,
+                None,
+            ),
+            (
+                "deleting waits for a launch whose answer is not in",
+                Pending,
+                |f| {
+                    f.deleting = true;
+                    f.launch_unsettled = true
+                },
+                Pending,
+                Step::Wait(Duration::from_secs(2)),
                 None,
             ),
             (

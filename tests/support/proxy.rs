@@ -59,6 +59,20 @@ impl Proxy {
         assert!(resp.status().is_success(), "proxy refused {prices}");
     }
 
+    /// Makes DescribeInstances leave out instances launched less than `seconds` ago whose tag
+    /// values contain `matching`, as EC2's eventually consistent listing does (moto lists
+    /// them at once).
+    pub async fn describe_lag(&self, seconds: f64, matching: &str) {
+        let resp = self
+            .http
+            .post(format!("{}/_proxy/describe-lag", self.base))
+            .json(&json!({ "seconds": seconds, "match": matching }))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+
     pub async fn clear_faults(&self) {
         self.http
             .delete(format!("{}/_proxy/faults", self.base))
