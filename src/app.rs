@@ -84,6 +84,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws));
     let settings = controller::Settings {
         job_concurrency: config.controller.job_concurrency,
+        gc_interval: std::time::Duration::from_secs(config.controller.gc_interval_seconds),
+        gc_grace: std::time::Duration::from_secs(config.controller.gc_grace_seconds),
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
     let ctx = Arc::new(controller::Context::new(client.clone(), ec2, settings));

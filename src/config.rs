@@ -167,6 +167,21 @@ pub struct ControllerConfig {
     /// the API server still sees at most 32 requests in flight.
     #[serde(default = "default_job_concurrency")]
     pub job_concurrency: u16,
+    /// Seconds between garbage collections of unclaimed instances and launch templates.
+    #[serde(default = "default_gc_interval_seconds")]
+    pub gc_interval_seconds: u64,
+    /// Seconds an instance or launch template must have existed before the garbage collector
+    /// may remove it: longer than a launch takes to be recorded.
+    #[serde(default = "default_gc_grace_seconds")]
+    pub gc_grace_seconds: u64,
+}
+
+fn default_gc_interval_seconds() -> u64 {
+    60
+}
+
+fn default_gc_grace_seconds() -> u64 {
+    120
 }
 
 fn default_job_concurrency() -> u16 {
@@ -183,6 +198,8 @@ impl Default for ControllerConfig {
             id: default_controller_id(),
             namespace: String::new(),
             job_concurrency: default_job_concurrency(),
+            gc_interval_seconds: default_gc_interval_seconds(),
+            gc_grace_seconds: default_gc_grace_seconds(),
         }
     }
 }
@@ -296,6 +313,14 @@ const OVERRIDES: &[Override] = &[
     Override {
         key: "controller.job_concurrency",
         set: |c, v| set_parsed(&mut c.controller.job_concurrency, v),
+    },
+    Override {
+        key: "controller.gc_interval_seconds",
+        set: |c, v| set_parsed(&mut c.controller.gc_interval_seconds, v),
+    },
+    Override {
+        key: "controller.gc_grace_seconds",
+        set: |c, v| set_parsed(&mut c.controller.gc_grace_seconds, v),
     },
 ];
 
@@ -419,6 +444,12 @@ impl Config {
             return Err((
                 "controller.job_concurrency",
                 "expected at least 1 RunnerJob pass at once".into(),
+            ));
+        }
+        if self.controller.gc_interval_seconds == 0 {
+            return Err((
+                "controller.gc_interval_seconds",
+                "expected at least 1 second between garbage collections".into(),
             ));
         }
         let tls = &self.server.tls;

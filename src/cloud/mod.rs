@@ -118,7 +118,7 @@ pub struct LaunchTemplate {
 }
 
 /// The root volume of a launch template.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct BlockDevice {
     pub device_name: String,
     /// `None` keeps the AMI's size.
@@ -128,8 +128,9 @@ pub struct BlockDevice {
     pub throughput: Option<i32>,
 }
 
-/// What a launch template says, in Pacer's terms.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a launch template says, in Pacer's terms. Serialized (fields in this order, tags
+/// sorted) for the spec hash: keep new fields at the end.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LaunchTemplateData {
     pub image_id: String,
     pub security_group_ids: Vec<String>,

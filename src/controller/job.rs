@@ -59,7 +59,9 @@ pub struct Shared {
     /// Launches and terminations this process made that EC2's listings may not show yet.
     pub(super) ledger: super::ledger::Ledger,
     /// Prices by kind, instance type (and zone), with when they expire.
-    prices: tokio::sync::Mutex<HashMap<String, (Instant, Option<String>)>>,
+    /// One slot per price, each with its own lock: a burst of launches of one type makes one
+    /// Pricing call, and a slow look-up of one price holds up no other.
+    prices: Mutex<HashMap<String, Arc<PriceSlot>>>,
     /// Price look-ups that failed, warned about once each.
     warned_on_demand: AtomicBool,
     warned_spot: AtomicBool,
@@ -882,8 +884,16 @@ async fn cached_price(
     permission: &str,
     lookup: impl std::future::Future<Output = crate::cloud::CloudResult<Option<String>>>,
 ) -> Option<String> {
-    let mut prices = ctx.jobs.prices.lock().await;
-    if let Some((expires, price)) = prices.get(&key)
+    let slot = ctx
+        .jobs
+        .prices
+        .lock()
+        .unwrap()
+        .entry(key)
+        .or_default()
+        .clone();
+    let mut cached = slot.lock().await;
+    if let Some((expires, price)) = cached.as_ref()
         && Instant::now() < *expires
     {
         return price.clone();
@@ -897,9 +907,12 @@ async fn cached_price(
             (None, FAILED_PRICE_TTL)
         }
     };
-    prices.insert(key, (Instant::now() + ttl, price.clone()));
+    *cached = Some((Instant::now() + ttl, price.clone()));
     price
 }
+
+/// A cached price and when it expires; `None` until first looked up.
+type PriceSlot = tokio::sync::Mutex<Option<(Instant, Option<String>)>>;
 
 /// The current spot price of a type in a zone, cached.
 async fn spot_price(ctx: &Context, instance_type: &str, zone: &str) -> Option<String> {
@@ -988,11 +1001,9 @@ fn mark(ctx: &Context, market: Market, instance_type: &str, zone: &str, why: &st
         error = why,
         "no capacity; skipping this offering for a while"
     );
-    ctx.jobs
-        .capacity
-        .lock()
-        .unwrap()
-        .mark_unavailable(market, instance_type, zone, Instant::now());
+    let mut capacity = ctx.jobs.capacity.lock().unwrap();
+    capacity.prune(Instant::now());
+    capacity.mark_unavailable(market, instance_type, zone, Instant::now());
 }
 
 /// Sets the RunnerJobs-by-phase gauges from the controller's view of the cluster.

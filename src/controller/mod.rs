@@ -236,6 +236,8 @@ pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 
+    /// Not done yet, and that is normal progress (a deletion waiting for what it holds to go):
+    /// retried without counting as a failure.
     #[error("{0}")]
     Waiting(String),
 
@@ -252,7 +254,7 @@ impl Error {
         match err {
             F::ApplyFailed(e) | F::CleanupFailed(e) => e,
             F::AddFinalizer(e) | F::RemoveFinalizer(e) => Error::Kube(e),
-            other => Error::Waiting(other.to_string()),
+            other => Error::Kube(kube::Error::Service(other.to_string().into())),
         }
     }
 
@@ -290,10 +292,15 @@ where
     K: Resource<DynamicType = ()> + Send + Sync + 'static,
 {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+    if let Error::Waiting(why) = err {
+        // Normal progress (a deletion waiting for an instance to go): not a failure.
+        tracing::info!(object = %key, why = %why, "waiting");
+        return Action::requeue(ctx.settings.backoff_unit);
+    }
     let attempt = ctx.failed(&key);
     let wait = err.retry_after(attempt, ctx.settings.backoff_unit);
     tracing::warn!(object = %key, reason = err.reason(), attempt, error = %err, "reconcile failed");
-    if attempt == FAILURES_BEFORE_WARNING && !matches!(err, Error::Waiting(_)) {
+    if attempt == FAILURES_BEFORE_WARNING {
         let note = err.to_string();
         let reason = err.reason();
         tokio::spawn(async move { ctx.event(&*obj, EventType::Warning, reason, note).await });

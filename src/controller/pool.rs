@@ -439,6 +439,7 @@ async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         ctx.ec2().delete_launch_template(&template.id).await?;
         info!(template = %template.id, "deleted launch template");
     }
+    ctx.forget_pool_check(&id.key());
     Ok(Action::await_change())
 }
 

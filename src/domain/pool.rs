@@ -298,8 +298,10 @@ pub fn template_data(
 
 /// A short, stable digest of the template data: a new template version exactly when it changes.
 pub fn spec_hash(data: &LaunchTemplateData) -> String {
-    let canonical = format!("{data:?}");
-    hex(&Sha256::digest(canonical.as_bytes()))[..16].to_string()
+    // JSON of a struct of strings, numbers and sorted maps: the same bytes for the same data,
+    // whatever `Debug` prints in another compiler or crate version.
+    let canonical = serde_json::to_vec(data).expect("template data serializes");
+    hex(&Sha256::digest(&canonical))[..16].to_string()
 }
 
 const DESCRIPTION_PREFIX: &str = "pacer spec-hash ";
@@ -533,6 +535,21 @@ mod tests {
         assert_eq!(tags["gha:controller"], "prod");
         assert_eq!(tags["gha:pool"], "ci/linux");
         assert_eq!(tags["team"], "platform");
+    }
+
+    #[test]
+    fn the_spec_hash_is_pinned_to_a_stable_serialization() {
+        let data = LaunchTemplateData {
+            image_id: "ami-1".into(),
+            security_group_ids: vec!["sg-1".into()],
+            instance_profile: None,
+            root_volume: None,
+            spot: true,
+            user_data: "IyEvYmluL2Jhc2gK".into(),
+            tags: BTreeMap::from([("gha:managed-by".into(), "pacer".into())]),
+        };
+        // Changing this value makes every pool's template take a new version: do it knowingly.
+        assert_eq!(spec_hash(&data), "32d5b285d9d44286");
     }
 
     #[test]
