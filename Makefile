@@ -21,9 +21,10 @@ build: ## Build the pacer binary (debug)
 	cargo build
 
 .PHONY: generate
-generate: build ## Regenerate crds/ and docs/iam-role.json from the code
+generate: build ## Regenerate crds/, docs/iam-role.json and docs/iam-policy.md from the code
 	$(PACER) crds --dir crds
 	$(PACER) iam-policy > docs/iam-role.json
+	$(PACER) iam-policy --explain > docs/iam-policy.md
 
 .PHONY: crds
 crds: generate ## Same as generate
@@ -41,18 +42,28 @@ clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: tools
-tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in $(PACER_CACHE), and the webhook fixtures
+tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in $(PACER_CACHE), and the npm test tools
 	hack/build-kube.sh >/dev/null
 	hack/moto-venv.sh >/dev/null
-	hack/webhook-fixtures.sh >/dev/null
+	hack/npm-tools.sh >/dev/null
+	hack/parliament-venv.sh >/dev/null
 
 .PHONY: test-unit
 test-unit: ## Unit tests only (no servers): the inner loop
 	cargo test --lib
 
 .PHONY: test
-test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests
-	cargo test --lib --bins --tests
+AWS_CALL_LOG := $(CURDIR)/target/aws-calls
+
+test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests, the IAM policy proven
+	rm -rf $(AWS_CALL_LOG)
+	PACER_AWS_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
+	cargo build --quiet
+	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
+
+.PHONY: iam-check
+iam-check: build ## Lint the IAM policy and simulate the AWS calls the last `make test` recorded against it
+	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
 
 .PHONY: bench
 bench: tools ## Launch latency, EC2 calls per job and memory with many RunnerJobs (BENCH_JOBS, BENCH_STORED, BENCH_LATENCY_MS, BENCH_MOTO=1)

@@ -30,11 +30,17 @@ Control endpoints, all JSON:
   POST   /_proxy/spot-prices       set spot prices: {"instance type": {"zone": "price"}}; history
                                    requests for a type in the table are answered from it
   POST   /_proxy/reset             drop calls, faults and spot prices and reset moto
+Every recorded call carries "resource_tags": the tags, as the creating request set them, of
+each resource the call names that was created through this proxy (instances, launch templates),
+so an IAM simulation can evaluate aws:ResourceTag conditions. With PACER_AWS_CALL_LOG set to a
+directory, each call is also appended there as a JSON line (one file per proxy).
 Usage: aws-proxy.py LISTEN_PORT MOTO_URL
 """
 
 import http.client
 import json
+import os
+import re
 import sys
 import threading
 import time
@@ -62,6 +68,9 @@ SPOT_PRICES = {}
 # ClientToken -> (parameters without the token, content type, body of the first 200 answer).
 TOKENS = {}
 IDEMPOTENT_ACTIONS = ("RunInstances", "CreateFleet")
+# Resource id or launch template name -> the tags its creating request set.
+RESOURCE_TAGS = {}
+CALL_LOG = os.environ.get("PACER_AWS_CALL_LOG")
 # (seconds, tag value substring) pairs.
 DESCRIBE_LAG = []
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
@@ -153,6 +162,55 @@ def hide_recent_launches(data, lags):
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
+def tags_for(params, resource_type):
+    """The tags a query-protocol request sets on resources of `resource_type`."""
+    tags = {}
+    for key, value in params.items():
+        m = re.fullmatch(r"TagSpecification\.(\d+)\.ResourceType", key)
+        if m and value == resource_type:
+            n = m.group(1)
+            for k, v in params.items():
+                t = re.fullmatch(r"TagSpecification\.%s\.Tag\.(\d+)\.Key" % n, k)
+                if t:
+                    tags[v] = params.get("TagSpecification.%s.Tag.%s.Value" % (n, t.group(1)), "")
+    return tags
+
+
+def remember_created(action, params, data):
+    """Keeps the tags of what a successful create call made, by the ids in its answer."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    if action in ("RunInstances", "CreateFleet"):
+        tags = tags_for(params, "instance")
+        ids = re.findall(r"<instanceId>(i-[0-9a-f]+)</instanceId>", text)
+        ids += re.findall(r"<item>(i-[0-9a-f]+)</item>", text)
+        for instance_id in ids:
+            RESOURCE_TAGS[instance_id] = tags
+    elif action == "CreateLaunchTemplate":
+        tags = tags_for(params, "launch-template")
+        for template_id in re.findall(r"<launchTemplateId>(lt-[0-9a-f]+)</launchTemplateId>", text):
+            RESOURCE_TAGS[template_id] = tags
+        if params.get("LaunchTemplateName"):
+            RESOURCE_TAGS[params["LaunchTemplateName"]] = tags
+
+
+def is_pacer(headers):
+    """Whether the request came from Pacer's AWS adapter (`app/pacer` in the User-Agent)."""
+    return re.search(r"(^|\s)app/pacer(\s|$)", headers.get("User-Agent", "")) is not None
+
+
+def record(entry):
+    """Appends a call to the record, with the tags of the resources it names."""
+    with LOCK:
+        named = {v: RESOURCE_TAGS[v] for v in entry["params"].values()
+                 if isinstance(v, str) and v in RESOURCE_TAGS}
+        entry = dict(entry, seq=len(CALLS) + 1, resource_tags=named)
+        CALLS.append(entry)
+        if CALL_LOG:
+            os.makedirs(CALL_LOG, exist_ok=True)
+            with open(os.path.join(CALL_LOG, "calls-%d.jsonl" % os.getpid()), "a") as log:
+                log.write(json.dumps(entry) + "\n")
+
+
 def matches(params, wanted):
     """True when, for every key in `wanted`, some parameter named key (or ending in .key)
     contains the wanted substring."""
@@ -242,6 +300,7 @@ class Handler(BaseHTTPRequestHandler):
         return resp.status, resp.getheaders(), data
 
     def handle_any(self, method):
+        self.sent = None
         raw = self.body()
         if self.path.startswith("/_proxy/"):
             return self.control(method, raw)
@@ -270,10 +329,10 @@ class Handler(BaseHTTPRequestHandler):
                 if token and status == 200:
                     with LOCK:
                         TOKENS.setdefault(token, (rest, "text/xml", data))
+                        remember_created(action, params, data)
             self.close_connection = True
-            with LOCK:
-                CALLS.append({"seq": len(CALLS) + 1, "service": service, "action": action,
-                              "params": params, "status": 0, "replayed": replayed})
+            record({"service": service, "action": action, "params": params, "status": 0,
+                    "replayed": replayed, "pacer": is_pacer(self.headers)})
             return
         if known and known[0] != rest:
             status = 400
@@ -292,9 +351,11 @@ class Handler(BaseHTTPRequestHandler):
             if token and status == 200 and self.sent:
                 with LOCK:
                     TOKENS.setdefault(token, (rest, self.sent[1], self.sent[2]))
-        with LOCK:
-            CALLS.append({"seq": len(CALLS) + 1, "service": service, "action": action,
-                          "params": params, "status": status, "replayed": replayed})
+        if status == 200 and self.sent and not target:
+            with LOCK:
+                remember_created(action, params, self.sent[2])
+        record({"service": service, "action": action, "params": params, "status": status,
+                "replayed": replayed, "pacer": is_pacer(self.headers)})
 
     def answer(self, method, raw, service, target, action, params, fault):
         if fault and fault.get("fleet_error"):

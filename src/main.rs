@@ -31,8 +31,24 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Print the IAM policy Pacer's role needs (placeholders in REPLACE_* form).
-    IamPolicy,
+    /// Print the IAM policy Pacer's role needs; values left out stay REPLACE_* placeholders.
+    IamPolicy {
+        /// The AWS account id (12 digits).
+        #[arg(long)]
+        account: Option<String>,
+        /// The region Pacer runs in (`aws.region`).
+        #[arg(long)]
+        region: Option<String>,
+        /// The controller id (`controller.id`), tagged as gha:controller on everything.
+        #[arg(long)]
+        controller_id: Option<String>,
+        /// The role in the runners' instance profile, if pools use one.
+        #[arg(long)]
+        runner_role: Option<String>,
+        /// Print what each statement allows (Markdown) instead of the policy.
+        #[arg(long)]
+        explain: bool,
+    },
     /// Check RunnerPool manifests offline against the API server's rules; exit 1 on any problem.
     Validate {
         /// YAML files, each holding one or more documents.
@@ -68,8 +84,28 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::IamPolicy => {
-            print!("{}", pacer::cloud::iam_policy::policy_json());
+        Command::IamPolicy { explain: true, .. } => {
+            print!("{}", pacer::cloud::iam_policy::explained());
+            ExitCode::SUCCESS
+        }
+        Command::IamPolicy {
+            account,
+            region,
+            controller_id,
+            runner_role,
+            explain: false,
+        } => {
+            use pacer::cloud::iam_policy::{Params, policy_json_for};
+            let defaults = Params::default();
+            print!(
+                "{}",
+                policy_json_for(&Params {
+                    account: account.unwrap_or(defaults.account),
+                    region: region.unwrap_or(defaults.region),
+                    controller_id: controller_id.unwrap_or(defaults.controller_id),
+                    runner_role,
+                })
+            );
             ExitCode::SUCCESS
         }
         Command::Validate { files } => match pacer::app::validate_files(&files) {

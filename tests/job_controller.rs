@@ -22,7 +22,11 @@ struct World {
     client: kube::Client,
     pools: Api<RunnerPool>,
     jobs: Api<RunnerJob>,
+    /// The controller's EC2 client.
     ec2: AwsEc2,
+    /// The test's own: what it launches as fixtures is not Pacer's call (the proxy tells them
+    /// apart by the User-Agent, for the IAM simulation).
+    fixtures: AwsEc2,
 }
 
 impl World {
@@ -35,6 +39,14 @@ impl World {
         let client = ground.kube_client().await;
         let ns = ground.namespace(&client, test).await;
         let ec2 = AwsEc2::new(&ground.aws_config().await);
+        let fixtures = AwsEc2::new(
+            &ground
+                .aws_config()
+                .await
+                .to_builder()
+                .app_name(aws_config::AppName::new("pacer-tests").unwrap())
+                .build(),
+        );
         Self {
             ground,
             controller_id: format!("jobs-{test}"),
@@ -43,6 +55,7 @@ impl World {
             ns,
             client,
             ec2,
+            fixtures,
         }
     }
 
@@ -493,14 +506,14 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
         }
     };
     let orphan = w
-        .ec2
+        .fixtures
         .launch(&launch(&w.controller_id, "no-such-job"))
         .await
         .unwrap()
         .instances
         .remove(0);
     let foreign = w
-        .ec2
+        .fixtures
         .launch(&launch("another-cluster", "no-such-job"))
         .await
         .unwrap()
@@ -753,7 +766,12 @@ async fn launch_unclaimed(w: &World, controller: &str, ns: &str) -> Instance {
         allocation_strategy: None,
         client_token: None,
     };
-    w.ec2.launch(&request).await.unwrap().instances.remove(0)
+    w.fixtures
+        .launch(&request)
+        .await
+        .unwrap()
+        .instances
+        .remove(0)
 }
 
 #[tokio::test]

@@ -29,7 +29,7 @@ const CONTROLLER: &str = "hooks";
 /// Every `workflow_job` example GitHub documents, by action and job status.
 fn examples() -> Vec<Value> {
     let path = repo_root()
-        .join("tests/webhooks/node_modules/@octokit/webhooks-examples/api.github.com/index.json");
+        .join("tests/npm/node_modules/@octokit/webhooks-examples/api.github.com/index.json");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}; run `make tools`", path.display()));
     let all: Vec<Value> = serde_json::from_str(&text).unwrap();

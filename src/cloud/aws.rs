@@ -48,6 +48,16 @@ pub async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
 
 impl AwsEc2 {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
+        // Every request says it is Pacer's (`app/pacer` in the User-Agent) unless the config
+        // names another app: CloudTrail and the test proxy tell Pacer's calls from others' by
+        // it.
+        let config = &match config.app_name() {
+            Some(_) => config.clone(),
+            None => {
+                let app = aws_config::AppName::new("pacer").expect("a valid app name");
+                config.to_builder().app_name(app).build()
+            }
+        };
         // The Pricing API is served from us-east-1 (and two other regions), whatever region
         // the instances run in.
         let pricing = aws_sdk_pricing::config::Builder::from(config)

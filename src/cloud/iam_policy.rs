@@ -1,27 +1,59 @@
-//! The IAM policy Pacer's role needs, statement by statement, scoped by our tag wherever AWS
-//! allows. `docs/iam-role.json` is printed from this table (`pacer iam-policy`), and a test
-//! checks the table against the AWS calls `aws.rs` makes, so the two cannot drift apart.
+//! The IAM policy Pacer's role needs, statement by statement, scoped by our tags wherever AWS
+//! allows: `gha:managed-by=pacer` as in the seed policy, and `gha:controller=<id>` so two
+//! installations in one account cannot touch each other's resources. `docs/iam-role.json` is
+//! printed from this table with placeholders (`pacer iam-policy`), a test checks the table
+//! against the AWS calls `aws.rs` makes, and `make test` lints the policy and simulates every
+//! call the integration tests recorded against it (`hack/iam-check.sh`).
 
 use serde_json::{Value, json};
 
-use super::tags::{MANAGED_BY, MANAGED_BY_VALUE};
+use super::tags::{CONTROLLER, MANAGED_BY, MANAGED_BY_VALUE};
 
 /// One policy statement.
 pub struct Statement {
     pub sid: &'static str,
     pub actions: &'static [&'static str],
     pub resources: &'static [&'static str],
-    /// `StringEquals` conditions; `{tag}` stands for the managed-by tag key.
+    /// `StringEquals` conditions. In keys, `{managed}` and `{controller}` stand for our tag
+    /// keys; in values, `{controller_id}` for the controller's id.
     pub condition: &'static [(&'static str, &'static [&'static str])],
     /// Why an action is here that `aws.rs` never calls by name (EC2 authorizes it as part of
     /// another call).
     pub implied_by: Option<&'static str>,
+    /// What the statement allows, for people reading the policy.
+    pub why: &'static str,
 }
 
-const REQUEST_TAG: &str = "aws:RequestTag/{tag}";
-const RESOURCE_TAG: &str = "aws:ResourceTag/{tag}";
-const OURS: &[&str] = &[MANAGED_BY_VALUE];
-const LAUNCH_TEMPLATES: &[&str] = &["arn:aws:ec2:REPLACE_AWS_REGION:*:launch-template/*"];
+/// What the placeholders of the policy become.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub account: String,
+    pub region: String,
+    pub controller_id: String,
+    /// The role in the runners' instance profile; `None` keeps the placeholder.
+    pub runner_role: Option<String>,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            account: "REPLACE_ACCOUNT_ID".into(),
+            region: "REPLACE_AWS_REGION".into(),
+            controller_id: "REPLACE_CONTROLLER_ID".into(),
+            runner_role: None,
+        }
+    }
+}
+
+const REQUEST_OURS: &[(&str, &[&str])] = &[
+    ("aws:RequestTag/{managed}", &[MANAGED_BY_VALUE]),
+    ("aws:RequestTag/{controller}", &["{controller_id}"]),
+];
+const RESOURCE_OURS: &[(&str, &[&str])] = &[
+    ("aws:ResourceTag/{managed}", &[MANAGED_BY_VALUE]),
+    ("aws:ResourceTag/{controller}", &["{controller_id}"]),
+];
+const LAUNCH_TEMPLATES: &[&str] = &["arn:aws:ec2:{region}:{account}:launch-template/*"];
 
 pub const STATEMENTS: &[Statement] = &[
     Statement {
@@ -38,6 +70,8 @@ pub const STATEMENTS: &[Statement] = &[
         resources: &["*"],
         condition: &[],
         implied_by: None,
+        why: "Validate pools (AMI, types, subnets, security groups), find launch templates, and \
+              follow instances. EC2's Describe calls take no resource or tag scoping.",
     },
     Statement {
         sid: "ReadPricesForCostSnapshots",
@@ -45,20 +79,25 @@ pub const STATEMENTS: &[Statement] = &[
         resources: &["*"],
         condition: &[],
         implied_by: None,
+        why: "Optional: prices for the cost snapshot of each job. Without it prices stay empty \
+              and Pacer warns once.",
     },
     Statement {
         sid: "ValidateInstanceProfile",
         actions: &["iam:GetInstanceProfile"],
-        resources: &["arn:aws:iam::REPLACE_ACCOUNT_ID:instance-profile/*"],
+        resources: &["arn:aws:iam::{account}:instance-profile/*"],
         condition: &[],
         implied_by: None,
+        why: "Optional: check that a pool's instance profile exists and has a role.",
     },
     Statement {
         sid: "CreateTaggedLaunchTemplate",
         actions: &["ec2:CreateLaunchTemplate"],
         resources: LAUNCH_TEMPLATES,
-        condition: &[(REQUEST_TAG, OURS)],
+        condition: REQUEST_OURS,
         implied_by: None,
+        why: "Create a pool's launch template, only when the request tags it as this \
+              controller's.",
     },
     Statement {
         sid: "ModifyOnlyOurLaunchTemplates",
@@ -69,51 +108,52 @@ pub const STATEMENTS: &[Statement] = &[
             "ec2:ModifyLaunchTemplate",
         ],
         resources: LAUNCH_TEMPLATES,
-        condition: &[(RESOURCE_TAG, OURS)],
+        condition: RESOURCE_OURS,
         implied_by: None,
+        why: "New versions, the default version, and deletion, only of launch templates tagged \
+              as this controller's.",
     },
     Statement {
-        sid: "RunInstancesReadOnlyResources",
-        actions: &["ec2:RunInstances"],
+        sid: "LaunchReadOnlyResources",
+        actions: &["ec2:RunInstances", "ec2:CreateFleet"],
         resources: &[
-            "arn:aws:ec2:REPLACE_AWS_REGION::image/*",
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:subnet/*",
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:security-group/*",
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:network-interface/*",
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:key-pair/*",
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:placement-group/*",
+            "arn:aws:ec2:{region}::image/*",
+            "arn:aws:ec2:{region}:{account}:subnet/*",
+            "arn:aws:ec2:{region}:{account}:security-group/*",
+            "arn:aws:ec2:{region}:{account}:network-interface/*",
+            "arn:aws:ec2:{region}:{account}:spot-instances-request/*",
         ],
         condition: &[],
         implied_by: None,
+        why: "Launch with the AMI, subnets and security groups the pool names, creating the \
+              network interface and, for spot, the spot request that come with an instance. \
+              Not Pacer's to tag; the instance itself must carry our tags.",
     },
     Statement {
-        sid: "RunInstancesFromOurLaunchTemplate",
-        actions: &["ec2:RunInstances"],
+        sid: "LaunchFromOurLaunchTemplate",
+        actions: &["ec2:RunInstances", "ec2:CreateFleet"],
         resources: LAUNCH_TEMPLATES,
-        condition: &[(RESOURCE_TAG, OURS)],
+        condition: RESOURCE_OURS,
         implied_by: None,
+        why: "Launch only from launch templates tagged as this controller's.",
     },
     Statement {
-        sid: "RunInstancesTaggedInstanceAndVolume",
-        actions: &["ec2:RunInstances"],
+        sid: "LaunchTaggedInstancesVolumesAndFleets",
+        actions: &["ec2:RunInstances", "ec2:CreateFleet"],
         resources: &[
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:instance/*",
-            "arn:aws:ec2:REPLACE_AWS_REGION:*:volume/*",
+            "arn:aws:ec2:{region}:{account}:instance/*",
+            "arn:aws:ec2:{region}:{account}:volume/*",
+            "arn:aws:ec2:{region}:{account}:fleet/*",
         ],
-        condition: &[(REQUEST_TAG, OURS)],
+        condition: REQUEST_OURS,
         implied_by: None,
-    },
-    Statement {
-        sid: "CreateFleetFromOurLaunchTemplate",
-        actions: &["ec2:CreateFleet"],
-        resources: &["*"],
-        condition: &[(REQUEST_TAG, OURS)],
-        implied_by: None,
+        why: "Create instances, their volumes and instant fleets only when the launch request \
+              tags them as this controller's.",
     },
     Statement {
         sid: "TagOnCreate",
         actions: &["ec2:CreateTags"],
-        resources: &["arn:aws:ec2:REPLACE_AWS_REGION:*:*"],
+        resources: &["arn:aws:ec2:{region}:{account}:*"],
         condition: &[
             (
                 "ec2:CreateAction",
@@ -124,30 +164,57 @@ pub const STATEMENTS: &[Statement] = &[
                     "RunInstances",
                 ],
             ),
-            (REQUEST_TAG, OURS),
+            ("aws:RequestTag/{managed}", &[MANAGED_BY_VALUE]),
+            ("aws:RequestTag/{controller}", &["{controller_id}"]),
         ],
         implied_by: Some(
             "tag specifications in CreateLaunchTemplate, CreateFleet and RunInstances",
         ),
+        why: "Tags only as part of the creating call, and only this controller's tags: no tag \
+              is ever changed afterwards.",
     },
     Statement {
         sid: "TerminateOnlyOurInstances",
         actions: &["ec2:TerminateInstances"],
-        resources: &["arn:aws:ec2:REPLACE_AWS_REGION:*:instance/*"],
-        condition: &[(RESOURCE_TAG, OURS)],
+        resources: &["arn:aws:ec2:{region}:{account}:instance/*"],
+        condition: RESOURCE_OURS,
         implied_by: None,
+        why: "Terminate only instances tagged as this controller's.",
     },
     Statement {
         sid: "PassRunnerInstanceProfile",
         actions: &["iam:PassRole"],
-        resources: &["arn:aws:iam::REPLACE_ACCOUNT_ID:role/REPLACE_RUNNER_INSTANCE_ROLE"],
+        resources: &["arn:aws:iam::{account}:role/{runner_role}"],
         condition: &[("iam:PassedToService", &["ec2.amazonaws.com"])],
         implied_by: Some("launching from a template that names an instance profile"),
+        why: "Pass exactly the runners' role to EC2, for pools with an instance profile.",
     },
 ];
 
-/// The whole policy document.
-pub fn policy() -> Value {
+fn fill(text: &str, params: &Params) -> String {
+    text.replace("{managed}", MANAGED_BY)
+        .replace("{controller_id}", &params.controller_id)
+        .replace("{controller}", CONTROLLER)
+        .replace("{region}", &params.region)
+        .replace("{account}", &params.account)
+        .replace(
+            "{runner_role}",
+            params
+                .runner_role
+                .as_deref()
+                .unwrap_or("REPLACE_RUNNER_INSTANCE_ROLE"),
+        )
+}
+
+/// The whole policy document for `params`.
+pub fn policy(params: &Params) -> Value {
+    let one_or_many = |items: Vec<String>| {
+        if items.len() == 1 {
+            json!(items[0])
+        } else {
+            json!(items)
+        }
+    };
     let statements: Vec<Value> = STATEMENTS
         .iter()
         .map(|s| {
@@ -155,13 +222,18 @@ pub fn policy() -> Value {
                 "Sid": s.sid,
                 "Effect": "Allow",
                 "Action": s.actions,
-                "Resource": if s.resources.len() == 1 { json!(s.resources[0]) } else { json!(s.resources) },
+                "Resource": one_or_many(s.resources.iter().map(|r| fill(r, params)).collect()),
             });
             if !s.condition.is_empty() {
                 let equals: serde_json::Map<String, Value> = s
                     .condition
                     .iter()
-                    .map(|(k, v)| (k.replace("{tag}", MANAGED_BY), if v.len() == 1 { json!(v[0]) } else { json!(v) }))
+                    .map(|(k, v)| {
+                        (
+                            fill(k, params),
+                            one_or_many(v.iter().map(|v| fill(v, params)).collect()),
+                        )
+                    })
                     .collect();
                 statement["Condition"] = json!({ "StringEquals": equals });
             }
@@ -171,9 +243,33 @@ pub fn policy() -> Value {
     json!({ "Version": "2012-10-17", "Statement": statements })
 }
 
-/// The policy as committed in `docs/iam-role.json`.
+/// The policy as committed in `docs/iam-role.json`: placeholders for every value.
 pub fn policy_json() -> String {
-    serde_json::to_string_pretty(&policy()).expect("a policy serializes") + "\n"
+    policy_json_for(&Params::default())
+}
+
+/// The policy for `params`, pretty-printed.
+pub fn policy_json_for(params: &Params) -> String {
+    serde_json::to_string_pretty(&policy(params)).expect("a policy serializes") + "\n"
+}
+
+/// Each statement with what it allows, as Markdown (`docs/iam-policy.md`).
+pub fn explained() -> String {
+    let mut out = String::from(
+        "# What each statement of Pacer's IAM policy allows\n\n\
+         Generated from `src/cloud/iam_policy.rs` (`pacer iam-policy --explain`).\n\n\
+         | Sid | Actions | What it allows |\n| --- | --- | --- |\n",
+    );
+    for s in STATEMENTS {
+        let why = s.why.split_whitespace().collect::<Vec<_>>().join(" ");
+        out.push_str(&format!(
+            "| {} | {} | {} |\n",
+            s.sid,
+            s.actions.join(", "),
+            why
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -239,8 +335,8 @@ mod tests {
             let scoped = s
                 .condition
                 .iter()
-                .any(|(k, _)| k.contains("{tag}") || k.starts_with("iam:"))
-                || s.sid == "RunInstancesReadOnlyResources";
+                .any(|(k, _)| k.contains("{controller}") || k.starts_with("iam:"))
+                || s.sid == "LaunchReadOnlyResources";
             assert!(
                 !mutating || scoped,
                 "{} mutates without a tag condition",
@@ -250,11 +346,40 @@ mod tests {
     }
 
     #[test]
+    fn values_fill_every_placeholder() {
+        let text = policy_json_for(&Params {
+            account: "123456789012".into(),
+            region: "eu-west-1".into(),
+            controller_id: "prod-eu".into(),
+            runner_role: Some("ci-runner".into()),
+        });
+        for left in [
+            "REPLACE_",
+            "{managed}",
+            "{controller",
+            "{region}",
+            "{account}",
+            "{runner",
+        ] {
+            assert!(!text.contains(left), "{left} in {text}");
+        }
+        assert!(text.contains(r#""aws:ResourceTag/gha:controller": "prod-eu""#));
+        assert!(text.contains("arn:aws:iam::123456789012:role/ci-runner"));
+    }
+
+    #[test]
     fn committed_policy_matches_the_code() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/iam-role.json");
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
             committed == policy_json(),
+            "{} is out of date: run `make generate`",
+            path.display()
+        );
+        let path = path.with_file_name("iam-policy.md");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == explained(),
             "{} is out of date: run `make generate`",
             path.display()
         );
