@@ -298,6 +298,12 @@ async fn main() {
     )
     .await;
 
+    webhooks(
+        env("BENCH_WEBHOOKS", 1000) as usize,
+        env("BENCH_WEBHOOK_RATE", 100),
+    )
+    .await;
+
     if std::env::var("BENCH_MOTO").as_deref() == Ok("1") {
         let g = ground(Parts::Both);
         let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&g.aws_config().await));
@@ -311,4 +317,99 @@ async fn main() {
         };
         bench(run, count.min(200), 0).await;
     }
+}
+
+/// Posts `count` signed `workflow_job` `queued` webhooks at `rate` per second to the listener
+/// on a real socket, and reports the time from sending each to its 2xx (the RunnerJob stored).
+async fn webhooks(count: usize, rate: u64) {
+    use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+    if count == 0 {
+        return;
+    }
+    let ground = ground(Parts::Both);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "bench-webhooks").await;
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    pools
+        .create(
+            &PostParams::default(),
+            &pool(
+                &ns,
+                ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002"],
+                "sg-0a1b2c3d4e5f60001",
+                "ami-0a1b2c3d4e5f60001",
+            ),
+        )
+        .await
+        .unwrap();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(FakeEc2::new()),
+        Settings::new("bench", "https://pacer.example.test"),
+    ));
+    let (store, writer) = reflector::store();
+    tokio::spawn(
+        watcher(pools, watcher::Config::default())
+            .reflect(writer)
+            .for_each(|_| std::future::ready(())),
+    );
+    store.wait_until_ready().await.unwrap();
+    let secret = b"bench webhook secret".to_vec();
+    let web = Arc::new(pacer::http::Web::new(
+        ctx,
+        store,
+        vec![pacer::config::Secret::new(secret.clone())],
+        Some(ns.clone()),
+    ));
+    web.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, pacer::http::router(web)).await });
+
+    let http = reqwest::Client::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut sent = Vec::with_capacity(count);
+    let started = Instant::now();
+    for i in 0..count {
+        tick.tick().await;
+        let body = serde_json::to_vec(&json!({
+            "action": "queued",
+            "workflow_job": {"id": 500_000 + i, "run_id": 7, "status": "queued",
+                "labels": ["self-hosted", "linux"], "runner_name": null, "conclusion": null},
+            "repository": {"name": "api", "full_name": "example-org/api",
+                "owner": {"login": "example-org"}},
+            "installation": {"id": 1},
+        }))
+        .unwrap();
+        let request = http
+            .post(format!("http://{address}/api/webhook"))
+            .header("x-github-event", "workflow_job")
+            .header("x-github-delivery", format!("bench-{i}"))
+            .header(
+                "x-hub-signature-256",
+                pacer::github::webhook::sign(&secret, &body),
+            )
+            .body(body);
+        sent.push(tokio::spawn(async move {
+            let at = Instant::now();
+            let status = request.send().await.unwrap().status();
+            assert!(status.is_success(), "{status}");
+            at.elapsed()
+        }));
+    }
+    let mut times = Vec::with_capacity(count);
+    for handle in sent {
+        times.push(handle.await.unwrap());
+    }
+    times.sort();
+    println!(
+        "== webhooks: {count} signed queued deliveries at {rate}/s in {:.1?}",
+        started.elapsed()
+    );
+    println!(
+        "delivery -> 2xx with the RunnerJob stored: p50 {:.1?}  p99 {:.1?}  max {:.1?}",
+        percentile(&times, 0.50),
+        percentile(&times, 0.99),
+        times.last().unwrap()
+    );
 }

@@ -88,7 +88,32 @@ pub async fn run(config_path: &Path) -> Result<()> {
         gc_grace: std::time::Duration::from_secs(config.controller.gc_grace_seconds),
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
-    let ctx = Arc::new(controller::Context::new(client.clone(), ec2, settings));
+    let ctx = controller::Context::new(client.clone(), ec2, settings);
+    let calls = ctx.metrics.github_calls.clone();
+    let count: crate::github::client::CallCounter = Arc::new(move |action, outcome| {
+        calls
+            .get_or_create(&controller::metrics::Call {
+                action: action.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    });
+    let github: Arc<dyn crate::github::GitHub> = Arc::new(
+        crate::github::client::GitHubApp::new(
+            &config.github.api_url,
+            config.github.app_id,
+            secrets.github_private_key.expose(),
+            count,
+        )
+        .map_err(|message| {
+            Error::Config(crate::config::ConfigError::Invalid {
+                path: config.github.private_key_file.clone(),
+                key: "github.private_key_file".into(),
+                message,
+            })
+        })?,
+    );
+    let ctx = Arc::new(ctx.with_github(github.clone()));
     let (pools, jobs): (Api<RunnerPool>, Api<RunnerJob>) = if config.controller.namespace.is_empty()
     {
         (Api::all(client.clone()), Api::all(client.clone()))
@@ -154,10 +179,20 @@ pub async fn run(config_path: &Path) -> Result<()> {
         jobs: jobs.clone(),
         namespace,
     };
+    let sweep = controller::sweep::run(
+        ctx.clone(),
+        github,
+        controller::sweep::Scope {
+            pools: pools.clone(),
+            jobs: jobs.clone(),
+        },
+        std::time::Duration::from_secs(5 * 60),
+    );
     let controllers = controller::run(ctx.clone(), pools, jobs);
     tokio::select! {
         _ = controllers => {}
         () = controller::gc::run(ctx, scope) => {}
+        () = sweep => {}
         () = pool_watch => {}
         () = ready => {}
         result = main.into_future() => {

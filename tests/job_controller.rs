@@ -1051,3 +1051,73 @@ async fn deleting_a_job_whose_launch_answer_was_lost_terminates_the_instance_fir
         "the instance went before the RunnerJob"
     );
 }
+
+#[tokio::test]
+async fn an_instance_id_written_into_a_status_is_never_terminated_unless_ec2_lists_it_as_ours() {
+    let w = World::new("forged-status").await;
+    let _controllers = w.start(w.context_with(|s| {
+        s.job_limits.launch_visibility = Duration::from_secs(3);
+    }));
+    w.ready_pool(|_| {}).await;
+    // Someone else's instance, untagged.
+    let sdk = aws_sdk_ec2::Client::new(&w.ground.aws_config().await);
+    let foreign = sdk
+        .run_instances()
+        .image_id(w.ground.fixture("AMI_X86_64"))
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap()
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_string();
+    // A RunnerJob whose status was written by someone who may write statuses: it claims that
+    // instance, and says its job is over.
+    // Of no pool, so nothing of its own is ever launched.
+    let spec = RunnerJobSpec {
+        pool_name: "nowhere".into(),
+        ..World::spec(1)
+    };
+    let job = RunnerJob::for_queued_job(&w.ns, "forged", spec);
+    w.jobs.create(&PostParams::default(), &job).await.unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let forged = json!({"status": {"phase": "Running", "phaseTimes": {"running": now},
+        "instance": {"id": foreign, "type": "m6i.large", "zone": "us-east-1a",
+            "market": "onDemand", "launchTime": now},
+        "completion": {"result": "success"}}});
+    w.jobs
+        .patch_status("forged", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .unwrap();
+    w.wait(|| async {
+        w.phase("forged")
+            .await
+            .is_some_and(|p| p == JobPhase::Succeeded || p == JobPhase::Failed)
+    })
+    .await;
+    let out = sdk
+        .describe_instances()
+        .instance_ids(&foreign)
+        .send()
+        .await
+        .unwrap();
+    let state = out.reservations()[0].instances()[0]
+        .state()
+        .unwrap()
+        .name()
+        .unwrap()
+        .as_str()
+        .to_string();
+    assert_eq!(
+        state, "running",
+        "an instance EC2 does not list as the job's is left alone"
+    );
+    let calls = w
+        .ground
+        .proxy()
+        .calls_of("TerminateInstances", &foreign)
+        .await;
+    assert!(calls.is_empty(), "{calls:?}");
+}

@@ -2,7 +2,7 @@
 //! instance, follow it through one shared DescribeInstances snapshot, terminate it when the job
 //! is over or the object is deleted — and records each step in the status.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -53,9 +53,9 @@ pub struct Shared {
     snapshot: Mutex<Option<(Instant, Snapshot)>>,
     /// Held by the one pass refreshing the snapshot.
     refreshing: tokio::sync::Mutex<()>,
-    /// Runner slots this process reserved, by `namespace/pool`: the uids of jobs admitted to
-    /// launch. With the cache's busy jobs they make admission exact (see `admit`).
-    slots: Mutex<HashMap<String, HashSet<String>>>,
+    /// Runner slots this process reserved, by `namespace/pool`: the jobs admitted to launch,
+    /// by uid. With the cache's busy jobs they make admission exact (see `admit`).
+    slots: Mutex<HashMap<String, HashMap<String, ObjectRef<RunnerJob>>>>,
     /// Launches and terminations this process made that EC2's listings may not show yet.
     pub(super) ledger: super::ledger::Ledger,
     /// Prices by kind, instance type (and zone), with when they expire.
@@ -276,23 +276,50 @@ fn admit(ctx: &Context, job: &RunnerJob, pool: Option<&RunnerPool>) -> PoolAdmis
     let (Some(pool), Some(store)) = (pool, ctx.jobs.store()) else {
         return PoolAdmission::Admitted;
     };
+    let max = pool.spec.max_runners as usize;
     let uid = job.uid().unwrap_or_default();
     let mut slots = ctx.jobs.slots.lock().unwrap();
     let reserved = slots.entry(pool_key(job)).or_default();
-    if reserved.contains(&uid) {
+    // Fewer RunnerJobs than slots: every one of them may hold a runner, no need to count.
+    if reserved.contains_key(&uid) || store.len() <= max {
+        reserved.insert(uid, ObjectRef::from_obj(job));
         return PoolAdmission::Admitted;
     }
-    let (mut holders, pending) = pool_usage(store, job);
     // Reservations of jobs the cache shows finished, or no longer has, are stale.
-    reserved.retain(|held| {
-        holders.contains(held) || pending.iter().any(|j| j.uid().as_deref() == Some(held))
+    reserved.retain(|held, object| {
+        store.get(object).is_some_and(|j| {
+            j.metadata.uid.as_deref() == Some(held.as_str())
+                && !j.status.as_ref().is_some_and(|s| s.phase.is_finished())
+        })
     });
-    holders.extend(reserved.iter().cloned());
-    if holders.len() >= pool.spec.max_runners as usize {
+    // Taken: the reservations, and the jobs the cache shows holding a runner that this process
+    // did not reserve (launched before it started). One scan, no allocation per job.
+    let unreserved_busy = store
+        .state()
+        .iter()
+        .filter(|other| in_pool(other, job) && holds_runner(other))
+        .filter(|other| !reserved.contains_key(other.metadata.uid.as_deref().unwrap_or_default()))
+        .count();
+    if unreserved_busy + reserved.len() >= max {
         return PoolAdmission::Full;
     }
-    reserved.insert(uid);
+    reserved.insert(uid, ObjectRef::from_obj(job));
     PoolAdmission::Admitted
+}
+
+/// Another RunnerJob of `job`'s pool.
+fn in_pool(other: &RunnerJob, job: &RunnerJob) -> bool {
+    other.spec.pool_name == job.spec.pool_name
+        && other.metadata.namespace == job.metadata.namespace
+        && other.metadata.uid != job.metadata.uid
+}
+
+/// Whether a job holds (or is getting) a runner, as its status says.
+fn holds_runner(job: &RunnerJob) -> bool {
+    matches!(
+        job.status.as_ref().map(|s| s.phase).unwrap_or_default(),
+        JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing
+    )
 }
 
 /// Gives back the job's runner slot: it finished, or went back to waiting without an instance.
@@ -318,23 +345,15 @@ fn cached_pool(ctx: &Context, job: &RunnerJob) -> Option<Arc<RunnerPool>> {
     ctx.jobs.pools.get()?.get(&key)
 }
 
-/// The other RunnerJobs of `job`'s pool: the uids of those that hold (or are getting) a
-/// runner, and those still Pending.
-fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (HashSet<String>, Vec<Arc<RunnerJob>>) {
-    let (mut busy, mut pending) = (HashSet::new(), Vec::new());
-    for other in store.state() {
-        if other.spec.pool_name != job.spec.pool_name
-            || other.namespace() != job.namespace()
-            || other.uid() == job.uid()
-        {
-            continue;
-        }
-        match other.status.as_ref().map(|s| s.phase).unwrap_or_default() {
-            JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing => {
-                busy.insert(other.uid().unwrap_or_default());
-            }
-            JobPhase::Pending => pending.push(other),
-            JobPhase::Succeeded | JobPhase::Failed => {}
+/// The other RunnerJobs of `job`'s pool: how many hold (or are getting) a runner, and those
+/// still Pending.
+fn pool_usage(store: &Store<RunnerJob>, job: &RunnerJob) -> (usize, Vec<Arc<RunnerJob>>) {
+    let (mut busy, mut pending) = (0, Vec::new());
+    for other in store.state().into_iter().filter(|o| in_pool(o, job)) {
+        if holds_runner(&other) {
+            busy += 1;
+        } else if other.status.as_ref().map(|s| s.phase).unwrap_or_default() == JobPhase::Pending {
+            pending.push(other);
         }
     }
     (busy, pending)
@@ -365,7 +384,7 @@ fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>>
             (created, ObjectRef::from_obj(&**j))
         })
         .collect();
-    to_wake(pool.spec.max_runners as usize, busy.len(), pending)
+    to_wake(pool.spec.max_runners as usize, busy, pending)
 }
 
 fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
@@ -416,6 +435,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         in_phase,
         instance: instance.clone(),
         registered: status.runner.is_some(),
+        assigned: status.assigned_job.is_some(),
         outcome: outcome(&status),
         deleting,
         launch_unsettled,
@@ -509,6 +529,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             Action::requeue(ctx.settings.instance_refresh)
         }
         Step::Release => {
+            deregister(ctx, job, pool.as_deref(), &status).await?;
             ctx.jobs.ledger.forget(&uid);
             release_slot(ctx, job);
             return Ok(Action::await_change());
@@ -529,6 +550,10 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             return Ok(Action::await_change());
         }
     };
+    // A runner still registered on GitHub is removed before the job counts as finished.
+    if phase.is_finished() && !status.phase.is_finished() {
+        deregister(ctx, job, pool.as_deref(), &status).await?;
+    }
     // The launch step sets the phase itself; otherwise take the decision's.
     if step != Step::Launch {
         let before = status.phase;
@@ -587,6 +612,44 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         ));
     }
     Ok(next)
+}
+
+/// Where the job's runner is registered on GitHub: the pool's organization, or the job's
+/// repository for repository pools.
+pub fn runner_target(job: &RunnerJob, pool: &RunnerPool) -> crate::github::RunnerTarget {
+    let github = &pool.spec.github;
+    crate::github::RunnerTarget {
+        owner: github.owner.clone(),
+        repo: match github.scope {
+            crate::api::GitHubScope::Org => None,
+            crate::api::GitHubScope::Repo => job
+                .spec
+                .repository
+                .split_once('/')
+                .map(|(_, name)| name.to_string()),
+        },
+        runner_group: github.runner_group.clone(),
+        installation: job.spec.installation_id,
+    }
+}
+
+/// Removes the job's runner from GitHub, if it registered one (404: already gone). Without
+/// the pool, nothing says where the runner lives: GitHub removes an ephemeral runner itself
+/// once its job is done, and the sweep removes offline ones of Pacer's that nothing claims.
+async fn deregister(
+    ctx: &Context,
+    job: &RunnerJob,
+    pool: Option<&RunnerPool>,
+    status: &RunnerJobStatus,
+) -> Result<()> {
+    let (Some(github), Some(runner), Some(pool)) = (&ctx.github, &status.runner, pool) else {
+        return Ok(());
+    };
+    github
+        .delete_runner(&runner_target(job, pool), runner.id)
+        .await?;
+    info!(runner = %runner.name, runner_id = runner.id, "removed the runner from GitHub");
+    Ok(())
 }
 
 fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {

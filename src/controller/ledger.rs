@@ -42,10 +42,15 @@ impl Ledger {
     pub fn launch_answered(&self, uid: &str, instance: Option<&Instance>, now: Timestamp) {
         self.unsettled.lock().unwrap().remove(uid);
         if let Some(instance) = instance {
+            // Kept for every live job: without the tags, which the job does not need.
+            let kept = Instance {
+                tags: Default::default(),
+                ..instance.clone()
+            };
             self.launched
                 .lock()
                 .unwrap()
-                .insert(uid.into(), (instance.clone(), now));
+                .insert(uid.into(), (kept, now));
         }
     }
 

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub gc_templates_deleted: Counter,
     pub job_cost: Family<Pool, Counter<f64, AtomicU64>>,
     pub webhook_deliveries: Family<Delivery, Counter>,
+    pub github_calls: Family<Call, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,6 +85,7 @@ impl Default for Metrics {
         let gc_templates_deleted = Counter::default();
         let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
         let webhook_deliveries = Family::<Delivery, Counter>::default();
+        let github_calls = Family::<Call, Counter>::default();
         registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
         registry.register(
             "launch_latency_seconds",
@@ -130,6 +132,12 @@ impl Default for Metrics {
             "GitHub webhook deliveries by event, action and result",
             webhook_deliveries.clone(),
         );
+        registry.register(
+            "github_calls",
+            "GitHub API calls by action and outcome (ok, not_found, conflict, rate_limited, \
+             server_error, client_error, transport_error; retries counted as they happen)",
+            github_calls.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -142,6 +150,7 @@ impl Default for Metrics {
             gc_templates_deleted,
             job_cost,
             webhook_deliveries,
+            github_calls,
         }
     }
 }

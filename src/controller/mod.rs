@@ -2,11 +2,13 @@
 //! conditions and Events.
 
 pub mod conditions;
+pub mod demand;
 pub mod gc;
 pub mod job;
 mod ledger;
 pub mod metrics;
 pub mod pool;
+pub mod sweep;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -118,6 +120,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// State the RunnerJob reconciler shares across jobs.
     pub jobs: job::Shared,
+    /// The GitHub App, when configured: runners are removed through it.
+    pub github: Option<Arc<dyn crate::github::GitHub>>,
     /// When each pool (`namespace/name`) was last fully checked against EC2, at which generation.
     pool_checks: Mutex<HashMap<String, (Option<i64>, std::time::Instant)>>,
 }
@@ -178,7 +182,14 @@ impl Context {
             jobs: job::Shared::default(),
             metrics: metrics::Metrics::default(),
             pool_checks: Mutex::default(),
+            github: None,
         }
+    }
+
+    /// The same context, talking to GitHub through `github`.
+    pub fn with_github(mut self, github: Arc<dyn crate::github::GitHub>) -> Self {
+        self.github = Some(github);
+        self
     }
 
     /// Makes the pool's next pass check EC2 in full, as if its spec had changed.
@@ -236,6 +247,9 @@ pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 
+    #[error("{0}")]
+    GitHub(#[from] crate::github::GitHubError),
+
     /// Not done yet, and that is normal progress (a deletion waiting for what it holds to go):
     /// retried without counting as a failure.
     #[error("{0}")]
@@ -265,6 +279,7 @@ impl Error {
             Error::Cloud(e) if e.is(ErrorClass::Unauthorized) => "AwsUnauthorized",
             Error::Cloud(_) => "AwsError",
             Error::Kube(_) => "KubernetesError",
+            Error::GitHub(_) => "GitHubError",
             Error::Waiting(_) => "Waiting",
             Error::TemplateNotOurs(_) => "LaunchTemplateNameTaken",
         }

@@ -195,7 +195,9 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         if pool.status.as_ref().map(|s| &s.runners) != Some(&pass.status.runners) {
             finish(pool, ctx, pass).await?;
         }
-        return Ok(Action::requeue(ctx.settings.resync - at.elapsed()));
+        return Ok(Action::requeue(
+            ctx.settings.resync.saturating_sub(at.elapsed()),
+        ));
     }
     pass.status.observed_generation = pool.metadata.generation;
 

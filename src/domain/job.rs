@@ -74,6 +74,8 @@ pub struct Facts {
     pub instance: InstanceState,
     /// Whether the runner registered with GitHub.
     pub registered: bool,
+    /// Whether GitHub says the runner took a job (`in_progress`).
+    pub assigned: bool,
     pub outcome: Option<Outcome>,
     /// The RunnerJob is being deleted.
     pub deleting: bool,
@@ -109,6 +111,9 @@ pub struct Limits {
     pub ttl_after_finished: Duration,
     /// How long a launch may go unseen in EC2's (eventually consistent) answers.
     pub launch_visibility: Duration,
+    /// How long a registered runner may wait for a job: GitHub gives a queued job to any
+    /// runner whose labels fit, so the demand that launched this one may have gone elsewhere.
+    pub idle_grace: Duration,
     /// How often a job waiting for room in its pool looks again. A job of the pool that
     /// finishes wakes the waiting ones sooner; this catches what that misses (a runner
     /// deleted before it finished).
@@ -122,6 +127,7 @@ impl Default for Limits {
             max_runtime: Duration::from_secs(6 * 3600),
             ttl_after_finished: Duration::from_secs(3600),
             launch_visibility: Duration::from_secs(60),
+            idle_grace: Duration::from_secs(10 * 60),
             capacity_recheck: POLL,
         }
     }
@@ -294,6 +300,15 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
         Booting => go(
             Booting,
             Step::Wait(left(limits.boot_timeout, f.in_phase).min(POLL)),
+        ),
+        Running if !f.assigned && f.in_phase >= limits.idle_grace => because(
+            Completing,
+            Step::Terminate,
+            "RunnerIdle",
+            format!(
+                "the runner took no job within {} s of registering; its job went to another runner",
+                limits.idle_grace.as_secs()
+            ),
         ),
         Running if f.in_phase >= limits.max_runtime => because(
             Completing,
@@ -479,6 +494,7 @@ mod tests {
             in_phase: Duration::from_secs(5),
             instance: InstanceState::Absent,
             registered: false,
+            assigned: false,
             outcome: None,
             deleting: false,
             launch_unsettled: false,
@@ -644,10 +660,22 @@ mod tests {
                 None,
             ),
             (
+                "a runner that took no job goes after the idle grace",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.in_phase = mins(10)
+                },
+                Completing,
+                Step::Terminate,
+                Some("RunnerIdle"),
+            ),
+            (
                 "running past max runtime",
                 Running,
                 |f| {
                     f.instance = alive();
+                    f.assigned = true;
                     f.in_phase = mins(360)
                 },
                 Completing,

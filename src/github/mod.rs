@@ -1,6 +1,122 @@
-//! GitHub: webhook signatures and payloads, and the names Pacer gives runners.
+//! GitHub: webhook signatures and payloads, the names Pacer gives runners, and the App client
+//! behind the [`GitHub`] boundary.
 
+pub mod client;
 pub mod webhook;
+
+use futures::future::BoxFuture;
+use k8s_openapi::jiff::Timestamp;
+use serde::Deserialize;
+
+use crate::config::Secret;
+
+/// Where a pool's runners register: an organization, or one repository.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunnerTarget {
+    pub owner: String,
+    /// `None` for organization runners.
+    pub repo: Option<String>,
+    /// The organization runner group, by name; `None` is the default group.
+    pub runner_group: Option<String>,
+    /// The installation, when a webhook said; else looked up from the owner or repository.
+    pub installation: Option<i64>,
+}
+
+/// A just-in-time runner configuration: the runner's id and the encoded config the runner
+/// binary takes with `--jitconfig`. A secret.
+#[derive(Clone, Debug)]
+pub struct JitConfig {
+    pub runner_id: i64,
+    pub encoded: Secret,
+}
+
+/// A self-hosted runner as GitHub lists it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Runner {
+    pub id: i64,
+    pub name: String,
+    /// `online` or `offline`.
+    pub status: String,
+    #[serde(default)]
+    pub busy: bool,
+}
+
+/// A webhook delivery of the App, as `GET /app/hook/deliveries` lists it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: i64,
+    pub guid: String,
+    pub delivered_at: String,
+    pub status_code: u16,
+    pub event: String,
+    #[serde(default)]
+    pub action: Option<String>,
+}
+
+/// A queued workflow job, as a run's jobs list it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct QueuedJob {
+    pub id: i64,
+    pub run_id: i64,
+    pub status: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// Why a GitHub call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GitHubError {
+    #[error("GitHub {action} answered {status}: {message}")]
+    Status {
+        action: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("GitHub is unreachable: {0}")]
+    Transport(String),
+    #[error("GitHub has no such {0}")]
+    NotFound(&'static str),
+    #[error("GitHub's answer to {0} is not what its documentation says")]
+    Malformed(&'static str),
+}
+
+pub type GitHubResult<T> = Result<T, GitHubError>;
+
+/// The GitHub calls Pacer makes, and nothing else.
+pub trait GitHub: Send + Sync {
+    /// A JIT config for a runner named `name` with `labels`; a stale runner of that name is
+    /// deleted and the call made once more.
+    fn jit_config<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+        name: &'a str,
+        labels: &'a [String],
+    ) -> BoxFuture<'a, GitHubResult<JitConfig>>;
+    /// Removes a runner; one already gone is fine.
+    fn delete_runner<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+        runner_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<()>>;
+    fn list_runners<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+    ) -> BoxFuture<'a, GitHubResult<Vec<Runner>>>;
+    /// The App's webhook deliveries since `since` that failed and were not redelivered since.
+    fn failed_deliveries<'a>(
+        &'a self,
+        since: Timestamp,
+    ) -> BoxFuture<'a, GitHubResult<Vec<Delivery>>>;
+    fn redeliver<'a>(&'a self, delivery_id: i64) -> BoxFuture<'a, GitHubResult<()>>;
+    /// Every repository (`owner/name`) the App is installed on.
+    fn installation_repositories<'a>(&'a self) -> BoxFuture<'a, GitHubResult<Vec<String>>>;
+    /// The queued jobs of a repository's queued workflow runs.
+    fn queued_jobs<'a>(
+        &'a self,
+        owner: &'a str,
+        repo: &'a str,
+    ) -> BoxFuture<'a, GitHubResult<Vec<QueuedJob>>>;
+}
 
 /// The name Pacer gives the RunnerJob recorded for a GitHub workflow job: derived from the job
 /// id alone, so a redelivered or duplicated webhook finds the first one.

@@ -12,14 +12,14 @@ use axum::response::{IntoResponse, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use tracing::{info, warn};
 
 use super::{ApiError, Web};
-use crate::api::{JobResult, RunnerJob, RunnerJobSpec};
+use crate::api::{JobResult, RunnerJob};
 use crate::controller::FIELD_MANAGER;
+use crate::controller::demand::{self, Queued, Recorded};
 use crate::controller::metrics::Delivery;
-use crate::domain::matching::{self, QueuedJob};
 use crate::github::webhook::{WorkflowJobEvent, verify};
 use crate::github::{job_id_of_runner, job_object_name};
 
@@ -185,42 +185,17 @@ async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError>
                 .is_none_or(|ns| p.namespace().as_deref() == Some(ns))
         })
         .collect();
-    let queued = QueuedJob {
+    let queued = Queued {
+        job_id: job.id,
+        run_id: job.run_id,
+        repository: &event.repository.full_name,
         labels: &job.labels,
-        owner: event.repository.owner(),
-        repository: &event.repository.name,
+        installation_id: event.installation.as_ref().map(|i| i.id),
     };
-    let Some(pool) = matching::choose(&candidates, &queued) else {
-        info!(job_id = job.id, run_id = job.run_id, repository = %event.repository.full_name,
-            labels = ?job.labels, "no RunnerPool serves this queued job");
-        return Ok(Effect::NoPool);
-    };
-    let ns = pool.namespace().unwrap_or_default();
-    let name = job_object_name(job.id);
-    let record = RunnerJob::for_queued_job(
-        &ns,
-        &name,
-        RunnerJobSpec {
-            pool_name: pool.name_any(),
-            job_id: job.id,
-            run_id: job.run_id,
-            repository: event.repository.full_name.clone(),
-            labels: job.labels.clone(),
-            installation_id: event.installation.as_ref().map(|i| i.id),
-        },
-    );
-    let api: Api<RunnerJob> = Api::namespaced(web.ctx.client.clone(), &ns);
-    let params = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match api.create(&params, &record).await {
-        Ok(_) => {
-            info!(job_id = job.id, run_id = job.run_id, repository = %event.repository.full_name,
-                runner_job = %format!("{ns}/{name}"), "recorded a queued job");
-            Ok(Effect::Created)
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Effect::Found),
+    match demand::record(&web.ctx.client, &candidates, &queued).await {
+        Ok(Recorded::Created) => Ok(Effect::Created),
+        Ok(Recorded::Exists) => Ok(Effect::Found),
+        Ok(Recorded::NoPool) => Ok(Effect::NoPool),
         Err(kube::Error::Api(e)) if e.code == 422 => Err(ApiError::BadRequest(format!(
             "the workflow job cannot be recorded: {}",
             e.message

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+pub mod github;
 pub mod proxy;
 
 /// What parts of the ground a test binary needs.

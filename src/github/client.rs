@@ -1,0 +1,651 @@
+//! The GitHub App client: App JWTs, installation tokens cached until shortly before they
+//! expire, just-in-time runner configs, runners, webhook deliveries and queued jobs. Plain REST
+//! over reqwest (the same hyper/rustls stack as kube and the AWS SDK); GitHub Enterprise Server
+//! through `github.api_url`. Secondary rate limits and 5xx answers are retried with backoff and
+//! counted. Tokens and JIT configs are secrets: never logged, never stored in the cluster.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use k8s_openapi::jiff::Timestamp;
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::warn;
+
+use super::{GitHub, GitHubError, GitHubResult, JitConfig, Runner, RunnerTarget};
+
+/// How long before an installation token expires it is replaced.
+const TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// Attempts of one call when GitHub asks to slow down or fails on its side.
+const ATTEMPTS: u32 = 4;
+
+/// Counts each call by action and outcome; the metrics live with the controller's.
+pub type CallCounter = Arc<dyn Fn(&'static str, &str) + Send + Sync>;
+
+pub struct GitHubApp {
+    http: reqwest::Client,
+    api: String,
+    app_id: u64,
+    key: aws_lc_rs::rsa::KeyPair,
+    /// Installation id -> (token, expiry).
+    tokens: tokio::sync::Mutex<HashMap<i64, (String, Timestamp)>>,
+    /// `owner` or `owner/repo` -> installation id.
+    installations: Mutex<HashMap<String, i64>>,
+    /// Organization -> runner group name -> id.
+    groups: Mutex<HashMap<(String, String), i64>>,
+    count: CallCounter,
+    /// The unit of retry backoff (1 s in production; shorter in tests).
+    backoff: Duration,
+}
+
+/// Reads the App's private key: PKCS#1 (`BEGIN RSA PRIVATE KEY`, as GitHub hands it out) or
+/// PKCS#8 (`BEGIN PRIVATE KEY`) PEM.
+pub fn parse_private_key(pem: &[u8]) -> Result<aws_lc_rs::rsa::KeyPair, String> {
+    let text = std::str::from_utf8(pem).map_err(|_| "the private key is not PEM text")?;
+    let body = |label: &str| {
+        let begin = format!("-----BEGIN {label}-----");
+        let end = format!("-----END {label}-----");
+        let start = text.find(&begin)? + begin.len();
+        let stop = text[start..].find(&end)? + start;
+        let b64: String = text[start..stop].split_whitespace().collect();
+        base64::engine::general_purpose::STANDARD.decode(b64).ok()
+    };
+    if let Some(der) = body("RSA PRIVATE KEY") {
+        return aws_lc_rs::rsa::KeyPair::from_der(&der).map_err(|e| format!("bad PKCS#1 key: {e}"));
+    }
+    if let Some(der) = body("PRIVATE KEY") {
+        return aws_lc_rs::rsa::KeyPair::from_pkcs8(&der)
+            .map_err(|e| format!("bad PKCS#8 key: {e}"));
+    }
+    Err("no RSA private key PEM block found".into())
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[derive(Deserialize)]
+struct Token {
+    token: String,
+    expires_at: String,
+}
+
+#[derive(Deserialize)]
+struct Id {
+    id: i64,
+}
+
+impl GitHubApp {
+    pub fn new(
+        api: &str,
+        app_id: u64,
+        private_key_pem: &[u8],
+        count: CallCounter,
+    ) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("pacer/", env!("CARGO_PKG_VERSION")))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
+        Ok(Self {
+            http,
+            api: api.trim_end_matches('/').to_string(),
+            app_id,
+            key: parse_private_key(private_key_pem)?,
+            tokens: Default::default(),
+            installations: Default::default(),
+            groups: Default::default(),
+            count,
+            backoff: Duration::from_secs(1),
+        })
+    }
+
+    /// Retries wait `unit`, doubling; tests make it short.
+    pub fn with_backoff(mut self, unit: Duration) -> Self {
+        self.backoff = unit;
+        self
+    }
+
+    /// The App's JWT: RS256, issued 60 s in the past against clock drift, valid 9 minutes
+    /// (GitHub allows at most 10).
+    pub fn app_jwt(&self, now: Timestamp) -> String {
+        let header = b64url(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let iat = now.as_second() - 60;
+        let claims = json!({ "iat": iat, "exp": iat + 9 * 60, "iss": self.app_id.to_string() });
+        let claims = b64url(claims.to_string().as_bytes());
+        let signing_input = format!("{header}.{claims}");
+        let mut signature = vec![0; self.key.public_modulus_len()];
+        self.key
+            .sign(
+                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                signing_input.as_bytes(),
+                &mut signature,
+            )
+            .expect("an RSA key signs");
+        format!("{signing_input}.{}", b64url(&signature))
+    }
+
+    /// One call with retries: 5xx, 429 and secondary rate limits (403 with a `retry-after` or
+    /// a message saying so) wait and try again, honouring `retry-after`.
+    async fn call(
+        &self,
+        action: &'static str,
+        method: Method,
+        path: &str,
+        auth: &str,
+        body: Option<&Value>,
+    ) -> GitHubResult<(StatusCode, Value)> {
+        let url = format!("{}{path}", self.api);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .header("accept", "application/vnd.github+json")
+                .header("x-github-api-version", "2022-11-28")
+                .header("authorization", auth);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) if attempt < ATTEMPTS => {
+                    (self.count)(action, "transport_retry");
+                    warn!(action, error = %e, "GitHub unreachable; retrying");
+                    tokio::time::sleep(self.backoff * 2u32.pow(attempt - 1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    (self.count)(action, "transport_error");
+                    return Err(GitHubError::Transport(e.to_string()));
+                }
+            };
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let remaining = response
+                .headers()
+                .get("x-ratelimit-remaining")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let text = response.text().await.unwrap_or_default();
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let message = value["message"].as_str().unwrap_or_default().to_string();
+            let limited = (status == StatusCode::FORBIDDEN
+                || status == StatusCode::TOO_MANY_REQUESTS)
+                && (retry_after.is_some()
+                    || remaining.as_deref() == Some("0")
+                    || message.to_lowercase().contains("rate limit"));
+            if (limited || status.is_server_error()) && attempt < ATTEMPTS {
+                (self.count)(
+                    action,
+                    if limited {
+                        "rate_limited"
+                    } else {
+                        "server_error"
+                    },
+                );
+                let wait = retry_after
+                    .map(Duration::from_secs)
+                    .unwrap_or(self.backoff * 2u32.pow(attempt - 1))
+                    .min(Duration::from_secs(60));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let outcome = match status.as_u16() {
+                200..=299 => "ok",
+                404 => "not_found",
+                409 => "conflict",
+                _ if limited => "rate_limited",
+                400..=499 => "client_error",
+                _ => "server_error",
+            };
+            (self.count)(action, outcome);
+            if status.is_success()
+                || status == StatusCode::NOT_FOUND
+                || status == StatusCode::CONFLICT
+            {
+                return Ok((status, value));
+            }
+            return Err(GitHubError::Status {
+                action,
+                status: status.as_u16(),
+                message,
+            });
+        }
+    }
+
+    async fn app_call<T: DeserializeOwned>(
+        &self,
+        action: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> GitHubResult<Option<T>> {
+        let auth = format!("Bearer {}", self.app_jwt(Timestamp::now()));
+        let (status, value) = self.call(action, method, path, &auth, body).await?;
+        decode(action, status, value)
+    }
+
+    async fn installation_call<T: DeserializeOwned>(
+        &self,
+        installation: i64,
+        action: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> GitHubResult<(StatusCode, Option<T>)> {
+        let auth = format!("token {}", self.installation_token(installation).await?);
+        let (status, value) = self.call(action, method, path, &auth, body).await?;
+        Ok((status, decode(action, status, value)?))
+    }
+
+    /// An installation access token, reused until a few minutes before it expires.
+    pub async fn installation_token(&self, installation: i64) -> GitHubResult<String> {
+        let mut tokens = self.tokens.lock().await;
+        if let Some((token, expires)) = tokens.get(&installation)
+            && Timestamp::now() + TOKEN_MARGIN < *expires
+        {
+            return Ok(token.clone());
+        }
+        let token: Token = self
+            .app_call(
+                "create_installation_token",
+                Method::POST,
+                &format!("/app/installations/{installation}/access_tokens"),
+                None,
+            )
+            .await?
+            .ok_or(GitHubError::NotFound("installation"))?;
+        let expires: Timestamp = token
+            .expires_at
+            .parse()
+            .map_err(|_| GitHubError::Malformed("create_installation_token"))?;
+        tokens.insert(installation, (token.token.clone(), expires));
+        Ok(token.token)
+    }
+
+    /// The installation serving a target: given, or looked up from the repository or
+    /// organization (cached).
+    async fn installation(&self, target: &RunnerTarget) -> GitHubResult<i64> {
+        if let Some(id) = target.installation {
+            return Ok(id);
+        }
+        let (key, path) = match &target.repo {
+            Some(repo) => (
+                format!("{}/{repo}", target.owner),
+                format!("/repos/{}/{repo}/installation", target.owner),
+            ),
+            None => (
+                target.owner.clone(),
+                format!("/orgs/{}/installation", target.owner),
+            ),
+        };
+        if let Some(id) = self.installations.lock().unwrap().get(&key) {
+            return Ok(*id);
+        }
+        let found: Id = self
+            .app_call("get_installation", Method::GET, &path, None)
+            .await?
+            .ok_or(GitHubError::NotFound("installation"))?;
+        self.installations.lock().unwrap().insert(key, found.id);
+        Ok(found.id)
+    }
+
+    /// Where a target's runners live: `/orgs/ORG` or `/repos/OWNER/REPO`.
+    fn runners_base(target: &RunnerTarget) -> String {
+        match &target.repo {
+            Some(repo) => format!("/repos/{}/{repo}/actions/runners", target.owner),
+            None => format!("/orgs/{}/actions/runners", target.owner),
+        }
+    }
+
+    /// The id of the organization runner group named `name` (1, the default group, when none).
+    async fn runner_group(&self, installation: i64, target: &RunnerTarget) -> GitHubResult<i64> {
+        let (Some(name), None) = (&target.runner_group, &target.repo) else {
+            return Ok(1);
+        };
+        let key = (target.owner.clone(), name.clone());
+        if let Some(id) = self.groups.lock().unwrap().get(&key) {
+            return Ok(*id);
+        }
+        #[derive(Deserialize)]
+        struct Groups {
+            runner_groups: Vec<Group>,
+        }
+        #[derive(Deserialize)]
+        struct Group {
+            id: i64,
+            name: String,
+        }
+        let (_, groups) = self
+            .installation_call::<Groups>(
+                installation,
+                "list_runner_groups",
+                Method::GET,
+                &format!("/orgs/{}/actions/runner-groups?per_page=100", target.owner),
+                None,
+            )
+            .await?;
+        let id = groups
+            .into_iter()
+            .flat_map(|g| g.runner_groups)
+            .find(|g| g.name.eq_ignore_ascii_case(name))
+            .map(|g| g.id)
+            .ok_or(GitHubError::NotFound("runner group"))?;
+        self.groups.lock().unwrap().insert(key, id);
+        Ok(id)
+    }
+
+    async fn generate(
+        &self,
+        installation: i64,
+        target: &RunnerTarget,
+        body: &Value,
+    ) -> GitHubResult<(StatusCode, Option<JitConfig>)> {
+        #[derive(Deserialize)]
+        struct Answer {
+            runner: Id,
+            encoded_jit_config: String,
+        }
+        let (status, answer) = self
+            .installation_call::<Answer>(
+                installation,
+                "generate_jitconfig",
+                Method::POST,
+                &format!("{}/generate-jitconfig", Self::runners_base(target)),
+                Some(body),
+            )
+            .await?;
+        Ok((
+            status,
+            answer.map(|a| JitConfig {
+                runner_id: a.runner.id,
+                encoded: crate::config::Secret::new(a.encoded_jit_config.into_bytes()),
+            }),
+        ))
+    }
+}
+
+/// The body of a 2xx answer, `None` for 404 (and 409, which callers handle), else an error.
+fn decode<T: DeserializeOwned>(
+    action: &'static str,
+    status: StatusCode,
+    value: Value,
+) -> GitHubResult<Option<T>> {
+    if !status.is_success() {
+        return Ok(None);
+    }
+    if status == StatusCode::NO_CONTENT {
+        return serde_json::from_value(Value::Null).map(Some).or(Ok(None));
+    }
+    serde_json::from_value(value)
+        .map(Some)
+        .map_err(|_| GitHubError::Malformed(action))
+}
+
+impl GitHub for GitHubApp {
+    fn jit_config<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+        name: &'a str,
+        labels: &'a [String],
+    ) -> BoxFuture<'a, GitHubResult<JitConfig>> {
+        async move {
+            let installation = self.installation(target).await?;
+            let group = self.runner_group(installation, target).await?;
+            let body = json!({
+                "name": name, "runner_group_id": group, "labels": labels, "work_folder": "_work",
+            });
+            match self.generate(installation, target, &body).await? {
+                (_, Some(config)) => Ok(config),
+                // A runner of that name is left from an earlier try: delete it, then once more.
+                (StatusCode::CONFLICT, None) => {
+                    if let Some(stale) = self
+                        .list_runners(target)
+                        .await?
+                        .into_iter()
+                        .find(|r| r.name == name)
+                    {
+                        self.delete_runner(target, stale.id).await?;
+                    }
+                    match self.generate(installation, target, &body).await? {
+                        (_, Some(config)) => Ok(config),
+                        (status, None) => Err(GitHubError::Status {
+                            action: "generate_jitconfig",
+                            status: status.as_u16(),
+                            message: "the runner name is still taken".into(),
+                        }),
+                    }
+                }
+                (status, None) => Err(GitHubError::Status {
+                    action: "generate_jitconfig",
+                    status: status.as_u16(),
+                    message: "no such organization or repository".into(),
+                }),
+            }
+        }
+        .boxed()
+    }
+
+    fn delete_runner<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+        runner_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<()>> {
+        async move {
+            let installation = self.installation(target).await?;
+            // 404: already gone, which is the goal.
+            self.installation_call::<Value>(
+                installation,
+                "delete_runner",
+                Method::DELETE,
+                &format!("{}/{runner_id}", Self::runners_base(target)),
+                None,
+            )
+            .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn list_runners<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+    ) -> BoxFuture<'a, GitHubResult<Vec<Runner>>> {
+        async move {
+            #[derive(Deserialize)]
+            struct Page {
+                total_count: usize,
+                runners: Vec<Runner>,
+            }
+            let installation = self.installation(target).await?;
+            let mut all = Vec::new();
+            for page in 1.. {
+                let path = format!("{}?per_page=100&page={page}", Self::runners_base(target));
+                let (_, found) = self
+                    .installation_call::<Page>(
+                        installation,
+                        "list_runners",
+                        Method::GET,
+                        &path,
+                        None,
+                    )
+                    .await?;
+                let Some(found) = found else { break };
+                let done = found.runners.len() < 100
+                    || all.len() + found.runners.len() >= found.total_count;
+                all.extend(found.runners);
+                if done {
+                    break;
+                }
+            }
+            Ok(all)
+        }
+        .boxed()
+    }
+
+    fn failed_deliveries<'a>(
+        &'a self,
+        since: Timestamp,
+    ) -> BoxFuture<'a, GitHubResult<Vec<super::Delivery>>> {
+        async move {
+            let mut failed = Vec::new();
+            let mut succeeded = std::collections::HashSet::new();
+            let deliveries: Vec<super::Delivery> = self
+                .app_call(
+                    "list_deliveries",
+                    Method::GET,
+                    "/app/hook/deliveries?per_page=100",
+                    None,
+                )
+                .await?
+                .unwrap_or_default();
+            for d in deliveries {
+                let at: Option<Timestamp> = d.delivered_at.parse().ok();
+                if at.is_some_and(|at| at < since) {
+                    continue;
+                }
+                if (200..300).contains(&d.status_code) {
+                    succeeded.insert(d.guid.clone());
+                } else {
+                    failed.push(d);
+                }
+            }
+            // A delivery that later went through (redelivered) needs nothing more.
+            failed.retain(|d| !succeeded.contains(&d.guid));
+            Ok(failed)
+        }
+        .boxed()
+    }
+
+    fn redeliver<'a>(&'a self, delivery_id: i64) -> BoxFuture<'a, GitHubResult<()>> {
+        async move {
+            self.app_call::<Value>(
+                "redeliver",
+                Method::POST,
+                &format!("/app/hook/deliveries/{delivery_id}/attempts"),
+                None,
+            )
+            .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn queued_jobs<'a>(
+        &'a self,
+        owner: &'a str,
+        repo: &'a str,
+    ) -> BoxFuture<'a, GitHubResult<Vec<super::QueuedJob>>> {
+        async move {
+            #[derive(Deserialize)]
+            struct Runs {
+                workflow_runs: Vec<Id>,
+            }
+            #[derive(Deserialize)]
+            struct Jobs {
+                jobs: Vec<super::QueuedJob>,
+            }
+            let target = RunnerTarget {
+                owner: owner.into(),
+                repo: Some(repo.into()),
+                ..Default::default()
+            };
+            let installation = self.installation(&target).await?;
+            let (_, runs) = self
+                .installation_call::<Runs>(
+                    installation,
+                    "list_queued_runs",
+                    Method::GET,
+                    &format!("/repos/{owner}/{repo}/actions/runs?status=queued&per_page=50"),
+                    None,
+                )
+                .await?;
+            let mut queued = Vec::new();
+            for run in runs.map(|r| r.workflow_runs).unwrap_or_default() {
+                let (_, jobs) = self
+                    .installation_call::<Jobs>(
+                        installation,
+                        "list_run_jobs",
+                        Method::GET,
+                        &format!(
+                            "/repos/{owner}/{repo}/actions/runs/{}/jobs?filter=latest&per_page=100",
+                            run.id
+                        ),
+                        None,
+                    )
+                    .await?;
+                queued.extend(
+                    jobs.map(|j| j.jobs)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|j| j.status == "queued"),
+                );
+            }
+            Ok(queued)
+        }
+        .boxed()
+    }
+
+    fn installation_repositories<'a>(&'a self) -> BoxFuture<'a, GitHubResult<Vec<String>>> {
+        async move {
+            #[derive(Deserialize)]
+            struct Repos {
+                repositories: Vec<Repo>,
+            }
+            #[derive(Deserialize)]
+            struct Repo {
+                full_name: String,
+            }
+            let installations: Vec<Id> = self
+                .app_call(
+                    "list_installations",
+                    Method::GET,
+                    "/app/installations?per_page=100",
+                    None,
+                )
+                .await?
+                .unwrap_or_default();
+            let mut all = Vec::new();
+            for installation in installations {
+                let (_, repos) = self
+                    .installation_call::<Repos>(
+                        installation.id,
+                        "list_installation_repositories",
+                        Method::GET,
+                        "/installation/repositories?per_page=100",
+                        None,
+                    )
+                    .await?;
+                for repo in repos.map(|r| r.repositories).unwrap_or_default() {
+                    if let Some((owner, _)) = repo.full_name.split_once('/') {
+                        self.installations
+                            .lock()
+                            .unwrap()
+                            .insert(repo.full_name.clone(), installation.id);
+                        self.installations
+                            .lock()
+                            .unwrap()
+                            .entry(owner.to_string())
+                            .or_insert(installation.id);
+                    }
+                    all.push(repo.full_name);
+                }
+            }
+            Ok(all)
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,625 @@
+//! A fake GitHub at the HTTP boundary: the REST endpoints Pacer calls, with GitHub's status
+//! codes and response shapes, state kept between calls, App JWTs checked (RS256 signature
+//! against the App's public key, issued-at and expiry), and faults on request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+/// A runner the fake knows, under its target (`orgs/ORG` or `repos/OWNER/REPO`).
+#[derive(Clone, Debug)]
+pub struct FakeRunner {
+    pub id: i64,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub group: i64,
+    pub status: &'static str,
+}
+
+#[derive(Default)]
+pub struct FakeState {
+    /// Target -> runners.
+    pub runners: HashMap<String, Vec<FakeRunner>>,
+    next_id: i64,
+    /// Installation access tokens issued, per installation.
+    pub tokens_issued: HashMap<i64, u32>,
+    /// Seconds the next tokens are valid for (GitHub: one hour).
+    pub token_lifetime: i64,
+    /// Tokens issued and their installation.
+    tokens: HashMap<String, i64>,
+    /// Installation id -> repositories (`owner/name`).
+    pub installations: HashMap<i64, Vec<String>>,
+    /// Runner group name -> id, per organization.
+    pub groups: HashMap<String, Vec<(i64, String)>>,
+    /// The App's webhook deliveries.
+    pub deliveries: Vec<Value>,
+    /// Delivery ids asked to be redelivered.
+    pub redelivered: Vec<i64>,
+    /// Repository -> queued runs -> their jobs.
+    pub queued: HashMap<String, Vec<(i64, Vec<Value>)>>,
+    /// Endpoint name -> (status to answer, times left).
+    faults: HashMap<String, (u16, u32)>,
+    /// Every call: (endpoint name, status answered).
+    pub calls: Vec<(String, u16)>,
+}
+
+pub struct FakeGitHub {
+    pub url: String,
+    pub state: Arc<Mutex<FakeState>>,
+    /// The App's private key (PKCS#8 PEM), for the client under test.
+    pub private_key_pem: Vec<u8>,
+    pub app_id: u64,
+}
+
+struct Shared {
+    state: Arc<Mutex<FakeState>>,
+    public_key: Vec<u8>,
+    app_id: u64,
+}
+
+impl FakeGitHub {
+    /// Starts the fake on a loopback port, with a fresh App key pair.
+    pub async fn start() -> Self {
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::signature::KeyPair as _;
+        let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+        let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&key).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            lines.join("\n")
+        );
+        let state = Arc::new(Mutex::new(FakeState {
+            token_lifetime: 3600,
+            next_id: 100,
+            ..Default::default()
+        }));
+        let shared = Arc::new(Shared {
+            state: state.clone(),
+            public_key: key.public_key().as_ref().to_vec(),
+            app_id: 4242,
+        });
+        let app = Router::new()
+            .route("/app/installations", get(list_installations))
+            .route("/app/installations/{id}/access_tokens", post(create_token))
+            .route("/repos/{owner}/{repo}/installation", get(repo_installation))
+            .route("/orgs/{org}/installation", get(org_installation))
+            .route("/installation/repositories", get(installation_repositories))
+            .route("/orgs/{org}/actions/runner-groups", get(runner_groups))
+            .route("/orgs/{org}/actions/runners", get(list_org_runners))
+            .route(
+                "/repos/{owner}/{repo}/actions/runners",
+                get(list_repo_runners),
+            )
+            .route(
+                "/orgs/{org}/actions/runners/generate-jitconfig",
+                post(org_jit),
+            )
+            .route(
+                "/repos/{owner}/{repo}/actions/runners/generate-jitconfig",
+                post(repo_jit),
+            )
+            .route(
+                "/orgs/{org}/actions/runners/{id}",
+                delete(delete_org_runner),
+            )
+            .route(
+                "/repos/{owner}/{repo}/actions/runners/{id}",
+                delete(delete_repo_runner),
+            )
+            .route("/app/hook/deliveries", get(list_deliveries))
+            .route("/app/hook/deliveries/{id}/attempts", post(redeliver))
+            .route("/repos/{owner}/{repo}/actions/runs", get(queued_runs))
+            .route(
+                "/repos/{owner}/{repo}/actions/runs/{run}/jobs",
+                get(run_jobs),
+            )
+            .with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            state,
+            private_key_pem: pem.into_bytes(),
+            app_id: 4242,
+        }
+    }
+
+    /// Makes the next `times` calls of `endpoint` answer `status` (403 and 429 come as
+    /// secondary rate limits, with `retry-after: 1`).
+    pub fn fail(&self, endpoint: &str, status: u16, times: u32) {
+        self.state
+            .lock()
+            .unwrap()
+            .faults
+            .insert(endpoint.into(), (status, times));
+    }
+
+    pub fn calls_of(&self, endpoint: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|(e, _)| e == endpoint)
+            .count()
+    }
+
+    /// Adds a runner to a target (`orgs/ORG` or `repos/OWNER/REPO`).
+    pub fn add_runner(&self, target: &str, name: &str, status: &'static str) -> i64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.runners
+            .entry(target.into())
+            .or_default()
+            .push(FakeRunner {
+                id,
+                name: name.into(),
+                labels: vec![],
+                group: 1,
+                status,
+            });
+        id
+    }
+
+    pub fn runner_names(&self, target: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .runners
+            .get(target)
+            .map(|r| r.iter().map(|r| r.name.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn error(status: u16, message: &str) -> Response {
+    let mut response = (
+        StatusCode::from_u16(status).unwrap(),
+        axum::Json(json!({
+            "message": message,
+            "documentation_url": "https://docs.github.com/rest",
+        })),
+    )
+        .into_response();
+    if status == 403 || status == 429 {
+        response
+            .headers_mut()
+            .insert("retry-after", "1".parse().unwrap());
+    }
+    response
+}
+
+/// Records the call and answers an injected fault, if one is due.
+fn enter(shared: &Shared, endpoint: &str) -> Option<Response> {
+    let mut s = shared.state.lock().unwrap();
+    let fault = s.faults.get_mut(endpoint).filter(|(_, n)| *n > 0).map(|f| {
+        f.1 -= 1;
+        f.0
+    });
+    s.calls.push((endpoint.into(), fault.unwrap_or(200)));
+    fault.map(|status| match status {
+        403 | 429 => error(status, "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."),
+        409 => error(409, "Already exists - A runner with the name already exists."),
+        _ => error(status, "Server Error"),
+    })
+}
+
+fn b64url(text: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()
+}
+
+/// Checks an App JWT as GitHub does: RS256 by the App's key, `iss` the App id, issued in the
+/// past, expiring in the future and at most 10 minutes after issue.
+fn app_jwt_ok(shared: &Shared, headers: &HeaderMap) -> bool {
+    let Some(token) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let parts: Vec<&str> = token.split('.').collect();
+    let [header, claims, signature] = parts[..] else {
+        return false;
+    };
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+        &shared.public_key,
+    );
+    let signed = format!("{header}.{claims}");
+    let Some(signature) = b64url(signature) else {
+        return false;
+    };
+    if key.verify(signed.as_bytes(), &signature).is_err() {
+        return false;
+    }
+    let Some(claims) = b64url(claims).and_then(|c| serde_json::from_slice::<Value>(&c).ok()) else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap_or(i64::MAX),
+        claims["exp"].as_i64().unwrap_or(0),
+    );
+    claims["iss"].as_str() == Some(&shared.app_id.to_string())
+        && iat <= now
+        && exp > now
+        && exp - iat <= 600
+}
+
+/// The installation a `token …` header belongs to.
+fn installation_of(shared: &Shared, headers: &HeaderMap) -> Option<i64> {
+    let token = headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("token ")?;
+    shared.state.lock().unwrap().tokens.get(token).copied()
+}
+
+macro_rules! guard {
+    ($shared:expr, $endpoint:expr) => {
+        if let Some(fault) = enter(&$shared, $endpoint) {
+            return fault;
+        }
+    };
+}
+
+macro_rules! app_only {
+    ($shared:expr, $headers:expr) => {
+        if !app_jwt_ok(&$shared, &$headers) {
+            return error(401, "A JSON web token could not be decoded");
+        }
+    };
+}
+
+macro_rules! installation_only {
+    ($shared:expr, $headers:expr) => {
+        match installation_of(&$shared, &$headers) {
+            Some(id) => id,
+            None => return error(401, "Bad credentials"),
+        }
+    };
+}
+
+async fn list_installations(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    guard!(shared, "list_installations");
+    app_only!(shared, headers);
+    let ids: Vec<Value> = shared
+        .state
+        .lock()
+        .unwrap()
+        .installations
+        .keys()
+        .map(|id| json!({"id": id, "app_id": shared.app_id}))
+        .collect();
+    axum::Json(ids).into_response()
+}
+
+async fn create_token(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "create_installation_token");
+    app_only!(shared, headers);
+    let mut s = shared.state.lock().unwrap();
+    if !s.installations.contains_key(&id) {
+        return error(404, "Not Found");
+    }
+    let n = s.tokens_issued.entry(id).or_default();
+    *n += 1;
+    let token = format!("ghs_fake{id}x{n}");
+    let expires = k8s_openapi::jiff::Timestamp::now()
+        + k8s_openapi::jiff::SignedDuration::from_secs(s.token_lifetime);
+    s.tokens.insert(token.clone(), id);
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({"token": token, "expires_at": expires.to_string(), "permissions": {}})),
+    )
+        .into_response()
+}
+
+fn installation_for(shared: &Shared, owner: &str, repo: Option<&str>) -> Option<i64> {
+    let s = shared.state.lock().unwrap();
+    s.installations
+        .iter()
+        .find(|(_, repos)| {
+            repos.iter().any(|r| match repo {
+                Some(repo) => r.eq_ignore_ascii_case(&format!("{owner}/{repo}")),
+                None => r.split('/').next() == Some(owner),
+            })
+        })
+        .map(|(id, _)| *id)
+}
+
+async fn repo_installation(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_installation");
+    app_only!(shared, headers);
+    match installation_for(&shared, &owner, Some(&repo)) {
+        Some(id) => axum::Json(json!({"id": id})).into_response(),
+        None => error(404, "Not Found"),
+    }
+}
+
+async fn org_installation(
+    State(shared): State<Arc<Shared>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_installation");
+    app_only!(shared, headers);
+    match installation_for(&shared, &org, None) {
+        Some(id) => axum::Json(json!({"id": id})).into_response(),
+        None => error(404, "Not Found"),
+    }
+}
+
+async fn installation_repositories(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "list_installation_repositories");
+    let id = installation_only!(shared, headers);
+    let repos: Vec<Value> = shared.state.lock().unwrap().installations[&id]
+        .iter()
+        .map(|r| json!({"full_name": r}))
+        .collect();
+    axum::Json(json!({"total_count": repos.len(), "repositories": repos})).into_response()
+}
+
+async fn runner_groups(
+    State(shared): State<Arc<Shared>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "list_runner_groups");
+    installation_only!(shared, headers);
+    let mut groups = vec![json!({"id": 1, "name": "Default", "default": true})];
+    for (id, name) in shared
+        .state
+        .lock()
+        .unwrap()
+        .groups
+        .get(&org)
+        .cloned()
+        .unwrap_or_default()
+    {
+        groups.push(json!({"id": id, "name": name, "default": false}));
+    }
+    axum::Json(json!({"total_count": groups.len(), "runner_groups": groups})).into_response()
+}
+
+fn list_runners(shared: &Shared, target: &str, query: Option<String>) -> Response {
+    let query: HashMap<String, String> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let page: usize = query.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    let per_page: usize = query
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(30);
+    let s = shared.state.lock().unwrap();
+    let all = s.runners.get(target).cloned().unwrap_or_default();
+    let runners: Vec<Value> = all
+        .iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|r| {
+            json!({"id": r.id, "name": r.name, "os": "Linux", "status": r.status, "busy": false,
+                "labels": r.labels.iter().map(|l| json!({"name": l, "type": "custom"})).collect::<Vec<_>>()})
+        })
+        .collect();
+    axum::Json(json!({"total_count": all.len(), "runners": runners})).into_response()
+}
+
+async fn list_org_runners(
+    State(shared): State<Arc<Shared>>,
+    Path(org): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "list_runners");
+    installation_only!(shared, headers);
+    list_runners(&shared, &format!("orgs/{org}"), query)
+}
+
+async fn list_repo_runners(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "list_runners");
+    installation_only!(shared, headers);
+    list_runners(&shared, &format!("repos/{owner}/{repo}"), query)
+}
+
+fn jit(shared: &Shared, target: &str, body: &Value) -> Response {
+    let Some(name) = body["name"].as_str() else {
+        return error(422, "Invalid request. \"name\" wasn't supplied.");
+    };
+    let Some(group) = body["runner_group_id"].as_i64() else {
+        return error(422, "Invalid request. \"runner_group_id\" wasn't supplied.");
+    };
+    let labels: Vec<String> = body["labels"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|l| l.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if labels.is_empty() {
+        return error(422, "Invalid request. \"labels\" wasn't supplied.");
+    }
+    let mut s = shared.state.lock().unwrap();
+    let runners = s.runners.entry(target.into()).or_default();
+    if runners.iter().any(|r| r.name == name) {
+        return error(
+            409,
+            "Already exists - A runner with the name already exists.",
+        );
+    }
+    s.next_id += 1;
+    let id = s.next_id;
+    s.runners.get_mut(target).unwrap().push(FakeRunner {
+        id,
+        name: name.into(),
+        labels: labels.clone(),
+        group,
+        status: "offline",
+    });
+    let config = base64::engine::general_purpose::STANDARD.encode(format!("jit:{target}:{name}"));
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "runner": {"id": id, "name": name, "os": "unknown", "status": "offline", "busy": false,
+                "labels": labels.iter().map(|l| json!({"name": l, "type": "custom"})).collect::<Vec<_>>()},
+            "encoded_jit_config": config,
+        })),
+    )
+        .into_response()
+}
+
+async fn org_jit(
+    State(shared): State<Arc<Shared>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    guard!(shared, "generate_jitconfig");
+    installation_only!(shared, headers);
+    jit(&shared, &format!("orgs/{org}"), &body)
+}
+
+async fn repo_jit(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
+    guard!(shared, "generate_jitconfig");
+    installation_only!(shared, headers);
+    jit(&shared, &format!("repos/{owner}/{repo}"), &body)
+}
+
+fn remove_runner(shared: &Shared, target: &str, id: i64) -> Response {
+    let mut s = shared.state.lock().unwrap();
+    let runners = s.runners.entry(target.into()).or_default();
+    let before = runners.len();
+    runners.retain(|r| r.id != id);
+    if runners.len() == before {
+        return error(404, "Not Found");
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn delete_org_runner(
+    State(shared): State<Arc<Shared>>,
+    Path((org, id)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "delete_runner");
+    installation_only!(shared, headers);
+    remove_runner(&shared, &format!("orgs/{org}"), id)
+}
+
+async fn delete_repo_runner(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, id)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "delete_runner");
+    installation_only!(shared, headers);
+    remove_runner(&shared, &format!("repos/{owner}/{repo}"), id)
+}
+
+async fn list_deliveries(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    guard!(shared, "list_deliveries");
+    app_only!(shared, headers);
+    axum::Json(shared.state.lock().unwrap().deliveries.clone()).into_response()
+}
+
+async fn redeliver(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "redeliver");
+    app_only!(shared, headers);
+    let mut s = shared.state.lock().unwrap();
+    if !s.deliveries.iter().any(|d| d["id"] == id) {
+        return error(404, "Not Found");
+    }
+    s.redelivered.push(id);
+    (StatusCode::ACCEPTED, axum::Json(json!({}))).into_response()
+}
+
+async fn queued_runs(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "list_queued_runs");
+    installation_only!(shared, headers);
+    let runs: Vec<Value> = shared
+        .state
+        .lock()
+        .unwrap()
+        .queued
+        .get(&format!("{owner}/{repo}"))
+        .map(|runs| {
+            runs.iter()
+                .map(|(id, _)| json!({"id": id, "status": "queued"}))
+                .collect()
+        })
+        .unwrap_or_default();
+    axum::Json(json!({"total_count": runs.len(), "workflow_runs": runs})).into_response()
+}
+
+async fn run_jobs(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, run)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "list_run_jobs");
+    installation_only!(shared, headers);
+    let jobs: Vec<Value> = shared
+        .state
+        .lock()
+        .unwrap()
+        .queued
+        .get(&format!("{owner}/{repo}"))
+        .and_then(|runs| runs.iter().find(|(id, _)| *id == run))
+        .map(|(_, jobs)| jobs.clone())
+        .unwrap_or_default();
+    axum::Json(json!({"total_count": jobs.len(), "jobs": jobs})).into_response()
+}

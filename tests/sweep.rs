@@ -1,0 +1,145 @@
+//! The GitHub sweep against a real API server and the fake GitHub: what webhooks missed is
+//! caught from GitHub's side.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, PostParams};
+use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
+use pacer::cloud::fake::FakeEc2;
+use pacer::controller::sweep::{Scope, Swept, sweep};
+use pacer::controller::{Context, Settings};
+use pacer::github::client::GitHubApp;
+use pacer::github::job_object_name;
+use serde_json::{Value, json};
+use support::github::FakeGitHub;
+use support::{Parts, ground, repo_root};
+
+#[tokio::test]
+async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed_runners() {
+    let ground = ground(Parts::Kube);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "sweep").await;
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
+    let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
+    pool["metadata"] = json!({"name": "linux", "namespace": ns});
+    pool["spec"]["github"] = json!({"scope": "org", "owner": "example-org"});
+    pool["spec"]["labels"] = json!(["self-hosted", "linux"]);
+    let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    // A job whose webhook did arrive.
+    let spec = RunnerJobSpec {
+        pool_name: "linux".into(),
+        job_id: 9003,
+        run_id: 900,
+        repository: "example-org/api".into(),
+        labels: vec!["self-hosted".into()],
+        installation_id: Some(11),
+    };
+    jobs.create(
+        &PostParams::default(),
+        &RunnerJob::for_queued_job(&ns, &job_object_name(9003), spec),
+    )
+    .await
+    .unwrap();
+
+    let fake = FakeGitHub::start().await;
+    let minutes_ago = |m: i64| {
+        (k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(m))
+            .to_string()
+    };
+    {
+        let mut s = fake.state.lock().unwrap();
+        s.installations.insert(11, vec!["example-org/api".into()]);
+        let job = |id: i64, labels: Value| json!({"id": id, "run_id": 900, "status": "queued", "labels": labels});
+        s.queued.insert(
+            "example-org/api".into(),
+            vec![(
+                900,
+                vec![
+                    job(9001, json!(["self-hosted", "linux"])),
+                    job(9002, json!(["gpu"])),
+                    job(9003, json!(["self-hosted"])),
+                ],
+            )],
+        );
+        let delivery = |id: i64, guid: &str, minutes: i64, status: u16| {
+            json!({"id": id, "guid": guid, "delivered_at": minutes_ago(minutes),
+                "status_code": status, "event": "workflow_job", "action": "queued",
+                "redelivery": false, "duration": 0.1, "status": "x", "installation_id": 11,
+                "repository_id": 1})
+        };
+        s.deliveries = vec![
+            delivery(1, "a", 10, 503),
+            delivery(2, "b", 10, 202),
+            delivery(3, "c", 120, 500),
+            delivery(5, "d", 20, 500),
+            delivery(6, "d", 15, 202),
+        ];
+    }
+    let org = "orgs/example-org";
+    fake.add_runner(org, "pacer-sweep-9003", "offline");
+    fake.add_runner(org, "pacer-sweep-9999", "offline");
+    fake.add_runner(org, "pacer-sweep-9998", "online");
+    fake.add_runner(org, "someone-elses-runner", "offline");
+
+    let github = GitHubApp::new(
+        &fake.url,
+        fake.app_id,
+        &fake.private_key_pem,
+        Arc::new(|_: &'static str, _: &str| {}),
+    )
+    .unwrap()
+    .with_backoff(Duration::from_millis(10));
+    let ctx = Context::new(
+        client.clone(),
+        Arc::new(FakeEc2::new()),
+        Settings::new("sweep", "https://pacer.example.test"),
+    );
+    let scope = Scope {
+        pools: pools.clone(),
+        jobs: jobs.clone(),
+    };
+    let swept = sweep(&ctx, &github, &scope).await.unwrap();
+    assert_eq!(
+        swept,
+        Swept {
+            redelivered: 1,
+            recorded: 1,
+            runners_removed: 1
+        }
+    );
+    let missed = jobs.get(&job_object_name(9001)).await.unwrap();
+    assert_eq!(
+        (
+            missed.spec.pool_name.as_str(),
+            missed.spec.repository.as_str()
+        ),
+        ("linux", "example-org/api")
+    );
+    assert!(
+        jobs.get_opt(&job_object_name(9002))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(fake.state.lock().unwrap().redelivered, [1]);
+    let mut left = fake.runner_names(org);
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "pacer-sweep-9003",
+            "pacer-sweep-9998",
+            "someone-elses-runner"
+        ]
+    );
+    // Caught up: a second pass finds nothing to do but the failed delivery still listed.
+    let again = sweep(&ctx, &github, &scope).await.unwrap();
+    assert_eq!((again.recorded, again.runners_removed), (0, 0));
+}
