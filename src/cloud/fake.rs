@@ -30,8 +30,22 @@ struct State {
     calls: Vec<String>,
     /// Action -> (error code, remaining count).
     failures: HashMap<String, (String, u32)>,
-    /// Launch answers by ClientToken, with the parameters they answered, as EC2 keeps them.
-    tokens: HashMap<String, (String, LaunchOutcome)>,
+    /// Launch answers by ClientToken, as EC2 keeps them: a digest of the parameters they
+    /// answered, the instances launched (by id) and the failures. Kept small: a bench keeps
+    /// thousands.
+    tokens: HashMap<String, Remembered>,
+}
+
+/// The answer to one ClientToken.
+struct Remembered {
+    parameters: [u8; 32],
+    instance_ids: Vec<String>,
+    failures: Vec<LaunchFailure>,
+}
+
+fn digest(parameters: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(parameters.as_bytes()).into()
 }
 
 /// A launch template as the fake stores it.
@@ -475,16 +489,25 @@ impl Ec2 for FakeEc2 {
             // EC2 replays the first answer to a token with the same parameters, and refuses
             // the token with other ones.
             if let Some(token) = &request.client_token
-                && let Some((parameters, outcome)) = s.tokens.get(token)
+                && let Some(first) = s.tokens.get(token)
             {
-                if *parameters != request.parameters() {
+                if first.parameters != digest(&request.parameters()) {
                     return Err(CloudError::new(
                         action,
                         "IdempotentParameterMismatch",
                         format!("client token {token} was used with other parameters"),
                     ));
                 }
-                return Ok(outcome.clone());
+                let instances = s
+                    .instances
+                    .iter()
+                    .filter(|i| first.instance_ids.contains(&i.id))
+                    .cloned()
+                    .collect();
+                return Ok(LaunchOutcome {
+                    instances,
+                    failures: first.failures.clone(),
+                });
             }
             let tried = if request.fleet {
                 &request.offerings[..]
@@ -538,8 +561,12 @@ impl Ec2 for FakeEc2 {
                 break;
             }
             if let Some(token) = &request.client_token {
-                s.tokens
-                    .insert(token.clone(), (request.parameters(), outcome.clone()));
+                let remembered = Remembered {
+                    parameters: digest(&request.parameters()),
+                    instance_ids: outcome.instances.iter().map(|i| i.id.clone()).collect(),
+                    failures: outcome.failures.clone(),
+                };
+                s.tokens.insert(token.clone(), remembered);
             }
             Ok(outcome)
         })

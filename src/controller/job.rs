@@ -54,8 +54,8 @@ pub struct Shared {
     /// Held by the one pass refreshing the snapshot.
     refreshing: tokio::sync::Mutex<()>,
     /// Runner slots this process reserved, by `namespace/pool`: the jobs admitted to launch,
-    /// by uid. With the cache's busy jobs they make admission exact (see `admit`).
-    slots: Mutex<HashMap<String, HashMap<String, ObjectRef<RunnerJob>>>>,
+    /// their names by uid. With the cache's busy jobs they make admission exact (see `admit`).
+    slots: Mutex<HashMap<String, HashMap<String, String>>>,
     /// Launches and terminations this process made that EC2's listings may not show yet.
     pub(super) ledger: super::ledger::Ledger,
     /// Prices by kind, instance type (and zone), with when they expire.
@@ -238,7 +238,7 @@ fn instance_state(
     snapshot: &Snapshot,
     uid: &str,
     status: &RunnerJobStatus,
-    launched: Option<&(Instance, Timestamp)>,
+    launched: Option<&(String, Timestamp)>,
     visibility: Duration,
 ) -> InstanceState {
     let listed = snapshot.instances.get(uid).map(|i| Listed {
@@ -247,7 +247,7 @@ fn instance_state(
         reason: i.state_reason.as_deref().unwrap_or(&i.state),
     });
     let known = launched
-        .map(|(i, _)| i.id.as_str())
+        .map(|(id, _)| id.as_str())
         .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()));
     // The launch's answer came no later than this; the Launching time is set when it does.
     let answered = launched
@@ -282,15 +282,18 @@ fn admit(ctx: &Context, job: &RunnerJob, pool: Option<&RunnerPool>) -> PoolAdmis
     let reserved = slots.entry(pool_key(job)).or_default();
     // Fewer RunnerJobs than slots: every one of them may hold a runner, no need to count.
     if reserved.contains_key(&uid) || store.len() <= max {
-        reserved.insert(uid, ObjectRef::from_obj(job));
+        reserved.insert(uid, job.name_any());
         return PoolAdmission::Admitted;
     }
     // Reservations of jobs the cache shows finished, or no longer has, are stale.
-    reserved.retain(|held, object| {
-        store.get(object).is_some_and(|j| {
-            j.metadata.uid.as_deref() == Some(held.as_str())
-                && !j.status.as_ref().is_some_and(|s| s.phase.is_finished())
-        })
+    let ns = job.namespace().unwrap_or_default();
+    reserved.retain(|held, name| {
+        store
+            .get(&ObjectRef::new(name).within(&ns))
+            .is_some_and(|j| {
+                j.metadata.uid.as_deref() == Some(held.as_str())
+                    && !j.status.as_ref().is_some_and(|s| s.phase.is_finished())
+            })
     });
     // Taken: the reservations, and the jobs the cache shows holding a runner that this process
     // did not reserve (launched before it started). One scan, no allocation per job.
@@ -303,7 +306,7 @@ fn admit(ctx: &Context, job: &RunnerJob, pool: Option<&RunnerPool>) -> PoolAdmis
     if unreserved_busy + reserved.len() >= max {
         return PoolAdmission::Full;
     }
-    reserved.insert(uid, ObjectRef::from_obj(job));
+    reserved.insert(uid, job.name_any());
     PoolAdmission::Admitted
 }
 
@@ -513,7 +516,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             // is writable by others and must not steer a termination.
             let verified = |id: &String| {
                 snapshot.instances.get(&uid).is_some_and(|i| &i.id == id)
-                    || launched.as_ref().is_some_and(|(i, _)| &i.id == id)
+                    || launched.as_ref().is_some_and(|(mine, _)| mine == id)
             };
             if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance
                 && verified(id)

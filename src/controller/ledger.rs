@@ -22,8 +22,9 @@ type Waiter = oneshot::Sender<CloudResult<()>>;
 
 #[derive(Default)]
 pub struct Ledger {
-    /// Instances launched by this process, by RunnerJob uid, and when the answer came.
-    launched: Mutex<HashMap<String, (Instance, Timestamp)>>,
+    /// Instances launched by this process (their ids), by RunnerJob uid, and when the answer
+    /// came.
+    launched: Mutex<HashMap<String, (String, Timestamp)>>,
     /// Launch calls whose answer is not in (in flight, or lost to a transport error), by
     /// RunnerJob uid, and when they were sent: EC2 may have launched for them.
     unsettled: Mutex<HashMap<String, Timestamp>>,
@@ -42,20 +43,17 @@ impl Ledger {
     pub fn launch_answered(&self, uid: &str, instance: Option<&Instance>, now: Timestamp) {
         self.unsettled.lock().unwrap().remove(uid);
         if let Some(instance) = instance {
-            // Kept for every live job: without the tags, which the job does not need.
-            let kept = Instance {
-                tags: Default::default(),
-                ..instance.clone()
-            };
+            // Kept for every live job: the id is all a pass needs.
             self.launched
                 .lock()
                 .unwrap()
-                .insert(uid.into(), (kept, now));
+                .insert(uid.into(), (instance.id.clone(), now));
         }
     }
 
-    /// The instance this process launched for `uid`, and when the launch was answered.
-    pub fn launched(&self, uid: &str) -> Option<(Instance, Timestamp)> {
+    /// The id of the instance this process launched for `uid`, and when the launch was
+    /// answered.
+    pub fn launched(&self, uid: &str) -> Option<(String, Timestamp)> {
         self.launched.lock().unwrap().get(uid).cloned()
     }
 
@@ -67,8 +65,8 @@ impl Ledger {
     /// Forgets a job whose instance is gone and whose object is going.
     pub fn forget(&self, uid: &str) {
         self.unsettled.lock().unwrap().remove(uid);
-        if let Some((instance, _)) = self.launched.lock().unwrap().remove(uid) {
-            self.terminated.lock().unwrap().remove(&instance.id);
+        if let Some((id, _)) = self.launched.lock().unwrap().remove(uid) {
+            self.terminated.lock().unwrap().remove(&id);
         }
     }
 
@@ -196,10 +194,7 @@ mod tests {
         };
         ledger.launch_answered("uid", Some(&instance), now);
         assert_eq!(ledger.unsettled_since("uid"), None);
-        assert_eq!(
-            ledger.launched("uid").map(|(i, _)| i.id),
-            Some("i-1".into())
-        );
+        assert_eq!(ledger.launched("uid").map(|(id, _)| id), Some("i-1".into()));
         ledger.forget("uid");
         assert!(ledger.launched("uid").is_none());
     }
