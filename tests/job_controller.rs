@@ -107,6 +107,12 @@ impl World {
         .await;
     }
 
+    /// The launch template pool `linux` holds now.
+    async fn template(&self) -> pacer::api::LaunchTemplateRef {
+        let pool = self.pools.get("linux").await.unwrap();
+        pool.status.unwrap().launch_template.unwrap()
+    }
+
     /// Creates a RunnerJob as `kubectl` would, without the finalizer.
     async fn create_job(&self, name: &str, job_id: i64) -> RunnerJob {
         let mut job = RunnerJob::for_queued_job(&self.ns, name, Self::spec(job_id));
@@ -474,51 +480,9 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
     let claimed = w.create_job("claimed", 1).await.metadata.uid.unwrap();
     w.wait_phase("claimed", JobPhase::Booting).await;
 
-    let template = w
-        .pools
-        .get("linux")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .launch_template
-        .unwrap();
-    let launch = |controller: &str, uid: &str| {
-        let pool = format!("{}/linux", w.ns);
-        let tags = [
-            ("gha:managed-by", "pacer"),
-            ("gha:controller", controller),
-            ("gha:pool", pool.as_str()),
-            ("gha:runner_job_uid", uid),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        pacer::cloud::LaunchRequest {
-            launch_template_id: template.id.clone(),
-            version: template.version,
-            offerings: vec![("m6i.large".into(), w.ground.fixture("SUBNET_A").into())],
-            spot: false,
-            fleet: false,
-            tags,
-            allocation_strategy: None,
-            client_token: None,
-        }
-    };
-    let orphan = w
-        .fixtures
-        .launch(&launch(&w.controller_id, "no-such-job"))
-        .await
-        .unwrap()
-        .instances
-        .remove(0);
-    let foreign = w
-        .fixtures
-        .launch(&launch("another-cluster", "no-such-job"))
-        .await
-        .unwrap()
-        .instances
-        .remove(0);
+    let template = w.template().await;
+    let orphan = launch_unclaimed(&w, &w.controller_id, &w.ns).await;
+    let foreign = launch_unclaimed(&w, "another-cluster", &w.ns).await;
     let untagged = aws_sdk_ec2::Client::new(&w.ground.aws_config().await)
         .run_instances()
         .image_id(w.ground.fixture("AMI_X86_64"))
@@ -737,15 +701,7 @@ async fn a_full_pool_holds_jobs_pending_until_one_finishes_and_finished_jobs_go_
 /// Launches an instance tagged as `controller`'s, for a job of pool `linux` in `ns` that does
 /// not exist: what a crash between launch and record, or another installation, leaves.
 async fn launch_unclaimed(w: &World, controller: &str, ns: &str) -> Instance {
-    let template = w
-        .pools
-        .get("linux")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .launch_template
-        .unwrap();
+    let template = w.template().await;
     let pool = format!("{ns}/linux");
     let tags = [
         ("gha:managed-by", "pacer"),
@@ -1120,4 +1076,32 @@ async fn an_instance_id_written_into_a_status_is_never_terminated_unless_ec2_lis
         .calls_of("TerminateInstances", &foreign)
         .await;
     assert!(calls.is_empty(), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_launch_template_deleted_behind_our_back_is_recreated_and_the_job_launches() {
+    let w = World::new("template-gone").await;
+    let _controllers = w.start(w.context());
+    w.ready_pool(|_| {}).await;
+    let template = w.template().await;
+    aws_sdk_ec2::Client::new(&w.ground.aws_config().await)
+        .delete_launch_template()
+        .launch_template_id(&template.id)
+        .send()
+        .await
+        .unwrap();
+    let uid = w.create_queued_job("after", 1).await.metadata.uid.unwrap();
+    let job = w.wait_phase("after", JobPhase::Booting).await;
+    assert_eq!(
+        job.status.unwrap().attempts,
+        1,
+        "one launch attempt, not a failure"
+    );
+    assert_eq!(w.alive_of(&uid).await.len(), 1);
+    let pool = w.pools.get("linux").await.unwrap();
+    assert_ne!(
+        pool.status.unwrap().launch_template.unwrap().id,
+        template.id,
+        "the pool made a new template"
+    );
 }
