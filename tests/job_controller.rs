@@ -1105,3 +1105,54 @@ async fn a_launch_template_deleted_behind_our_back_is_recreated_and_the_job_laun
         "the pool made a new template"
     );
 }
+
+#[tokio::test]
+async fn a_registered_runner_is_removed_from_github_before_its_job_counts_as_finished() {
+    let w = World::new("deregister").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.state
+        .lock()
+        .unwrap()
+        .installations
+        .insert(1, vec!["example-org/api".into()]);
+    let github = pacer::github::client::GitHubApp::new(
+        &fake.url,
+        fake.app_id,
+        &fake.private_key_pem,
+        Arc::new(|_: &'static str, _: &str| {}),
+    )
+    .unwrap()
+    .with_backoff(Duration::from_millis(10));
+    let settings = Settings {
+        backoff_unit: Duration::from_millis(200),
+        instance_refresh: Duration::from_millis(500),
+        ..Settings::new(&w.controller_id, "https://pacer.example.test")
+    };
+    let ctx = Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
+        .with_github(Arc::new(github));
+    let _controllers = w.start(Arc::new(ctx));
+    w.ready_pool(|_| {}).await;
+    w.create_queued_job("registered", 1).await;
+    w.wait_phase("registered", JobPhase::Booting).await;
+    // The runner registered (as the instance's callback will record it).
+    let name = pacer::github::runner_name(&w.controller_id, 1);
+    let id = fake.add_runner("orgs/example-org", &name, "online");
+    let runner = json!({"status": {"runner": {"id": id, "name": name}}});
+    w.jobs
+        .patch_status(
+            "registered",
+            &PatchParams::default(),
+            &Patch::Merge(&runner),
+        )
+        .await
+        .unwrap();
+    w.wait_phase("registered", JobPhase::Running).await;
+    // GitHub fails for a while: the job waits in Completing rather than finish with its runner.
+    fake.fail("delete_runner", 500, 8);
+    w.report("registered", "success").await;
+    w.wait(|| async { fake.calls_of("delete_runner") >= 4 })
+        .await;
+    assert_eq!(w.phase("registered").await, Some(JobPhase::Completing));
+    w.wait_phase("registered", JobPhase::Succeeded).await;
+    assert!(fake.runner_names("orgs/example-org").is_empty());
+}
