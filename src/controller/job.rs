@@ -159,8 +159,8 @@ async fn set_finalizer(api: &Api<RunnerJob>, job: &RunnerJob, on: bool) -> Resul
 /// DescribeInstances serves every job's pass in that window.
 ///
 /// While one pass refreshes it, the others go on with the previous snapshot: any snapshot this
-/// process took shows every instance launched before the process started, and the process
-/// remembers its own launches until their status records them.
+/// process took shows every instance launched before the process started, and the process's
+/// ledger remembers its own launches, with when they were answered, until their jobs go.
 pub async fn instances(ctx: &Context, max_age: Duration) -> Result<Snapshot> {
     let current = || {
         ctx.jobs
