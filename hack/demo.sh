@@ -24,10 +24,11 @@ set -a; source "$state/env"; set +a
 k() { "$KUBECTL" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-# Pacer's configuration for the local ground. The GitHub App is not used yet.
+# Pacer's configuration for the local ground. The GitHub App key is a throwaway one: no
+# GitHub is reached from here.
 conf="$state/pacer"
 mkdir -p "$conf"
-printf 'not-a-real-key\n' >"$conf/github-key.pem"
+openssl genrsa -out "$conf/github-key.pem" 2048 2>/dev/null
 printf 'demo-webhook-secret\n' >"$conf/webhook-secret"
 cat >"$conf/config.yaml" <<CONFIG
 aws:

@@ -88,7 +88,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         gc_grace: std::time::Duration::from_secs(config.controller.gc_grace_seconds),
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
-    let ctx = controller::Context::new(client.clone(), ec2, settings);
+    let ctx = controller::Context::new(client.clone(), ec2.clone(), settings.clone());
     let calls = ctx.metrics.github_calls.clone();
     let count: crate::github::client::CallCounter = Arc::new(move |action, outcome| {
         calls
@@ -174,25 +174,61 @@ pub async fn run(config_path: &Path) -> Result<()> {
         axum::serve(listener, crate::http::router(web)).with_graceful_shutdown(shutdown_signal());
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
-    let scope = controller::gc::Scope {
-        pools: pools.clone(),
-        jobs: jobs.clone(),
-        namespace,
-    };
-    let sweep = controller::sweep::run(
-        ctx.clone(),
-        github,
-        controller::sweep::Scope {
+    // Only the leader reconciles, collects and sweeps; each term starts from a fresh context
+    // (caches, reservations, ledger) sharing the metrics and the GitHub client.
+    let election = controller::leader::Election::new(
+        &std::env::var("POD_NAMESPACE")
+            .unwrap_or_else(|_| namespace.clone().unwrap_or_else(|| "default".into())),
+        &config.controller.id,
+        &std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+    );
+    let term = || {
+        let ctx = Arc::new(
+            controller::Context::new(client.clone(), ec2.clone(), settings.clone())
+                .with_metrics(ctx.metrics.clone())
+                .with_github(github.clone()),
+        );
+        let scope = controller::gc::Scope {
             pools: pools.clone(),
             jobs: jobs.clone(),
-        },
-        std::time::Duration::from_secs(5 * 60),
-    );
-    let controllers = controller::run(ctx.clone(), pools, jobs);
+            namespace: namespace.clone(),
+        };
+        let sweep = controller::sweep::run(
+            ctx.clone(),
+            github.clone(),
+            controller::sweep::Scope {
+                pools: pools.clone(),
+                jobs: jobs.clone(),
+            },
+            std::time::Duration::from_secs(5 * 60),
+        );
+        let controllers = controller::run(ctx.clone(), pools.clone(), jobs.clone());
+        let gauges = {
+            let ctx = ctx.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                    controller::job::count_jobs(&ctx);
+                }
+            }
+        };
+        async move {
+            tokio::select! {
+                _ = controllers => {}
+                () = controller::gc::run(ctx, scope) => {}
+                () = sweep => {}
+                () = gauges => {}
+            }
+        }
+    };
+    let leading = controller::leader::lead(client.clone(), &election, term);
     tokio::select! {
-        _ = controllers => {}
-        () = controller::gc::run(ctx, scope) => {}
-        () = sweep => {}
+        result = leading => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "leader election failed");
+            }
+        }
         () = pool_watch => {}
         () = ready => {}
         result = main.into_future() => {
@@ -208,6 +244,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!("shut down");
     Ok(())
+}
+
+/// This machine's name, for the lease holder's identity outside a pod.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "pacer".into())
 }
 
 /// Resolves on SIGTERM or Ctrl-C, the signals the controllers stop on too.

@@ -5,6 +5,7 @@ pub mod conditions;
 pub mod demand;
 pub mod gc;
 pub mod job;
+pub mod leader;
 mod ledger;
 pub mod metrics;
 pub mod pool;
@@ -113,7 +114,8 @@ pub struct Context {
     pub client: kube::Client,
     /// The EC2 boundary; reach it through [`Context::ec2`], which counts every call.
     ec2: Arc<dyn Ec2>,
-    pub metrics: metrics::Metrics,
+    /// Shared by every leadership term of this process, and by the HTTP side.
+    pub metrics: Arc<metrics::Metrics>,
     pub recorder: Recorder,
     pub settings: Settings,
     /// Consecutive failed passes per object, to tell a blip from a persistent problem.
@@ -180,10 +182,16 @@ impl Context {
             settings,
             failures: Mutex::default(),
             jobs: job::Shared::default(),
-            metrics: metrics::Metrics::default(),
+            metrics: Arc::default(),
             pool_checks: Mutex::default(),
             github: None,
         }
+    }
+
+    /// The same context, counting into `metrics` (shared with another context).
+    pub fn with_metrics(mut self, metrics: Arc<metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The same context, talking to GitHub through `github`.

@@ -1,0 +1,77 @@
+//! Leader election against a real API server: one replica leads at a time, and when it goes
+//! another takes over.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pacer::controller::leader::{Election, lead};
+use support::{Parts, ground};
+
+/// Counts leaders while a term runs.
+struct Leading(Arc<AtomicUsize>);
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_goes() {
+    let ground = ground(Parts::Kube);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "leader").await;
+    let leaders = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let who = Arc::new(Mutex::new(Vec::<String>::new()));
+    let replica = |name: &str| {
+        let mut election = Election::new(&ns, "leader-test", name);
+        (election.duration, election.grace) = (4, 2);
+        let (client, leaders, most, who) =
+            (client.clone(), leaders.clone(), most.clone(), who.clone());
+        let name = name.to_string();
+        tokio::spawn(async move {
+            lead(client, &election, || {
+                let now = leaders.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                who.lock().unwrap().push(name.clone());
+                let guard = Leading(leaders.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<()>().await
+                }
+            })
+            .await
+            .unwrap();
+        })
+    };
+    let a = replica("replica-a");
+    let b = replica("replica-b");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while leaders.load(Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nobody leads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // For a few lease periods, exactly one leads.
+    for _ in 0..40 {
+        assert_eq!(leaders.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let first = who.lock().unwrap()[0].clone();
+    let (leader, other) = if first == "replica-a" { (a, b) } else { (b, a) };
+    leader.abort();
+    let started = tokio::time::Instant::now();
+    while who.lock().unwrap().len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no takeover within the lease duration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(who.lock().unwrap()[1], first);
+    assert_eq!(most.load(Ordering::SeqCst), 1, "never two leaders at once");
+    other.abort();
+}
