@@ -57,7 +57,7 @@ AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 
 test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests, the IAM policy proven
 	rm -rf $(AWS_CALL_LOG)
-	PACER_AWS_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
+	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
 

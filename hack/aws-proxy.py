@@ -32,7 +32,7 @@ Control endpoints, all JSON:
   POST   /_proxy/reset             drop calls, faults and spot prices and reset moto
 Every recorded call carries "resource_tags": the tags, as the creating request set them, of
 each resource the call names that was created through this proxy (instances, launch templates),
-so an IAM simulation can evaluate aws:ResourceTag conditions. With PACER_AWS_CALL_LOG set to a
+so an IAM simulation can evaluate aws:ResourceTag conditions. With AWS_PROXY_CALL_LOG set to a
 directory, each call is also appended there as a JSON line (one file per proxy).
 Usage: aws-proxy.py LISTEN_PORT MOTO_URL
 """
@@ -70,7 +70,7 @@ TOKENS = {}
 IDEMPOTENT_ACTIONS = ("RunInstances", "CreateFleet")
 # Resource id or launch template name -> the tags its creating request set.
 RESOURCE_TAGS = {}
-CALL_LOG = os.environ.get("PACER_AWS_CALL_LOG")
+CALL_LOG = os.environ.get("AWS_PROXY_CALL_LOG")
 # (seconds, tag value substring) pairs.
 DESCRIBE_LAG = []
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"

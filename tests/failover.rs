@@ -1,0 +1,211 @@
+//! Two `pacer run` processes against the real API server and moto: only the leader reconciles,
+//! and when it is killed mid-burst the other takes over within the lease and launches every
+//! job exactly once.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kube::api::{Api, PostParams};
+use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
+use pacer::cloud::Ec2 as _;
+use pacer::cloud::aws::AwsEc2;
+use support::{Ground, Parts, ground};
+
+struct Replica {
+    child: Child,
+    metrics: u16,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `pacer run` as replica `name` of controller `id`, watching `ns`.
+fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Replica {
+    let key = dir.join("github-key.pem");
+    if !key.exists() {
+        let made = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::fs::write(dir.join("webhook-secret"), "failover secret\n").unwrap();
+    }
+    let metrics = free_port();
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "aws:\n  region: us-east-1\n  endpoint_url: {endpoint}\n\
+             server:\n  public_url: http://127.0.0.1:1\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
+             github:\n  app_id: 1\n  api_url: http://127.0.0.1:9\n  private_key_file: {key}\n  webhook_secret_file: {secret}\n\
+             controller:\n  id: {id}\n  namespace: {ns}\n",
+            endpoint = ground.var("AWS_ENDPOINT_URL"),
+            listen = free_port(),
+            key = key.display(),
+            secret = dir.join("webhook-secret").display(),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pacer"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("KUBECONFIG", ground.var("KUBECONFIG"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("POD_NAME", name)
+        .env("POD_NAMESPACE", ns)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Replica { child, metrics }
+}
+
+/// The AWS calls a replica made, from its metrics; `None` while it does not answer.
+async fn ec2_calls(replica: &Replica) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", replica.metrics))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("pacer_ec2_calls_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn the_leader_killed_mid_burst_is_replaced_within_the_lease_and_no_job_launches_twice() {
+    let ground = ground(Parts::Both);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "failover").await;
+    let id = "failover";
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("failover-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let mut replicas = vec![start(ground, &dir, "replica-a", id, &ns)];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    replicas.push(start(ground, &dir, "replica-b", id, &ns));
+
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let mut pool = ground.example_pool(&ns, "linux");
+    pool["spec"]["maxRunners"] = serde_json::json!(200);
+    let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    wait_for("the pool is Ready", Duration::from_secs(60), || async {
+        pools.get("linux").await.unwrap().status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+    .await;
+
+    // Only the leader reconciles: only its AWS calls move.
+    let (a, b) = (
+        ec2_calls(&replicas[0]).await.unwrap_or(0.0),
+        ec2_calls(&replicas[1]).await.unwrap_or(0.0),
+    );
+    assert!(
+        (a > 0.0) != (b > 0.0),
+        "exactly one replica reconciles: {a} and {b} AWS calls"
+    );
+    let (leader, follower) = if a > 0.0 { (0, 1) } else { (1, 0) };
+
+    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    for i in 0..100 {
+        let spec = RunnerJobSpec {
+            pool_name: "linux".into(),
+            job_id: 70_000 + i,
+            run_id: 7,
+            repository: "example-org/api".into(),
+            labels: vec!["self-hosted".into()],
+            installation_id: Some(1),
+        };
+        let job = RunnerJob::for_queued_job(&ns, &format!("burst-{i}"), spec);
+        jobs.create(&PostParams::default(), &job).await.unwrap();
+    }
+    let launched = || async {
+        jobs.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|j| j.status.as_ref().is_some_and(|s| s.instance.is_some()))
+            .count()
+    };
+    wait_for("the burst starts", Duration::from_secs(60), || async {
+        launched().await >= 10
+    })
+    .await;
+    assert_eq!(
+        ec2_calls(&replicas[follower]).await.unwrap_or(0.0),
+        0.0,
+        "the follower made no AWS call while the leader led"
+    );
+
+    // SIGKILL: the lease is not given back; the other replica takes it once it expires.
+    replicas[leader].child.kill().unwrap();
+    let takeover = wait_for(
+        "the other replica takes over",
+        Duration::from_secs(25),
+        || async {
+            ec2_calls(&replicas[follower])
+                .await
+                .is_some_and(|calls| calls > 0.0)
+        },
+    )
+    .await;
+    eprintln!("takeover after {takeover:?}");
+    wait_for("every job launched", Duration::from_secs(120), || async {
+        launched().await == 100
+    })
+    .await;
+
+    let ec2 = AwsEc2::new(&ground.aws_config().await);
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for instance in ec2.describe_managed_instances(id).await.unwrap() {
+        if let Some(uid) = instance.tags.get("gha:runner_job_uid") {
+            *per_job.entry(uid.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(per_job.len(), 100, "one instance per job");
+    let twice: Vec<_> = per_job.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "launched twice: {twice:?}");
+}
