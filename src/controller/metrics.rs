@@ -374,6 +374,39 @@ impl<E: Ec2 + ?Sized> Ec2 for Metered<'_, E> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_metric_is_documented_and_every_documented_metric_exists() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md");
+        let doc = std::fs::read_to_string(&path).unwrap();
+        // Read from this file rather than from an exposition, which leaves out families that
+        // have no sample yet.
+        let register = regex_lite::Regex::new(r#"registry\.register\(\s*"([a-z0-9_]+)""#).unwrap();
+        let registered: Vec<String> = register
+            .captures_iter(include_str!("metrics.rs"))
+            .map(|c| format!("pacer_{}", &c[1]))
+            .collect();
+        assert!(registered.len() >= 11, "{registered:?}");
+        for name in &registered {
+            assert!(
+                doc.contains(&format!("`{name}`")) || doc.contains(&format!("`{name}_total`")),
+                "{name} is registered but not in {}",
+                path.display()
+            );
+        }
+        let documented = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next());
+        for name in documented {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert!(
+                registered.iter().any(|r| r == family),
+                "{name} is in {} but not registered",
+                path.display()
+            );
+        }
+    }
+
     use super::*;
     use crate::cloud::fake::FakeEc2;
 
