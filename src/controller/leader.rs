@@ -66,6 +66,8 @@ where
         .build()
         .await?;
     let (mut leading, _renewing) = manager.watch().await;
+    let deadline = SignedDuration::from_secs(election.duration as i64)
+        - SignedDuration::from_millis(election.grace as i64 * 500);
     loop {
         while !*leading.borrow_and_update() {
             if leading.changed().await.is_err() {
@@ -73,10 +75,14 @@ where
                 return Ok(());
             }
         }
+        // The manager says this replica holds the lease; a term starts only once the Lease
+        // itself confirms a renewal of ours fresh enough to lead on (after a step-down the
+        // manager may still say so while the API server is out of reach).
+        let mut renewed = match confirmed(&leases, election, &mut leading, deadline).await {
+            Some(at) => at,
+            None => continue,
+        };
         info!(lease = %election.lease, identity = %election.identity, "leading: controllers start");
-        let deadline = SignedDuration::from_secs(election.duration as i64)
-            - SignedDuration::from_millis(election.grace as i64 * 500);
-        let mut renewed = Timestamp::now();
         let lost = async {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -101,6 +107,34 @@ where
         tokio::select! {
             () = term() => return Ok(()),
             () = lost => warn!(lease = %election.lease, "lost the lease: controllers stopped"),
+        }
+    }
+}
+
+/// Waits until the Lease shows a renewal of ours younger than `deadline`, and returns it;
+/// `None` as soon as the manager says the lease is not ours.
+async fn confirmed(
+    leases: &Api<Lease>,
+    election: &Election,
+    leading: &mut tokio::sync::watch::Receiver<bool>,
+    deadline: SignedDuration,
+) -> Option<Timestamp> {
+    loop {
+        if !*leading.borrow_and_update() {
+            return None;
+        }
+        if let Some(at) = own_renewal(leases, election).await
+            && Timestamp::now() < at + deadline
+        {
+            return Some(at);
+        }
+        tokio::select! {
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    return None;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
