@@ -107,6 +107,22 @@ impl World {
         .await;
     }
 
+    /// Launches an instance without any tag, as someone else would; returns its id.
+    async fn launch_untagged(&self) -> String {
+        aws_sdk_ec2::Client::new(&self.ground.aws_config().await)
+            .run_instances()
+            .image_id(self.ground.fixture("AMI_X86_64"))
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .unwrap()
+            .instances()[0]
+            .instance_id()
+            .unwrap()
+            .to_string()
+    }
+
     /// The launch template pool `linux` holds now.
     async fn template(&self) -> pacer::api::LaunchTemplateRef {
         let pool = self.pools.get("linux").await.unwrap();
@@ -483,18 +499,7 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
     let template = w.template().await;
     let orphan = launch_unclaimed(&w, &w.controller_id, &w.ns).await;
     let foreign = launch_unclaimed(&w, "another-cluster", &w.ns).await;
-    let untagged = aws_sdk_ec2::Client::new(&w.ground.aws_config().await)
-        .run_instances()
-        .image_id(w.ground.fixture("AMI_X86_64"))
-        .min_count(1)
-        .max_count(1)
-        .send()
-        .await
-        .unwrap()
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_string();
+    let untagged = w.launch_untagged().await;
 
     let sdk = aws_sdk_ec2::Client::new(&w.ground.aws_config().await);
     // Launch templates for a pool that is gone: one of ours, one of another controller.
@@ -538,12 +543,18 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
             templates: 1
         }
     );
-    let template_ids: Vec<(String, String)> = sdk
+    // Every page: the other tests' templates share moto.
+    let templates: Vec<_> = sdk
         .describe_launch_templates()
+        .into_paginator()
+        .items()
         .send()
+        .collect::<Vec<_>>()
         .await
-        .unwrap()
-        .launch_templates()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let template_ids: Vec<(String, String)> = templates
         .iter()
         .map(|t| {
             (
@@ -1017,18 +1028,7 @@ async fn an_instance_id_written_into_a_status_is_never_terminated_unless_ec2_lis
     w.ready_pool(|_| {}).await;
     // Someone else's instance, untagged.
     let sdk = aws_sdk_ec2::Client::new(&w.ground.aws_config().await);
-    let foreign = sdk
-        .run_instances()
-        .image_id(w.ground.fixture("AMI_X86_64"))
-        .min_count(1)
-        .max_count(1)
-        .send()
-        .await
-        .unwrap()
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_string();
+    let foreign = w.launch_untagged().await;
     // A RunnerJob whose status was written by someone who may write statuses: it claims that
     // instance, and says its job is over.
     // Of no pool, so nothing of its own is ever launched.
@@ -1115,14 +1115,7 @@ async fn a_registered_runner_is_removed_from_github_before_its_job_counts_as_fin
         .unwrap()
         .installations
         .insert(1, vec!["example-org/api".into()]);
-    let github = pacer::github::client::GitHubApp::new(
-        &fake.url,
-        fake.app_id,
-        &fake.private_key_pem,
-        Arc::new(|_: &'static str, _: &str| {}),
-    )
-    .unwrap()
-    .with_backoff(Duration::from_millis(10));
+    let github = fake.client();
     let settings = Settings {
         backoff_unit: Duration::from_millis(200),
         instance_refresh: Duration::from_millis(500),

@@ -4,14 +4,12 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::api::{Api, PostParams};
 use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
 use pacer::cloud::fake::FakeEc2;
 use pacer::controller::sweep::{Scope, Swept, sweep};
 use pacer::controller::{Context, Settings};
-use pacer::github::client::GitHubApp;
 use pacer::github::job_object_name;
 use serde_json::{Value, json};
 use support::github::FakeGitHub;
@@ -88,14 +86,7 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
     fake.add_runner(org, "pacer-sweep-9998", "online");
     fake.add_runner(org, "someone-elses-runner", "offline");
 
-    let github = GitHubApp::new(
-        &fake.url,
-        fake.app_id,
-        &fake.private_key_pem,
-        Arc::new(|_: &'static str, _: &str| {}),
-    )
-    .unwrap()
-    .with_backoff(Duration::from_millis(10));
+    let github = fake.client();
     let ctx = Context::new(
         client.clone(),
         Arc::new(FakeEc2::new()),

@@ -260,8 +260,7 @@ fn instance_state(
                 .and_then(|i| i.launch_time.as_ref())
                 .map(|t| t.0)
         });
-    let settled = answered.is_none_or(|at| snapshot.taken >= at + visibility);
-    domain_instance_state(listed, known, settled)
+    domain_instance_state(listed, known, answered, snapshot.taken, visibility)
 }
 
 /// Whether `job` may launch from `pool` now. When the pool is ready, a runner slot is
@@ -319,10 +318,7 @@ fn in_pool(other: &RunnerJob, job: &RunnerJob) -> bool {
 
 /// Whether a job holds (or is getting) a runner, as its status says.
 fn holds_runner(job: &RunnerJob) -> bool {
-    matches!(
-        job.status.as_ref().map(|s| s.phase).unwrap_or_default(),
-        JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing
-    )
+    crate::domain::job::holds_runner(job.status.as_ref().map(|s| s.phase).unwrap_or_default())
 }
 
 /// Gives back the job's runner slot: it finished, or went back to waiting without an instance.

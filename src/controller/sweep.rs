@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::demand::{self, Queued, Recorded};
 use super::{Context, Result};
 use crate::api::{GitHubScope, RunnerJob, RunnerPool};
+use crate::domain::matching::in_scope;
 use crate::github::{GitHub, RunnerTarget, job_id_of_runner};
 
 /// Most queued jobs recorded in one pass, and most redeliveries asked for: a backlog is worked
@@ -81,7 +82,7 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
         let Some((owner, name)) = repository.split_once('/') else {
             continue;
         };
-        if !pools.iter().any(|p| covers(p, owner, name)) {
+        if !pools.iter().any(|p| in_scope(p, owner, name)) {
             continue;
         }
         for job in github.queued_jobs(owner, name).await? {
@@ -123,17 +124,6 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
         }
     }
     Ok(swept)
-}
-
-/// Whether a pool's GitHub scope covers a repository.
-fn covers(pool: &RunnerPool, owner: &str, repo: &str) -> bool {
-    let github = &pool.spec.github;
-    github.owner.eq_ignore_ascii_case(owner)
-        && (github.repositories.is_empty() && github.scope == GitHubScope::Org
-            || github
-                .repositories
-                .iter()
-                .any(|r| r.eq_ignore_ascii_case(repo)))
 }
 
 /// Where the pools' runners register, each once: organizations, and each repository of

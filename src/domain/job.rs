@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use crate::api::{JobPhase, RunnerPool};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{JobPhase, RunnerJob, RunnerPool};
 
 /// What EC2 says about the instance tagged with this job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,15 +34,18 @@ pub struct Listed<'a> {
 }
 
 /// What EC2 says about the job's instance. `listed` is the instance tagged with the job in
-/// the shared listing; `known` the id this process launched or the status recorded; `settled`
-/// whether that listing was taken long enough after the launch's answer for EC2 to show the
-/// instance (DescribeInstances lags launches). An instance known but not listed is gone only
-/// from a settled listing.
+/// the listing taken at `listed_at`; `known` the id this process launched or the status
+/// recorded, whose launch was answered at `answered`. DescribeInstances lags launches: an
+/// instance known but not listed is gone only from a listing taken at least `visibility` after
+/// the answer.
 pub fn instance_state(
     listed: Option<Listed<'_>>,
     known: Option<&str>,
-    settled: bool,
+    answered: Option<Timestamp>,
+    listed_at: Timestamp,
+    visibility: Duration,
 ) -> InstanceState {
+    let settled = answered.is_none_or(|at| listed_at >= at + visibility);
     match (listed, known) {
         (Some(i), _) if i.alive => InstanceState::Alive { id: i.id.into() },
         (Some(i), _) => InstanceState::Gone {
@@ -376,14 +381,43 @@ pub fn pool_readiness(pool: Option<&RunnerPool>) -> Result<(), PoolAdmission> {
     }
 }
 
+/// Whether a RunnerJob can give up its runner when the demand it stands for goes (a queued job
+/// cancelled before any runner took it): its runner has taken no job, and it is neither over
+/// nor going.
+pub fn withdrawable(job: &RunnerJob) -> bool {
+    job.metadata.deletion_timestamp.is_none()
+        && job.status.as_ref().is_none_or(|s| {
+            s.assigned_job.is_none() && s.completion.is_none() && !s.phase.is_finished()
+        })
+}
+
+/// The RunnerJob to withdraw when `cancelled`'s job left the queue without a runner: itself if
+/// it can, else the newest of its pool among `others` that can.
+pub fn to_withdraw<'a>(
+    cancelled: &'a RunnerJob,
+    others: impl IntoIterator<Item = &'a RunnerJob>,
+) -> Option<&'a RunnerJob> {
+    if withdrawable(cancelled) {
+        return Some(cancelled);
+    }
+    others
+        .into_iter()
+        .filter(|j| j.spec.pool_name == cancelled.spec.pool_name && withdrawable(j))
+        .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// Whether a job in `phase` holds (or is getting) a runner: what counts against `maxRunners`.
+pub fn holds_runner(phase: JobPhase) -> bool {
+    matches!(
+        phase,
+        JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing
+    )
+}
+
 /// Whether a job whose status reads so may hold an instance: it launched and has not finished.
 /// A finished job's instance is its own finalizer's business, not its pool's.
 pub fn may_hold_instance(phase: JobPhase, has_instance: bool) -> bool {
-    match phase {
-        JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing => true,
-        JobPhase::Pending => has_instance,
-        JobPhase::Succeeded | JobPhase::Failed => false,
-    }
+    holds_runner(phase) || (phase == JobPhase::Pending && has_instance)
 }
 
 /// The jobs to wake when a runner of their pool finishes: the oldest waiting ones, as many as
@@ -407,6 +441,18 @@ mod tests {
                 alive,
                 reason: "Server.SpotInstanceTermination",
             })
+        };
+        // Listed one visibility window after the answer (settled), or a moment after it.
+        let instance_state = |listed, known, settled: bool| {
+            let answered = Timestamp::from_second(1_000_000).unwrap();
+            let window = Duration::from_secs(60);
+            let listed_at = answered
+                + if settled {
+                    window
+                } else {
+                    Duration::from_secs(1)
+                };
+            super::instance_state(listed, known, Some(answered), listed_at, window)
         };
         assert_eq!(instance_state(listed(true), None, false), alive());
         assert_eq!(instance_state(listed(false), Some("i-1"), false), gone());

@@ -13,19 +13,25 @@ pub struct QueuedJob<'a> {
     pub repository: &'a str,
 }
 
-/// Whether `pool` can serve `job`.
-pub fn serves(pool: &RunnerPool, job: &QueuedJob<'_>) -> bool {
+/// Whether a repository (`owner`, `repository`) is within `pool`'s GitHub scope: the owner
+/// matches and, for org pools, the repository list (when there is one) names it; repo pools
+/// must name it.
+pub fn in_scope(pool: &RunnerPool, owner: &str, repository: &str) -> bool {
     let github = &pool.spec.github;
     let listed = github
         .repositories
         .iter()
-        .any(|r| r.eq_ignore_ascii_case(job.repository));
-    let in_scope = github.owner.eq_ignore_ascii_case(job.owner)
+        .any(|r| r.eq_ignore_ascii_case(repository));
+    github.owner.eq_ignore_ascii_case(owner)
         && match github.scope {
             GitHubScope::Org => github.repositories.is_empty() || listed,
             GitHubScope::Repo => listed,
-        };
-    in_scope
+        }
+}
+
+/// Whether `pool` can serve `job`.
+pub fn serves(pool: &RunnerPool, job: &QueuedJob<'_>) -> bool {
+    in_scope(pool, job.owner, job.repository)
         && job.labels.iter().all(|wanted| {
             pool.spec
                 .labels

@@ -631,15 +631,9 @@ impl GitHub for GitHubApp {
                     .await?;
                 for repo in repos.map(|r| r.repositories).unwrap_or_default() {
                     if let Some((owner, _)) = repo.full_name.split_once('/') {
-                        self.installations
-                            .lock()
-                            .unwrap()
-                            .insert(repo.full_name.clone(), installation.id);
-                        self.installations
-                            .lock()
-                            .unwrap()
-                            .entry(owner.to_string())
-                            .or_insert(installation.id);
+                        let mut known = self.installations.lock().unwrap();
+                        known.insert(repo.full_name.clone(), installation.id);
+                        known.entry(owner.to_string()).or_insert(installation.id);
                     }
                     all.push(repo.full_name);
                 }

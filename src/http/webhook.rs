@@ -20,6 +20,7 @@ use crate::api::{JobResult, RunnerJob};
 use crate::controller::FIELD_MANAGER;
 use crate::controller::demand::{self, Queued, Recorded};
 use crate::controller::metrics::Delivery;
+use crate::domain::job::{to_withdraw, withdrawable};
 use crate::github::webhook::{WorkflowJobEvent, verify};
 use crate::github::{job_id_of_runner, job_object_name};
 
@@ -292,37 +293,24 @@ async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiErro
     let Some(recorded) = find(web, job.id).await? else {
         return Ok(Effect::Ignored);
     };
-    let idle = |j: &RunnerJob| {
-        j.status.as_ref().is_none_or(|s| {
-            s.assigned_job.is_none() && s.completion.is_none() && !s.phase.is_finished()
-        }) && j.metadata.deletion_timestamp.is_none()
-    };
-    let victim = if idle(&recorded) {
-        Some(recorded)
+    // The pool's other jobs are listed only when the recorded one cannot give up its runner.
+    let others = if withdrawable(&recorded) {
+        Vec::new()
     } else {
         let api = jobs_api(web, recorded.namespace().as_deref());
-        let all = api
-            .list(&ListParams::default())
+        api.list(&ListParams::default())
             .await
-            .map_err(unavailable)?;
-        all.items
-            .into_iter()
-            .filter(|j| j.spec.pool_name == recorded.spec.pool_name && idle(j))
-            .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .map_err(unavailable)?
+            .items
     };
-    let Some(victim) = victim else {
+    let Some(victim) = to_withdraw(&recorded, &others) else {
         return Ok(Effect::Ignored);
     };
     let completion = crate::api::Completion {
         result: JobResult::Cancelled,
         reported_at: Some(now),
     };
-    patch_status(
-        web,
-        &victim,
-        serde_json::json!({ "completion": completion }),
-    )
-    .await?;
+    patch_status(web, victim, serde_json::json!({ "completion": completion })).await?;
     info!(job_id = job.id, runner_job = %victim.name_any(),
         "a queued job was cancelled; its runner is no longer wanted");
     Ok(Effect::Cancelled)

@@ -138,6 +138,18 @@ impl FakeGitHub {
         }
     }
 
+    /// Pacer's App client for this fake: retries 10 ms apart, calls not counted.
+    pub fn client(&self) -> pacer::github::client::GitHubApp {
+        pacer::github::client::GitHubApp::new(
+            &self.url,
+            self.app_id,
+            &self.private_key_pem,
+            Arc::new(|_: &'static str, _: &str| {}),
+        )
+        .unwrap()
+        .with_backoff(std::time::Duration::from_millis(10))
+    }
+
     /// Makes the next `times` calls of `endpoint` answer `status` (403 and 429 come as
     /// secondary rate limits, with `retry-after: 1`).
     pub fn fail(&self, endpoint: &str, status: u16, times: u32) {
