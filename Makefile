@@ -47,6 +47,11 @@ tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in
 	hack/moto-venv.sh >/dev/null
 	hack/npm-tools.sh >/dev/null
 	hack/parliament-venv.sh >/dev/null
+	hack/shellcheck.sh --version >/dev/null
+
+.PHONY: shellcheck
+shellcheck: ## shellcheck the runner boot script and the project's scripts
+	hack/shellcheck.sh src/domain/boot.sh hack/*.sh
 
 .PHONY: test-unit
 test-unit: ## Unit tests only (no servers): the inner loop
@@ -55,7 +60,7 @@ test-unit: ## Unit tests only (no servers): the inner loop
 .PHONY: test
 AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 
-test: fmt-check clippy check-generated tools ## Every check: format, clippy, generated files, unit and integration tests, the IAM policy proven
+test: fmt-check clippy shellcheck check-generated tools ## Every check: format, clippy, shellcheck, generated files, unit and integration tests, the IAM policy proven
 	rm -rf $(AWS_CALL_LOG)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet

@@ -13,14 +13,17 @@ rm -rf "$state"
 "$pacer" crds --dir "$state-crds" >/dev/null
 "$here/ground.sh" --crds "$state-crds" "$state" >/dev/null &
 ground=$!
-pids=($ground)
+pids=("$ground")
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 trap 'exit 130' INT TERM
 while [ ! -f "$state/env" ]; do
   kill -0 $ground 2>/dev/null || { echo "demo: the test ground failed to start" >&2; exit 1; }
   sleep 0.2
 done
-set -a; source "$state/env"; set +a
+set -a
+# shellcheck source=/dev/null
+source "$state/env"
+set +a
 k() { "$KUBECTL" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -30,6 +33,10 @@ conf="$state/pacer"
 mkdir -p "$conf"
 openssl genrsa -out "$conf/github-key.pem" 2048 2>/dev/null
 printf 'demo-webhook-secret\n' >"$conf/webhook-secret"
+openssl rand -hex 32 >"$conf/callback-key"
+# Instances here prove who they are with documents signed by this key instead of AWS's.
+openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj /CN=demo-identity-signer \
+  -keyout "$conf/identity-signer.key" -out "$conf/identity-signer.pem" 2>/dev/null
 cat >"$conf/config.yaml" <<CONFIG
 aws:
   region: $AWS_REGION
@@ -40,6 +47,9 @@ github:
   app_id: 1
   private_key_file: $conf/github-key.pem
   webhook_secret_file: $conf/webhook-secret
+runners:
+  callback_key_file: $conf/callback-key
+  identity_certificates_file: $conf/identity-signer.pem
 controller:
   id: demo
 CONFIG

@@ -134,12 +134,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let namespace = Some(config.controller.namespace.clone()).filter(|ns| !ns.is_empty());
     let (pool_cache, pool_writer) = kube::runtime::reflector::store();
-    let web = Arc::new(crate::http::Web::new(
-        ctx.clone(),
-        pool_cache.clone(),
-        secrets.webhook_secrets(),
-        namespace.clone(),
-    ));
+    let web = Arc::new(
+        crate::http::Web::new(
+            ctx.clone(),
+            pool_cache.clone(),
+            secrets.webhook_secrets(),
+            namespace.clone(),
+        )
+        .with_runners(runner_side(&config, &secrets)?),
+    );
     let pool_watch = {
         use futures::StreamExt as _;
         use kube::runtime::{WatchStreamExt as _, watcher};
@@ -247,6 +250,40 @@ pub async fn run(config_path: &Path) -> Result<()> {
 }
 
 /// This machine's name, for the lease holder's identity outside a pod.
+/// The runner endpoints' trust roots and callback key, from the files the config names.
+fn runner_side(
+    config: &Config,
+    secrets: &crate::config::Secrets,
+) -> Result<crate::http::runner::RunnerSide> {
+    let invalid = |path: &Path, key: &str, message: String| {
+        Error::Config(crate::config::ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        })
+    };
+    let path = &config.runners.identity_certificates_file;
+    let pem = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let trust = crate::runner::identity::TrustRoots::from_pem(&pem)
+        .map_err(|m| invalid(path, "runners.identity_certificates_file", m))?;
+    let tokens = crate::runner::token::Tokens::new(secrets.callback_key.clone()).map_err(|m| {
+        invalid(
+            &config.runners.callback_key_file,
+            "runners.callback_key_file",
+            m,
+        )
+    })?;
+    info!(certificates = trust.len(), file = %path.display(), "instance identity trust roots loaded");
+    Ok(crate::http::runner::RunnerSide {
+        trust,
+        tokens,
+        region: config.aws.region.clone(),
+    })
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())

@@ -41,8 +41,22 @@ pub struct Config {
     pub aws: AwsConfig,
     pub server: ServerConfig,
     pub github: GitHubConfig,
+    pub runners: RunnersConfig,
     #[serde(default)]
     pub controller: ControllerConfig,
+}
+
+/// How launched instances prove who they are and call back.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunnersConfig {
+    /// The key callback tokens are signed with (at least 32 bytes, such as `openssl rand -hex
+    /// 32`), mounted from a Secret.
+    pub callback_key_file: PathBuf,
+    /// PEM certificates trusted to sign instance identity documents: AWS's RSA-2048
+    /// certificate for `aws.region`, from "AWS public certificates for instance identity
+    /// document signatures".
+    pub identity_certificates_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -229,6 +243,7 @@ pub struct Secrets {
     pub github_private_key: Secret,
     pub webhook_secret: Secret,
     pub previous_webhook_secret: Option<Secret>,
+    pub callback_key: Secret,
 }
 
 impl Secrets {
@@ -301,6 +316,14 @@ const OVERRIDES: &[Override] = &[
             c.github.previous_webhook_secret_file = (!v.is_empty()).then(|| v.into());
             Ok(())
         },
+    },
+    Override {
+        key: "runners.callback_key_file",
+        set: |c, v| set_parsed(&mut c.runners.callback_key_file, v),
+    },
+    Override {
+        key: "runners.identity_certificates_file",
+        set: |c, v| set_parsed(&mut c.runners.identity_certificates_file, v),
     },
     Override {
         key: "controller.id",
@@ -512,6 +535,7 @@ impl Config {
                 .as_deref()
                 .map(|path| read("github.previous_webhook_secret_file", path))
                 .transpose()?,
+            callback_key: read("runners.callback_key_file", &self.runners.callback_key_file)?,
         })
     }
 }
@@ -548,6 +572,9 @@ github:
   app_id: 12345
   private_key_file: /secrets/github/private-key.pem
   webhook_secret_file: /secrets/github/webhook-secret
+runners:
+  callback_key_file: /secrets/runners/callback-key
+  identity_certificates_file: /etc/pacer/aws-identity-rsa2048.pem
 ";
 
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -674,8 +701,9 @@ github:
         let secret = Secret::new(b"hunter2".to_vec());
         let secrets = Secrets {
             github_private_key: secret.clone(),
-            webhook_secret: secret,
+            webhook_secret: secret.clone(),
             previous_webhook_secret: None,
+            callback_key: secret,
         };
         assert!(!format!("{secrets:?}").contains("hunter2"));
     }
@@ -686,7 +714,9 @@ github:
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("key.pem"), "PEM\n").unwrap();
         std::fs::write(dir.join("hook"), "s3cret\n").unwrap();
+        std::fs::write(dir.join("callback"), "k".repeat(32)).unwrap();
         let mut config = load(MINIMAL, &[]).unwrap();
+        config.runners.callback_key_file = dir.join("callback");
         config.github.private_key_file = dir.join("key.pem");
         config.github.webhook_secret_file = dir.join("hook");
         let secrets = config.read_secrets().unwrap();

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod domain;
 pub mod github;
 pub mod http;
+pub mod runner;
 
 /// Everything that can stop a Pacer command.
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,8 @@ fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Replica
             .unwrap();
         assert!(made.success());
         std::fs::write(dir.join("webhook-secret"), "failover secret\n").unwrap();
+        support::identity::Signer::new(dir);
+        support::identity::callback_key(dir);
     }
     let metrics = free_port();
     let config = dir.join(format!("{name}.yaml"));
@@ -57,11 +59,14 @@ fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Replica
             "aws:\n  region: us-east-1\n  endpoint_url: {endpoint}\n\
              server:\n  public_url: http://127.0.0.1:1\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
              github:\n  app_id: 1\n  api_url: http://127.0.0.1:9\n  private_key_file: {key}\n  webhook_secret_file: {secret}\n\
+             runners:\n  callback_key_file: {callback}\n  identity_certificates_file: {certs}\n\
              controller:\n  id: {id}\n  namespace: {ns}\n",
             endpoint = ground.var("AWS_ENDPOINT_URL"),
             listen = free_port(),
             key = key.display(),
             secret = dir.join("webhook-secret").display(),
+            callback = dir.join("callback-key").display(),
+            certs = dir.join("signer.pem").display(),
         ),
     )
     .unwrap();

@@ -128,6 +128,10 @@ pub struct RunnerJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<CostSnapshot>,
 
+    /// The instance's boot: when it proved its identity and took its runner config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootStatus>,
+
     /// When each phase was entered.
     #[serde(default)]
     pub phase_times: PhaseTimes,
@@ -157,6 +161,28 @@ pub struct RunnerJobStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// What the instance did at boot. Set once, by `POST /api/runner/bootstrap`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootStatus {
+    /// The instance that bootstrapped; only it may call back.
+    pub instance_id: String,
+    /// When it proved its identity and received its runner config.
+    pub bootstrapped_at: Time,
+    /// SHA-256 (hex) of the callback token it received. The token itself is kept nowhere.
+    pub token_sha256: String,
+    /// The runner its just-in-time config registers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerStatus>,
+    /// actions/runner release it was told to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_version: Option<String>,
+    /// The end of the boot log (at most 4 KiB), when the boot failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub log_tail: Option<String>,
 }
 
 /// A report that the job is over.

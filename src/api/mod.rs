@@ -6,8 +6,8 @@ mod rules;
 mod schema;
 
 pub use job::{
-    Completion, CostSnapshot, FINALIZER as JOB_FINALIZER, InstanceStatus, JobPhase, JobResult,
-    LastError, PhaseTimes, RunnerJob, RunnerJobSpec, RunnerJobStatus, RunnerStatus,
+    BootStatus, Completion, CostSnapshot, FINALIZER as JOB_FINALIZER, InstanceStatus, JobPhase,
+    JobResult, LastError, PhaseTimes, RunnerJob, RunnerJobSpec, RunnerJobStatus, RunnerStatus,
 };
 pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,

@@ -95,6 +95,12 @@ pub struct RunnerPoolSpec {
     #[schemars(regex(pattern = r"^[0-9]+\.[0-9]+\.[0-9]+$"))]
     pub runner_version: Option<String>,
 
+    /// The user the runner runs as on the instance; created at boot when the AMI lacks it.
+    /// `root` runs it as root (with `RUNNER_ALLOW_RUNASROOT=1`). Default `runner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_-]{0,31}$"))]
+    pub runner_user: Option<String>,
+
     /// When several pools serve a queued job equally well (the same number of labels beyond
     /// the job's), the one with the highest priority gets it; then the first by
     /// namespace/name.
@@ -128,6 +134,13 @@ pub struct RunnerPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 8192))]
     pub user_data: Option<String>,
+}
+
+impl RunnerPoolSpec {
+    /// The user the runner runs as.
+    pub fn runner_user(&self) -> &str {
+        self.runner_user.as_deref().unwrap_or("runner")
+    }
 }
 
 fn is_zero(n: &i32) -> bool {

@@ -697,6 +697,37 @@ impl Ec2 for AwsEc2 {
         .boxed()
     }
 
+    fn managed_instance<'a>(
+        &'a self,
+        controller_id: &'a str,
+        instance_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<(Instance, String)>>> {
+        async move {
+            let answer = self
+                .ec2
+                .describe_instances()
+                .instance_ids(instance_id)
+                .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
+                .filters(tag_filter(tags::CONTROLLER, controller_id))
+                .send()
+                .await
+                .map_err(|e| classify_sdk("DescribeInstances", e));
+            let out = match answer {
+                Ok(out) => out,
+                Err(e) if e.class == ErrorClass::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            Ok(out.reservations().iter().find_map(|r| {
+                let owner = r.owner_id()?.to_string();
+                r.instances()
+                    .iter()
+                    .find(|i| i.instance_id() == Some(instance_id))
+                    .map(|i| (instance(i), owner))
+            }))
+        }
+        .boxed()
+    }
+
     fn on_demand_price<'a>(
         &'a self,
         instance_type: &'a str,

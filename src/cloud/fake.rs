@@ -14,6 +14,8 @@ use super::{
 
 /// Instances per DescribeInstances page, EC2's largest.
 const PAGE: usize = 1000;
+/// The account the fake's instances belong to (moto's default too).
+pub const ACCOUNT: &str = "123456789012";
 
 #[derive(Default)]
 struct State {
@@ -583,21 +585,7 @@ impl Ec2 for FakeEc2 {
                         .filter(|i| tags::owned_by(&i.tags, controller_id))
                         .skip(from)
                         .take(PAGE)
-                        .map(|i| Instance {
-                            id: i.id.clone(),
-                            instance_type: i.instance_type.clone(),
-                            zone: i.zone.clone(),
-                            spot: i.spot,
-                            state: i.state.clone(),
-                            state_reason: i.state_reason.clone(),
-                            launch_time: i.launch_time,
-                            tags: i
-                                .tags
-                                .iter()
-                                .filter(|(k, _)| k.starts_with(tags::PREFIX))
-                                .map(|(k, v)| (k.clone(), v.clone()))
-                                .collect(),
-                        })
+                        .map(listed)
                         .collect::<Vec<_>>())
                 })
                 .await?;
@@ -605,6 +593,19 @@ impl Ec2 for FakeEc2 {
             Ok(Some((page, next)))
         })
         .boxed()
+    }
+
+    fn managed_instance<'a>(
+        &'a self,
+        controller_id: &'a str,
+        instance_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<(Instance, String)>>> {
+        self.call("DescribeInstances", |s| {
+            Ok(s.instances
+                .iter()
+                .find(|i| i.id == instance_id && tags::owned_by(&i.tags, controller_id))
+                .map(|i| (listed(i), ACCOUNT.to_string())))
+        })
     }
 
     fn on_demand_price<'a>(
@@ -635,6 +636,25 @@ impl Ec2 for FakeEc2 {
             }
             Ok(())
         })
+    }
+}
+
+/// An instance as a tag-filtered listing shows it: Pacer's own tags only.
+fn listed(i: &Instance) -> Instance {
+    Instance {
+        id: i.id.clone(),
+        instance_type: i.instance_type.clone(),
+        zone: i.zone.clone(),
+        spot: i.spot,
+        state: i.state.clone(),
+        state_reason: i.state_reason.clone(),
+        launch_time: i.launch_time,
+        tags: i
+            .tags
+            .iter()
+            .filter(|(k, _)| k.starts_with(tags::PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

@@ -297,6 +297,13 @@ pub trait Ec2: Send + Sync {
     /// Pacer's business. Callers that keep only part of each instance fold the pages as they
     /// come rather than holding the whole listing.
     fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance>;
+    /// One instance of this controller's, with the account that owns it; `None` when EC2
+    /// lists no such instance under this controller's tags.
+    fn managed_instance<'a>(
+        &'a self,
+        controller_id: &'a str,
+        instance_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<(Instance, String)>>>;
     /// All of `managed_instance_pages` at once.
     fn describe_managed_instances<'a>(
         &'a self,

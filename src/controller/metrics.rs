@@ -342,6 +342,17 @@ impl<E: Ec2 + ?Sized> Ec2 for Metered<'_, E> {
             })
             .boxed()
     }
+    fn managed_instance<'a>(
+        &'a self,
+        controller_id: &'a str,
+        instance_id: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<(Instance, String)>>> {
+        metered!(
+            self,
+            "DescribeInstances",
+            self.inner.managed_instance(controller_id, instance_id)
+        )
+    }
     fn on_demand_price<'a>(
         &'a self,
         instance_type: &'a str,

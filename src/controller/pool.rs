@@ -216,7 +216,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     let rendered = userdata::render(&BootParams {
         public_url: &ctx.settings.public_url,
         pool: &id.key(),
-        runner_version: pool.spec.runner_version.as_deref(),
+        runner_user: pool.spec.runner_user(),
         extra: pool.spec.user_data.as_deref(),
     });
     let verdict = match (verdict, rendered.as_ref()) {

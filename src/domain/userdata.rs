@@ -6,15 +6,19 @@ use std::fmt::Write as _;
 /// EC2 accepts at most 16 KiB of user-data before base64.
 pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 
-/// What the boot script is rendered from.
+/// The boot script, kept whole in `boot.sh` so that shellcheck and editors see what runs.
+pub const BOOT_SCRIPT: &str = include_str!("boot.sh");
+
+/// What the boot script is rendered from: nothing secret, and nothing that differs between
+/// the jobs of a pool version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootParams<'a> {
     /// Where the instance calls back (`server.public_url`).
     pub public_url: &'a str,
     /// `namespace/name` of the pool.
     pub pool: &'a str,
-    /// actions/runner release; `None` installs the latest.
-    pub runner_version: Option<&'a str>,
+    /// The user the runner runs as.
+    pub runner_user: &'a str,
     /// The pool's own script, run before the runner starts.
     pub extra: Option<&'a str>,
 }
@@ -32,56 +36,24 @@ pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// A here-document delimiter that does not occur as a line of `body`.
-fn delimiter_for(body: &str) -> String {
-    (0..)
-        .map(|n| format!("PACER_USER_DATA_{n}"))
-        .find(|d| !body.lines().any(|line| line.trim_end() == d))
-        .expect("some delimiter is free")
-}
-
-/// Renders the boot script.
+/// Renders the boot script: its first line, the parameters as quoted assignments, then the
+/// rest of it unchanged.
 pub fn render(params: &BootParams<'_>) -> Result<String, TooLarge> {
-    let mut script = String::new();
+    let (shebang, body) = BOOT_SCRIPT
+        .split_once('\n')
+        .expect("boot.sh has more than one line");
+    let mut script = String::with_capacity(BOOT_SCRIPT.len() + 512);
     let w = &mut script;
-    let _ = writeln!(w, "#!/bin/bash");
-    let _ = writeln!(
-        w,
-        "# Pacer runner boot script for pool {}. Rendered by Pacer: do not edit.",
-        params.pool.replace('\n', " ")
-    );
-    let _ = writeln!(w, "set -euo pipefail");
-    let _ = writeln!(w, "PACER_URL={}", shell_quote(params.public_url));
-    let _ = writeln!(w, "PACER_POOL={}", shell_quote(params.pool));
-    let _ = writeln!(
-        w,
-        "RUNNER_VERSION={}",
-        shell_quote(params.runner_version.unwrap_or(""))
-    );
-    let _ = writeln!(w, "export PACER_URL PACER_POOL RUNNER_VERSION");
-    // The instance shuts down on failure; the launch template makes shutdown terminate it.
-    let _ = writeln!(
-        w,
-        "fail() {{ echo \"pacer: $*\" >&2; shutdown -h now || true; exit 1; }}"
-    );
-    if let Some(extra) = params.extra.filter(|e| !e.trim().is_empty()) {
-        let delimiter = delimiter_for(extra);
-        let _ = writeln!(w, "mkdir -p /var/lib/pacer");
-        let _ = writeln!(w, "cat >/var/lib/pacer/pool-user-data.sh <<'{delimiter}'");
-        let _ = write!(w, "{extra}");
-        if !extra.ends_with('\n') {
-            let _ = writeln!(w);
-        }
-        let _ = writeln!(w, "{delimiter}");
-        let _ = writeln!(
-            w,
-            "bash /var/lib/pacer/pool-user-data.sh || fail \"the pool's userData script failed\""
-        );
+    let _ = writeln!(w, "{shebang}");
+    for (name, value) in [
+        ("PACER_URL", params.public_url.trim_end_matches('/')),
+        ("PACER_POOL", params.pool),
+        ("RUNNER_USER", params.runner_user),
+        ("PACER_POOL_SCRIPT", params.extra.unwrap_or_default()),
+    ] {
+        let _ = writeln!(w, "{name}={}", shell_quote(value));
     }
-    let _ = writeln!(
-        w,
-        "fail \"this Pacer version cannot start runners yet: the boot protocol (bootstrap, register, complete) is not implemented\""
-    );
+    script.push_str(body);
     if script.len() > MAX_USER_DATA_BYTES {
         return Err(TooLarge { size: script.len() });
     }
@@ -94,9 +66,9 @@ mod tests {
 
     fn params(extra: Option<&str>) -> BootParams<'_> {
         BootParams {
-            public_url: "https://pacer.example.com",
+            public_url: "https://pacer.example.com/",
             pool: "ci/linux",
-            runner_version: Some("2.329.0"),
+            runner_user: "runner",
             extra,
         }
     }
@@ -126,19 +98,15 @@ mod tests {
     }
 
     #[test]
-    fn extra_user_data_survives_verbatim_even_with_our_delimiter_in_it() {
-        let extra = "echo one\nPACER_USER_DATA_0\necho 'two' \"$HOME\"\n";
+    fn the_parameters_come_first_and_the_script_follows_unchanged() {
+        let extra = "echo one\necho 'two' \"$HOME\"\n";
         let script = render(&params(Some(extra))).unwrap();
-        assert!(script.contains("<<'PACER_USER_DATA_1'"));
-        // Extract what bash would write to the file, without running the rest.
-        let heredoc = script
-            .split("<<'PACER_USER_DATA_1'\n")
-            .nth(1)
-            .unwrap()
-            .split("\nPACER_USER_DATA_1\n")
-            .next()
-            .unwrap();
-        assert_eq!(format!("{heredoc}\n"), extra);
+        assert!(script.starts_with("#!/bin/bash\nPACER_URL='https://pacer.example.com'\n"));
+        assert!(script.ends_with(BOOT_SCRIPT.split_once('\n').unwrap().1));
+        // What bash assigns is the pool's script, byte for byte.
+        let prefix = script.split("set -Eeuo pipefail").next().unwrap();
+        let out = run_bash(&format!("{prefix}\nprintf %s \"$PACER_POOL_SCRIPT\""));
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), extra);
     }
 
     #[test]
@@ -163,18 +131,5 @@ mod tests {
         let err = render(&params(Some(&big))).unwrap_err();
         assert!(err.size > MAX_USER_DATA_BYTES);
         assert!(render(&params(Some(&"#".repeat(8192)))).is_ok());
-    }
-
-    #[test]
-    fn the_placeholder_fails_loudly() {
-        let script = render(&params(None)).unwrap();
-        assert!(
-            script
-                .trim_end()
-                .lines()
-                .last()
-                .unwrap()
-                .starts_with("fail ")
-        );
     }
 }

@@ -1,6 +1,7 @@
 //! Pacer's HTTP listeners: the main one (GitHub's webhooks, health) built by [`router`], and
 //! Prometheus metrics on their own port.
 
+pub mod runner;
 mod webhook;
 
 use std::collections::{HashSet, VecDeque};
@@ -37,6 +38,8 @@ pub struct Web {
     pub webhook_secrets: Vec<Secret>,
     /// The one namespace served, or `None` for all.
     pub namespace: Option<String>,
+    /// Identity trust roots and the callback key; `None` answers the runner endpoints 503.
+    pub runners: Option<runner::RunnerSide>,
     /// Set once the pool cache has synced: until then a queued job could miss its pool.
     pub ready: AtomicBool,
     /// Deliveries handled recently: a fast path for GitHub's redeliveries; correctness
@@ -56,9 +59,18 @@ impl Web {
             pools,
             webhook_secrets,
             namespace,
+            runners: None,
             ready: AtomicBool::new(false),
             deliveries: Mutex::new(Recent::with_capacity(4096)),
         }
+    }
+}
+
+impl Web {
+    /// Serves the runner endpoints with these trust roots and this callback key.
+    pub fn with_runners(mut self, runners: runner::RunnerSide) -> Self {
+        self.runners = Some(runners);
+        self
     }
 }
 
@@ -95,7 +107,8 @@ impl Recent {
     }
 }
 
-/// The main listener: `POST /api/webhook`, `GET /healthz`, `GET /readyz`.
+/// The main listener: `POST /api/webhook`, the runner endpoints under `/api/runner/`,
+/// `GET /healthz`, `GET /readyz`.
 pub fn router(state: Arc<Web>) -> Router {
     use tower_http::timeout::TimeoutLayer;
     use tower_http::trace::TraceLayer;
@@ -112,6 +125,22 @@ pub fn router(state: Arc<Web>) -> Router {
         .route(
             "/api/webhook",
             post(webhook::receive).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
+        )
+        .route(
+            "/api/runner/bootstrap",
+            post(runner::bootstrap).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
+        )
+        .route(
+            "/api/runner/register",
+            post(runner::register).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
+        )
+        .route(
+            "/api/runner/complete",
+            post(runner::complete).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
+        )
+        .route(
+            "/api/runner/error",
+            post(runner::error).layer(DefaultBodyLimit::max(runner::ERROR_BODY_LIMIT)),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -141,6 +170,9 @@ async fn readyz(State(web): State<Arc<Web>>) -> Response {
 #[derive(Debug)]
 pub enum ApiError {
     Unauthorized(&'static str),
+    /// 401 with a reason that names what did not match.
+    Denied(String),
+    Conflict(String),
     BadRequest(String),
     Unavailable(&'static str),
 }
@@ -149,6 +181,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, reason) = match self {
             Self::Unauthorized(why) => (StatusCode::UNAUTHORIZED, why.to_string()),
+            Self::Denied(why) => (StatusCode::UNAUTHORIZED, why),
+            Self::Conflict(why) => (StatusCode::CONFLICT, why),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             Self::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
         };

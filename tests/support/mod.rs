@@ -16,6 +16,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
 pub mod github;
+pub mod identity;
 pub mod proxy;
 
 /// What parts of the ground a test binary needs.

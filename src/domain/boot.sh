@@ -1,0 +1,134 @@
+#!/bin/bash
+# Pacer's runner boot script: the user-data of every instance Pacer launches.
+#
+# Pacer renders it into a pool's launch template by putting these assignments first:
+#   PACER_URL          where Pacer listens (server.public_url)
+#   PACER_POOL         namespace/name of the RunnerPool
+#   RUNNER_USER        the user the runner runs as; root only with RUNNER_ALLOW_RUNASROOT=1
+#   PACER_POOL_SCRIPT  the pool's own script (spec.userData), run before the runner; may be empty
+# Nothing here is secret: the instance proves who it is with its signed identity document and
+# receives its just-in-time runner config and a callback token once, over HTTPS.
+#
+# Needs bash, curl, jq, tar, sudo and coreutils. Every failure posts the tail of the boot log to
+# Pacer and shuts down; the launch template makes shutdown terminate the instance.
+set -Eeuo pipefail
+umask 077
+
+: "${PACER_URL:?rendered by Pacer}" "${PACER_POOL:?rendered by Pacer}" "${RUNNER_USER:=runner}"
+: "${PACER_POOL_SCRIPT:=}"
+IMDS="${PACER_IMDS_URL:-http://169.254.169.254}"
+STATE="${PACER_STATE_DIR:-/var/lib/pacer}"
+RUNNER_DIR="${PACER_RUNNER_DIR:-/opt/actions-runner}"
+LOG="$STATE/boot.log"
+AUTH="$STATE/callback.headers"
+LOG_TAIL_BYTES=65536
+
+mkdir -p "$STATE"
+exec > >(tee -a "$LOG") 2>&1
+echo "pacer: booting a runner for pool $PACER_POOL ($(date -u +%FT%TZ))"
+
+# Posts the end of the boot log to Pacer (once a callback token is held) and shuts down.
+on_error() {
+  local status=$? line=$1
+  trap - ERR
+  echo "pacer: boot failed at line $line with status $status"
+  if [ -s "$AUTH" ]; then
+    tail -c "$LOG_TAIL_BYTES" "$LOG" | curl -sS --max-time 30 --retry 3 --retry-all-errors \
+      -X POST -H @"$AUTH" -H 'Content-Type: text/plain' --data-binary @- \
+      "$PACER_URL/api/runner/error" >/dev/null || echo "pacer: could not report the failure"
+  fi
+  shutdown -h now || true
+  exit 1
+}
+trap 'on_error $LINENO' ERR
+
+# call METHOD URL OUT [curl options...]: an HTTP call that retries, with backoff, what may pass
+# on a second try (no answer, 429, 5xx), and fails at once on any other error.
+call() {
+  local method=$1 url=$2 out=$3 attempt=1 delay=1 code
+  shift 3
+  while :; do
+    code=$(curl -sS -o "$out" -w '%{http_code}' --connect-timeout 10 --max-time 300 \
+      -X "$method" "$@" "$url") || code=000
+    case $code in
+      2??) return 0 ;;
+      000 | 429 | 5??) ;;
+      *)
+        echo "pacer: $method $url answered $code: $(head -c 1024 "$out")"
+        return 1
+        ;;
+    esac
+    if [ "$attempt" -ge 8 ]; then
+      echo "pacer: $method $url failed $attempt times; the last answer was $code"
+      return 1
+    fi
+    echo "pacer: $method $url answered $code; retrying in $delay s"
+    sleep "$delay"
+    attempt=$((attempt + 1))
+    delay=$((delay * 2 > 30 ? 30 : delay * 2))
+  done
+}
+
+# 1. Who am I: the identity document and AWS's RSA-2048 signature over it, through IMDSv2.
+call PUT "$IMDS/latest/api/token" "$STATE/imds-token" \
+  -H 'X-aws-ec2-metadata-token-ttl-seconds: 300'
+imds_header="X-aws-ec2-metadata-token: $(cat "$STATE/imds-token")"
+call GET "$IMDS/latest/dynamic/instance-identity/document" "$STATE/identity.json" \
+  -H "$imds_header"
+call GET "$IMDS/latest/dynamic/instance-identity/rsa2048" "$STATE/identity.rsa2048" \
+  -H "$imds_header"
+
+# 2. Bootstrap, once: the JIT runner config, a callback token and the runner release (the
+#    pool's runnerVersion, or the latest) to use.
+jq -n --rawfile document "$STATE/identity.json" --rawfile signature "$STATE/identity.rsa2048" \
+  '{document: $document, signature: $signature}' \
+  >"$STATE/bootstrap-request.json"
+call POST "$PACER_URL/api/runner/bootstrap" "$STATE/bootstrap.json" \
+  -H 'Content-Type: application/json' --data-binary @"$STATE/bootstrap-request.json"
+printf 'Authorization: Bearer %s\n' "$(jq -er .callbackToken "$STATE/bootstrap.json")" >"$AUTH"
+version=$(jq -er .runner.version "$STATE/bootstrap.json")
+echo "pacer: bootstrapped; runner $version"
+
+# 3. The pool's own preparation.
+if [ -n "$PACER_POOL_SCRIPT" ]; then
+  echo "pacer: running the pool's userData script"
+  bash -c "$PACER_POOL_SCRIPT"
+fi
+
+# 4. The runner release: kept when the AMI has it, else downloaded and checked.
+if [ -x "$RUNNER_DIR/bin/Runner.Listener" ] &&
+  [ "$("$RUNNER_DIR/bin/Runner.Listener" --version 2>/dev/null || true)" = "$version" ]; then
+  echo "pacer: the AMI has runner $version"
+else
+  url=$(jq -er .runner.url "$STATE/bootstrap.json")
+  sha256=$(jq -er .runner.sha256 "$STATE/bootstrap.json")
+  echo "pacer: downloading $url"
+  call GET "$url" "$STATE/runner.tar.gz" -L
+  echo "$sha256  $STATE/runner.tar.gz" | sha256sum --check --strict --quiet -
+  mkdir -p "$RUNNER_DIR"
+  tar -xzf "$STATE/runner.tar.gz" -C "$RUNNER_DIR"
+  rm -f "$STATE/runner.tar.gz"
+fi
+
+# 5. Who runs it.
+run_as=()
+if [ "$RUNNER_USER" = root ]; then
+  export RUNNER_ALLOW_RUNASROOT=1
+elif [ "$(id -un)" != "$RUNNER_USER" ]; then
+  id -u "$RUNNER_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$RUNNER_USER"
+  chown -R "$RUNNER_USER" "$RUNNER_DIR"
+  run_as=(sudo -H -u "$RUNNER_USER" --)
+fi
+
+# 6. Register, run the one job, report how it ended.
+call POST "$PACER_URL/api/runner/register" "$STATE/register.json" -H @"$AUTH" \
+  -H 'Content-Type: application/json' --data-binary '{}'
+echo "pacer: registered; starting the runner"
+status=0
+(cd "$RUNNER_DIR" && "${run_as[@]}" ./run.sh --jitconfig "$(jq -er .jitConfig "$STATE/bootstrap.json")") ||
+  status=$?
+rm -f "$STATE/bootstrap.json"
+echo "pacer: the runner exited with status $status"
+call POST "$PACER_URL/api/runner/complete" "$STATE/complete.json" -H @"$AUTH" \
+  -H 'Content-Type: application/json' --data-binary "{\"exitCode\": $status}"
+shutdown -h now

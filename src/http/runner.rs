@@ -1,0 +1,477 @@
+//! The instance's side of the boot protocol: `POST /api/runner/bootstrap` (the signed identity
+//! document in, once, the JIT runner config and a callback token out), then `register`,
+//! `complete` and `error`, each with that token.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use axum::response::{IntoResponse, Response};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt as _;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+use super::{ApiError, Web};
+use crate::api::{BootStatus, JobPhase, JobResult, RunnerJob, RunnerPool, RunnerStatus};
+use crate::cloud::Ec2 as _;
+use crate::controller::FIELD_MANAGER;
+use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
+use crate::runner::identity::TrustRoots;
+use crate::runner::token::{self, Claims, Tokens};
+
+/// Largest bootstrap, register and complete bodies.
+pub const CALLBACK_BODY_LIMIT: usize = 64 * 1024;
+/// Largest error report: the boot log's last 64 KiB, with room to spare.
+pub const ERROR_BODY_LIMIT: usize = 256 * 1024;
+/// How much of a failed boot's log a RunnerJob's status keeps.
+pub const STATUS_LOG_BYTES: usize = 4096;
+/// How much of it an Event carries (events.k8s.io caps a note at 1 KiB).
+pub const EVENT_LOG_BYTES: usize = 900;
+/// A callback token outlives the pool's maxRuntime by this much.
+pub const TOKEN_GRACE: Duration = Duration::from_secs(30 * 60);
+
+/// What the runner endpoints need beyond the rest of the listener.
+pub struct RunnerSide {
+    /// Certificates trusted to sign instance identity documents.
+    pub trust: TrustRoots,
+    pub tokens: Tokens,
+    /// The one region Pacer launches in.
+    pub region: String,
+}
+
+#[derive(Deserialize)]
+struct BootstrapRequest {
+    /// The identity document, byte for byte as IMDS served it.
+    document: String,
+    /// IMDS's `rsa2048`: base64 PKCS#7.
+    signature: String,
+}
+
+fn denied(why: impl Into<String>) -> ApiError {
+    ApiError::Denied(why.into())
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+    warn!(error = %e, "{what} failed while serving a runner");
+    ApiError::Unavailable("a dependency of Pacer is unavailable; retry later")
+}
+
+fn side(web: &Web) -> Result<&RunnerSide, ApiError> {
+    web.runners
+        .as_ref()
+        .ok_or(ApiError::Unavailable("runner callbacks are not configured"))
+}
+
+fn jobs(web: &Web, namespace: &str) -> Api<RunnerJob> {
+    Api::namespaced(web.ctx.client.clone(), namespace)
+}
+
+/// Merge-patches a RunnerJob's status; with `resource_version`, only if the object is still
+/// at that version (a 409 from the API server otherwise).
+async fn patch_status(
+    web: &Web,
+    job: &RunnerJob,
+    resource_version: Option<&str>,
+    status: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let mut patch = json!({ "status": status });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    jobs(web, &job.namespace().unwrap_or_default())
+        .patch_status(&job.name_any(), &params, &Patch::Merge(patch))
+        .await
+        .map(|_| ())
+}
+
+/// `POST /api/runner/bootstrap`.
+pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Response, ApiError> {
+    let side = side(&web)?;
+    let request: BootstrapRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body must be JSON {{\"document\", \"signature\"}}: {e}"
+        ))
+    })?;
+    let doc = side
+        .trust
+        .verify(request.document.as_bytes(), &request.signature)
+        .map_err(|e| denied(format!("identity document refused: {e}")))?;
+    let instance_id = doc.instance_id.as_str();
+    if doc.region != side.region {
+        return Err(denied(format!(
+            "the instance is in {}; Pacer launches in {}",
+            doc.region, side.region
+        )));
+    }
+    let now = Timestamp::now();
+    let boot_timeout = web.ctx.settings.job_limits.boot_timeout;
+    let age = now.duration_since(doc.pending_time);
+    if age.is_negative() && age.unsigned_abs() > Duration::from_secs(300)
+        || age.is_positive() && age.unsigned_abs() > boot_timeout
+    {
+        return Err(denied(format!(
+            "the instance started at {}, outside the boot timeout of {} s",
+            doc.pending_time,
+            boot_timeout.as_secs()
+        )));
+    }
+    let controller_id = &web.ctx.settings.controller_id;
+    let Some((instance, account)) = web
+        .ctx
+        .ec2()
+        .managed_instance(controller_id, instance_id)
+        .await
+        .map_err(|e| unavailable("DescribeInstances", e))?
+    else {
+        return Err(denied(format!(
+            "instance {instance_id} is not one Pacer launched"
+        )));
+    };
+    if account != doc.account_id {
+        return Err(denied(format!(
+            "the document is from account {}; instance {instance_id} is in another",
+            doc.account_id
+        )));
+    }
+    if !instance.is_alive() {
+        return Err(denied(format!(
+            "instance {instance_id} is {}",
+            instance.state
+        )));
+    }
+    let (Some(uid), Some((namespace, name))) = (
+        instance.tags.get(RUNNER_JOB_UID),
+        instance
+            .tags
+            .get(RUNNER_JOB)
+            .and_then(|j| j.split_once('/')),
+    ) else {
+        return Err(denied(format!(
+            "instance {instance_id} carries no RunnerJob tags"
+        )));
+    };
+    let api = jobs(&web, namespace);
+    let job = api
+        .get_opt(name)
+        .await
+        .map_err(|e| unavailable("reading the RunnerJob", e))?
+        .filter(|job| job.uid().as_deref() == Some(uid.as_str()))
+        .ok_or_else(|| {
+            denied(format!(
+                "instance {instance_id}'s RunnerJob {namespace}/{name} is gone"
+            ))
+        })?;
+    let pool = pool_of(&web, &job).await?;
+    let arch = crate::github::runner_arch(&doc.architecture).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "architecture {} has no actions/runner release",
+            doc.architecture
+        ))
+    })?;
+    let github = web
+        .ctx
+        .github
+        .clone()
+        .ok_or(ApiError::Unavailable("the GitHub App is not configured"))?;
+    let target = crate::controller::job::runner_target(&job, &pool);
+    let release = github
+        .runner_release(&target, pool.spec.runner_version.as_deref(), arch)
+        .await
+        .map_err(|e| unavailable("reading the actions/runner release", e))?;
+
+    let expires =
+        now + Duration::from_secs(pool.spec.max_runtime_minutes as u64 * 60) + TOKEN_GRACE;
+    let callback = side.tokens.mint(&Claims {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.clone(),
+        instance: instance_id.into(),
+        expires: expires.as_second(),
+    });
+    let boot = BootStatus {
+        instance_id: instance_id.into(),
+        bootstrapped_at: Time(now),
+        token_sha256: token::fingerprint(callback.expose()),
+        runner: None,
+        runner_version: Some(release.version.clone()),
+        log_tail: None,
+    };
+    claim(&web, job, &boot).await?;
+    // Claimed: from here on a failure gives the claim back, so the instance may try again.
+    let job = api
+        .get(name)
+        .await
+        .map_err(|e| unavailable("reading the RunnerJob", e))?;
+    let runner_name = crate::github::runner_name(controller_id, job.spec.job_id);
+    let jit = match github
+        .jit_config(&target, &runner_name, &pool.spec.labels)
+        .await
+    {
+        Ok(jit) => jit,
+        Err(e) => {
+            if let Err(e) = patch_status(&web, &job, None, json!({ "boot": null })).await {
+                warn!(error = %e, runner_job = %name, "could not give back a bootstrap claim");
+            }
+            return Err(unavailable("minting the JIT runner config", e));
+        }
+    };
+    let runner = RunnerStatus {
+        id: jit.runner_id,
+        name: runner_name,
+    };
+    patch_status(&web, &job, None, json!({ "boot": { "runner": runner } }))
+        .await
+        .map_err(|e| unavailable("recording the runner", e))?;
+    info!(runner_job = %name, namespace, instance = instance_id, runner = %runner.name,
+        runner_version = %release.version, "instance bootstrapped");
+    web.ctx
+        .event(
+            &job,
+            EventType::Normal,
+            "Bootstrapped",
+            format!(
+                "instance {instance_id} proved its identity and received runner {} (actions/runner {})",
+                runner.name, release.version
+            ),
+        )
+        .await;
+    let answer = json!({
+        "jitConfig": String::from_utf8_lossy(jit.encoded.expose()),
+        "callbackToken": String::from_utf8_lossy(callback.expose()),
+        "runner": release,
+    });
+    Ok(axum::Json(answer).into_response())
+}
+
+async fn pool_of(web: &Web, job: &RunnerJob) -> Result<RunnerPool, ApiError> {
+    let namespace = job.namespace().unwrap_or_default();
+    let key = kube::runtime::reflector::ObjectRef::new(&job.spec.pool_name).within(&namespace);
+    if let Some(pool) = web.pools.get(&key) {
+        return Ok((*pool).clone());
+    }
+    Api::<RunnerPool>::namespaced(web.ctx.client.clone(), &namespace)
+        .get_opt(&job.spec.pool_name)
+        .await
+        .map_err(|e| unavailable("reading the RunnerPool", e))?
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "RunnerPool {namespace}/{} is gone",
+                job.spec.pool_name
+            ))
+        })
+}
+
+/// Records the bootstrap on the job, once: a job already bootstrapped, or past booting, is a
+/// 409. The write is conditional on the version read, so of two racing calls one wins.
+async fn claim(web: &Web, mut job: RunnerJob, boot: &BootStatus) -> Result<(), ApiError> {
+    let name = job.name_any();
+    for _ in 0..5 {
+        let status = job.status.clone().unwrap_or_default();
+        if status.boot.is_some() {
+            return Err(ApiError::Conflict(format!(
+                "RunnerJob {name} has already bootstrapped an instance"
+            )));
+        }
+        if !matches!(status.phase, JobPhase::Launching | JobPhase::Booting) {
+            return Err(ApiError::Conflict(format!(
+                "RunnerJob {name} is {:?}, not waiting for an instance to boot",
+                status.phase
+            )));
+        }
+        let version = job.resource_version();
+        match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
+            Ok(()) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                job = jobs(web, &job.namespace().unwrap_or_default())
+                    .get(&name)
+                    .await
+                    .map_err(|e| unavailable("reading the RunnerJob", e))?;
+            }
+            Err(e) => return Err(unavailable("recording the bootstrap", e)),
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the RunnerJob kept changing; retry later",
+    ))
+}
+
+/// The RunnerJob a callback's bearer token was minted for, checked against what the job
+/// kept: its uid, the instance that bootstrapped, and the token's fingerprint.
+async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus), ApiError> {
+    let side = side(web)?;
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| denied("a callback token is required (Authorization: Bearer)"))?;
+    let claims = side
+        .tokens
+        .verify(bearer, Timestamp::now().as_second())
+        .map_err(|e| denied(e.to_string()))?;
+    let job = jobs(web, &claims.namespace)
+        .get_opt(&claims.name)
+        .await
+        .map_err(|e| unavailable("reading the RunnerJob", e))?
+        .filter(|job| job.uid().as_deref() == Some(claims.uid.as_str()))
+        .ok_or_else(|| denied("the callback token's RunnerJob is gone"))?;
+    let boot = job
+        .status
+        .as_ref()
+        .and_then(|s| s.boot.clone())
+        .filter(|b| b.instance_id == claims.instance)
+        .filter(|b| token::matches(bearer.as_bytes(), &b.token_sha256))
+        .ok_or_else(|| denied("the callback token is not this RunnerJob's"))?;
+    Ok((job, boot))
+}
+
+/// `POST /api/runner/register`: the runner is about to start.
+pub async fn register(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (job, boot) = caller(&web, &headers).await?;
+    let runner = boot
+        .runner
+        .ok_or_else(|| ApiError::Conflict("the bootstrap has not finished".into()))?;
+    if job.status.as_ref().and_then(|s| s.runner.as_ref()) != Some(&runner) {
+        patch_status(&web, &job, None, json!({ "runner": runner }))
+            .await
+            .map_err(|e| unavailable("recording the registration", e))?;
+        info!(runner_job = %job.name_any(), runner = %runner.name, "runner registered");
+    }
+    Ok(axum::Json(json!({ "ok": true })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CompleteRequest {
+    exit_code: i32,
+}
+
+/// `POST /api/runner/complete`: the runner exited; the job reconciler terminates the instance.
+/// A completion GitHub reported first stands.
+pub async fn complete(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (job, _) = caller(&web, &headers).await?;
+    let request: CompleteRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!("the body must be JSON {{\"exitCode\": N}}: {e}"))
+    })?;
+    if job.status.as_ref().is_some_and(|s| s.completion.is_some()) {
+        return Ok(axum::Json(json!({ "ok": true })).into_response());
+    }
+    let result = if request.exit_code == 0 {
+        JobResult::Success
+    } else {
+        JobResult::Failure
+    };
+    let completion = crate::api::Completion {
+        result,
+        reported_at: Some(Time(Timestamp::now())),
+    };
+    patch_status(&web, &job, None, json!({ "completion": completion }))
+        .await
+        .map_err(|e| unavailable("recording the completion", e))?;
+    info!(runner_job = %job.name_any(), exit_code = request.exit_code, "runner exited");
+    if request.exit_code != 0 {
+        web.ctx
+            .event(
+                &job,
+                EventType::Warning,
+                "RunnerFailed",
+                format!("the runner exited with status {}", request.exit_code),
+            )
+            .await;
+    }
+    Ok(axum::Json(json!({ "ok": true })).into_response())
+}
+
+/// The last `max` bytes of `log`, cut at a character boundary.
+fn tail(log: &str, max: usize) -> &str {
+    let mut start = log.len().saturating_sub(max);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
+/// `POST /api/runner/error`: the boot failed; the body is the end of the boot log.
+pub async fn error(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (job, boot) = caller(&web, &headers).await?;
+    let log = String::from_utf8_lossy(&body);
+    let kept = tail(&log, STATUS_LOG_BYTES);
+    let last_line = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let mut status = json!({
+        "boot": { "logTail": kept },
+        "lastError": {
+            "reason": "BootFailed",
+            "message": format!(
+                "the instance's boot failed: {}; the end of its log is in status.boot.logTail",
+                tail(last_line, 512)
+            ),
+            "time": Time(Timestamp::now()),
+        },
+    });
+    if job.status.as_ref().is_none_or(|s| s.completion.is_none()) {
+        status["completion"] = json!(crate::api::Completion {
+            result: JobResult::Failure,
+            reported_at: Some(Time(Timestamp::now())),
+        });
+    }
+    // A runner the boot registered is removed with the job.
+    if let Some(runner) = &boot.runner {
+        status["runner"] = json!(runner);
+    }
+    patch_status(&web, &job, None, status)
+        .await
+        .map_err(|e| unavailable("recording the boot failure", e))?;
+    warn!(runner_job = %job.name_any(), instance = %boot.instance_id, last_line, "boot failed");
+    web.ctx
+        .event(
+            &job,
+            EventType::Warning,
+            "BootFailed",
+            format!(
+                "instance {} failed to boot; its log ends:\n{}",
+                boot.instance_id,
+                tail(&log, EVENT_LOG_BYTES)
+            ),
+        )
+        .await;
+    Ok(axum::Json(json!({ "ok": true })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails_cut_at_character_boundaries() {
+        assert_eq!(tail("abcdef", 3), "def");
+        assert_eq!(tail("ab", 3), "ab");
+        // 'é' is two bytes: a cut inside it moves past it.
+        assert_eq!(tail("aéb", 2), "b");
+    }
+}

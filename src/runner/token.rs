@@ -1,0 +1,177 @@
+//! Callback tokens: what a bootstrapped instance shows on `register`, `complete` and `error`.
+//!
+//! A token names its RunnerJob (namespace and name, to find it) and is an HMAC-SHA256, under a
+//! key only Pacer holds, over the job's uid, the instance id, the purpose and the expiry. The
+//! RunnerJob keeps only the token's SHA-256, so the status leaks nothing that would pass.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use hmac::{Hmac, KeyInit as _, Mac as _};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::config::Secret;
+
+/// What every callback token is for.
+pub const PURPOSE: &str = "runner-callback";
+/// The shortest callback key accepted.
+pub const MIN_KEY_BYTES: usize = 32;
+const VERSION: &str = "v1";
+
+/// What a token says. Only its MAC makes it true.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub instance: String,
+    /// Seconds since the Unix epoch.
+    pub expires: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the callback token is malformed")]
+    Malformed,
+    #[error("the callback token is not ours")]
+    Forged,
+    #[error("the callback token has expired")]
+    Expired,
+}
+
+/// Mints and checks callback tokens under one key.
+#[derive(Clone)]
+pub struct Tokens {
+    key: Secret,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens([redacted])")
+    }
+}
+
+impl Tokens {
+    pub fn new(key: Secret) -> Result<Self, String> {
+        if key.expose().len() < MIN_KEY_BYTES {
+            return Err(format!(
+                "the callback key has {} bytes; at least {MIN_KEY_BYTES} are required (for example `openssl rand -hex 32`)",
+                key.expose().len()
+            ));
+        }
+        Ok(Self { key })
+    }
+
+    fn mac(&self, claims: &[u8]) -> Hmac<Sha256> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(self.key.expose()).expect("HMAC takes any key length");
+        mac.update(PURPOSE.as_bytes());
+        mac.update(b"\n");
+        mac.update(claims);
+        mac
+    }
+
+    /// A token for `claims`: `v1.<claims>.<mac>`, base64url.
+    pub fn mint(&self, claims: &Claims) -> Secret {
+        let body = serde_json::to_vec(claims).expect("claims serialize");
+        let tag = self.mac(&body).finalize().into_bytes();
+        Secret::new(format!(
+            "{VERSION}.{}.{}",
+            B64.encode(&body),
+            B64.encode(tag)
+        ))
+    }
+
+    /// The claims of a token this key minted and that has not expired at `now`. The MAC is
+    /// compared in constant time.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        let mut parts = token.split('.');
+        let (Some(VERSION), Some(body), Some(tag), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let body = B64.decode(body).map_err(|_| TokenError::Malformed)?;
+        let tag = B64.decode(tag).map_err(|_| TokenError::Malformed)?;
+        self.mac(&body)
+            .verify_slice(&tag)
+            .map_err(|_| TokenError::Forged)?;
+        let claims: Claims = serde_json::from_slice(&body).map_err(|_| TokenError::Malformed)?;
+        if claims.expires <= now {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+}
+
+/// What a RunnerJob keeps of its token: the SHA-256, hex.
+pub fn fingerprint(token: &[u8]) -> String {
+    Sha256::digest(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `token` is the one whose fingerprint was kept, compared in constant time.
+pub fn matches(token: &[u8], kept: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let ours = fingerprint(token);
+    ours.len() == kept.len() && bool::from(ours.as_bytes().ct_eq(kept.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(key: &str) -> Tokens {
+        Tokens::new(Secret::new(key.repeat(32))).unwrap()
+    }
+
+    fn claims() -> Claims {
+        Claims {
+            namespace: "ci".into(),
+            name: "gh-job-1".into(),
+            uid: "0b7e".into(),
+            instance: "i-0123".into(),
+            expires: 1_000,
+        }
+    }
+
+    #[test]
+    fn a_token_verifies_under_its_key_until_it_expires() {
+        let t = tokens("k");
+        let token = t.mint(&claims());
+        let text = std::str::from_utf8(token.expose()).unwrap();
+        assert_eq!(t.verify(text, 999), Ok(claims()));
+        assert_eq!(t.verify(text, 1_000), Err(TokenError::Expired));
+        assert_eq!(tokens("j").verify(text, 0), Err(TokenError::Forged));
+        assert!(matches(token.expose(), &fingerprint(token.expose())));
+        assert!(!matches(b"v1.x.y", &fingerprint(token.expose())));
+    }
+
+    #[test]
+    fn changed_claims_or_a_changed_mac_are_refused() {
+        let t = tokens("k");
+        let token = t.mint(&claims());
+        let text = std::str::from_utf8(token.expose()).unwrap();
+        let parts: Vec<&str> = text.split('.').collect();
+        let other = Claims {
+            instance: "i-9999".into(),
+            ..claims()
+        };
+        let body = B64.encode(serde_json::to_vec(&other).unwrap());
+        let swapped = format!("v1.{body}.{}", parts[2]);
+        assert_eq!(t.verify(&swapped, 0), Err(TokenError::Forged));
+        let flipped = format!("v1.{}.{}A", parts[1], &parts[2][..parts[2].len() - 1]);
+        assert_eq!(t.verify(&flipped, 0), Err(TokenError::Forged));
+        for bad in ["", "v1", "v1.a", "v2.a.b", "v1.a.b.c", "v1.!!.b"] {
+            assert_eq!(t.verify(bad, 0), Err(TokenError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn short_keys_are_refused() {
+        assert!(Tokens::new(Secret::new(vec![7u8; 31])).is_err());
+        assert!(format!("{:?}", tokens("k")).contains("redacted"));
+    }
+}
