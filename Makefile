@@ -42,12 +42,13 @@ clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: tools
-tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto) in $(PACER_CACHE), and the npm test tools
+tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto, pebble, shellcheck) in $(PACER_CACHE), and the npm test tools
 	hack/build-kube.sh >/dev/null
 	hack/moto-venv.sh >/dev/null
 	hack/npm-tools.sh >/dev/null
 	hack/parliament-venv.sh >/dev/null
 	hack/shellcheck.sh --version >/dev/null
+	hack/build-pebble.sh >/dev/null
 
 .PHONY: shellcheck
 shellcheck: ## shellcheck the runner boot script and the project's scripts

@@ -166,15 +166,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             std::future::pending::<()>().await
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| Error::Io {
-            path: PathBuf::from(config.server.listen.to_string()),
-            source,
-        })?;
-    info!(address = %config.server.listen, "serving webhooks at /api/webhook");
-    let main =
-        axum::serve(listener, crate::http::router(web)).with_graceful_shutdown(shutdown_signal());
+    let main = crate::http::serve_main(&config.server, crate::http::router(web), shutdown_signal());
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
     // Only the leader reconciles, collects and sweeps; each term starts from a fresh context
@@ -234,7 +226,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         () = pool_watch => {}
         () = ready => {}
-        result = main.into_future() => {
+        result = main => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "the listener stopped");
             }

@@ -135,8 +135,21 @@ pub struct AcmeConfig {
     pub email: String,
     #[serde(default = "default_acme_directory")]
     pub directory_url: String,
+    /// Where the account, certificate and key are kept between restarts.
     #[serde(default = "default_acme_cache")]
     pub cache_dir: PathBuf,
+    /// The plain-HTTP listener that answers the CA's HTTP-01 challenges: port 80 of every
+    /// domain must reach it.
+    #[serde(default = "default_acme_http_listen")]
+    pub http_listen: SocketAddr,
+    /// A PEM CA certificate to trust for the directory itself (private or test CAs); empty
+    /// trusts the usual web roots.
+    #[serde(default)]
+    pub directory_ca_file: Option<PathBuf>,
+}
+
+fn default_acme_http_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 80))
 }
 
 fn default_acme_directory() -> String {

@@ -48,6 +48,8 @@ fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Replica
             .unwrap();
         assert!(made.success());
         std::fs::write(dir.join("webhook-secret"), "failover secret\n").unwrap();
+    }
+    if !dir.join("signer.pem").exists() {
         support::identity::Signer::new(dir);
         support::identity::callback_key(dir);
     }

@@ -1,7 +1,9 @@
 //! Pacer's HTTP listeners: the main one (GitHub's webhooks, health) built by [`router`], and
 //! Prometheus metrics on their own port.
 
+pub mod acme;
 pub mod runner;
+pub mod tls;
 mod webhook;
 
 use std::collections::{HashSet, VecDeque};
@@ -188,6 +190,118 @@ impl IntoResponse for ApiError {
         };
         (status, axum::Json(serde_json::json!({ "error": reason }))).into_response()
     }
+}
+
+/// Serves `router` on `server.listen` until `shutdown`, TLS-terminated as `server.tls.mode`
+/// says: plain, certificate files (reloaded when they change), a self-signed certificate, or
+/// ACME (which also answers HTTP-01 challenges on `server.tls.acme.http_listen`).
+pub async fn serve_main(
+    server: &crate::config::ServerConfig,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> crate::Result<()> {
+    use crate::config::TlsMode;
+    let bind = |address: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| crate::Error::Io {
+                path: address.to_string().into(),
+                source,
+            })
+    };
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| crate::Error::Io { path, source }
+    };
+    let invalid = |key: &str, message: String| {
+        crate::Error::Config(crate::config::ConfigError::Invalid {
+            path: "<config>".into(),
+            key: key.into(),
+            message,
+        })
+    };
+    let listener = bind(server.listen).await?;
+    let tls_config = &server.tls;
+    let certificates = match tls_config.mode {
+        TlsMode::None => {
+            tracing::info!(address = %server.listen, "serving HTTP");
+            return axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(io(std::path::Path::new("listener")));
+        }
+        TlsMode::Manual => {
+            let (Some(cert), Some(key)) = (&tls_config.cert_file, &tls_config.key_file) else {
+                return Err(invalid(
+                    "server.tls.cert_file",
+                    "manual TLS needs cert_file and key_file".into(),
+                ));
+            };
+            let chain = std::fs::read(cert).map_err(io(cert))?;
+            let key_pem = std::fs::read(key).map_err(io(key))?;
+            let certified = tls::certified_key(&chain, &key_pem)
+                .map_err(|m| invalid("server.tls.cert_file", m))?;
+            let certificates = tls::Certificates::new(certified);
+            tokio::spawn(tls::reload_on_change(
+                certificates.clone(),
+                cert.clone(),
+                key.clone(),
+                tls::RELOAD_CHECK,
+            ));
+            certificates
+        }
+        TlsMode::SelfSigned => {
+            let hosts = if tls_config.hosts.is_empty() {
+                let host = server
+                    .public_url
+                    .split("://")
+                    .nth(1)
+                    .and_then(|rest| rest.split(['/', ':']).next())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or("localhost");
+                vec![host.to_string()]
+            } else {
+                tls_config.hosts.clone()
+            };
+            let (certified, _) =
+                tls::self_signed(&hosts).map_err(|m| invalid("server.tls.hosts", m))?;
+            let certificates = tls::Certificates::new(certified);
+            tracing::info!(?hosts, fingerprint = %certificates.fingerprint(),
+                "serving a self-signed certificate: clients must trust this fingerprint");
+            certificates
+        }
+        TlsMode::Acme => {
+            let Some(acme_config) = tls_config.acme.clone() else {
+                return Err(invalid(
+                    "server.tls.acme",
+                    "required when server.tls.mode is acme".into(),
+                ));
+            };
+            // Served until the CA issues the real one.
+            let (placeholder, _) = tls::self_signed(&acme_config.domains)
+                .map_err(|m| invalid("server.tls.acme.domains", m))?;
+            let certificates = tls::Certificates::new(placeholder);
+            let challenges = acme::Challenges::default();
+            let http = bind(acme_config.http_listen).await?;
+            tracing::info!(address = %acme_config.http_listen, "answering ACME HTTP-01 challenges");
+            let challenge_router = acme::challenge_router(challenges.clone());
+            tokio::spawn(async move { axum::serve(http, challenge_router).await });
+            tokio::spawn(acme::run(
+                acme_config,
+                certificates.clone(),
+                challenges,
+                Duration::from_secs(12 * 3600),
+            ));
+            certificates
+        }
+    };
+    tracing::info!(address = %server.listen, "serving HTTPS");
+    let listener =
+        tls::TlsListener::new(listener, certificates).map_err(io(std::path::Path::new("TLS")))?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(io(std::path::Path::new("listener")))
 }
 
 /// `GET /metrics`: the Prometheus text exposition.

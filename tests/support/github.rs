@@ -44,6 +44,8 @@ pub struct FakeState {
     pub redelivered: Vec<i64>,
     /// Repository -> queued runs -> their jobs.
     pub queued: HashMap<String, Vec<(i64, Vec<Value>)>>,
+    /// Releases of `actions/runner`, newest first, shaped as the releases API answers.
+    pub runner_releases: Vec<Value>,
     /// Endpoint name -> (status to answer, times left).
     faults: HashMap<String, (u16, u32)>,
     /// Every call: (endpoint name, status answered).
@@ -119,6 +121,11 @@ impl FakeGitHub {
                 "/repos/{owner}/{repo}/actions/runners/{id}",
                 delete(delete_repo_runner),
             )
+            .route("/repos/{owner}/{repo}/releases/latest", get(latest_release))
+            .route(
+                "/repos/{owner}/{repo}/releases/tags/{tag}",
+                get(release_by_tag),
+            )
             .route("/app/hook/deliveries", get(list_deliveries))
             .route("/app/hook/deliveries/{id}/attempts", post(redeliver))
             .route("/repos/{owner}/{repo}/actions/runs", get(queued_runs))
@@ -186,6 +193,31 @@ impl FakeGitHub {
                 status,
             });
         id
+    }
+
+    /// Publishes actions/runner `version` (the newest so far) with one asset per
+    /// (name, download URL, SHA-256 hex), as GitHub's releases API lists assets and digests.
+    pub fn add_runner_release(&self, version: &str, assets: &[(String, String, String)]) {
+        let assets: Vec<Value> = assets
+            .iter()
+            .enumerate()
+            .map(|(n, (name, url, sha256))| {
+                json!({
+                    "id": 1000 + n, "name": name, "content_type": "application/gzip",
+                    "state": "uploaded", "browser_download_url": url,
+                    "digest": format!("sha256:{sha256}"),
+                })
+            })
+            .collect();
+        let release = json!({
+            "tag_name": format!("v{version}"), "name": format!("v{version}"),
+            "draft": false, "prerelease": false, "assets": assets,
+        });
+        self.state
+            .lock()
+            .unwrap()
+            .runner_releases
+            .insert(0, release);
     }
 
     pub fn runner_names(&self, target: &str) -> Vec<String> {
@@ -472,6 +504,39 @@ async fn list_repo_runners(
     guard!(shared, "list_runners");
     installation_only!(shared, headers);
     list_runners(&shared, &format!("repos/{owner}/{repo}"), query)
+}
+
+fn release(shared: &Shared, owner: &str, repo: &str, tag: Option<&str>) -> Response {
+    let state = shared.state.lock().unwrap();
+    let found = state
+        .runner_releases
+        .iter()
+        .filter(|_| (owner, repo) == ("actions", "runner"))
+        .find(|r| tag.is_none_or(|t| r["tag_name"] == t));
+    match found {
+        Some(release) => axum::Json(release.clone()).into_response(),
+        None => error(404, "Not Found"),
+    }
+}
+
+async fn latest_release(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_runner_release");
+    installation_only!(shared, headers);
+    release(&shared, &owner, &repo, None)
+}
+
+async fn release_by_tag(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, tag)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_runner_release");
+    installation_only!(shared, headers);
+    release(&shared, &owner, &repo, Some(&tag))
 }
 
 fn jit(shared: &Shared, target: &str, body: &Value) -> Response {

@@ -34,6 +34,16 @@ impl Signer {
         Self { dir: dir.into() }
     }
 
+    /// The signer already made under `dir`.
+    pub fn at(dir: &Path) -> Self {
+        assert!(
+            dir.join("signer.pem").exists(),
+            "no signer in {}",
+            dir.display()
+        );
+        Self { dir: dir.into() }
+    }
+
     /// The certificate to trust (`runners.identity_certificates_file`).
     pub fn certificate(&self) -> PathBuf {
         self.dir.join("signer.pem")

@@ -18,6 +18,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 pub mod github;
 pub mod identity;
 pub mod proxy;
+pub mod simulator;
 
 /// What parts of the ground a test binary needs.
 #[derive(Clone, Copy, PartialEq, Eq)]

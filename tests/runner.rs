@@ -1,0 +1,628 @@
+//! The whole life of a job on the real ground: a signed `queued` webhook, the RunnerJob, an
+//! instance in moto, the runner simulator running the real user-data against the real
+//! listener (bootstrap, register, complete), the instance terminated, the job Succeeded. And
+//! the ways a boot fails or an impostor calls.
+
+mod support;
+
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+use pacer::api::{JobPhase, JobResult, RunnerJob, RunnerPool};
+use pacer::cloud::aws::AwsEc2;
+use pacer::config::Secret;
+use pacer::controller::{self, Context, Settings};
+use pacer::github::webhook::sign;
+use pacer::github::{job_object_name, runner_name};
+use pacer::http::runner::RunnerSide;
+use pacer::http::{Web, router};
+use pacer::runner::identity::TrustRoots;
+use pacer::runner::token::{Claims, Tokens};
+use serde_json::{Value, json};
+use support::github::FakeGitHub;
+use support::identity::{self, Signer};
+use support::simulator::{Behaviour, RUNNER_VERSION, Simulator};
+use support::{Ground, Parts, ground, repo_root};
+
+const SECRET: &[u8] = b"webhook secret for runner tests";
+const ACCOUNT: &str = "123456789012";
+
+struct World {
+    ground: &'static Ground,
+    ns: String,
+    controller_id: String,
+    jobs: Api<RunnerJob>,
+    github: FakeGitHub,
+    /// The listener's base URL (`server.public_url`).
+    url: String,
+    dir: PathBuf,
+    tokens: Tokens,
+    sim: Option<Simulator>,
+    http: reqwest::Client,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn current_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+impl World {
+    /// Two pools (`alpha`, `beta`), the controllers, the listener, the fake GitHub; and the
+    /// simulator, unless `behaviour` is `None`.
+    async fn new(test: &str, behaviour: Option<Behaviour>) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pacer=info")
+            .with_test_writer()
+            .try_init();
+        let ground = ground(Parts::Both);
+        let client = ground.kube_client().await;
+        let ns = ground.namespace(&client, test).await;
+        let controller_id: String = format!("run-{}", ns.replace('_', "-"))
+            .chars()
+            .take(40)
+            .collect();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("runner-{ns}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+
+        let github = FakeGitHub::start().await;
+        github
+            .state
+            .lock()
+            .unwrap()
+            .installations
+            .insert(1, vec!["example-org/api".into()]);
+        let signer = Signer::new(&dir.join("identity"));
+        let key = Secret::new(std::fs::read(identity::callback_key(&dir)).unwrap());
+        let tokens = Tokens::new(key).unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let aws = ground.aws_config().await;
+        let settings = Settings {
+            resync: Duration::from_secs(2),
+            backoff_unit: Duration::from_millis(200),
+            instance_refresh: Duration::from_millis(500),
+            ..Settings::new(&controller_id, &url)
+        };
+        let ctx = Arc::new(
+            Context::new(client.clone(), Arc::new(AwsEc2::new(&aws)), settings)
+                .with_github(Arc::new(github.client())),
+        );
+        let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+        let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+        for (name, labels) in [
+            ("alpha", json!(["self-hosted", "linux", "alpha"])),
+            ("beta", json!(["self-hosted", "linux", "beta"])),
+        ] {
+            let mut pool = ground.example_pool(&ns, name);
+            pool["spec"]["github"] = json!({"scope": "org", "owner": "example-org"});
+            pool["spec"]["labels"] = labels;
+            pool["spec"]["runnerUser"] = json!(current_user());
+            pool["spec"]["ttlSecondsAfterFinished"] = json!(3600);
+            let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+            pools.create(&PostParams::default(), &pool).await.unwrap();
+        }
+        let mut tasks = Vec::new();
+        {
+            let (ctx, pools, jobs) = (ctx.clone(), pools.clone(), jobs.clone());
+            tasks.push(tokio::spawn(async move {
+                controller::run(ctx, pools, jobs).await;
+            }));
+        }
+        let (store, writer) = reflector::store();
+        tasks.push(tokio::spawn(
+            watcher(pools, watcher::Config::default())
+                .reflect(writer)
+                .for_each(|_| std::future::ready(())),
+        ));
+        let trust = TrustRoots::from_pem(&std::fs::read(signer.certificate()).unwrap()).unwrap();
+        let web = Arc::new(
+            Web::new(
+                ctx,
+                store.clone(),
+                vec![Secret::new(SECRET.to_vec())],
+                Some(ns.clone()),
+            )
+            .with_runners(RunnerSide {
+                trust,
+                tokens: tokens.clone(),
+                region: ground.var("AWS_REGION").to_string(),
+            }),
+        );
+        store.wait_until_ready().await.unwrap();
+        web.ready.store(true, Ordering::SeqCst);
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router(web)).into_future().await;
+        }));
+        let sim = match behaviour {
+            Some(behaviour) => Some(
+                Simulator::start(
+                    &aws,
+                    &github,
+                    Signer::at(&dir.join("identity")),
+                    &controller_id,
+                    &dir.join("instances"),
+                    behaviour,
+                )
+                .await,
+            ),
+            None => {
+                let name = pacer::github::runner_asset_name(RUNNER_VERSION, "x64");
+                let url = format!("http://127.0.0.1:9/{name}");
+                github.add_runner_release(RUNNER_VERSION, &[(name, url, "0".repeat(64))]);
+                None
+            }
+        };
+        let world = Self {
+            ground,
+            ns,
+            controller_id,
+            jobs,
+            github,
+            url,
+            dir,
+            tokens,
+            sim,
+            http: reqwest::Client::new(),
+            _tasks: tasks,
+        };
+        for pool in ["alpha", "beta"] {
+            world.wait_ready(pool).await;
+        }
+        world
+    }
+
+    async fn wait_ready(&self, pool: &str) {
+        let pools: Api<RunnerPool> = Api::namespaced(self.jobs.clone().into_client(), &self.ns);
+        self.wait(120, || async {
+            pools.get(pool).await.unwrap().status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .await;
+    }
+
+    async fn wait<F: std::future::Future<Output = bool>>(
+        &self,
+        seconds: u64,
+        mut check: impl FnMut() -> F,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        while !check().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Posts a signed `queued` webhook (GitHub's example, given this job's id and labels).
+    async fn queue(&self, job_id: i64, labels: &[&str]) {
+        let path = repo_root()
+            .join("tests/npm/node_modules/@octokit/webhooks-examples/api.github.com/index.json");
+        let all: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut event = all
+            .into_iter()
+            .find(|e| e["name"] == "workflow_job")
+            .unwrap()["examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["action"] == "queued")
+            .unwrap()
+            .clone();
+        event["workflow_job"]["id"] = json!(job_id);
+        event["workflow_job"]["run_id"] = json!(job_id * 10);
+        event["workflow_job"]["labels"] = json!(labels);
+        event["repository"]["name"] = json!("api");
+        event["repository"]["full_name"] = json!("example-org/api");
+        event["repository"]["owner"]["login"] = json!("example-org");
+        event["installation"] = json!({"id": 1});
+        let body = serde_json::to_vec(&event).unwrap();
+        let response = self
+            .http
+            .post(format!("{}/api/webhook", self.url))
+            .header("content-type", "application/json")
+            .header("x-github-event", "workflow_job")
+            .header("x-github-delivery", format!("delivery-{job_id}"))
+            .header("x-hub-signature-256", sign(SECRET, &body))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{}",
+            response.text().await.unwrap()
+        );
+    }
+
+    async fn wait_phase(&self, name: &str, phases: &[JobPhase], seconds: u64) -> RunnerJob {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        loop {
+            if let Some(job) = self.jobs.get_opt(name).await.unwrap()
+                && let Some(status) = &job.status
+                && phases.contains(&status.phase)
+            {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never reached {phases:?}: {:?}",
+                self.jobs
+                    .get_opt(name)
+                    .await
+                    .unwrap()
+                    .and_then(|j| j.status)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The state EC2 shows for an instance.
+    async fn instance_state(&self, id: &str) -> String {
+        let ec2 = aws_sdk_ec2::Client::new(&self.ground.aws_config().await);
+        let out = ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .unwrap();
+        out.reservations()[0].instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+            .unwrap()
+    }
+
+    async fn events_of(&self, job: &str) -> Vec<Event> {
+        Api::<Event>::namespaced(self.jobs.clone().into_client(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job))
+            .collect()
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut request = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_job_runs_on_an_instance_that_boots_the_real_user_data() {
+    let w = World::new("runner-e2e", Some(Behaviour::default())).await;
+    w.queue(5001, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(5001);
+    let job = w
+        .wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 90)
+        .await;
+    let status = job.status.clone().unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    assert_eq!(
+        status.completion.as_ref().unwrap().result,
+        JobResult::Success
+    );
+    let instance = status.instance.as_ref().unwrap();
+    let runner = status.runner.as_ref().unwrap();
+    assert_eq!(runner.name, runner_name(&w.controller_id, 5001));
+    assert!(
+        status
+            .cost
+            .as_ref()
+            .is_some_and(|c| c.estimated_cost.is_some()),
+        "{status:?}"
+    );
+    let boot = status.boot.as_ref().unwrap();
+    assert_eq!(boot.instance_id, instance.id);
+    assert_eq!(boot.runner.as_ref(), Some(runner));
+
+    // The instance ran the script to its end and shut down; EC2 terminated it.
+    let sim = w.sim.as_ref().unwrap();
+    let booted = sim.finished(&instance.id, Duration::from_secs(10)).await;
+    assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
+    assert!(booted.shut_down);
+    assert_eq!(w.instance_state(&instance.id).await, "terminated");
+    // The runner got the JIT config GitHub minted for its name, and was removed afterwards.
+    let jit = booted.jit_config.unwrap();
+    let expected = base64_of(&format!("jit:orgs/example-org:{}", runner.name));
+    assert_eq!(jit, expected);
+    assert!(
+        !w.github
+            .runner_names("orgs/example-org")
+            .contains(&runner.name)
+    );
+
+    // No secret in the user-data: not the callback token, the JIT config or the key.
+    let auth = std::fs::read_to_string(booted.dir.join("state/callback.headers")).unwrap();
+    let token = auth.trim().strip_prefix("Authorization: Bearer ").unwrap();
+    let key = std::fs::read_to_string(w.dir.join("callback-key")).unwrap();
+    for secret in [token, jit.as_str(), key.trim()] {
+        assert!(!booted.user_data.contains(secret));
+    }
+    assert!(!token.is_empty() && booted.user_data.contains(&w.url));
+    // The job keeps the token's fingerprint only.
+    let stored = serde_json::to_string(&status).unwrap();
+    assert!(!stored.contains(token));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_jobs_across_two_pools_all_succeed_and_leave_nothing_running() {
+    let w = World::new("runner-twenty", Some(Behaviour::default())).await;
+    for n in 0..20 {
+        let pool = if n % 2 == 0 { "alpha" } else { "beta" };
+        w.queue(6000 + n, &["self-hosted", "linux", pool]).await;
+    }
+    for n in 0..20 {
+        let job = w
+            .wait_phase(
+                &job_object_name(6000 + n),
+                &[JobPhase::Succeeded, JobPhase::Failed],
+                180,
+            )
+            .await;
+        let status = job.status.unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "job {n}: {status:?}");
+        let pool = if n % 2 == 0 { "alpha" } else { "beta" };
+        assert_eq!(job.spec.pool_name, pool);
+    }
+    let ours = AwsEc2::new(&w.ground.aws_config().await);
+    use pacer::cloud::Ec2 as _;
+    let alive: Vec<_> = ours
+        .describe_managed_instances(&w.controller_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.is_alive())
+        .collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+    assert_eq!(w.sim.as_ref().unwrap().boots.lock().unwrap().len(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_boot_that_cannot_get_its_runner_fails_with_the_log_tail() {
+    for (test, behaviour, expect) in [
+        (
+            "runner-404",
+            Behaviour {
+                release_missing: true,
+                ..Default::default()
+            },
+            "answered 404",
+        ),
+        (
+            "runner-digest",
+            Behaviour {
+                wrong_digest: true,
+                ..Default::default()
+            },
+            "FAILED",
+        ),
+    ] {
+        let w = World::new(test, Some(behaviour)).await;
+        w.queue(7001, &["self-hosted", "linux", "beta"]).await;
+        let name = job_object_name(7001);
+        let job = w
+            .wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 90)
+            .await;
+        let status = job.status.unwrap();
+        assert_eq!(status.phase, JobPhase::Failed, "{test}: {status:?}");
+        assert_eq!(status.last_error.as_ref().unwrap().reason, "BootFailed");
+        let tail = status.boot.as_ref().unwrap().log_tail.clone().unwrap();
+        assert!(tail.contains(expect), "{test}: {tail}");
+        let instance = status.instance.unwrap().id;
+        assert_eq!(w.instance_state(&instance).await, "terminated");
+        let events = w.events_of(&name).await;
+        let boot_failed = events
+            .iter()
+            .find(|e| e.reason.as_deref() == Some("BootFailed"))
+            .unwrap_or_else(|| panic!("{test}: no BootFailed event in {events:?}"));
+        assert!(boot_failed.note.as_deref().unwrap().contains(expect));
+        // The runner never ran.
+        let booted = w
+            .sim
+            .as_ref()
+            .unwrap()
+            .finished(&instance, Duration::from_secs(10))
+            .await;
+        assert!(booted.jit_config.is_none() && booted.shut_down);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn impostors_get_no_runner_config_and_no_callback() {
+    let w = World::new("runner-security", None).await;
+    w.queue(8001, &["self-hosted", "linux", "alpha"]).await;
+    w.queue(8002, &["self-hosted", "linux", "alpha"]).await;
+    let first = w
+        .wait_phase(&job_object_name(8001), &[JobPhase::Booting], 60)
+        .await;
+    let second = w
+        .wait_phase(&job_object_name(8002), &[JobPhase::Booting], 60)
+        .await;
+    let instance = first.status.as_ref().unwrap().instance.clone().unwrap();
+    let other_instance = second.status.as_ref().unwrap().instance.clone().unwrap();
+    let region = w.ground.var("AWS_REGION");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let signer = Signer::at(&w.dir.join("identity"));
+    let stranger = Signer::new(&w.dir.join("stranger"));
+    let request = |signer: &Signer, document: String| json!({ "signature": signer.sign(&document), "document": document });
+    let jit_calls = || w.github.calls_of("generate_jitconfig");
+
+    let refused = [
+        (
+            "another key",
+            "does not verify",
+            request(
+                &stranger,
+                identity::document(ACCOUNT, region, &instance.id, "x86_64", &now),
+            ),
+        ),
+        (
+            "an unknown instance",
+            "not one Pacer launched",
+            request(
+                &signer,
+                identity::document(ACCOUNT, region, "i-0abcdef0123456789", "x86_64", &now),
+            ),
+        ),
+        (
+            "another account",
+            "from account 210987654321",
+            request(
+                &signer,
+                identity::document("210987654321", region, &instance.id, "x86_64", &now),
+            ),
+        ),
+        (
+            "another region",
+            "Pacer launches in",
+            request(
+                &signer,
+                identity::document(ACCOUNT, "eu-north-1", &instance.id, "x86_64", &now),
+            ),
+        ),
+        (
+            "a stale document",
+            "outside the boot timeout",
+            request(
+                &signer,
+                identity::document(
+                    ACCOUNT,
+                    region,
+                    &instance.id,
+                    "x86_64",
+                    "2020-01-01T00:00:00Z",
+                ),
+            ),
+        ),
+    ];
+    for (what, why, body) in refused {
+        let (status, answer) = w.post("/api/runner/bootstrap", None, body).await;
+        assert_eq!(status, 401, "{what}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(why), "{what}: {error}");
+    }
+    // A document that is not the signed one.
+    let mut swapped = request(
+        &signer,
+        identity::document(ACCOUNT, region, &instance.id, "x86_64", &now),
+    );
+    swapped["document"] = json!(identity::document(
+        ACCOUNT,
+        region,
+        &other_instance.id,
+        "x86_64",
+        &now
+    ));
+    let (status, answer) = w.post("/api/runner/bootstrap", None, swapped).await;
+    assert_eq!(status, 401);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("not the document sent")
+    );
+    assert_eq!(
+        w.post("/api/runner/bootstrap", None, json!({"nope": 1}))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(jit_calls(), 0);
+
+    // The real instance, once.
+    let good = request(
+        &signer,
+        identity::document(ACCOUNT, region, &instance.id, "x86_64", &now),
+    );
+    let (status, answer) = w.post("/api/runner/bootstrap", None, good.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    let token = answer["callbackToken"].as_str().unwrap().to_string();
+    assert!(answer["jitConfig"].as_str().is_some_and(|c| !c.is_empty()));
+    assert_eq!(answer["runner"]["version"], json!(RUNNER_VERSION));
+    assert_eq!(jit_calls(), 1);
+    let (status, answer) = w.post("/api/runner/bootstrap", None, good).await;
+    assert_eq!(status, 409, "a replay: {answer}");
+    assert_eq!(jit_calls(), 1);
+
+    // Callbacks: forged, expired, another job's, none.
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let claims = Claims {
+        namespace: w.ns.clone(),
+        name: job_object_name(8001),
+        uid: first.metadata.uid.clone().unwrap(),
+        instance: instance.id.clone(),
+        expires: k8s_openapi::jiff::Timestamp::now().as_second() - 1,
+    };
+    let expired = String::from_utf8(w.tokens.mint(&claims).expose().to_vec()).unwrap();
+    let others = String::from_utf8(
+        w.tokens
+            .mint(&Claims {
+                instance: other_instance.id.clone(),
+                expires: claims.expires + 3600,
+                ..claims.clone()
+            })
+            .expose()
+            .to_vec(),
+    )
+    .unwrap();
+    for (what, bad) in [
+        ("forged", Some(forged.as_str())),
+        ("expired", Some(expired.as_str())),
+        ("another instance's", Some(others.as_str())),
+        ("missing", None),
+    ] {
+        for path in [
+            "/api/runner/register",
+            "/api/runner/complete",
+            "/api/runner/error",
+        ] {
+            let (status, answer) = w.post(path, bad, json!({"exitCode": 0})).await;
+            assert_eq!(status, 401, "{what} token on {path}: {answer}");
+        }
+    }
+    let job = w.jobs.get(&job_object_name(8001)).await.unwrap();
+    let status = job.status.unwrap();
+    assert!(status.runner.is_none() && status.completion.is_none());
+
+    // The real token registers, and the job runs.
+    let (status, answer) = w
+        .post("/api/runner/register", Some(&token), json!({}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    w.wait_phase(&job_object_name(8001), &[JobPhase::Running], 30)
+        .await;
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("state/boot.log")).unwrap_or_default()
+}

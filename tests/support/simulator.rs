@@ -1,0 +1,423 @@
+//! The runner simulator: plays the instances Pacer launches in moto. For each new instance of a
+//! controller it takes the user-data from the instance's launch template (the
+//! `aws:ec2launchtemplate:*` tags EC2 puts on it) and runs it with bash in a sandbox folder,
+//! with
+//! - an IMDS stand-in serving an identity document for the instance, signed with the test key;
+//! - a release server serving a small fake actions/runner tarball, published in the fake
+//!   GitHub's releases API with its SHA-256; its `run.sh` takes `--jitconfig`, records it, and
+//!   exits with the status the test chose;
+//! - `shutdown` replaced by a stub, after which the simulator terminates the instance, as the
+//!   launch template's shutdown behaviour would.
+//!
+//! Nothing in Pacer knows: the script talks to the real listener over HTTP.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use base64::Engine as _;
+use sha2::Digest as _;
+
+use super::github::FakeGitHub;
+use super::identity::{self, Signer};
+
+/// The actions/runner version the fake release is published as.
+pub const RUNNER_VERSION: &str = "2.999.0";
+
+/// What a test may change about the simulated world.
+#[derive(Clone, Debug, Default)]
+pub struct Behaviour {
+    /// The status the fake runner exits with.
+    pub runner_exit: i32,
+    /// The release server answers 404 to downloads.
+    pub release_missing: bool,
+    /// The releases API gives a digest that does not match the tarball.
+    pub wrong_digest: bool,
+}
+
+/// What became of one instance's boot.
+#[derive(Clone, Debug, Default)]
+pub struct Boot {
+    /// bash's exit status, once it ended.
+    pub exit: Option<i32>,
+    /// The script called `shutdown`.
+    pub shut_down: bool,
+    /// The JIT config the fake runner was started with.
+    pub jit_config: Option<String>,
+    /// The user-data the instance ran.
+    pub user_data: String,
+    /// The sandbox folder (boot log at `state/boot.log`).
+    pub dir: PathBuf,
+}
+
+struct Shared {
+    signer: Signer,
+    region: String,
+    /// Instance id -> its identity document.
+    documents: Mutex<HashMap<String, String>>,
+    tarball: Vec<u8>,
+    behaviour: Behaviour,
+}
+
+pub struct Simulator {
+    pub boots: Arc<Mutex<HashMap<String, Boot>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Simulator {
+    /// Starts simulating the instances tagged `gha:controller=controller_id`.
+    pub async fn start(
+        aws: &aws_config::SdkConfig,
+        github: &FakeGitHub,
+        signer: Signer,
+        controller_id: &str,
+        dir: &Path,
+        behaviour: Behaviour,
+    ) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let tarball = fake_runner_tarball(dir);
+        let digest = hex(&sha2::Sha256::digest(&tarball));
+        let region = aws.region().unwrap().to_string();
+        let shared = Arc::new(Shared {
+            signer,
+            region,
+            documents: Mutex::default(),
+            tarball,
+            behaviour: behaviour.clone(),
+        });
+        let app = Router::new()
+            .route("/imds/{instance}/latest/api/token", put(imds_token))
+            .route(
+                "/imds/{instance}/latest/dynamic/instance-identity/{what}",
+                get(imds_identity),
+            )
+            .route("/releases/{name}", get(download))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let published = if behaviour.wrong_digest {
+            hex(&sha2::Sha256::digest(b"something else"))
+        } else {
+            digest
+        };
+        let assets: Vec<(String, String, String)> = ["x64", "arm64"]
+            .iter()
+            .map(|arch| {
+                let name = pacer::github::runner_asset_name(RUNNER_VERSION, arch);
+                let url = format!("{base}/releases/{name}");
+                (name, url, published.clone())
+            })
+            .collect();
+        github.add_runner_release(RUNNER_VERSION, &assets);
+
+        let ec2 = aws_sdk_ec2::Client::new(
+            &aws.to_builder()
+                .app_name(aws_config::AppName::new("pacer-simulator").unwrap())
+                .build(),
+        );
+        let boots: Arc<Mutex<HashMap<String, Boot>>> = Arc::default();
+        let task = tokio::spawn(watch(
+            ec2,
+            controller_id.to_string(),
+            dir.to_path_buf(),
+            base,
+            shared,
+            boots.clone(),
+        ));
+        Self { boots, task }
+    }
+
+    /// The boot of `instance`, once bash has ended.
+    pub async fn finished(&self, instance: &str, within: Duration) -> Boot {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(boot) = self.boots.lock().unwrap().get(instance)
+                && boot.exit.is_some()
+            {
+                return boot.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance {instance} did not finish booting"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A tarball shaped like actions/runner's: `run.sh` and `bin/Runner.Listener`.
+fn fake_runner_tarball(dir: &Path) -> Vec<u8> {
+    let root = dir.join("fake-runner");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::write(
+        root.join("run.sh"),
+        r#"#!/bin/bash
+# A stand-in for actions/runner's run.sh: takes the JIT config, records it, exits as told.
+set -euo pipefail
+if [ "${1:-}" != --jitconfig ] || [ -z "${2:-}" ]; then
+  echo "usage: run.sh --jitconfig CONFIG" >&2
+  exit 2
+fi
+printf '%s' "$2" >jitconfig.received
+echo "fake runner: running one job as $(id -un) with a JIT config of ${#2} bytes"
+sleep 0.2
+exit "${FAKE_RUNNER_EXIT:-0}"
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("bin/Runner.Listener"),
+        format!("#!/bin/bash\n[ \"${{1:-}}\" = --version ] && echo {RUNNER_VERSION}\n"),
+    )
+    .unwrap();
+    for file in ["run.sh", "bin/Runner.Listener"] {
+        let status = std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(root.join(file))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let out = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg("-")
+        .arg("-C")
+        .arg(&root)
+        .args(["run.sh", "bin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+async fn imds_token(headers: HeaderMap) -> Response {
+    if headers
+        .get("x-aws-ec2-metadata-token-ttl-seconds")
+        .is_none()
+    {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    "imds-session-token".into_response()
+}
+
+async fn imds_identity(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((instance, what)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    // IMDSv2 only: no session token, no answer.
+    if headers
+        .get("x-aws-ec2-metadata-token")
+        .map(|v| v.as_bytes())
+        != Some(b"imds-session-token")
+    {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let Some(document) = shared.documents.lock().unwrap().get(&instance).cloned() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    match what.as_str() {
+        "document" => document.into_response(),
+        "rsa2048" => shared.signer.sign(&document).into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn download(State(shared): State<Arc<Shared>>, UrlPath(name): UrlPath<String>) -> Response {
+    if shared.behaviour.release_missing || !name.ends_with(".tar.gz") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    shared.tarball.clone().into_response()
+}
+
+/// Looks for new instances of the controller and boots each once.
+async fn watch(
+    ec2: aws_sdk_ec2::Client,
+    controller_id: String,
+    dir: PathBuf,
+    base: String,
+    shared: Arc<Shared>,
+    boots: Arc<Mutex<HashMap<String, Boot>>>,
+) {
+    let mut seen = HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(out) = ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:gha:controller")
+                    .values(&controller_id)
+                    .build(),
+            )
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .build(),
+            )
+            .send()
+            .await
+        else {
+            continue;
+        };
+        for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+            let id = instance.instance_id().unwrap_or_default().to_string();
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let tag = |key: &str| {
+                instance
+                    .tags()
+                    .iter()
+                    .find(|t| t.key() == Some(key))
+                    .and_then(|t| t.value())
+                    .map(String::from)
+            };
+            let template =
+                tag("aws:ec2launchtemplate:id").zip(tag("aws:ec2launchtemplate:version"));
+            let pending = instance
+                .launch_time()
+                .and_then(|t| k8s_openapi::jiff::Timestamp::from_second(t.secs()).ok())
+                .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
+                .to_string();
+            let arch = match instance.architecture().map(|a| a.as_str()) {
+                Some("arm64") => "arm64",
+                _ => "x86_64",
+            };
+            let document = identity::document("123456789012", &shared.region, &id, arch, &pending);
+            shared
+                .documents
+                .lock()
+                .unwrap()
+                .insert(id.clone(), document);
+            tokio::spawn(boot(
+                ec2.clone(),
+                id,
+                template,
+                dir.clone(),
+                base.clone(),
+                shared.behaviour.runner_exit,
+                boots.clone(),
+            ));
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn boot(
+    ec2: aws_sdk_ec2::Client,
+    id: String,
+    template: Option<(String, String)>,
+    dir: PathBuf,
+    base: String,
+    runner_exit: i32,
+    boots: Arc<Mutex<HashMap<String, Boot>>>,
+) {
+    // EC2 tags instances launched from a template with it; moto does so for RunInstances but
+    // not for CreateFleet, where the instance's own userData attribute is the template's.
+    let encoded = match template {
+        Some((template, version)) => ec2
+            .describe_launch_template_versions()
+            .launch_template_id(&template)
+            .versions(&version)
+            .send()
+            .await
+            .unwrap()
+            .launch_template_versions()[0]
+            .launch_template_data()
+            .and_then(|d| d.user_data())
+            .unwrap_or_default()
+            .to_string(),
+        None => ec2
+            .describe_instance_attribute()
+            .instance_id(&id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap()
+            .user_data()
+            .and_then(|v| v.value())
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let user_data = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap();
+    let sandbox = dir.join(&id);
+    let stubs = sandbox.join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    std::fs::write(sandbox.join("user-data.sh"), &user_data).unwrap();
+    std::fs::write(
+        stubs.join("shutdown"),
+        format!(
+            "#!/bin/bash\necho \"$*\" >>'{}'\n",
+            sandbox.join("shutdown.called").display()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(stubs.join("shutdown"))
+        .status()
+        .unwrap();
+    boots.lock().unwrap().insert(
+        id.clone(),
+        Boot {
+            user_data,
+            dir: sandbox.clone(),
+            ..Default::default()
+        },
+    );
+    let path = format!(
+        "{}:{}",
+        stubs.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let status = tokio::process::Command::new("bash")
+        .arg(sandbox.join("user-data.sh"))
+        .current_dir(&sandbox)
+        .env("PATH", path)
+        .env("PACER_IMDS_URL", format!("{base}/imds/{id}"))
+        .env("PACER_STATE_DIR", sandbox.join("state"))
+        .env("PACER_RUNNER_DIR", sandbox.join("runner"))
+        .env("FAKE_RUNNER_EXIT", runner_exit.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    let shut_down = sandbox.join("shutdown.called").exists();
+    if shut_down {
+        // The launch template terminates the instance on shutdown.
+        let _ = ec2.terminate_instances().instance_ids(&id).send().await;
+    }
+    let jit_config = std::fs::read_to_string(sandbox.join("runner/jitconfig.received")).ok();
+    let mut boots = boots.lock().unwrap();
+    let boot = boots.get_mut(&id).unwrap();
+    boot.exit = Some(status.code().unwrap_or(-1));
+    boot.shut_down = shut_down;
+    boot.jit_config = jit_config;
+}

@@ -1,0 +1,242 @@
+//! `server.tls.mode` on loopback, each with a real TLS client that trusts the right root:
+//! `self` (the generated certificate), `manual` (files, reloaded when rewritten) and `acme`
+//! (Pebble, Let's Encrypt's ACME test server, built by `hack/build-pebble.sh`).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use pacer::config::{AcmeConfig, ServerConfig, TlsConfig, TlsMode};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("tls-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Serves a one-route app as `pacer run` serves its listener; returns the port.
+fn serve(tls: TlsConfig) -> u16 {
+    let port = free_port();
+    let server = ServerConfig {
+        public_url: format!("https://localhost:{port}"),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        tls,
+    };
+    let app = Router::new().route("/healthz", get(|| async { "ok" }));
+    tokio::spawn(async move {
+        pacer::http::serve_main(&server, app, std::future::pending())
+            .await
+            .unwrap();
+    });
+    port
+}
+
+/// GET https://localhost:PORT/healthz trusting only `root` (PEM).
+async fn get_trusting(root: &[u8], port: u16) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(root).unwrap()])
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("https://localhost:{port}/healthz"))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    response.text().await.map_err(|e| e.to_string())
+}
+
+async fn eventually_trusting(root: &[u8], port: u16, seconds: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        match get_trusting(root, port).await {
+            Ok(body) => return assert_eq!(body, "ok"),
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("no handshake: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// A CA and a `localhost` leaf it signed: (CA PEM, leaf PEM, leaf key PEM).
+fn ca_and_leaf(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+/// The certificate the server at PORT presents, as openssl's client sees it.
+fn presented_certificate(port: u16) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "localhost"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    format!("{}\n", &text[start..end])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn self_mode_serves_a_generated_certificate_for_its_hosts() {
+    let port = serve(TlsConfig {
+        mode: TlsMode::SelfSigned,
+        hosts: vec!["localhost".into()],
+        ..Default::default()
+    });
+    let (other_ca, _, _) = ca_and_leaf("not this server's");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let presented = tokio::task::spawn_blocking(move || presented_certificate(port))
+        .await
+        .unwrap();
+    eventually_trusting(presented.as_bytes(), port, 10).await;
+    let refused = get_trusting(other_ca.as_bytes(), port).await.unwrap_err();
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_mode_serves_its_files_and_follows_them_when_rewritten() {
+    let dir = scratch("manual");
+    let (ca, leaf, key) = ca_and_leaf("first CA");
+    std::fs::write(dir.join("tls.crt"), &leaf).unwrap();
+    std::fs::write(dir.join("tls.key"), &key).unwrap();
+    let port = serve(TlsConfig {
+        mode: TlsMode::Manual,
+        cert_file: Some(dir.join("tls.crt")),
+        key_file: Some(dir.join("tls.key")),
+        ..Default::default()
+    });
+    eventually_trusting(ca.as_bytes(), port, 10).await;
+
+    // A rotation, as a Secret update rewrites the mounted files.
+    let (new_ca, new_leaf, new_key) = ca_and_leaf("second CA");
+    std::fs::write(dir.join("tls.key"), &new_key).unwrap();
+    std::fs::write(dir.join("tls.crt"), &new_leaf).unwrap();
+    eventually_trusting(new_ca.as_bytes(), port, 30).await;
+    assert!(get_trusting(ca.as_bytes(), port).await.is_err());
+}
+
+struct Pebble {
+    child: Child,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pebble_dir() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(support::repo_root().join("hack/build-pebble.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn start_pebble(tools: &Path, dir: &Path, api: u16, management: u16, http: u16) -> Pebble {
+    let config = serde_json::json!({
+        "pebble": {
+            "listenAddress": format!("127.0.0.1:{api}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": tools.join("api-cert.pem"),
+            "privateKey": tools.join("api-key.pem"),
+            "httpPort": http,
+            "tlsPort": free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }
+    });
+    std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+    let log = std::fs::File::create(dir.join("pebble.log")).unwrap();
+    let child = Command::new(tools.join("pebble"))
+        .arg("-config")
+        .arg(dir.join("pebble.json"))
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .env("PEBBLE_AUTHZREUSE", "0")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Pebble { child }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acme_mode_gets_its_certificate_from_pebble_over_http_01() {
+    let tools = tokio::task::spawn_blocking(pebble_dir).await.unwrap();
+    let dir = scratch("acme");
+    let (api, management, http) = (free_port(), free_port(), free_port());
+    let _pebble = start_pebble(&tools, &dir, api, management, http);
+    let pebble_api_ca = std::fs::read(tools.join("api-ca.pem")).unwrap();
+    // Pebble's issuing root, from its management API, once it is up.
+    let management_client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pebble_api_ca).unwrap()])
+        .build()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let root = loop {
+        match management_client
+            .get(format!("https://localhost:{management}/roots/0"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => break r.bytes().await.unwrap(),
+            _ if tokio::time::Instant::now() > deadline => panic!("pebble did not start"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let port = serve(TlsConfig {
+        mode: TlsMode::Acme,
+        acme: Some(AcmeConfig {
+            domains: vec!["localhost".into()],
+            email: "ops@example.com".into(),
+            directory_url: format!("https://localhost:{api}/dir"),
+            cache_dir: dir.join("acme"),
+            http_listen: format!("127.0.0.1:{http}").parse().unwrap(),
+            directory_ca_file: Some(tools.join("api-ca.pem")),
+        }),
+        ..Default::default()
+    });
+    eventually_trusting(&root, port, 60).await;
+    // The certificate, its key and the account are cached for the next start.
+    for file in ["account.json", "cert.pem", "key.pem"] {
+        assert!(dir.join("acme").join(file).exists(), "{file}");
+    }
+}
