@@ -21,8 +21,11 @@ build: ## Build the pacer binary (debug)
 	cargo build
 
 .PHONY: generate
-generate: build ## Regenerate crds/, docs/iam-role.json and docs/iam-policy.md from the code
+generate: build ## Regenerate crds/ (and the chart's), deploy/pacer.yaml, docs/iam-role.json and docs/iam-policy.md from the code
 	$(PACER) crds --dir crds
+	$(PACER) crds --dir charts/pacer/crds
+	$$(hack/build-helm.sh) template pacer charts/pacer --namespace pacer --include-crds \
+	  -f charts/pacer/ci/minimal-values.yaml > deploy/pacer.yaml
 	$(PACER) iam-policy > docs/iam-role.json
 	$(PACER) iam-policy --explain > docs/iam-policy.md
 
@@ -49,6 +52,7 @@ tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto, pe
 	hack/parliament-venv.sh >/dev/null
 	hack/shellcheck.sh --version >/dev/null
 	hack/build-pebble.sh >/dev/null
+	hack/build-helm.sh >/dev/null
 
 .PHONY: shellcheck
 shellcheck: ## shellcheck the runner boot script and the project's scripts

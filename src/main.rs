@@ -24,6 +24,10 @@ enum Command {
         /// The YAML configuration file.
         #[arg(long, env = "PACER_CONFIG")]
         config: PathBuf,
+        /// Only check that the configuration file parses and its values are valid (with the
+        /// PACER_* overrides applied), then exit: 0 when it does. Secret files are not read.
+        #[arg(long)]
+        check_config: bool,
     },
     /// Print the CustomResourceDefinitions as YAML (`pacer crds | kubectl apply -f -`).
     Crds {
@@ -60,7 +64,26 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            check_config: true,
+        } => match pacer::config::Config::load(&config, std::env::vars()) {
+            Ok(loaded) => {
+                println!(
+                    "{}: OK (region {}, controller {}, TLS {:?})",
+                    config.display(),
+                    loaded.aws.region,
+                    loaded.controller.id,
+                    loaded.server.tls.mode
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config, .. } => {
             pacer::app::reexec_with_allocator_option();
             pacer::app::init_tracing();
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");

@@ -1,0 +1,203 @@
+//! The Helm chart: `helm lint` and `helm template` with each `charts/pacer/ci/*-values.yaml`
+//! (the least an install needs, every optional part on, manual TLS), every rendered object
+//! accepted by the real API server in a server-side dry-run, the rendered Deployment's command
+//! line and configuration accepted by `pacer run --check-config`, and `deploy/pacer.yaml` equal
+//! to what the chart renders for users without Helm.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use support::{Parts, ground, repo_root};
+
+fn helm() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack/build-helm.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn run(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn render(helm: &Path, namespace: &str, values: &Path) -> String {
+    run(Command::new(helm)
+        .args(["template", "pacer"])
+        .arg(repo_root().join("charts/pacer"))
+        .args(["--namespace", namespace, "--include-crds", "-f"])
+        .arg(values))
+}
+
+fn values_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("charts/pacer/ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    files
+}
+
+#[test]
+fn the_chart_lints_renders_and_every_object_is_accepted_by_the_api_server() {
+    let helm = helm();
+    let ground = ground(Parts::Kube);
+    let kubectl = |args: &[&str], input: Option<&Path>| {
+        let mut command = Command::new(ground.var("KUBECTL"));
+        command
+            .arg("--kubeconfig")
+            .arg(ground.var("KUBECONFIG"))
+            .args(args);
+        if let Some(file) = input {
+            command.arg("-f").arg(file);
+        }
+        run(&mut command)
+    };
+    kubectl(
+        &["apply", "--server-side"],
+        Some(&repo_root().join("tests/fixtures/servicemonitor-crd.yaml")),
+    );
+    kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/servicemonitors.monitoring.coreos.com",
+        ],
+        None,
+    );
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chart");
+    std::fs::create_dir_all(&scratch).unwrap();
+    for values in values_files() {
+        let name = values.file_stem().unwrap().to_string_lossy().to_string();
+        run(Command::new(&helm)
+            .args(["lint", "--strict"])
+            .arg(repo_root().join("charts/pacer"))
+            .arg("-f")
+            .arg(&values));
+        let namespace = format!("pacer-{name}");
+        let rendered = render(&helm, &namespace, &values);
+        let objects: Vec<Value> = serde_saphyr::from_multiple(&rendered).unwrap();
+        let objects: Vec<Value> = objects.into_iter().filter(|o| !o.is_null()).collect();
+        // The namespaces the objects go into exist, as they would in a cluster.
+        for ns in objects
+            .iter()
+            .filter_map(|o| o["metadata"]["namespace"].as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let _ = Command::new(ground.var("KUBECTL"))
+                .arg("--kubeconfig")
+                .arg(ground.var("KUBECONFIG"))
+                .args(["create", "namespace", ns])
+                .output();
+        }
+        let file = scratch.join(format!("{name}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        let applied = kubectl(&["apply", "--dry-run=server", "--server-side"], Some(&file));
+        assert_eq!(
+            applied.lines().count(),
+            objects.len(),
+            "{name}: every object accepted:\n{applied}"
+        );
+
+        // The Deployment runs `pacer` with the ConfigMap's file, and that file is valid.
+        let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = serde_json::from_value(container["args"].clone()).unwrap();
+        assert_eq!(args[..2], ["run".to_string(), "--config".into()], "{name}");
+        let config_path = Path::new(&args[2]);
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| config_path.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{name}: {} is mounted", config_path.display()));
+        assert_eq!(mount["name"], "config");
+        let config_map = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
+        let text = config_map["data"]["config.yaml"].as_str().unwrap();
+        let config_file = scratch.join(format!("{name}-config.yaml"));
+        std::fs::write(&config_file, text).unwrap();
+        let mut check = Command::new(env!("CARGO_BIN_EXE_pacer"));
+        check
+            .args(args.iter().take(2))
+            .arg(&config_file)
+            .arg("--check-config");
+        run(&mut check);
+
+        // Hardened as the chart promises.
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true);
+        assert_eq!(security["allowPrivilegeEscalation"], false);
+        assert_eq!(security["capabilities"]["drop"][0], "ALL");
+        // No Secret access through RBAC: secrets arrive as files.
+        for role in objects
+            .iter()
+            .filter(|o| o["kind"] == "Role" || o["kind"] == "ClusterRole")
+        {
+            for rule in role["rules"].as_array().unwrap() {
+                let resources = rule["resources"].to_string();
+                assert!(!resources.contains("secrets"), "{name}: {rule}");
+            }
+        }
+    }
+}
+
+#[test]
+fn deploy_manifests_are_what_the_chart_renders() {
+    let rendered = render(
+        &helm(),
+        "pacer",
+        &repo_root().join("charts/pacer/ci/minimal-values.yaml"),
+    );
+    let committed = std::fs::read_to_string(repo_root().join("deploy/pacer.yaml")).unwrap();
+    assert!(
+        rendered == committed,
+        "deploy/pacer.yaml is out of date: run `make generate` and commit the result"
+    );
+}
+
+#[test]
+fn values_that_do_not_fit_the_schema_fail_at_template_time() {
+    let helm = helm();
+    let minimal = repo_root().join("charts/pacer/ci/minimal-values.yaml");
+    for (set, why) in [
+        ("github.appid=5", "additional properties"),
+        ("server.tls.mode=letsencrypt", "server/tls/mode"),
+        ("controller.id=Prod_EU", "controller/id"),
+        ("github.appId=0", "github/appId"),
+    ] {
+        let out = Command::new(&helm)
+            .args(["template", "pacer"])
+            .arg(repo_root().join("charts/pacer"))
+            .arg("-f")
+            .arg(&minimal)
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(stderr.contains(why), "{set}: {stderr}");
+    }
+}
