@@ -166,7 +166,21 @@ pub async fn run(config_path: &Path) -> Result<()> {
             std::future::pending::<()>().await
         }
     };
-    let main = crate::http::serve_main(&config.server, crate::http::router(web), shutdown_signal());
+    // SIGTERM or Ctrl-C: the listener stops taking connections and finishes its requests; the
+    // leader's controllers finish what they started (they watch for the signal themselves),
+    // then it releases the Lease.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down");
+        let _ = stop.send(true);
+    });
+    let main = {
+        let mut stopping = stopping.clone();
+        crate::http::serve_main(&config.server, crate::http::router(web), async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        })
+    };
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
     // Only the leader reconciles, collects and sweeps; each term starts from a fresh context
@@ -217,9 +231,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }
     };
-    let leading = controller::leader::lead(client.clone(), &election, term);
+    let leading = controller::leader::lead(client.clone(), &election, term, stopping);
+    tokio::pin!(leading);
     tokio::select! {
-        result = leading => {
+        result = &mut leading => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "leader election failed");
             }
@@ -229,6 +244,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         result = main => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "the listener stopped");
+            }
+            // Shutting down: the leader drains and hands the Lease over.
+            let grace = controller::leader::DRAIN + std::time::Duration::from_secs(5);
+            match tokio::time::timeout(grace, &mut leading).await {
+                Ok(Err(e)) => tracing::error!(error = %e, "leader election failed"),
+                Ok(Ok(())) => {}
+                Err(_) => tracing::warn!("the controllers did not stop in time"),
             }
         }
         result = metrics.into_future() => {

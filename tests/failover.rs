@@ -1,6 +1,7 @@
-//! Two `pacer run` processes against the real API server and moto: only the leader reconciles,
-//! and when it is killed mid-burst the other takes over within the lease and launches every
-//! job exactly once.
+//! Two `pacer run` processes against the real API server and moto: only the leader reconciles;
+//! when it is killed mid-burst the other takes over within the lease, and when it is told to stop
+//! (SIGTERM) it finishes its launches and hands the lease over at once; either way every job
+//! launches exactly once.
 
 mod support;
 
@@ -117,12 +118,20 @@ async fn wait_for<F: std::future::Future<Output = bool>>(
     started.elapsed()
 }
 
-#[tokio::test]
-async fn the_leader_killed_mid_burst_is_replaced_within_the_lease_and_no_job_launches_twice() {
-    let ground = ground(Parts::Both);
+/// Two replicas of controller `id` watching a fresh namespace, a Ready pool, and which of them
+/// leads (only its AWS calls move).
+struct Pair {
+    replicas: Vec<Replica>,
+    leader: usize,
+    follower: usize,
+    jobs: Api<RunnerJob>,
+    ns: String,
+    dir: PathBuf,
+}
+
+async fn pair(ground: &'static Ground, id: &str) -> Pair {
     let client = ground.kube_client().await;
-    let ns = ground.namespace(&client, "failover").await;
-    let id = "failover";
+    let ns = ground.namespace(&client, id).await;
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("failover-{ns}"));
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -154,65 +163,144 @@ async fn the_leader_killed_mid_burst_is_replaced_within_the_lease_and_no_job_lau
         "exactly one replica reconciles: {a} and {b} AWS calls"
     );
     let (leader, follower) = if a > 0.0 { (0, 1) } else { (1, 0) };
-
-    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
-    for i in 0..100 {
-        let spec = RunnerJobSpec {
-            pool_name: "linux".into(),
-            job_id: 70_000 + i,
-            run_id: 7,
-            repository: "example-org/api".into(),
-            labels: vec!["self-hosted".into()],
-            installation_id: Some(1),
-        };
-        let job = RunnerJob::for_queued_job(&ns, &format!("burst-{i}"), spec);
-        jobs.create(&PostParams::default(), &job).await.unwrap();
+    Pair {
+        replicas,
+        leader,
+        follower,
+        jobs: Api::namespaced(client, &ns),
+        ns,
+        dir,
     }
-    let launched = || async {
-        jobs.list(&Default::default())
+}
+
+impl Pair {
+    /// Records `count` queued jobs and waits until the leader has launched some of them.
+    async fn burst(&self, count: i64) {
+        for i in 0..count {
+            let spec = RunnerJobSpec {
+                pool_name: "linux".into(),
+                job_id: 70_000 + i,
+                run_id: 7,
+                repository: "example-org/api".into(),
+                labels: vec!["self-hosted".into()],
+                installation_id: Some(1),
+            };
+            let job = RunnerJob::for_queued_job(&self.ns, &format!("burst-{i}"), spec);
+            self.jobs
+                .create(&PostParams::default(), &job)
+                .await
+                .unwrap();
+        }
+        wait_for("the burst starts", Duration::from_secs(60), || async {
+            self.launched().await >= 10
+        })
+        .await;
+        assert_eq!(
+            ec2_calls(&self.replicas[self.follower])
+                .await
+                .unwrap_or(0.0),
+            0.0,
+            "the follower made no AWS call while the leader led"
+        );
+    }
+
+    async fn launched(&self) -> usize {
+        self.jobs
+            .list(&Default::default())
             .await
             .unwrap()
             .items
             .iter()
             .filter(|j| j.status.as_ref().is_some_and(|s| s.instance.is_some()))
             .count()
-    };
-    wait_for("the burst starts", Duration::from_secs(60), || async {
-        launched().await >= 10
-    })
-    .await;
-    assert_eq!(
-        ec2_calls(&replicas[follower]).await.unwrap_or(0.0),
-        0.0,
-        "the follower made no AWS call while the leader led"
-    );
+    }
+
+    /// Every job of the burst launched, each exactly once (instances per job uid tag).
+    async fn each_launched_once(&self, ground: &Ground, id: &str, count: usize) {
+        wait_for("every job launched", Duration::from_secs(120), || async {
+            self.launched().await == count
+        })
+        .await;
+        let ec2 = AwsEc2::new(&ground.aws_config().await);
+        let mut per_job: HashMap<String, usize> = HashMap::new();
+        for instance in ec2.describe_managed_instances(id).await.unwrap() {
+            if let Some(uid) = instance.tags.get("gha:runner_job_uid") {
+                *per_job.entry(uid.clone()).or_default() += 1;
+            }
+        }
+        assert_eq!(per_job.len(), count, "one instance per job");
+        let twice: Vec<_> = per_job.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "launched twice: {twice:?}");
+    }
+
+    fn log(&self, replica: usize) -> String {
+        let name = ["replica-a", "replica-b"][replica];
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn the_leader_killed_mid_burst_is_replaced_within_the_lease_and_no_job_launches_twice() {
+    let ground = ground(Parts::Both);
+    let id = "failover";
+    let mut pair = pair(ground, id).await;
+    pair.burst(100).await;
 
     // SIGKILL: the lease is not given back; the other replica takes it once it expires.
-    replicas[leader].child.kill().unwrap();
+    let (leader, follower) = (pair.leader, pair.follower);
+    pair.replicas[leader].child.kill().unwrap();
     let takeover = wait_for(
         "the other replica takes over",
         Duration::from_secs(25),
         || async {
-            ec2_calls(&replicas[follower])
+            ec2_calls(&pair.replicas[follower])
                 .await
                 .is_some_and(|calls| calls > 0.0)
         },
     )
     .await;
     eprintln!("takeover after {takeover:?}");
-    wait_for("every job launched", Duration::from_secs(120), || async {
-        launched().await == 100
+    pair.each_launched_once(ground, id, 100).await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_burst_hands_the_lease_over_at_once_and_loses_nothing() {
+    let ground = ground(Parts::Both);
+    let id = "handover";
+    let mut pair = pair(ground, id).await;
+    pair.burst(100).await;
+
+    let (leader, follower) = (pair.leader, pair.follower);
+    let pid = pair.replicas[leader].child.id().to_string();
+    let sent = tokio::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // It finishes its in-flight launches, releases the Lease and exits, well within a pod's
+    // default 30 s grace period.
+    let exited = wait_for("the leader exits", Duration::from_secs(30), || {
+        let done = pair.replicas[leader].child.try_wait().unwrap().is_some();
+        async move { done }
     })
     .await;
-
-    let ec2 = AwsEc2::new(&ground.aws_config().await);
-    let mut per_job: HashMap<String, usize> = HashMap::new();
-    for instance in ec2.describe_managed_instances(id).await.unwrap() {
-        if let Some(uid) = instance.tags.get("gha:runner_job_uid") {
-            *per_job.entry(uid.clone()).or_default() += 1;
-        }
-    }
-    assert_eq!(per_job.len(), 100, "one instance per job");
-    let twice: Vec<_> = per_job.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "launched twice: {twice:?}");
+    let status = pair.replicas[leader].child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        pair.log(leader).contains("released the lease"),
+        "{}",
+        pair.log(leader)
+    );
+    // The successor starts within 2 s of the handover, not after the lease would have expired.
+    let successor = wait_for("the successor starts", Duration::from_secs(2), || {
+        let started = pair.log(follower).contains("leading: controllers start");
+        async move { started }
+    })
+    .await;
+    eprintln!("leader exited {exited:?} after SIGTERM; successor started {successor:?} later");
+    assert!(sent.elapsed() < Duration::from_secs(30));
+    pair.each_launched_once(ground, id, 100).await;
 }

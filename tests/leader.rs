@@ -34,16 +34,22 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_goes() {
             (client.clone(), leaders.clone(), most.clone(), who.clone());
         let name = name.to_string();
         tokio::spawn(async move {
-            lead(client, &election, || {
-                let now = leaders.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
-                who.lock().unwrap().push(name.clone());
-                let guard = Leading(leaders.clone());
-                async move {
-                    let _guard = guard;
-                    std::future::pending::<()>().await
-                }
-            })
+            let (_keep, running) = tokio::sync::watch::channel(false);
+            lead(
+                client,
+                &election,
+                || {
+                    let now = leaders.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    who.lock().unwrap().push(name.clone());
+                    let guard = Leading(leaders.clone());
+                    async move {
+                        let _guard = guard;
+                        std::future::pending::<()>().await
+                    }
+                },
+                running,
+            )
             .await
             .unwrap();
         })

@@ -46,33 +46,61 @@ impl Election {
     }
 }
 
+/// Longest a term may take to finish its in-flight work after shutdown is asked for.
+pub const DRAIN: Duration = Duration::from_secs(20);
+
 /// Runs `term()` while this replica holds the lease, a fresh one for each term, and drops it
-/// the moment the lease is lost. Returns when a term ends on its own (shutdown).
+/// the moment the lease is lost.
+///
+/// When `shutdown` turns true: a follower gives up at once; a leader lets its term finish (the
+/// controllers stop taking work on SIGTERM and finish what they started) for at most [`DRAIN`],
+/// then releases the lease, so that another replica takes over without waiting for it to
+/// expire. A follower takes a released lease within half a second (the manager alone would
+/// look again only when the old lease would have expired).
 pub async fn lead<F, Fut>(
     client: kube::Client,
     election: &Election,
     mut term: F,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), LeaseManagerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
-    let manager = LeaseManagerBuilder::new(client, &election.lease)
-        .with_namespace(&election.namespace)
-        .with_identity(&election.identity)
-        .with_duration(election.duration)
-        .with_grace(election.grace)
-        .build()
-        .await?;
-    let (mut leading, _renewing) = manager.watch().await;
+    let manager = || async {
+        LeaseManagerBuilder::new(client.clone(), &election.lease)
+            .with_namespace(&election.namespace)
+            .with_identity(&election.identity)
+            .with_duration(election.duration)
+            .with_grace(election.grace)
+            .build()
+            .await
+    };
+    let (mut leading, mut renewing) = manager().await?.watch().await;
     let deadline = SignedDuration::from_secs(election.duration as i64)
         - SignedDuration::from_millis(election.grace as i64 * 500);
     loop {
         while !*leading.borrow_and_update() {
-            if leading.changed().await.is_err() {
-                warn!("leader election stopped");
-                return Ok(());
+            tokio::select! {
+                changed = leading.changed() => {
+                    if changed.is_err() {
+                        warn!("leader election stopped");
+                        return Ok(());
+                    }
+                }
+                () = stopped(&mut shutdown) => {
+                    drop(leading);
+                    let _ = renewing.await;
+                    return Ok(());
+                }
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if released(&leases, election).await {
+                        drop(leading);
+                        let _ = renewing.await;
+                        (leading, renewing) = manager().await?.watch().await;
+                    }
+                }
             }
         }
         // The manager says this replica holds the lease; a term starts only once the Lease
@@ -104,10 +132,46 @@ where
                 }
             }
         };
+        let drained = async {
+            stopped(&mut shutdown).await;
+            tokio::time::sleep(DRAIN).await;
+            warn!(drain = ?DRAIN, "the controllers did not finish in time; leaving anyway");
+        };
         tokio::select! {
-            () = term() => return Ok(()),
-            () = lost => warn!(lease = %election.lease, "lost the lease: controllers stopped"),
+            () = term() => {}
+            () = drained => {}
+            () = lost => {
+                warn!(lease = %election.lease, "lost the lease: controllers stopped");
+                continue;
+            }
         }
+        // Shutting down: hand the lease over now rather than let it expire.
+        drop(leading);
+        match tokio::time::timeout(Duration::from_secs(5), renewing).await {
+            Ok(Ok(Ok(_))) => info!(lease = %election.lease, "released the lease"),
+            _ => {
+                warn!(lease = %election.lease, "could not release the lease; it expires on its own")
+            }
+        }
+        return Ok(());
+    }
+}
+
+/// Returns once shutdown is asked for (never, if the sender is gone without asking).
+async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Whether the Lease has no holder: its holder released it.
+async fn released(leases: &Api<Lease>, election: &Election) -> bool {
+    match leases.get_opt(&election.lease).await {
+        Ok(Some(lease)) => lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .is_none_or(|holder| holder.is_empty()),
+        _ => false,
     }
 }
 
