@@ -45,7 +45,7 @@ clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: tools
-tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto, pebble, shellcheck) in $(PACER_CACHE), and the npm test tools
+tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, shellcheck, cargo-deny, cargo-audit) in $(PACER_CACHE), and the npm test tools
 	hack/build-kube.sh >/dev/null
 	hack/moto-venv.sh >/dev/null
 	hack/npm-tools.sh >/dev/null
@@ -53,10 +53,15 @@ tools: ## Build or reuse the test ground's tools (kube-apiserver, etcd, moto, pe
 	hack/shellcheck.sh --version >/dev/null
 	hack/build-pebble.sh >/dev/null
 	hack/build-helm.sh >/dev/null
+	hack/cargo-tools.sh >/dev/null
 
 .PHONY: shellcheck
 shellcheck: ## shellcheck the runner boot script and the project's scripts
 	hack/shellcheck.sh src/domain/boot.sh hack/*.sh
+
+.PHONY: supply-chain
+supply-chain: ## cargo deny (licences, bans, sources) and cargo audit (RustSec, offline)
+	hack/supply-chain.sh
 
 .PHONY: test-unit
 test-unit: ## Unit tests only (no servers): the inner loop
@@ -65,7 +70,7 @@ test-unit: ## Unit tests only (no servers): the inner loop
 .PHONY: test
 AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 
-test: fmt-check clippy shellcheck check-generated tools ## Every check: format, clippy, shellcheck, generated files, unit and integration tests, the IAM policy proven
+test: fmt-check clippy shellcheck check-generated tools supply-chain ## Every check: format, clippy, shellcheck, generated files, supply chain, unit and integration tests, the IAM policy proven
 	rm -rf $(AWS_CALL_LOG)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet

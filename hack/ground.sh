@@ -105,7 +105,20 @@ start_kube() {
   pids+=($!)
   wait_for etcd $! "http://127.0.0.1:$etcd_client/health"
 
+  # Requests made as a service account are audited (metadata only): the RBAC test compares
+  # the calls Pacer makes with what its chart grants.
+  cat >"$pki/audit-policy.yaml" <<'POLICY'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: ["system:serviceaccounts"]
+  - level: None
+POLICY
   "$kube_bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_client" \
+    --audit-policy-file "$pki/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
+    --audit-log-format json --audit-log-mode blocking \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
@@ -150,6 +163,7 @@ KUBECONFIG
   {
     echo "KUBECONFIG=$kubeconfig"
     echo "KUBECTL=$kube_bin/kubectl"
+    echo "AUDIT_LOG=$state/logs/audit.log"
     echo "KUBE_CONTROLLER_MANAGER_PID=${pids[-1]}"
   } >>"$env_file"
 }

@@ -7,90 +7,33 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use kube::api::{Api, PostParams};
 use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
 use pacer::cloud::Ec2 as _;
 use pacer::cloud::aws::AwsEc2;
+use support::process::{self, Pacer};
 use support::{Ground, Parts, ground};
 
-struct Replica {
-    child: Child,
-    metrics: u16,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `pacer run` as replica `name` of controller `id`, watching `ns`.
-fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Replica {
-    let key = dir.join("github-key.pem");
-    if !key.exists() {
-        let made = Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&key)
-            .arg("2048")
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(made.success());
-        std::fs::write(dir.join("webhook-secret"), "failover secret\n").unwrap();
-    }
-    if !dir.join("signer.pem").exists() {
-        support::identity::Signer::new(dir);
-        support::identity::callback_key(dir);
-    }
-    let metrics = free_port();
-    let config = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "aws:\n  region: us-east-1\n  endpoint_url: {endpoint}\n\
-             server:\n  public_url: http://127.0.0.1:1\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
-             github:\n  app_id: 1\n  api_url: http://127.0.0.1:9\n  private_key_file: {key}\n  webhook_secret_file: {secret}\n\
-             runners:\n  callback_key_file: {callback}\n  identity_certificates_file: {certs}\n\
-             controller:\n  id: {id}\n  namespace: {ns}\n",
-            endpoint = ground.var("AWS_ENDPOINT_URL"),
-            listen = free_port(),
-            key = key.display(),
-            secret = dir.join("webhook-secret").display(),
-            callback = dir.join("callback-key").display(),
-            certs = dir.join("signer.pem").display(),
-        ),
+fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Pacer {
+    process::start(
+        ground,
+        dir,
+        process::Setup {
+            name,
+            controller_id: id,
+            namespace: ns,
+            kubeconfig: None,
+            github: None,
+        },
     )
-    .unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pacer"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KUBECONFIG", ground.var("KUBECONFIG"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("POD_NAME", name)
-        .env("POD_NAMESPACE", ns)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Replica { child, metrics }
 }
 
 /// The AWS calls a replica made, from its metrics; `None` while it does not answer.
-async fn ec2_calls(replica: &Replica) -> Option<f64> {
+async fn ec2_calls(replica: &Pacer) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", replica.metrics))
         .await
         .ok()?
@@ -121,12 +64,11 @@ async fn wait_for<F: std::future::Future<Output = bool>>(
 /// Two replicas of controller `id` watching a fresh namespace, a Ready pool, and which of them
 /// leads (only its AWS calls move).
 struct Pair {
-    replicas: Vec<Replica>,
+    replicas: Vec<Pacer>,
     leader: usize,
     follower: usize,
     jobs: Api<RunnerJob>,
     ns: String,
-    dir: PathBuf,
 }
 
 async fn pair(ground: &'static Ground, id: &str) -> Pair {
@@ -169,7 +111,6 @@ async fn pair(ground: &'static Ground, id: &str) -> Pair {
         follower,
         jobs: Api::namespaced(client, &ns),
         ns,
-        dir,
     }
 }
 
@@ -234,8 +175,7 @@ impl Pair {
     }
 
     fn log(&self, replica: usize) -> String {
-        let name = ["replica-a", "replica-b"][replica];
-        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+        self.replicas[replica].log_text()
     }
 }
 

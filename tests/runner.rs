@@ -19,7 +19,6 @@ use pacer::api::{JobPhase, JobResult, RunnerJob, RunnerPool};
 use pacer::cloud::aws::AwsEc2;
 use pacer::config::Secret;
 use pacer::controller::{self, Context, Settings};
-use pacer::github::webhook::sign;
 use pacer::github::{job_object_name, runner_name};
 use pacer::http::runner::RunnerSide;
 use pacer::http::{Web, router};
@@ -29,7 +28,7 @@ use serde_json::{Value, json};
 use support::github::FakeGitHub;
 use support::identity::{self, Signer};
 use support::simulator::{Behaviour, RUNNER_VERSION, Simulator};
-use support::{Ground, Parts, ground, repo_root};
+use support::{Ground, Parts, ground, webhooks};
 
 const SECRET: &[u8] = b"webhook secret for runner tests";
 const ACCOUNT: &str = "123456789012";
@@ -210,44 +209,8 @@ impl World {
 
     /// Posts a signed `queued` webhook (GitHub's example, given this job's id and labels).
     async fn queue(&self, job_id: i64, labels: &[&str]) {
-        let path = repo_root()
-            .join("tests/npm/node_modules/@octokit/webhooks-examples/api.github.com/index.json");
-        let all: Vec<Value> =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let mut event = all
-            .into_iter()
-            .find(|e| e["name"] == "workflow_job")
-            .unwrap()["examples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["action"] == "queued")
-            .unwrap()
-            .clone();
-        event["workflow_job"]["id"] = json!(job_id);
-        event["workflow_job"]["run_id"] = json!(job_id * 10);
-        event["workflow_job"]["labels"] = json!(labels);
-        event["repository"]["name"] = json!("api");
-        event["repository"]["full_name"] = json!("example-org/api");
-        event["repository"]["owner"]["login"] = json!("example-org");
-        event["installation"] = json!({"id": 1});
-        let body = serde_json::to_vec(&event).unwrap();
-        let response = self
-            .http
-            .post(format!("{}/api/webhook", self.url))
-            .header("content-type", "application/json")
-            .header("x-github-event", "workflow_job")
-            .header("x-github-delivery", format!("delivery-{job_id}"))
-            .header("x-hub-signature-256", sign(SECRET, &body))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "{}",
-            response.text().await.unwrap()
-        );
+        let body = webhooks::queued(job_id, labels);
+        webhooks::deliver(&self.url, SECRET, &format!("delivery-{job_id}"), body).await;
     }
 
     async fn wait_phase(&self, name: &str, phases: &[JobPhase], seconds: u64) -> RunnerJob {

@@ -20,25 +20,12 @@ use pacer::github::webhook::sign;
 use pacer::github::{job_object_name, runner_name};
 use pacer::http::{Web, router};
 use serde_json::{Value, json};
+use support::webhooks::examples;
 use support::{Ground, Parts, ground, repo_root};
 use tower::ServiceExt as _;
 
 const SECRET: &[u8] = b"webhook secret for tests";
 const CONTROLLER: &str = "hooks";
-
-/// Every `workflow_job` example GitHub documents, by action and job status.
-fn examples() -> Vec<Value> {
-    let path = repo_root()
-        .join("tests/npm/node_modules/@octokit/webhooks-examples/api.github.com/index.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run `make tools`", path.display()));
-    let all: Vec<Value> = serde_json::from_str(&text).unwrap();
-    let events = all
-        .into_iter()
-        .find(|e| e["name"] == "workflow_job")
-        .unwrap();
-    events["examples"].as_array().unwrap().clone()
-}
 
 fn example(action: &str, status: &str) -> Value {
     examples()

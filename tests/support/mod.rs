@@ -17,8 +17,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 
 pub mod github;
 pub mod identity;
+pub mod process;
 pub mod proxy;
 pub mod simulator;
+pub mod webhooks;
 
 /// What parts of the ground a test binary needs.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,60 @@
+//! GitHub's own `workflow_job` example payloads (npm `@octokit/webhooks-examples`), shaped for
+//! a test's job and signed the way GitHub signs.
+
+use serde_json::{Value, json};
+
+use super::repo_root;
+
+/// Every `workflow_job` example GitHub documents.
+pub fn examples() -> Vec<Value> {
+    let path = repo_root()
+        .join("tests/npm/node_modules/@octokit/webhooks-examples/api.github.com/index.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make tools`", path.display()));
+    let all: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let events = all
+        .into_iter()
+        .find(|e| e["name"] == "workflow_job")
+        .unwrap();
+    events["examples"].as_array().unwrap().clone()
+}
+
+/// GitHub's `queued` example, as job `job_id` of `example-org/api` (installation 1) asking for
+/// `labels`.
+pub fn queued(job_id: i64, labels: &[&str]) -> Vec<u8> {
+    let mut event = examples()
+        .into_iter()
+        .find(|e| e["action"] == "queued")
+        .unwrap();
+    event["workflow_job"]["id"] = json!(job_id);
+    event["workflow_job"]["run_id"] = json!(job_id * 10);
+    event["workflow_job"]["labels"] = json!(labels);
+    event["repository"]["name"] = json!("api");
+    event["repository"]["full_name"] = json!("example-org/api");
+    event["repository"]["owner"]["login"] = json!("example-org");
+    event["installation"] = json!({"id": 1});
+    serde_json::to_vec(&event).unwrap()
+}
+
+/// Delivers `body` to `{url}/api/webhook` as GitHub would; panics unless it is accepted.
+pub async fn deliver(url: &str, secret: &[u8], delivery: &str, body: Vec<u8>) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/webhook"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "workflow_job")
+        .header("x-github-delivery", delivery)
+        .header(
+            "x-hub-signature-256",
+            pacer::github::webhook::sign(secret, &body),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        response.text().await.unwrap()
+    );
+}
