@@ -166,6 +166,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
             std::future::pending::<()>().await
         }
     };
+    let election = controller::leader::Election::new(
+        &std::env::var("POD_NAMESPACE")
+            .unwrap_or_else(|_| namespace.clone().unwrap_or_else(|| "default".into())),
+        &config.controller.id,
+        &std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
+    );
     // SIGTERM or Ctrl-C: the listener stops taking connections and finishes its requests; the
     // leader's controllers finish what they started (they watch for the signal themselves),
     // then it releases the Lease.
@@ -177,21 +184,24 @@ pub async fn run(config_path: &Path) -> Result<()> {
     });
     let main = {
         let mut stopping = stopping.clone();
-        crate::http::serve_main(&config.server, crate::http::router(web), async move {
-            let _ = stopping.wait_for(|stop| *stop).await;
-        })
+        let cluster = crate::http::Cluster {
+            client: client.clone(),
+            namespace: election.namespace.clone(),
+            identity: election.identity.clone(),
+        };
+        crate::http::serve_main(
+            &config.server,
+            crate::http::router(web),
+            Some(cluster),
+            async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            },
+        )
     };
     info!("controllers starting");
     // The controllers stop on SIGTERM/Ctrl-C themselves; the collector stops with them.
     // Only the leader reconciles, collects and sweeps; each term starts from a fresh context
     // (caches, reservations, ledger) sharing the metrics and the GitHub client.
-    let election = controller::leader::Election::new(
-        &std::env::var("POD_NAMESPACE")
-            .unwrap_or_else(|_| namespace.clone().unwrap_or_else(|| "default".into())),
-        &config.controller.id,
-        &std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
-    );
     let term = || {
         let ctx = Arc::new(
             controller::Context::new(client.clone(), ec2.clone(), settings.clone())

@@ -146,6 +146,10 @@ pub struct AcmeConfig {
     /// trusts the usual web roots.
     #[serde(default)]
     pub directory_ca_file: Option<PathBuf>,
+    /// A Secret (in `$POD_NAMESPACE`) holding the account, the certificate and pending
+    /// HTTP-01 answers for every replica; empty keeps them in `cache_dir`, for one replica.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 fn default_acme_http_listen() -> SocketAddr {

@@ -30,6 +30,10 @@ fn scratch(test: &str) -> PathBuf {
 
 /// Serves a one-route app as `pacer run` serves its listener; returns the port.
 fn serve(tls: TlsConfig) -> u16 {
+    serve_in(tls, None)
+}
+
+fn serve_in(tls: TlsConfig, cluster: Option<pacer::http::Cluster>) -> u16 {
     let port = free_port();
     let server = ServerConfig {
         public_url: format!("https://localhost:{port}"),
@@ -39,7 +43,7 @@ fn serve(tls: TlsConfig) -> u16 {
     };
     let app = Router::new().route("/healthz", get(|| async { "ok" }));
     tokio::spawn(async move {
-        pacer::http::serve_main(&server, app, std::future::pending())
+        pacer::http::serve_main(&server, app, cluster, std::future::pending())
             .await
             .unwrap();
     });
@@ -198,45 +202,132 @@ fn start_pebble(tools: &Path, dir: &Path, api: u16, management: u16, http: u16) 
     Pebble { child }
 }
 
+/// Pebble's issuing root, from its management API, once it is up.
+async fn pebble_root(tools: &Path, management: u16) -> Vec<u8> {
+    let pebble_api_ca = std::fs::read(tools.join("api-ca.pem")).unwrap();
+    let management_client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pebble_api_ca).unwrap()])
+        .build()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match management_client
+            .get(format!("https://localhost:{management}/roots/0"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => return r.bytes().await.unwrap().to_vec(),
+            _ if tokio::time::Instant::now() > deadline => panic!("pebble did not start"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn acme_config(
+    api: u16,
+    http_listen: u16,
+    tools: &Path,
+    cache: PathBuf,
+    secret: Option<&str>,
+) -> TlsConfig {
+    TlsConfig {
+        mode: TlsMode::Acme,
+        acme: Some(AcmeConfig {
+            domains: vec!["localhost".into()],
+            email: "ops@example.com".into(),
+            directory_url: format!("https://localhost:{api}/dir"),
+            cache_dir: cache,
+            http_listen: format!("127.0.0.1:{http_listen}").parse().unwrap(),
+            directory_ca_file: Some(tools.join("api-ca.pem")),
+            secret: secret.map(String::from),
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn acme_mode_gets_its_certificate_from_pebble_over_http_01() {
     let tools = tokio::task::spawn_blocking(pebble_dir).await.unwrap();
     let dir = scratch("acme");
     let (api, management, http) = (free_port(), free_port(), free_port());
     let _pebble = start_pebble(&tools, &dir, api, management, http);
-    let pebble_api_ca = std::fs::read(tools.join("api-ca.pem")).unwrap();
-    // Pebble's issuing root, from its management API, once it is up.
-    let management_client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pebble_api_ca).unwrap()])
-        .build()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let root = loop {
-        match management_client
-            .get(format!("https://localhost:{management}/roots/0"))
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => break r.bytes().await.unwrap(),
-            _ if tokio::time::Instant::now() > deadline => panic!("pebble did not start"),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
-    let port = serve(TlsConfig {
-        mode: TlsMode::Acme,
-        acme: Some(AcmeConfig {
-            domains: vec!["localhost".into()],
-            email: "ops@example.com".into(),
-            directory_url: format!("https://localhost:{api}/dir"),
-            cache_dir: dir.join("acme"),
-            http_listen: format!("127.0.0.1:{http}").parse().unwrap(),
-            directory_ca_file: Some(tools.join("api-ca.pem")),
-        }),
-        ..Default::default()
-    });
+    let root = pebble_root(&tools, management).await;
+    let port = serve(acme_config(api, http, &tools, dir.join("acme"), None));
     eventually_trusting(&root, port, 60).await;
     // The certificate, its key and the account are cached for the next start.
-    for file in ["account.json", "cert.pem", "key.pem"] {
+    for file in ["account.json", "tls.crt", "tls.key"] {
         assert!(dir.join("acme").join(file).exists(), "{file}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acme_replicas_share_one_secret_and_answer_each_others_challenges() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    use pacer::http::acme::{Challenges, Store, challenge_router};
+    use std::sync::Arc;
+
+    let tools = tokio::task::spawn_blocking(pebble_dir).await.unwrap();
+    let dir = scratch("acme-shared");
+    let ground = support::ground(support::Parts::Kube);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "acme-shared").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let empty: Secret =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "acme-state"}})).unwrap();
+    secrets
+        .create(&PostParams::default(), &empty)
+        .await
+        .unwrap();
+    let (api, management, http) = (free_port(), free_port(), free_port());
+    let _pebble = start_pebble(&tools, &dir, api, management, http);
+    let root = pebble_root(&tools, management).await;
+    let cluster = |identity: &str| pacer::http::Cluster {
+        client: client.clone(),
+        namespace: ns.clone(),
+        identity: identity.into(),
+    };
+
+    // Where Pebble validates is another replica's challenge listener: it knows the answers
+    // only through the Secret.
+    let other = Arc::new(Store::Secret {
+        api: secrets.clone(),
+        name: "acme-state".into(),
+        identity: "replica-b".into(),
+    });
+    let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{http}"))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, challenge_router(Challenges::default(), other)).await
+    });
+    // Replica A orders; its own challenge listener is where Pebble never looks.
+    let a = serve_in(
+        acme_config(api, free_port(), &tools, dir.join("a"), Some("acme-state")),
+        Some(cluster("replica-a")),
+    );
+    eventually_trusting(&root, a, 60).await;
+
+    // Replica B starts later and serves the same certificate, from the Secret.
+    let b = serve_in(
+        acme_config(api, free_port(), &tools, dir.join("b"), Some("acme-state")),
+        Some(cluster("replica-b")),
+    );
+    eventually_trusting(&root, b, 20).await;
+    let (a_cert, b_cert) =
+        tokio::task::spawn_blocking(move || (presented_certificate(a), presented_certificate(b)))
+            .await
+            .unwrap();
+    assert_eq!(a_cert, b_cert);
+    let kept = secrets.get("acme-state").await.unwrap();
+    let data = kept.data.unwrap();
+    for key in ["account.json", "tls.crt", "tls.key"] {
+        assert!(data.contains_key(key), "{key}");
+    }
+    assert_eq!(data["challenges.json"].0, b"{}", "answers withdrawn");
+    let annotations = kept.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key("pacer.dev/acme-order"),
+        "claim released"
+    );
 }

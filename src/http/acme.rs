@@ -1,10 +1,15 @@
 //! `server.tls.mode: acme`: certificates from an ACME CA (Let's Encrypt) over HTTP-01.
 //!
-//! The account, the certificate and its key are cached in `cache_dir`, so a restart serves
-//! the cached certificate at once. Until a certificate is issued the listener serves a
-//! self-signed one. A certificate is renewed when less than [`RENEW_BEFORE`] of it is left.
+//! What ACME needs to keep (the account, the certificate and its key, the HTTP-01 tokens being
+//! validated) lives in a [`Store`]: a folder for one replica, or one named Secret shared by
+//! every replica, so that whichever replica a challenge reaches can answer it and all serve the
+//! same certificate. With a Secret, one replica orders at a time: it claims the order with a
+//! conditional write of the Secret, which the others see and wait on.
+//!
+//! Until a certificate is issued the listener serves a self-signed one. A certificate is
+//! renewed when less than [`RENEW_BEFORE`] of it is left.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -19,6 +24,9 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
 };
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
 use tracing::{info, warn};
 
 use super::tls::{self, Certificates};
@@ -26,59 +34,208 @@ use crate::config::AcmeConfig;
 
 /// A certificate with less than this left is renewed.
 pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long a replica's claim on ordering holds before another may take over.
+const ORDER_CLAIM: Duration = Duration::from_secs(10 * 60);
+const ACCOUNT: &str = "account.json";
+const CHAIN: &str = "tls.crt";
+const KEY: &str = "tls.key";
+const CHALLENGES: &str = "challenges.json";
+const CLAIM: &str = "pacer.dev/acme-order";
 
-/// HTTP-01 tokens waiting for the CA, and their key authorizations.
+/// HTTP-01 tokens this replica is waiting on, and their key authorizations.
 pub type Challenges = Arc<RwLock<HashMap<String, String>>>;
 
-/// `GET /.well-known/acme-challenge/{token}` on the plain-HTTP listener.
-pub fn challenge_router(challenges: Challenges) -> Router {
-    Router::new()
-        .route("/.well-known/acme-challenge/{token}", get(answer))
-        .with_state(challenges)
+/// Where ACME state is kept. One per process, behind an `Arc`: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Store {
+    /// A folder of this replica's: `account.json`, `tls.crt`, `tls.key` (0600).
+    Folder(PathBuf),
+    /// One Secret every replica reads and writes (get and update, by name).
+    Secret {
+        api: Api<Secret>,
+        name: String,
+        /// This replica, in order claims.
+        identity: String,
+    },
 }
 
-async fn answer(State(challenges): State<Challenges>, UrlPath(token): UrlPath<String>) -> Response {
-    match challenges.read().expect("not poisoned").get(&token) {
-        Some(key_authorization) => key_authorization.clone().into_response(),
+/// The challenge listener: `GET /.well-known/acme-challenge/{token}` on plain HTTP.
+pub fn challenge_router(challenges: Challenges, store: Arc<Store>) -> Router {
+    Router::new()
+        .route("/.well-known/acme-challenge/{token}", get(answer))
+        .with_state((challenges, store))
+}
+
+async fn answer(
+    State((challenges, store)): State<(Challenges, Arc<Store>)>,
+    UrlPath(token): UrlPath<String>,
+) -> Response {
+    let local = challenges
+        .read()
+        .expect("not poisoned")
+        .get(&token)
+        .cloned();
+    let shared = match local {
+        Some(answer) => Some(answer),
+        None => store.challenge(&token).await,
+    };
+    match shared {
+        Some(key_authorization) => key_authorization.into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
-struct Cache {
-    dir: PathBuf,
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let partial = path.with_extension("partial");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(partial, path)
 }
 
-impl Cache {
-    fn account(&self) -> PathBuf {
-        self.dir.join("account.json")
-    }
-    fn chain(&self) -> PathBuf {
-        self.dir.join("cert.pem")
-    }
-    fn key(&self) -> PathBuf {
-        self.dir.join("key.pem")
+fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
+    data.get(key)
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .filter(|v| !v.is_empty())
+}
+
+impl Store {
+    /// A value kept under `key`.
+    async fn read(&self, key: &str) -> Result<Option<String>, String> {
+        match self {
+            Self::Folder(dir) => Ok(std::fs::read_to_string(dir.join(key)).ok()),
+            Self::Secret { api, name, .. } => {
+                let secret = api
+                    .get(name)
+                    .await
+                    .map_err(|e| format!("reading Secret {name}: {e}"))?;
+                Ok(text(&secret.data.unwrap_or_default(), key))
+            }
+        }
     }
 
-    /// The cached certificate and key, and how long the certificate has left.
-    fn certificate(&self) -> Option<(String, String, Duration)> {
-        let chain = std::fs::read_to_string(self.chain()).ok()?;
-        let key = std::fs::read_to_string(self.key()).ok()?;
-        Some((chain.clone(), key, time_left(&chain)?))
+    /// Changes the Secret with `change` (its data and annotations) and writes it back if still
+    /// at the version read; a concurrent change makes it read and try again. `change` returns
+    /// false to leave the Secret as it is.
+    async fn update(
+        &self,
+        mut change: impl FnMut(&mut BTreeMap<String, ByteString>, &mut BTreeMap<String, String>) -> bool,
+    ) -> Result<bool, String> {
+        let Self::Secret { api, name, .. } = self else {
+            unreachable!("only a Secret is updated")
+        };
+        for _ in 0..5 {
+            let mut secret = api
+                .get(name)
+                .await
+                .map_err(|e| format!("reading Secret {name}: {e}"))?;
+            let mut data = secret.data.take().unwrap_or_default();
+            let mut annotations = secret.metadata.annotations.take().unwrap_or_default();
+            if !change(&mut data, &mut annotations) {
+                return Ok(false);
+            }
+            secret.data = Some(data);
+            secret.metadata.annotations = Some(annotations);
+            match api.replace(name, &PostParams::default(), &secret).await {
+                Ok(_) => return Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(format!("writing Secret {name}: {e}")),
+            }
+        }
+        Err(format!("Secret {name} kept changing"))
     }
 
-    fn write(&self, path: &Path, contents: &str) -> std::io::Result<()> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let partial = path.with_extension("partial");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&partial)?;
-        file.write_all(contents.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(partial, path)
+    async fn write(&self, entries: &[(&str, &str)]) -> Result<(), String> {
+        match self {
+            Self::Folder(dir) => {
+                for (key, value) in entries {
+                    write_private(&dir.join(key), value.as_bytes())
+                        .map_err(|e| format!("writing {}: {e}", dir.join(key).display()))?;
+                }
+                Ok(())
+            }
+            Self::Secret { .. } => self
+                .update(|data, _| {
+                    for (key, value) in entries {
+                        data.insert(key.to_string(), ByteString(value.as_bytes().to_vec()));
+                    }
+                    true
+                })
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// The certificate chain and key kept, if any.
+    async fn certificate(&self) -> Result<Option<(String, String)>, String> {
+        Ok(self.read(CHAIN).await?.zip(self.read(KEY).await?))
+    }
+
+    /// Whether this replica may order now: always with a folder; with a Secret, when no other
+    /// replica's claim holds, after writing its own.
+    async fn claim_order(&self) -> Result<bool, String> {
+        let Self::Secret { identity, .. } = self else {
+            return Ok(true);
+        };
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        self.update(|_, annotations| {
+            let held_by_other = annotations.get(CLAIM).is_some_and(|claim| {
+                let mut parts = claim.rsplitn(2, ' ');
+                let until = parts
+                    .next()
+                    .and_then(|u| u.parse::<i64>().ok())
+                    .unwrap_or(0);
+                let holder = parts.next().unwrap_or_default();
+                holder != identity && until > now
+            });
+            if held_by_other {
+                return false;
+            }
+            let until = now + ORDER_CLAIM.as_secs() as i64;
+            annotations.insert(CLAIM.into(), format!("{identity} {until}"));
+            true
+        })
+        .await
+    }
+
+    /// Publishes HTTP-01 answers so that any replica can give them, or withdraws them.
+    async fn share_challenges(&self, changes: &[(String, Option<String>)]) -> Result<(), String> {
+        if let Self::Folder(_) = self {
+            return Ok(());
+        }
+        self.update(|data, annotations| {
+            let mut pending: BTreeMap<String, String> = text(data, CHALLENGES)
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            for (token, answer) in changes {
+                match answer {
+                    Some(answer) => pending.insert(token.clone(), answer.clone()),
+                    None => pending.remove(token),
+                };
+            }
+            let json = serde_json::to_vec(&pending).expect("a map serializes");
+            data.insert(CHALLENGES.into(), ByteString(json));
+            if changes.iter().all(|(_, answer)| answer.is_none()) {
+                annotations.remove(CLAIM);
+            }
+            true
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The answer to an HTTP-01 token another replica is waiting on.
+    async fn challenge(&self, token: &str) -> Option<String> {
+        let pending: BTreeMap<String, String> =
+            serde_json::from_str(&self.read(CHALLENGES).await.ok()??).ok()?;
+        pending.get(token).cloned()
     }
 }
 
@@ -101,49 +258,54 @@ fn time_left(chain_pem: &str) -> Option<Duration> {
     Some(not_after.saturating_sub(now))
 }
 
-/// Keeps `certificates` issued and renewed; runs for the life of the process. Looks again
-/// every `check_every`, and a minute after a failure.
+/// Keeps `certificates` issued, renewed, and the same as the store's; runs for the life of
+/// the process. Looks again every `check_every`, and a minute after a failure.
 pub async fn run(
     config: AcmeConfig,
+    store: Arc<Store>,
     certificates: Arc<Certificates>,
     challenges: Challenges,
     check_every: Duration,
 ) {
-    let cache = Cache {
-        dir: config.cache_dir.clone(),
-    };
-    if let Err(e) = std::fs::create_dir_all(&cache.dir) {
-        warn!(dir = %cache.dir.display(), error = %e, "cannot create the ACME cache folder");
+    if let Store::Folder(dir) = store.as_ref()
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        warn!(dir = %dir.display(), error = %e, "cannot create the ACME cache folder");
     }
-    let mut serving_cached = false;
+    let mut serving: Option<String> = None;
     loop {
-        let wait = match cache.certificate() {
-            Some((chain, key, left)) if left > RENEW_BEFORE => {
-                if !serving_cached {
+        let wait = match store.certificate().await {
+            Err(e) => {
+                warn!(error = %e, "cannot read the ACME state; retrying in a minute");
+                Duration::from_secs(60)
+            }
+            Ok(Some((chain, key))) if time_left(&chain).is_some_and(|left| left > RENEW_BEFORE) => {
+                if serving.as_deref() != Some(chain.as_str()) {
                     match tls::certified_key(chain.as_bytes(), key.as_bytes()) {
                         Ok(certified) => {
                             certificates.replace(certified);
-                            serving_cached = true;
-                            info!(domains = ?config.domains, days_left = left.as_secs() / 86400,
+                            serving = Some(chain);
+                            info!(domains = ?config.domains,
                                 fingerprint = %certificates.fingerprint(), "serving the ACME certificate");
                         }
-                        Err(e) => warn!(error = %e, "the cached ACME certificate does not load"),
+                        Err(e) => warn!(error = %e, "the kept ACME certificate does not load"),
                     }
                 }
-                if serving_cached {
-                    check_every
-                } else {
-                    Duration::ZERO
-                }
+                check_every
             }
-            _ => match obtain(&config, &cache, &challenges).await {
-                Ok(()) => {
-                    serving_cached = false;
-                    Duration::ZERO
-                }
+            Ok(_) => match store.claim_order().await {
+                Ok(true) => match obtain(&config, &store, &challenges).await {
+                    Ok(()) => Duration::ZERO,
+                    Err(e) => {
+                        warn!(domains = ?config.domains, directory = %config.directory_url, error = %e,
+                            "could not obtain a certificate from the ACME CA; retrying in a minute");
+                        Duration::from_secs(60)
+                    }
+                },
+                // Another replica is ordering: look again soon for its certificate.
+                Ok(false) => Duration::from_secs(2),
                 Err(e) => {
-                    warn!(domains = ?config.domains, directory = %config.directory_url, error = %e,
-                        "could not obtain a certificate from the ACME CA; retrying in a minute");
+                    warn!(error = %e, "cannot claim the ACME order; retrying in a minute");
                     Duration::from_secs(60)
                 }
             },
@@ -154,15 +316,15 @@ pub async fn run(
     }
 }
 
-async fn account(config: &AcmeConfig, cache: &Cache) -> Result<Account, String> {
-    let builder = || match &config.directory_ca_file {
+async fn account(config: &AcmeConfig, store: &Store) -> Result<Account, String> {
+    let builder = match &config.directory_ca_file {
         Some(ca) => Account::builder_with_root(ca),
         None => Account::builder(),
-    };
-    let builder = builder().map_err(|e| format!("ACME client: {e}"))?;
-    if let Ok(text) = std::fs::read_to_string(cache.account()) {
+    }
+    .map_err(|e| format!("ACME client: {e}"))?;
+    if let Some(text) = store.read(ACCOUNT).await? {
         let credentials: AccountCredentials =
-            serde_json::from_str(&text).map_err(|e| format!("cached ACME account: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| format!("kept ACME account: {e}"))?;
         return builder
             .from_credentials(credentials)
             .await
@@ -182,16 +344,15 @@ async fn account(config: &AcmeConfig, cache: &Cache) -> Result<Account, String> 
         .await
         .map_err(|e| format!("creating the ACME account: {e}"))?;
     let text = serde_json::to_string(&credentials).map_err(|e| e.to_string())?;
-    cache
-        .write(&cache.account(), &text)
-        .map_err(|e| format!("caching the ACME account: {e}"))?;
+    store.write(&[(ACCOUNT, &text)]).await?;
     info!(directory = %config.directory_url, "ACME account created");
     Ok(account)
 }
 
-/// One order: answer each HTTP-01 challenge, finalize, and cache the certificate.
-async fn obtain(config: &AcmeConfig, cache: &Cache, challenges: &Challenges) -> Result<(), String> {
-    let account = account(config, cache).await?;
+/// One order: answer each HTTP-01 challenge (here and in the store), finalize, keep the
+/// certificate.
+async fn obtain(config: &AcmeConfig, store: &Store, challenges: &Challenges) -> Result<(), String> {
+    let account = account(config, store).await?;
     let identifiers: Vec<Identifier> = config
         .domains
         .iter()
@@ -201,28 +362,44 @@ async fn obtain(config: &AcmeConfig, cache: &Cache, challenges: &Challenges) -> 
         .new_order(&NewOrder::new(&identifiers))
         .await
         .map_err(|e| format!("new order: {e}"))?;
-    let mut tokens = Vec::new();
+    let mut answers = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
         let mut authorization = authorization.map_err(|e| format!("authorization: {e}"))?;
         if authorization.status == AuthorizationStatus::Valid {
             continue;
         }
-        let mut challenge = authorization
+        let challenge = authorization
             .challenge(ChallengeType::Http01)
             .ok_or("the CA offers no HTTP-01 challenge")?;
-        let token = challenge.token.clone();
-        challenges.write().expect("not poisoned").insert(
-            token.clone(),
+        answers.push((
+            challenge.token.clone(),
             challenge.key_authorization().as_str().to_string(),
-        );
-        tokens.push(token);
-        challenge
-            .set_ready()
-            .await
-            .map_err(|e| format!("challenge: {e}"))?;
+        ));
     }
+    challenges
+        .write()
+        .expect("not poisoned")
+        .extend(answers.iter().cloned());
+    let shared: Vec<(String, Option<String>)> = answers
+        .iter()
+        .map(|(t, a)| (t.clone(), Some(a.clone())))
+        .collect();
     let outcome = async {
+        store.share_challenges(&shared).await?;
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization = authorization.map_err(|e| format!("authorization: {e}"))?;
+            if authorization.status == AuthorizationStatus::Valid {
+                continue;
+            }
+            if let Some(mut challenge) = authorization.challenge(ChallengeType::Http01) {
+                challenge
+                    .set_ready()
+                    .await
+                    .map_err(|e| format!("challenge: {e}"))?;
+            }
+        }
         let status = order
             .poll_ready(&RetryPolicy::default())
             .await
@@ -238,20 +415,23 @@ async fn obtain(config: &AcmeConfig, cache: &Cache, challenges: &Challenges) -> 
             .poll_certificate(&RetryPolicy::default())
             .await
             .map_err(|e| format!("certificate: {e}"))?;
-        Ok((chain, key))
+        tls::certified_key(chain.as_bytes(), key.as_bytes())?;
+        store.write(&[(KEY, &key), (CHAIN, &chain)]).await?;
+        Ok(())
     }
     .await;
-    let mut pending = challenges.write().expect("not poisoned");
-    for token in tokens {
-        pending.remove(&token);
+    {
+        let mut pending = challenges.write().expect("not poisoned");
+        for (token, _) in &answers {
+            pending.remove(token);
+        }
     }
-    drop(pending);
-    let (chain, key) = outcome?;
-    tls::certified_key(chain.as_bytes(), key.as_bytes())?;
-    cache
-        .write(&cache.key(), &key)
-        .and_then(|()| cache.write(&cache.chain(), &chain))
-        .map_err(|e| format!("caching the certificate: {e}"))?;
+    let withdrawn: Vec<(String, Option<String>)> =
+        answers.iter().map(|(t, _)| (t.clone(), None)).collect();
+    if let Err(e) = store.share_challenges(&withdrawn).await {
+        warn!(error = %e, "could not withdraw the HTTP-01 answers");
+    }
+    outcome?;
     info!(domains = ?config.domains, "ACME certificate issued");
     Ok(())
 }

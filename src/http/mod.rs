@@ -192,12 +192,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Where this replica runs, for what replicas share through the API server.
+pub struct Cluster {
+    pub client: kube::Client,
+    /// The replica's own namespace (`$POD_NAMESPACE`).
+    pub namespace: String,
+    /// The replica's name (`$POD_NAME`).
+    pub identity: String,
+}
+
 /// Serves `router` on `server.listen` until `shutdown`, TLS-terminated as `server.tls.mode`
 /// says: plain, certificate files (reloaded when they change), a self-signed certificate, or
 /// ACME (which also answers HTTP-01 challenges on `server.tls.acme.http_listen`).
 pub async fn serve_main(
     server: &crate::config::ServerConfig,
     router: Router,
+    cluster: Option<Cluster>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> crate::Result<()> {
     use crate::config::TlsMode;
@@ -281,16 +291,31 @@ pub async fn serve_main(
             let (placeholder, _) = tls::self_signed(&acme_config.domains)
                 .map_err(|m| invalid("server.tls.acme.domains", m))?;
             let certificates = tls::Certificates::new(placeholder);
+            let store = Arc::new(match (&acme_config.secret, cluster) {
+                (Some(name), Some(cluster)) => acme::Store::Secret {
+                    api: kube::Api::namespaced(cluster.client, &cluster.namespace),
+                    name: name.clone(),
+                    identity: cluster.identity,
+                },
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "server.tls.acme.secret",
+                        "a Secret needs the Kubernetes API".into(),
+                    ));
+                }
+                (None, _) => acme::Store::Folder(acme_config.cache_dir.clone()),
+            });
             let challenges = acme::Challenges::default();
             let http = bind(acme_config.http_listen).await?;
             tracing::info!(address = %acme_config.http_listen, "answering ACME HTTP-01 challenges");
-            let challenge_router = acme::challenge_router(challenges.clone());
+            let challenge_router = acme::challenge_router(challenges.clone(), store.clone());
             tokio::spawn(async move { axum::serve(http, challenge_router).await });
             tokio::spawn(acme::run(
                 acme_config,
+                store,
                 certificates.clone(),
                 challenges,
-                Duration::from_secs(12 * 3600),
+                Duration::from_secs(60),
             ));
             certificates
         }
