@@ -89,5 +89,5 @@ dev-env: tools ## Bring the test ground up in the foreground, CRDs installed; pr
 	hack/ground.sh --crds crds .tools/ground
 
 .PHONY: demo
-demo: build tools ## Bring the ground up, apply the examples and show them
+demo: build tools ## The whole system locally: ground, fake GitHub, runner simulator, two pacer replicas, webhook-driven jobs
 	hack/demo.sh $(PACER)

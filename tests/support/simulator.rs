@@ -68,6 +68,9 @@ struct Shared {
 pub struct Simulator {
     pub boots: Arc<Mutex<HashMap<String, Boot>>>,
     task: tokio::task::JoinHandle<()>,
+    /// The release server's base URL, and the digest the releases API gives.
+    base: String,
+    published: String,
 }
 
 impl Drop for Simulator {
@@ -114,15 +117,7 @@ impl Simulator {
         } else {
             digest
         };
-        let assets: Vec<(String, String, String)> = ["x64", "arm64"]
-            .iter()
-            .map(|arch| {
-                let name = pacer::github::runner_asset_name(RUNNER_VERSION, arch);
-                let url = format!("{base}/releases/{name}");
-                (name, url, published.clone())
-            })
-            .collect();
-        github.add_runner_release(RUNNER_VERSION, &assets);
+        publish(github, &base, &published, RUNNER_VERSION);
 
         let ec2 = aws_sdk_ec2::Client::new(
             &aws.to_builder()
@@ -134,11 +129,21 @@ impl Simulator {
             ec2,
             controller_id.to_string(),
             dir.to_path_buf(),
-            base,
+            base.clone(),
             shared,
             boots.clone(),
         ));
-        Self { boots, task }
+        Self {
+            boots,
+            task,
+            base,
+            published,
+        }
+    }
+
+    /// Publishes the fake runner as actions/runner `version` too (for pools that pin one).
+    pub fn publish(&self, github: &FakeGitHub, version: &str) {
+        publish(github, &self.base, &self.published, version);
     }
 
     /// The boot of `instance`, once bash has ended.
@@ -157,6 +162,19 @@ impl Simulator {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The fake runner's x64 and arm64 tarballs as release `version` in the fake GitHub.
+fn publish(github: &FakeGitHub, base: &str, digest: &str, version: &str) {
+    let assets: Vec<(String, String, String)> = ["x64", "arm64"]
+        .iter()
+        .map(|arch| {
+            let name = pacer::github::runner_asset_name(version, arch);
+            let url = format!("{base}/releases/{name}");
+            (name, url, digest.to_string())
+        })
+        .collect();
+    github.add_runner_release(version, &assets);
 }
 
 fn hex(bytes: &[u8]) -> String {

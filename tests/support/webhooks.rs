@@ -36,6 +36,25 @@ pub fn queued(job_id: i64, labels: &[&str]) -> Vec<u8> {
     serde_json::to_vec(&event).unwrap()
 }
 
+/// GitHub's `completed` example for a job cancelled while queued: no runner took it.
+pub fn cancelled(job_id: i64, labels: &[&str]) -> Vec<u8> {
+    let mut event: Value = serde_json::from_slice(&queued(job_id, labels)).unwrap();
+    event["action"] = json!("completed");
+    let job = &mut event["workflow_job"];
+    job["status"] = json!("completed");
+    job["conclusion"] = json!("cancelled");
+    job["completed_at"] = job["created_at"].clone();
+    for field in [
+        "runner_id",
+        "runner_name",
+        "runner_group_id",
+        "runner_group_name",
+    ] {
+        job[field] = Value::Null;
+    }
+    serde_json::to_vec(&event).unwrap()
+}
+
 /// Delivers `body` to `{url}/api/webhook` as GitHub would; panics unless it is accepted.
 pub async fn deliver(url: &str, secret: &[u8], delivery: &str, body: Vec<u8>) {
     let response = reqwest::Client::new()
