@@ -70,7 +70,7 @@ runners:
 controller:
   id: demo
 CONFIG
-  POD_NAME=$name POD_NAMESPACE=default "$pacer" run --config "$conf/$name.yaml" \
+  PACER_LOG_FORMAT=text POD_NAME=$name POD_NAMESPACE=default "$pacer" run --config "$conf/$name.yaml" \
     >"$state/logs/$name.log" 2>&1 &
   pids+=($!)
 }

@@ -43,14 +43,23 @@ pub fn reexec_with_allocator_option() {
     eprintln!("warning: could not execute pacer again with {name}={value}: {err}");
 }
 
-/// Logs to stderr; `PACER_LOG` filters (default `info`), `PACER_LOG_FORMAT=json` for JSON lines.
+/// Logs to stderr: JSON lines when stderr is not a terminal (a pod's log), readable lines on
+/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, filters
+/// (default `info`).
 pub fn init_tracing() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PACER_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var("PACER_LOG_FORMAT").as_deref() == Ok("json") {
+    let json = match std::env::var("PACER_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    if json {
         builder.json().init();
     } else {
         builder.init();

@@ -102,8 +102,7 @@ pub(super) async fn run(
 async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
     let ns = job.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", job.name_any());
-    let span =
-        info_span!("reconcile", job = %key, pool = %job.spec.pool_name, job_id = job.spec.job_id);
+    let span = info_span!("reconcile", job = %key, pool = %job.spec.pool_name, job_id = job.spec.job_id, run_id = job.spec.run_id, repository = %job.spec.repository);
     async move {
         let api: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), &ns);
         let ours = job.finalizers().iter().any(|f| f == FINALIZER);
@@ -326,6 +325,14 @@ fn release_slot(ctx: &Context, job: &RunnerJob) {
     let uid = job.uid().unwrap_or_default();
     if let Some(reserved) = ctx.jobs.slots.lock().unwrap().get_mut(&pool_key(job)) {
         reserved.remove(&uid);
+    }
+}
+
+/// The `namespace` and `pool` labels of a job's metrics.
+fn pool_label(job: &RunnerJob) -> Pool {
+    Pool {
+        namespace: job.namespace().unwrap_or_default(),
+        pool: job.spec.pool_name.clone(),
     }
 }
 
@@ -559,10 +566,16 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         let entered_before = entered_time(&status).cloned();
         enter(&mut status, phase, now);
         let spent = since(entered_before.as_ref(), now).as_secs_f64();
-        match (before, status.phase) {
-            (JobPhase::Booting, JobPhase::Running) => ctx.metrics.boot_duration.observe(spent),
-            (JobPhase::Running, JobPhase::Completing) => ctx.metrics.run_duration.observe(spent),
-            _ => {}
+        let histogram = match (before, status.phase) {
+            (JobPhase::Booting, JobPhase::Running) => Some(&ctx.metrics.boot_duration),
+            (JobPhase::Running, JobPhase::Completing) => Some(&ctx.metrics.run_duration),
+            (JobPhase::Completing, JobPhase::Succeeded | JobPhase::Failed) => {
+                Some(&ctx.metrics.terminate_duration)
+            }
+            _ => None,
+        };
+        if let Some(histogram) = histogram {
+            histogram.get_or_create(&pool_label(job)).observe(spent);
         }
     }
     if matches!(status.phase, JobPhase::Succeeded | JobPhase::Failed) {
@@ -583,11 +596,10 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
                 .as_deref()
                 .and_then(|c| c.parse::<f64>().ok())
             {
-                let pool = Pool {
-                    namespace: ns.clone(),
-                    pool: job.spec.pool_name.clone(),
-                };
-                ctx.metrics.job_cost.get_or_create(&pool).inc_by(usd);
+                ctx.metrics
+                    .job_cost
+                    .get_or_create(&pool_label(job))
+                    .inc_by(usd);
             }
         }
     }
@@ -795,6 +807,12 @@ async fn launch_step(
         };
         request.client_token = Some(launch::client_token(&uid, attempt, &request.parameters()));
         ctx.jobs.ledger.launch_sent(&uid, Timestamp::now());
+        ctx.metrics
+            .queue_duration
+            .get_or_create(&pool_label(job))
+            .observe(
+                since(job.metadata.creation_timestamp.as_ref(), Timestamp::now()).as_secs_f64(),
+            );
         let answer = ctx.ec2().launch(&request).await;
         match &answer {
             // No answer (a transport failure): EC2 may have launched. The same request,

@@ -51,6 +51,9 @@ pub struct Offering {
     pub zone: String,
 }
 
+/// Histograms of one pool's jobs.
+pub type PerPool = Family<Pool, Histogram, fn() -> Histogram>;
+
 fn seconds_histogram() -> Histogram {
     // 50 ms to ~3.4 h.
     Histogram::new(exponential_buckets(0.05, 2.0, 18))
@@ -61,8 +64,10 @@ pub struct Metrics {
     registry: Registry,
     pub jobs: Family<PoolPhase, Gauge>,
     pub launch_latency: Histogram,
-    pub boot_duration: Histogram,
-    pub run_duration: Histogram,
+    pub queue_duration: PerPool,
+    pub boot_duration: PerPool,
+    pub run_duration: PerPool,
+    pub terminate_duration: PerPool,
     pub ec2_calls: Family<Call, Counter>,
     pub capacity_errors: Family<Offering, Counter>,
     pub gc_terminated: Counter,
@@ -77,8 +82,11 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("pacer");
         let jobs = Family::<PoolPhase, Gauge>::default();
         let launch_latency = seconds_histogram();
-        let boot_duration = seconds_histogram();
-        let run_duration = seconds_histogram();
+        let per_pool = || PerPool::new_with_constructor(seconds_histogram);
+        let queue_duration = per_pool();
+        let boot_duration = per_pool();
+        let run_duration = per_pool();
+        let terminate_duration = per_pool();
         let ec2_calls = Family::<Call, Counter>::default();
         let capacity_errors = Family::<Offering, Counter>::default();
         let gc_terminated = Counter::default();
@@ -93,14 +101,24 @@ impl Default for Metrics {
             launch_latency.clone(),
         );
         registry.register(
+            "queue_duration_seconds",
+            "From the webhook (RunnerJob created) to the launch call, per pool",
+            queue_duration.clone(),
+        );
+        registry.register(
             "boot_duration_seconds",
-            "From instance seen to runner registered",
+            "From the instance launched to its runner registered, per pool",
             boot_duration.clone(),
         );
         registry.register(
             "run_duration_seconds",
-            "From runner registered to job over",
+            "From the runner registered to the job over, per pool",
             run_duration.clone(),
+        );
+        registry.register(
+            "terminate_duration_seconds",
+            "From the job over to its instance gone and its runner removed, per pool",
+            terminate_duration.clone(),
         );
         registry.register(
             "ec2_calls",
@@ -142,8 +160,10 @@ impl Default for Metrics {
             registry,
             jobs,
             launch_latency,
+            queue_duration,
             boot_duration,
             run_duration,
+            terminate_duration,
             ec2_calls,
             capacity_errors,
             gc_terminated,
@@ -415,6 +435,50 @@ mod tests {
                 "{name} is in {} but not registered",
                 path.display()
             );
+        }
+    }
+
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("charts/pacer/dashboards/pacer.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        // The sample names each metric exposes, from docs/metrics.md (which the test above
+        // keeps equal to what is registered): families without samples are not in an
+        // exposition.
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"),
+        )
+        .unwrap();
+        let mut names = std::collections::BTreeSet::new();
+        for row in doc.lines().filter_map(|l| l.strip_prefix("| `")) {
+            let mut cells = row.split('|');
+            let name = cells.next().unwrap().trim().trim_end_matches('`');
+            let suffixes: &[&str] = match cells.next().unwrap().trim() {
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+        let metric = regex_lite::Regex::new(r"pacer_[a-z0-9_]+").unwrap();
+        let panels = dashboard["panels"].as_array().unwrap();
+        assert!(panels.len() >= 8);
+        for panel in panels {
+            let targets = panel["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{}", panel["title"]);
+            for target in targets {
+                let expr = target["expr"].as_str().unwrap();
+                let used: Vec<&str> = metric.find_iter(expr).map(|m| m.as_str()).collect();
+                assert!(!used.is_empty(), "{expr}");
+                for name in used {
+                    assert!(
+                        names.contains(name),
+                        "{}: {name} is not a metric Pacer exports ({names:?})",
+                        panel["title"]
+                    );
+                }
+            }
         }
     }
 
