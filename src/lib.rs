@@ -6,6 +6,7 @@ pub mod app;
 pub mod cloud;
 pub mod config;
 pub mod controller;
+pub mod doctor;
 pub mod domain;
 pub mod github;
 pub mod http;

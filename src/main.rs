@@ -29,6 +29,16 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
+    /// Check a live installation: one line per check, OK or what to fix; exit 1 on any failure.
+    Doctor {
+        /// The configuration file Pacer runs with.
+        #[arg(long, env = "PACER_CONFIG")]
+        config: PathBuf,
+        /// The namespace of the replicas' Lease ($POD_NAMESPACE of the pods); default: the
+        /// watched namespace, else `default`.
+        #[arg(long)]
+        lease_namespace: Option<String>,
+    },
     /// Print the CustomResourceDefinitions as YAML (`pacer crds | kubectl apply -f -`).
     Crds {
         /// Write one file per CRD into this directory instead of printing them.
@@ -94,6 +104,21 @@ fn main() -> ExitCode {
                     eprintln!("error: {err}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Command::Doctor {
+            config,
+            lease_namespace,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+            let checks = runtime.block_on(pacer::doctor::run(&config, lease_namespace.as_deref()));
+            for check in &checks {
+                println!("{check}");
+            }
+            if checks.iter().all(|c| c.outcome.is_ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Crds { dir: None } => {

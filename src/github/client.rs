@@ -281,6 +281,14 @@ impl GitHubApp {
         Ok(token.token)
     }
 
+    /// The App can act for `target`: its installation is found and a token minted for it (no
+    /// write). The installation's id.
+    pub async fn check_installation(&self, target: &RunnerTarget) -> GitHubResult<i64> {
+        let installation = self.installation(target).await?;
+        self.installation_token(installation).await?;
+        Ok(installation)
+    }
+
     /// The installation serving a target: given, or looked up from the repository or
     /// organization (cached).
     async fn installation(&self, target: &RunnerTarget) -> GitHubResult<i64> {
