@@ -27,6 +27,7 @@ generate: build ## Regenerate crds/ (and the chart's), deploy/pacer.yaml, docs/i
 	$$(hack/build-helm.sh) template pacer charts/pacer --namespace pacer --include-crds \
 	  -f charts/pacer/ci/minimal-values.yaml > deploy/pacer.yaml
 	$(PACER) iam-policy > docs/iam-role.json
+	$(PACER) reference > docs/reference.md
 	$(PACER) iam-policy --explain > docs/iam-policy.md
 
 .PHONY: crds

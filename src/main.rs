@@ -39,6 +39,8 @@ enum Command {
         #[arg(long)]
         lease_namespace: Option<String>,
     },
+    /// Print the RunnerPool and RunnerJob field reference (Markdown), from the CRDs' schemas.
+    Reference,
     /// Print the CustomResourceDefinitions as YAML (`pacer crds | kubectl apply -f -`).
     Crds {
         /// Write one file per CRD into this directory instead of printing them.
@@ -120,6 +122,10 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+        Command::Reference => {
+            print!("{}", pacer::api::reference::markdown());
+            ExitCode::SUCCESS
         }
         Command::Crds { dir: None } => {
             print!("{}", pacer::app::crds_yaml());

@@ -2,6 +2,7 @@
 
 mod job;
 mod pool;
+pub mod reference;
 mod rules;
 mod schema;
 
