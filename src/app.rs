@@ -387,7 +387,8 @@ pub fn write_crds(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `pacer validate`: prints every problem in every RunnerPool of `files`; returns how many.
+/// `pacer validate`: prints every problem in every RunnerPool of `files` (other kinds, as in a
+/// GitOps folder, are skipped); returns how many.
 pub fn validate_files(files: &[PathBuf]) -> Result<usize> {
     let mut total = 0;
     for path in files {
@@ -404,6 +405,19 @@ pub fn validate_files(files: &[PathBuf]) -> Result<usize> {
             }
         };
         for (index, doc) in documents.iter().enumerate().filter(|(_, d)| !d.is_null()) {
+            let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
+            let group = doc
+                .get("apiVersion")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            if !kind.is_empty() && (kind != "RunnerPool" || !group.starts_with("pacer.dev/")) {
+                println!(
+                    "{} (document {}, {kind}): skipped, not a RunnerPool",
+                    path.display(),
+                    index + 1
+                );
+                continue;
+            }
             let name = doc
                 .pointer("/metadata/name")
                 .and_then(|v| v.as_str())
