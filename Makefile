@@ -29,6 +29,7 @@ generate: build ## Regenerate crds/ (and the chart's), deploy/pacer.yaml, docs/i
 	$(PACER) iam-policy > docs/iam-role.json
 	$(PACER) reference > docs/reference.md
 	$(PACER) iam-policy --explain > docs/iam-policy.md
+	$(PACER) iam-policy --html > docs/iam-policy-builder.html
 
 .PHONY: crds
 crds: generate ## Same as generate

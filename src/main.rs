@@ -64,6 +64,9 @@ enum Command {
         /// Print what each statement allows (Markdown) instead of the policy.
         #[arg(long)]
         explain: bool,
+        /// Print the policy builder page (HTML, no network) instead of the policy.
+        #[arg(long, conflicts_with = "explain")]
+        html: bool,
     },
     /// Check RunnerPool manifests offline against the API server's rules; exit 1 on any problem.
     Validate {
@@ -138,6 +141,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::IamPolicy { html: true, .. } => {
+            print!("{}", pacer::cloud::iam_policy::builder_page());
+            ExitCode::SUCCESS
+        }
         Command::IamPolicy { explain: true, .. } => {
             print!("{}", pacer::cloud::iam_policy::explained());
             ExitCode::SUCCESS
@@ -148,6 +155,7 @@ fn main() -> ExitCode {
             controller_id,
             runner_role,
             explain: false,
+            html: false,
         } => {
             use pacer::cloud::iam_policy::{Params, policy_json_for};
             let defaults = Params::default();

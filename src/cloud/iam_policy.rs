@@ -272,9 +272,57 @@ pub fn explained() -> String {
     out
 }
 
+/// `docs/iam-policy-builder.html`: a page that builds the same policy from a form, in the
+/// browser only (no network, nothing sent anywhere). It holds the policy with its placeholders
+/// and replaces each with the value typed, as `pacer iam-policy` does; and the statements with
+/// what each allows.
+pub fn builder_page() -> String {
+    let template = policy_json();
+    let explanations: Vec<Value> = STATEMENTS
+        .iter()
+        .map(|s| {
+            json!({
+                "sid": s.sid,
+                "actions": s.actions,
+                "why": s.why.split_whitespace().collect::<Vec<_>>().join(" "),
+            })
+        })
+        .collect();
+    // Inside <script>, `</` would end the element; JSON allows `<\/`.
+    let embed = |v: &Value| v.to_string().replace("</", "<\\/");
+    BUILDER_PAGE
+        .replace("__TEMPLATE__", &embed(&Value::String(template)))
+        .replace("__STATEMENTS__", &embed(&Value::Array(explanations)))
+}
+
+const BUILDER_PAGE: &str = include_str!("iam_policy_builder.html");
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn committed_builder_page_matches_the_code() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/iam-policy-builder.html");
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == builder_page(),
+            "{} is out of date: run `make generate` and commit the result",
+            path.display()
+        );
+        // Nothing leaves the browser: no script, style or request from elsewhere.
+        for forbidden in [
+            "fetch(",
+            "XMLHttpRequest",
+            "src=\"http",
+            "href=\"http",
+            "WebSocket",
+            "sendBeacon",
+        ] {
+            assert!(!committed.contains(forbidden), "{forbidden}");
+        }
+    }
 
     /// The AWS actions `aws.rs` calls, read from its source: `self.ec2.describe_images()` is
     /// `ec2:DescribeImages`.
