@@ -325,6 +325,16 @@ async fn a_queued_job_runs_on_an_instance_that_boots_the_real_user_data() {
         assert!(!booted.user_data.contains(secret));
     }
     assert!(!token.is_empty() && booted.user_data.contains(&w.url));
+    // A human following the job sees each step as an Event.
+    let reasons: Vec<String> = w
+        .events_of(&name)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["Launched", "Bootstrapped", "RunnerRegistered", "Completing", "Succeeded"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reason} not in {reasons:?}");
+    }
     // The job keeps the token's fingerprint only.
     let stored = serde_json::to_string(&status).unwrap();
     assert!(!stored.contains(token));
