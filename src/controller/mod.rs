@@ -334,6 +334,56 @@ where
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
+mod event_reasons {
+    /// Every reason the code puts on an Event, a condition or `lastError`, read from the
+    /// source, is in docs/operations.md.
+    #[test]
+    fn every_reason_is_documented() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let doc = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+        let sources = [
+            include_str!("mod.rs"),
+            include_str!("job.rs"),
+            include_str!("pool.rs"),
+            include_str!("../domain/job.rs"),
+            include_str!("../domain/pool.rs"),
+            include_str!("../http/runner.rs"),
+        ];
+        let patterns = [
+            // Events published directly, and the phase Events.
+            r#"EventType::\w+,\s*"([A-Z][A-Za-z]+)""#,
+            r#"\((?:Normal|Warning),\s*"([A-Z][A-Za-z]+)""#,
+            // Pool conditions (an Event when they change) and validation verdicts.
+            r#"condition\(\s*[A-Z_]+,\s*(?:true|false),\s*"([A-Z][A-Za-z]+)""#,
+            r#"invalid\(\s*"([A-Z][A-Za-z]+)""#,
+            r#"reason:\s*"([A-Z][A-Za-z]+)""#,
+            // Job decisions and errors.
+            r#"because\(\s*\w+,\s*Step::\w+(?:\([^)]*\))?,\s*"([A-Z][A-Za-z]+)""#,
+            r#"=> "([A-Z][A-Za-z]+)",\n"#,
+        ];
+        let mut found = std::collections::BTreeSet::new();
+        for pattern in patterns {
+            let re = regex_lite::Regex::new(pattern).unwrap();
+            for source in sources {
+                for c in re.captures_iter(source) {
+                    found.insert(c[1].to_string());
+                }
+            }
+        }
+        assert!(found.len() > 30, "{found:?}");
+        // Never published: a test helper's name for a valid verdict, and a pass that waits
+        // on EC2 (logged, not an error).
+        let unpublished = ["Valid", "Waiting"];
+        let missing: Vec<_> = found
+            .iter()
+            .filter(|r| !unpublished.contains(&r.as_str()))
+            .filter(|r| !doc.contains(&format!("`{r}`")))
+            .collect();
+        assert!(missing.is_empty(), "not in docs/operations.md: {missing:?}");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
