@@ -332,8 +332,17 @@ async fn a_queued_job_runs_on_an_instance_that_boots_the_real_user_data() {
         .into_iter()
         .filter_map(|e| e.reason)
         .collect();
-    for reason in ["Launched", "Bootstrapped", "RunnerRegistered", "Completing", "Succeeded"] {
-        assert!(reasons.iter().any(|r| r == reason), "{reason} not in {reasons:?}");
+    for reason in [
+        "Launched",
+        "Bootstrapped",
+        "RunnerRegistered",
+        "Completing",
+        "Succeeded",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} not in {reasons:?}"
+        );
     }
     // The job keeps the token's fingerprint only.
     let stored = serde_json::to_string(&status).unwrap();
