@@ -47,7 +47,7 @@ clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: tools
-tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, shellcheck, cargo-deny, cargo-audit) in $(PACER_CACHE), and the npm test tools
+tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, shellcheck, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE), and the npm test tools
 	hack/build-kube.sh >/dev/null
 	hack/moto-venv.sh >/dev/null
 	hack/npm-tools.sh >/dev/null
@@ -56,6 +56,7 @@ tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, sh
 	hack/build-pebble.sh >/dev/null
 	hack/build-helm.sh >/dev/null
 	hack/cargo-tools.sh >/dev/null
+	hack/chromium.sh >/dev/null
 
 .PHONY: shellcheck
 shellcheck: ## shellcheck the runner boot script and the project's scripts
