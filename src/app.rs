@@ -44,13 +44,16 @@ pub fn reexec_with_allocator_option() {
 }
 
 /// Logs to stderr: JSON lines when stderr is not a terminal (a pod's log), readable lines on
-/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, filters
-/// (default `info`).
-pub fn init_tracing() {
+/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, else the
+/// config's `log_level` filters (default `info`).
+pub fn init_tracing(config_level: Option<&str>) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PACER_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::try_new(config_level.unwrap_or("info"))
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -44,6 +44,10 @@ pub struct Config {
     pub runners: RunnersConfig,
     #[serde(default)]
     pub controller: ControllerConfig,
+    /// What is logged, as a tracing filter (`info`, `debug`, `pacer=debug,info`); the
+    /// `PACER_LOG` and `RUST_LOG` environment variables win over it.
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 /// How launched instances prove who they are and call back.

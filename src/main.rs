@@ -100,7 +100,11 @@ fn main() -> ExitCode {
         },
         Command::Run { config, .. } => {
             pacer::app::reexec_with_allocator_option();
-            pacer::app::init_tracing();
+            // The config's log level, when it loads; `run` reports a config that does not.
+            let level = pacer::config::Config::load(&config, std::env::vars())
+                .ok()
+                .and_then(|c| c.log_level);
+            pacer::app::init_tracing(level.as_deref());
             let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
             match runtime.block_on(pacer::app::run(&config)) {
                 Ok(()) => ExitCode::SUCCESS,
