@@ -98,6 +98,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         job_concurrency: config.controller.job_concurrency,
         gc_interval: std::time::Duration::from_secs(config.controller.gc_interval_seconds),
         gc_grace: std::time::Duration::from_secs(config.controller.gc_grace_seconds),
+        runner_ca: match &config.runners.ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        },
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
     let ctx = controller::Context::new(client.clone(), ec2.clone(), settings.clone());

@@ -61,6 +61,11 @@ pub struct RunnersConfig {
     /// certificate for `aws.region`, from "AWS public certificates for instance identity
     /// document signatures".
     pub identity_certificates_file: PathBuf,
+    /// PEM CA certificate(s) the instances trust for `server.public_url`, when its certificate
+    /// is not from a public CA (a private CA with `tls.mode: manual`). Public data: it is put
+    /// in the user-data. Empty: the AMI's trust store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]

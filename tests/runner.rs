@@ -60,6 +60,12 @@ impl World {
     /// Two pools (`alpha`, `beta`), the controllers, the listener, the fake GitHub; and the
     /// simulator, unless `behaviour` is `None`.
     async fn new(test: &str, behaviour: Option<Behaviour>) -> Self {
+        Self::serving(test, behaviour, false).await
+    }
+
+    /// With `tls`, the listener serves HTTPS with a certificate from a private CA, which the
+    /// instances are told to trust (`runners.ca_file`).
+    async fn serving(test: &str, behaviour: Option<Behaviour>, tls: bool) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("pacer=info")
             .with_test_writer()
@@ -87,9 +93,19 @@ impl World {
         let tokens = Tokens::new(key).unwrap();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let address = listener.local_addr().unwrap();
+        let url = format!("{}://{address}", if tls { "https" } else { "http" });
+        let private_ca = tls.then(|| private_ca(&dir));
+        let http = match &private_ca {
+            Some((ca, _, _)) => reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+                .build()
+                .unwrap(),
+            None => reqwest::Client::new(),
+        };
         let aws = ground.aws_config().await;
         let settings = Settings {
+            runner_ca: private_ca.as_ref().map(|(ca, _, _)| ca.clone()),
             resync: Duration::from_secs(2),
             backoff_unit: Duration::from_millis(200),
             instance_refresh: Duration::from_millis(500),
@@ -142,9 +158,29 @@ impl World {
         );
         store.wait_until_ready().await.unwrap();
         web.ready.store(true, Ordering::SeqCst);
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(listener, router(web)).into_future().await;
-        }));
+        match private_ca {
+            None => tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, router(web)).into_future().await;
+            })),
+            Some((_, cert_file, key_file)) => {
+                drop(listener);
+                let server = pacer::config::ServerConfig {
+                    public_url: url.clone(),
+                    listen: address,
+                    metrics_listen: "127.0.0.1:0".parse().unwrap(),
+                    tls: pacer::config::TlsConfig {
+                        mode: pacer::config::TlsMode::Manual,
+                        cert_file: Some(cert_file),
+                        key_file: Some(key_file),
+                        ..Default::default()
+                    },
+                };
+                tasks.push(tokio::spawn(async move {
+                    let shutdown = std::future::pending();
+                    let _ = pacer::http::serve_main(&server, router(web), None, shutdown).await;
+                }));
+            }
+        }
         let sim = match behaviour {
             Some(behaviour) => Some(
                 Simulator::start(
@@ -174,7 +210,7 @@ impl World {
             dir,
             tokens,
             sim,
-            http: reqwest::Client::new(),
+            http,
             _tasks: tasks,
         };
         for pool in ["alpha", "beta"] {
@@ -210,7 +246,14 @@ impl World {
     /// Posts a signed `queued` webhook (GitHub's example, given this job's id and labels).
     async fn queue(&self, job_id: i64, labels: &[&str]) {
         let body = webhooks::queued(job_id, labels);
-        webhooks::deliver(&self.url, SECRET, &format!("delivery-{job_id}"), body).await;
+        webhooks::deliver_with(
+            &self.http,
+            &self.url,
+            SECRET,
+            &format!("delivery-{job_id}"),
+            body,
+        )
+        .await;
     }
 
     async fn wait_phase(&self, name: &str, phases: &[JobPhase], seconds: u64) -> RunnerJob {
@@ -347,6 +390,30 @@ async fn a_queued_job_runs_on_an_instance_that_boots_the_real_user_data() {
     // The job keeps the token's fingerprint only.
     let stored = serde_json::to_string(&status).unwrap();
     assert!(!stored.contains(token));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_trust_a_private_ca_for_the_listener_when_told() {
+    let w = World::serving("runner-tls", Some(Behaviour::default()), true).await;
+    assert!(w.url.starts_with("https://"));
+    w.queue(5501, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(5501);
+    let job = w
+        .wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 90)
+        .await;
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    let booted = w
+        .sim
+        .as_ref()
+        .unwrap()
+        .finished(&status.instance.unwrap().id, Duration::from_secs(10))
+        .await;
+    assert!(
+        booted
+            .user_data
+            .contains("PACER_CA_PEM='-----BEGIN CERTIFICATE-----")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -598,6 +665,29 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert_eq!(status, 200, "{answer}");
     w.wait_phase(&job_object_name(8001), &[JobPhase::Running], 30)
         .await;
+}
+
+/// A private CA and a certificate it signed for 127.0.0.1, written under `dir`: (CA PEM, cert
+/// file, key file).
+fn private_ca(dir: &std::path::Path) -> (String, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test private CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (ca.pem(), cert_file, key_file)
 }
 
 fn base64_of(text: &str) -> String {

@@ -133,6 +133,8 @@ pub struct Context {
 pub struct Settings {
     pub controller_id: String,
     pub public_url: String,
+    /// PEM the instances trust for `public_url` (`runners.ca_file`), if not the AMI's roots.
+    pub runner_ca: Option<String>,
     /// How often a healthy object is looked at again, since its inputs can change under us.
     pub resync: Duration,
     /// The unit of retry backoff: 5 s in production, shorter in tests.
@@ -157,6 +159,7 @@ impl Settings {
         Self {
             controller_id: controller_id.into(),
             public_url: public_url.into(),
+            runner_ca: None,
             resync: Duration::from_secs(300),
             backoff_unit: Duration::from_secs(5),
             instance_refresh: Duration::from_secs(10),

@@ -215,6 +215,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     };
     let rendered = userdata::render(&BootParams {
         public_url: &ctx.settings.public_url,
+        ca_pem: ctx.settings.runner_ca.as_deref(),
         pool: &id.key(),
         runner_user: pool.spec.runner_user(),
         extra: pool.spec.user_data.as_deref(),

@@ -6,6 +6,7 @@
 #   PACER_POOL         namespace/name of the RunnerPool
 #   RUNNER_USER        the user the runner runs as; root only with RUNNER_ALLOW_RUNASROOT=1
 #   PACER_POOL_SCRIPT  the pool's own script (spec.userData), run before the runner; may be empty
+#   PACER_CA_PEM       CA certificate(s) to trust for PACER_URL (runners.ca_file); may be empty
 # Nothing here is secret: the instance proves who it is with its signed identity document and
 # receives its just-in-time runner config and a callback token once, over HTTPS.
 #
@@ -15,7 +16,7 @@ set -Eeuo pipefail
 umask 077
 
 : "${PACER_URL:?rendered by Pacer}" "${PACER_POOL:?rendered by Pacer}" "${RUNNER_USER:=runner}"
-: "${PACER_POOL_SCRIPT:=}"
+: "${PACER_POOL_SCRIPT:=}" "${PACER_CA_PEM:=}"
 IMDS="${PACER_IMDS_URL:-http://169.254.169.254}"
 STATE="${PACER_STATE_DIR:-/var/lib/pacer}"
 RUNNER_DIR="${PACER_RUNNER_DIR:-/opt/actions-runner}"
@@ -25,6 +26,12 @@ LOG_TAIL_BYTES=65536
 
 mkdir -p "$STATE"
 exec > >(tee -a "$LOG") 2>&1
+# Pacer's listener may use a private CA; other endpoints keep the AMI's trust store.
+pacer_tls=()
+if [ -n "$PACER_CA_PEM" ]; then
+  printf '%s\n' "$PACER_CA_PEM" >"$STATE/pacer-ca.pem"
+  pacer_tls=(--cacert "$STATE/pacer-ca.pem")
+fi
 echo "pacer: booting a runner for pool $PACER_POOL ($(date -u +%FT%TZ))"
 
 # Posts the end of the boot log to Pacer (once a callback token is held) and shuts down.
@@ -34,7 +41,7 @@ on_error() {
   echo "pacer: boot failed at line $line with status $status"
   if [ -s "$AUTH" ]; then
     tail -c "$LOG_TAIL_BYTES" "$LOG" | curl -sS --max-time 30 --retry 3 --retry-all-errors \
-      -X POST -H @"$AUTH" -H 'Content-Type: text/plain' --data-binary @- \
+      "${pacer_tls[@]}" -X POST -H @"$AUTH" -H 'Content-Type: text/plain' --data-binary @- \
       "$PACER_URL/api/runner/error" >/dev/null || echo "pacer: could not report the failure"
   fi
   shutdown -h now || true
@@ -83,7 +90,7 @@ call GET "$IMDS/latest/dynamic/instance-identity/rsa2048" "$STATE/identity.rsa20
 jq -n --rawfile document "$STATE/identity.json" --rawfile signature "$STATE/identity.rsa2048" \
   '{document: $document, signature: $signature}' \
   >"$STATE/bootstrap-request.json"
-call POST "$PACER_URL/api/runner/bootstrap" "$STATE/bootstrap.json" \
+call POST "$PACER_URL/api/runner/bootstrap" "$STATE/bootstrap.json" "${pacer_tls[@]}" \
   -H 'Content-Type: application/json' --data-binary @"$STATE/bootstrap-request.json"
 printf 'Authorization: Bearer %s\n' "$(jq -er .callbackToken "$STATE/bootstrap.json")" >"$AUTH"
 version=$(jq -er .runner.version "$STATE/bootstrap.json")
@@ -121,7 +128,7 @@ elif [ "$(id -un)" != "$RUNNER_USER" ]; then
 fi
 
 # 6. Register, run the one job, report how it ended.
-call POST "$PACER_URL/api/runner/register" "$STATE/register.json" -H @"$AUTH" \
+call POST "$PACER_URL/api/runner/register" "$STATE/register.json" "${pacer_tls[@]}" -H @"$AUTH" \
   -H 'Content-Type: application/json' --data-binary '{}'
 echo "pacer: registered; starting the runner"
 status=0
@@ -129,6 +136,6 @@ status=0
   status=$?
 rm -f "$STATE/bootstrap.json"
 echo "pacer: the runner exited with status $status"
-call POST "$PACER_URL/api/runner/complete" "$STATE/complete.json" -H @"$AUTH" \
+call POST "$PACER_URL/api/runner/complete" "$STATE/complete.json" "${pacer_tls[@]}" -H @"$AUTH" \
   -H 'Content-Type: application/json' --data-binary "{\"exitCode\": $status}"
 shutdown -h now

@@ -19,6 +19,8 @@ pub struct BootParams<'a> {
     pub pool: &'a str,
     /// The user the runner runs as.
     pub runner_user: &'a str,
+    /// PEM the instance trusts for `public_url`, when not the AMI's roots.
+    pub ca_pem: Option<&'a str>,
     /// The pool's own script, run before the runner starts.
     pub extra: Option<&'a str>,
 }
@@ -50,6 +52,7 @@ pub fn render(params: &BootParams<'_>) -> Result<String, TooLarge> {
         ("PACER_POOL", params.pool),
         ("RUNNER_USER", params.runner_user),
         ("PACER_POOL_SCRIPT", params.extra.unwrap_or_default()),
+        ("PACER_CA_PEM", params.ca_pem.unwrap_or_default()),
     ] {
         let _ = writeln!(w, "{name}={}", shell_quote(value));
     }
@@ -69,6 +72,7 @@ mod tests {
             public_url: "https://pacer.example.com/",
             pool: "ci/linux",
             runner_user: "runner",
+            ca_pem: None,
             extra,
         }
     }

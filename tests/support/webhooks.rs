@@ -57,7 +57,18 @@ pub fn cancelled(job_id: i64, labels: &[&str]) -> Vec<u8> {
 
 /// Delivers `body` to `{url}/api/webhook` as GitHub would; panics unless it is accepted.
 pub async fn deliver(url: &str, secret: &[u8], delivery: &str, body: Vec<u8>) {
-    let response = reqwest::Client::new()
+    deliver_with(&reqwest::Client::new(), url, secret, delivery, body).await
+}
+
+/// [`deliver`] with a client of the caller's (one that trusts a private CA, say).
+pub async fn deliver_with(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &[u8],
+    delivery: &str,
+    body: Vec<u8>,
+) {
+    let response = client
         .post(format!("{url}/api/webhook"))
         .header("content-type", "application/json")
         .header("x-github-event", "workflow_job")
