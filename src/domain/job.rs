@@ -224,16 +224,6 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             ),
         };
     }
-    if let InstanceState::Gone { id, reason } = &f.instance
-        && f.phase != Completing
-    {
-        return because(
-            Failed,
-            Step::Wait(POLL),
-            "InstanceLost",
-            format!("instance {id} is gone: {reason}"),
-        );
-    }
     match f.outcome {
         Some(outcome) if f.phase != Completing => {
             return match (&f.instance, outcome) {
@@ -243,6 +233,15 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
                     "Cancelled",
                     "the job was cancelled before a runner started",
                 ),
+                // The job is over and the instance already went: a runner shuts its instance
+                // down right after reporting, often before this pass sees the report.
+                (InstanceState::Gone { .. }, Outcome::Cancelled) => because(
+                    Completing,
+                    Step::Wait(Duration::ZERO),
+                    "Cancelled",
+                    "the job was cancelled",
+                ),
+                (InstanceState::Gone { .. }, _) => go(Completing, Step::Wait(Duration::ZERO)),
                 (_, Outcome::Cancelled) => because(
                     Completing,
                     Step::Terminate,
@@ -253,6 +252,16 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             };
         }
         _ => {}
+    }
+    if let InstanceState::Gone { id, reason } = &f.instance
+        && f.phase != Completing
+    {
+        return because(
+            Failed,
+            Step::Wait(POLL),
+            "InstanceLost",
+            format!("instance {id} is gone: {reason}"),
+        );
     }
     match f.phase {
         Pending => match (&f.instance, &f.pool) {
@@ -693,6 +702,17 @@ mod tests {
                 Failed,
                 Step::Wait(POLL),
                 Some("InstanceLost"),
+            ),
+            (
+                "the runner reported and its instance already shut down",
+                Running,
+                |f| {
+                    f.instance = gone();
+                    f.outcome = Some(Outcome::Success)
+                },
+                Completing,
+                Step::Wait(Duration::ZERO),
+                None,
             ),
             (
                 "running completes",
