@@ -329,6 +329,33 @@ pub async fn serve_main(
         .map_err(io(std::path::Path::new("listener")))
 }
 
+/// Merge-patches a RunnerJob's status, as Pacer's field manager; with `resource_version`, only
+/// if the object is still at that version (409 otherwise). Shared by the webhook and the
+/// runner endpoints.
+async fn patch_job_status(
+    web: &Web,
+    job: &crate::api::RunnerJob,
+    resource_version: Option<&str>,
+    status: serde_json::Value,
+) -> Result<(), kube::Error> {
+    use kube::ResourceExt as _;
+    let mut patch = serde_json::json!({ "status": status });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    }
+    let params = kube::api::PatchParams {
+        field_manager: Some(crate::controller::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    kube::Api::<crate::api::RunnerJob>::namespaced(
+        web.ctx.client.clone(),
+        &job.namespace().unwrap_or_default(),
+    )
+    .patch_status(&job.name_any(), &params, &kube::api::Patch::Merge(patch))
+    .await
+    .map(|_| ())
+}
+
 /// `GET /metrics`: the Prometheus text exposition.
 pub fn metrics_router(ctx: Arc<Context>) -> Router {
     Router::new()

@@ -12,17 +12,16 @@ use axum::response::{IntoResponse, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::EventType;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use tracing::{info, warn};
 
-use super::{ApiError, Web};
+use super::{ApiError, Web, patch_job_status as patch_status};
 use crate::api::{BootStatus, JobPhase, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
-use crate::controller::FIELD_MANAGER;
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
@@ -72,28 +71,6 @@ fn side(web: &Web) -> Result<&RunnerSide, ApiError> {
 
 fn jobs(web: &Web, namespace: &str) -> Api<RunnerJob> {
     Api::namespaced(web.ctx.client.clone(), namespace)
-}
-
-/// Merge-patches a RunnerJob's status; with `resource_version`, only if the object is still
-/// at that version (a 409 from the API server otherwise).
-async fn patch_status(
-    web: &Web,
-    job: &RunnerJob,
-    resource_version: Option<&str>,
-    status: serde_json::Value,
-) -> Result<(), kube::Error> {
-    let mut patch = json!({ "status": status });
-    if let Some(rv) = resource_version {
-        patch["metadata"] = json!({ "resourceVersion": rv });
-    }
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    jobs(web, &job.namespace().unwrap_or_default())
-        .patch_status(&job.name_any(), &params, &Patch::Merge(patch))
-        .await
-        .map(|_| ())
 }
 
 /// `POST /api/runner/bootstrap`.
@@ -208,12 +185,8 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
         runner_version: Some(release.version.clone()),
         log_tail: None,
     };
-    claim(&web, job, &boot).await?;
+    claim(&web, &job, &boot).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
-    let job = api
-        .get(name)
-        .await
-        .map_err(|e| unavailable("reading the RunnerJob", e))?;
     let runner_name = crate::github::runner_name(controller_id, job.spec.job_id);
     let jit = match github
         .jit_config(&target, &runner_name, &pool.spec.labels)
@@ -275,8 +248,9 @@ async fn pool_of(web: &Web, job: &RunnerJob) -> Result<RunnerPool, ApiError> {
 
 /// Records the bootstrap on the job, once: a job already bootstrapped, or past booting, is a
 /// 409. The write is conditional on the version read, so of two racing calls one wins.
-async fn claim(web: &Web, mut job: RunnerJob, boot: &BootStatus) -> Result<(), ApiError> {
+async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiError> {
     let name = job.name_any();
+    let mut job = job.clone();
     for _ in 0..5 {
         let status = job.status.clone().unwrap_or_default();
         if status.boot.is_some() {

@@ -12,12 +12,11 @@ use axum::response::{IntoResponse, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use tracing::{info, warn};
 
 use super::{ApiError, Web};
 use crate::api::{JobResult, RunnerJob};
-use crate::controller::FIELD_MANAGER;
 use crate::controller::demand::{self, Queued, Recorded};
 use crate::controller::metrics::Delivery;
 use crate::domain::job::{to_withdraw, withdrawable};
@@ -230,14 +229,8 @@ async fn patch_status(
     job: &RunnerJob,
     status: serde_json::Value,
 ) -> Result<(), ApiError> {
-    let api = jobs_api(web, job.namespace().as_deref());
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    let patch = Patch::Merge(serde_json::json!({ "status": status }));
-    match api.patch_status(&job.name_any(), &params, &patch).await {
-        Ok(_) => Ok(()),
+    match super::patch_job_status(web, job, None, status).await {
+        Ok(()) => Ok(()),
         // Deleted meanwhile: nothing is left to record on.
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(unavailable(e)),
