@@ -617,8 +617,13 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     status.observed_generation = job.metadata.generation;
     write_status(job, ctx, &status).await?;
     let was = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
-    if let Some((type_, reason, note)) = phase_event(was, &status) {
-        ctx.event(job, type_, reason, note).await;
+    if let Some(notice) = crate::domain::job::phase_notice(was, &status) {
+        let type_ = if notice.warning {
+            kube::runtime::events::EventType::Warning
+        } else {
+            kube::runtime::events::EventType::Normal
+        };
+        ctx.event(job, type_, notice.reason, notice.note).await;
     }
     if deleting {
         // Release returned above; anything else keeps the finalizer until the instance is gone.
@@ -627,60 +632,6 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         ));
     }
     Ok(next)
-}
-
-/// The Event a phase change deserves: the reasons are listed in docs/operations.md.
-fn phase_event(
-    was: JobPhase,
-    status: &RunnerJobStatus,
-) -> Option<(kube::runtime::events::EventType, &'static str, String)> {
-    use kube::runtime::events::EventType::{Normal, Warning};
-    if status.phase == was {
-        return None;
-    }
-    let error = status.last_error.as_ref();
-    let because = error.map(|e| format!("{}: {}", e.reason, e.message));
-    // An error recorded in this very pass explains the change; an older one may not.
-    let fresh = error
-        .filter(|e| e.time.is_some() && e.time.as_ref() == status.phase_times.of(status.phase))
-        .map(|e| format!("{}: {}", e.reason, e.message));
-    Some(match status.phase {
-        JobPhase::Pending | JobPhase::Launching => return None,
-        JobPhase::Booting => {
-            let i = status.instance.as_ref()?;
-            (
-                Normal,
-                "Launched",
-                format!(
-                    "instance {} ({} {} in {})",
-                    i.id, i.market, i.instance_type, i.zone
-                ),
-            )
-        }
-        JobPhase::Running => {
-            let runner = status.runner.as_ref()?;
-            (
-                Normal,
-                "RunnerRegistered",
-                format!("runner {} (id {}) registered", runner.name, runner.id),
-            )
-        }
-        JobPhase::Completing => (
-            Normal,
-            "Completing",
-            fresh.unwrap_or_else(|| "the job is over: terminating the instance".into()),
-        ),
-        JobPhase::Succeeded => (
-            Normal,
-            "Succeeded",
-            "the job succeeded; the instance is gone".into(),
-        ),
-        JobPhase::Failed => (
-            Warning,
-            "Failed",
-            because.unwrap_or_else(|| "the job failed; the instance is gone".into()),
-        ),
-    })
 }
 
 /// Where the job's runner is registered on GitHub: the pool's organization, or the job's

@@ -355,7 +355,7 @@ mod event_reasons {
         let patterns = [
             // Events published directly, and the phase Events.
             r#"EventType::\w+,\s*"([A-Z][A-Za-z]+)""#,
-            r#"\((?:Normal|Warning),\s*"([A-Z][A-Za-z]+)""#,
+            r#"notice\(\s*(?:true|false),\s*"([A-Z][A-Za-z]+)""#,
             // Pool conditions (an Event when they change) and validation verdicts.
             r#"condition\(\s*[A-Z_]+,\s*(?:true|false),\s*"([A-Z][A-Za-z]+)""#,
             r#"invalid\(\s*"([A-Z][A-Za-z]+)""#,

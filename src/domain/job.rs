@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{JobPhase, RunnerJob, RunnerPool};
+use crate::api::{JobPhase, RunnerJob, RunnerJobStatus, RunnerPool};
 
 /// What EC2 says about the instance tagged with this job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -387,6 +387,100 @@ pub fn pool_readiness(pool: Option<&RunnerPool>) -> Result<(), PoolAdmission> {
         None => Err(PoolAdmission::NotReady(
             "the RunnerPool has not been validated yet".into(),
         )),
+    }
+}
+
+/// What a human is told, as an Event, when a RunnerJob changes phase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    /// One of the reasons listed in docs/operations.md.
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// The notice a phase change deserves, if any: the instance on launch, the runner on
+/// registration, why the job is completing or failed.
+pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
+    if status.phase == was {
+        return None;
+    }
+    let error = status.last_error.as_ref();
+    let because = error.map(|e| format!("{}: {}", e.reason, e.message));
+    // An error recorded in this very pass explains the change; an older one may not.
+    let fresh = error
+        .filter(|e| e.time.is_some() && e.time.as_ref() == status.phase_times.of(status.phase))
+        .map(|e| format!("{}: {}", e.reason, e.message));
+    let notice = |warning, reason, note| Notice {
+        warning,
+        reason,
+        note,
+    };
+    Some(match status.phase {
+        JobPhase::Pending | JobPhase::Launching => return None,
+        JobPhase::Booting => {
+            let i = status.instance.as_ref()?;
+            notice(
+                false,
+                "Launched",
+                format!(
+                    "instance {} ({} {} in {})",
+                    i.id, i.market, i.instance_type, i.zone
+                ),
+            )
+        }
+        JobPhase::Running => {
+            let runner = status.runner.as_ref()?;
+            notice(
+                false,
+                "RunnerRegistered",
+                format!("runner {} (id {}) registered", runner.name, runner.id),
+            )
+        }
+        JobPhase::Completing => notice(
+            false,
+            "Completing",
+            fresh.unwrap_or_else(|| "the job is over: terminating the instance".into()),
+        ),
+        JobPhase::Succeeded => notice(
+            false,
+            "Succeeded",
+            "the job succeeded; the instance is gone".into(),
+        ),
+        JobPhase::Failed => notice(
+            true,
+            "Failed",
+            because.unwrap_or_else(|| "the job failed; the instance is gone".into()),
+        ),
+    })
+}
+
+/// Whether a RunnerJob may take an instance's bootstrap: it waits for one to boot and none
+/// has bootstrapped yet. Why not, for a 409, otherwise.
+pub fn may_bootstrap(status: &RunnerJobStatus) -> Result<(), String> {
+    if status.boot.is_some() {
+        return Err("has already bootstrapped an instance".into());
+    }
+    if !matches!(status.phase, JobPhase::Launching | JobPhase::Booting) {
+        return Err(format!(
+            "is {:?}, not waiting for an instance to boot",
+            status.phase
+        ));
+    }
+    Ok(())
+}
+
+/// Clock skew tolerated between an instance's `pendingTime` and ours.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Whether an instance that entered `pending` at `pending` may still bootstrap at `now`:
+/// within the boot timeout, and not from the future beyond clock skew.
+pub fn boots_in_time(pending: Timestamp, now: Timestamp, boot_timeout: Duration) -> bool {
+    let age = now.duration_since(pending);
+    if age.is_negative() {
+        age.unsigned_abs() <= CLOCK_SKEW
+    } else {
+        age.unsigned_abs() <= boot_timeout
     }
 }
 
@@ -893,5 +987,39 @@ mod tests {
             assert_eq!((d.phase, &d.step), (want_phase, &want_step), "{name}");
             assert_eq!(d.reason.as_ref().map(|r| r.0), want_reason, "{name}");
         }
+    }
+
+    #[test]
+    fn an_instance_bootstraps_only_within_the_boot_timeout_and_the_clock_skew() {
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let timeout = Duration::from_secs(600);
+        let at = |offset: i64| now + k8s_openapi::jiff::SignedDuration::from_secs(offset);
+        assert!(boots_in_time(at(-600), now, timeout));
+        assert!(!boots_in_time(at(-601), now, timeout));
+        assert!(boots_in_time(at(300), now, timeout));
+        assert!(!boots_in_time(at(301), now, timeout));
+    }
+
+    #[test]
+    fn a_job_takes_one_bootstrap_while_it_waits_for_its_instance() {
+        let mut status = RunnerJobStatus {
+            phase: JobPhase::Booting,
+            ..Default::default()
+        };
+        assert_eq!(may_bootstrap(&status), Ok(()));
+        status.phase = JobPhase::Launching;
+        assert_eq!(may_bootstrap(&status), Ok(()));
+        status.phase = JobPhase::Running;
+        assert!(may_bootstrap(&status).unwrap_err().contains("Running"));
+        status.phase = JobPhase::Booting;
+        status.boot = Some(crate::api::BootStatus {
+            instance_id: "i-1".into(),
+            bootstrapped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+            token_sha256: String::new(),
+            runner: None,
+            runner_version: None,
+            log_tail: None,
+        });
+        assert!(may_bootstrap(&status).unwrap_err().contains("already"));
     }
 }

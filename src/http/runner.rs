@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{ApiError, Web, patch_job_status as patch_status};
-use crate::api::{BootStatus, JobPhase, JobResult, RunnerJob, RunnerPool, RunnerStatus};
+use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
@@ -94,10 +94,7 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
     }
     let now = Timestamp::now();
     let boot_timeout = web.ctx.settings.job_limits.boot_timeout;
-    let age = now.duration_since(doc.pending_time);
-    if age.is_negative() && age.unsigned_abs() > Duration::from_secs(300)
-        || age.is_positive() && age.unsigned_abs() > boot_timeout
-    {
+    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
         return Err(denied(format!(
             "the instance started at {}, outside the boot timeout of {} s",
             doc.pending_time,
@@ -253,17 +250,8 @@ async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiE
     let mut job = job.clone();
     for _ in 0..5 {
         let status = job.status.clone().unwrap_or_default();
-        if status.boot.is_some() {
-            return Err(ApiError::Conflict(format!(
-                "RunnerJob {name} has already bootstrapped an instance"
-            )));
-        }
-        if !matches!(status.phase, JobPhase::Launching | JobPhase::Booting) {
-            return Err(ApiError::Conflict(format!(
-                "RunnerJob {name} is {:?}, not waiting for an instance to boot",
-                status.phase
-            )));
-        }
+        crate::domain::job::may_bootstrap(&status)
+            .map_err(|why| ApiError::Conflict(format!("RunnerJob {name} {why}")))?;
         let version = job.resource_version();
         match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
             Ok(()) => return Ok(()),
