@@ -107,18 +107,28 @@ fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
 }
 
 impl Store {
-    /// A value kept under `key`.
-    async fn read(&self, key: &str) -> Result<Option<String>, String> {
+    /// The values kept under `keys`, read at once (one GET of the Secret).
+    async fn read_all<const N: usize>(
+        &self,
+        keys: [&str; N],
+    ) -> Result<[Option<String>; N], String> {
         match self {
-            Self::Folder(dir) => Ok(std::fs::read_to_string(dir.join(key)).ok()),
+            Self::Folder(dir) => Ok(keys.map(|key| std::fs::read_to_string(dir.join(key)).ok())),
             Self::Secret { api, name, .. } => {
                 let secret = api
                     .get(name)
                     .await
                     .map_err(|e| format!("reading Secret {name}: {e}"))?;
-                Ok(text(&secret.data.unwrap_or_default(), key))
+                let data = secret.data.unwrap_or_default();
+                Ok(keys.map(|key| text(&data, key)))
             }
         }
+    }
+
+    /// A value kept under `key`.
+    async fn read(&self, key: &str) -> Result<Option<String>, String> {
+        let [value] = self.read_all([key]).await?;
+        Ok(value)
     }
 
     /// Changes the Secret with `change` (its data and annotations) and writes it back if still
@@ -175,7 +185,8 @@ impl Store {
 
     /// The certificate chain and key kept, if any.
     async fn certificate(&self) -> Result<Option<(String, String)>, String> {
-        Ok(self.read(CHAIN).await?.zip(self.read(KEY).await?))
+        let [chain, key] = self.read_all([CHAIN, KEY]).await?;
+        Ok(chain.zip(key))
     }
 
     /// Whether this replica may order now: always with a folder; with a Secret, when no other
