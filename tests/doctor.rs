@@ -64,12 +64,7 @@ async fn doctor_says_ok_then_names_each_broken_part() {
     let ns = ground.namespace(&client, "doctor").await;
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("doctor-{ns}"));
     let github = FakeGitHub::start().await;
-    github
-        .state
-        .lock()
-        .unwrap()
-        .installations
-        .insert(1, vec!["example-org/api".into()]);
+    github.install(1, &["example-org/api"]);
     let mut pacer: Pacer = process::start(
         ground,
         &dir,

@@ -7,24 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{Ground, Parts, ground, repo_root};
-
-fn run(command: &mut Command) -> String {
-    let out = command.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{command:?}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn kubectl(ground: &Ground) -> Command {
-    let mut command = Command::new(ground.var("KUBECTL"));
-    command.arg("--kubeconfig").arg(ground.var("KUBECONFIG"));
-    command
-}
+use support::{Parts, ground, repo_root, run};
 
 /// Every YAML file under `dir`, sorted.
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
@@ -49,7 +32,8 @@ fn every_example_validates_and_the_api_server_accepts_it() {
     std::fs::create_dir_all(&scratch).unwrap();
 
     // What is applied: each top-level manifest, the overlay rendered, the Application.
-    let overlay = run(kubectl(ground)
+    let overlay = run(ground
+        .kubectl_command()
         .arg("kustomize")
         .arg(examples.join("kustomize/overlays/prod")));
     assert!(overlay.contains("namespace: ci-prod") && overlay.contains("maxRunners: 50"));
@@ -72,19 +56,24 @@ fn every_example_validates_and_the_api_server_accepts_it() {
         "four RunnerPools:\n{validated}"
     );
 
-    run(kubectl(ground)
+    run(ground
+        .kubectl_command()
         .args(["apply", "--server-side", "-f"])
         .arg(repo_root().join("tests/fixtures/argocd-application-crd.yaml")));
-    run(kubectl(ground).args([
+    run(ground.kubectl_command().args([
         "wait",
         "--for=condition=Established",
         "crd/applications.argoproj.io",
     ]));
     for ns in ["ci", "ci-prod", "argocd"] {
-        let _ = kubectl(ground).args(["create", "namespace", ns]).output();
+        let _ = ground
+            .kubectl_command()
+            .args(["create", "namespace", ns])
+            .output();
     }
     for manifest in &manifests {
-        let applied = run(kubectl(ground)
+        let applied = run(ground
+            .kubectl_command()
             .args(["apply", "--dry-run=server", "--server-side", "-f"])
             .arg(manifest));
         assert!(

@@ -1110,11 +1110,7 @@ async fn a_launch_template_deleted_behind_our_back_is_recreated_and_the_job_laun
 async fn a_registered_runner_is_removed_from_github_before_its_job_counts_as_finished() {
     let w = World::new("deregister").await;
     let fake = support::github::FakeGitHub::start().await;
-    fake.state
-        .lock()
-        .unwrap()
-        .installations
-        .insert(1, vec!["example-org/api".into()]);
+    fake.install(1, &["example-org/api"]);
     let github = fake.client();
     let settings = Settings {
         backoff_unit: Duration::from_millis(200),

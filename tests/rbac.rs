@@ -19,7 +19,7 @@ use support::github::FakeGitHub;
 use support::identity::Signer;
 use support::process::{self, WEBHOOK_SECRET};
 use support::simulator::{Behaviour, Simulator};
-use support::{Ground, Parts, ground, repo_root, webhooks};
+use support::{Ground, Parts, ground, helm, repo_root, run, webhooks};
 
 /// Grants a short test cannot exercise, each with the code path that needs it.
 const RARELY_CALLED: &[(&str, &str, &str, &str)] = &[
@@ -38,27 +38,7 @@ const RARELY_CALLED: &[(&str, &str, &str, &str)] = &[
 ];
 
 fn kubectl(ground: &Ground, args: &[&str]) -> String {
-    let out = Command::new(ground.var("KUBECTL"))
-        .arg("--kubeconfig")
-        .arg(ground.var("KUBECONFIG"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn helm() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo_root().join("hack/build-helm.sh"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    run(ground.kubectl_command().args(args))
 }
 
 /// (apiGroup, resource or resource/subresource, verb) of every grant in the rendered roles.
@@ -150,12 +130,7 @@ async fn the_chart_grants_exactly_the_calls_pacer_makes() {
 
     // Pacer as that ServiceAccount, with the fake GitHub and the runner simulator.
     let github = FakeGitHub::start().await;
-    github
-        .state
-        .lock()
-        .unwrap()
-        .installations
-        .insert(1, vec!["example-org/api".into()]);
+    github.install(1, &["example-org/api"]);
     let mut pacer = process::start(
         ground,
         &dir,

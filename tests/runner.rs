@@ -82,12 +82,7 @@ impl World {
         std::fs::create_dir_all(&dir).unwrap();
 
         let github = FakeGitHub::start().await;
-        github
-            .state
-            .lock()
-            .unwrap()
-            .installations
-            .insert(1, vec!["example-org/api".into()]);
+        github.install(1, &["example-org/api"]);
         let signer = Signer::new(&dir.join("identity"));
         let key = Secret::new(std::fs::read(identity::callback_key(&dir)).unwrap());
         let tokens = Tokens::new(key).unwrap();

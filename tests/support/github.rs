@@ -145,6 +145,15 @@ impl FakeGitHub {
         }
     }
 
+    /// Installs the App as `id` on `repositories` (`owner/name`).
+    pub fn install(&self, id: i64, repositories: &[&str]) {
+        self.state
+            .lock()
+            .unwrap()
+            .installations
+            .insert(id, repositories.iter().map(|r| r.to_string()).collect());
+    }
+
     /// Pacer's App client for this fake: retries 10 ms apart, calls not counted.
     pub fn client(&self) -> pacer::github::client::GitHubApp {
         pacer::github::client::GitHubApp::new(

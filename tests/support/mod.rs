@@ -22,6 +22,23 @@ pub mod proxy;
 pub mod simulator;
 pub mod webhooks;
 
+/// Runs `command` and returns its standard output; panics, with both outputs, if it fails.
+pub fn run(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// helm, built and cached by `hack/build-helm.sh`.
+pub fn helm() -> PathBuf {
+    PathBuf::from(run(Command::new("bash").arg(repo_root().join("hack/build-helm.sh"))).trim())
+}
+
 /// What parts of the ground a test binary needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parts {
@@ -183,12 +200,17 @@ impl Ground {
 
     /// Runs the ground's kubectl against its API server.
     pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(self.var("KUBECTL"))
-            .arg("--kubeconfig")
-            .arg(self.var("KUBECONFIG"))
+        self.kubectl_command()
             .args(args)
             .output()
             .expect("kubectl runs")
+    }
+
+    /// The ground's kubectl, pointed at its API server, for more arguments.
+    pub fn kubectl_command(&self) -> Command {
+        let mut command = Command::new(self.var("KUBECTL"));
+        command.arg("--kubeconfig").arg(self.var("KUBECONFIG"));
+        command
     }
 
     /// Installs the CRDs this build generates, as `pacer crds | kubectl apply` would.
