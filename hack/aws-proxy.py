@@ -27,6 +27,8 @@ Control endpoints, all JSON:
                                    out instances launched less than N seconds ago (only those with
                                    a tag value containing the substring), as EC2's eventually
                                    consistent listing does (moto lists them at once)
+  GET    /_proxy/describe-lag      {"hidden": N}: how many listed instances the lag has left out
+                                   so far, so a test can prove the fault fired
   POST   /_proxy/spot-prices       set spot prices: {"instance type": {"zone": "price"}}; history
                                    requests for a type in the table are answered from it
   POST   /_proxy/reset             drop calls, faults and spot prices and reset moto
@@ -73,6 +75,8 @@ RESOURCE_TAGS = {}
 CALL_LOG = os.environ.get("AWS_PROXY_CALL_LOG")
 # (seconds, tag value substring) pairs.
 DESCRIBE_LAG = []
+# Instances the lag has left out of DescribeInstances answers.
+HIDDEN = [0]
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 ET.register_namespace("", EC2_NS)
 
@@ -142,7 +146,8 @@ def hide_recent_launches(data, lags):
     lag ago (for those whose tags match it) are not listed yet."""
     root = ET.fromstring(data)
     now = datetime.now(timezone.utc).timestamp()
-    q = "{%s}" % EC2_NS
+    # The answer's own namespace: moto's has no trailing slash, EC2's has one.
+    q = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     for reservation in root.iter(q + "reservationSet"):
         for item in list(reservation):
             instances = item.find(q + "instancesSet")
@@ -157,6 +162,7 @@ def hide_recent_launches(data, lags):
                 values = " ".join(v.text or "" for v in instance.iter(q + "value"))
                 if any(now - at.timestamp() < lag and sub in values for lag, sub in lags):
                     instances.remove(instance)
+                    HIDDEN[0] += 1
             if len(instances) == 0:
                 reservation.remove(item)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
@@ -276,6 +282,8 @@ class Handler(BaseHTTPRequestHandler):
                 for itype, zones in json.loads(raw).items():
                     SPOT_PRICES.setdefault(itype, {}).update(zones)
                 return self.reply(200, "{}")
+            if path == "/_proxy/describe-lag" and method == "GET":
+                return self.reply(200, json.dumps({"hidden": HIDDEN[0]}))
             if path == "/_proxy/describe-lag" and method == "POST":
                 lag = json.loads(raw)
                 DESCRIBE_LAG.append((float(lag.get("seconds", 0)), lag.get("match") or ""))

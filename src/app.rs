@@ -195,10 +195,20 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // SIGTERM or Ctrl-C: the listener stops taking connections and finishes its requests; the
     // leader's controllers finish what they started (they watch for the signal themselves),
     // then it releases the Lease.
+    // Readiness fails first; the listener stops `DRAIN` later, once the Service's endpoints
+    // have dropped this pod, so no webhook arrives at a closed port during a rollout.
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let draining = web.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
-        info!("shutting down");
+        draining
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        info!(
+            seconds = DRAIN.as_secs(),
+            "shutting down: not ready, draining the listener"
+        );
+        tokio::time::sleep(DRAIN).await;
         let _ = stop.send(true);
     });
     let main = {
@@ -332,6 +342,11 @@ fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "pacer".into())
 }
+
+/// How long the listener keeps serving after SIGTERM with readiness failing: longer than the
+/// readiness probe's period (5 s) plus the endpoint controller's propagation, and within the
+/// chart's termination grace period (30 s).
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Resolves on SIGTERM or Ctrl-C, the signals the controllers stop on too.
 async fn shutdown_signal() {

@@ -484,7 +484,7 @@ impl Config {
             return Err((
                 "controller.id",
                 format!(
-                    "expected 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit, got {:?}",
+                    "expected 1-32 lowercase letters, digits and '-', starting and ending with a letter or digit, got {:?}",
                     self.controller.id
                 ),
             ));
@@ -577,7 +577,7 @@ fn trim_trailing_newline(mut bytes: Vec<u8>) -> Vec<u8> {
 fn is_tag_safe_id(id: &str) -> bool {
     let bytes = id.as_bytes();
     !bytes.is_empty()
-        && bytes.len() <= 63
+        && bytes.len() <= crate::github::MAX_CONTROLLER_ID
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
@@ -702,6 +702,13 @@ runners:
             .unwrap_err()
             .to_string();
         assert!(err.contains("controller.id"), "{err}");
+        // Longer ids would cut the job id out of runner names (GitHub allows 64 characters).
+        let long = "a".repeat(33);
+        let err = load(MINIMAL, &[("PACER_CONTROLLER_ID", long.as_str())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("controller.id"), "{err}");
+        assert!(load(MINIMAL, &[("PACER_CONTROLLER_ID", &long[..32])]).is_ok());
     }
 
     #[test]

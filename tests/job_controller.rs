@@ -80,6 +80,59 @@ impl World {
         ))
     }
 
+    /// A context whose GitHub App is `fake`.
+    fn context_with_github(&self, fake: &support::github::FakeGitHub) -> Arc<Context> {
+        let settings = Settings {
+            backoff_unit: Duration::from_millis(200),
+            instance_refresh: Duration::from_millis(500),
+            ..Settings::new(&self.controller_id, "https://pacer.example.test")
+        };
+        let ctx = Context::new(self.client.clone(), Arc::new(self.ec2.clone()), settings)
+            .with_github(Arc::new(fake.client()));
+        Arc::new(ctx)
+    }
+
+    /// Patches the job's status as a callback or a test would.
+    async fn patch_job_status(&self, name: &str, status: Value) {
+        let patch = json!({ "status": status });
+        self.jobs
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    /// Records runner `id` for the job's current attempt, as the bootstrap and register
+    /// callbacks do, and puts it on the fake GitHub.
+    async fn register_runner(
+        &self,
+        fake: &support::github::FakeGitHub,
+        name: &str,
+        job_id: i64,
+    ) -> (i64, String) {
+        let runner = pacer::github::runner_name(&self.controller_id, job_id, 1);
+        let id = fake.add_runner("orgs/example-org", &runner, "online");
+        self.patch_job_status(name, json!({"runner": {"id": id, "name": runner}}))
+            .await;
+        self.wait_phase(name, JobPhase::Running).await;
+        (id, runner)
+    }
+
+    /// Makes the job look as if it had been in its phase `minutes` longer.
+    async fn age_phase(&self, name: &str, phase: &str, minutes: i64) {
+        let then = k8s_openapi::jiff::Timestamp::now()
+            - k8s_openapi::jiff::SignedDuration::from_mins(minutes);
+        self.patch_job_status(name, json!({"phaseTimes": {phase: then.to_string()}}))
+            .await;
+    }
+
+    /// Terminates an instance behind Pacer's back.
+    async fn terminate_behind_our_back(&self, id: &str) {
+        self.fixtures
+            .terminate_instances(&[id.to_string()])
+            .await
+            .unwrap();
+    }
+
     /// Starts both controllers on `ctx`; dropping the handle stops them.
     fn start(&self, ctx: Arc<Context>) -> tokio::task::JoinHandle<()> {
         let (pools, jobs) = (self.pools.clone(), self.jobs.clone());
@@ -543,32 +596,29 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
             templates: 1
         }
     );
-    // Every page: the other tests' templates share moto.
-    let templates: Vec<_> = sdk
+    // Asked by name and id: the other tests' templates share moto, and its paging of a long
+    // listing is not what is under test.
+    let named = |name: String| {
+        let sdk = sdk.clone();
+        async move {
+            let out = sdk
+                .describe_launch_templates()
+                .launch_template_names(name)
+                .send()
+                .await;
+            out.is_ok_and(|o| !o.launch_templates().is_empty())
+        }
+    };
+    assert!(!named(format!("{}-ghost", w.ns)).await);
+    assert!(named(format!("{}-foreign", w.ns)).await);
+    let live = sdk
         .describe_launch_templates()
-        .into_paginator()
-        .items()
+        .launch_template_ids(template.id.clone())
         .send()
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let template_ids: Vec<(String, String)> = templates
-        .iter()
-        .map(|t| {
-            (
-                t.launch_template_name().unwrap_or_default().to_string(),
-                t.launch_template_id().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    let has = |name: String| template_ids.iter().any(|(n, _)| *n == name);
-    assert!(!has(format!("{}-ghost", w.ns)));
-    assert!(has(format!("{}-foreign", w.ns)));
+        .await;
     assert!(
-        template_ids.iter().any(|(_, id)| *id == template.id),
-        "the live pool's template stays: {template_ids:?}"
+        live.is_ok_and(|o| o.launch_templates().len() == 1),
+        "the live pool's template stays"
     );
     let state = |id: String| {
         let sdk = sdk.clone();
@@ -963,6 +1013,11 @@ async fn late_answers_and_a_lagging_listing_fail_no_job_and_each_instance_is_ter
         assert!(tokio::time::Instant::now() < deadline, "{statuses:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The lag fired: listings left out instances that had just been launched.
+    assert!(
+        proxy.hidden_by_lag().await > 0,
+        "the describe lag never hid an instance"
+    );
     proxy.clear_faults().await;
     // Every runner finishes at once: the terminations share calls, one per instance.
     futures::future::join_all(names.iter().map(|n| w.report(n, "success"))).await;
@@ -1107,41 +1162,154 @@ async fn a_launch_template_deleted_behind_our_back_is_recreated_and_the_job_laun
 }
 
 #[tokio::test]
-async fn a_registered_runner_is_removed_from_github_before_its_job_counts_as_finished() {
+async fn a_runner_is_removed_from_github_but_a_github_outage_holds_no_slot() {
     let w = World::new("deregister").await;
     let fake = support::github::FakeGitHub::start().await;
     fake.install(1, &["example-org/api"]);
-    let github = fake.client();
-    let settings = Settings {
-        backoff_unit: Duration::from_millis(200),
-        instance_refresh: Duration::from_millis(500),
-        ..Settings::new(&w.controller_id, "https://pacer.example.test")
-    };
-    let ctx = Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
-        .with_github(Arc::new(github));
-    let _controllers = w.start(Arc::new(ctx));
+    let _controllers = w.start(w.context_with_github(&fake));
     w.ready_pool(|_| {}).await;
     w.create_queued_job("registered", 1).await;
     w.wait_phase("registered", JobPhase::Booting).await;
-    // The runner registered (as the instance's callback will record it).
-    let name = pacer::github::runner_name(&w.controller_id, 1);
-    let id = fake.add_runner("orgs/example-org", &name, "online");
-    let runner = json!({"status": {"runner": {"id": id, "name": name}}});
-    w.jobs
-        .patch_status(
-            "registered",
-            &PatchParams::default(),
-            &Patch::Merge(&runner),
-        )
+    let (_, name) = w.register_runner(&fake, "registered", 1).await;
+    // GitHub fails for a while: the job finishes anyway and frees its slot; the runner stays.
+    fake.fail("delete_runner", 500, 1000);
+    w.report("registered", "success").await;
+    w.wait_phase("registered", JobPhase::Succeeded).await;
+    assert_eq!(fake.runner_names("orgs/example-org"), [name]);
+    // GitHub is back: the sweep removes the runner no live RunnerJob claims.
+    fake.fail("delete_runner", 500, 0);
+    let scope = controller::sweep::Scope {
+        pools: w.pools.clone(),
+        jobs: w.jobs.clone(),
+    };
+    let ctx = w.context_with_github(&fake);
+    let swept = controller::sweep::sweep(&ctx, &fake.client(), &scope)
         .await
         .unwrap();
-    w.wait_phase("registered", JobPhase::Running).await;
-    // GitHub fails for a while: the job waits in Completing rather than finish with its runner.
-    fake.fail("delete_runner", 500, 8);
-    w.report("registered", "success").await;
-    w.wait(|| async { fake.calls_of("delete_runner") >= 4 })
-        .await;
-    assert_eq!(w.phase("registered").await, Some(JobPhase::Completing));
-    w.wait_phase("registered", JobPhase::Succeeded).await;
+    assert_eq!(swept.runners_removed, 1);
     assert!(fake.runner_names("orgs/example-org").is_empty());
+}
+
+#[tokio::test]
+async fn a_busy_runner_whose_in_progress_was_lost_is_never_cut_off_at_the_idle_limit() {
+    let w = World::new("busy-idle").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let _controllers = w.start(w.context_with_github(&fake));
+    w.ready_pool(|_| {}).await;
+    let mut runners = Vec::new();
+    for (name, job_id) in [("busy", 11), ("idle", 12)] {
+        w.create_queued_job(name, job_id).await;
+        w.wait_phase(name, JobPhase::Booting).await;
+        runners.push(w.register_runner(&fake, name, job_id).await);
+    }
+    // The busy runner runs its job; its `in_progress` delivery was lost. The idle one's job
+    // went to someone else's runner, and GitHub reports it idle.
+    let (busy_id, busy_name) = runners[0].clone();
+    fake.set_busy("orgs/example-org", &busy_name, true);
+    fake.set_job(
+        "example-org/api",
+        11,
+        "in_progress",
+        Some((busy_id, &busy_name)),
+    );
+    fake.set_job(
+        "example-org/api",
+        12,
+        "in_progress",
+        Some((999_999, "someone-else")),
+    );
+    // Both have been running for longer than the idle limit (10 minutes).
+    w.age_phase("busy", "running", 12).await;
+    w.age_phase("idle", "running", 12).await;
+    w.wait(|| async {
+        let job = w.jobs.get("idle").await.unwrap();
+        job.status
+            .and_then(|s| s.last_error)
+            .is_some_and(|e| e.reason == "RunnerIdle")
+    })
+    .await;
+    let busy = w.jobs.get("busy").await.unwrap();
+    let status = busy.status.clone().unwrap();
+    assert_eq!(status.phase, JobPhase::Running, "{status:?}");
+    let assigned = status.assigned_job.expect("the assignment, from GitHub");
+    assert_eq!(assigned.job_id, 11);
+    assert_eq!(w.alive_of(&busy.metadata.uid.unwrap()).await.len(), 1);
+    assert!(fake.calls_of("get_workflow_job") >= 2);
+}
+
+#[tokio::test]
+async fn an_instance_lost_before_its_runner_took_the_job_is_replaced_while_github_says_queued() {
+    let w = World::new("requeue").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let _controllers = w.start(w.context_with_github(&fake));
+    w.ready_pool(|_| {}).await;
+    fake.set_job("example-org/api", 21, "queued", None);
+    let job = w.create_queued_job("lost", 21).await;
+    let uid = job.metadata.uid.clone().unwrap();
+    let first = w.wait_phase("lost", JobPhase::Booting).await;
+    let first = first.status.unwrap().instance.unwrap().id;
+    w.terminate_behind_our_back(&first).await;
+    // A new instance for attempt 2; the first is history.
+    w.wait(|| async {
+        let s = w.jobs.get("lost").await.unwrap().status.unwrap();
+        s.phase == JobPhase::Booting && s.instance.is_some_and(|i| i.id != first)
+    })
+    .await;
+    let status = w.jobs.get("lost").await.unwrap().status.unwrap();
+    assert_eq!(status.previous_attempts.len(), 1, "{status:?}");
+    assert_eq!(status.previous_attempts[0].instance, first);
+    assert_eq!(status.previous_attempts[0].reason, "InstanceLost");
+    assert_eq!(status.attempt(), 2);
+    assert_eq!(w.alive_of(&uid).await.len(), 1);
+    // Another runner takes the job and the second instance is lost too: the RunnerJob ends
+    // saying so, and nothing more is launched.
+    fake.set_job(
+        "example-org/api",
+        21,
+        "in_progress",
+        Some((999_999, "someone-else")),
+    );
+    w.terminate_behind_our_back(&status.instance.unwrap().id)
+        .await;
+    let ended = w.wait_phase("lost", JobPhase::Failed).await.status.unwrap();
+    assert_eq!(ended.last_error.unwrap().reason, "NotQueued");
+    assert_eq!(ended.previous_attempts.len(), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(w.alive_of(&uid).await.is_empty());
+    assert_eq!(w.instances_of(&uid).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_job_waiting_for_room_costs_no_write_per_pass() {
+    let w = World::new("quiet").await;
+    let ctx = w.context_with(|s| s.job_limits.capacity_recheck = Duration::from_millis(300));
+    let _controllers = w.start(ctx);
+    w.ready_pool(|p| p["spec"]["maxRunners"] = json!(1)).await;
+    w.create_queued_job("first", 31).await;
+    w.wait_phase("first", JobPhase::Booting).await;
+    w.create_queued_job("second", 32).await;
+    w.wait(|| async {
+        let job = w.jobs.get("second").await.unwrap();
+        job.status
+            .and_then(|s| s.last_error)
+            .is_some_and(|e| e.reason == "PoolAtCapacity")
+    })
+    .await;
+    let before = w
+        .jobs
+        .get("second")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version;
+    // About a dozen passes, each finding the pool still full.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = w.jobs.get("second").await.unwrap();
+    assert_eq!(after.status.unwrap().phase, JobPhase::Pending);
+    assert_eq!(
+        after.metadata.resource_version, before,
+        "a waiting pass wrote"
+    );
 }

@@ -53,7 +53,8 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
     };
     {
         let mut s = fake.state.lock().unwrap();
-        s.installations.insert(11, vec!["example-org/api".into()]);
+        s.installations
+            .insert(11, vec!["example-org/api".into(), "example-org/web".into()]);
         let job = |id: i64, labels: Value| json!({"id": id, "run_id": 900, "status": "queued", "labels": labels});
         s.queued.insert(
             "example-org/api".into(),
@@ -64,6 +65,16 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
                     job(9002, json!(["gpu"])),
                     job(9003, json!(["self-hosted"])),
                 ],
+            )],
+        );
+        // A multi-job workflow: its run is in progress, one of its jobs still queued.
+        let mut started = job(9004, json!(["self-hosted", "linux"]));
+        started["status"] = json!("in_progress");
+        s.queued.insert(
+            "example-org/web".into(),
+            vec![(
+                901,
+                vec![started, job(9005, json!(["self-hosted", "linux"]))],
             )],
         );
         let delivery = |id: i64, guid: &str, minutes: i64, status: u16| {
@@ -81,10 +92,19 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
         ];
     }
     let org = "orgs/example-org";
+    // Job 9003 is live at attempt 1: its runner (named before attempts were counted, or
+    // now) is claimed; its attempt-2 runner is nobody's. Unclaimed runners go whether
+    // online or offline, unless GitHub says they are busy.
     fake.add_runner(org, "pacer-sweep-9003", "offline");
-    fake.add_runner(org, "pacer-sweep-9999", "offline");
-    fake.add_runner(org, "pacer-sweep-9998", "online");
+    fake.add_runner(org, "pacer-sweep-9003-2", "offline");
+    fake.add_runner(org, "pacer-sweep-9999-1", "offline");
+    fake.add_runner(org, "pacer-sweep-9998-1", "online");
+    fake.add_runner(org, "pacer-sweep-9997-1", "online");
+    fake.set_busy(org, "pacer-sweep-9997-1", true);
     fake.add_runner(org, "someone-elses-runner", "offline");
+    // The first repository's runs cannot be listed this pass (every retry fails): it is
+    // skipped alone, and the next pass catches it up.
+    fake.fail("list_queued_runs", 500, 4);
 
     let github = fake.client();
     let ctx = Context::new(
@@ -102,9 +122,24 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
         Swept {
             redelivered: 1,
             recorded: 1,
-            runners_removed: 1
+            runners_removed: 3,
+            errors: 1,
         }
     );
+    assert!(
+        jobs.get_opt(&job_object_name(9005))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        jobs.get_opt(&job_object_name(9001))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let again = sweep(&ctx, &github, &scope).await.unwrap();
+    assert_eq!((again.recorded, again.errors), (1, 0));
     let missed = jobs.get(&job_object_name(9001)).await.unwrap();
     assert_eq!(
         (
@@ -119,18 +154,18 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
             .unwrap()
             .is_none()
     );
-    assert_eq!(fake.state.lock().unwrap().redelivered, [1]);
+    assert_eq!(fake.state.lock().unwrap().redelivered, [1, 1]);
     let mut left = fake.runner_names(org);
     left.sort();
     assert_eq!(
         left,
         [
             "pacer-sweep-9003",
-            "pacer-sweep-9998",
+            "pacer-sweep-9997-1",
             "someone-elses-runner"
         ]
     );
-    // Caught up: a second pass finds nothing to do but the failed delivery still listed.
+    // Caught up: another pass finds nothing to do but the failed delivery still listed.
     let again = sweep(&ctx, &github, &scope).await.unwrap();
     assert_eq!((again.recorded, again.runners_removed), (0, 0));
 }

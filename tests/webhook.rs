@@ -128,6 +128,19 @@ impl World {
         (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// Records the runner handed out for job `job_id`'s first attempt, as a bootstrap would.
+    async fn record_runner(&self, job_id: i64, runner_id: i64) {
+        let runner = json!({"id": runner_id, "name": runner_name(CONTROLLER, job_id, 1)});
+        self.jobs
+            .patch_status(
+                &job_object_name(job_id),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"status": {"runner": runner}})),
+            )
+            .await
+            .unwrap();
+    }
+
     async fn deliver(&self, delivery: &str, payload: &Value) -> (StatusCode, String) {
         let body = serde_json::to_vec(payload).unwrap();
         self.post("workflow_job", delivery, &body, Some(SECRET))
@@ -221,8 +234,14 @@ async fn real_queued_examples_become_one_runner_job_each_and_waiting_ones_nothin
 #[tokio::test]
 async fn in_progress_and_completed_land_on_the_runner_job_whose_runner_took_the_job() {
     let w = World::new("hook-progress").await;
-    w.deliver("q-1", &example("queued", "queued")).await;
-    let ours = runner_name(CONTROLLER, 289782451);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("pacer=info")
+        .with_test_writer()
+        .try_init();
+    let queued = example("queued", "queued");
+    w.deliver("q-1", &queued).await;
+    let ours = runner_name(CONTROLLER, 289782451, 1);
+    w.record_runner(289782451, 5555).await;
 
     // GitHub's own example ran on a hosted runner: not ours, nothing recorded.
     let hosted = example("in_progress", "in_progress");
@@ -235,6 +254,56 @@ async fn in_progress_and_completed_land_on_the_runner_job_whose_runner_took_the_
     let mut taken = hosted.clone();
     taken["workflow_job"]["id"] = json!(777);
     taken["workflow_job"]["runner_name"] = json!(ours);
+    taken["workflow_job"]["runner_id"] = json!(5555);
+    taken["repository"] = queued["repository"].clone();
+    taken["installation"] = queued["installation"].clone();
+
+    // Signed by GitHub, naming our runner, but not about it: a repository of another owner
+    // the App is installed on (runner names are predictable), or another runner id.
+    let mut evil = taken.clone();
+    evil["workflow_job"]["runner_id"] = json!(999999);
+    evil["repository"]["full_name"] = json!("evil-org/evil-repo");
+    evil["repository"]["name"] = json!("evil-repo");
+    evil["repository"]["owner"]["login"] = json!("evil-org");
+    let mut wrong_id = taken.clone();
+    wrong_id["workflow_job"]["runner_id"] = json!(999999);
+    let mut other_owner = taken.clone();
+    other_owner["repository"]["full_name"] = json!("evil-org/Hello-World");
+    for (n, forged) in [evil, wrong_id, other_owner].iter().enumerate() {
+        assert_eq!(
+            w.deliver(&format!("p-evil-{n}"), forged).await,
+            (StatusCode::OK, "unbound".into()),
+            "{n}"
+        );
+        let mut done = forged.clone();
+        done["action"] = json!("completed");
+        done["workflow_job"]["status"] = json!("completed");
+        done["workflow_job"]["conclusion"] = json!("failure");
+        assert_eq!(
+            w.deliver(&format!("c-evil-{n}"), &done).await,
+            (StatusCode::OK, "unbound".into()),
+            "{n}"
+        );
+    }
+    let status = w
+        .jobs
+        .get(&job_object_name(289782451))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert!(
+        status.assigned_job.is_none() && status.completion.is_none(),
+        "{status:?}"
+    );
+    assert!(
+        w.web
+            .ctx
+            .metrics
+            .encode()
+            .contains(r#"action="in_progress",result="unbound"} 3"#)
+    );
+
     assert_eq!(
         w.deliver("p-1", &taken).await,
         (StatusCode::OK, "assigned".into())
@@ -248,6 +317,9 @@ async fn in_progress_and_completed_land_on_the_runner_job_whose_runner_took_the_
 
     let mut done = example("completed", "completed");
     done["workflow_job"]["runner_name"] = json!(ours);
+    done["workflow_job"]["runner_id"] = json!(5555);
+    done["repository"] = queued["repository"].clone();
+    done["installation"] = queued["installation"].clone();
     let conclusion = done["workflow_job"]["conclusion"]
         .as_str()
         .unwrap()
@@ -269,19 +341,25 @@ async fn in_progress_and_completed_land_on_the_runner_job_whose_runner_took_the_
 async fn a_job_cancelled_while_queued_withdraws_an_idle_runner_job() {
     let w = World::new("hook-cancel").await;
     let mut queued = example("queued", "queued");
-    for id in [501, 502] {
+    for id in [501, 502, 503] {
         queued["workflow_job"]["id"] = json!(id);
         assert_eq!(
             w.deliver(&format!("q-{id}"), &queued).await.0,
             StatusCode::ACCEPTED
         );
     }
-    // 501's runner took 502's job: when 501 is cancelled in the queue, 502's RunnerJob (idle,
-    // the pool's newest) is the one no longer wanted.
+    // 501's runner took 502's job: when 501 is cancelled in the queue, a RunnerJob of the
+    // pool that has no runner yet (502) is the one no longer wanted. 503, the newest, has a
+    // registered runner that may have taken a job a moment ago: never withdrawn.
+    w.record_runner(501, 6501).await;
+    w.record_runner(503, 6503).await;
     let mut taken = example("in_progress", "in_progress");
     taken["workflow_job"]["id"] = json!(502);
-    taken["workflow_job"]["runner_name"] = json!(runner_name(CONTROLLER, 501));
-    w.deliver("p-502", &taken).await;
+    taken["workflow_job"]["runner_name"] = json!(runner_name(CONTROLLER, 501, 1));
+    taken["workflow_job"]["runner_id"] = json!(6501);
+    taken["repository"] = queued["repository"].clone();
+    taken["installation"] = queued["installation"].clone();
+    assert_eq!(w.deliver("p-502", &taken).await.1, "assigned");
 
     let mut cancelled = example("completed", "completed");
     cancelled["workflow_job"]["id"] = json!(501);
@@ -308,6 +386,10 @@ async fn a_job_cancelled_while_queued_withdraws_an_idle_runner_job() {
     assert_eq!(
         completion(job_object_name(502)).await.unwrap().result,
         JobResult::Cancelled
+    );
+    assert!(
+        completion(job_object_name(503)).await.is_none(),
+        "a registered runner is left to the idle check, which asks GitHub"
     );
 }
 

@@ -158,12 +158,44 @@ pub struct RunnerJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<Time>,
 
+    /// The instances tried before the current one, oldest first, each ended before its runner
+    /// took a job (lost, boot failure, boot timeout, interruption). At most 10 are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub previous_attempts: Vec<PreviousAttempt>,
+
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 
 /// What the instance did at boot. Set once, by `POST /api/runner/bootstrap`.
+/// An instance a RunnerJob went through and why it was replaced.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousAttempt {
+    /// The instance id; empty when the launch never produced one.
+    pub instance: String,
+    /// Why it ended: `InstanceLost`, `BootFailed`, `BootTimeout` or `SpotInterrupted`.
+    pub reason: String,
+    pub message: String,
+    pub time: Time,
+}
+
+impl RunnerJobStatus {
+    /// Which try this is: 1 for the first instance, 2 after one was replaced, ...
+    pub fn attempt(&self) -> u32 {
+        self.previous_attempts.len() as u32 + 1
+    }
+
+    /// The runner of this attempt: registered, or handed out at bootstrap.
+    pub fn current_runner(&self) -> Option<&RunnerStatus> {
+        self.runner
+            .as_ref()
+            .or_else(|| self.boot.as_ref().and_then(|b| b.runner.as_ref()))
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BootStatus {

@@ -7,8 +7,9 @@ mod rules;
 mod schema;
 
 pub use job::{
-    BootStatus, Completion, CostSnapshot, FINALIZER as JOB_FINALIZER, InstanceStatus, JobPhase,
-    JobResult, LastError, PhaseTimes, RunnerJob, RunnerJobSpec, RunnerJobStatus, RunnerStatus,
+    AssignedJob, BootStatus, Completion, CostSnapshot, FINALIZER as JOB_FINALIZER, InstanceStatus,
+    JobPhase, JobResult, LastError, PhaseTimes, PreviousAttempt, RunnerJob, RunnerJobSpec,
+    RunnerJobStatus, RunnerStatus,
 };
 pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,

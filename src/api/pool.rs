@@ -118,6 +118,25 @@ pub struct RunnerPoolSpec {
     #[schemars(range(min = 1, max = 10080))]
     pub max_runtime_minutes: i32,
 
+    /// Seconds an instance has, from its launch, to boot and register its runner; past it the
+    /// instance is terminated and the job tried again with a new one (see `maxAttempts`).
+    #[serde(default = "default_boot_timeout_seconds")]
+    #[schemars(range(min = 60, max = 7200))]
+    pub boot_timeout_seconds: i32,
+
+    /// Seconds a registered runner may go without a job before it is removed. GitHub is asked
+    /// first: a runner GitHub reports busy is never removed for idleness.
+    #[serde(default = "default_idle_timeout_seconds")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub idle_timeout_seconds: i32,
+
+    /// Instances a RunnerJob may go through while its GitHub job stays queued: an instance
+    /// lost, failing to boot, timing out or interrupted before its runner took the job is
+    /// replaced until this many were tried.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: i32,
+
     /// Seconds a finished RunnerJob is kept before it is deleted.
     #[serde(default = "default_ttl_seconds_after_finished")]
     #[schemars(range(min = 0, max = 604800))]
@@ -155,6 +174,15 @@ fn default_max_runtime_minutes() -> i32 {
 }
 fn default_ttl_seconds_after_finished() -> i32 {
     3600
+}
+fn default_boot_timeout_seconds() -> i32 {
+    600
+}
+fn default_idle_timeout_seconds() -> i32 {
+    600
+}
+fn default_max_attempts() -> i32 {
+    3
 }
 
 /// Where on GitHub the runners register.

@@ -19,13 +19,13 @@ use tracing::{Instrument, info, info_span, warn};
 use super::metrics::{Offering, Pool, PoolPhase};
 use super::{Context, Error, FIELD_MANAGER, Result, error_policy};
 use crate::api::{
-    CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, RunnerJob, RunnerJobStatus,
-    RunnerPool,
+    AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, PreviousAttempt,
+    RunnerJob, RunnerJobStatus, RunnerPool,
 };
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
-    Decision, Facts, InstanceState, Listed, Outcome, PoolAdmission, Step, decide,
-    instance_state as domain_instance_state, pool_readiness, to_wake,
+    Decision, Facts, GitHubJob, InstanceState, Limits, Listed, Outcome, PoolAdmission, Step,
+    Witness, decide, instance_state as domain_instance_state, pool_readiness, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -240,14 +240,21 @@ fn instance_state(
     launched: Option<&(String, Timestamp)>,
     visibility: Duration,
 ) -> InstanceState {
-    let listed = snapshot.instances.get(uid).map(|i| Listed {
-        id: &i.id,
-        alive: i.is_alive(),
-        reason: i.state_reason.as_deref().unwrap_or(&i.state),
-    });
+    // Instances of earlier attempts are history, not this attempt's instance.
+    let earlier = |id: &str| status.previous_attempts.iter().any(|a| a.instance == id);
+    let listed = snapshot
+        .instances
+        .get(uid)
+        .filter(|i| !earlier(&i.id))
+        .map(|i| Listed {
+            id: &i.id,
+            alive: i.is_alive(),
+            reason: i.state_reason.as_deref().unwrap_or(&i.state),
+        });
     let known = launched
         .map(|(id, _)| id.as_str())
-        .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()));
+        .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()))
+        .filter(|id| !earlier(id));
     // The launch's answer came no later than this; the Launching time is set when it does.
     let answered = launched
         .map(|(_, at)| *at)
@@ -413,14 +420,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         Some(pool) => Some(pool),
         None => pools.get_opt(&job.spec.pool_name).await?.map(Arc::new),
     };
-    let limits = match &pool {
-        Some(p) => crate::domain::job::Limits {
-            max_runtime: Duration::from_secs(p.spec.max_runtime_minutes as u64 * 60),
-            ttl_after_finished: Duration::from_secs(p.spec.ttl_seconds_after_finished as u64),
-            ..ctx.settings.job_limits
-        },
-        None => ctx.settings.job_limits,
-    };
+    let limits = limits(ctx, pool.as_deref());
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
     let launched = ctx.jobs.ledger.launched(&uid);
     let in_phase = since(entered(&status, job).as_ref(), now);
@@ -457,21 +457,42 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             .filter(|d| d.is_positive())
             .map(|d| d.unsigned_abs())
             .unwrap_or_default(),
+        attempt: status.attempt(),
+        boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
+        witness: None,
     };
+    let mut facts = facts;
+    let mut decision = decide(&facts, &limits);
+    if decision.step == Step::Consult {
+        let witness = consult(ctx, job, pool.as_deref(), &status).await;
+        if witness.job == GitHubJob::Ours && status.assigned_job.is_none() {
+            // Its `in_progress` delivery was lost: GitHub's word records the assignment.
+            status.assigned_job = Some(AssignedJob {
+                job_id: job.spec.job_id,
+                run_id: job.spec.run_id,
+                repository: job.spec.repository.clone(),
+            });
+            facts.assigned = true;
+        }
+        facts.witness = Some(witness);
+        decision = decide(&facts, &limits);
+    }
     let Decision {
         phase,
         step,
         reason,
-    } = decide(&facts, &limits);
+    } = decision;
     if let Some((reason, message)) = reason {
-        status.last_error = Some(LastError {
-            reason: reason.into(),
-            message,
-            time: Some(Time(now)),
-        });
+        record_reason(&mut status, reason, message, now);
     }
     let next = match step {
         Step::Wait(d) => Action::requeue(d),
+        // Decided with GitHub's answer above; asked again next time.
+        Step::Consult => Action::requeue(Duration::from_secs(10)),
+        Step::Requeue { why } => {
+            requeue(ctx, job, &mut status, why, now);
+            Action::requeue(Duration::ZERO)
+        }
         Step::Launch => match &pool {
             Some(pool) => {
                 let next = launch_step(job, pool, ctx, &mut status, now).await?;
@@ -503,14 +524,11 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
                 }
             }
             None => {
-                status.last_error = Some(LastError {
-                    reason: "PoolNotFound".into(),
-                    message: format!(
-                        "RunnerPool {} does not exist in namespace {ns}",
-                        job.spec.pool_name
-                    ),
-                    time: Some(Time(now)),
-                });
+                let message = format!(
+                    "RunnerPool {} does not exist in namespace {ns}",
+                    job.spec.pool_name
+                );
+                record_reason(&mut status, "PoolNotFound", message, now);
                 Action::requeue(Duration::from_secs(30))
             }
         },
@@ -535,7 +553,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             Action::requeue(ctx.settings.instance_refresh)
         }
         Step::Release => {
-            deregister(ctx, job, pool.as_deref(), &status).await?;
+            deregister(ctx, job, pool.as_deref(), &status).await;
             ctx.jobs.ledger.forget(&uid);
             release_slot(ctx, job);
             return Ok(Action::await_change());
@@ -556,9 +574,10 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
             return Ok(Action::await_change());
         }
     };
-    // A runner still registered on GitHub is removed before the job counts as finished.
+    // A runner still registered on GitHub is removed as the job finishes. During a GitHub
+    // outage the job finishes anyway and frees its slot: the sweep removes the runner later.
     if phase.is_finished() && !status.phase.is_finished() {
-        deregister(ctx, job, pool.as_deref(), &status).await?;
+        deregister(ctx, job, pool.as_deref(), &status).await;
     }
     // The launch step sets the phase itself; otherwise take the decision's.
     if step != Step::Launch {
@@ -661,16 +680,179 @@ async fn deregister(
     job: &RunnerJob,
     pool: Option<&RunnerPool>,
     status: &RunnerJobStatus,
-) -> Result<()> {
-    let (Some(github), Some(runner), Some(pool)) = (&ctx.github, &status.runner, pool) else {
-        return Ok(());
+) {
+    let (Some(github), Some(runner), Some(pool)) = (&ctx.github, status.current_runner(), pool)
+    else {
+        return;
     };
-    github
+    match github
         .delete_runner(&runner_target(job, pool), runner.id)
-        .await?;
-    info!(runner = %runner.name, runner_id = runner.id, "removed the runner from GitHub");
-    Ok(())
+        .await
+    {
+        Ok(()) => {
+            info!(runner = %runner.name, runner_id = runner.id, "removed the runner from GitHub")
+        }
+        Err(e) => {
+            warn!(runner = %runner.name, error = %e, "could not remove the runner from GitHub; the sweep will");
+            let note = format!(
+                "runner {} stays registered on GitHub for now ({e}); the GitHub sweep removes it",
+                runner.name
+            );
+            ctx.event(
+                job,
+                kube::runtime::events::EventType::Warning,
+                "RunnerNotRemoved",
+                note,
+            )
+            .await;
+        }
+    }
 }
+
+/// The job's timeouts: the pool's, else the controller's defaults.
+fn limits(ctx: &Context, pool: Option<&RunnerPool>) -> Limits {
+    let defaults = ctx.settings.job_limits;
+    let Some(p) = pool else {
+        return defaults;
+    };
+    let secs = |n: i32| Duration::from_secs(n.max(0) as u64);
+    Limits {
+        max_runtime: secs(p.spec.max_runtime_minutes) * 60,
+        ttl_after_finished: secs(p.spec.ttl_seconds_after_finished),
+        boot_timeout: secs(p.spec.boot_timeout_seconds),
+        idle_grace: secs(p.spec.idle_timeout_seconds),
+        max_attempts: p.spec.max_attempts.max(1) as u32,
+        ..defaults
+    }
+}
+
+/// Records why the job waits or changed: a reason and message already recorded keep their
+/// time, so a job that waits for the same reason pass after pass costs no write.
+fn record_reason(
+    status: &mut RunnerJobStatus,
+    reason: &'static str,
+    message: String,
+    now: Timestamp,
+) {
+    if status
+        .last_error
+        .as_ref()
+        .is_some_and(|e| e.reason == reason && e.message == message)
+    {
+        return;
+    }
+    status.last_error = Some(LastError {
+        reason: reason.into(),
+        message,
+        time: Some(Time(now)),
+    });
+}
+
+/// Asks GitHub about the job and its runner: whether the job is still queued, and whether the
+/// runner is busy. Without a GitHub App (some tests), nothing can vouch for the job or the
+/// runner: the job is taken as gone elsewhere and the runner as idle, as before GitHub was asked.
+async fn consult(
+    ctx: &Context,
+    job: &RunnerJob,
+    pool: Option<&RunnerPool>,
+    status: &RunnerJobStatus,
+) -> Witness {
+    let Some(github) = &ctx.github else {
+        return Witness {
+            job: GitHubJob::Elsewhere("no GitHub App is configured to ask".into()),
+            runner_busy: Some(false),
+        };
+    };
+    let ours = status.current_runner().map(|r| r.id);
+    let spec = &job.spec;
+    let answer = github
+        .workflow_job(&spec.repository, spec.installation_id, spec.job_id)
+        .await;
+    let github_job = match answer {
+        Ok(Some(j)) => {
+            crate::domain::job::github_job(&j.status, j.runner_id, j.runner_name.as_deref(), ours)
+        }
+        Ok(None) => GitHubJob::Elsewhere("GitHub has no such job".into()),
+        Err(e) => {
+            warn!(error = %e, "could not ask GitHub about the job");
+            GitHubJob::Unknown
+        }
+    };
+    let runner_busy = match (ours, pool) {
+        (None, _) => Some(false),
+        (Some(_), None) => None,
+        (Some(id), Some(pool)) => match github.runner(&runner_target(job, pool), id).await {
+            Ok(runner) => Some(runner.is_some_and(|r| r.busy)),
+            Err(e) => {
+                warn!(error = %e, "could not ask GitHub about the runner");
+                None
+            }
+        },
+    };
+    Witness {
+        job: github_job,
+        runner_busy,
+    }
+}
+
+/// Ends the current attempt: its instance (gone) becomes history, and the job waits for a new
+/// instance under a new ClientToken and a new runner name. A spot instance that was
+/// interrupted marks its offering short of capacity, so the next launch picks another (or
+/// on-demand, when the pool allows it).
+fn requeue(
+    ctx: &Context,
+    job: &RunnerJob,
+    status: &mut RunnerJobStatus,
+    why: &str,
+    now: Timestamp,
+) {
+    let instance = status.instance.take();
+    if let Some(i) = instance
+        .as_ref()
+        .filter(|i| i.market == "spot" && why == "SpotInterrupted")
+    {
+        mark(
+            ctx,
+            Market::Spot,
+            &i.instance_type,
+            &i.zone,
+            "spot interruption during boot",
+        );
+    }
+    status.previous_attempts.push(PreviousAttempt {
+        instance: instance.map(|i| i.id).unwrap_or_default(),
+        reason: why.into(),
+        message: status
+            .last_error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default(),
+        time: Time(now),
+    });
+    let excess = status
+        .previous_attempts
+        .len()
+        .saturating_sub(MAX_PREVIOUS_ATTEMPTS);
+    status.previous_attempts.drain(..excess);
+    status.boot = None;
+    status.runner = None;
+    status.assigned_job = None;
+    status.completion = None;
+    status.cost = None;
+    status.next_attempt_at = None;
+    status.attempts = 0;
+    ctx.jobs.ledger.forget(&job.uid().unwrap_or_default());
+    release_slot(ctx, job);
+    ctx.metrics.requeues.get_or_create(&pool_label(job)).inc();
+    info!(
+        why,
+        attempt = status.attempt(),
+        "the instance ended before its runner took the job; trying again"
+    );
+}
+
+/// Most earlier attempts a status keeps.
+const MAX_PREVIOUS_ATTEMPTS: usize = 10;
 
 fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {
     if status.phase == phase && entered_time(status).is_some() {
@@ -814,7 +996,12 @@ async fn launch_step(
                 .then(|| launch::allocation_strategy(&pool.spec.capacity, market).to_string()),
             client_token: None,
         };
-        request.client_token = Some(launch::client_token(&uid, attempt, &request.parameters()));
+        // Each instance attempt launches under tokens of its own; the first keeps the uid alone.
+        let key = match status.attempt() {
+            1 => uid.clone(),
+            n => format!("{uid}/{n}"),
+        };
+        request.client_token = Some(launch::client_token(&key, attempt, &request.parameters()));
         ctx.jobs.ledger.launch_sent(&uid, Timestamp::now());
         ctx.metrics
             .queue_duration

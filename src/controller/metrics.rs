@@ -73,6 +73,7 @@ pub struct Metrics {
     pub gc_terminated: Counter,
     pub gc_templates_deleted: Counter,
     pub job_cost: Family<Pool, Counter<f64, AtomicU64>>,
+    pub requeues: Family<Pool, Counter>,
     pub webhook_deliveries: Family<Delivery, Counter>,
     pub github_calls: Family<Call, Counter>,
 }
@@ -92,6 +93,7 @@ impl Default for Metrics {
         let gc_terminated = Counter::default();
         let gc_templates_deleted = Counter::default();
         let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
+        let requeues = Family::<Pool, Counter>::default();
         let webhook_deliveries = Family::<Delivery, Counter>::default();
         let github_calls = Family::<Call, Counter>::default();
         registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
@@ -146,6 +148,11 @@ impl Default for Metrics {
             job_cost.clone(),
         );
         registry.register(
+            "job_requeues",
+            "Instances replaced because they ended before their runner took the job, per pool",
+            requeues.clone(),
+        );
+        registry.register(
             "webhook_deliveries",
             "GitHub webhook deliveries by event, action and result",
             webhook_deliveries.clone(),
@@ -169,6 +176,7 @@ impl Default for Metrics {
             gc_terminated,
             gc_templates_deleted,
             job_cost,
+            requeues,
             webhook_deliveries,
             github_calls,
         }

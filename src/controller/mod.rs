@@ -361,7 +361,7 @@ mod event_reasons {
             r#"invalid\(\s*"([A-Z][A-Za-z]+)""#,
             r#"reason:\s*"([A-Z][A-Za-z]+)""#,
             // Job decisions and errors.
-            r#"because\(\s*\w+,\s*Step::\w+(?:\([^)]*\))?,\s*"([A-Z][A-Za-z]+)""#,
+            r#"because\(\s*[\w.]+,\s*Step::\w+(?:\([^)]*\)|\s*\{[^}]*\})?,\s*"([A-Z][A-Za-z]+)""#,
             r#"=> "([A-Z][A-Za-z]+)",\n"#,
         ];
         let mut found = std::collections::BTreeSet::new();

@@ -1,7 +1,8 @@
 //! The GitHub sweep: what webhooks missed, caught from GitHub's side every few minutes.
 //! Failed webhook deliveries of the last hour are redelivered; queued jobs of the App's
 //! repositories that a pool serves and no RunnerJob records are recorded; runners Pacer named
-//! that no live RunnerJob claims and that are offline are removed from GitHub.
+//! that no live RunnerJob claims for their attempt and that are not busy are removed from
+//! GitHub. One repository's or target's error skips it alone.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct Swept {
     pub redelivered: usize,
     pub recorded: usize,
     pub runners_removed: usize,
+    /// Repositories or targets skipped for a GitHub error.
+    pub errors: usize,
 }
 
 /// The part of the cluster the sweep compares GitHub with.
@@ -85,7 +88,16 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
         if !pools.iter().any(|p| in_scope(p, owner, name)) {
             continue;
         }
-        for job in github.queued_jobs(owner, name).await? {
+        let queued = match github.queued_jobs(owner, name).await {
+            Ok(queued) => queued,
+            // One repository's trouble skips it alone this pass.
+            Err(e) => {
+                warn!(repository, error = %e, "could not list a repository's queued jobs; skipping it");
+                swept.errors += 1;
+                continue;
+            }
+        };
+        for job in queued {
             if recorded.contains_key(&job.id) {
                 continue;
             }
@@ -107,19 +119,31 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
 
     let controller = &ctx.settings.controller_id;
     for target in targets(&pools) {
-        for runner in github.list_runners(&target).await? {
-            let Some(job_id) = job_id_of_runner(controller, &runner.name) else {
-                continue;
-            };
-            let claimed = recorded.get(&job_id).is_some_and(|j| {
-                !j.status.as_ref().is_some_and(|s| s.phase.is_finished())
-                    && j.metadata.deletion_timestamp.is_none()
-            });
-            if claimed || runner.status != "offline" {
+        let runners = match github.list_runners(&target).await {
+            Ok(runners) => runners,
+            Err(e) => {
+                warn!(owner = %target.owner, error = %e, "could not list runners; skipping them this pass");
+                swept.errors += 1;
                 continue;
             }
-            github.delete_runner(&target, runner.id).await?;
-            info!(runner = %runner.name, "removed an offline runner of Pacer's that no RunnerJob claims");
+        };
+        for runner in runners {
+            let Some((job_id, attempt)) = job_id_of_runner(controller, &runner.name) else {
+                continue;
+            };
+            let claimed = recorded
+                .get(&job_id)
+                .is_some_and(|j| crate::domain::gc::claims_runner(j, attempt));
+            // A busy runner is running someone's job: never removed, whoever claims it.
+            if claimed || runner.busy {
+                continue;
+            }
+            if let Err(e) = github.delete_runner(&target, runner.id).await {
+                warn!(runner = %runner.name, error = %e, "could not remove a runner; next pass");
+                swept.errors += 1;
+                continue;
+            }
+            info!(runner = %runner.name, status = %runner.status, "removed a runner of Pacer's that no live RunnerJob claims");
             swept.runners_removed += 1;
         }
     }

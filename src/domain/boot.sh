@@ -17,6 +17,9 @@ umask 077
 
 : "${PACER_URL:?rendered by Pacer}" "${PACER_POOL:?rendered by Pacer}" "${RUNNER_USER:=runner}"
 : "${PACER_POOL_SCRIPT:=}" "${PACER_CA_PEM:=}"
+# How long a call keeps retrying what may pass on a later try: Pacer answers 503 while it has not
+# recorded this instance's launch yet or GitHub is slow; a transient must never end the boot.
+: "${PACER_RETRY_FOR:=600}"
 IMDS="${PACER_IMDS_URL:-http://169.254.169.254}"
 STATE="${PACER_STATE_DIR:-/var/lib/pacer}"
 RUNNER_DIR="${PACER_RUNNER_DIR:-/opt/actions-runner}"
@@ -50,23 +53,24 @@ on_error() {
 trap 'on_error $LINENO' ERR
 
 # call METHOD URL OUT [curl options...]: an HTTP call that retries, with backoff, what may pass
-# on a second try (no answer, 429, 5xx), and fails at once on any other error.
+# on a later try (no answer, 408, 429, 5xx) for PACER_RETRY_FOR seconds, and fails at once on any
+# other error.
 call() {
-  local method=$1 url=$2 out=$3 attempt=1 delay=1 code
+  local method=$1 url=$2 out=$3 attempt=1 delay=1 code deadline=$((SECONDS + PACER_RETRY_FOR))
   shift 3
   while :; do
     code=$(curl -sS -o "$out" -w '%{http_code}' --connect-timeout 10 --max-time 300 \
       -X "$method" "$@" "$url") || code=000
     case $code in
       2??) return 0 ;;
-      000 | 429 | 5??) ;;
+      000 | 408 | 429 | 5??) ;;
       *)
         echo "pacer: $method $url answered $code: $(head -c 1024 "$out")"
         return 1
         ;;
     esac
-    if [ "$attempt" -ge 8 ]; then
-      echo "pacer: $method $url failed $attempt times; the last answer was $code"
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "pacer: $method $url failed $attempt times in $PACER_RETRY_FOR s; the last answer was $code"
       return 1
     fi
     echo "pacer: $method $url answered $code; retrying in $delay s"

@@ -28,6 +28,17 @@ impl Owner<'_> {
     }
 }
 
+/// Whether `job` claims the runner Pacer named for its `attempt`: the job is live (neither
+/// finished nor being deleted) and at that attempt. Runners of earlier attempts, and of
+/// finished jobs, are nobody's.
+pub fn claims_runner(job: &crate::api::RunnerJob, attempt: u32) -> bool {
+    let (finished, current) = job
+        .status
+        .as_ref()
+        .map_or((false, 1), |s| (s.phase.is_finished(), s.attempt()));
+    job.metadata.deletion_timestamp.is_none() && !finished && current == attempt
+}
+
 /// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims.
 pub fn orphans<'a>(
     instances: &'a [Instance],

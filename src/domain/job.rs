@@ -5,7 +5,12 @@
 //! Pending ──launch──► Launching ──instance seen──► Booting ──registered──► Running
 //! Running ──completed──► Completing ──terminated──► Succeeded | Failed
 //! any ──boot timeout / max runtime / instance gone / cancelled / deleted──► Completing or Failed
+//! Launching | Booting | Running, no job taken ──instance ended, GitHub: still queued──► Pending
 //! ```
+//!
+//! GitHub is the witness: before a registered runner is ended for anything but its own
+//! completion, or a job whose instance ended is given up or tried again, the decision asks for
+//! what GitHub says about the job and the runner ([`Step::Consult`]) and is made again with it.
 
 use std::time::Duration;
 
@@ -70,6 +75,47 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// What GitHub said about the workflow job, asked by its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GitHubJob {
+    /// Still waiting for a runner.
+    Queued,
+    /// This RunnerJob's runner took it (in progress or done).
+    Ours,
+    /// Taken by another runner, or over without one: what GitHub says, for a human.
+    Elsewhere(String),
+    /// GitHub could not be asked (an outage, a rate limit).
+    Unknown,
+}
+
+/// How GitHub's report of a workflow job reads for the RunnerJob whose runner is `ours`:
+/// still waiting for a runner, taken by ours, or taken elsewhere or over.
+pub fn github_job(
+    status: &str,
+    runner_id: Option<i64>,
+    runner_name: Option<&str>,
+    ours: Option<i64>,
+) -> GitHubJob {
+    let taken_by_ours = ours.is_some() && runner_id == ours;
+    match status {
+        _ if taken_by_ours => GitHubJob::Ours,
+        // Not yet given to a runner (`waiting`: held for an environment's approval).
+        "queued" | "waiting" | "pending" | "requested" => GitHubJob::Queued,
+        _ => GitHubJob::Elsewhere(match runner_name.filter(|n| !n.is_empty()) {
+            Some(runner) => format!("GitHub reports it {status}, taken by runner {runner}"),
+            None => format!("GitHub reports it {status} with no runner"),
+        }),
+    }
+}
+
+/// GitHub's answer when the decision asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Witness {
+    pub job: GitHubJob,
+    /// Whether the job's runner is running a job now; `None` when GitHub could not say.
+    pub runner_busy: Option<bool>,
+}
+
 /// Everything the decision depends on.
 #[derive(Clone, Debug)]
 pub struct Facts {
@@ -91,6 +137,12 @@ pub struct Facts {
     pub pool: PoolAdmission,
     /// Time left before a capacity retry is due; zero when none is pending.
     pub backoff_left: Duration,
+    /// Which instance this is for the job: 1, then 2 after one was replaced, ...
+    pub attempt: u32,
+    /// The boot script reported a failure.
+    pub boot_failed: bool,
+    /// What GitHub says, when this pass asked ([`Step::Consult`]).
+    pub witness: Option<Witness>,
 }
 
 /// What the job's pool says to a launch for it.
@@ -123,6 +175,10 @@ pub struct Limits {
     /// finishes wakes the waiting ones sooner; this catches what that misses (a runner
     /// deleted before it finished).
     pub capacity_recheck: Duration,
+    /// Instances a job may go through while its GitHub job stays queued.
+    pub max_attempts: u32,
+    /// How long a job waits for a pool that does not exist or is being deleted.
+    pub pool_gone_deadline: Duration,
 }
 
 impl Default for Limits {
@@ -134,6 +190,8 @@ impl Default for Limits {
             launch_visibility: Duration::from_secs(60),
             idle_grace: Duration::from_secs(10 * 60),
             capacity_recheck: POLL,
+            max_attempts: 3,
+            pool_gone_deadline: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -145,6 +203,10 @@ pub enum Step {
     Wait(Duration),
     /// Launch an instance (a new attempt).
     Launch,
+    /// Ask GitHub about the job and its runner, then decide again with the answer.
+    Consult,
+    /// Record the ended instance as a previous attempt and wait for a new one (Pending).
+    Requeue { why: &'static str },
     /// Terminate the job's instance (tag-scoped), then look again.
     Terminate,
     /// Remove the finalizer: nothing of the job is left in EC2.
@@ -183,6 +245,8 @@ fn because(
 }
 
 const POLL: Duration = Duration::from_secs(10);
+/// How often a runner past its idle limit that GitHub reports busy is looked at again.
+const IDLE_RECHECK: Duration = Duration::from_secs(60);
 
 fn left(limit: Duration, spent: Duration) -> Duration {
     limit.saturating_sub(spent).max(Duration::from_secs(1))
@@ -224,8 +288,10 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             ),
         };
     }
+    // A boot that failed before a runner took the job is replaced, not finished.
+    let boot_lost = f.boot_failed && !f.assigned;
     match f.outcome {
-        Some(outcome) if f.phase != Completing => {
+        Some(outcome) if f.phase != Completing && !boot_lost => {
             return match (&f.instance, outcome) {
                 (InstanceState::Absent, Outcome::Cancelled) if f.phase == Pending => because(
                     Failed,
@@ -256,12 +322,14 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
     if let InstanceState::Gone { id, reason } = &f.instance
         && f.phase != Completing
     {
-        return because(
-            Failed,
-            Step::Wait(POLL),
-            "InstanceLost",
-            format!("instance {id} is gone: {reason}"),
-        );
+        return replace_or_end(f, limits, id, reason);
+    }
+    if boot_lost && f.phase != Completing {
+        return match &f.instance {
+            InstanceState::Alive { .. } => go(f.phase, Step::Terminate),
+            _ if f.launch_unsettled => go(f.phase, Step::Wait(Duration::from_secs(2))),
+            _ => replace_or_end(f, limits, "(none)", "the boot failed"),
+        };
     }
     match f.phase {
         Pending => match (&f.instance, &f.pool) {
@@ -272,6 +340,19 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
                 "PoolAtCapacity",
                 "the pool has maxRunners runners already",
             ),
+            (_, PoolAdmission::Missing | PoolAdmission::Deleting)
+                if f.in_phase >= limits.pool_gone_deadline =>
+            {
+                because(
+                    Failed,
+                    Step::Wait(POLL),
+                    "PoolGone",
+                    format!(
+                        "the RunnerPool was missing or being deleted for {} s; nothing was launched",
+                        limits.pool_gone_deadline.as_secs()
+                    ),
+                )
+            }
             (_, PoolAdmission::Missing) => because(
                 Pending,
                 Step::Wait(limits.capacity_recheck),
@@ -302,8 +383,9 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             _ => go(Launching, Step::Launch),
         },
         Booting if f.registered => go(Running, Step::Wait(POLL)),
+        // Terminated first; once it is gone, the job is tried again or ends (see above).
         Booting if f.in_phase >= limits.boot_timeout => because(
-            Completing,
+            Booting,
             Step::Terminate,
             "BootTimeout",
             format!(
@@ -315,15 +397,30 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             Booting,
             Step::Wait(left(limits.boot_timeout, f.in_phase).min(POLL)),
         ),
-        Running if !f.assigned && f.in_phase >= limits.idle_grace => because(
-            Completing,
-            Step::Terminate,
-            "RunnerIdle",
-            format!(
-                "the runner took no job within {} s of registering; its job went to another runner",
-                limits.idle_grace.as_secs()
+        Running if !f.assigned && f.in_phase >= limits.idle_grace => match &f.witness {
+            None => go(Running, Step::Consult),
+            // Busy with a job whose `in_progress` never arrived: never cut it off.
+            Some(w) if w.runner_busy == Some(true) || w.job == GitHubJob::Ours => {
+                go(Running, Step::Wait(IDLE_RECHECK))
+            }
+            Some(Witness {
+                runner_busy: None, ..
+            }) => because(
+                Running,
+                Step::Wait(IDLE_RECHECK),
+                "GitHubUnavailable",
+                "the runner took no job yet and GitHub cannot say whether it is busy; asking again",
             ),
-        ),
+            Some(_) => because(
+                Completing,
+                Step::Terminate,
+                "RunnerIdle",
+                format!(
+                    "the runner took no job within {} s of registering and GitHub reports it idle; its job went to another runner",
+                    limits.idle_grace.as_secs()
+                ),
+            ),
+        },
         Running if f.in_phase >= limits.max_runtime => because(
             Completing,
             Step::Terminate,
@@ -349,6 +446,74 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             }
         },
         Succeeded | Failed => unreachable!("finished jobs returned above"),
+    }
+}
+
+/// The job's instance ended (`id`, EC2's `reason`) while the job was not completing. If its
+/// runner had taken the job, the job is lost with it. Otherwise GitHub decides: a job still
+/// queued gets a new instance while attempts are left; one no longer queued ends, saying why.
+fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decision {
+    use JobPhase::*;
+    let lost = || {
+        because(
+            Failed,
+            Step::Wait(POLL),
+            "InstanceLost",
+            format!("instance {id} is gone while its runner ran the job: {reason}"),
+        )
+    };
+    if f.assigned {
+        return lost();
+    }
+    let why = if f.boot_failed {
+        "BootFailed"
+    } else if f.phase == Booting && f.in_phase >= limits.boot_timeout {
+        "BootTimeout"
+    } else if reason.contains("Spot") {
+        "SpotInterrupted"
+    } else {
+        "InstanceLost"
+    };
+    let Some(witness) = &f.witness else {
+        return go(f.phase, Step::Consult);
+    };
+    match &witness.job {
+        GitHubJob::Ours => lost(),
+        GitHubJob::Unknown => because(
+            f.phase,
+            Step::Wait(POLL),
+            "GitHubUnavailable",
+            format!(
+                "instance {id} ended ({why}: {reason}); waiting for GitHub to say whether the job is still queued"
+            ),
+        ),
+        GitHubJob::Elsewhere(what) => because(
+            Failed,
+            Step::Wait(POLL),
+            "NotQueued",
+            format!(
+                "instance {id} ended ({why}: {reason}) and the job is no longer queued: {what}"
+            ),
+        ),
+        GitHubJob::Queued if f.attempt < limits.max_attempts => because(
+            Pending,
+            Step::Requeue { why },
+            "Requeued",
+            format!(
+                "instance {id} ended before its runner took the job ({why}: {reason}); attempt {} of {} follows",
+                f.attempt + 1,
+                limits.max_attempts
+            ),
+        ),
+        GitHubJob::Queued => because(
+            Failed,
+            Step::Wait(POLL),
+            "AttemptsExhausted",
+            format!(
+                "instance {id} ended before its runner took the job ({why}: {reason}); all {} attempts are spent",
+                limits.max_attempts
+            ),
+        ),
     }
 }
 
@@ -457,14 +622,89 @@ pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
 
 /// Whether a RunnerJob may take an instance's bootstrap: it waits for one to boot and none
 /// has bootstrapped yet. Why not, for a 409, otherwise.
-pub fn may_bootstrap(status: &RunnerJobStatus) -> Result<(), String> {
+pub fn may_bootstrap(status: &RunnerJobStatus, instance: &str) -> Result<(), Refusal> {
+    if status
+        .previous_attempts
+        .iter()
+        .any(|a| a.instance == instance)
+    {
+        return Err(Refusal::Never(format!(
+            "replaced instance {instance} by a newer attempt"
+        )));
+    }
     if status.boot.is_some() {
-        return Err("has already bootstrapped an instance".into());
+        return Err(Refusal::Never(
+            "has already bootstrapped an instance".into(),
+        ));
+    }
+    // Launched, but the controller has not recorded it yet (its pass is still running, or a
+    // new leader is adopting it): the instance asks again shortly.
+    if status.phase == JobPhase::Pending {
+        return Err(Refusal::NotYet(
+            "has not recorded its launch yet; ask again shortly".into(),
+        ));
     }
     if !matches!(status.phase, JobPhase::Launching | JobPhase::Booting) {
-        return Err(format!(
+        return Err(Refusal::Never(format!(
             "is {:?}, not waiting for an instance to boot",
             status.phase
+        )));
+    }
+    Ok(())
+}
+
+/// Why a bootstrap is refused: for good, or for now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Never(String),
+    NotYet(String),
+}
+
+/// What a signed `in_progress` or `completed` delivery says about a runner: which repository
+/// the job belongs to, through which installation, and the runner's id.
+#[derive(Clone, Copy, Debug)]
+pub struct RunnerEvent<'a> {
+    pub owner: &'a str,
+    pub repository: &'a str,
+    pub installation: Option<i64>,
+    pub runner_id: Option<i64>,
+}
+
+/// Whether a delivery naming `job`'s runner is about that runner: the repository is within the
+/// job's pool (its owner and scope), the installation is the job's, and the runner id is the
+/// one recorded at bootstrap. Runner names are predictable; ids are not. Why not, otherwise.
+pub fn event_binds(
+    job: &RunnerJob,
+    pool: Option<&RunnerPool>,
+    event: &RunnerEvent<'_>,
+) -> Result<(), String> {
+    let status = job.status.as_ref();
+    let Some(ours) = status.and_then(|s| s.current_runner()) else {
+        return Err("the RunnerJob has no runner recorded".into());
+    };
+    if event.runner_id != Some(ours.id) {
+        return Err(format!(
+            "runner id {:?} is not the recorded {}",
+            event.runner_id, ours.id
+        ));
+    }
+    if let (Some(theirs), Some(mine)) = (event.installation, job.spec.installation_id)
+        && theirs != mine
+    {
+        return Err(format!("installation {theirs} is not the job's {mine}"));
+    }
+    let in_scope = match pool {
+        Some(pool) => super::matching::in_scope(pool, event.owner, event.repository),
+        // Without the pool, only the job's own repository is known to be in scope.
+        None => job
+            .spec
+            .repository
+            .eq_ignore_ascii_case(&format!("{}/{}", event.owner, event.repository)),
+    };
+    if !in_scope {
+        return Err(format!(
+            "repository {}/{} is outside the pool's scope",
+            event.owner, event.repository
         ));
     }
     Ok(())
@@ -485,12 +725,16 @@ pub fn boots_in_time(pending: Timestamp, now: Timestamp, boot_timeout: Duration)
 }
 
 /// Whether a RunnerJob can give up its runner when the demand it stands for goes (a queued job
-/// cancelled before any runner took it): its runner has taken no job, and it is neither over
-/// nor going.
+/// cancelled before any runner took it): no runner was handed out for it yet, and it is neither
+/// over nor going. A runner that exists may have taken another job a moment ago, before its
+/// `in_progress` arrived: it is left to the idle check, which asks GitHub first.
 pub fn withdrawable(job: &RunnerJob) -> bool {
     job.metadata.deletion_timestamp.is_none()
         && job.status.as_ref().is_none_or(|s| {
-            s.assigned_job.is_none() && s.completion.is_none() && !s.phase.is_finished()
+            s.current_runner().is_none()
+                && s.assigned_job.is_none()
+                && s.completion.is_none()
+                && !s.phase.is_finished()
         })
 }
 
@@ -649,7 +893,14 @@ mod tests {
             launch_unsettled: false,
             pool: PoolAdmission::Admitted,
             backoff_left: Duration::ZERO,
+            attempt: 1,
+            boot_failed: false,
+            witness: None,
         }
+    }
+
+    fn witness(job: GitHubJob, runner_busy: Option<bool>) -> Option<Witness> {
+        Some(Witness { job, runner_busy })
     }
 
     fn alive() -> InstanceState {
@@ -665,6 +916,33 @@ mod tests {
 
     fn mins(m: u64) -> Duration {
         Duration::from_secs(m * 60)
+    }
+
+    #[test]
+    fn github_decides_whose_job_it_is() {
+        assert_eq!(github_job("queued", None, None, Some(7)), GitHubJob::Queued);
+        assert_eq!(github_job("waiting", None, None, None), GitHubJob::Queued);
+        assert_eq!(
+            github_job("in_progress", Some(7), Some("r"), Some(7)),
+            GitHubJob::Ours
+        );
+        assert_eq!(
+            github_job("completed", Some(7), Some("r"), Some(7)),
+            GitHubJob::Ours
+        );
+        assert!(matches!(
+            github_job("in_progress", Some(8), Some("other"), Some(7)),
+            GitHubJob::Elsewhere(why) if why.contains("other")
+        ));
+        // No runner of ours yet: a runner id on the job is someone else's.
+        assert!(matches!(
+            github_job("in_progress", Some(8), None, None),
+            GitHubJob::Elsewhere(_)
+        ));
+        assert!(matches!(
+            github_job("completed", None, None, Some(7)),
+            GitHubJob::Elsewhere(_)
+        ));
     }
 
     #[test]
@@ -771,31 +1049,156 @@ mod tests {
                 None,
             ),
             (
-                "booting times out",
+                "booting times out: the instance goes first",
                 Booting,
                 |f| {
                     f.instance = alive();
                     f.in_phase = mins(10)
                 },
-                Completing,
+                Booting,
                 Step::Terminate,
                 Some("BootTimeout"),
             ),
             (
-                "instance gone while booting",
+                "a timed-out boot whose job is still queued is tried again",
+                Booting,
+                |f| {
+                    f.instance = gone();
+                    f.in_phase = mins(11);
+                    f.witness = witness(GitHubJob::Queued, Some(false))
+                },
+                Pending,
+                Step::Requeue { why: "BootTimeout" },
+                Some("Requeued"),
+            ),
+            (
+                "instance gone while booting: GitHub is asked first",
                 Booting,
                 |f| f.instance = gone(),
+                Booting,
+                Step::Consult,
+                None,
+            ),
+            (
+                "instance gone while booting, the job still queued: a new attempt",
+                Booting,
+                |f| {
+                    f.instance = gone();
+                    f.witness = witness(GitHubJob::Queued, None)
+                },
+                Pending,
+                Step::Requeue {
+                    why: "SpotInterrupted",
+                },
+                Some("Requeued"),
+            ),
+            (
+                "instance gone while launching, the job still queued: a new attempt",
+                Launching,
+                |f| {
+                    f.instance = InstanceState::Gone {
+                        id: "i-1".into(),
+                        reason: "Client.UserInitiatedShutdown".into(),
+                    };
+                    f.witness = witness(GitHubJob::Queued, None)
+                },
+                Pending,
+                Step::Requeue {
+                    why: "InstanceLost",
+                },
+                Some("Requeued"),
+            ),
+            (
+                "instance gone, the job queued, but no attempts left",
+                Booting,
+                |f| {
+                    f.instance = gone();
+                    f.attempt = 3;
+                    f.witness = witness(GitHubJob::Queued, None)
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("AttemptsExhausted"),
+            ),
+            (
+                "instance gone and the job taken by another runner: demand retires",
+                Booting,
+                |f| {
+                    f.instance = gone();
+                    f.witness = witness(GitHubJob::Elsewhere("taken by runner x".into()), None)
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("NotQueued"),
+            ),
+            (
+                "instance gone and GitHub unreachable: wait, decide nothing",
+                Booting,
+                |f| {
+                    f.instance = gone();
+                    f.witness = witness(GitHubJob::Unknown, None)
+                },
+                Booting,
+                Step::Wait(POLL),
+                Some("GitHubUnavailable"),
+            ),
+            (
+                "instance gone while its runner ran the job (webhook seen)",
+                Running,
+                |f| {
+                    f.instance = gone();
+                    f.assigned = true
+                },
                 Failed,
                 Step::Wait(POLL),
                 Some("InstanceLost"),
             ),
             (
-                "instance gone while running",
+                "instance gone while its runner ran the job (GitHub says so)",
                 Running,
-                |f| f.instance = gone(),
+                |f| {
+                    f.instance = gone();
+                    f.witness = witness(GitHubJob::Ours, Some(false))
+                },
                 Failed,
                 Step::Wait(POLL),
                 Some("InstanceLost"),
+            ),
+            (
+                "a failed boot is terminated, then replaced",
+                Booting,
+                |f| {
+                    f.instance = alive();
+                    f.boot_failed = true;
+                    f.outcome = Some(Outcome::Failure)
+                },
+                Booting,
+                Step::Terminate,
+                None,
+            ),
+            (
+                "a failed boot whose instance is gone is tried again",
+                Booting,
+                |f| {
+                    f.instance = gone();
+                    f.boot_failed = true;
+                    f.outcome = Some(Outcome::Failure);
+                    f.witness = witness(GitHubJob::Queued, None)
+                },
+                Pending,
+                Step::Requeue { why: "BootFailed" },
+                Some("Requeued"),
+            ),
+            (
+                "a job of a missing pool ends after the deadline",
+                Pending,
+                |f| {
+                    f.pool = PoolAdmission::Missing;
+                    f.in_phase = mins(15)
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("PoolGone"),
             ),
             (
                 "the runner reported and its instance already shut down",
@@ -820,15 +1223,51 @@ mod tests {
                 None,
             ),
             (
-                "a runner that took no job goes after the idle grace",
+                "a runner past the idle limit: GitHub is asked first",
                 Running,
                 |f| {
                     f.instance = alive();
                     f.in_phase = mins(10)
                 },
+                Running,
+                Step::Consult,
+                None,
+            ),
+            (
+                "a runner GitHub reports idle goes after the idle limit",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.in_phase = mins(10);
+                    f.witness = witness(GitHubJob::Elsewhere("taken".into()), Some(false))
+                },
                 Completing,
                 Step::Terminate,
                 Some("RunnerIdle"),
+            ),
+            (
+                "a busy runner whose in_progress was lost is never cut off",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.in_phase = mins(12);
+                    f.witness = witness(GitHubJob::Elsewhere("taken".into()), Some(true))
+                },
+                Running,
+                Step::Wait(IDLE_RECHECK),
+                None,
+            ),
+            (
+                "a runner GitHub cannot vouch for is kept and asked about again",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.in_phase = mins(12);
+                    f.witness = witness(GitHubJob::Unknown, None)
+                },
+                Running,
+                Step::Wait(IDLE_RECHECK),
+                Some("GitHubUnavailable"),
             ),
             (
                 "running past max runtime",
@@ -1006,20 +1445,38 @@ mod tests {
             phase: JobPhase::Booting,
             ..Default::default()
         };
-        assert_eq!(may_bootstrap(&status), Ok(()));
+        assert_eq!(may_bootstrap(&status, "i-2"), Ok(()));
         status.phase = JobPhase::Launching;
-        assert_eq!(may_bootstrap(&status), Ok(()));
+        assert_eq!(may_bootstrap(&status, "i-2"), Ok(()));
+        status.phase = JobPhase::Pending;
+        assert!(matches!(
+            may_bootstrap(&status, "i-2"),
+            Err(Refusal::NotYet(_))
+        ));
         status.phase = JobPhase::Running;
-        assert!(may_bootstrap(&status).unwrap_err().contains("Running"));
+        assert!(
+            matches!(may_bootstrap(&status, "i-2"), Err(Refusal::Never(w)) if w.contains("Running"))
+        );
         status.phase = JobPhase::Booting;
+        status.previous_attempts.push(crate::api::PreviousAttempt {
+            instance: "i-1".into(),
+            reason: "InstanceLost".into(),
+            message: String::new(),
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        });
+        assert!(
+            matches!(may_bootstrap(&status, "i-1"), Err(Refusal::Never(w)) if w.contains("replaced"))
+        );
         status.boot = Some(crate::api::BootStatus {
-            instance_id: "i-1".into(),
+            instance_id: "i-2".into(),
             bootstrapped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
             token_sha256: String::new(),
             runner: None,
             runner_version: None,
             log_tail: None,
         });
-        assert!(may_bootstrap(&status).unwrap_err().contains("already"));
+        assert!(
+            matches!(may_bootstrap(&status, "i-2"), Err(Refusal::Never(w)) if w.contains("already"))
+        );
     }
 }

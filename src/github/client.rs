@@ -24,6 +24,8 @@ use super::{GitHub, GitHubError, GitHubResult, JitConfig, Runner, RunnerRelease,
 const TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// Attempts of one call when GitHub asks to slow down or fails on its side.
 const ATTEMPTS: u32 = 4;
+/// Most pages of 100 read from one listing in one call: a bound on one sweep's cost.
+const MAX_PAGES: usize = 20;
 /// How long the latest actions/runner release is taken as still the latest.
 const LATEST_RELEASE_TTL: Duration = Duration::from_secs(60 * 60);
 
@@ -491,13 +493,15 @@ impl GitHub for GitHubApp {
             });
             match self.generate(installation, target, &body).await? {
                 (_, Some(config)) => Ok(config),
-                // A runner of that name is left from an earlier try: delete it, then once more.
+                // A runner of that name is left from an earlier try of this very bootstrap
+                // (names carry the job and the attempt): delete it if it is offline, then once
+                // more. One online is running; it is never touched.
                 (StatusCode::CONFLICT, None) => {
                     if let Some(stale) = self
                         .list_runners(target)
                         .await?
                         .into_iter()
-                        .find(|r| r.name == name)
+                        .find(|r| r.name == name && r.status == "offline" && !r.busy)
                     {
                         self.delete_runner(target, stale.id).await?;
                     }
@@ -577,6 +581,48 @@ impl GitHub for GitHubApp {
         .boxed()
     }
 
+    fn runner<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+        runner_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<Option<Runner>>> {
+        async move {
+            let installation = self.installation(target).await?;
+            let path = format!("{}/{runner_id}", Self::runners_base(target));
+            let (_, runner) = self
+                .installation_call::<Runner>(installation, "get_runner", Method::GET, &path, None)
+                .await?;
+            Ok(runner)
+        }
+        .boxed()
+    }
+
+    fn workflow_job<'a>(
+        &'a self,
+        repository: &'a str,
+        installation: Option<i64>,
+        job_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<Option<super::WorkflowJob>>> {
+        async move {
+            let (owner, repo) = repository
+                .split_once('/')
+                .ok_or(GitHubError::NotFound("repository"))?;
+            let target = RunnerTarget {
+                owner: owner.into(),
+                repo: Some(repo.into()),
+                installation,
+                ..Default::default()
+            };
+            let installation = self.installation(&target).await?;
+            let path = format!("/repos/{owner}/{repo}/actions/jobs/{job_id}");
+            let (_, job) = self
+                .installation_call(installation, "get_workflow_job", Method::GET, &path, None)
+                .await?;
+            Ok(job)
+        }
+        .boxed()
+    }
+
     fn failed_deliveries<'a>(
         &'a self,
         since: Timestamp,
@@ -645,17 +691,32 @@ impl GitHub for GitHubApp {
                 ..Default::default()
             };
             let installation = self.installation(&target).await?;
-            let (_, runs) = self
-                .installation_call::<Runs>(
-                    installation,
-                    "list_queued_runs",
-                    Method::GET,
-                    &format!("/repos/{owner}/{repo}/actions/runs?status=queued&per_page=50"),
-                    None,
-                )
-                .await?;
+            // A multi-job workflow's run is in progress while some of its jobs still queue.
+            let mut runs = Vec::new();
+            for status in ["queued", "in_progress"] {
+                for page in 1..=MAX_PAGES {
+                    let path = format!(
+                        "/repos/{owner}/{repo}/actions/runs?status={status}&per_page=100&page={page}"
+                    );
+                    let (_, found) = self
+                        .installation_call::<Runs>(
+                            installation,
+                            "list_queued_runs",
+                            Method::GET,
+                            &path,
+                            None,
+                        )
+                        .await?;
+                    let found = found.map(|r| r.workflow_runs).unwrap_or_default();
+                    let last = found.len() < 100;
+                    runs.extend(found);
+                    if last {
+                        break;
+                    }
+                }
+            }
             let mut queued = Vec::new();
-            for run in runs.map(|r| r.workflow_runs).unwrap_or_default() {
+            for run in runs {
                 let (_, jobs) = self
                     .installation_call::<Jobs>(
                         installation,
@@ -690,27 +751,52 @@ impl GitHub for GitHubApp {
             struct Repo {
                 full_name: String,
             }
-            let installations: Vec<Id> = self
-                .app_call(
-                    "list_installations",
-                    Method::GET,
-                    "/app/installations?per_page=100",
-                    None,
-                )
-                .await?
-                .unwrap_or_default();
-            let mut all = Vec::new();
-            for installation in installations {
-                let (_, repos) = self
-                    .installation_call::<Repos>(
-                        installation.id,
-                        "list_installation_repositories",
+            let mut installations: Vec<Id> = Vec::new();
+            for page in 1..=MAX_PAGES {
+                let found: Vec<Id> = self
+                    .app_call(
+                        "list_installations",
                         Method::GET,
-                        "/installation/repositories?per_page=100",
+                        &format!("/app/installations?per_page=100&page={page}"),
                         None,
                     )
-                    .await?;
-                for repo in repos.map(|r| r.repositories).unwrap_or_default() {
+                    .await?
+                    .unwrap_or_default();
+                let last = found.len() < 100;
+                installations.extend(found);
+                if last {
+                    break;
+                }
+            }
+            let mut all = Vec::new();
+            for installation in installations {
+                let mut repos = Vec::new();
+                for page in 1..=MAX_PAGES {
+                    let path = format!("/installation/repositories?per_page=100&page={page}");
+                    let found = match self
+                        .installation_call::<Repos>(
+                            installation.id,
+                            "list_installation_repositories",
+                            Method::GET,
+                            &path,
+                            None,
+                        )
+                        .await
+                    {
+                        Ok((_, found)) => found.map(|r| r.repositories).unwrap_or_default(),
+                        // One installation's trouble (suspended, rate-limited) skips it alone.
+                        Err(e) => {
+                            warn!(installation = installation.id, error = %e, "could not list an installation's repositories; skipping it this pass");
+                            break;
+                        }
+                    };
+                    let last = found.len() < 100;
+                    repos.extend(found);
+                    if last {
+                        break;
+                    }
+                }
+                for repo in repos {
                     if let Some((owner, _)) = repo.full_name.split_once('/') {
                         let mut known = self.installations.lock().unwrap();
                         known.insert(repo.full_name.clone(), installation.id);

@@ -66,6 +66,20 @@ pub struct Runner {
     pub busy: bool,
 }
 
+/// A workflow job as GitHub reports it by id: its status (`queued`, `in_progress`,
+/// `completed`, ...), and the runner that took it, once one did.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct WorkflowJob {
+    pub id: i64,
+    pub status: String,
+    #[serde(default)]
+    pub conclusion: Option<String>,
+    #[serde(default)]
+    pub runner_id: Option<i64>,
+    #[serde(default)]
+    pub runner_name: Option<String>,
+}
+
 /// A webhook delivery of the App, as `GET /app/hook/deliveries` lists it.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct Delivery {
@@ -135,6 +149,19 @@ pub trait GitHub: Send + Sync {
         &'a self,
         target: &'a RunnerTarget,
     ) -> BoxFuture<'a, GitHubResult<Vec<Runner>>>;
+    /// One runner by id; `None` when GitHub has no such runner (any more).
+    fn runner<'a>(
+        &'a self,
+        target: &'a RunnerTarget,
+        runner_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<Option<Runner>>>;
+    /// A workflow job of `repository` (`owner/name`) by id; `None` when GitHub has none.
+    fn workflow_job<'a>(
+        &'a self,
+        repository: &'a str,
+        installation: Option<i64>,
+        job_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<Option<WorkflowJob>>>;
     /// The App's webhook deliveries since `since` that failed and were not redelivered since.
     fn failed_deliveries<'a>(
         &'a self,
@@ -157,18 +184,33 @@ pub fn job_object_name(job_id: i64) -> String {
     format!("gh-job-{job_id}")
 }
 
-/// The name of the GitHub runner Pacer registers for a RunnerJob (at most 64 characters, as
-/// GitHub allows): the controller id keeps two installations on one organization apart.
-pub fn runner_name(controller_id: &str, job_id: i64) -> String {
-    let name = format!("pacer-{controller_id}-{job_id}");
-    name.chars().take(64).collect()
+/// Longest `controller.id`: with it, every runner name fits GitHub's 64 characters whole.
+pub const MAX_CONTROLLER_ID: usize = 32;
+
+/// The name of the GitHub runner Pacer registers for attempt `attempt` of a RunnerJob:
+/// `pacer-<controller id>-<job id>-<attempt>`. The controller id keeps two installations on one
+/// organization apart; the job id and the attempt are always whole (at most 6 + 32 + 1 + 19 +
+/// 1 + 2 = 61 characters), so no two jobs or attempts share a name.
+pub fn runner_name(controller_id: &str, job_id: i64, attempt: u32) -> String {
+    format!("pacer-{controller_id}-{job_id}-{attempt}")
 }
 
-/// The workflow job id a runner named by [`runner_name`] was recorded for; `None` for runners
-/// Pacer did not name (GitHub-hosted, other installations, people's own).
-pub fn job_id_of_runner(controller_id: &str, runner: &str) -> Option<i64> {
+/// The workflow job id and attempt a runner named by [`runner_name`] was registered for;
+/// `None` for runners Pacer did not name (GitHub-hosted, other installations, people's own).
+/// Names from before attempts were counted (`pacer-<id>-<job id>`) read as attempt 1.
+pub fn job_id_of_runner(controller_id: &str, runner: &str) -> Option<(i64, u32)> {
     let rest = runner.strip_prefix("pacer-")?.strip_prefix(controller_id)?;
-    rest.strip_prefix('-')?.parse().ok().filter(|id| *id > 0)
+    let rest = rest.strip_prefix('-')?;
+    let number = |s: &str| -> Option<i64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+            .filter(|n| *n > 0)
+    };
+    match rest.split_once('-') {
+        Some((job, attempt)) => Some((number(job)?, u32::try_from(number(attempt)?).ok()?)),
+        None => Some((number(rest)?, 1)),
+    }
 }
 
 #[cfg(test)]
@@ -177,12 +219,27 @@ mod tests {
 
     #[test]
     fn runner_names_lead_back_to_their_job_and_nothing_else_does() {
-        let name = runner_name("prod-eu", 289782451);
-        assert_eq!(name, "pacer-prod-eu-289782451");
-        assert_eq!(job_id_of_runner("prod-eu", &name), Some(289782451));
+        let name = runner_name("prod-eu", 289782451, 2);
+        assert_eq!(name, "pacer-prod-eu-289782451-2");
+        assert_eq!(job_id_of_runner("prod-eu", &name), Some((289782451, 2)));
         assert_eq!(job_id_of_runner("prod", &name), None);
         assert_eq!(job_id_of_runner("prod-eu", "GitHub Actions 5"), None);
         assert_eq!(job_id_of_runner("prod-eu", "pacer-prod-eu-x"), None);
+        assert_eq!(job_id_of_runner("prod-eu", "pacer-prod-eu-5-x"), None);
+        assert_eq!(job_id_of_runner("prod-eu", "pacer-prod-eu-5-+1"), None);
+        assert_eq!(job_id_of_runner("prod-eu", "pacer-prod-eu-7"), Some((7, 1)));
         assert_eq!(job_object_name(289782451), "gh-job-289782451");
+    }
+
+    #[test]
+    fn the_longest_ids_keep_every_name_whole_and_distinct() {
+        let id = "a".repeat(MAX_CONTROLLER_ID);
+        let (a, b) = (
+            runner_name(&id, i64::MAX, 10),
+            runner_name(&id, i64::MAX - 1, 10),
+        );
+        assert!(a.len() <= 64 && b.len() <= 64, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(job_id_of_runner(&id, &a), Some((i64::MAX, 10)));
     }
 }

@@ -71,6 +71,9 @@ pub struct WorkflowJob {
     /// The runner that took the job, once one did.
     #[serde(default)]
     pub runner_name: Option<String>,
+    /// The id of that runner.
+    #[serde(default)]
+    pub runner_id: Option<i64>,
     /// `success`, `failure`, `cancelled`, `skipped`, `timed_out`, ... once completed.
     #[serde(default)]
     pub conclusion: Option<String>,

@@ -44,6 +44,9 @@ pub struct Web {
     pub runners: Option<runner::RunnerSide>,
     /// Set once the pool cache has synced: until then a queued job could miss its pool.
     pub ready: AtomicBool,
+    /// Set on SIGTERM: readiness fails so the Service stops routing here, while the listener
+    /// still serves what arrives until it stops.
+    pub draining: AtomicBool,
     /// Deliveries handled recently: a fast path for GitHub's redeliveries; correctness
     /// never depends on it (RunnerJob names do that).
     deliveries: Mutex<Recent>,
@@ -62,6 +65,7 @@ impl Web {
             webhook_secrets,
             namespace,
             runners: None,
+            draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             deliveries: Mutex::new(Recent::with_capacity(4096)),
         }
@@ -156,6 +160,9 @@ pub fn router(state: Arc<Web>) -> Router {
 }
 
 async fn readyz(State(web): State<Arc<Web>>) -> Response {
+    if web.draining.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     if web.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready").into_response()
     } else {
@@ -177,6 +184,8 @@ pub enum ApiError {
     Conflict(String),
     BadRequest(String),
     Unavailable(&'static str),
+    /// 503 with `Retry-After`: nothing is wrong, the answer is not ready yet.
+    NotYet(String, u64),
 }
 
 impl IntoResponse for ApiError {
@@ -187,6 +196,11 @@ impl IntoResponse for ApiError {
             Self::Conflict(why) => (StatusCode::CONFLICT, why),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             Self::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
+            Self::NotYet(why, seconds) => {
+                let body = axum::Json(serde_json::json!({ "error": why }));
+                let retry = [(axum::http::header::RETRY_AFTER, seconds.to_string())];
+                return (StatusCode::SERVICE_UNAVAILABLE, retry, body).into_response();
+            }
         };
         (status, axum::Json(serde_json::json!({ "error": reason }))).into_response()
     }

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::{ApiError, Web, patch_job_status as patch_status};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
+use crate::domain::job::Refusal;
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
@@ -93,12 +94,12 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
         )));
     }
     let now = Timestamp::now();
-    let boot_timeout = web.ctx.settings.job_limits.boot_timeout;
-    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
+    // The longest boot timeout a pool may set bounds the window before the pool is known.
+    let longest = Duration::from_secs(7200);
+    if !crate::domain::job::boots_in_time(doc.pending_time, now, longest) {
         return Err(denied(format!(
-            "the instance started at {}, outside the boot timeout of {} s",
+            "the instance started at {}, outside the boot timeout any pool may set (2 h)",
             doc.pending_time,
-            boot_timeout.as_secs()
         )));
     }
     let controller_id = &web.ctx.settings.controller_id;
@@ -148,6 +149,14 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
             ))
         })?;
     let pool = pool_of(&web, &job).await?;
+    let boot_timeout = Duration::from_secs(pool.spec.boot_timeout_seconds.max(0) as u64);
+    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
+        return Err(denied(format!(
+            "the instance started at {}, outside the pool's boot timeout of {} s",
+            doc.pending_time,
+            boot_timeout.as_secs()
+        )));
+    }
     let arch = crate::github::runner_arch(&doc.architecture).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "architecture {} has no actions/runner release",
@@ -184,7 +193,8 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
     };
     claim(&web, &job, &boot).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
-    let runner_name = crate::github::runner_name(controller_id, job.spec.job_id);
+    let attempt = job.status.as_ref().map_or(1, |s| s.attempt());
+    let runner_name = crate::github::runner_name(controller_id, job.spec.job_id, attempt);
     let jit = match github
         .jit_config(&target, &runner_name, &pool.spec.labels)
         .await
@@ -250,8 +260,11 @@ async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiE
     let mut job = job.clone();
     for _ in 0..5 {
         let status = job.status.clone().unwrap_or_default();
-        crate::domain::job::may_bootstrap(&status)
-            .map_err(|why| ApiError::Conflict(format!("RunnerJob {name} {why}")))?;
+        let instance = boot.instance_id.as_str();
+        crate::domain::job::may_bootstrap(&status, instance).map_err(|refusal| match refusal {
+            Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
+            Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
+        })?;
         let version = job.resource_version();
         match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
             Ok(()) => return Ok(()),

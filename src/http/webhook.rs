@@ -19,9 +19,10 @@ use super::{ApiError, Web};
 use crate::api::{JobResult, RunnerJob};
 use crate::controller::demand::{self, Queued, Recorded};
 use crate::controller::metrics::Delivery;
-use crate::domain::job::{to_withdraw, withdrawable};
+use crate::domain::job::{RunnerEvent, event_binds, to_withdraw, withdrawable};
 use crate::github::webhook::{WorkflowJobEvent, verify};
 use crate::github::{job_id_of_runner, job_object_name};
+use kube::runtime::reflector::ObjectRef;
 
 /// What a delivery came to, for the response and the `webhook_deliveries` metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +34,8 @@ enum Effect {
     Completed,
     Cancelled,
     Ignored,
+    /// Names a runner of ours, but its ids or repository say it is not ours.
+    Unbound,
 }
 
 impl Effect {
@@ -45,6 +48,7 @@ impl Effect {
             Self::Completed => "completed",
             Self::Cancelled => "cancelled",
             Self::Ignored => "ignored",
+            Self::Unbound => "unbound",
         }
     }
 
@@ -215,12 +219,56 @@ async fn find(web: &Web, job_id: i64) -> Result<Option<RunnerJob>, ApiError> {
     Ok(found.items.into_iter().next())
 }
 
-/// The RunnerJob whose runner is `runner_name`, when Pacer named it.
-async fn by_runner(web: &Web, runner_name: Option<&str>) -> Result<Option<RunnerJob>, ApiError> {
+/// What a delivery naming a runner came to: the RunnerJob of that runner, or why none.
+enum Runner {
+    Ours(Box<RunnerJob>),
+    NotOurs,
+    /// Named like ours, but the ids or the repository do not match: logged and counted.
+    Unbound,
+}
+
+/// The RunnerJob whose runner the delivery names, when Pacer named it and the delivery's
+/// repository, installation and runner id bind it to that job (see `event_binds`).
+async fn by_runner(web: &Web, event: &WorkflowJobEvent) -> Result<Runner, ApiError> {
     let controller_id = &web.ctx.settings.controller_id;
-    match runner_name.and_then(|name| job_id_of_runner(controller_id, name)) {
-        Some(job_id) => find(web, job_id).await,
-        None => Ok(None),
+    let job = &event.workflow_job;
+    let name = job.runner_name.as_deref().unwrap_or_default();
+    let Some((job_id, attempt)) = job_id_of_runner(controller_id, name) else {
+        return Ok(Runner::NotOurs);
+    };
+    let Some(ours) = find(web, job_id).await? else {
+        return Ok(Runner::NotOurs);
+    };
+    let key = ObjectRef::<crate::api::RunnerPool>::new(&ours.spec.pool_name)
+        .within(&ours.namespace().unwrap_or_default());
+    let pool = web.pools.get(&key);
+    // `full_name` is the repository's canonical `owner/name`.
+    let (owner, repository) = event
+        .repository
+        .full_name
+        .split_once('/')
+        .unwrap_or_default();
+    let bound = RunnerEvent {
+        owner,
+        repository,
+        installation: event.installation.as_ref().map(|i| i.id),
+        runner_id: job.runner_id,
+    };
+    let current = ours.status.as_ref().map_or(1, |s| s.attempt());
+    let verdict = if attempt != current {
+        Err(format!(
+            "the runner is of attempt {attempt}, the job is at {current}"
+        ))
+    } else {
+        event_binds(&ours, pool.as_deref(), &bound)
+    };
+    match verdict {
+        Ok(()) => Ok(Runner::Ours(Box::new(ours))),
+        Err(why) => {
+            warn!(job_id = job.id, runner = name, repository = %event.repository.full_name,
+                runner_job = %ours.name_any(), why, "a delivery names a runner of ours but does not bind to it; ignored");
+            Ok(Runner::Unbound)
+        }
     }
 }
 
@@ -240,8 +288,10 @@ async fn patch_status(
 /// `in_progress`: which job the runner actually took.
 async fn assign(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
     let job = &event.workflow_job;
-    let Some(ours) = by_runner(web, job.runner_name.as_deref()).await? else {
-        return Ok(Effect::Ignored);
+    let ours = match by_runner(web, event).await? {
+        Runner::Ours(ours) => ours,
+        Runner::NotOurs => return Ok(Effect::Ignored),
+        Runner::Unbound => return Ok(Effect::Unbound),
     };
     let assigned = serde_json::json!({
         "jobId": job.id, "runId": job.run_id, "repository": event.repository.full_name,
@@ -268,8 +318,10 @@ async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiErro
     let now = Time(Timestamp::now());
     let runner = job.runner_name.as_deref().filter(|r| !r.is_empty());
     if runner.is_some() {
-        let Some(ours) = by_runner(web, runner).await? else {
-            return Ok(Effect::Ignored);
+        let ours = match by_runner(web, event).await? {
+            Runner::Ours(ours) => ours,
+            Runner::NotOurs => return Ok(Effect::Ignored),
+            Runner::Unbound => return Ok(Effect::Unbound),
         };
         if ours.status.as_ref().is_some_and(|s| s.completion.is_some()) {
             return Ok(Effect::Completed);
@@ -303,7 +355,13 @@ async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiErro
         result: JobResult::Cancelled,
         reported_at: Some(now),
     };
-    patch_status(web, victim, serde_json::json!({ "completion": completion })).await?;
+    // Only if the victim is as read: a bootstrap since then handed its instance a runner.
+    let patch = serde_json::json!({ "completion": completion });
+    match super::patch_job_status(web, victim, victim.resource_version().as_deref(), patch).await {
+        Ok(()) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return Ok(Effect::Ignored),
+        Err(e) => return Err(unavailable(e)),
+    }
     info!(job_id = job.id, runner_job = %victim.name_any(),
         "a queued job was cancelled; its runner is no longer wanted");
     Ok(Effect::Cancelled)

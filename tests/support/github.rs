@@ -21,6 +21,8 @@ pub struct FakeRunner {
     pub labels: Vec<String>,
     pub group: i64,
     pub status: &'static str,
+    /// Running a job now.
+    pub busy: bool,
 }
 
 #[derive(Default)]
@@ -48,6 +50,8 @@ pub struct FakeState {
     pub runner_releases: Vec<Value>,
     /// Endpoint name -> (status to answer, times left).
     faults: HashMap<String, (u16, u32)>,
+    /// Workflow jobs by id, as `GET /repos/{owner}/{repo}/actions/jobs/{id}` answers them.
+    pub jobs: HashMap<i64, Value>,
     /// Every call: (endpoint name, status answered).
     pub calls: Vec<(String, u16)>,
 }
@@ -115,12 +119,13 @@ impl FakeGitHub {
             )
             .route(
                 "/orgs/{org}/actions/runners/{id}",
-                delete(delete_org_runner),
+                delete(delete_org_runner).get(get_org_runner),
             )
             .route(
                 "/repos/{owner}/{repo}/actions/runners/{id}",
-                delete(delete_repo_runner),
+                delete(delete_repo_runner).get(get_repo_runner),
             )
+            .route("/repos/{owner}/{repo}/actions/jobs/{id}", get(workflow_job))
             .route("/repos/{owner}/{repo}/releases/latest", get(latest_release))
             .route(
                 "/repos/{owner}/{repo}/releases/tags/{tag}",
@@ -200,6 +205,7 @@ impl FakeGitHub {
                 labels: vec![],
                 group: 1,
                 status,
+                busy: false,
             });
         id
     }
@@ -227,6 +233,42 @@ impl FakeGitHub {
             .unwrap()
             .runner_releases
             .insert(0, release);
+    }
+
+    /// Sets what GitHub says of workflow job `id` of `repository`: its status (`queued`,
+    /// `in_progress`, `completed`) and the runner that took it.
+    pub fn set_job(&self, repository: &str, id: i64, status: &str, runner: Option<(i64, &str)>) {
+        let job = json!({
+            "id": id, "run_id": id + 1_000_000, "status": status,
+            "conclusion": if status == "completed" { json!("success") } else { Value::Null },
+            "html_url": format!("https://github.com/{repository}/actions/runs/{}/job/{id}", id + 1_000_000),
+            "labels": ["self-hosted", "linux"],
+            "runner_id": runner.map(|r| r.0), "runner_name": runner.map(|r| r.1),
+            "runner_group_id": runner.map(|_| 1), "runner_group_name": runner.map(|_| "Default"),
+            "repository": repository,
+        });
+        self.state.lock().unwrap().jobs.insert(id, job);
+    }
+
+    /// Marks the runner named `name` of `target` busy (running a job) or idle.
+    pub fn set_busy(&self, target: &str, name: &str, busy: bool) {
+        let mut s = self.state.lock().unwrap();
+        for r in s.runners.entry(target.into()).or_default() {
+            if r.name == name {
+                r.busy = busy;
+                r.status = "online";
+            }
+        }
+    }
+
+    /// The runner of `target` named `name`: its id.
+    pub fn runner_id(&self, target: &str, name: &str) -> Option<i64> {
+        let s = self.state.lock().unwrap();
+        s.runners
+            .get(target)?
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.id)
     }
 
     pub fn runner_names(&self, target: &str) -> Vec<String> {
@@ -485,12 +527,64 @@ fn list_runners(shared: &Shared, target: &str, query: Option<String>) -> Respons
         .iter()
         .skip((page - 1) * per_page)
         .take(per_page)
-        .map(|r| {
-            json!({"id": r.id, "name": r.name, "os": "Linux", "status": r.status, "busy": false,
-                "labels": r.labels.iter().map(|l| json!({"name": l, "type": "custom"})).collect::<Vec<_>>()})
-        })
+        .map(runner_json)
         .collect();
     axum::Json(json!({"total_count": all.len(), "runners": runners})).into_response()
+}
+
+fn runner_json(r: &FakeRunner) -> Value {
+    json!({"id": r.id, "name": r.name, "os": "Linux", "status": r.status, "busy": r.busy,
+        "labels": r.labels.iter().map(|l| json!({"name": l, "type": "custom"})).collect::<Vec<_>>()})
+}
+
+fn one_runner(shared: &Shared, target: &str, id: i64) -> Response {
+    let s = shared.state.lock().unwrap();
+    match s
+        .runners
+        .get(target)
+        .and_then(|all| all.iter().find(|r| r.id == id))
+    {
+        Some(r) => axum::Json(runner_json(r)).into_response(),
+        None => error(404, "Not Found"),
+    }
+}
+
+async fn get_org_runner(
+    State(shared): State<Arc<Shared>>,
+    Path((org, id)): Path<(String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_runner");
+    installation_only!(shared, headers);
+    one_runner(&shared, &format!("orgs/{org}"), id)
+}
+
+async fn get_repo_runner(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, id)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_runner");
+    installation_only!(shared, headers);
+    one_runner(&shared, &format!("repos/{owner}/{repo}"), id)
+}
+
+async fn workflow_job(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, id)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_workflow_job");
+    installation_only!(shared, headers);
+    let s = shared.state.lock().unwrap();
+    match s
+        .jobs
+        .get(&id)
+        .filter(|j| j["repository"] == format!("{owner}/{repo}"))
+    {
+        Some(job) => axum::Json(job.clone()).into_response(),
+        None => error(404, "Not Found"),
+    }
 }
 
 async fn list_org_runners(
@@ -582,6 +676,7 @@ fn jit(shared: &Shared, target: &str, body: &Value) -> Response {
         labels: labels.clone(),
         group,
         status: "offline",
+        busy: false,
     });
     let config = base64::engine::general_purpose::STANDARD.encode(format!("jit:{target}:{name}"));
     (
@@ -669,13 +764,26 @@ async fn redeliver(
     (StatusCode::ACCEPTED, axum::Json(json!({}))).into_response()
 }
 
+/// Runs by `status` (a run is in progress once one of its jobs is), a page at a time.
 async fn queued_runs(
     State(shared): State<Arc<Shared>>,
     Path((owner, repo)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     guard!(shared, "list_queued_runs");
     installation_only!(shared, headers);
+    let query = query.unwrap_or_default();
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    };
+    let wanted = param("status");
+    let page: usize = param("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    let per_page: usize = param("per_page").and_then(|p| p.parse().ok()).unwrap_or(30);
     let runs: Vec<Value> = shared
         .state
         .lock()
@@ -684,7 +792,14 @@ async fn queued_runs(
         .get(&format!("{owner}/{repo}"))
         .map(|runs| {
             runs.iter()
-                .map(|(id, _)| json!({"id": id, "status": "queued"}))
+                .map(|(id, jobs)| {
+                    let started = jobs.iter().any(|j| j["status"] != "queued");
+                    let status = if started { "in_progress" } else { "queued" };
+                    json!({"id": id, "status": status})
+                })
+                .filter(|run| wanted.as_ref().is_none_or(|w| run["status"] == w.as_str()))
+                .skip((page - 1) * per_page)
+                .take(per_page)
                 .collect()
         })
         .unwrap_or_default();

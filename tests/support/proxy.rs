@@ -73,6 +73,20 @@ impl Proxy {
         assert!(resp.status().is_success());
     }
 
+    /// How many instances the describe lag has left out of listings so far.
+    pub async fn hidden_by_lag(&self) -> u64 {
+        let answer: serde_json::Value = self
+            .http
+            .get(format!("{}/_proxy/describe-lag", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["hidden"].as_u64().unwrap()
+    }
+
     pub async fn clear_faults(&self) {
         self.http
             .delete(format!("{}/_proxy/faults", self.base))
