@@ -192,11 +192,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
         &std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("{}-{}", hostname(), std::process::id())),
     );
-    // SIGTERM or Ctrl-C: the listener stops taking connections and finishes its requests; the
-    // leader's controllers finish what they started (they watch for the signal themselves),
-    // then it releases the Lease.
-    // Readiness fails first; the listener stops `DRAIN` later, once the Service's endpoints
-    // have dropped this pod, so no webhook arrives at a closed port during a rollout.
+    // SIGTERM or Ctrl-C: readiness fails at once, and the listener stops taking connections
+    // `DRAIN` later, once the Service's endpoints have dropped this pod, so no webhook arrives
+    // at a closed port during a rollout; it finishes its requests. The leader's controllers
+    // finish what they started (they watch for the signal themselves), then it releases the
+    // Lease.
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let draining = web.clone();
     tokio::spawn(async move {

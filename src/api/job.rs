@@ -169,7 +169,6 @@ pub struct RunnerJobStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// What the instance did at boot. Set once, by `POST /api/runner/bootstrap`.
 /// An instance a RunnerJob went through and why it was replaced.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -196,6 +195,7 @@ impl RunnerJobStatus {
     }
 }
 
+/// What the instance did at boot. Set once, by `POST /api/runner/bootstrap`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BootStatus {

@@ -13,8 +13,8 @@ pub use job::{
 };
 pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,
-    RootVolume, RunnerCounts, RunnerPool, RunnerPoolSpec, RunnerPoolStatus, SpawnMethod,
-    VolumeType,
+    MAX_BOOT_TIMEOUT_SECONDS, RootVolume, RunnerCounts, RunnerPool, RunnerPoolSpec,
+    RunnerPoolStatus, SpawnMethod, VolumeType,
 };
 pub use rules::FieldProblem;
 

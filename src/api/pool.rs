@@ -121,7 +121,7 @@ pub struct RunnerPoolSpec {
     /// Seconds an instance has, from its launch, to boot and register its runner; past it the
     /// instance is terminated and the job tried again with a new one (see `maxAttempts`).
     #[serde(default = "default_boot_timeout_seconds")]
-    #[schemars(range(min = 60, max = 7200))]
+    #[schemars(range(min = 60, max = MAX_BOOT_TIMEOUT_SECONDS))]
     pub boot_timeout_seconds: i32,
 
     /// Seconds a registered runner may go without a job before it is removed. GitHub is asked
@@ -175,6 +175,9 @@ fn default_max_runtime_minutes() -> i32 {
 fn default_ttl_seconds_after_finished() -> i32 {
     3600
 }
+/// The longest `bootTimeoutSeconds` a pool may set.
+pub const MAX_BOOT_TIMEOUT_SECONDS: i32 = 7200;
+
 fn default_boot_timeout_seconds() -> i32 {
     600
 }

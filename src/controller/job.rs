@@ -19,13 +19,13 @@ use tracing::{Instrument, info, info_span, warn};
 use super::metrics::{Offering, Pool, PoolPhase};
 use super::{Context, Error, FIELD_MANAGER, Result, error_policy};
 use crate::api::{
-    AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, PreviousAttempt,
-    RunnerJob, RunnerJobStatus, RunnerPool,
+    AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, RunnerJob,
+    RunnerJobStatus, RunnerPool,
 };
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
-    Decision, Facts, GitHubJob, InstanceState, Limits, Listed, Outcome, PoolAdmission, Step,
-    Witness, decide, instance_state as domain_instance_state, pool_readiness, to_wake,
+    Decision, Facts, GitHubJob, InstanceState, Listed, Outcome, PoolAdmission, Step, Witness,
+    decide, instance_state as domain_instance_state, pool_readiness, record_reason, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -420,7 +420,10 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         Some(pool) => Some(pool),
         None => pools.get_opt(&job.spec.pool_name).await?.map(Arc::new),
     };
-    let limits = limits(ctx, pool.as_deref());
+    let defaults = ctx.settings.job_limits;
+    let limits = pool
+        .as_ref()
+        .map_or(defaults, |p| defaults.for_pool(&p.spec));
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
     let launched = ctx.jobs.ledger.launched(&uid);
     let in_phase = since(entered(&status, job).as_ref(), now);
@@ -436,7 +439,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         .ledger
         .unsettled_since(&uid)
         .is_some_and(|sent| now.duration_since(sent).unsigned_abs() < limits.launch_visibility);
-    let facts = Facts {
+    let mut facts = Facts {
         phase: status.phase,
         in_phase,
         instance: instance.clone(),
@@ -461,7 +464,6 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
         witness: None,
     };
-    let mut facts = facts;
     let mut decision = decide(&facts, &limits);
     if decision.step == Step::Consult {
         let witness = consult(ctx, job, pool.as_deref(), &status).await;
@@ -487,7 +489,7 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
     }
     let next = match step {
         Step::Wait(d) => Action::requeue(d),
-        // Decided with GitHub's answer above; asked again next time.
+        // Not after a decision made with GitHub's answer; should it come, ask again later.
         Step::Consult => Action::requeue(Duration::from_secs(10)),
         Step::Requeue { why } => {
             requeue(ctx, job, &mut status, why, now);
@@ -709,45 +711,6 @@ async fn deregister(
     }
 }
 
-/// The job's timeouts: the pool's, else the controller's defaults.
-fn limits(ctx: &Context, pool: Option<&RunnerPool>) -> Limits {
-    let defaults = ctx.settings.job_limits;
-    let Some(p) = pool else {
-        return defaults;
-    };
-    let secs = |n: i32| Duration::from_secs(n.max(0) as u64);
-    Limits {
-        max_runtime: secs(p.spec.max_runtime_minutes) * 60,
-        ttl_after_finished: secs(p.spec.ttl_seconds_after_finished),
-        boot_timeout: secs(p.spec.boot_timeout_seconds),
-        idle_grace: secs(p.spec.idle_timeout_seconds),
-        max_attempts: p.spec.max_attempts.max(1) as u32,
-        ..defaults
-    }
-}
-
-/// Records why the job waits or changed: a reason and message already recorded keep their
-/// time, so a job that waits for the same reason pass after pass costs no write.
-fn record_reason(
-    status: &mut RunnerJobStatus,
-    reason: &'static str,
-    message: String,
-    now: Timestamp,
-) {
-    if status
-        .last_error
-        .as_ref()
-        .is_some_and(|e| e.reason == reason && e.message == message)
-    {
-        return;
-    }
-    status.last_error = Some(LastError {
-        reason: reason.into(),
-        message,
-        time: Some(Time(now)),
-    });
-}
-
 /// Asks GitHub about the job and its runner: whether the job is still queued, and whether the
 /// runner is busy. Without a GitHub App (some tests), nothing can vouch for the job or the
 /// runner: the job is taken as gone elsewhere and the runner as idle, as before GitHub was asked.
@@ -795,10 +758,9 @@ async fn consult(
     }
 }
 
-/// Ends the current attempt: its instance (gone) becomes history, and the job waits for a new
-/// instance under a new ClientToken and a new runner name. A spot instance that was
-/// interrupted marks its offering short of capacity, so the next launch picks another (or
-/// on-demand, when the pool allows it).
+/// Ends the current attempt (see `start_new_attempt`) and forgets what this process knew of
+/// its launch. A spot instance that was interrupted marks its offering short of capacity, so
+/// the next launch picks another (or on-demand, when the pool allows it).
 fn requeue(
     ctx: &Context,
     job: &RunnerJob,
@@ -806,11 +768,8 @@ fn requeue(
     why: &str,
     now: Timestamp,
 ) {
-    let instance = status.instance.take();
-    if let Some(i) = instance
-        .as_ref()
-        .filter(|i| i.market == "spot" && why == "SpotInterrupted")
-    {
+    let ended = crate::domain::job::start_new_attempt(status, why, now);
+    if let Some(i) = ended.filter(|i| i.market == "spot" && why == "SpotInterrupted") {
         mark(
             ctx,
             Market::Spot,
@@ -819,28 +778,6 @@ fn requeue(
             "spot interruption during boot",
         );
     }
-    status.previous_attempts.push(PreviousAttempt {
-        instance: instance.map(|i| i.id).unwrap_or_default(),
-        reason: why.into(),
-        message: status
-            .last_error
-            .as_ref()
-            .map(|e| e.message.clone())
-            .unwrap_or_default(),
-        time: Time(now),
-    });
-    let excess = status
-        .previous_attempts
-        .len()
-        .saturating_sub(MAX_PREVIOUS_ATTEMPTS);
-    status.previous_attempts.drain(..excess);
-    status.boot = None;
-    status.runner = None;
-    status.assigned_job = None;
-    status.completion = None;
-    status.cost = None;
-    status.next_attempt_at = None;
-    status.attempts = 0;
     ctx.jobs.ledger.forget(&job.uid().unwrap_or_default());
     release_slot(ctx, job);
     ctx.metrics.requeues.get_or_create(&pool_label(job)).inc();
@@ -850,9 +787,6 @@ fn requeue(
         "the instance ended before its runner took the job; trying again"
     );
 }
-
-/// Most earlier attempts a status keeps.
-const MAX_PREVIOUS_ATTEMPTS: usize = 10;
 
 fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {
     if status.phase == phase && entered_time(status).is_some() {
@@ -996,12 +930,12 @@ async fn launch_step(
                 .then(|| launch::allocation_strategy(&pool.spec.capacity, market).to_string()),
             client_token: None,
         };
-        // Each instance attempt launches under tokens of its own; the first keeps the uid alone.
-        let key = match status.attempt() {
-            1 => uid.clone(),
-            n => format!("{uid}/{n}"),
-        };
-        request.client_token = Some(launch::client_token(&key, attempt, &request.parameters()));
+        request.client_token = Some(launch::client_token(
+            &uid,
+            status.attempt(),
+            attempt,
+            &request.parameters(),
+        ));
         ctx.jobs.ledger.launch_sent(&uid, Timestamp::now());
         ctx.metrics
             .queue_duration

@@ -196,6 +196,21 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// These limits, with the pool's own where its spec sets them.
+    pub fn for_pool(self, spec: &crate::api::RunnerPoolSpec) -> Self {
+        let secs = |n: i32| Duration::from_secs(n.max(0) as u64);
+        Self {
+            max_runtime: secs(spec.max_runtime_minutes) * 60,
+            ttl_after_finished: secs(spec.ttl_seconds_after_finished),
+            boot_timeout: secs(spec.boot_timeout_seconds),
+            idle_grace: secs(spec.idle_timeout_seconds),
+            max_attempts: spec.max_attempts.max(1) as u32,
+            ..self
+        }
+    }
+}
+
 /// The one thing to do in this pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -517,6 +532,67 @@ fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decisio
     }
 }
 
+/// Records why the job waits or changed: a reason and message already recorded keep their
+/// time, so a job that waits for the same reason pass after pass costs no write.
+pub fn record_reason(
+    status: &mut RunnerJobStatus,
+    reason: &'static str,
+    message: String,
+    now: Timestamp,
+) {
+    if status
+        .last_error
+        .as_ref()
+        .is_some_and(|e| e.reason == reason && e.message == message)
+    {
+        return;
+    }
+    status.last_error = Some(crate::api::LastError {
+        reason: reason.into(),
+        message,
+        time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+    });
+}
+
+/// Most earlier attempts a status keeps.
+pub const MAX_PREVIOUS_ATTEMPTS: usize = 10;
+
+/// Ends the current attempt in `status`: its instance (gone) becomes history, with `why` and
+/// the message recorded last, and what belonged to that attempt (the bootstrap, the runner,
+/// the assignment, a failed boot's completion, the cost, the launch retries) is cleared, so the
+/// job waits for a new instance under a new ClientToken and a new runner name. The history
+/// keeps the latest [`MAX_PREVIOUS_ATTEMPTS`]. Returns the ended instance, if it had one.
+pub fn start_new_attempt(
+    status: &mut RunnerJobStatus,
+    why: &str,
+    now: Timestamp,
+) -> Option<crate::api::InstanceStatus> {
+    let instance = status.instance.take();
+    status.previous_attempts.push(crate::api::PreviousAttempt {
+        instance: instance.as_ref().map(|i| i.id.clone()).unwrap_or_default(),
+        reason: why.into(),
+        message: status
+            .last_error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default(),
+        time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+    });
+    let excess = status
+        .previous_attempts
+        .len()
+        .saturating_sub(MAX_PREVIOUS_ATTEMPTS);
+    status.previous_attempts.drain(..excess);
+    status.boot = None;
+    status.runner = None;
+    status.assigned_job = None;
+    status.completion = None;
+    status.cost = None;
+    status.next_attempt_at = None;
+    status.attempts = 0;
+    instance
+}
+
 /// Whether `pool` may launch at all now, before counting its runners: it exists, is not being
 /// deleted, and its `Ready` condition is True for its current generation, so its launch
 /// template matches its spec (a template built for an older spec would pair new instance types
@@ -661,24 +737,34 @@ pub enum Refusal {
 }
 
 /// What a signed `in_progress` or `completed` delivery says about a runner: which repository
-/// the job belongs to, through which installation, and the runner's id.
+/// the job belongs to, through which installation, the runner's id, and the attempt its name
+/// carries.
 #[derive(Clone, Copy, Debug)]
 pub struct RunnerEvent<'a> {
     pub owner: &'a str,
     pub repository: &'a str,
     pub installation: Option<i64>,
     pub runner_id: Option<i64>,
+    pub attempt: u32,
 }
 
-/// Whether a delivery naming `job`'s runner is about that runner: the repository is within the
-/// job's pool (its owner and scope), the installation is the job's, and the runner id is the
-/// one recorded at bootstrap. Runner names are predictable; ids are not. Why not, otherwise.
+/// Whether a delivery naming `job`'s runner is about that runner: the name is of the job's
+/// current attempt, the repository is within the job's pool (its owner and scope), the
+/// installation is the job's, and the runner id is the one recorded at bootstrap. Runner names
+/// are predictable; ids are not. Why not, otherwise.
 pub fn event_binds(
     job: &RunnerJob,
     pool: Option<&RunnerPool>,
     event: &RunnerEvent<'_>,
 ) -> Result<(), String> {
     let status = job.status.as_ref();
+    let current = status.map_or(1, |s| s.attempt());
+    if event.attempt != current {
+        return Err(format!(
+            "the runner is of attempt {}, the job is at {current}",
+            event.attempt
+        ));
+    }
     let Some(ours) = status.and_then(|s| s.current_runner()) else {
         return Err("the RunnerJob has no runner recorded".into());
     };
@@ -916,6 +1002,60 @@ mod tests {
 
     fn mins(m: u64) -> Duration {
         Duration::from_secs(m * 60)
+    }
+
+    #[test]
+    fn a_reason_recorded_again_keeps_its_time() {
+        let at = |s| Timestamp::from_second(s).unwrap();
+        let mut status = RunnerJobStatus::default();
+        record_reason(&mut status, "PoolAtCapacity", "full".into(), at(1));
+        record_reason(&mut status, "PoolAtCapacity", "full".into(), at(2));
+        let time = |s: &RunnerJobStatus| s.last_error.as_ref().unwrap().time.clone().unwrap().0;
+        assert_eq!(time(&status), at(1));
+        record_reason(&mut status, "PoolAtCapacity", "still full".into(), at(3));
+        assert_eq!(time(&status), at(3));
+    }
+
+    #[test]
+    fn a_new_attempt_keeps_the_ended_instance_as_history_and_clears_the_rest() {
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let mut status = RunnerJobStatus {
+            phase: Booting,
+            attempts: 2,
+            instance: Some(crate::api::InstanceStatus {
+                id: "i-1".into(),
+                instance_type: "m7i.large".into(),
+                zone: "us-east-1a".into(),
+                market: "spot".into(),
+                launch_time: None,
+            }),
+            runner: Some(crate::api::RunnerStatus {
+                id: 7,
+                name: "pacer-x-1-1".into(),
+            }),
+            last_error: Some(crate::api::LastError {
+                reason: "Requeued".into(),
+                message: "instance i-1 ended".into(),
+                time: None,
+            }),
+            ..Default::default()
+        };
+        let ended = start_new_attempt(&mut status, "SpotInterrupted", now);
+        assert_eq!(ended.map(|i| i.id).as_deref(), Some("i-1"));
+        assert_eq!(status.attempt(), 2);
+        let kept = &status.previous_attempts[0];
+        assert_eq!(
+            (kept.instance.as_str(), kept.reason.as_str()),
+            ("i-1", "SpotInterrupted")
+        );
+        assert_eq!(kept.message, "instance i-1 ended");
+        assert!(status.instance.is_none() && status.current_runner().is_none());
+        assert_eq!(status.attempts, 0);
+        for _ in 0..20 {
+            start_new_attempt(&mut status, "InstanceLost", now);
+        }
+        assert_eq!(status.previous_attempts.len(), MAX_PREVIOUS_ATTEMPTS);
+        assert_eq!(status.previous_attempts[0].reason, "InstanceLost");
     }
 
     #[test]

@@ -142,9 +142,21 @@ pub fn backoff(attempt: i32) -> Duration {
 /// its first answer back; another request (other offerings, another market, a new attempt)
 /// is a new launch. EC2 refuses a token reused with other parameters, and replays the first
 /// answer (even an empty fleet) for the same ones, so the parameters are part of the token.
+/// Each instance attempt of the job (a new one after the last ended before its runner took
+/// the job) launches under tokens of its own; the first keeps the job's uid alone, so a launch
+/// in flight across an upgrade replays under the token it was sent with.
 /// At most 64 ASCII characters.
-pub fn client_token(job_uid: &str, attempt: i32, parameters: &str) -> String {
-    let digest = Sha256::digest(format!("{job_uid}/{attempt}/{parameters}").as_bytes());
+pub fn client_token(
+    job_uid: &str,
+    instance_attempt: u32,
+    attempt: i32,
+    parameters: &str,
+) -> String {
+    let input = match instance_attempt {
+        0 | 1 => format!("{job_uid}/{attempt}/{parameters}"),
+        n => format!("{job_uid}/{n}/{attempt}/{parameters}"),
+    };
+    let digest = Sha256::digest(input.as_bytes());
     format!(
         "pacer-{}",
         digest
@@ -358,23 +370,28 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_per_attempt_and_fit_ec2() {
-        let a = client_token("5f1c-uid", 1, "offering=m7i.large@subnet-1");
+        let a = client_token("5f1c-uid", 1, 1, "offering=m7i.large@subnet-1");
         assert_eq!(
             a,
-            client_token("5f1c-uid", 1, "offering=m7i.large@subnet-1")
+            client_token("5f1c-uid", 1, 1, "offering=m7i.large@subnet-1")
         );
         assert_ne!(
             a,
-            client_token("5f1c-uid", 2, "offering=m7i.large@subnet-1")
+            client_token("5f1c-uid", 1, 2, "offering=m7i.large@subnet-1")
         );
         assert_ne!(
             a,
-            client_token("other-uid", 1, "offering=m7i.large@subnet-1")
+            client_token("other-uid", 1, 1, "offering=m7i.large@subnet-1")
         );
         // Another request in the same attempt (the next offering, on-demand) is another launch.
         assert_ne!(
             a,
-            client_token("5f1c-uid", 1, "offering=m6i.large@subnet-1")
+            client_token("5f1c-uid", 1, 1, "offering=m6i.large@subnet-1")
+        );
+        // A new instance attempt of the job never replays an earlier attempt's launch.
+        assert_ne!(
+            a,
+            client_token("5f1c-uid", 2, 1, "offering=m7i.large@subnet-1")
         );
         assert!(a.len() <= 64 && a.is_ascii());
     }

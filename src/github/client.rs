@@ -26,6 +26,25 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
 const ATTEMPTS: u32 = 4;
 /// Most pages of 100 read from one listing in one call: a bound on one sweep's cost.
 const MAX_PAGES: usize = 20;
+
+/// Reads a listing of 100 a page, `page(n)` answering page `n`, until a short page or
+/// `MAX_PAGES`.
+async fn paged<T, F, Fut>(mut page: F) -> GitHubResult<Vec<T>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = GitHubResult<Vec<T>>>,
+{
+    let mut all = Vec::new();
+    for n in 1..=MAX_PAGES {
+        let found = page(n).await?;
+        let last = found.len() < 100;
+        all.extend(found);
+        if last {
+            break;
+        }
+    }
+    Ok(all)
+}
 /// How long the latest actions/runner release is taken as still the latest.
 const LATEST_RELEASE_TTL: Duration = Duration::from_secs(60 * 60);
 
@@ -694,26 +713,24 @@ impl GitHub for GitHubApp {
             // A multi-job workflow's run is in progress while some of its jobs still queue.
             let mut runs = Vec::new();
             for status in ["queued", "in_progress"] {
-                for page in 1..=MAX_PAGES {
-                    let path = format!(
-                        "/repos/{owner}/{repo}/actions/runs?status={status}&per_page=100&page={page}"
-                    );
-                    let (_, found) = self
-                        .installation_call::<Runs>(
-                            installation,
-                            "list_queued_runs",
-                            Method::GET,
-                            &path,
-                            None,
-                        )
-                        .await?;
-                    let found = found.map(|r| r.workflow_runs).unwrap_or_default();
-                    let last = found.len() < 100;
-                    runs.extend(found);
-                    if last {
-                        break;
-                    }
-                }
+                runs.extend(
+                    paged(|page| async move {
+                        let path = format!(
+                            "/repos/{owner}/{repo}/actions/runs?status={status}&per_page=100&page={page}"
+                        );
+                        let (_, found) = self
+                            .installation_call::<Runs>(
+                                installation,
+                                "list_queued_runs",
+                                Method::GET,
+                                &path,
+                                None,
+                            )
+                            .await?;
+                        Ok(found.map(|r| r.workflow_runs).unwrap_or_default())
+                    })
+                    .await?,
+                );
             }
             let mut queued = Vec::new();
             for run in runs {
@@ -751,51 +768,36 @@ impl GitHub for GitHubApp {
             struct Repo {
                 full_name: String,
             }
-            let mut installations: Vec<Id> = Vec::new();
-            for page in 1..=MAX_PAGES {
-                let found: Vec<Id> = self
-                    .app_call(
-                        "list_installations",
-                        Method::GET,
-                        &format!("/app/installations?per_page=100&page={page}"),
-                        None,
-                    )
-                    .await?
-                    .unwrap_or_default();
-                let last = found.len() < 100;
-                installations.extend(found);
-                if last {
-                    break;
-                }
-            }
+            let installations: Vec<Id> = paged(|page| async move {
+                let path = format!("/app/installations?per_page=100&page={page}");
+                let found = self
+                    .app_call("list_installations", Method::GET, &path, None)
+                    .await?;
+                Ok(found.unwrap_or_default())
+            })
+            .await?;
             let mut all = Vec::new();
             for installation in installations {
-                let mut repos = Vec::new();
-                for page in 1..=MAX_PAGES {
+                let id = installation.id;
+                let repos = paged(|page| async move {
                     let path = format!("/installation/repositories?per_page=100&page={page}");
-                    let found = match self
+                    let (_, found) = self
                         .installation_call::<Repos>(
-                            installation.id,
+                            id,
                             "list_installation_repositories",
                             Method::GET,
                             &path,
                             None,
                         )
-                        .await
-                    {
-                        Ok((_, found)) => found.map(|r| r.repositories).unwrap_or_default(),
-                        // One installation's trouble (suspended, rate-limited) skips it alone.
-                        Err(e) => {
-                            warn!(installation = installation.id, error = %e, "could not list an installation's repositories; skipping it this pass");
-                            break;
-                        }
-                    };
-                    let last = found.len() < 100;
-                    repos.extend(found);
-                    if last {
-                        break;
-                    }
-                }
+                        .await?;
+                    Ok(found.map(|r| r.repositories).unwrap_or_default())
+                })
+                .await;
+                // One installation's trouble (suspended, rate-limited) skips it alone.
+                let repos = repos.unwrap_or_else(|e| {
+                    warn!(installation = id, error = %e, "could not list an installation's repositories; skipping it this pass");
+                    Vec::new()
+                });
                 for repo in repos {
                     if let Some((owner, _)) = repo.full_name.split_once('/') {
                         let mut known = self.installations.lock().unwrap();

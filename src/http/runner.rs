@@ -95,7 +95,7 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
     }
     let now = Timestamp::now();
     // The longest boot timeout a pool may set bounds the window before the pool is known.
-    let longest = Duration::from_secs(7200);
+    let longest = Duration::from_secs(crate::api::MAX_BOOT_TIMEOUT_SECONDS as u64);
     if !crate::domain::job::boots_in_time(doc.pending_time, now, longest) {
         return Err(denied(format!(
             "the instance started at {}, outside the boot timeout any pool may set (2 h)",
@@ -149,7 +149,9 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
             ))
         })?;
     let pool = pool_of(&web, &job).await?;
-    let boot_timeout = Duration::from_secs(pool.spec.boot_timeout_seconds.max(0) as u64);
+    let boot_timeout = (web.ctx.settings.job_limits)
+        .for_pool(&pool.spec)
+        .boot_timeout;
     if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
         return Err(denied(format!(
             "the instance started at {}, outside the pool's boot timeout of {} s",

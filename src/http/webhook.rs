@@ -219,25 +219,22 @@ async fn find(web: &Web, job_id: i64) -> Result<Option<RunnerJob>, ApiError> {
     Ok(found.items.into_iter().next())
 }
 
-/// What a delivery naming a runner came to: the RunnerJob of that runner, or why none.
-enum Runner {
-    Ours(Box<RunnerJob>),
-    NotOurs,
-    /// Named like ours, but the ids or the repository do not match: logged and counted.
-    Unbound,
-}
-
 /// The RunnerJob whose runner the delivery names, when Pacer named it and the delivery's
-/// repository, installation and runner id bind it to that job (see `event_binds`).
-async fn by_runner(web: &Web, event: &WorkflowJobEvent) -> Result<Runner, ApiError> {
+/// repository, installation and runner id bind it to that job (see `event_binds`); otherwise
+/// what the delivery comes to: ignored (not a runner of ours), or unbound (named like ours but
+/// not about it: logged and counted).
+async fn by_runner(
+    web: &Web,
+    event: &WorkflowJobEvent,
+) -> Result<Result<RunnerJob, Effect>, ApiError> {
     let controller_id = &web.ctx.settings.controller_id;
     let job = &event.workflow_job;
     let name = job.runner_name.as_deref().unwrap_or_default();
     let Some((job_id, attempt)) = job_id_of_runner(controller_id, name) else {
-        return Ok(Runner::NotOurs);
+        return Ok(Err(Effect::Ignored));
     };
     let Some(ours) = find(web, job_id).await? else {
-        return Ok(Runner::NotOurs);
+        return Ok(Err(Effect::Ignored));
     };
     let key = ObjectRef::<crate::api::RunnerPool>::new(&ours.spec.pool_name)
         .within(&ours.namespace().unwrap_or_default());
@@ -253,21 +250,14 @@ async fn by_runner(web: &Web, event: &WorkflowJobEvent) -> Result<Runner, ApiErr
         repository,
         installation: event.installation.as_ref().map(|i| i.id),
         runner_id: job.runner_id,
+        attempt,
     };
-    let current = ours.status.as_ref().map_or(1, |s| s.attempt());
-    let verdict = if attempt != current {
-        Err(format!(
-            "the runner is of attempt {attempt}, the job is at {current}"
-        ))
-    } else {
-        event_binds(&ours, pool.as_deref(), &bound)
-    };
-    match verdict {
-        Ok(()) => Ok(Runner::Ours(Box::new(ours))),
+    match event_binds(&ours, pool.as_deref(), &bound) {
+        Ok(()) => Ok(Ok(ours)),
         Err(why) => {
             warn!(job_id = job.id, runner = name, repository = %event.repository.full_name,
                 runner_job = %ours.name_any(), why, "a delivery names a runner of ours but does not bind to it; ignored");
-            Ok(Runner::Unbound)
+            Ok(Err(Effect::Unbound))
         }
     }
 }
@@ -289,9 +279,8 @@ async fn patch_status(
 async fn assign(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
     let job = &event.workflow_job;
     let ours = match by_runner(web, event).await? {
-        Runner::Ours(ours) => ours,
-        Runner::NotOurs => return Ok(Effect::Ignored),
-        Runner::Unbound => return Ok(Effect::Unbound),
+        Ok(ours) => ours,
+        Err(effect) => return Ok(effect),
     };
     let assigned = serde_json::json!({
         "jobId": job.id, "runId": job.run_id, "repository": event.repository.full_name,
@@ -319,9 +308,8 @@ async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiErro
     let runner = job.runner_name.as_deref().filter(|r| !r.is_empty());
     if runner.is_some() {
         let ours = match by_runner(web, event).await? {
-            Runner::Ours(ours) => ours,
-            Runner::NotOurs => return Ok(Effect::Ignored),
-            Runner::Unbound => return Ok(Effect::Unbound),
+            Ok(ours) => ours,
+            Err(effect) => return Ok(effect),
         };
         if ours.status.as_ref().is_some_and(|s| s.completion.is_some()) {
             return Ok(Effect::Completed);
