@@ -406,39 +406,70 @@ async fn deleting_a_running_job_terminates_its_instance_first() {
 }
 
 #[tokio::test]
-async fn a_crash_right_after_launch_still_leaves_exactly_one_instance() {
+async fn a_launch_is_recorded_before_it_is_sent_and_replayed_under_its_token_after_a_crash() {
     let w = World::new("crash").await;
     let first = w.start(w.context());
-    w.ready_pool(|_| {}).await;
-    // EC2 launches at once, but the answer is held back: the controller dies before it hears
-    // it, so no status records the launch.
-    w.ground
-        .proxy()
+    let proxy = w.ground.proxy();
+    let prices = |a: &str, b: &str| json!({"m5.large": {"us-east-1a": a, "us-east-1b": b}});
+    proxy.set_spot_prices(prices("0.041000", "0.029000")).await;
+    w.ready_pool(|p| {
+        p["spec"]["spawnMethod"] = json!("runInstances");
+        p["spec"]["instanceTypes"] = json!(["m5.large"]);
+        p["spec"]["capacity"] = json!({"type": "spot", "fallbackToOnDemand": false});
+    })
+    .await;
+    // EC2 launches at once, but the answer is held back and the listing lags: the controller
+    // dies before it hears of the instance. Only the launch recorded in the status says what
+    // was asked.
+    let ours = format!("{}/", w.ns);
+    proxy.describe_lag(8.0, &ours).await;
+    proxy
         .add_fault(
-            json!({"action": "CreateFleet", "code": "-", "delay_answer": 30,
-            "match": {"Key": "gha:runner_job_uid", "Value": format!("{}/", w.ns)}}),
+            json!({"action": "RunInstances", "code": "-", "delay_answer": 30,
+            "match": {"Key": "gha:runner_job_uid", "Value": ours}}),
         )
         .await;
     let uid = w.create_job("job-1", 1).await.metadata.uid.unwrap();
-    w.wait(|| async { !w.instances_of(&uid).await.is_empty() })
+    w.wait(|| async { w.phase("job-1").await == Some(JobPhase::Launching) })
         .await;
+    // The held-back call reaches EC2 at once; give it a moment, then the controller dies.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     first.abort();
-    assert_eq!(
-        w.phase("job-1").await,
-        Some(JobPhase::Pending),
-        "the crash came before the status write"
-    );
+    let recorded = w.jobs.get("job-1").await.unwrap().status.unwrap();
+    assert!(recorded.instance.is_none(), "the answer never came");
+    let intent = recorded
+        .launch
+        .expect("the launch is recorded before it is sent");
+    assert_eq!(intent.offerings[0].subnet, w.ground.fixture("SUBNET_B"));
 
+    // Spot prices moved meanwhile: a plan made afresh would pick the other zone, and so
+    // another launch under another token.
+    proxy.set_spot_prices(prices("0.021000", "0.049000")).await;
     let _second = w.start(w.context());
     let job = w.wait_phase("job-1", JobPhase::Booting).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        proxy.hidden_by_lag().await > 0,
+        "the listing never hid the instance"
+    );
+    // The new controller sent the recorded launch again, and EC2 answered it with the first
+    // launch's instance; every launch for the job went out under the recorded token.
+    let launches: Vec<_> = (proxy.calls_of("RunInstances", &uid).await.into_iter())
+        .filter(|c| c.params.get("DryRun").is_none())
+        .collect();
+    assert!(launches.iter().any(|c| c.replayed), "{launches:?}");
+    for call in &launches {
+        assert_eq!(
+            call.params["ClientToken"].as_str(),
+            Some(intent.client_token.as_str()),
+            "{call:?}"
+        );
+    }
+    // Once EC2's listing catches up: one instance, the one the replay answered with.
+    w.wait(|| async { !w.instances_of(&uid).await.is_empty() })
+        .await;
     let all = w.instances_of(&uid).await;
     assert_eq!(all.len(), 1, "{all:?}");
-    assert_eq!(
-        job.status.unwrap().instance.unwrap().id,
-        all[0].id,
-        "the restarted controller adopted it"
-    );
+    assert_eq!(job.status.unwrap().instance.unwrap().id, all[0].id);
 }
 
 #[tokio::test]

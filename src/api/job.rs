@@ -116,6 +116,11 @@ pub struct RunnerJobStatus {
     #[serde(default)]
     pub attempts: i32,
 
+    /// The launch of this attempt, recorded before EC2 is asked: after a restart it is sent
+    /// again as it is, under the same ClientToken, so one attempt never gets two instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<LaunchIntent>,
+
     /// The EC2 instance serving the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceStatus>,
@@ -193,6 +198,39 @@ impl RunnerJobStatus {
             .as_ref()
             .or_else(|| self.boot.as_ref().and_then(|b| b.runner.as_ref()))
     }
+}
+
+/// One launch as Pacer sends it to EC2 (CreateFleet or RunInstances).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchIntent {
+    /// EC2's idempotency token: the same token and parameters are the same launch.
+    pub client_token: String,
+    /// The pool's launch template (`lt-…`) and its version.
+    pub launch_template_id: String,
+    pub launch_template_version: i64,
+    /// `spot` or `onDemand`.
+    pub market: String,
+    /// Sent as an instant CreateFleet (else RunInstances).
+    #[serde(default)]
+    pub fleet: bool,
+    /// CreateFleet's allocation strategy, as EC2 spells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_strategy: Option<String>,
+    /// The offerings EC2 may choose from, most preferred first.
+    #[schemars(length(max = 200))]
+    pub offerings: Vec<LaunchOffering>,
+    /// The tags the request puts on the instance and its volumes.
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// An instance type in a subnet.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchOffering {
+    #[serde(rename = "type")]
+    pub instance_type: String,
+    pub subnet: String,
 }
 
 /// What the instance did at boot. Set once, by `POST /api/runner/bootstrap`.

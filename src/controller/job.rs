@@ -17,15 +17,16 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::metrics::{Offering, Pool, PoolPhase};
-use super::{Context, Error, FIELD_MANAGER, Result, error_policy};
+use super::{Context, FIELD_MANAGER, Result, error_policy};
 use crate::api::{
-    AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, LastError, RunnerJob,
-    RunnerJobStatus, RunnerPool,
+    AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, RunnerJob, RunnerJobStatus,
+    RunnerPool,
 };
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
-    Decision, Facts, GitHubJob, InstanceState, Listed, Outcome, PoolAdmission, Step, Witness,
-    decide, instance_state as domain_instance_state, pool_readiness, record_reason, to_wake,
+    Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
+    PoolAdmission, Step, Witness, decide, enter, holds_slot,
+    instance_state as domain_instance_state, pool_readiness, record_reason, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -113,21 +114,30 @@ async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
             // rather than waiting for the watch to bring it back.
             (false, false) => {
                 let job = set_finalizer(&api, &job, true).await?;
-                pass(&job, &ctx, false).await?
+                looked(pass(&job, &ctx, false).await?)
             }
-            (false, true) => pass(&job, &ctx, false).await?,
-            // A deleting pass returns only once the instance is gone.
-            (true, true) => {
-                let action = pass(&job, &ctx, true).await?;
-                set_finalizer(&api, &job, false).await?;
-                action
-            }
+            (false, true) => looked(pass(&job, &ctx, false).await?),
+            // The finalizer goes once the pass says nothing of the job is left in EC2.
+            (true, true) => match pass(&job, &ctx, true).await? {
+                Next::Look(action) => action,
+                Next::Released => {
+                    set_finalizer(&api, &job, false).await?;
+                    Action::await_change()
+                }
+            },
         };
         ctx.succeeded(&key);
         Ok(action)
     }
     .instrument(span)
     .await
+}
+
+fn looked(next: Next) -> Action {
+    match next {
+        Next::Look(action) => action,
+        Next::Released => Action::await_change(),
+    }
 }
 
 /// Adds or removes our finalizer. The patch names the resourceVersion it was computed from,
@@ -322,9 +332,9 @@ fn in_pool(other: &RunnerJob, job: &RunnerJob) -> bool {
         && other.metadata.uid != job.metadata.uid
 }
 
-/// Whether a job holds (or is getting) a runner, as its status says.
+/// Whether a job holds one of its pool's runner slots, as its status says.
 fn holds_runner(job: &RunnerJob) -> bool {
-    crate::domain::job::holds_runner(job.status.as_ref().map(|s| s.phase).unwrap_or_default())
+    holds_slot(job.status.as_ref())
 }
 
 /// Gives back the job's runner slot: it finished, or went back to waiting without an instance.
@@ -408,25 +418,64 @@ fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
     })
 }
 
-/// One pass: gather the facts, decide, carry out the step, write the status.
-async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> {
+/// How a pass ends: look again (after the action), or the finalizer may go.
+enum Next {
+    Look(Action),
+    Released,
+}
+
+/// What a pass knows: the status it is writing, the pool, the limits, EC2's listing, and the
+/// facts the decision is made from.
+struct Seen {
+    now: Timestamp,
+    uid: String,
+    status: RunnerJobStatus,
+    /// The status as the API server has it from this pass's writes: what the next write
+    /// changes.
+    written: RunnerJobStatus,
+    pool: Option<Arc<RunnerPool>>,
+    limits: Limits,
+    snapshot: Snapshot,
+    /// The instance this process launched for the job, and when EC2 answered.
+    launched: Option<(String, Timestamp)>,
+    facts: Facts,
+}
+
+/// One pass: observe, decide, carry out the one step, record the status.
+async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Next> {
+    let mut seen = observe(job, ctx, deleting).await?;
+    let decision = decision(job, ctx, &mut seen).await?;
+    let next = execute(job, ctx, &mut seen, &decision).await?;
+    if let Next::Released = next {
+        return Ok(next);
+    }
+    record(job, ctx, seen, decision).await?;
+    Ok(next)
+}
+
+/// Gathers the facts: the pool, EC2's shared listing, what this process launched, the status.
+async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen> {
     let now = Timestamp::now();
     let uid = job.uid().unwrap_or_default();
-    let ns = job.namespace().unwrap_or_default();
-    let mut status = job.status.clone().unwrap_or_default();
-    let pools: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = job.status.clone().unwrap_or_default();
     // The pool controller's cache when it has the pool, else the API server.
     let pool = match cached_pool(ctx, job) {
         Some(pool) => Some(pool),
-        None => pools.get_opt(&job.spec.pool_name).await?.map(Arc::new),
+        None => {
+            Api::<RunnerPool>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
+                .get_opt(&job.spec.pool_name)
+                .await?
+                .map(Arc::new)
+        }
     };
-    let defaults = ctx.settings.job_limits;
-    let limits = pool
-        .as_ref()
-        .map_or(defaults, |p| defaults.for_pool(&p.spec));
+    let limits = Limits {
+        max_launch_rounds: ctx.settings.max_launch_attempts,
+        backoff_unit: ctx.settings.backoff_unit,
+        ..ctx.settings.job_limits
+    };
+    let limits = pool.as_ref().map_or(limits, |p| limits.for_pool(&p.spec));
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
     let launched = ctx.jobs.ledger.launched(&uid);
-    let in_phase = since(entered(&status, job).as_ref(), now);
     let instance = instance_state(
         &snapshot,
         &uid,
@@ -434,28 +483,21 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         launched.as_ref(),
         limits.launch_visibility,
     );
-    let launch_unsettled = ctx
-        .jobs
-        .ledger
-        .unsettled_since(&uid)
-        .is_some_and(|sent| now.duration_since(sent).unsigned_abs() < limits.launch_visibility);
-    let mut facts = Facts {
+    let facts = Facts {
         phase: status.phase,
-        in_phase,
-        instance: instance.clone(),
+        in_phase: since(entered(&status, job).as_ref(), now),
+        instance,
         registered: status.runner.is_some(),
         assigned: status.assigned_job.is_some(),
         outcome: outcome(&status),
         deleting,
-        launch_unsettled,
+        launch_unsettled: launch_unsettled(ctx, &uid, &status, &snapshot, &limits, now),
         pool: if status.phase == JobPhase::Pending && !deleting {
             admit(ctx, job, pool.as_deref())
         } else {
             PoolAdmission::Admitted
         },
-        backoff_left: status
-            .next_attempt_at
-            .as_ref()
+        backoff_left: (status.next_attempt_at.as_ref())
             .map(|t| t.0.duration_since(now))
             .filter(|d| d.is_positive())
             .map(|d| d.unsigned_abs())
@@ -463,182 +505,190 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         attempt: status.attempt(),
         boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
         witness: None,
+        launch: None,
+        launch_rounds: status.attempts,
     };
-    let mut decision = decide(&facts, &limits);
+    Ok(Seen {
+        now,
+        uid,
+        written: status.clone(),
+        status,
+        pool,
+        limits,
+        snapshot,
+        launched,
+        facts,
+    })
+}
+
+/// Whether EC2 may have launched for the job an instance nobody knows of yet: a launch call of
+/// this process is unanswered, or a recorded launch has no instance and the listing is not a
+/// visibility window past it.
+fn launch_unsettled(
+    ctx: &Context,
+    uid: &str,
+    status: &RunnerJobStatus,
+    snapshot: &Snapshot,
+    limits: &Limits,
+    now: Timestamp,
+) -> bool {
+    let ledger = &ctx.jobs.ledger;
+    let recent = |t: Timestamp| now.duration_since(t).unsigned_abs() < limits.launch_visibility;
+    let recorded = (status.launch.as_ref())
+        .filter(|intent| {
+            status.instance.is_none() && !ledger.was_refused(uid, &intent.client_token)
+        })
+        .and(status.phase_times.launching.as_ref())
+        .is_some_and(|at| snapshot.taken < at.0 + limits.launch_visibility);
+    ledger.unsettled_since(uid).is_some_and(recent) || recorded
+}
+
+/// Decides; when the decision needs GitHub's word or EC2's answer to a launch, gets it and
+/// decides again with it.
+async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Decision> {
+    let mut decision = decide(&seen.facts, &seen.limits);
     if decision.step == Step::Consult {
-        let witness = consult(ctx, job, pool.as_deref(), &status).await;
-        if witness.job == GitHubJob::Ours && status.assigned_job.is_none() {
+        let witness = consult(ctx, job, seen.pool.as_deref(), &seen.status).await;
+        if witness.job == GitHubJob::Ours && seen.status.assigned_job.is_none() {
             // Its `in_progress` delivery was lost: GitHub's word records the assignment.
-            status.assigned_job = Some(AssignedJob {
+            seen.status.assigned_job = Some(AssignedJob {
                 job_id: job.spec.job_id,
                 run_id: job.spec.run_id,
                 repository: job.spec.repository.clone(),
             });
-            facts.assigned = true;
+            seen.facts.assigned = true;
         }
-        facts.witness = Some(witness);
-        decision = decide(&facts, &limits);
+        seen.facts.witness = Some(witness);
+        decision = decide(&seen.facts, &seen.limits);
     }
-    let Decision {
-        phase,
-        step,
-        reason,
-    } = decision;
-    if let Some((reason, message)) = reason {
-        record_reason(&mut status, reason, message, now);
+    if decision.step == Step::Launch {
+        let answer = launch(job, ctx, seen).await?;
+        if let LaunchAnswer::NoCapacity { left: false, .. } = answer {
+            // A round without capacity anywhere.
+            seen.status.attempts += 1;
+        }
+        seen.facts.launch_rounds = seen.status.attempts;
+        seen.facts.phase = JobPhase::Launching;
+        seen.facts.launch = Some(answer);
+        decision = decide(&seen.facts, &seen.limits);
     }
-    let next = match step {
-        Step::Wait(d) => Action::requeue(d),
-        // Not after a decision made with GitHub's answer; should it come, ask again later.
-        Step::Consult => Action::requeue(Duration::from_secs(10)),
+    Ok(decision)
+}
+
+/// Carries out the decision's step.
+async fn execute(
+    job: &RunnerJob,
+    ctx: &Context,
+    seen: &mut Seen,
+    decision: &Decision,
+) -> Result<Next> {
+    let action = match &decision.step {
+        Step::Wait(d) => Action::requeue(*d),
+        Step::Backoff(d) => {
+            seen.status.next_attempt_at = Some(Time(seen.now + *d));
+            Action::requeue(*d)
+        }
+        // Asked already, or launched already, in this pass: look again shortly.
+        Step::Consult | Step::Launch => Action::requeue(Duration::from_secs(10)),
         Step::Requeue { why } => {
-            requeue(ctx, job, &mut status, why, now);
+            requeue(ctx, job, &mut seen.status, why, seen.now);
             Action::requeue(Duration::ZERO)
         }
-        Step::Launch => match &pool {
-            Some(pool) => {
-                let next = launch_step(job, pool, ctx, &mut status, now).await?;
-                match (status.phase, &status.instance) {
-                    // The launch call returned the instance, so it exists: the machine takes
-                    // its next step in this pass and the status is written once.
-                    (JobPhase::Launching, Some(launched)) => {
-                        let facts = Facts {
-                            phase: JobPhase::Launching,
-                            in_phase: Duration::ZERO,
-                            instance: InstanceState::Alive {
-                                id: launched.id.clone(),
-                            },
-                            ..facts
-                        };
-                        match decide(&facts, &limits) {
-                            Decision {
-                                phase,
-                                step: Step::Wait(d),
-                                ..
-                            } => {
-                                enter(&mut status, phase, now);
-                                Action::requeue(d)
-                            }
-                            _ => next,
-                        }
-                    }
-                    _ => next,
-                }
-            }
-            None => {
-                let message = format!(
-                    "RunnerPool {} does not exist in namespace {ns}",
-                    job.spec.pool_name
-                );
-                record_reason(&mut status, "PoolNotFound", message, now);
-                Action::requeue(Duration::from_secs(30))
-            }
-        },
         Step::Terminate => {
-            // Only an id EC2 listed under this job's tag, or our own launch returned: the status
-            // is writable by others and must not steer a termination.
-            let verified = |id: &String| {
-                snapshot.instances.get(&uid).is_some_and(|i| &i.id == id)
-                    || launched.as_ref().is_some_and(|(mine, _)| mine == id)
-            };
-            if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &instance
-                && verified(id)
-                && ctx
-                    .jobs
-                    .ledger
-                    .terminate(ctx, id, snapshot.taken, limits.launch_visibility)
-                    .await?
-            {
-                info!(instance = %id, "terminated");
-            }
+            terminate(ctx, seen).await?;
             // The next snapshot shows whether it went; one DescribeInstances serves every job.
             Action::requeue(ctx.settings.instance_refresh)
         }
         Step::Release => {
-            deregister(ctx, job, pool.as_deref(), &status).await;
-            ctx.jobs.ledger.forget(&uid);
+            deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
+            ctx.jobs.ledger.forget(&seen.uid);
             release_slot(ctx, job);
-            return Ok(Action::await_change());
+            return Ok(Next::Released);
         }
         Step::Delete => {
             // Only this object: one recreated under the same name is not this one's to delete.
             let params = DeleteParams {
                 preconditions: Some(kube::api::Preconditions {
-                    uid: Some(uid.clone()),
+                    uid: Some(seen.uid.clone()),
                     resource_version: None,
                 }),
                 ..Default::default()
             };
-            Api::<RunnerJob>::namespaced(ctx.client.clone(), &ns)
+            Api::<RunnerJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
                 .delete(&job.name_any(), &params)
                 .await?;
-            ctx.jobs.ledger.forget(&uid);
-            return Ok(Action::await_change());
+            ctx.jobs.ledger.forget(&seen.uid);
+            return Ok(Next::Look(Action::await_change()));
         }
     };
+    // A deleting job keeps its finalizer until its instance is gone: it looks again.
+    Ok(Next::Look(action))
+}
+
+/// Terminates the job's instance: only an id EC2 listed under this job's tag, or our own
+/// launch returned. The status is writable by others and must not steer a termination.
+async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
+    let verified = |id: &String| {
+        seen.snapshot
+            .instances
+            .get(&seen.uid)
+            .is_some_and(|i| &i.id == id)
+            || seen.launched.as_ref().is_some_and(|(mine, _)| mine == id)
+    };
+    if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &seen.facts.instance
+        && verified(id)
+        && (ctx.jobs.ledger)
+            .terminate(ctx, id, seen.snapshot.taken, seen.limits.launch_visibility)
+            .await?
+    {
+        info!(instance = %id, "terminated");
+    }
+    Ok(())
+}
+
+/// Records the decision in the status and writes it (only what changed), with the phase's
+/// metrics and Event.
+async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decision) -> Result<()> {
+    let Seen {
+        now,
+        ref mut status,
+        ..
+    } = seen;
+    if let Some((reason, message)) = decision.reason {
+        record_reason(status, reason, message, now);
+    }
     // A runner still registered on GitHub is removed as the job finishes. During a GitHub
     // outage the job finishes anyway and frees its slot: the sweep removes the runner later.
-    if phase.is_finished() && !status.phase.is_finished() {
-        deregister(ctx, job, pool.as_deref(), &status).await;
+    if decision.phase.is_finished() && !status.phase.is_finished() {
+        deregister(ctx, job, seen.pool.as_deref(), status).await;
     }
-    // The launch step sets the phase itself; otherwise take the decision's.
-    if step != Step::Launch {
-        let before = status.phase;
-        let entered_before = entered_time(&status).cloned();
-        enter(&mut status, phase, now);
-        let spent = since(entered_before.as_ref(), now).as_secs_f64();
-        let histogram = match (before, status.phase) {
-            (JobPhase::Booting, JobPhase::Running) => Some(&ctx.metrics.boot_duration),
-            (JobPhase::Running, JobPhase::Completing) => Some(&ctx.metrics.run_duration),
-            (JobPhase::Completing, JobPhase::Succeeded | JobPhase::Failed) => {
-                Some(&ctx.metrics.terminate_duration)
-            }
-            _ => None,
-        };
-        if let Some(histogram) = histogram {
-            histogram.get_or_create(&pool_label(job)).observe(spent);
-        }
+    let before = status.phase;
+    let entered_before = entered_time(status).cloned();
+    enter(status, decision.phase, now);
+    observe_phase_metrics(
+        ctx,
+        job,
+        before,
+        status.phase,
+        since(entered_before.as_ref(), now),
+    );
+    if status.phase.is_finished() {
+        estimate_cost(ctx, job, status, now);
     }
-    if matches!(status.phase, JobPhase::Succeeded | JobPhase::Failed) {
-        let ran = since(
-            status
-                .instance
-                .as_ref()
-                .and_then(|i| i.launch_time.as_ref()),
-            now,
-        )
-        .as_secs();
-        if let Some(cost) = status.cost.as_mut().filter(|c| c.estimated_cost.is_none())
-            && let Some(hourly) = &cost.hourly_price
-        {
-            cost.estimated_cost = crate::domain::cost::estimate(hourly, ran);
-            if let Some(usd) = cost
-                .estimated_cost
-                .as_deref()
-                .and_then(|c| c.parse::<f64>().ok())
-            {
-                ctx.metrics
-                    .job_cost
-                    .get_or_create(&pool_label(job))
-                    .inc_by(usd);
-            }
-        }
-    }
-    if let (InstanceState::Alive { id }, Some(record)) = (&instance, snapshot.instances.get(&uid))
+    if let (InstanceState::Alive { id }, Some(listed)) =
+        (&seen.facts.instance, seen.snapshot.instances.get(&seen.uid))
         && status.instance.as_ref().is_none_or(|i| &i.id != id)
     {
         // Adopted: launched before a crash, or seen before the status recorded it.
-        status.instance = Some(instance_status(record, None));
+        status.instance = Some(instance_status(listed, None));
     }
-    if status.phase.is_finished()
-        || (status.phase == JobPhase::Pending && status.instance.is_none())
-    {
+    if !holds_slot(Some(status)) {
         release_slot(ctx, job);
     }
     status.observed_generation = job.metadata.generation;
-    write_status(job, ctx, &status).await?;
+    write_status(job, ctx, &seen.written, status).await?;
     let was = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
-    if let Some(notice) = crate::domain::job::phase_notice(was, &status) {
+    if let Some(notice) = crate::domain::job::phase_notice(was, status) {
         let type_ = if notice.warning {
             kube::runtime::events::EventType::Warning
         } else {
@@ -646,13 +696,54 @@ async fn pass(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Action> 
         };
         ctx.event(job, type_, notice.reason, notice.note).await;
     }
-    if deleting {
-        // Release returned above; anything else keeps the finalizer until the instance is gone.
-        return Err(Error::Waiting(
-            "terminating the instance before removing the finalizer".into(),
-        ));
+    Ok(())
+}
+
+/// The boot, run and termination durations, observed as the job leaves each phase.
+fn observe_phase_metrics(
+    ctx: &Context,
+    job: &RunnerJob,
+    from: JobPhase,
+    to: JobPhase,
+    spent: Duration,
+) {
+    let histogram = match (from, to) {
+        (JobPhase::Booting, JobPhase::Running) => &ctx.metrics.boot_duration,
+        (JobPhase::Running, JobPhase::Completing) => &ctx.metrics.run_duration,
+        (JobPhase::Completing, JobPhase::Succeeded | JobPhase::Failed) => {
+            &ctx.metrics.terminate_duration
+        }
+        _ => return,
+    };
+    histogram
+        .get_or_create(&pool_label(job))
+        .observe(spent.as_secs_f64());
+}
+
+/// The run's estimated cost, once, as the job finishes.
+fn estimate_cost(ctx: &Context, job: &RunnerJob, status: &mut RunnerJobStatus, now: Timestamp) {
+    let launched = status
+        .instance
+        .as_ref()
+        .and_then(|i| i.launch_time.as_ref());
+    let ran = since(launched, now).as_secs();
+    let Some(cost) = status.cost.as_mut().filter(|c| c.estimated_cost.is_none()) else {
+        return;
+    };
+    let Some(hourly) = &cost.hourly_price else {
+        return;
+    };
+    cost.estimated_cost = crate::domain::cost::estimate(hourly, ran);
+    if let Some(usd) = cost
+        .estimated_cost
+        .as_deref()
+        .and_then(|c| c.parse::<f64>().ok())
+    {
+        ctx.metrics
+            .job_cost
+            .get_or_create(&pool_label(job))
+            .inc_by(usd);
     }
-    Ok(next)
 }
 
 /// Where the job's runner is registered on GitHub: the pool's organization, or the job's
@@ -788,14 +879,6 @@ fn requeue(
     );
 }
 
-fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {
-    if status.phase == phase && entered_time(status).is_some() {
-        return;
-    }
-    status.phase = phase;
-    *status.phase_times.of_mut(phase) = Some(Time(now));
-}
-
 fn entered_time(status: &RunnerJobStatus) -> Option<&Time> {
     status.phase_times.of(status.phase)
 }
@@ -814,14 +897,18 @@ fn instance_status(i: &Instance, launched_at: Option<Timestamp>) -> InstanceStat
     }
 }
 
-/// Writes what the pass changed in the status, as a merge patch; nothing when it changed
+/// Writes what changed in the status since `before` (what the API server has), as a merge patch; nothing when it changed
 /// nothing, so a job that is only being watched costs the API server no writes. Fields the
 /// pass did not change (the completion the HTTP side reports) are left to their writers.
-async fn write_status(job: &RunnerJob, ctx: &Context, status: &RunnerJobStatus) -> Result<()> {
+async fn write_status(
+    job: &RunnerJob,
+    ctx: &Context,
+    before: &RunnerJobStatus,
+    status: &RunnerJobStatus,
+) -> Result<()> {
     // A status is strings, numbers and maps with string keys: it always serializes.
     let json = |s: &RunnerJobStatus| serde_json::to_value(s).expect("a status serializes");
-    let before = json(job.status.as_ref().unwrap_or(&RunnerJobStatus::default()));
-    let Some(changes) = super::merge_patch(&before, &json(status)) else {
+    let Some(changes) = super::merge_patch(&json(before), &json(status)) else {
         return Ok(());
     };
     let api: Api<RunnerJob> =
@@ -858,223 +945,262 @@ async fn zones(ctx: &Context, subnets: &[String]) -> Result<BTreeMap<String, Str
         .collect())
 }
 
-/// Tries the offerings left, recording capacity failures, until one instance is launched or
-/// none is left; then backs off, or gives up after `MAX_ATTEMPTS`.
-async fn launch_step(
-    job: &RunnerJob,
-    pool: &RunnerPool,
-    ctx: &Context,
-    status: &mut RunnerJobStatus,
-    now: Timestamp,
-) -> Result<Action> {
-    let Some(template) = pool.status.as_ref().and_then(|s| s.launch_template.clone()) else {
-        status.last_error = Some(LastError {
-            reason: "PoolNotReady".into(),
-            message: format!(
-                "RunnerPool {} has no launch template yet; see its conditions",
-                pool.name_any()
-            ),
-            time: Some(Time(now)),
-        });
-        enter(status, JobPhase::Pending, now);
-        return Ok(Action::requeue(Duration::from_secs(10)));
+/// The attempt's launch: recorded in the status first (unless it is already), then sent. EC2's
+/// answer is returned for the decision; an instance it gives is recorded in the status.
+async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<LaunchAnswer> {
+    let Some(pool) = seen.pool.clone() else {
+        let why = format!("RunnerPool {} is gone", job.spec.pool_name);
+        return Ok(LaunchAnswer::PoolNotReady(why));
     };
-    let uid = job.uid().unwrap_or_default();
+    let Some(template) = pool.status.as_ref().and_then(|s| s.launch_template.clone()) else {
+        let why = format!("RunnerPool {} has no launch template yet", pool.name_any());
+        return Ok(LaunchAnswer::PoolNotReady(why));
+    };
+    let tags = job_tags(job, &pool, ctx);
+    let recorded = seen
+        .status
+        .launch
+        .as_ref()
+        .map(|intent| launch::replay(intent, &template.id, &tags));
+    let request = match recorded {
+        Some(Ok(request)) => request,
+        // A launch that may have made an instance EC2 does not list yet is not replaced.
+        Some(Err(why)) if seen.facts.launch_unsettled => {
+            let why = format!("the recorded launch no longer fits the pool ({why})");
+            return Ok(LaunchAnswer::Unanswered(why));
+        }
+        fresh => {
+            if let Some(Err(why)) = fresh {
+                warn!(
+                    why,
+                    "the recorded launch does not fit the pool; planning a new one"
+                );
+                // The new launch's visibility window starts now.
+                seen.status.phase_times.launching = None;
+            }
+            let Some(request) = plan(job, ctx, &pool, &template, tags, &seen.status).await? else {
+                let why = "no offering of the pool has capacity now".to_string();
+                return Ok(LaunchAnswer::NoCapacity { left: false, why });
+            };
+            // The record comes first: whatever happens next, a later pass sends this again.
+            seen.status.launch = Some(launch::intent(&request));
+            enter(&mut seen.status, JobPhase::Launching, seen.now);
+            write_status(job, ctx, &seen.written, &seen.status).await?;
+            seen.written = seen.status.clone();
+            request
+        }
+    };
+    send(job, ctx, seen, &pool, &request).await
+}
+
+/// The tags of the job's instance: the pool's and the job's.
+fn job_tags(job: &RunnerJob, pool: &RunnerPool, ctx: &Context) -> BTreeMap<String, String> {
     let ns = job.namespace().unwrap_or_default();
     let pool_identity = PoolIdentity {
         controller_id: &ctx.settings.controller_id,
         namespace: &ns,
         name: &pool.name_any(),
     };
-    let tags = launch::instance_tags(
+    launch::instance_tags(
         &pool_identity.instance_tags(&pool.spec),
         &JobIdentity {
             namespace: &ns,
             name: &job.name_any(),
-            uid: &uid,
+            uid: &job.uid().unwrap_or_default(),
             job_id: job.spec.job_id,
             repository: &job.spec.repository,
         },
-    );
+    )
+}
+
+/// A new launch: the offerings EC2 has not recently refused (the cheapest zone first for a
+/// single-offering spot launch), in the first one's market, under a token of its own.
+async fn plan(
+    job: &RunnerJob,
+    ctx: &Context,
+    pool: &RunnerPool,
+    template: &crate::api::LaunchTemplateRef,
+    tags: BTreeMap<String, String>,
+    status: &RunnerJobStatus,
+) -> Result<Option<LaunchRequest>> {
     let zones = zones(ctx, &pool.spec.subnets).await?;
-    let attempt = status.attempts + 1;
     let fleet = pool.spec.spawn_method == crate::api::SpawnMethod::Fleet;
-    for _ in 0..3 {
-        let mut offerings = launch::offerings(
-            &pool.spec,
-            &zones,
-            &ctx.jobs.capacity.lock().unwrap(),
-            Instant::now(),
-        );
-        if !fleet {
-            cheapest_zone_first(ctx, &mut offerings).await;
-        }
-        let Some(first) = offerings.first() else {
-            break;
-        };
-        let market = first.market;
-        let chosen: Vec<(String, String)> = offerings
-            .iter()
+    let mut offerings = {
+        let capacity = ctx.jobs.capacity.lock().unwrap();
+        launch::offerings(&pool.spec, &zones, &capacity, Instant::now())
+    };
+    if !fleet {
+        cheapest_zone_first(ctx, &mut offerings).await;
+    }
+    let Some(market) = offerings.first().map(|o| o.market) else {
+        return Ok(None);
+    };
+    let mut request = LaunchRequest {
+        launch_template_id: template.id.clone(),
+        version: template.version,
+        offerings: (offerings.iter())
             .filter(|o| o.market == market)
             .take(if fleet { usize::MAX } else { 1 })
             .map(|o| (o.instance_type.clone(), o.subnet.clone()))
-            .collect();
-        let mut request = LaunchRequest {
-            launch_template_id: template.id.clone(),
-            version: template.version,
-            offerings: chosen.clone(),
-            spot: market == Market::Spot,
-            fleet,
-            tags: tags.clone(),
-            allocation_strategy: fleet
-                .then(|| launch::allocation_strategy(&pool.spec.capacity, market).to_string()),
-            client_token: None,
-        };
-        request.client_token = Some(launch::client_token(
-            &uid,
-            status.attempt(),
-            attempt,
-            &request.parameters(),
-        ));
-        ctx.jobs.ledger.launch_sent(&uid, Timestamp::now());
-        ctx.metrics
-            .queue_duration
-            .get_or_create(&pool_label(job))
-            .observe(
-                since(job.metadata.creation_timestamp.as_ref(), Timestamp::now()).as_secs_f64(),
-            );
-        let answer = ctx.ec2().launch(&request).await;
-        match &answer {
-            // No answer (a transport failure): EC2 may have launched. The same request,
-            // retried under the same token, finds out.
-            Err(e) if e.code == "Transport" => {}
-            Ok(outcome) => {
-                let first = outcome.instances.first();
-                ctx.jobs
-                    .ledger
-                    .launch_answered(&uid, first, Timestamp::now());
-            }
-            Err(_) => ctx
-                .jobs
-                .ledger
-                .launch_answered(&uid, None, Timestamp::now()),
+            .collect(),
+        spot: market == Market::Spot,
+        fleet,
+        tags,
+        allocation_strategy: fleet
+            .then(|| launch::allocation_strategy(&pool.spec.capacity, market).to_string()),
+        client_token: None,
+    };
+    let uid = job.uid().unwrap_or_default();
+    let params = request.parameters();
+    request.client_token = Some(launch::client_token(
+        &uid,
+        status.attempt(),
+        status.attempts + 1,
+        &params,
+    ));
+    Ok(Some(request))
+}
+
+/// Sends the launch and reads EC2's answer: capacity refusals are remembered, an instance is
+/// recorded in the status.
+async fn send(
+    job: &RunnerJob,
+    ctx: &Context,
+    seen: &mut Seen,
+    pool: &RunnerPool,
+    request: &LaunchRequest,
+) -> Result<LaunchAnswer> {
+    let uid = seen.uid.clone();
+    let ledger = &ctx.jobs.ledger;
+    ledger.launch_sent(&uid, Timestamp::now());
+    let waited = since(job.metadata.creation_timestamp.as_ref(), Timestamp::now());
+    ctx.metrics
+        .queue_duration
+        .get_or_create(&pool_label(job))
+        .observe(waited.as_secs_f64());
+    let answer = ctx.ec2().launch(request).await;
+    let zones = zones(ctx, &pool.spec.subnets).await?;
+    let outcome = match answer {
+        Ok(outcome) => outcome,
+        // No answer (a transport failure): EC2 may have launched. The same request, sent
+        // again under the same token, finds out.
+        Err(e) if e.code == "Transport" => return Ok(LaunchAnswer::Unanswered(e.to_string())),
+        Err(e) => return refused(ctx, seen, pool, request, &zones, e),
+    };
+    for failure in outcome
+        .failures
+        .iter()
+        .filter(|f| f.error.is(ErrorClass::InsufficientCapacity))
+    {
+        let offering = (failure.instance_type.as_deref(), failure.subnet.as_deref());
+        mark_offerings(ctx, request, &zones, offering, &failure.error.to_string());
+    }
+    let Some(mut instance) = outcome.instances.into_iter().next() else {
+        ledger.launch_refused(&uid, request.client_token.as_deref().unwrap_or_default());
+        let why = "EC2 launched nothing for the offerings asked".to_string();
+        return Ok(LaunchAnswer::NoCapacity {
+            left: offerings_left(ctx, pool, &zones),
+            why,
+        });
+    };
+    if instance.zone.is_empty() {
+        let subnet = (request.offerings.iter())
+            .find(|(t, _)| *t == instance.instance_type)
+            .map(|(_, s)| s.as_str())
+            .unwrap_or_default();
+        instance.zone = zones.get(subnet).cloned().unwrap_or_default();
+    }
+    ledger.launch_answered(&uid, Some(&instance), Timestamp::now());
+    seen.launched = Some((instance.id.clone(), Timestamp::now()));
+    info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, attempt = seen.status.attempt(), "launched");
+    ctx.metrics.launch_latency.observe(waited.as_secs_f64());
+    let status = &mut seen.status;
+    status.attempts += 1;
+    status.cost = cost_snapshot(ctx, &instance).await;
+    status.instance = Some(instance_status(&instance, Some(seen.now)));
+    status.last_error = None;
+    status.next_attempt_at = None;
+    seen.facts.instance = InstanceState::Alive { id: instance.id };
+    Ok(LaunchAnswer::Launched)
+}
+
+/// What a launch EC2 refused means for the job. A definite no is remembered against the
+/// launch's token; errors that say nothing of the launch (throttling, EC2 failing) are the
+/// pass's error, retried with backoff, and the recorded launch is sent again.
+fn refused(
+    ctx: &Context,
+    seen: &mut Seen,
+    pool: &RunnerPool,
+    request: &LaunchRequest,
+    zones: &BTreeMap<String, String>,
+    e: crate::cloud::CloudError,
+) -> Result<LaunchAnswer> {
+    let answer = if e.is(ErrorClass::InsufficientCapacity) {
+        // A refusal of the whole request: its first offering is the one EC2 tried.
+        if let Some((t, subnet)) = request.offerings.first() {
+            let offering = (Some(t.as_str()), Some(subnet.as_str()));
+            mark_offerings(ctx, request, zones, offering, &e.to_string());
         }
-        let outcome = match answer {
-            Ok(outcome) => outcome,
-            Err(e) if e.is(ErrorClass::InsufficientCapacity) => {
-                let (t, subnet) = &chosen[0];
-                mark(
-                    ctx,
-                    market,
-                    t,
-                    zones.get(subnet).map(String::as_str).unwrap_or_default(),
-                    &e.to_string(),
-                );
-                continue;
-            }
-            // The pool's template was deleted behind our back: the job's status change wakes
-            // the pool, which checks EC2 afresh and recreates it; the job waits for that.
-            Err(e) if e.is(ErrorClass::NotFound) && e.code.starts_with("InvalidLaunchTemplate") => {
-                ctx.forget_pool_check(&pool_identity.key());
-                status.last_error = Some(LastError {
-                    reason: "LaunchTemplateMissing".into(),
-                    message: format!("{e}; waiting for the RunnerPool to recreate it"),
-                    time: Some(Time(now)),
-                });
-                enter(status, JobPhase::Pending, now);
-                return Ok(Action::requeue(ctx.settings.backoff_unit));
-            }
-            Err(e)
-                if matches!(
-                    e.class,
-                    ErrorClass::InvalidInput | ErrorClass::NotFound | ErrorClass::Unauthorized
-                ) =>
-            {
-                status.attempts = attempt;
-                status.last_error = Some(LastError {
-                    reason: "LaunchFailed".into(),
-                    message: e.to_string(),
-                    time: Some(Time(now)),
-                });
-                enter(status, JobPhase::Failed, now);
-                return Ok(Action::requeue(Duration::from_secs(10)));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        for failure in &outcome.failures {
-            if failure.error.is(ErrorClass::InsufficientCapacity) {
-                let t = failure.instance_type.clone().unwrap_or_default();
-                let zone = failure
-                    .subnet
-                    .as_ref()
-                    .and_then(|s| zones.get(s))
-                    .cloned()
-                    .unwrap_or_default();
-                if zone.is_empty() {
-                    // Fleet errors may not say which subnet; the type is out everywhere we asked.
-                    for (ty, subnet) in chosen.iter().filter(|(ty, _)| *ty == t) {
-                        mark(
-                            ctx,
-                            market,
-                            ty,
-                            zones.get(subnet).map(String::as_str).unwrap_or_default(),
-                            &failure.error.to_string(),
-                        );
-                    }
-                } else {
-                    mark(ctx, market, &t, &zone, &failure.error.to_string());
-                }
-            }
+        let left = offerings_left(ctx, pool, zones);
+        LaunchAnswer::NoCapacity {
+            left,
+            why: e.to_string(),
         }
-        let Some(mut instance) = outcome.instances.into_iter().next() else {
-            continue;
+    } else if e.is(ErrorClass::NotFound) && e.code.starts_with("InvalidLaunchTemplate") {
+        // The pool's template was deleted behind our back: the job's new reason wakes the
+        // pool, told to check EC2 afresh, which recreates it; the job waits for that.
+        let ns = pool.namespace().unwrap_or_default();
+        let identity = PoolIdentity {
+            controller_id: &ctx.settings.controller_id,
+            namespace: &ns,
+            name: &pool.name_any(),
         };
-        if instance.zone.is_empty() {
-            let subnet = chosen
-                .iter()
-                .find(|(t, _)| *t == instance.instance_type)
-                .map(|(_, s)| s.clone())
-                .unwrap_or_default();
-            instance.zone = zones.get(&subnet).cloned().unwrap_or_default();
-        }
-        // Recorded with the zone filled in.
+        ctx.forget_pool_check(&identity.key());
+        LaunchAnswer::TemplateMissing(e.to_string())
+    } else if matches!(
+        e.class,
+        ErrorClass::InvalidInput | ErrorClass::NotFound | ErrorClass::Unauthorized
+    ) {
+        seen.status.attempts += 1;
+        LaunchAnswer::Refused(e.to_string())
+    } else {
         ctx.jobs
             .ledger
-            .launch_answered(&uid, Some(&instance), Timestamp::now());
-        info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, attempt, "launched");
-        let waited = since(job.metadata.creation_timestamp.as_ref(), Timestamp::now());
-        ctx.metrics.launch_latency.observe(waited.as_secs_f64());
-        status.attempts = attempt;
-        status.cost = cost_snapshot(ctx, &instance).await;
-        status.instance = Some(instance_status(&instance, Some(now)));
-        status.last_error = None;
-        status.next_attempt_at = None;
-        enter(status, JobPhase::Launching, now);
-        return Ok(Action::requeue(Duration::from_secs(2)));
+            .launch_answered(&seen.uid, None, Timestamp::now());
+        return Err(e.into());
+    };
+    let token = request.client_token.as_deref().unwrap_or_default();
+    ctx.jobs.ledger.launch_refused(&seen.uid, token);
+    Ok(answer)
+}
+
+/// Whether any offering of the pool is left that EC2 has not recently refused.
+fn offerings_left(ctx: &Context, pool: &RunnerPool, zones: &BTreeMap<String, String>) -> bool {
+    let capacity = ctx.jobs.capacity.lock().unwrap();
+    !launch::offerings(&pool.spec, zones, &capacity, Instant::now()).is_empty()
+}
+
+/// Marks the request's offerings of `instance_type` in `subnet` short of capacity; any type,
+/// or any subnet, when the refusal does not say (fleet errors may not name the subnet).
+fn mark_offerings(
+    ctx: &Context,
+    request: &LaunchRequest,
+    zones: &BTreeMap<String, String>,
+    (instance_type, subnet): (Option<&str>, Option<&str>),
+    why: &str,
+) {
+    let market = if request.spot {
+        Market::Spot
+    } else {
+        Market::OnDemand
+    };
+    let named = |name: Option<&str>, x: &str| name.is_none_or(|n| n == x);
+    for (t, s) in &request.offerings {
+        if named(instance_type, t) && named(subnet, s) {
+            let zone = zones.get(s).map(String::as_str).unwrap_or_default();
+            mark(ctx, market, t, zone, why);
+        }
     }
-    status.attempts = attempt;
-    if attempt >= ctx.settings.max_launch_attempts {
-        status.last_error = Some(LastError {
-            reason: "InsufficientCapacity".into(),
-            message: format!("no capacity for any offering of the pool after {attempt} attempts"),
-            time: Some(Time(now)),
-        });
-        enter(status, JobPhase::Failed, now);
-        return Ok(Action::requeue(Duration::from_secs(10)));
-    }
-    let wait = launch::backoff(attempt).mul_f64(ctx.settings.backoff_unit.as_secs_f64() / 5.0);
-    status.next_attempt_at = Some(Time(now + wait));
-    status.last_error = Some(LastError {
-        reason: "InsufficientCapacity".into(),
-        message: format!(
-            "no capacity for the pool's offerings; attempt {attempt} of {}, retrying in {} s",
-            ctx.settings.max_launch_attempts,
-            wait.as_secs()
-        ),
-        time: Some(Time(now)),
-    });
-    enter(status, JobPhase::Pending, now);
-    Ok(Action::requeue(wait))
 }
 
 /// How long prices are reused: on-demand prices change rarely, spot prices slowly.

@@ -28,6 +28,9 @@ pub struct Ledger {
     /// Launch calls whose answer is not in (in flight, or lost to a transport error), by
     /// RunnerJob uid, and when they were sent: EC2 may have launched for them.
     unsettled: Mutex<HashMap<String, Timestamp>>,
+    /// The ClientToken of the last launch for each RunnerJob uid that EC2 answered with a
+    /// definite no (no capacity, a missing template, a refusal): it made no instance.
+    refused: Mutex<HashMap<String, String>>,
     /// Terminations sent, by instance id, and when.
     terminated: Mutex<HashMap<String, Timestamp>>,
     /// Terminations waiting for the next TerminateInstances call.
@@ -57,6 +60,24 @@ impl Ledger {
         self.launched.lock().unwrap().get(uid).cloned()
     }
 
+    /// EC2 answered the launch for `uid` under `token` with a definite no.
+    pub fn launch_refused(&self, uid: &str, token: &str) {
+        self.unsettled.lock().unwrap().remove(uid);
+        self.refused
+            .lock()
+            .unwrap()
+            .insert(uid.into(), token.into());
+    }
+
+    /// Whether EC2 refused the launch for `uid` under `token`, as this process heard.
+    pub fn was_refused(&self, uid: &str, token: &str) -> bool {
+        self.refused
+            .lock()
+            .unwrap()
+            .get(uid)
+            .is_some_and(|t| t == token)
+    }
+
     /// When an unanswered launch call for `uid` was sent.
     pub fn unsettled_since(&self, uid: &str) -> Option<Timestamp> {
         self.unsettled.lock().unwrap().get(uid).copied()
@@ -65,6 +86,7 @@ impl Ledger {
     /// Forgets a job whose instance is gone and whose object is going.
     pub fn forget(&self, uid: &str) {
         self.unsettled.lock().unwrap().remove(uid);
+        self.refused.lock().unwrap().remove(uid);
         if let Some((id, _)) = self.launched.lock().unwrap().remove(uid) {
             self.terminated.lock().unwrap().remove(&id);
         }

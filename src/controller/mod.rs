@@ -261,11 +261,6 @@ pub enum Error {
     #[error("{0}")]
     GitHub(#[from] crate::github::GitHubError),
 
-    /// Not done yet, and that is normal progress (a deletion waiting for what it holds to go):
-    /// retried without counting as a failure.
-    #[error("{0}")]
-    Waiting(String),
-
     #[error(
         "launch template {0} exists but is not tagged as this controller's; rename or delete it"
     )]
@@ -291,7 +286,6 @@ impl Error {
             Error::Cloud(_) => "AwsError",
             Error::Kube(_) => "KubernetesError",
             Error::GitHub(_) => "GitHubError",
-            Error::Waiting(_) => "Waiting",
             Error::TemplateNotOurs(_) => "LaunchTemplateNameTaken",
         }
     }
@@ -318,11 +312,6 @@ where
     K: Resource<DynamicType = ()> + Send + Sync + 'static,
 {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-    if let Error::Waiting(why) = err {
-        // Normal progress (a deletion waiting for an instance to go): not a failure.
-        tracing::info!(object = %key, why = %why, "waiting");
-        return Action::requeue(ctx.settings.backoff_unit);
-    }
     let attempt = ctx.failed(&key);
     let wait = err.retry_after(attempt, ctx.settings.backoff_unit);
     tracing::warn!(object = %key, reason = err.reason(), attempt, error = %err, "reconcile failed");
@@ -376,7 +365,7 @@ mod event_reasons {
         assert!(found.len() > 30, "{found:?}");
         // Never published: a test helper's name for a valid verdict, and a pass that waits
         // on EC2 (logged, not an error).
-        let unpublished = ["Valid", "Waiting"];
+        let unpublished = ["Valid"];
         let missing: Vec<_> = found
             .iter()
             .filter(|r| !unpublished.contains(&r.as_str()))

@@ -21,7 +21,7 @@ use crate::api::{
     LaunchTemplateRef, RunnerCounts, RunnerJob, RunnerPool, RunnerPoolSpec, RunnerPoolStatus,
 };
 use crate::cloud::{CloudError, Ec2, ErrorClass, LaunchTemplateData, tags};
-use crate::domain::job::may_hold_instance;
+use crate::domain::job::holds_slot;
 use crate::domain::pool::{self as decide, Lookup, Observed, PoolIdentity, ProfileLookup, Verdict};
 use crate::domain::userdata::{self, BootParams};
 
@@ -80,6 +80,10 @@ async fn reconcile(pool: Arc<RunnerPool>, ctx: Arc<Context>) -> Result<Action> {
     let span = info_span!("reconcile", pool = %key, generation = pool.metadata.generation);
     async move {
         let api: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), &ns);
+        if let Some(action) = wait_for_jobs(&pool, &ctx).await? {
+            ctx.succeeded(&key);
+            return Ok(action);
+        }
         let action = finalizer(&api, FINALIZER, pool, |event| async {
             match event {
                 Finalizer::Apply(pool) => apply(&pool, &ctx).await,
@@ -413,28 +417,38 @@ async fn ensure_template(
     })
 }
 
-/// Deletes the launch template once no RunnerJob of the pool may hold an instance (finished
-/// jobs and jobs that never launched do not; a pool being deleted launches nothing more).
-/// NotFound is success.
-async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
+/// A pool being deleted keeps its launch template while RunnerJobs of it hold a slot (they may
+/// hold an instance; finished jobs and jobs that never launched do not, and the pool launches
+/// nothing more): it says so in its Ready condition and looks again. `None` once none does.
+async fn wait_for_jobs(pool: &RunnerPool, ctx: &Context) -> Result<Option<Action>> {
+    let ours = pool.finalizers().iter().any(|f| f == FINALIZER);
+    if pool.metadata.deletion_timestamp.is_none() || !ours {
+        return Ok(None);
+    }
     let ns = pool.metadata.namespace.as_deref().unwrap_or_default();
     let jobs: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), ns);
-    let remaining = jobs
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter(|j| j.spec.pool_name == pool.name_any())
-        .filter(|j| {
-            let status = j.status.clone().unwrap_or_default();
-            may_hold_instance(status.phase, status.instance.is_some())
-        })
+    let holding = (jobs.list(&ListParams::default()).await?.items.iter())
+        .filter(|j| j.spec.pool_name == pool.name_any() && holds_slot(j.status.as_ref()))
         .count();
-    if remaining > 0 {
-        return Err(Error::Waiting(format!(
-            "waiting for {remaining} RunnerJobs of the pool that may hold an instance to finish before deleting its launch template"
-        )));
+    if holding == 0 {
+        return Ok(None);
     }
+    let mut pass = Pass {
+        status: pool.status.clone().unwrap_or_default(),
+        generation: pool.metadata.generation,
+        events: Vec::new(),
+    };
+    let message = format!(
+        "being deleted: waiting for {holding} RunnerJobs of the pool that may hold an instance to finish before deleting its launch template"
+    );
+    pass.condition(READY, false, "Deleting", message);
+    finish(pool, ctx, pass).await?;
+    Ok(Some(Action::requeue(ctx.settings.backoff_unit)))
+}
+
+/// Deletes the launch template (NotFound is success); [`wait_for_jobs`] found no RunnerJob of
+/// the pool holding a slot.
+async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     let id = identity(pool, ctx);
     if let Some(template) = ctx.ec2().find_launch_template(&id.template_name()).await?
         && tags::owned_by(&template.tags, id.controller_id)

@@ -143,6 +143,28 @@ pub struct Facts {
     pub boot_failed: bool,
     /// What GitHub says, when this pass asked ([`Step::Consult`]).
     pub witness: Option<Witness>,
+    /// EC2's answer, when this pass sent the recorded launch ([`Step::Launch`]).
+    pub launch: Option<LaunchAnswer>,
+    /// Rounds of launches that found no capacity for any offering, so far.
+    pub launch_rounds: i32,
+}
+
+/// How EC2 answered a launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchAnswer {
+    /// An instance: the facts show it alive.
+    Launched,
+    /// No capacity for what was asked (recorded, so it is skipped for a while); whether
+    /// another offering of the pool is left to try now.
+    NoCapacity { left: bool, why: String },
+    /// EC2 says the pool's launch template is gone; the pool recreates it.
+    TemplateMissing(String),
+    /// Nothing to launch from: the pool is gone or has no launch template yet.
+    PoolNotReady(String),
+    /// Refused for good: invalid parameters, a missing resource, no permission.
+    Refused(String),
+    /// No answer, throttled, or EC2 failing: the launch may or may not have happened.
+    Unanswered(String),
 }
 
 /// What the job's pool says to a launch for it.
@@ -179,6 +201,10 @@ pub struct Limits {
     pub max_attempts: u32,
     /// How long a job waits for a pool that does not exist or is being deleted.
     pub pool_gone_deadline: Duration,
+    /// Rounds without capacity before a job fails with `InsufficientCapacity`.
+    pub max_launch_rounds: i32,
+    /// The unit of retry backoff: 5 s in production, shorter in tests.
+    pub backoff_unit: Duration,
 }
 
 impl Default for Limits {
@@ -192,6 +218,8 @@ impl Default for Limits {
             capacity_recheck: POLL,
             max_attempts: 3,
             pool_gone_deadline: Duration::from_secs(15 * 60),
+            max_launch_rounds: super::launch::MAX_ATTEMPTS,
+            backoff_unit: Duration::from_secs(5),
         }
     }
 }
@@ -216,8 +244,11 @@ impl Limits {
 pub enum Step {
     /// Nothing now; look again after this long.
     Wait(Duration),
-    /// Launch an instance (a new attempt).
+    /// Launch the attempt's instance: record the launch in the status, then send it; a launch
+    /// already recorded is sent again as it is, under its ClientToken.
     Launch,
+    /// No capacity anywhere for now: wait this long before the next round.
+    Backoff(Duration),
     /// Ask GitHub about the job and its runner, then decide again with the answer.
     Consult,
     /// Record the ended instance as a previous attempt and wait for a new one (Pending).
@@ -389,12 +420,11 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             _ if !f.backoff_left.is_zero() => go(Pending, Step::Wait(f.backoff_left)),
             (_, PoolAdmission::Admitted) => go(Launching, Step::Launch),
         },
-        Launching => match &f.instance {
-            InstanceState::Alive { .. } => go(Booting, Step::Wait(POLL)),
-            // EC2 lists new instances a little late; past that, the launch did not happen.
-            _ if f.in_phase < limits.launch_visibility => {
-                go(Launching, Step::Wait(Duration::from_secs(2)))
-            }
+        Launching => match (&f.instance, &f.launch) {
+            (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
+            (_, Some(answer)) => after_launch(f, limits, answer),
+            // Recorded, and its answer not recorded (lost, or a restart came between): the
+            // same launch is sent again, and EC2 answers with the instance it made, if any.
             _ => go(Launching, Step::Launch),
         },
         Booting if f.registered => go(Running, Step::Wait(POLL)),
@@ -461,6 +491,71 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
             }
         },
         Succeeded | Failed => unreachable!("finished jobs returned above"),
+    }
+}
+
+/// What follows a launch that gave no instance.
+fn after_launch(f: &Facts, limits: &Limits, answer: &LaunchAnswer) -> Decision {
+    use JobPhase::*;
+    match answer {
+        LaunchAnswer::Launched => go(Booting, Step::Wait(POLL)),
+        LaunchAnswer::NoCapacity { left: true, why } => because(
+            Pending,
+            Step::Wait(Duration::ZERO),
+            "InsufficientCapacity",
+            format!("{why}; trying the pool's next offering"),
+        ),
+        LaunchAnswer::NoCapacity { left: false, .. }
+            if f.launch_rounds >= limits.max_launch_rounds =>
+        {
+            because(
+                Failed,
+                Step::Wait(POLL),
+                "InsufficientCapacity",
+                format!(
+                    "no capacity for any offering of the pool after {} attempts",
+                    f.launch_rounds
+                ),
+            )
+        }
+        LaunchAnswer::NoCapacity { left: false, .. } => {
+            let wait = super::launch::backoff(f.launch_rounds)
+                .mul_f64(limits.backoff_unit.as_secs_f64() / 5.0);
+            because(
+                Pending,
+                Step::Backoff(wait),
+                "InsufficientCapacity",
+                format!(
+                    "no capacity for the pool's offerings; attempt {} of {}, retrying in {} s",
+                    f.launch_rounds,
+                    limits.max_launch_rounds,
+                    wait.as_secs()
+                ),
+            )
+        }
+        // The job keeps its slot and its place: the pool recreates the template (it is told
+        // to look again), and the launch goes out from the new one.
+        LaunchAnswer::TemplateMissing(why) => because(
+            Launching,
+            Step::Wait(limits.backoff_unit),
+            "LaunchTemplateMissing",
+            format!("{why}; waiting for the RunnerPool to recreate it"),
+        ),
+        LaunchAnswer::PoolNotReady(why) => because(
+            Pending,
+            Step::Wait(limits.capacity_recheck),
+            "PoolNotReady",
+            why.clone(),
+        ),
+        LaunchAnswer::Refused(why) => {
+            because(Failed, Step::Wait(POLL), "LaunchFailed", why.clone())
+        }
+        LaunchAnswer::Unanswered(why) => because(
+            Launching,
+            Step::Wait(limits.backoff_unit),
+            "LaunchUnanswered",
+            format!("{why}; the recorded launch is sent again under the same ClientToken"),
+        ),
     }
 }
 
@@ -583,6 +678,7 @@ pub fn start_new_attempt(
         .len()
         .saturating_sub(MAX_PREVIOUS_ATTEMPTS);
     status.previous_attempts.drain(..excess);
+    status.launch = None;
     status.boot = None;
     status.runner = None;
     status.assigned_job = None;
@@ -839,18 +935,28 @@ pub fn to_withdraw<'a>(
         .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
-/// Whether a job in `phase` holds (or is getting) a runner: what counts against `maxRunners`.
-pub fn holds_runner(phase: JobPhase) -> bool {
-    matches!(
-        phase,
-        JobPhase::Launching | JobPhase::Booting | JobPhase::Running | JobPhase::Completing
-    )
+/// Whether a job holds one of its pool's `maxRunners` slots: it has not finished, and it has
+/// recorded a launch, has an instance, or is past launching. The one definition admission,
+/// the pool's clean-up and the wake-ups count by.
+pub fn holds_slot(status: Option<&RunnerJobStatus>) -> bool {
+    status.is_some_and(|s| {
+        !s.phase.is_finished()
+            && (s.phase != JobPhase::Pending || s.launch.is_some() || s.instance.is_some())
+    })
 }
 
-/// Whether a job whose status reads so may hold an instance: it launched and has not finished.
-/// A finished job's instance is its own finalizer's business, not its pool's.
-pub fn may_hold_instance(phase: JobPhase, has_instance: bool) -> bool {
-    holds_runner(phase) || (phase == JobPhase::Pending && has_instance)
+/// Moves `status` into `phase` at `now` (kept when already there). A job back to waiting
+/// has no launch in flight: its recorded launch either made no instance or is history.
+pub fn enter(status: &mut RunnerJobStatus, phase: JobPhase, now: Timestamp) {
+    if status.phase == phase && status.phase_times.of(phase).is_some() {
+        return;
+    }
+    if phase == JobPhase::Pending {
+        status.launch = None;
+    }
+    status.phase = phase;
+    *status.phase_times.of_mut(phase) =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
 }
 
 /// The jobs to wake when a runner of their pool finishes: the oldest waiting ones, as many as
@@ -948,14 +1054,59 @@ mod tests {
     }
 
     #[test]
-    fn only_launched_unfinished_jobs_may_hold_an_instance() {
-        assert!(!may_hold_instance(Pending, false));
-        assert!(may_hold_instance(Pending, true));
+    fn a_slot_is_held_from_the_recorded_launch_until_the_job_finishes() {
+        let status = |phase, launch: bool, instance: bool| RunnerJobStatus {
+            phase,
+            launch: launch.then(|| crate::api::LaunchIntent {
+                client_token: "t".into(),
+                launch_template_id: "lt-1".into(),
+                launch_template_version: 1,
+                market: "onDemand".into(),
+                fleet: false,
+                allocation_strategy: None,
+                offerings: Vec::new(),
+                tags: Default::default(),
+            }),
+            instance: instance.then(|| crate::api::InstanceStatus {
+                id: "i-1".into(),
+                instance_type: "m7g.large".into(),
+                zone: "z".into(),
+                market: "onDemand".into(),
+                launch_time: None,
+            }),
+            ..Default::default()
+        };
+        assert!(!holds_slot(None));
+        assert!(!holds_slot(Some(&status(Pending, false, false))));
+        assert!(holds_slot(Some(&status(Pending, true, false))));
+        assert!(holds_slot(Some(&status(Pending, false, true))));
         for phase in [Launching, Booting, Running, Completing] {
-            assert!(may_hold_instance(phase, false));
+            assert!(holds_slot(Some(&status(phase, false, false))));
         }
-        assert!(!may_hold_instance(Succeeded, true));
-        assert!(!may_hold_instance(Failed, true));
+        assert!(!holds_slot(Some(&status(Succeeded, true, true))));
+        assert!(!holds_slot(Some(&status(Failed, true, true))));
+    }
+
+    #[test]
+    fn going_back_to_waiting_drops_the_recorded_launch() {
+        let mut s = RunnerJobStatus::default();
+        let now = Timestamp::UNIX_EPOCH;
+        enter(&mut s, Launching, now);
+        s.launch = Some(crate::api::LaunchIntent {
+            client_token: "t".into(),
+            launch_template_id: "lt-1".into(),
+            launch_template_version: 1,
+            market: "spot".into(),
+            fleet: true,
+            allocation_strategy: None,
+            offerings: Vec::new(),
+            tags: Default::default(),
+        });
+        enter(&mut s, Launching, now + Duration::from_secs(5));
+        assert_eq!(s.phase_times.launching.as_ref().map(|t| t.0), Some(now));
+        assert!(s.launch.is_some());
+        enter(&mut s, Pending, now);
+        assert!(s.launch.is_none());
     }
 
     #[test]
@@ -982,6 +1133,8 @@ mod tests {
             attempt: 1,
             boot_failed: false,
             witness: None,
+            launch: None,
+            launch_rounds: 0,
         }
     }
 
@@ -1162,20 +1315,85 @@ mod tests {
                 None,
             ),
             (
-                "launching waits for EC2 to list it",
+                "launching sends the recorded launch again when its answer is not recorded",
                 Launching,
                 |_| {},
                 Launching,
-                Step::Wait(Duration::from_secs(2)),
+                Step::Launch,
                 None,
             ),
             (
-                "launching relaunches a launch that never happened",
+                "a launch EC2 did not answer is sent again later",
                 Launching,
-                |f| f.in_phase = mins(2),
+                |f| f.launch = Some(LaunchAnswer::Unanswered("throttled".into())),
                 Launching,
-                Step::Launch,
-                None,
+                Step::Wait(Duration::from_secs(5)),
+                Some("LaunchUnanswered"),
+            ),
+            (
+                "no capacity for one offering tries the next at once",
+                Launching,
+                |f| {
+                    f.launch = Some(LaunchAnswer::NoCapacity {
+                        left: true,
+                        why: "no m7g.large in a".into(),
+                    })
+                },
+                Pending,
+                Step::Wait(Duration::ZERO),
+                Some("InsufficientCapacity"),
+            ),
+            (
+                "no capacity anywhere backs off",
+                Launching,
+                |f| {
+                    f.launch_rounds = 1;
+                    f.launch = Some(LaunchAnswer::NoCapacity {
+                        left: false,
+                        why: String::new(),
+                    })
+                },
+                Pending,
+                Step::Backoff(super::super::launch::backoff(1)),
+                Some("InsufficientCapacity"),
+            ),
+            (
+                "no capacity after the last round fails",
+                Launching,
+                |f| {
+                    f.launch_rounds = 12;
+                    f.launch = Some(LaunchAnswer::NoCapacity {
+                        left: false,
+                        why: String::new(),
+                    })
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("InsufficientCapacity"),
+            ),
+            (
+                "a refused launch fails the job",
+                Launching,
+                |f| f.launch = Some(LaunchAnswer::Refused("UnauthorizedOperation".into())),
+                Failed,
+                Step::Wait(POLL),
+                Some("LaunchFailed"),
+            ),
+            (
+                "a missing template waits for the pool to recreate it, keeping the slot",
+                Launching,
+                |f| f.launch = Some(LaunchAnswer::TemplateMissing("gone".into())),
+                Launching,
+                Step::Wait(Duration::from_secs(5)),
+                Some("LaunchTemplateMissing"),
+            ),
+            (
+                "a pool gone while launching sends the job back to wait",
+                Launching,
+                |f| f.launch = Some(LaunchAnswer::PoolNotReady("gone".into())),
+                Pending,
+                Step::Wait(POLL),
+                Some("PoolNotReady"),
             ),
             (
                 "booting runner registers",

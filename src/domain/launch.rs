@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{AllocationStrategy, Capacity, CapacityType, RunnerPoolSpec};
-use crate::cloud::tags;
+use crate::api::{
+    AllocationStrategy, Capacity, CapacityType, LaunchIntent, LaunchOffering, RunnerPoolSpec,
+};
+use crate::cloud::{LaunchRequest, tags};
 
 /// EC2 market of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -220,6 +222,66 @@ pub fn instance_tags(
     all
 }
 
+/// The launch `request` as the status records it before EC2 is asked.
+pub fn intent(request: &LaunchRequest) -> LaunchIntent {
+    LaunchIntent {
+        client_token: request.client_token.clone().unwrap_or_default(),
+        launch_template_id: request.launch_template_id.clone(),
+        launch_template_version: request.version,
+        market: if request.spot { "spot" } else { "onDemand" }.into(),
+        fleet: request.fleet,
+        allocation_strategy: request.allocation_strategy.clone(),
+        offerings: (request.offerings.iter())
+            .map(|(instance_type, subnet)| LaunchOffering {
+                instance_type: instance_type.clone(),
+                subnet: subnet.clone(),
+            })
+            .collect(),
+        tags: request.tags.clone(),
+    }
+}
+
+/// The request a recorded launch sends again, token and all, when it still fits the job: it
+/// launches from `template` (the pool's) and binds the instance to the job by every one of
+/// `job_tags`. A status is writable by others; what it records must not steer a launch
+/// elsewhere. Why not, otherwise.
+pub fn replay(
+    intent: &LaunchIntent,
+    template: &str,
+    job_tags: &BTreeMap<String, String>,
+) -> Result<LaunchRequest, String> {
+    if intent.launch_template_id != template {
+        return Err(format!(
+            "it names launch template {}, not the pool's {template}",
+            intent.launch_template_id
+        ));
+    }
+    let bound = [
+        tags::MANAGED_BY,
+        tags::CONTROLLER,
+        tags::POOL,
+        RUNNER_JOB_UID,
+        JOB_ID,
+    ]
+    .iter()
+    .all(|k| intent.tags.get(*k) == job_tags.get(*k));
+    if !bound || intent.client_token.is_empty() || intent.offerings.is_empty() {
+        return Err("it does not carry this job's tags, a token and an offering".into());
+    }
+    Ok(LaunchRequest {
+        launch_template_id: intent.launch_template_id.clone(),
+        version: intent.launch_template_version,
+        offerings: (intent.offerings.iter())
+            .map(|o| (o.instance_type.clone(), o.subnet.clone()))
+            .collect(),
+        spot: intent.market == "spot",
+        fleet: intent.fleet,
+        tags: intent.tags.clone(),
+        allocation_strategy: intent.allocation_strategy.clone(),
+        client_token: Some(intent.client_token.clone()),
+    })
+}
+
 /// A tag value within EC2's limit: unchanged when it fits, else cut and ended with a digest
 /// of the whole, so distinct values stay distinct. For values people read (`gha:runner_job`);
 /// values Pacer matches on are refused by validation instead.
@@ -366,6 +428,49 @@ mod tests {
     fn backoff_doubles_from_30_seconds_to_5_minutes() {
         let secs: Vec<u64> = (1..=7).map(|a| backoff(a).as_secs()).collect();
         assert_eq!(secs, [30, 60, 120, 240, 300, 300, 300]);
+    }
+
+    #[test]
+    fn a_recorded_launch_is_sent_again_as_it_was_and_only_for_its_job() {
+        let job_tags = BTreeMap::from([
+            (
+                tags::MANAGED_BY.to_string(),
+                tags::MANAGED_BY_VALUE.to_string(),
+            ),
+            (tags::CONTROLLER.to_string(), "prod".to_string()),
+            (tags::POOL.to_string(), "ci/linux".to_string()),
+            (RUNNER_JOB_UID.to_string(), "uid-1".to_string()),
+            (JOB_ID.to_string(), "42".to_string()),
+            ("team".to_string(), "build".to_string()),
+        ]);
+        let request = LaunchRequest {
+            launch_template_id: "lt-1".into(),
+            version: 3,
+            offerings: vec![("m7g.large".into(), "subnet-a".into())],
+            spot: true,
+            fleet: true,
+            tags: job_tags.clone(),
+            allocation_strategy: Some("price-capacity-optimized".into()),
+            client_token: Some("pacer-abc".into()),
+        };
+        let intent = intent(&request);
+        // The same request, token and all: EC2 answers it with the instance it made.
+        assert_eq!(replay(&intent, "lt-1", &job_tags), Ok(request.clone()));
+        // The pool's own tags may change since; the job's binding may not.
+        let mut retagged = job_tags.clone();
+        retagged.insert("team".into(), "infra".into());
+        assert_eq!(replay(&intent, "lt-1", &retagged), Ok(request));
+        assert!(
+            replay(&intent, "lt-2", &job_tags)
+                .unwrap_err()
+                .contains("lt-2")
+        );
+        let mut other_job = job_tags.clone();
+        other_job.insert(RUNNER_JOB_UID.into(), "uid-2".into());
+        assert!(replay(&intent, "lt-1", &other_job).is_err());
+        let mut tokenless = intent.clone();
+        tokenless.client_token.clear();
+        assert!(replay(&tokenless, "lt-1", &job_tags).is_err());
     }
 
     #[test]
