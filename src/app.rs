@@ -84,6 +84,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let kube_config = kube::Config::infer()
         .await
         .map_err(|e| Error::Kube(kube::Error::InferConfig(e)))?;
+    let lease_client =
+        controller::leader::lease_client(kube_config.clone()).map_err(Error::Kube)?;
     let client = controller::kube_client(kube_config).map_err(Error::Kube)?;
     check_crds(&client).await?;
 
@@ -232,11 +234,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // Only the leader reconciles, collects and sweeps; each term starts from a fresh context
     // (caches, reservations, ledger) sharing the metrics and the GitHub client.
     let term = || {
-        let ctx = Arc::new(
-            controller::Context::new(client.clone(), ec2.clone(), settings.clone())
-                .with_metrics(ctx.metrics.clone())
-                .with_github(github.clone()),
-        );
+        let ctx = Arc::new(ctx.next_term());
         let scope = controller::gc::Scope {
             pools: pools.clone(),
             jobs: jobs.clone(),
@@ -270,7 +268,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         }
     };
-    let leading = controller::leader::lead(client.clone(), &election, term, stopping);
+    let leading = controller::leader::lead(lease_client, &election, term, stopping);
     tokio::pin!(leading);
     tokio::select! {
         result = &mut leading => {

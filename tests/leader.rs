@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pacer::controller::leader::{Election, lead};
+use pacer::controller::leader::{Election, lead, lease_client};
 use support::{Parts, ground};
 
 /// Counts leaders while a term runs.
@@ -80,4 +80,81 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_goes() {
     assert_ne!(who.lock().unwrap()[1], first);
     assert_eq!(most.load(Ordering::SeqCst), 1, "never two leaders at once");
     other.abort();
+}
+
+/// Replica A reaches the API server through `relay`; replica B directly. Once A leads, the
+/// relay stops passing bytes: A's reads and renewals hang unanswered.
+#[tokio::test]
+async fn a_leader_whose_api_server_stops_answering_steps_down_before_another_takes_over() {
+    let ground = ground(Parts::Kube);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "stalled-leader").await;
+    let config = ground.kube_config().await;
+    let upstream = format!(
+        "{}:{}",
+        config.cluster_url.host().unwrap(),
+        config.cluster_url.port_u16().unwrap()
+    );
+    let relay = support::relay::Relay::start(upstream.parse().unwrap()).await;
+    let mut through_relay = config.clone();
+    through_relay.cluster_url = format!("https://{}", relay.addr).parse().unwrap();
+    let leaders = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let who = Arc::new(Mutex::new(Vec::<String>::new()));
+    let replica = |name: &str, config: kube::Config| {
+        let mut election = Election::new(&ns, "stalled-test", name);
+        (election.duration, election.grace) = (4, 2);
+        let client = lease_client(config).unwrap();
+        let (leaders, most, who) = (leaders.clone(), most.clone(), who.clone());
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let (_keep, running) = tokio::sync::watch::channel(false);
+            let _ = lead(
+                client,
+                &election,
+                || {
+                    let now = leaders.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    who.lock().unwrap().push(name.clone());
+                    let guard = Leading(leaders.clone());
+                    async move {
+                        let _guard = guard;
+                        std::future::pending::<()>().await
+                    }
+                },
+                running,
+            )
+            .await;
+        })
+    };
+    let a = replica("replica-a", through_relay);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while leaders.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica-a never led"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = replica("replica-b", config);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(*who.lock().unwrap(), ["replica-a"]);
+
+    relay.freeze();
+    let frozen = tokio::time::Instant::now();
+    while who.lock().unwrap().len() < 2 {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(20),
+            "replica-b never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(who.lock().unwrap()[1], "replica-b");
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "replica-a still led when replica-b took the lease"
+    );
+    a.abort();
+    b.abort();
 }

@@ -451,3 +451,56 @@ async fn throttling_never_flips_a_valid_pool_and_persisting_throttling_is_an_eve
         "throttling must not make a pool invalid"
     );
 }
+
+#[tokio::test]
+async fn a_new_leadership_term_does_not_check_an_unchanged_pool_again() {
+    let ground = ground(Parts::Both);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "next-term").await;
+    let settings = Settings {
+        resync: Duration::from_secs(600),
+        backoff_unit: Duration::from_millis(200),
+        ..Settings::new("next-term", "https://pacer.example.test")
+    };
+    let ec2 = Arc::new(AwsEc2::new(&ground.aws_config().await));
+    let first = Arc::new(Context::new(client.clone(), ec2, settings));
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let run = |ctx: Arc<Context>| {
+        tokio::spawn(controller::run(
+            ctx,
+            pools.clone(),
+            Api::namespaced(client.clone(), &ns),
+        ))
+    };
+    let term = run(first.clone());
+    let pool: RunnerPool = serde_json::from_value(ground.example_pool(&ns, "linux")).unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pool = pools.get("linux").await.unwrap();
+        let ready = (pool.status.iter().flat_map(|s| &s.conditions))
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        if ready {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never Ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // What checking the pool costs in EC2: its DryRun launches.
+    let dry_runs = || async {
+        (ground.proxy().calls().await.into_iter())
+            .filter(|c| c.params.get("DryRun").is_some() && c.params.to_string().contains(&ns))
+            .count()
+    };
+    let checked = dry_runs().await;
+    assert!(checked > 0);
+    // The lease is lost and won again: a new term of the same process.
+    term.abort();
+    let _second = run(Arc::new(first.next_term()));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        dry_runs().await,
+        checked,
+        "the new term checked the pool again"
+    );
+}

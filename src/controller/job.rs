@@ -458,16 +458,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     let now = Timestamp::now();
     let uid = job.uid().unwrap_or_default();
     let status = job.status.clone().unwrap_or_default();
-    // The pool controller's cache when it has the pool, else the API server.
-    let pool = match cached_pool(ctx, job) {
-        Some(pool) => Some(pool),
-        None => {
-            Api::<RunnerPool>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
-                .get_opt(&job.spec.pool_name)
-                .await?
-                .map(Arc::new)
-        }
-    };
+    let pool = pool_of(ctx, job).await?;
     let limits = Limits {
         max_launch_rounds: ctx.settings.max_launch_attempts,
         backoff_unit: ctx.settings.backoff_unit,
@@ -497,11 +488,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         } else {
             PoolAdmission::Admitted
         },
-        backoff_left: (status.next_attempt_at.as_ref())
-            .map(|t| t.0.duration_since(now))
-            .filter(|d| d.is_positive())
-            .map(|d| d.unsigned_abs())
-            .unwrap_or_default(),
+        backoff_left: until(status.next_attempt_at.as_ref(), now),
         attempt: status.attempt(),
         boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
         witness: None,
@@ -519,6 +506,24 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         launched,
         facts,
     })
+}
+
+/// The job's pool: the pool controller's cache when it has it, else the API server.
+async fn pool_of(ctx: &Context, job: &RunnerJob) -> Result<Option<Arc<RunnerPool>>> {
+    if let Some(pool) = cached_pool(ctx, job) {
+        return Ok(Some(pool));
+    }
+    let ns = job.namespace().unwrap_or_default();
+    let pools = Api::<RunnerPool>::namespaced(ctx.client.clone(), &ns);
+    Ok(pools.get_opt(&job.spec.pool_name).await?.map(Arc::new))
+}
+
+/// How long until `t`; zero when it is past or unset.
+fn until(t: Option<&Time>, now: Timestamp) -> Duration {
+    t.map(|t| t.0.duration_since(now))
+        .filter(|d| d.is_positive())
+        .map(|d| d.unsigned_abs())
+        .unwrap_or_default()
 }
 
 /// Whether EC2 may have launched for the job an instance nobody knows of yet: a launch call of

@@ -9,6 +9,11 @@
 //! leader also reads the Lease every second and steps down (drops its work at once) when the
 //! newest renewal it has seen of its own is `duration - grace / 2` old, before the lease can
 //! expire and be taken. No moment has two leaders, given clocks within `grace / 2`.
+//!
+//! The Lease is read and renewed on a client of its own ([`lease_client`]), never queued
+//! behind the reconcilers' and the listener's requests, and every read has a deadline: a
+//! check that cannot be answered in time counts as a renewal not seen, so a leader whose API
+//! server is slow or out of reach steps down before another replica may take the lease.
 
 use std::future::Future;
 
@@ -44,6 +49,18 @@ impl Election {
             grace: 5,
         }
     }
+}
+
+/// Longest one read of the Lease may take: the step-down check runs every second.
+const READ_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The client leader election uses: its own connections, no queue shared with the
+/// controllers, and deadlines on connecting and reading.
+pub fn lease_client(mut config: kube::Config) -> kube::Result<kube::Client> {
+    config.connect_timeout = Some(Duration::from_secs(2));
+    config.read_timeout = Some(Duration::from_secs(2));
+    config.write_timeout = Some(Duration::from_secs(2));
+    kube::Client::try_from(config)
 }
 
 /// Longest a term may take to finish its in-flight work after shutdown is asked for.
@@ -114,19 +131,23 @@ where
         let lost = async {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
+                // The step-down comes on time whatever the API server does: no read outlasts it.
+                let left = Duration::try_from(Timestamp::now().duration_until(renewed + deadline))
+                    .unwrap_or_default();
                 tokio::select! {
                     changed = leading.changed() => {
                         if changed.is_err() || !*leading.borrow_and_update() {
                             return;
                         }
                     }
+                    () = tokio::time::sleep(left) => {
+                        warn!(lease = %election.lease, "could not confirm the lease in time: stepping down");
+                        return;
+                    }
                     _ = tick.tick() => {
-                        if let Some(at) = own_renewal(&leases, election).await {
+                        let read = tokio::time::timeout(left, own_renewal(&leases, election));
+                        if let Ok(Some(at)) = read.await {
                             renewed = renewed.max(at);
-                        }
-                        if Timestamp::now() >= renewed + deadline {
-                            warn!(lease = %election.lease, "could not confirm the lease in time: stepping down");
-                            return;
                         }
                     }
                 }
@@ -166,8 +187,8 @@ async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
 
 /// Whether the Lease has no holder: its holder released it.
 async fn released(leases: &Api<Lease>, election: &Election) -> bool {
-    match leases.get_opt(&election.lease).await {
-        Ok(Some(lease)) => lease
+    match tokio::time::timeout(READ_TIMEOUT, leases.get_opt(&election.lease)).await {
+        Ok(Ok(Some(lease))) => lease
             .spec
             .and_then(|s| s.holder_identity)
             .is_none_or(|holder| holder.is_empty()),
@@ -204,9 +225,10 @@ async fn confirmed(
 }
 
 /// When this replica last renewed the lease, as the API server has it; `None` when it cannot
-/// be read or another replica holds it.
+/// be read within [`READ_TIMEOUT`] or another replica holds it.
 async fn own_renewal(leases: &Api<Lease>, election: &Election) -> Option<Timestamp> {
-    let lease = leases.get(&election.lease).await.ok()?;
+    let read = tokio::time::timeout(READ_TIMEOUT, leases.get(&election.lease));
+    let lease = read.await.ok()?.ok()?;
     let spec = lease.spec?;
     if spec.holder_identity.as_deref() != Some(election.identity.as_str()) {
         return None;

@@ -124,9 +124,13 @@ pub struct Context {
     pub jobs: job::Shared,
     /// The GitHub App, when configured: runners are removed through it.
     pub github: Option<Arc<dyn crate::github::GitHub>>,
-    /// When each pool (`namespace/name`) was last fully checked against EC2, at which generation.
-    pool_checks: Mutex<HashMap<String, (Option<i64>, std::time::Instant)>>,
+    /// Shared by the terms of one process: a new term does not redo checks whose inputs
+    /// have not changed.
+    pool_checks: Arc<Mutex<PoolChecks>>,
 }
+
+/// When each pool (`namespace/name`) was last fully checked against EC2, at which generation.
+type PoolChecks = HashMap<String, (Option<i64>, std::time::Instant)>;
 
 /// Settings from the configuration that reconcilers use.
 #[derive(Clone, Debug)]
@@ -186,7 +190,7 @@ impl Context {
             failures: Mutex::default(),
             jobs: job::Shared::default(),
             metrics: Arc::default(),
-            pool_checks: Mutex::default(),
+            pool_checks: Arc::default(),
             github: None,
         }
     }
@@ -195,6 +199,16 @@ impl Context {
     pub fn with_metrics(mut self, metrics: Arc<metrics::Metrics>) -> Self {
         self.metrics = metrics;
         self
+    }
+
+    /// A context for a new leadership term of this process: it shares `previous`'s metrics,
+    /// GitHub App and record of pool checks; caches, reservations and the ledger start afresh.
+    pub fn next_term(&self) -> Self {
+        let mut next = Self::new(self.client.clone(), self.ec2.clone(), self.settings.clone())
+            .with_metrics(self.metrics.clone());
+        next.github = self.github.clone();
+        next.pool_checks = self.pool_checks.clone();
+        next
     }
 
     /// The same context, talking to GitHub through `github`.

@@ -19,6 +19,7 @@ pub mod github;
 pub mod identity;
 pub mod process;
 pub mod proxy;
+pub mod relay;
 pub mod simulator;
 pub mod webhooks;
 
