@@ -200,6 +200,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // finish what they started (they watch for the signal themselves), then it releases the
     // Lease.
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let shutting_down = web.clone();
     let draining = web.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -270,15 +271,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
     let leading = controller::leader::lead(lease_client, &election, term, stopping);
     tokio::pin!(leading);
+    tokio::pin!(main);
     tokio::select! {
         result = &mut leading => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "leader election failed");
+            } else if shutting_down.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                // The leader's controllers are done and the Lease is handed over; the listener
+                // still drains before the process goes.
+                let grace = DRAIN + std::time::Duration::from_secs(5);
+                if let Ok(Err(e)) = tokio::time::timeout(grace, &mut main).await {
+                    tracing::error!(error = %e, "the listener stopped");
+                }
             }
         }
         () = pool_watch => {}
         () = ready => {}
-        result = main => {
+        result = &mut main => {
             if let Err(e) = result {
                 tracing::error!(error = %e, "the listener stopped");
             }

@@ -220,6 +220,26 @@ async fn sigterm_mid_burst_hands_the_lease_over_at_once_and_loses_nothing() {
             .unwrap()
             .success()
     );
+    // At once it reports not ready, so the Service stops routing to it, and its listener
+    // goes on answering while the endpoints catch up: no webhook is refused meanwhile.
+    let url = pair.replicas[leader].url();
+    let http = reqwest::Client::new();
+    let readyz = || async {
+        let answer = http.get(format!("{url}/readyz")).send().await;
+        answer.map(|r| r.status().as_u16()).unwrap_or(0)
+    };
+    wait_for(
+        "not ready after SIGTERM",
+        Duration::from_secs(1),
+        || async { readyz().await == 503 },
+    )
+    .await;
+    for _ in 0..10 {
+        let health = http.get(format!("{url}/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200, "the listener stopped while draining");
+        assert_eq!(readyz().await, 503);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     // It finishes its in-flight launches, releases the Lease and exits, well within a pod's
     // default 30 s grace period.
     let exited = wait_for("the leader exits", Duration::from_secs(30), || {
