@@ -1344,3 +1344,59 @@ async fn a_job_waiting_for_room_costs_no_write_per_pass() {
         "a waiting pass wrote"
     );
 }
+
+#[tokio::test]
+async fn demand_taken_elsewhere_while_waiting_for_room_is_never_launched() {
+    let w = World::new("demand").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let settings = Settings {
+        backoff_unit: Duration::from_millis(200),
+        instance_refresh: Duration::from_millis(500),
+        ..Settings::new(&w.controller_id, "https://pacer.example.test")
+    };
+    let mut settings = settings;
+    settings.job_limits.queue_recheck = Duration::from_secs(1);
+    let ctx = Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
+        .with_github(Arc::new(fake.client()));
+    let _controllers = w.start(Arc::new(ctx));
+    w.ready_pool(|p| p["spec"]["maxRunners"] = json!(1)).await;
+    fake.set_job("example-org/api", 31, "queued", None);
+    fake.set_job("example-org/api", 32, "queued", None);
+    w.create_queued_job("first", 31).await;
+    w.wait_phase("first", JobPhase::Booting).await;
+    let second = w
+        .create_queued_job("second", 32)
+        .await
+        .metadata
+        .uid
+        .unwrap();
+    w.wait(|| async {
+        let job = w.jobs.get("second").await.unwrap();
+        job.status
+            .is_some_and(|s| s.last_error.is_some_and(|e| e.reason == "PoolAtCapacity"))
+    })
+    .await;
+    // While it waits for room, a runner that is not ours takes its job.
+    fake.set_job(
+        "example-org/api",
+        32,
+        "in_progress",
+        Some((999_999, "someone-else")),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.report("first", "success").await;
+    let ended = w
+        .wait_phase("second", JobPhase::Failed)
+        .await
+        .status
+        .unwrap();
+    let error = ended.last_error.unwrap();
+    assert_eq!(error.reason, "NotQueued", "{error:?}");
+    assert!(error.message.contains("someone-else"), "{error:?}");
+    assert!(ended.launch.is_none());
+    assert!(
+        w.instances_of(&second).await.is_empty(),
+        "nothing was launched for it"
+    );
+}

@@ -817,8 +817,13 @@ async fn consult(
     status: &RunnerJobStatus,
 ) -> Witness {
     let Some(github) = &ctx.github else {
+        // A job waiting to launch launches; an ended instance or an idle runner is let go.
+        let job = match status.phase {
+            JobPhase::Pending => GitHubJob::Unknown,
+            _ => GitHubJob::Elsewhere("no GitHub App is configured to ask".into()),
+        };
         return Witness {
-            job: GitHubJob::Elsewhere("no GitHub App is configured to ask".into()),
+            job,
             runner_busy: Some(false),
         };
     };

@@ -201,6 +201,10 @@ pub struct Limits {
     pub max_attempts: u32,
     /// How long a job waits for a pool that does not exist or is being deleted.
     pub pool_gone_deadline: Duration,
+    /// A job that waited this long before its launch asks GitHub first whether it is still
+    /// queued: while it waited (for room, capacity, a Ready pool) another runner may have
+    /// taken it, or it was cancelled. A job launched at once rests on its fresh webhook.
+    pub queue_recheck: Duration,
     /// Rounds without capacity before a job fails with `InsufficientCapacity`.
     pub max_launch_rounds: i32,
     /// The unit of retry backoff: 5 s in production, shorter in tests.
@@ -218,6 +222,7 @@ impl Default for Limits {
             capacity_recheck: POLL,
             max_attempts: 3,
             pool_gone_deadline: Duration::from_secs(15 * 60),
+            queue_recheck: Duration::from_secs(60),
             max_launch_rounds: super::launch::MAX_ATTEMPTS,
             backoff_unit: Duration::from_secs(5),
         }
@@ -418,7 +423,20 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
                 why.clone(),
             ),
             _ if !f.backoff_left.is_zero() => go(Pending, Step::Wait(f.backoff_left)),
-            (_, PoolAdmission::Admitted) => go(Launching, Step::Launch),
+            (_, PoolAdmission::Admitted) => match &f.witness {
+                None if f.in_phase >= limits.queue_recheck => go(Pending, Step::Consult),
+                Some(Witness {
+                    job: GitHubJob::Elsewhere(what),
+                    ..
+                }) => because(
+                    Failed,
+                    Step::Wait(POLL),
+                    "NotQueued",
+                    format!("the job is no longer queued: {what}; nothing was launched"),
+                ),
+                // Still queued, or GitHub cannot say: an outage must not hold launches.
+                _ => go(Launching, Step::Launch),
+            },
         },
         Launching => match (&f.instance, &f.launch) {
             (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
@@ -1257,6 +1275,47 @@ mod tests {
                 Launching,
                 Step::Launch,
                 None,
+            ),
+            (
+                "pending that waited asks GitHub before it launches",
+                Pending,
+                |f| f.in_phase = mins(2),
+                Pending,
+                Step::Consult,
+                None,
+            ),
+            (
+                "pending launches while GitHub says queued",
+                Pending,
+                |f| {
+                    f.in_phase = mins(2);
+                    f.witness = witness(GitHubJob::Queued, Some(false));
+                },
+                Launching,
+                Step::Launch,
+                None,
+            ),
+            (
+                "pending launches when GitHub cannot say",
+                Pending,
+                |f| {
+                    f.in_phase = mins(2);
+                    f.witness = witness(GitHubJob::Unknown, None);
+                },
+                Launching,
+                Step::Launch,
+                None,
+            ),
+            (
+                "pending whose job was taken elsewhere ends without a launch",
+                Pending,
+                |f| {
+                    f.in_phase = mins(2);
+                    f.witness = witness(GitHubJob::Elsewhere("taken by x".into()), None);
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("NotQueued"),
             ),
             (
                 "pending waits for room",
