@@ -14,35 +14,6 @@ use crate::config::Config;
 use crate::controller;
 use crate::{Error, Result};
 
-/// The mimalloc option `pacer run` needs, and its value.
-pub const ALLOCATOR_OPTION: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
-
-/// Executes this program again, once, with [`ALLOCATOR_OPTION`] in its environment, unless it
-/// is set already (to any value: an operator's choice wins). Returns only when that is so or
-/// the exec failed.
-///
-/// By default mimalloc commits its arenas eagerly on Linux, and the pages it frees stay in
-/// the resident set; with eager commit off it gives them back. It reads its options before
-/// `main` runs, so the environment is the only way in. Measured with `make bench`: 10,000
-/// RunnerJobs stored, 99 MiB resident with the default, about 80 MiB without eager commit.
-pub fn reexec_with_allocator_option() {
-    use std::os::unix::process::CommandExt;
-    let (name, value) = ALLOCATOR_OPTION;
-    if std::env::var_os(name).is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let mut command = std::process::Command::new(exe);
-    if let Some(arg0) = args.next() {
-        command.arg0(arg0);
-    }
-    let err = command.args(args).env(name, value).exec();
-    eprintln!("warning: could not execute pacer again with {name}={value}: {err}");
-}
-
 /// Logs to stderr: JSON lines when stderr is not a terminal (a pod's log), readable lines on
 /// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, else the
 /// config's `log_level` filters (default `info`).
