@@ -273,8 +273,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// This machine's name, for the lease holder's identity outside a pod.
-/// The runner endpoints' trust roots and callback key, from the files the config names.
+/// The runner endpoints' trust roots (the configured certificates, else AWS's bundled one for
+/// the region) and callback key.
 fn runner_side(
     config: &Config,
     secrets: &crate::config::Secrets,
@@ -286,13 +286,7 @@ fn runner_side(
             message,
         })
     };
-    let path = &config.runners.identity_certificates_file;
-    let pem = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let trust = crate::runner::identity::TrustRoots::from_pem(&pem)
-        .map_err(|m| invalid(path, "runners.identity_certificates_file", m))?;
+    let trust = config.identity_trust_roots()?;
     let tokens = crate::runner::token::Tokens::new(secrets.callback_key.clone()).map_err(|m| {
         invalid(
             &config.runners.callback_key_file,
@@ -300,7 +294,18 @@ fn runner_side(
             m,
         )
     })?;
-    info!(certificates = trust.len(), file = %path.display(), "instance identity trust roots loaded");
+    match &config.runners.identity_certificates_file {
+        Some(path) => info!(
+            certificates = trust.len(),
+            file = %path.display(),
+            aws_regions = ?trust.aws_regions(),
+            "instance identity trust roots loaded"
+        ),
+        None => info!(
+            region = %config.aws.region,
+            "instance identity trust root: AWS's certificate for the region, bundled"
+        ),
+    }
     Ok(crate::http::runner::RunnerSide {
         trust,
         tokens,
@@ -308,6 +313,7 @@ fn runner_side(
     })
 }
 
+/// This machine's name, for the lease holder's identity outside a pod.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
