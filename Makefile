@@ -11,6 +11,8 @@ export CARGO_TERM_COLOR ?= never
 endif
 CARGO_TARGET_DIR ?= target
 PACER := $(CARGO_TARGET_DIR)/debug/pacer
+# The image the chart runs by default: its image.repository, tagged with its appVersion.
+IMAGE ?= $(shell sed -n 's/^  repository: //p' charts/pacer/values.yaml):$(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/pacer/Chart.yaml)
 
 .PHONY: help
 help: ## List the targets
@@ -47,20 +49,33 @@ clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
 .PHONY: tools
-tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, shellcheck, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE), and the npm test tools
+tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, crane, shellcheck, hadolint, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE), and the npm test tools
 	hack/build-kube.sh >/dev/null
 	hack/moto-venv.sh >/dev/null
 	hack/npm-tools.sh >/dev/null
 	hack/parliament-venv.sh >/dev/null
 	hack/shellcheck.sh --version >/dev/null
+	hack/hadolint.sh --version >/dev/null
 	hack/build-pebble.sh >/dev/null
 	hack/build-helm.sh >/dev/null
+	hack/build-crane.sh >/dev/null
 	hack/cargo-tools.sh >/dev/null
 	hack/chromium.sh >/dev/null
 
 .PHONY: shellcheck
 shellcheck: ## shellcheck the runner boot script and the project's scripts
 	hack/shellcheck.sh src/domain/boot.sh hack/*.sh
+
+.PHONY: image
+image: ## Build the release binary, pack the image daemonless as an OCI layout in $(CARGO_TARGET_DIR)/image/oci (IMAGE=repository:tag) and run it once; push with `crane push`
+	cargo build --release --locked --bin pacer
+	hack/image.sh --smoke $(CARGO_TARGET_DIR)/release/pacer $(CARGO_TARGET_DIR)/image $(IMAGE)
+	@echo "push: $$(hack/build-crane.sh) push $(CARGO_TARGET_DIR)/image/oci $(IMAGE)"
+
+.PHONY: image-check
+image-check: build ## Lint the Dockerfile; pack the debug binary as `make image` packs the release one and run it in the image as its user
+	hack/hadolint.sh Dockerfile
+	hack/image.sh --smoke $(PACER) $(CARGO_TARGET_DIR)/image-check $(IMAGE)
 
 .PHONY: supply-chain
 supply-chain: ## cargo deny (licences, bans, sources) and cargo audit (RustSec, offline)
@@ -73,7 +88,7 @@ test-unit: ## Unit tests only (no servers): the inner loop
 .PHONY: test
 AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 
-test: fmt-check clippy shellcheck check-generated tools supply-chain ## Every check: format, clippy, shellcheck, generated files, supply chain, unit and integration tests, the IAM policy proven
+test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven
 	rm -rf $(AWS_CALL_LOG)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet

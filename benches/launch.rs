@@ -261,8 +261,6 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    // Tuned as `pacer run` tunes it.
-    pacer::app::reexec_with_allocator_option();
     let count = env("BENCH_JOBS", 500) as usize;
     let stored = env("BENCH_STORED", 10_000) as usize;
     let latency = Duration::from_millis(env("BENCH_LATENCY_MS", 200));

@@ -14,35 +14,6 @@ use crate::config::Config;
 use crate::controller;
 use crate::{Error, Result};
 
-/// The mimalloc option `pacer run` needs, and its value.
-pub const ALLOCATOR_OPTION: (&str, &str) = ("MIMALLOC_ARENA_EAGER_COMMIT", "0");
-
-/// Executes this program again, once, with [`ALLOCATOR_OPTION`] in its environment, unless it
-/// is set already (to any value: an operator's choice wins). Returns only when that is so or
-/// the exec failed.
-///
-/// By default mimalloc commits its arenas eagerly on Linux, and the pages it frees stay in
-/// the resident set; with eager commit off it gives them back. It reads its options before
-/// `main` runs, so the environment is the only way in. Measured with `make bench`: 10,000
-/// RunnerJobs stored, 99 MiB resident with the default, about 80 MiB without eager commit.
-pub fn reexec_with_allocator_option() {
-    use std::os::unix::process::CommandExt;
-    let (name, value) = ALLOCATOR_OPTION;
-    if std::env::var_os(name).is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let mut command = std::process::Command::new(exe);
-    if let Some(arg0) = args.next() {
-        command.arg0(arg0);
-    }
-    let err = command.args(args).env(name, value).exec();
-    eprintln!("warning: could not execute pacer again with {name}={value}: {err}");
-}
-
 /// Logs to stderr: JSON lines when stderr is not a terminal (a pod's log), readable lines on
 /// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, else the
 /// config's `log_level` filters (default `info`).
@@ -309,8 +280,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// This machine's name, for the lease holder's identity outside a pod.
-/// The runner endpoints' trust roots and callback key, from the files the config names.
+/// The runner endpoints' trust roots (the configured certificates, else AWS's bundled one for
+/// the region) and callback key.
 fn runner_side(
     config: &Config,
     secrets: &crate::config::Secrets,
@@ -322,13 +293,7 @@ fn runner_side(
             message,
         })
     };
-    let path = &config.runners.identity_certificates_file;
-    let pem = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let trust = crate::runner::identity::TrustRoots::from_pem(&pem)
-        .map_err(|m| invalid(path, "runners.identity_certificates_file", m))?;
+    let trust = config.identity_trust_roots()?;
     let tokens = crate::runner::token::Tokens::new(secrets.callback_key.clone()).map_err(|m| {
         invalid(
             &config.runners.callback_key_file,
@@ -336,7 +301,18 @@ fn runner_side(
             m,
         )
     })?;
-    info!(certificates = trust.len(), file = %path.display(), "instance identity trust roots loaded");
+    match &config.runners.identity_certificates_file {
+        Some(path) => info!(
+            certificates = trust.len(),
+            file = %path.display(),
+            aws_regions = ?trust.aws_regions(),
+            "instance identity trust roots loaded"
+        ),
+        None => info!(
+            region = %config.aws.region,
+            "instance identity trust root: AWS's certificate for the region, bundled"
+        ),
+    }
     Ok(crate::http::runner::RunnerSide {
         trust,
         tokens,
@@ -344,6 +320,7 @@ fn runner_side(
     })
 }
 
+/// This machine's name, for the lease holder's identity outside a pod.
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::runner::identity::TrustRoots;
+
 /// Why a configuration could not be used. Every message names the key and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -25,6 +27,9 @@ pub enum ConfigError {
     },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    /// The instances' trust roots cannot be had: the file's message names the file.
+    #[error("runners.identity_certificates_file: {0}")]
+    IdentityCertificates(String),
     #[error("cannot read {key} from {path}: {source}")]
     Secret {
         key: &'static str,
@@ -57,10 +62,11 @@ pub struct RunnersConfig {
     /// The key callback tokens are signed with (at least 32 bytes, such as `openssl rand -hex
     /// 32`), mounted from a Secret.
     pub callback_key_file: PathBuf,
-    /// PEM certificates trusted to sign instance identity documents: AWS's RSA-2048
-    /// certificate for `aws.region`, from "AWS public certificates for instance identity
-    /// document signatures".
-    pub identity_certificates_file: PathBuf,
+    /// PEM certificates trusted to sign instance identity documents. Empty: AWS's RSA-2048
+    /// certificate for `aws.region`, bundled for every commercial region (see
+    /// docs/instances.md); set it for other partitions, newer regions, or a signer of your own.
+    #[serde(default)]
+    pub identity_certificates_file: Option<PathBuf>,
     /// PEM CA certificate(s) the instances trust for `server.public_url`, when its certificate
     /// is not from a public CA (a private CA with `tls.mode: manual`). Public data: it is put
     /// in the user-data. Empty: the AMI's trust store.
@@ -349,7 +355,10 @@ const OVERRIDES: &[Override] = &[
     },
     Override {
         key: "runners.identity_certificates_file",
-        set: |c, v| set_parsed(&mut c.runners.identity_certificates_file, v),
+        set: |c, v| {
+            c.runners.identity_certificates_file = (!v.is_empty()).then(|| v.into());
+            Ok(())
+        },
     },
     Override {
         key: "controller.id",
@@ -466,6 +475,18 @@ impl Config {
                 format!("expected an http(s) URL, got {endpoint:?}"),
             ));
         }
+        if self.runners.identity_certificates_file.is_none()
+            && crate::runner::aws_certificates::for_region(&self.aws.region).is_none()
+        {
+            return Err((
+                "runners.identity_certificates_file",
+                format!(
+                    "required: no certificate is bundled for aws.region {:?} (AWS's commercial \
+                     regions are); set it to AWS's RSA-2048 certificate for that region",
+                    self.aws.region
+                ),
+            ));
+        }
         if !(self.github.api_url.starts_with("https://")
             || self.github.api_url.starts_with("http://"))
         {
@@ -536,6 +557,20 @@ impl Config {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The certificates instance identity documents must verify against: every one in
+    /// `runners.identity_certificates_file`, else AWS's bundled certificate for `aws.region`.
+    pub fn identity_trust_roots(&self) -> Result<TrustRoots, ConfigError> {
+        let failed = ConfigError::IdentityCertificates;
+        match &self.runners.identity_certificates_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| failed(format!("cannot read {}: {e}", path.display())))?;
+                TrustRoots::from_pem(&pem).map_err(|e| failed(format!("{}: {e}", path.display())))
+            }
+            None => TrustRoots::aws(&self.aws.region).map_err(failed),
+        }
     }
 
     /// Reads the secret files the configuration points at.
@@ -676,6 +711,30 @@ runners:
             .unwrap_err()
             .to_string();
         assert!(err.contains("PACER_GITHUB_APP_ID"), "{err}");
+    }
+
+    #[test]
+    fn identity_certificates_default_to_the_bundled_one_of_the_region() {
+        let unset = ("PACER_RUNNERS_IDENTITY_CERTIFICATES_FILE", "");
+        let config = load(MINIMAL, &[unset]).unwrap();
+        assert_eq!(config.runners.identity_certificates_file, None);
+        let roots = config.identity_trust_roots().unwrap();
+        assert_eq!((roots.len(), roots.aws_regions()), (1, vec!["eu-west-1"]));
+        // Another partition's region has none bundled: the key is then required.
+        let err = load(MINIMAL, &[unset, ("PACER_AWS_REGION", "us-gov-west-1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("runners.identity_certificates_file") && err.contains("us-gov-west-1"),
+            "{err}"
+        );
+        // Set, the file is read, and what fails names it.
+        let err = load(MINIMAL, &[])
+            .unwrap()
+            .identity_trust_roots()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/pacer/aws-identity-rsa2048.pem"), "{err}");
     }
 
     #[test]

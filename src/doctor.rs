@@ -39,6 +39,34 @@ fn check(what: impl Into<String>, outcome: Result<String, String>) -> Check {
     }
 }
 
+/// Which certificates instances' identity documents must verify against, and whose they are.
+fn identity_certificates(config: &Config) -> Result<String, String> {
+    let region = &config.aws.region;
+    let roots = config.identity_trust_roots().map_err(|e| match &config.runners.identity_certificates_file {
+        Some(_) => format!("{e}; put AWS's RSA-2048 certificate for {region} there, or unset it to use the bundled one"),
+        None => e.to_string(),
+    })?;
+    let Some(path) = &config.runners.identity_certificates_file else {
+        return Ok(format!(
+            "AWS's certificate for {region}, bundled (runners.identity_certificates_file not set)"
+        ));
+    };
+    let aws = roots.aws_regions();
+    let file = format!("{}: {} certificate(s)", path.display(), roots.len());
+    if aws.is_empty() {
+        Ok(format!(
+            "{file}, none of them AWS's: instances on EC2 verify only if their documents are signed by one of them"
+        ))
+    } else if aws.iter().any(|r| r == region) {
+        Ok(format!("{file}, AWS's for {}", aws.join(", ")))
+    } else {
+        Err(format!(
+            "{file}, AWS's for {}, not for aws.region {region}: instances there will be refused; add {region}'s, or unset the key to use the bundled one",
+            aws.join(", ")
+        ))
+    }
+}
+
 /// Every check, in order; a check that others need stops the run when it fails. `lease_ns` is
 /// where the replicas' Lease lives (`$POD_NAMESPACE` of the pods).
 pub async fn run(config_path: &Path, lease_ns: Option<&str>) -> Vec<Check> {
@@ -68,22 +96,7 @@ pub async fn run(config_path: &Path, lease_ns: Option<&str>) -> Vec<Check> {
     ));
     checks.push(check(
         "identity certificates",
-        std::fs::read(&config.runners.identity_certificates_file)
-            .map_err(|e| e.to_string())
-            .and_then(|pem| crate::runner::identity::TrustRoots::from_pem(&pem))
-            .map(|roots| {
-                format!(
-                    "{} certificate(s) trusted to sign identity documents",
-                    roots.len()
-                )
-            })
-            .map_err(|e| {
-                format!(
-                    "{}: {e}; put AWS's RSA-2048 certificate for {} there",
-                    config.runners.identity_certificates_file.display(),
-                    config.aws.region
-                )
-            }),
+        identity_certificates(&config),
     ));
 
     // AWS: the credentials work in the region, on Pacer's own tag-scoped listing.
@@ -329,4 +342,65 @@ pub async fn run(config_path: &Path, lease_ns: Option<&str>) -> Vec<Check> {
         }),
     ));
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::aws_certificates;
+
+    fn config(region: &str, file: Option<&Path>) -> Config {
+        let file = file.map_or(String::new(), |f| {
+            format!("  identity_certificates_file: {}\n", f.display())
+        });
+        serde_saphyr::from_str(&format!(
+            "aws:\n  region: {region}\nserver:\n  public_url: https://pacer.example.com\n\
+             github:\n  app_id: 1\n  private_key_file: /k\n  webhook_secret_file: /w\n\
+             runners:\n  callback_key_file: /c\n{file}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn identity_certificates_name_the_aws_region_they_belong_to() {
+        let dir = std::env::temp_dir().join(format!("pacer-doctor-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let us_east_1 = dir.join("us-east-1.pem");
+        let pem = aws_certificates::for_region("us-east-1").unwrap().pem;
+        std::fs::write(&us_east_1, pem).unwrap();
+        let own = dir.join("own.pem");
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=test signer", "-keyout"])
+            .arg(dir.join("own-key.pem"))
+            .arg("-out")
+            .arg(&own)
+            .output()
+            .unwrap();
+        assert!(made.status.success());
+
+        let bundled = identity_certificates(&config("eu-west-1", None)).unwrap();
+        assert!(
+            bundled.contains("AWS's certificate for eu-west-1, bundled"),
+            "{bundled}"
+        );
+        let aws = identity_certificates(&config("us-east-1", Some(&us_east_1))).unwrap();
+        assert!(
+            aws.ends_with("1 certificate(s), AWS's for us-east-1"),
+            "{aws}"
+        );
+        let wrong = identity_certificates(&config("eu-west-1", Some(&us_east_1))).unwrap_err();
+        assert!(wrong.contains("not for aws.region eu-west-1"), "{wrong}");
+        let signer = identity_certificates(&config("eu-west-1", Some(&own))).unwrap();
+        assert!(signer.contains("none of them AWS's"), "{signer}");
+        let missing = identity_certificates(&config("eu-west-1", Some(&dir.join("no.pem"))));
+        let missing = missing.unwrap_err();
+        assert!(
+            missing.contains("no.pem") && missing.contains("unset it"),
+            "{missing}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

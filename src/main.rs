@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // A controller caching thousands of objects and churning through small allocations keeps a
-// smaller resident set on mimalloc than on the system allocator (see docs/testing.md);
-// `pacer run` tunes it through its environment (`app::reexec_with_allocator_option`).
+// smaller resident set on mimalloc than on the system allocator (see docs/testing.md), the
+// more so with arena eager commit off, which .cargo/config.toml compiles in.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -99,7 +99,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, .. } => {
-            pacer::app::reexec_with_allocator_option();
             // The config's log level, when it loads; `run` reports a config that does not.
             let level = pacer::config::Config::load(&config, std::env::vars())
                 .ok()
@@ -182,5 +181,38 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::{c_int, c_long};
+
+    unsafe extern "C" {
+        fn mi_version() -> c_int;
+        fn mi_option_get(option: c_int) -> c_long;
+    }
+
+    /// `mi_option_arena_eager_commit` in mimalloc 3's `mi_option_e` (include/mimalloc.h).
+    const ARENA_EAGER_COMMIT: c_int = 4;
+
+    #[test]
+    fn the_allocator_is_built_to_commit_arenas_lazily() {
+        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_some() {
+            eprintln!("MIMALLOC_ARENA_EAGER_COMMIT is set: the compiled-in default is not visible");
+            return;
+        }
+        // The static is what links mimalloc into this test binary.
+        let _ = &super::ALLOCATOR;
+        let (version, eager) = unsafe { (mi_version(), mi_option_get(ARENA_EAGER_COMMIT)) };
+        assert!(
+            (30_000..40_000).contains(&version),
+            "mimalloc {version}: check the option's number in its mimalloc.h"
+        );
+        assert_eq!(
+            eager, 0,
+            "arena eager commit is {eager}: .cargo/config.toml's CFLAGS for this target did not \
+             reach mimalloc's build"
+        );
     }
 }

@@ -168,6 +168,22 @@ async fn doctor_says_ok_then_names_each_broken_part() {
         );
     }
 
+    // Without a certificate file, AWS's bundled certificate for the region is the one trusted.
+    let report = doctor(
+        &config,
+        &ns,
+        &[("PACER_RUNNERS_IDENTITY_CERTIFICATES_FILE", "")],
+    );
+    let identity = report
+        .lines
+        .iter()
+        .find(|l| l[6..].starts_with("identity certificates:"))
+        .unwrap();
+    assert!(
+        identity.starts_with("OK") && identity.contains("AWS's certificate for us-east-1, bundled"),
+        "{identity}"
+    );
+
     // EC2 refuses the pool's launch (as a missing IAM statement would).
     ground
         .proxy()

@@ -361,38 +361,3 @@ fn pacer_validate_passes_the_examples_and_names_each_bad_field() {
         assert!(text.contains(field), "{field} not named in:\n{text}");
     }
 }
-
-#[test]
-fn pacer_run_executes_itself_again_with_the_allocator_option() {
-    let (name, value) = pacer::app::ALLOCATOR_OPTION;
-    // A FIFO nobody writes to: `pacer run` blocks opening its configuration, after the exec.
-    let fifo = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("config-fifo");
-    let _ = std::fs::remove_file(&fifo);
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
-        .args(["run", "--config"])
-        .arg(&fifo)
-        .env_remove(name)
-        .spawn()
-        .unwrap();
-    let wanted = format!("{name}={value}");
-    let environ = format!("/proc/{}/environ", child.id());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let found = loop {
-        let env = std::fs::read(&environ).unwrap_or_default();
-        if env.split(|b| *b == 0).any(|v| v == wanted.as_bytes()) {
-            break true;
-        }
-        if std::time::Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(found, "{wanted} never showed in the process's environment");
-}

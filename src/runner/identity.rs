@@ -3,8 +3,9 @@
 //!
 //! IMDS serves the document at `/latest/dynamic/instance-identity/document` and a PKCS#7
 //! `SignedData` over it at `/latest/dynamic/instance-identity/rsa2048` (base64, BER-encoded,
-//! SHA-256 with RSA). AWS signs with one key per region and publishes the certificate; the
-//! operator configures the certificates to trust, so tests can sign with their own.
+//! SHA-256 with RSA). AWS signs with one key per region and publishes the certificate: Pacer
+//! bundles them ([`super::aws_certificates`]) and trusts `aws.region`'s unless the operator
+//! names the certificates to trust, as tests do to sign with their own.
 
 use aws_lc_rs::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
 use base64::Engine as _;
@@ -84,6 +85,24 @@ impl TrustRoots {
             return Err("no certificate in the bundle".into());
         }
         Ok(Self { keys })
+    }
+
+    /// AWS's bundled certificate for `region`, alone.
+    pub fn aws(region: &str) -> Result<Self, String> {
+        let bundled = super::aws_certificates::for_region(region).ok_or_else(|| {
+            format!(
+                "no certificate is bundled for {region}: name AWS's RSA-2048 certificate for it"
+            )
+        })?;
+        Self::from_pem(bundled.pem.as_bytes())
+    }
+
+    /// The AWS regions whose bundled certificate is among these roots.
+    pub fn aws_regions(&self) -> Vec<&'static str> {
+        self.keys
+            .iter()
+            .flat_map(|key| super::aws_certificates::regions_of_key(key))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
