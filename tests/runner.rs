@@ -499,6 +499,35 @@ async fn a_boot_that_cannot_get_its_runner_fails_with_the_log_tail() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_github_slower_than_the_request_timeout_makes_no_instance_shut_itself_down() {
+    let w = World::new("runner-slow-github", Some(Behaviour::default())).await;
+    // Minting a runner config takes longer than the listener gives a request (10 s): the
+    // instance is told to ask again, and collects the answer the bootstrap kept for it.
+    w.github.slow("generate_jitconfig", Duration::from_secs(12));
+    w.queue(5101, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(5101);
+    let job = w
+        .wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 120)
+        .await;
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    assert!(status.previous_attempts.is_empty(), "{status:?}");
+    assert_eq!(
+        w.github.calls_of("generate_jitconfig"),
+        1,
+        "one runner minted"
+    );
+    let instance = status.instance.unwrap().id;
+    let booted = w
+        .sim
+        .as_ref()
+        .unwrap()
+        .finished(&instance, Duration::from_secs(10))
+        .await;
+    assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn impostors_get_no_runner_config_and_no_callback() {
     let w = World::new("runner-security", None).await;
     w.queue(8001, &["self-hosted", "linux", "alpha"]).await;

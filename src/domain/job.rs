@@ -810,9 +810,18 @@ pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
     })
 }
 
-/// Whether a RunnerJob may take an instance's bootstrap: it waits for one to boot and none
-/// has bootstrapped yet. Why not, for a 409, otherwise.
-pub fn may_bootstrap(status: &RunnerJobStatus, instance: &str) -> Result<(), Refusal> {
+/// How long a bootstrap's answer is held for the instance to collect, on the replica that
+/// made it; meanwhile other replicas tell the instance to ask again.
+pub const BOOT_ANSWER_HOLD: Duration = Duration::from_secs(120);
+
+/// Whether a RunnerJob may take an instance's bootstrap at `now`: it waits for one to boot and
+/// none has bootstrapped yet. Why not, for a 409 (or a 503 while this very instance's
+/// bootstrap is still being answered), otherwise.
+pub fn may_bootstrap(
+    status: &RunnerJobStatus,
+    instance: &str,
+    now: Timestamp,
+) -> Result<(), Refusal> {
     if status
         .previous_attempts
         .iter()
@@ -822,7 +831,18 @@ pub fn may_bootstrap(status: &RunnerJobStatus, instance: &str) -> Result<(), Ref
             "replaced instance {instance} by a newer attempt"
         )));
     }
-    if status.boot.is_some() {
+    if let Some(boot) = &status.boot {
+        // Claimed by this instance a moment ago, its runner not started: the replica that
+        // claimed it holds the answer until the instance collects it.
+        let claimed = now.duration_since(boot.bootstrapped_at.0);
+        if boot.instance_id == instance
+            && status.runner.is_none()
+            && claimed.unsigned_abs() < BOOT_ANSWER_HOLD
+        {
+            return Err(Refusal::NotYet(
+                "is bootstrapping this instance; ask again shortly".into(),
+            ));
+        }
         return Err(Refusal::Never(
             "has already bootstrapped an instance".into(),
         ));
@@ -1862,17 +1882,17 @@ mod tests {
             phase: JobPhase::Booting,
             ..Default::default()
         };
-        assert_eq!(may_bootstrap(&status, "i-2"), Ok(()));
+        assert_eq!(may_bootstrap(&status, "i-2", Timestamp::now()), Ok(()));
         status.phase = JobPhase::Launching;
-        assert_eq!(may_bootstrap(&status, "i-2"), Ok(()));
+        assert_eq!(may_bootstrap(&status, "i-2", Timestamp::now()), Ok(()));
         status.phase = JobPhase::Pending;
         assert!(matches!(
-            may_bootstrap(&status, "i-2"),
+            may_bootstrap(&status, "i-2", Timestamp::now()),
             Err(Refusal::NotYet(_))
         ));
         status.phase = JobPhase::Running;
         assert!(
-            matches!(may_bootstrap(&status, "i-2"), Err(Refusal::Never(w)) if w.contains("Running"))
+            matches!(may_bootstrap(&status, "i-2", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("Running"))
         );
         status.phase = JobPhase::Booting;
         status.previous_attempts.push(crate::api::PreviousAttempt {
@@ -1882,7 +1902,7 @@ mod tests {
             time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         });
         assert!(
-            matches!(may_bootstrap(&status, "i-1"), Err(Refusal::Never(w)) if w.contains("replaced"))
+            matches!(may_bootstrap(&status, "i-1", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("replaced"))
         );
         status.boot = Some(crate::api::BootStatus {
             instance_id: "i-2".into(),
@@ -1892,8 +1912,17 @@ mod tests {
             runner_version: None,
             log_tail: None,
         });
+        // The same instance asking again at once is told to ask again; another, or later, never.
+        assert!(matches!(
+            may_bootstrap(&status, "i-2", Timestamp::now()),
+            Err(Refusal::NotYet(_))
+        ));
         assert!(
-            matches!(may_bootstrap(&status, "i-2"), Err(Refusal::Never(w)) if w.contains("already"))
+            matches!(may_bootstrap(&status, "i-3", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("already"))
+        );
+        let later = Timestamp::now() + BOOT_ANSWER_HOLD;
+        assert!(
+            matches!(may_bootstrap(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
         );
     }
 }

@@ -50,6 +50,8 @@ pub struct Web {
     /// Deliveries handled recently: a fast path for GitHub's redeliveries; correctness
     /// never depends on it (RunnerJob names do that).
     deliveries: Mutex<Recent>,
+    /// Bootstraps running or answered here, until their instances collect the answer.
+    boots: runner::Boots,
 }
 
 impl Web {
@@ -68,6 +70,7 @@ impl Web {
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             deliveries: Mutex::new(Recent::with_capacity(4096)),
+            boots: Default::default(),
         }
     }
 }
@@ -176,7 +179,7 @@ async fn readyz(State(web): State<Arc<Web>>) -> Response {
 
 /// Why a request failed, as the client is told: a status and a reason, never internals
 /// (those are logged where they happen).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum ApiError {
     Unauthorized(&'static str),
     /// 401 with a reason that names what did not match.

@@ -2,7 +2,10 @@
 //! document in, once, the JIT runner config and a callback token out), then `register`,
 //! `complete` and `error`, each with that token.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -17,12 +20,13 @@ use kube::runtime::events::EventType;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{ApiError, Web, patch_job_status as patch_status};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
-use crate::domain::job::Refusal;
+use crate::domain::job::{BOOT_ANSWER_HOLD, Refusal};
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
@@ -101,6 +105,10 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
             "the instance started at {}, outside the boot timeout any pool may set (2 h)",
             doc.pending_time,
         )));
+    }
+    // This instance asked before and its bootstrap started here: that answer, once.
+    if let Some(answer) = web.boots.collect(instance_id).await {
+        return answer;
     }
     let controller_id = &web.ctx.settings.controller_id;
     let Some((instance, account)) = web
@@ -193,17 +201,56 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
         runner_version: Some(release.version.clone()),
         log_tail: None,
     };
-    claim(&web, &job, &boot).await?;
+    let sequence = hand_out(
+        web.clone(),
+        Handout {
+            job,
+            boot,
+            labels: pool.spec.labels.clone(),
+            target,
+            github,
+            release,
+            callback,
+        },
+    );
+    web.boots.start(instance_id, sequence);
+    (web.boots.collect(instance_id).await).unwrap_or_else(|| {
+        Err(ApiError::Unavailable(
+            "the bootstrap's answer was collected already",
+        ))
+    })
+}
+
+/// What a bootstrap hands out, once its claim holds.
+struct Handout {
+    job: RunnerJob,
+    boot: BootStatus,
+    labels: Vec<String>,
+    target: crate::github::RunnerTarget,
+    github: Arc<dyn crate::github::GitHub>,
+    release: crate::github::RunnerRelease,
+    callback: crate::config::Secret,
+}
+
+/// Claims the job for the instance, mints its runner's JIT config and records the runner:
+/// run apart from the request that started it, so a client that gives up (a timeout, a
+/// dropped connection) cannot cut it in half; its answer waits for the instance's next try.
+async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
+    let Handout { job, boot, .. } = &h;
+    let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
+    claim(&web, job, boot).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
     let attempt = job.status.as_ref().map_or(1, |s| s.attempt());
+    let controller_id = &web.ctx.settings.controller_id;
     let runner_name = crate::github::runner_name(controller_id, job.spec.job_id, attempt);
-    let jit = match github
-        .jit_config(&target, &runner_name, &pool.spec.labels)
+    let jit = match h
+        .github
+        .jit_config(&h.target, &runner_name, &h.labels)
         .await
     {
         Ok(jit) => jit,
         Err(e) => {
-            if let Err(e) = patch_status(&web, &job, None, json!({ "boot": null })).await {
+            if let Err(e) = patch_status(&web, job, None, json!({ "boot": null })).await {
                 warn!(error = %e, runner_job = %name, "could not give back a bootstrap claim");
             }
             return Err(unavailable("minting the JIT runner config", e));
@@ -213,28 +260,76 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
         id: jit.runner_id,
         name: runner_name,
     };
-    patch_status(&web, &job, None, json!({ "boot": { "runner": runner } }))
+    patch_status(&web, job, None, json!({ "boot": { "runner": runner } }))
         .await
         .map_err(|e| unavailable("recording the runner", e))?;
-    info!(runner_job = %name, namespace, instance = instance_id, runner = %runner.name,
-        runner_version = %release.version, "instance bootstrapped");
+    let version = &h.release.version;
+    info!(runner_job = %name, instance = instance_id, runner = %runner.name,
+        runner_version = %version, "instance bootstrapped");
+    let note = format!(
+        "instance {instance_id} proved its identity and received runner {} (actions/runner {version})",
+        runner.name
+    );
     web.ctx
-        .event(
-            &job,
-            EventType::Normal,
-            "Bootstrapped",
-            format!(
-                "instance {instance_id} proved its identity and received runner {} (actions/runner {})",
-                runner.name, release.version
-            ),
-        )
+        .event(job, EventType::Normal, "Bootstrapped", note)
         .await;
-    let answer = json!({
+    Ok(json!({
         "jitConfig": String::from_utf8_lossy(jit.encoded.expose()),
-        "callbackToken": String::from_utf8_lossy(callback.expose()),
-        "runner": release,
-    });
-    Ok(axum::Json(answer).into_response())
+        "callbackToken": String::from_utf8_lossy(h.callback.expose()),
+        "runner": h.release,
+    }))
+}
+
+/// A bootstrap's answer, or why there is none.
+type Outcome = Result<serde_json::Value, ApiError>;
+
+/// Longest a bootstrap request waits for its answer before it is told to ask again: well
+/// inside the listener's request timeout.
+const BOOT_WAIT: Duration = Duration::from_secs(7);
+
+/// The bootstraps started on this replica, by instance id: running, or answered and held until
+/// the instance collects the answer (once), at most [`BOOT_ANSWER_HOLD`].
+#[derive(Default)]
+pub struct Boots(Mutex<HashMap<String, (Instant, Answered)>>);
+
+/// Where a bootstrap's answer appears once it is made.
+type Answered = watch::Receiver<Option<Outcome>>;
+
+impl Boots {
+    /// Runs `sequence` for `instance` in a task of its own, unless one runs or waits already.
+    fn start(&self, instance: &str, sequence: impl Future<Output = Outcome> + Send + 'static) {
+        let mut boots = self.0.lock().unwrap();
+        boots.retain(|_, (started, _)| started.elapsed() < BOOT_ANSWER_HOLD);
+        if boots.contains_key(instance) {
+            return;
+        }
+        let (answer, answered) = watch::channel(None);
+        boots.insert(instance.into(), (Instant::now(), answered));
+        tokio::spawn(async move {
+            let _ = answer.send(Some(sequence.await));
+        });
+    }
+
+    /// The answer to the bootstrap of `instance` started here, waited for up to
+    /// [`BOOT_WAIT`] (then: ask again); `None` when none was started here, or its answer was
+    /// collected.
+    async fn collect(&self, instance: &str) -> Option<Result<Response, ApiError>> {
+        let mut answered = self.0.lock().unwrap().get(instance)?.1.clone();
+        let outcome =
+            match tokio::time::timeout(BOOT_WAIT, answered.wait_for(Option::is_some)).await {
+                Ok(Ok(answer)) => answer
+                    .clone()
+                    .unwrap_or(Err(ApiError::Unavailable("no answer"))),
+                Ok(Err(_)) => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
+                Err(_) => {
+                    let why = "the bootstrap is in progress; ask again shortly".to_string();
+                    return Some(Err(ApiError::NotYet(why, 2)));
+                }
+            };
+        // Handed out once: the request that takes the entry answers.
+        self.0.lock().unwrap().remove(instance)?;
+        Some(outcome.map(|answer| axum::Json(answer).into_response()))
+    }
 }
 
 async fn pool_of(web: &Web, job: &RunnerJob) -> Result<RunnerPool, ApiError> {
@@ -263,10 +358,13 @@ async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiE
     for _ in 0..5 {
         let status = job.status.clone().unwrap_or_default();
         let instance = boot.instance_id.as_str();
-        crate::domain::job::may_bootstrap(&status, instance).map_err(|refusal| match refusal {
-            Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
-            Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
-        })?;
+        let now = Timestamp::now();
+        crate::domain::job::may_bootstrap(&status, instance, now).map_err(
+            |refusal| match refusal {
+                Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
+                Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
+            },
+        )?;
         let version = job.resource_version();
         match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
             Ok(()) => return Ok(()),

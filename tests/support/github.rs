@@ -50,6 +50,8 @@ pub struct FakeState {
     pub runner_releases: Vec<Value>,
     /// Endpoint name -> (status to answer, times left).
     faults: HashMap<String, (u16, u32)>,
+    /// How long each call of an endpoint takes to answer.
+    delays: HashMap<String, std::time::Duration>,
     /// Workflow jobs by id, as `GET /repos/{owner}/{repo}/actions/jobs/{id}` answers them.
     pub jobs: HashMap<i64, Value>,
     /// Every call: (endpoint name, status answered).
@@ -179,6 +181,12 @@ impl FakeGitHub {
             .unwrap()
             .faults
             .insert(endpoint.into(), (status, times));
+    }
+
+    /// Makes every call of `endpoint` take `delay` to answer, as a slow GitHub does.
+    pub fn slow(&self, endpoint: &str, delay: std::time::Duration) {
+        let mut s = self.state.lock().unwrap();
+        s.delays.insert(endpoint.into(), delay);
     }
 
     pub fn calls_of(&self, endpoint: &str) -> usize {
@@ -374,6 +382,10 @@ fn installation_of(shared: &Shared, headers: &HeaderMap) -> Option<i64> {
 
 macro_rules! guard {
     ($shared:expr, $endpoint:expr) => {
+        let delay = $shared.state.lock().unwrap().delays.get($endpoint).copied();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         if let Some(fault) = enter(&$shared, $endpoint) {
             return fault;
         }
