@@ -641,7 +641,11 @@ runners:
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("pacer-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.yaml", sha_of(text, env)));
+        // A file of its own per call: tests loading the same text run at once, and one must
+        // never read another's file while it is being written.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{:x}-{n}.yaml", sha_of(text, env)));
         std::fs::write(&path, text).unwrap();
         Config::load(
             &path,
