@@ -1400,3 +1400,46 @@ async fn demand_taken_elsewhere_while_waiting_for_room_is_never_launched() {
         "nothing was launched for it"
     );
 }
+
+#[tokio::test]
+async fn a_job_life_costs_one_status_write_per_phase_change() {
+    use futures::StreamExt as _;
+    use kube::runtime::watcher;
+    let w = World::new("writes").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let _controllers = w.start(w.context_with_github(&fake));
+    w.ready_pool(|_| {}).await;
+    // Every version of the job the API server stores, from its creation on.
+    let versions = Arc::new(std::sync::Mutex::new(
+        Vec::<(String, Option<JobPhase>)>::new(),
+    ));
+    let seen = versions.clone();
+    let config = watcher::Config::default().fields("metadata.name=life");
+    let watch = tokio::spawn(watcher(w.jobs.clone(), config).for_each(move |event| {
+        if let Ok(watcher::Event::Apply(job) | watcher::Event::InitApply(job)) = event {
+            let version = job.metadata.resource_version.clone().unwrap_or_default();
+            let phase = job.status.map(|s| s.phase);
+            let mut seen = seen.lock().unwrap();
+            if seen.last().is_none_or(|(v, _)| *v != version) {
+                seen.push((version, phase));
+            }
+        }
+        std::future::ready(())
+    }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.set_job("example-org/api", 4343, "queued", None);
+    w.create_queued_job("life", 4343).await;
+    w.wait_phase("life", JobPhase::Booting).await;
+    // What the instance's callbacks write: its runner, then its completion (two writes).
+    w.register_runner(&fake, "life", 4343).await;
+    w.report("life", "success").await;
+    w.wait_phase("life", JobPhase::Succeeded).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    watch.abort();
+    let versions = versions.lock().unwrap().clone();
+    // Created; then Launching (the launch recorded), Booting, Running, Completing,
+    // Succeeded: one write each, and the two callbacks'.
+    let phases: Vec<_> = versions.iter().map(|(_, p)| *p).collect();
+    assert_eq!(versions.len(), 1 + 5 + 2, "{phases:?}");
+}

@@ -159,6 +159,24 @@ struct Pass {
 }
 
 impl Pass {
+    /// Validated, with the caveats found (an Event the first time they are seen).
+    fn validated(&mut self, notes: &[String]) {
+        let message = if notes.is_empty() {
+            "AMI, instance types, subnets, security groups and instance profile exist and fit together"
+                .to_string()
+        } else {
+            format!("valid, with a caveat: {}", notes.join("; "))
+        };
+        let caveat = !notes.is_empty()
+            && !(self.status.conditions.iter())
+                .any(|c| c.type_ == VALIDATED && c.message == message);
+        self.condition(VALIDATED, true, "Validated", message.clone());
+        if caveat {
+            self.events
+                .push((EventType::Warning, "ValidationIncomplete", message));
+        }
+    }
+
     fn condition(&mut self, type_: &str, ok: bool, reason: &'static str, message: String) {
         let changed = conditions::set(
             &mut self.status.conditions,
@@ -206,7 +224,48 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     pass.status.observed_generation = pool.metadata.generation;
 
     let observed = observe(&pool.spec, ctx).await?;
-    let verdict = match decide::validate(&pool.spec, &observed) {
+    let (verdict, rendered) = verdict(pool, ctx, &id, &observed);
+    let (Verdict::Valid { notes }, Lookup::Found(image), Ok(user_data)) =
+        (&verdict, &observed.image, rendered)
+    else {
+        let Verdict::Invalid { reason, message } = verdict else {
+            unreachable!("valid verdicts have an image and user-data")
+        };
+        pass.condition(VALIDATED, false, reason, message.clone());
+        pass.condition(
+            LAUNCH_PERMITTED,
+            false,
+            "NotValidated",
+            "the pool is not valid; see Validated".into(),
+        );
+        pass.condition(READY, false, reason, message);
+        return finish(pool, ctx, pass).await;
+    };
+    pass.validated(notes);
+    let data = decide::template_data(&pool.spec, &id, image, &user_data);
+    let hash = decide::spec_hash(&data);
+    let template = ensure_template(&ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
+    pass.status.spec_hash = Some(hash);
+
+    permit(pool, ctx, &id, &template, &mut pass).await?;
+    pass.status.launch_template = Some(template);
+    // Recorded before the status is written: a pass that follows at once (a new term) finds
+    // it. Should the write fail, the status's observedGeneration still sends it to EC2.
+    ctx.pool_checks
+        .lock()
+        .unwrap()
+        .insert(id.key(), (pool.metadata.generation, Instant::now()));
+    finish(pool, ctx, pass).await
+}
+
+/// What the pool's spec and what EC2 shows add up to, with the user-data rendered for it.
+fn verdict(
+    pool: &RunnerPool,
+    ctx: &Context,
+    id: &PoolIdentity<'_>,
+    observed: &Observed,
+) -> (Verdict, Result<String, String>) {
+    let verdict = match decide::validate(&pool.spec, observed) {
         Verdict::Valid { .. } if let Err(why) = tags::check(&id.instance_tags(&pool.spec)) => {
             Verdict::Invalid {
                 reason: "TagInvalid",
@@ -224,53 +283,29 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         runner_user: pool.spec.runner_user(),
         extra: pool.spec.user_data.as_deref(),
     });
-    let verdict = match (verdict, rendered.as_ref()) {
-        (Verdict::Valid { .. }, Err(too_large)) => Verdict::Invalid {
-            reason: "UserDataTooLarge",
-            message: format!("spec.userData: {too_large}"),
-        },
-        (verdict, _) => verdict,
-    };
-    let (Verdict::Valid { notes }, Lookup::Found(image), Ok(user_data)) =
-        (&verdict, &observed.image, rendered)
-    else {
-        let Verdict::Invalid { reason, message } = verdict else {
-            unreachable!("valid verdicts have an image and user-data")
-        };
-        pass.condition(VALIDATED, false, reason, message.clone());
-        pass.condition(
-            LAUNCH_PERMITTED,
-            false,
-            "NotValidated",
-            "the pool is not valid; see Validated".into(),
-        );
-        pass.condition(READY, false, reason, message);
-        return finish(pool, ctx, pass).await;
-    };
-    let message = if notes.is_empty() {
-        "AMI, instance types, subnets, security groups and instance profile exist and fit together"
-            .to_string()
-    } else {
-        format!("valid, with a caveat: {}", notes.join("; "))
-    };
-    let caveat = !notes.is_empty()
-        && !pass
-            .status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == VALIDATED && c.message == message);
-    pass.condition(VALIDATED, true, "Validated", message.clone());
-    if caveat {
-        pass.events
-            .push((EventType::Warning, "ValidationIncomplete", message));
+    match (verdict, rendered) {
+        (Verdict::Valid { .. }, Err(too_large)) => {
+            let message = format!("spec.userData: {too_large}");
+            let invalid = Verdict::Invalid {
+                reason: "UserDataTooLarge",
+                message: message.clone(),
+            };
+            (invalid, Err(message))
+        }
+        (verdict, rendered) => (verdict, rendered.map_err(|e| e.to_string())),
     }
+}
 
-    let data = decide::template_data(&pool.spec, &id, image, &user_data);
-    let hash = decide::spec_hash(&data);
-    let template = ensure_template(&ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
-    pass.status.spec_hash = Some(hash);
-
-    let request = decide::dry_run_request(&pool.spec, &id, &template.id, template.version);
+/// Whether EC2 lets the pool launch: a DryRun with the pool's real tags, and the pool Ready
+/// when it is permitted.
+async fn permit(
+    pool: &RunnerPool,
+    ctx: &Context,
+    id: &PoolIdentity<'_>,
+    template: &crate::api::LaunchTemplateRef,
+    pass: &mut Pass,
+) -> Result<()> {
+    let request = decide::dry_run_request(&pool.spec, id, &template.id, template.version);
     match ctx.ec2().dry_run_launch(&request).await {
         Ok(()) => pass.condition(
             LAUNCH_PERMITTED,
@@ -296,7 +331,6 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         }
         Err(e) => return Err(e.into()),
     }
-    pass.status.launch_template = Some(template);
 
     let permitted = conditions::is_true(&pass.status.conditions, LAUNCH_PERMITTED);
     if permitted {
@@ -309,12 +343,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
             "see LaunchPermitted".into(),
         );
     }
-    let action = finish(pool, ctx, pass).await?;
-    ctx.pool_checks
-        .lock()
-        .unwrap()
-        .insert(id.key(), (pool.metadata.generation, Instant::now()));
-    Ok(action)
+    Ok(())
 }
 
 /// The pool's runners by phase, from the RunnerJob controller's cache when it runs here.

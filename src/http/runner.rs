@@ -290,7 +290,14 @@ const BOOT_WAIT: Duration = Duration::from_secs(7);
 /// The bootstraps started on this replica, by instance id: running, or answered and held until
 /// the instance collects the answer (once), at most [`BOOT_ANSWER_HOLD`].
 #[derive(Default)]
-pub struct Boots(Mutex<HashMap<String, (Instant, Answered)>>);
+pub struct Boots(Mutex<HashMap<String, Boot>>);
+
+/// One bootstrap started here: when, where its answer appears, and whether it was collected.
+struct Boot {
+    started: Instant,
+    answered: Answered,
+    collected: bool,
+}
 
 /// Where a bootstrap's answer appears once it is made.
 type Answered = watch::Receiver<Option<Outcome>>;
@@ -299,22 +306,27 @@ impl Boots {
     /// Runs `sequence` for `instance` in a task of its own, unless one runs or waits already.
     fn start(&self, instance: &str, sequence: impl Future<Output = Outcome> + Send + 'static) {
         let mut boots = self.0.lock().unwrap();
-        boots.retain(|_, (started, _)| started.elapsed() < BOOT_ANSWER_HOLD);
+        boots.retain(|_, boot| boot.started.elapsed() < BOOT_ANSWER_HOLD);
         if boots.contains_key(instance) {
             return;
         }
         let (answer, answered) = watch::channel(None);
-        boots.insert(instance.into(), (Instant::now(), answered));
+        let boot = Boot {
+            started: Instant::now(),
+            answered,
+            collected: false,
+        };
+        boots.insert(instance.into(), boot);
         tokio::spawn(async move {
             let _ = answer.send(Some(sequence.await));
         });
     }
 
     /// The answer to the bootstrap of `instance` started here, waited for up to
-    /// [`BOOT_WAIT`] (then: ask again); `None` when none was started here, or its answer was
-    /// collected.
+    /// [`BOOT_WAIT`] (then: ask again), and handed out once (then: 409); `None` when none was
+    /// started here.
     async fn collect(&self, instance: &str) -> Option<Result<Response, ApiError>> {
-        let mut answered = self.0.lock().unwrap().get(instance)?.1.clone();
+        let mut answered = self.0.lock().unwrap().get(instance)?.answered.clone();
         let outcome =
             match tokio::time::timeout(BOOT_WAIT, answered.wait_for(Option::is_some)).await {
                 Ok(Ok(answer)) => answer
@@ -326,9 +338,24 @@ impl Boots {
                     return Some(Err(ApiError::NotYet(why, 2)));
                 }
             };
-        // Handed out once: the request that takes the entry answers.
-        self.0.lock().unwrap().remove(instance)?;
-        Some(outcome.map(|answer| axum::Json(answer).into_response()))
+        // Handed out once: a failure frees the way for a new bootstrap, an answer is kept as
+        // collected until it expires, so a replay of the document is refused.
+        let mut boots = self.0.lock().unwrap();
+        let boot = boots.get_mut(instance)?;
+        if boot.collected {
+            let why = "has already bootstrapped this instance; its answer was handed out";
+            return Some(Err(ApiError::Conflict(format!("the RunnerJob {why}"))));
+        }
+        match outcome {
+            Ok(answer) => {
+                boot.collected = true;
+                Some(Ok(axum::Json(answer).into_response()))
+            }
+            Err(e) => {
+                boots.remove(instance);
+                Some(Err(e))
+            }
+        }
     }
 }
 
