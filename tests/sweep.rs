@@ -90,6 +90,12 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
             delivery(5, "d", 20, 500),
             delivery(6, "d", 15, 202),
         ];
+        // A busy hour: 150 newer deliveries went through, so the failed ones are on the
+        // second page.
+        for n in 0..150 {
+            s.deliveries
+                .push(delivery(1000 + n, &format!("busy-{n}"), 5, 202));
+        }
     }
     let org = "orgs/example-org";
     // Job 9003 is live at attempt 1: its runner (named before attempts were counted, or

@@ -45,6 +45,15 @@ where
     }
     Ok(all)
 }
+/// The URL of the next page in a `Link` header (`<url>; rel="next", <url>; rel="last"`).
+fn next_page(link: &str) -> Option<&str> {
+    link.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        let next = params.split(';').any(|p| p.trim() == "rel=\"next\"");
+        next.then(|| url.trim().trim_start_matches('<').trim_end_matches('>'))
+    })
+}
+
 /// How long the latest actions/runner release is taken as still the latest.
 const LATEST_RELEASE_TTL: Duration = Duration::from_secs(60 * 60);
 
@@ -168,6 +177,20 @@ impl GitHubApp {
         auth: &str,
         body: Option<&Value>,
     ) -> GitHubResult<(StatusCode, Value)> {
+        let (status, value, _) = self.call_paged(action, method, path, auth, body).await?;
+        Ok((status, value))
+    }
+
+    /// [`Self::call`], with the path of the next page when the answer's `Link` header names
+    /// one on this API.
+    async fn call_paged(
+        &self,
+        action: &'static str,
+        method: Method,
+        path: &str,
+        auth: &str,
+        body: Option<&Value>,
+    ) -> GitHubResult<(StatusCode, Value, Option<String>)> {
         let url = format!("{}{path}", self.api);
         let mut attempt = 0;
         loop {
@@ -205,6 +228,10 @@ impl GitHubApp {
                 .get("x-ratelimit-remaining")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
+            let next = (response.headers().get("link"))
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_page)
+                .and_then(|url| url.strip_prefix(&self.api).map(str::to_string));
             let text = response.text().await.unwrap_or_default();
             let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             let message = value["message"].as_str().unwrap_or_default().to_string();
@@ -242,7 +269,7 @@ impl GitHubApp {
                 || status == StatusCode::NOT_FOUND
                 || status == StatusCode::CONFLICT
             {
-                return Ok((status, value));
+                return Ok((status, value, next));
             }
             return Err(GitHubError::Status {
                 action,
@@ -649,15 +676,24 @@ impl GitHub for GitHubApp {
         async move {
             let mut failed = Vec::new();
             let mut succeeded = std::collections::HashSet::new();
-            let deliveries: Vec<super::Delivery> = self
-                .app_call(
-                    "list_deliveries",
-                    Method::GET,
-                    "/app/hook/deliveries?per_page=100",
-                    None,
-                )
-                .await?
-                .unwrap_or_default();
+            // Newest first, a cursor per page: read back until a page reaches `since`.
+            let mut deliveries: Vec<super::Delivery> = Vec::new();
+            let mut path = "/app/hook/deliveries?per_page=100".to_string();
+            for _ in 0..MAX_PAGES {
+                let auth = format!("Bearer {}", self.app_jwt(Timestamp::now()));
+                let (status, value, next) =
+                    (self.call_paged("list_deliveries", Method::GET, &path, &auth, None)).await?;
+                let page: Vec<super::Delivery> =
+                    decode("list_deliveries", status, value)?.unwrap_or_default();
+                let reached = (page.last())
+                    .and_then(|d| d.delivered_at.parse::<Timestamp>().ok())
+                    .is_some_and(|at| at < since);
+                deliveries.extend(page);
+                match next {
+                    Some(next) if !reached => path = next,
+                    _ => break,
+                }
+            }
             for d in deliveries {
                 let at: Option<Timestamp> = d.delivered_at.parse().ok();
                 if at.is_some_and(|at| at < since) {
@@ -810,5 +846,22 @@ impl GitHub for GitHubApp {
             Ok(all)
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_page;
+
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        let link = r#"<https://api.github.com/app/hook/deliveries?per_page=100&cursor=v1_7>; rel="next", <https://api.github.com/app/hook/deliveries?per_page=100>; rel="first""#;
+        assert_eq!(
+            next_page(link),
+            Some("https://api.github.com/app/hook/deliveries?per_page=100&cursor=v1_7")
+        );
+        let last = r#"<https://api.github.com/app/hook/deliveries?per_page=100>; rel="first""#;
+        assert_eq!(next_page(last), None);
+        assert_eq!(next_page(""), None);
     }
 }

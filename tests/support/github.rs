@@ -755,10 +755,40 @@ async fn delete_repo_runner(
     remove_runner(&shared, &format!("repos/{owner}/{repo}"), id)
 }
 
-async fn list_deliveries(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+/// Newest first, `per_page` at a time, the next page named by a cursor in the `Link` header,
+/// as GitHub pages an App's webhook deliveries.
+async fn list_deliveries(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     guard!(shared, "list_deliveries");
     app_only!(shared, headers);
-    axum::Json(shared.state.lock().unwrap().deliveries.clone()).into_response()
+    let query = query.unwrap_or_default();
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let per_page = param("per_page").unwrap_or(30).min(100);
+    let from = param("cursor").unwrap_or(0);
+    let mut all = shared.state.lock().unwrap().deliveries.clone();
+    all.sort_by(|a, b| b["delivered_at"].as_str().cmp(&a["delivered_at"].as_str()));
+    let page: Vec<Value> = all.iter().skip(from).take(per_page).cloned().collect();
+    let mut response = axum::Json(page).into_response();
+    if from + per_page < all.len() {
+        let host = headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let next = format!(
+            "<http://{host}/app/hook/deliveries?per_page={per_page}&cursor={}>; rel=\"next\"",
+            from + per_page
+        );
+        response.headers_mut().insert("link", next.parse().unwrap());
+    }
+    response
 }
 
 async fn redeliver(
