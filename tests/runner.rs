@@ -528,6 +528,43 @@ async fn a_github_slower_than_the_request_timeout_makes_no_instance_shut_itself_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_spot_interruption_notice_is_reported_once_and_recorded_with_an_event() {
+    let behaviour = Behaviour {
+        spot_notice: true,
+        runner_seconds: Some(3.0),
+        ..Default::default()
+    };
+    let w = World::new("runner-notice", Some(behaviour)).await;
+    w.queue(5201, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(5201);
+    let job = w
+        .wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 90)
+        .await;
+    let status = job.status.unwrap();
+    // EC2 did not reclaim it after all: the job ran to its end.
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    let interruption = status.interruption.expect("the notice is recorded");
+    assert_eq!(interruption.kind, "spot-interruption");
+    assert!(
+        interruption.notice.contains("terminate"),
+        "{interruption:?}"
+    );
+    let notices: Vec<_> = (w.events_of(&name).await.into_iter())
+        .filter(|e| e.reason.as_deref() == Some("SpotInterruptionNotice"))
+        .collect();
+    assert_eq!(notices.len(), 1, "reported once: {notices:?}");
+    let instance = status.instance.unwrap();
+    assert!(notices[0].note.as_deref().unwrap().contains(&instance.id));
+    let booted = w
+        .sim
+        .as_ref()
+        .unwrap()
+        .finished(&instance.id, Duration::from_secs(10))
+        .await;
+    assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn impostors_get_no_runner_config_and_no_callback() {
     let w = World::new("runner-security", None).await;
     w.queue(8001, &["self-hosted", "linux", "alpha"]).await;

@@ -159,6 +159,11 @@ pub struct RunnerJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assigned_job: Option<AssignedJob>,
 
+    /// The notice EC2 gave the current instance, as it reported it: a spot interruption or a
+    /// rebalance recommendation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interruption: Option<Interruption>,
+
     /// Earliest time of the next launch attempt, after a capacity failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<Time>,
@@ -172,6 +177,21 @@ pub struct RunnerJobStatus {
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// A notice EC2 gave an instance.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Interruption {
+    /// `spot-interruption` (the instance is reclaimed in two minutes) or `rebalance` (it is at
+    /// elevated risk of interruption).
+    pub kind: String,
+    /// When the instance reported it.
+    pub reported_at: Time,
+    /// What IMDS said, as the instance read it (at most 512 characters).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 512))]
+    pub notice: String,
 }
 
 /// An instance a RunnerJob went through and why it was replaced.

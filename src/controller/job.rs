@@ -491,6 +491,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         backoff_left: until(status.next_attempt_at.as_ref(), now),
         attempt: status.attempt(),
         boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
+        interrupted: (status.interruption.as_ref()).is_some_and(|i| i.kind == "spot-interruption"),
         witness: None,
         launch: None,
         launch_rounds: status.attempts,

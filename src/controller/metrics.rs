@@ -51,6 +51,15 @@ pub struct Offering {
     pub zone: String,
 }
 
+/// A notice EC2 gave an instance of a pool, in a zone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Notice {
+    pub namespace: String,
+    pub pool: String,
+    pub zone: String,
+    pub kind: String,
+}
+
 /// Histograms of one pool's jobs.
 pub type PerPool = Family<Pool, Histogram, fn() -> Histogram>;
 
@@ -74,6 +83,7 @@ pub struct Metrics {
     pub gc_templates_deleted: Counter,
     pub job_cost: Family<Pool, Counter<f64, AtomicU64>>,
     pub requeues: Family<Pool, Counter>,
+    pub interruptions: Family<Notice, Counter>,
     pub webhook_deliveries: Family<Delivery, Counter>,
     pub github_calls: Family<Call, Counter>,
 }
@@ -94,6 +104,7 @@ impl Default for Metrics {
         let gc_templates_deleted = Counter::default();
         let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
         let requeues = Family::<Pool, Counter>::default();
+        let interruptions = Family::<Notice, Counter>::default();
         let webhook_deliveries = Family::<Delivery, Counter>::default();
         let github_calls = Family::<Call, Counter>::default();
         registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
@@ -153,6 +164,12 @@ impl Default for Metrics {
             requeues.clone(),
         );
         registry.register(
+            "interruption_notices",
+            "Spot interruption notices and rebalance recommendations instances reported, per \
+             pool, zone and kind",
+            interruptions.clone(),
+        );
+        registry.register(
             "webhook_deliveries",
             "GitHub webhook deliveries by event, action and result",
             webhook_deliveries.clone(),
@@ -177,6 +194,7 @@ impl Default for Metrics {
             gc_templates_deleted,
             job_cost,
             requeues,
+            interruptions,
             webhook_deliveries,
             github_calls,
         }

@@ -42,6 +42,7 @@ on_error() {
   local status=$? line=$1
   trap - ERR
   echo "pacer: boot failed at line $line with status $status"
+  if [ -n "${notices:-}" ]; then kill "$notices" 2>/dev/null || true; fi
   if [ -s "$AUTH" ]; then
     tail -c "$LOG_TAIL_BYTES" "$LOG" | curl -sS --max-time 30 --retry 3 --retry-all-errors \
       "${pacer_tls[@]}" -X POST -H @"$AUTH" -H 'Content-Type: text/plain' --data-binary @- \
@@ -100,6 +101,32 @@ printf 'Authorization: Bearer %s\n' "$(jq -er .callbackToken "$STATE/bootstrap.j
 version=$(jq -er .runner.version "$STATE/bootstrap.json")
 echo "pacer: bootstrapped; runner $version"
 
+# EC2 warns two minutes before it reclaims a spot instance, and may recommend a rebalance
+# sooner: each kind of notice is reported to Pacer once, from the background, until the end.
+watch_notices() {
+  trap - ERR
+  set +e
+  local kind path token notice
+  while sleep "${PACER_NOTICE_POLL:-5}"; do
+    for kind in spot-interruption rebalance; do
+      [ -e "$STATE/noticed-$kind" ] && continue
+      path=spot/instance-action
+      [ "$kind" = rebalance ] && path=events/recommendations/rebalance
+      token=$(curl -sf --max-time 2 -X PUT "$IMDS/latest/api/token" \
+        -H 'X-aws-ec2-metadata-token-ttl-seconds: 300') || continue
+      notice=$(curl -sf --max-time 2 -H "X-aws-ec2-metadata-token: $token" \
+        "$IMDS/latest/meta-data/$path") || continue
+      echo "pacer: EC2 gave notice ($kind): $notice"
+      jq -n --arg kind "$kind" --arg notice "$notice" '{kind: $kind, notice: $notice}' |
+        curl -sSf --max-time 10 "${pacer_tls[@]}" -X POST -H @"$AUTH" \
+          -H 'Content-Type: application/json' --data-binary @- \
+          "$PACER_URL/api/runner/interrupted" >/dev/null && touch "$STATE/noticed-$kind"
+    done
+  done
+}
+watch_notices &
+notices=$!
+
 # 3. The pool's own preparation.
 if [ -n "$PACER_POOL_SCRIPT" ]; then
   echo "pacer: running the pool's userData script"
@@ -140,6 +167,7 @@ status=0
   status=$?
 rm -f "$STATE/bootstrap.json"
 echo "pacer: the runner exited with status $status"
+kill "$notices" 2>/dev/null || true
 call POST "$PACER_URL/api/runner/complete" "$STATE/complete.json" "${pacer_tls[@]}" -H @"$AUTH" \
   -H 'Content-Type: application/json' --data-binary "{\"exitCode\": $status}"
 shutdown -h now

@@ -141,6 +141,8 @@ pub struct Facts {
     pub attempt: u32,
     /// The boot script reported a failure.
     pub boot_failed: bool,
+    /// The instance reported a spot interruption notice.
+    pub interrupted: bool,
     /// What GitHub says, when this pass asked ([`Step::Consult`]).
     pub witness: Option<Witness>,
     /// EC2's answer, when this pass sent the recorded launch ([`Step::Launch`]).
@@ -597,7 +599,7 @@ fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decisio
         "BootFailed"
     } else if f.phase == Booting && f.in_phase >= limits.boot_timeout {
         "BootTimeout"
-    } else if reason.contains("Spot") {
+    } else if f.interrupted || reason.contains("Spot") {
         "SpotInterrupted"
     } else {
         "InstanceLost"
@@ -697,6 +699,7 @@ pub fn start_new_attempt(
         .saturating_sub(MAX_PREVIOUS_ATTEMPTS);
     status.previous_attempts.drain(..excess);
     status.launch = None;
+    status.interruption = None;
     status.boot = None;
     status.runner = None;
     status.assigned_job = None;
@@ -1092,6 +1095,34 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_that_reported_a_spot_notice_and_went_is_replaced_as_interrupted() {
+        let mut f = facts(Booting);
+        f.instance = InstanceState::Gone {
+            id: "i-1".into(),
+            reason: "Client.UserInitiatedShutdown".into(),
+        };
+        f.interrupted = true;
+        f.witness = witness(GitHubJob::Queued, None);
+        let d = decide(&f, &Limits::default());
+        assert_eq!(
+            d.step,
+            Step::Requeue {
+                why: "SpotInterrupted"
+            },
+            "{d:?}"
+        );
+        f.interrupted = false;
+        let d = decide(&f, &Limits::default());
+        assert_eq!(
+            d.step,
+            Step::Requeue {
+                why: "InstanceLost"
+            },
+            "{d:?}"
+        );
+    }
+
+    #[test]
     fn a_slot_is_held_from_the_recorded_launch_until_the_job_finishes() {
         let status = |phase, launch: bool, instance: bool| RunnerJobStatus {
             phase,
@@ -1170,6 +1201,7 @@ mod tests {
             backoff_left: Duration::ZERO,
             attempt: 1,
             boot_failed: false,
+            interrupted: false,
             witness: None,
             launch: None,
             launch_rounds: 0,

@@ -148,6 +148,10 @@ pub fn router(state: Arc<Web>) -> Router {
             post(runner::complete).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
         )
         .route(
+            "/api/runner/interrupted",
+            post(runner::interrupted).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
+        )
+        .route(
             "/api/runner/error",
             post(runner::error).layer(DefaultBodyLimit::max(runner::ERROR_BODY_LIMIT)),
         )

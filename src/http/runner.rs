@@ -502,6 +502,77 @@ pub async fn complete(
     Ok(axum::Json(json!({ "ok": true })).into_response())
 }
 
+#[derive(Deserialize)]
+struct InterruptedRequest {
+    /// `spot-interruption` or `rebalance`.
+    kind: String,
+    /// What IMDS said.
+    #[serde(default)]
+    notice: String,
+}
+
+/// `POST /api/runner/interrupted`: EC2 gave the instance notice, a spot interruption (it is
+/// reclaimed in two minutes) or a rebalance recommendation. Recorded on the job once per
+/// kind, with an Event and a metric per pool and zone; when the instance then goes before
+/// its runner took the job, the job is tried again (`SpotInterrupted`) on another offering.
+pub async fn interrupted(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (job, boot) = caller(&web, &headers).await?;
+    let request: InterruptedRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body must be JSON {{\"kind\", \"notice\"}}: {e}"
+        ))
+    })?;
+    let (reason, what) = match request.kind.as_str() {
+        "spot-interruption" => ("SpotInterruptionNotice", "a spot interruption notice"),
+        "rebalance" => ("RebalanceRecommendation", "a rebalance recommendation"),
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "kind must be spot-interruption or rebalance, not {other:?}"
+            )));
+        }
+    };
+    let status = job.status.clone().unwrap_or_default();
+    let ok = || Ok(axum::Json(json!({ "ok": true })).into_response());
+    if status
+        .interruption
+        .as_ref()
+        .is_some_and(|i| i.kind == request.kind)
+    {
+        return ok();
+    }
+    let interruption = crate::api::Interruption {
+        kind: request.kind.clone(),
+        reported_at: Time(Timestamp::now()),
+        notice: tail(&request.notice, 512).to_string(),
+    };
+    patch_status(&web, &job, None, json!({ "interruption": interruption }))
+        .await
+        .map_err(|e| unavailable("recording the interruption notice", e))?;
+    let zone = (status.instance.as_ref()).map_or(String::new(), |i| i.zone.clone());
+    let notice = crate::controller::metrics::Notice {
+        namespace: job.namespace().unwrap_or_default(),
+        pool: job.spec.pool_name.clone(),
+        zone: zone.clone(),
+        kind: request.kind.clone(),
+    };
+    web.ctx.metrics.interruptions.get_or_create(&notice).inc();
+    let taken = status.assigned_job.is_some();
+    warn!(runner_job = %job.name_any(), instance = %boot.instance_id, zone, kind = %request.kind,
+        taken, "the instance reported an interruption notice");
+    let then = if taken {
+        "its runner has the job, which fails on GitHub if the instance goes"
+    } else {
+        "should it go before its runner takes the job, the job is tried again elsewhere"
+    };
+    let note = format!("instance {} in {zone} got {what}; {then}", boot.instance_id);
+    web.ctx.event(&job, EventType::Warning, reason, note).await;
+    ok()
+}
+
 /// The last `max` bytes of `log`, cut at a character boundary.
 fn tail(log: &str, max: usize) -> &str {
     let mut start = log.len().saturating_sub(max);

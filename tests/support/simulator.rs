@@ -35,6 +35,10 @@ pub const RUNNER_VERSION: &str = "2.999.0";
 pub struct Behaviour {
     /// The status the fake runner exits with.
     pub runner_exit: i32,
+    /// How long the fake runner runs its job, in seconds (0.2 when unset).
+    pub runner_seconds: Option<f64>,
+    /// IMDS serves a spot interruption notice for every instance.
+    pub spot_notice: bool,
     /// The release server answers 404 to downloads.
     pub release_missing: bool,
     /// The releases API gives a digest that does not match the tarball.
@@ -105,6 +109,10 @@ impl Simulator {
             .route(
                 "/imds/{instance}/latest/dynamic/instance-identity/{what}",
                 get(imds_identity),
+            )
+            .route(
+                "/imds/{instance}/latest/meta-data/{*path}",
+                get(imds_metadata),
             )
             .route("/releases/{name}", get(download))
             .with_state(shared.clone());
@@ -196,7 +204,7 @@ if [ "${1:-}" != --jitconfig ] || [ -z "${2:-}" ]; then
 fi
 printf '%s' "$2" >jitconfig.received
 echo "fake runner: running one job as $(id -un) with a JIT config of ${#2} bytes"
-sleep 0.2
+sleep "${FAKE_RUNNER_SECONDS:-0.2}"
 exit "${FAKE_RUNNER_EXIT:-0}"
 "#,
     )
@@ -257,6 +265,28 @@ async fn imds_identity(
         "rsa2048" => shared.signer.sign(&document).into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// Instance metadata: a spot interruption notice when the behaviour says so, nothing else.
+async fn imds_metadata(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((_, path)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if headers
+        .get("x-aws-ec2-metadata-token")
+        .map(|v| v.as_bytes())
+        != Some(b"imds-session-token")
+    {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    if path == "spot/instance-action" && shared.behaviour.spot_notice {
+        let at =
+            k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_mins(2);
+        let notice = serde_json::json!({"action": "terminate", "time": at.to_string()});
+        return notice.to_string().into_response();
+    }
+    StatusCode::NOT_FOUND.into_response()
 }
 
 async fn download(State(shared): State<Arc<Shared>>, UrlPath(name): UrlPath<String>) -> Response {
@@ -334,7 +364,7 @@ async fn watch(
                 template,
                 dir.clone(),
                 base.clone(),
-                shared.behaviour.runner_exit,
+                shared.behaviour.clone(),
                 boots.clone(),
             ));
         }
@@ -348,7 +378,7 @@ async fn boot(
     template: Option<(String, String)>,
     dir: PathBuf,
     base: String,
-    runner_exit: i32,
+    behaviour: Behaviour,
     boots: Arc<Mutex<HashMap<String, Boot>>>,
 ) {
     // EC2 tags instances launched from a template with it; moto does so for RunInstances but
@@ -421,7 +451,12 @@ async fn boot(
         .env("PACER_IMDS_URL", format!("{base}/imds/{id}"))
         .env("PACER_STATE_DIR", sandbox.join("state"))
         .env("PACER_RUNNER_DIR", sandbox.join("runner"))
-        .env("FAKE_RUNNER_EXIT", runner_exit.to_string())
+        .env("FAKE_RUNNER_EXIT", behaviour.runner_exit.to_string())
+        .env(
+            "FAKE_RUNNER_SECONDS",
+            behaviour.runner_seconds.unwrap_or(0.2).to_string(),
+        )
+        .env("PACER_NOTICE_POLL", "0.5")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
