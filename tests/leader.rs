@@ -13,6 +13,44 @@ use support::{Parts, ground};
 /// Counts leaders while a term runs.
 struct Leading(Arc<AtomicUsize>);
 
+/// Who led, in order, how many lead now, and the most that ever led at once.
+#[derive(Clone, Default)]
+struct Terms {
+    leaders: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+    who: Arc<Mutex<Vec<String>>>,
+}
+
+impl Terms {
+    /// Runs replica `name` of the election on `lease` in `ns` (4 s leases, renewed 2 s
+    /// ahead); each of its terms counts as leading until the lease is lost.
+    fn replica(
+        &self,
+        client: kube::Client,
+        ns: &str,
+        lease: &str,
+        name: &str,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut election = Election::new(ns, lease, name);
+        (election.duration, election.grace) = (4, 2);
+        let (terms, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            let (_keep, running) = tokio::sync::watch::channel(false);
+            let term = || {
+                let now = terms.leaders.fetch_add(1, Ordering::SeqCst) + 1;
+                terms.most.fetch_max(now, Ordering::SeqCst);
+                terms.who.lock().unwrap().push(name.clone());
+                let guard = Leading(terms.leaders.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<()>().await
+                }
+            };
+            let _ = lead(client, &election, term, running).await;
+        })
+    }
+}
+
 impl Drop for Leading {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
@@ -24,38 +62,10 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_goes() {
     let ground = ground(Parts::Kube);
     let client = ground.kube_client().await;
     let ns = ground.namespace(&client, "leader").await;
-    let leaders = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let who = Arc::new(Mutex::new(Vec::<String>::new()));
-    let replica = |name: &str| {
-        let mut election = Election::new(&ns, "leader-test", name);
-        (election.duration, election.grace) = (4, 2);
-        let (client, leaders, most, who) =
-            (client.clone(), leaders.clone(), most.clone(), who.clone());
-        let name = name.to_string();
-        tokio::spawn(async move {
-            let (_keep, running) = tokio::sync::watch::channel(false);
-            lead(
-                client,
-                &election,
-                || {
-                    let now = leaders.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    who.lock().unwrap().push(name.clone());
-                    let guard = Leading(leaders.clone());
-                    async move {
-                        let _guard = guard;
-                        std::future::pending::<()>().await
-                    }
-                },
-                running,
-            )
-            .await
-            .unwrap();
-        })
-    };
-    let a = replica("replica-a");
-    let b = replica("replica-b");
+    let terms = Terms::default();
+    let (leaders, most, who) = (&terms.leaders, &terms.most, &terms.who);
+    let a = terms.replica(client.clone(), &ns, "leader-test", "replica-a");
+    let b = terms.replica(client.clone(), &ns, "leader-test", "replica-b");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while leaders.load(Ordering::SeqCst) == 0 {
         assert!(tokio::time::Instant::now() < deadline, "nobody leads");
@@ -98,36 +108,15 @@ async fn a_leader_whose_api_server_stops_answering_steps_down_before_another_tak
     let relay = support::relay::Relay::start(upstream.parse().unwrap()).await;
     let mut through_relay = config.clone();
     through_relay.cluster_url = format!("https://{}", relay.addr).parse().unwrap();
-    let leaders = Arc::new(AtomicUsize::new(0));
-    let most = Arc::new(AtomicUsize::new(0));
-    let who = Arc::new(Mutex::new(Vec::<String>::new()));
-    let replica = |name: &str, config: kube::Config| {
-        let mut election = Election::new(&ns, "stalled-test", name);
-        (election.duration, election.grace) = (4, 2);
-        let client = lease_client(config).unwrap();
-        let (leaders, most, who) = (leaders.clone(), most.clone(), who.clone());
-        let name = name.to_string();
-        tokio::spawn(async move {
-            let (_keep, running) = tokio::sync::watch::channel(false);
-            let _ = lead(
-                client,
-                &election,
-                || {
-                    let now = leaders.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    who.lock().unwrap().push(name.clone());
-                    let guard = Leading(leaders.clone());
-                    async move {
-                        let _guard = guard;
-                        std::future::pending::<()>().await
-                    }
-                },
-                running,
-            )
-            .await;
-        })
-    };
-    let a = replica("replica-a", through_relay);
+    let terms = Terms::default();
+    let (leaders, most, who) = (&terms.leaders, &terms.most, &terms.who);
+    let lease = "stalled-test";
+    let a = terms.replica(
+        lease_client(through_relay).unwrap(),
+        &ns,
+        lease,
+        "replica-a",
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while leaders.load(Ordering::SeqCst) == 0 {
         assert!(
@@ -136,7 +125,7 @@ async fn a_leader_whose_api_server_stops_answering_steps_down_before_another_tak
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let b = replica("replica-b", config);
+    let b = terms.replica(lease_client(config).unwrap(), &ns, lease, "replica-b");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(*who.lock().unwrap(), ["replica-a"]);
 

@@ -244,17 +244,20 @@ async fn imds_token(headers: HeaderMap) -> Response {
     "imds-session-token".into_response()
 }
 
+/// IMDSv2 only: no session token, no answer.
+fn imds_session(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-aws-ec2-metadata-token")
+        .map(|v| v.as_bytes())
+        == Some(b"imds-session-token")
+}
+
 async fn imds_identity(
     State(shared): State<Arc<Shared>>,
     UrlPath((instance, what)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    // IMDSv2 only: no session token, no answer.
-    if headers
-        .get("x-aws-ec2-metadata-token")
-        .map(|v| v.as_bytes())
-        != Some(b"imds-session-token")
-    {
+    if !imds_session(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let Some(document) = shared.documents.lock().unwrap().get(&instance).cloned() else {
@@ -273,11 +276,7 @@ async fn imds_metadata(
     UrlPath((_, path)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if headers
-        .get("x-aws-ec2-metadata-token")
-        .map(|v| v.as_bytes())
-        != Some(b"imds-session-token")
-    {
+    if !imds_session(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     if path == "spot/instance-action" && shared.behaviour.spot_notice {
