@@ -597,6 +597,10 @@ async fn execute(
         // Asked already, or launched already, in this pass: look again shortly.
         Step::Consult | Step::Launch => Action::requeue(Duration::from_secs(10)),
         Step::Requeue { why } => {
+            // The history keeps why this attempt ended: the decision's own words.
+            if let Some((reason, message)) = &decision.reason {
+                record_reason(&mut seen.status, reason, message.clone(), seen.now);
+            }
             requeue(ctx, job, &mut seen.status, why, seen.now);
             Action::requeue(Duration::ZERO)
         }
@@ -683,6 +687,7 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
     }
     if let (InstanceState::Alive { id }, Some(listed)) =
         (&seen.facts.instance, seen.snapshot.instances.get(&seen.uid))
+        && listed.id == *id
         && status.instance.as_ref().is_none_or(|i| &i.id != id)
     {
         // Adopted: launched before a crash, or seen before the status recorded it.
@@ -692,7 +697,11 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
         release_slot(ctx, job);
     }
     status.observed_generation = job.metadata.generation;
-    write_status(job, ctx, &seen.written, status).await?;
+    let cleared: &[&str] = match decision.step {
+        Step::Requeue { .. } => &crate::domain::job::ATTEMPT_FIELDS,
+        _ => &[],
+    };
+    write_status_clearing(job, ctx, &seen.written, status, cleared).await?;
     let was = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
     if let Some(notice) = crate::domain::job::phase_notice(was, status) {
         let type_ = if notice.warning {
@@ -835,8 +844,13 @@ async fn consult(
         .await;
     let github_job = match answer {
         Ok(Some(j)) => {
-            crate::domain::job::github_job(&j.status, j.runner_id, j.runner_name.as_deref(), ours)
+            let controller = &ctx.settings.controller_id;
+            let pacers = |name: &str| crate::github::job_id_of_runner(controller, name).is_some();
+            let runner = j.runner_name.as_deref();
+            crate::domain::job::github_job(&j.status, j.runner_id, runner, ours, pacers)
         }
+        // Before a launch, a job GitHub does not show (yet, or to this installation) launches.
+        Ok(None) if status.phase == JobPhase::Pending => GitHubJob::Unknown,
         Ok(None) => GitHubJob::Elsewhere("GitHub has no such job".into()),
         Err(e) => {
             warn!(error = %e, "could not ask GitHub about the job");
@@ -917,9 +931,27 @@ async fn write_status(
     before: &RunnerJobStatus,
     status: &RunnerJobStatus,
 ) -> Result<()> {
+    write_status_clearing(job, ctx, before, status, &[]).await
+}
+
+/// [`write_status`], also clearing the `cleared` fields the status leaves out, whatever
+/// `before` says: others (the instance's callbacks) may have set them since it was read.
+async fn write_status_clearing(
+    job: &RunnerJob,
+    ctx: &Context,
+    before: &RunnerJobStatus,
+    status: &RunnerJobStatus,
+    cleared: &[&str],
+) -> Result<()> {
     // A status is strings, numbers and maps with string keys: it always serializes.
     let json = |s: &RunnerJobStatus| serde_json::to_value(s).expect("a status serializes");
-    let Some(changes) = super::merge_patch(&json(before), &json(status)) else {
+    let after = json(status);
+    let mut changes = super::merge_patch(&json(before), &after);
+    for field in cleared.iter().filter(|f| after.get(**f).is_none()) {
+        let patch = changes.get_or_insert_with(|| serde_json::json!({}));
+        patch[*field] = serde_json::Value::Null;
+    }
+    let Some(changes) = changes else {
         return Ok(());
     };
     let api: Api<RunnerJob> =
@@ -972,7 +1004,7 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
         .status
         .launch
         .as_ref()
-        .map(|intent| launch::replay(intent, &template.id, &tags));
+        .map(|intent| launch::replay(intent, &pool.spec, &template, &tags));
     let request = match recorded {
         Some(Ok(request)) => request,
         // A launch that may have made an instance EC2 does not list yet is not replaced.
@@ -1098,21 +1130,23 @@ async fn send(
         Err(e) if e.code == "Transport" => return Ok(LaunchAnswer::Unanswered(e.to_string())),
         Err(e) => return refused(ctx, seen, pool, request, &zones, e),
     };
-    for failure in outcome
-        .failures
-        .iter()
-        .filter(|f| f.error.is(ErrorClass::InsufficientCapacity))
-    {
+    let short = (outcome.failures.iter()).filter(|f| f.error.is(ErrorClass::InsufficientCapacity));
+    let mut marked = false;
+    for failure in short {
         let offering = (failure.instance_type.as_deref(), failure.subnet.as_deref());
         mark_offerings(ctx, request, &zones, offering, &failure.error.to_string());
+        marked = true;
     }
     let Some(mut instance) = outcome.instances.into_iter().next() else {
         ledger.launch_refused(&uid, request.client_token.as_deref().unwrap_or_default());
-        let why = "EC2 launched nothing for the offerings asked".to_string();
-        return Ok(LaunchAnswer::NoCapacity {
-            left: offerings_left(ctx, pool, &zones),
-            why,
-        });
+        let why = match outcome.failures.first() {
+            Some(f) => format!("EC2 launched nothing: {}", f.error),
+            None => "EC2 launched nothing for the offerings asked".to_string(),
+        };
+        // Only a refusal that marked offerings leaves others to try at once; anything else
+        // is a round, and the next one waits its backoff.
+        let left = marked && offerings_left(ctx, pool, &zones);
+        return Ok(LaunchAnswer::NoCapacity { left, why });
     };
     if instance.zone.is_empty() {
         let subnet = (request.offerings.iter())

@@ -90,17 +90,24 @@ pub enum GitHubJob {
 
 /// How GitHub's report of a workflow job reads for the RunnerJob whose runner is `ours`:
 /// still waiting for a runner, taken by ours, or taken elsewhere or over.
+///
+/// A job another of Pacer's runners took reads as queued: GitHub gives a queued job to any
+/// runner whose labels fit, so that runner's own job is the one still waiting, and this
+/// RunnerJob's instance is what it needs. `pacers` says whether a runner name is one of them.
 pub fn github_job(
     status: &str,
     runner_id: Option<i64>,
     runner_name: Option<&str>,
     ours: Option<i64>,
+    pacers: impl Fn(&str) -> bool,
 ) -> GitHubJob {
     let taken_by_ours = ours.is_some() && runner_id == ours;
+    let swapped = status == "in_progress" && runner_name.is_some_and(&pacers);
     match status {
         _ if taken_by_ours => GitHubJob::Ours,
         // Not yet given to a runner (`waiting`: held for an environment's approval).
         "queued" | "waiting" | "pending" | "requested" => GitHubJob::Queued,
+        _ if swapped => GitHubJob::Queued,
         _ => GitHubJob::Elsewhere(match runner_name.filter(|n| !n.is_empty()) {
             Some(runner) => format!("GitHub reports it {status}, taken by runner {runner}"),
             None => format!("GitHub reports it {status} with no runner"),
@@ -668,6 +675,20 @@ pub fn record_reason(
         time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
     });
 }
+
+/// The status fields of one attempt, as the API server spells them: a new attempt clears
+/// each of them ([`start_new_attempt`]).
+pub const ATTEMPT_FIELDS: [&str; 9] = [
+    "launch",
+    "instance",
+    "boot",
+    "runner",
+    "assignedJob",
+    "completion",
+    "cost",
+    "interruption",
+    "nextAttemptAt",
+];
 
 /// Most earlier attempts a status keeps.
 pub const MAX_PREVIOUS_ATTEMPTS: usize = 10;
@@ -1274,6 +1295,11 @@ mod tests {
         assert_eq!(kept.message, "instance i-1 ended");
         assert!(status.instance.is_none() && status.current_runner().is_none());
         assert_eq!(status.attempts, 0);
+        // Every field of the attempt is gone, as the requeue's write clears it on the server.
+        let written = serde_json::to_value(&status).unwrap();
+        for field in ATTEMPT_FIELDS {
+            assert!(written.get(field).is_none(), "{field} survived: {written}");
+        }
         for _ in 0..20 {
             start_new_attempt(&mut status, "InstanceLost", now);
         }
@@ -1283,29 +1309,36 @@ mod tests {
 
     #[test]
     fn github_decides_whose_job_it_is() {
-        assert_eq!(github_job("queued", None, None, Some(7)), GitHubJob::Queued);
-        assert_eq!(github_job("waiting", None, None, None), GitHubJob::Queued);
+        let pacers = |name: &str| name.starts_with("pacer-");
+        let job = |status, id, name, ours| github_job(status, id, name, ours, pacers);
+        assert_eq!(job("queued", None, None, Some(7)), GitHubJob::Queued);
+        assert_eq!(job("waiting", None, None, None), GitHubJob::Queued);
         assert_eq!(
-            github_job("in_progress", Some(7), Some("r"), Some(7)),
+            job("in_progress", Some(7), Some("r"), Some(7)),
             GitHubJob::Ours
         );
         assert_eq!(
-            github_job("completed", Some(7), Some("r"), Some(7)),
+            job("completed", Some(7), Some("r"), Some(7)),
             GitHubJob::Ours
         );
         assert!(matches!(
-            github_job("in_progress", Some(8), Some("other"), Some(7)),
+            job("in_progress", Some(8), Some("other"), Some(7)),
             GitHubJob::Elsewhere(why) if why.contains("other")
         ));
         // No runner of ours yet: a runner id on the job is someone else's.
         assert!(matches!(
-            github_job("in_progress", Some(8), None, None),
+            job("in_progress", Some(8), None, None),
             GitHubJob::Elsewhere(_)
         ));
         assert!(matches!(
-            github_job("completed", None, None, Some(7)),
+            job("completed", None, None, Some(7)),
             GitHubJob::Elsewhere(_)
         ));
+        // Another of Pacer's runners took it: its own job waits for this one's instance.
+        assert_eq!(
+            job("in_progress", Some(9), Some("pacer-prod-41-1"), None),
+            GitHubJob::Queued
+        );
     }
 
     #[test]

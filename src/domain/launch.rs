@@ -241,32 +241,42 @@ pub fn intent(request: &LaunchRequest) -> LaunchIntent {
     }
 }
 
-/// The request a recorded launch sends again, token and all, when it still fits the job: it
-/// launches from `template` (the pool's) and binds the instance to the job by every one of
-/// `job_tags`. A status is writable by others; what it records must not steer a launch
-/// elsewhere. Why not, otherwise.
+/// The request a recorded launch sends again, token and all, when it still fits: the pool's
+/// launch template at its current version, offerings and a market the pool allows, and the
+/// job's tags exactly. A status is writable by others; what it records must not steer a launch
+/// elsewhere, and a launch recorded before the pool changed is not the pool's any more. Why
+/// not, otherwise.
 pub fn replay(
     intent: &LaunchIntent,
-    template: &str,
+    spec: &RunnerPoolSpec,
+    template: &crate::api::LaunchTemplateRef,
     job_tags: &BTreeMap<String, String>,
 ) -> Result<LaunchRequest, String> {
-    if intent.launch_template_id != template {
+    if (&intent.launch_template_id, intent.launch_template_version)
+        != (&template.id, template.version)
+    {
         return Err(format!(
-            "it names launch template {}, not the pool's {template}",
-            intent.launch_template_id
+            "it names launch template {} version {}, not the pool's {} version {}",
+            intent.launch_template_id,
+            intent.launch_template_version,
+            template.id,
+            template.version
         ));
     }
-    let bound = [
-        tags::MANAGED_BY,
-        tags::CONTROLLER,
-        tags::POOL,
-        RUNNER_JOB_UID,
-        JOB_ID,
-    ]
-    .iter()
-    .all(|k| intent.tags.get(*k) == job_tags.get(*k));
-    if !bound || intent.client_token.is_empty() || intent.offerings.is_empty() {
-        return Err("it does not carry this job's tags, a token and an offering".into());
+    let market_allowed = match (spec.capacity.capacity_type, intent.market.as_str()) {
+        (CapacityType::Spot, "spot") => true,
+        (CapacityType::Spot, "onDemand") => spec.capacity.fallback_to_on_demand,
+        (CapacityType::OnDemand, "onDemand") => true,
+        _ => false,
+    };
+    let offered = |o: &LaunchOffering| {
+        spec.instance_types.contains(&o.instance_type) && spec.subnets.contains(&o.subnet)
+    };
+    if !market_allowed || intent.offerings.is_empty() || !intent.offerings.iter().all(offered) {
+        return Err("its market or offerings are not the pool's".into());
+    }
+    if &intent.tags != job_tags || intent.client_token.is_empty() {
+        return Err("it does not carry this job's tags and a token".into());
     }
     Ok(LaunchRequest {
         launch_template_id: intent.launch_template_id.clone(),
@@ -454,23 +464,38 @@ mod tests {
             client_token: Some("pacer-abc".into()),
         };
         let intent = intent(&request);
+        let mut pool = spec(CapacityType::Spot, false);
+        pool.instance_types = vec!["m7g.large".into()];
+        pool.subnets = vec!["subnet-a".into()];
+        let template = |id: &str, version| crate::api::LaunchTemplateRef {
+            id: id.into(),
+            version,
+        };
+        let current = template("lt-1", 3);
         // The same request, token and all: EC2 answers it with the instance it made.
-        assert_eq!(replay(&intent, "lt-1", &job_tags), Ok(request.clone()));
-        // The pool's own tags may change since; the job's binding may not.
-        let mut retagged = job_tags.clone();
-        retagged.insert("team".into(), "infra".into());
-        assert_eq!(replay(&intent, "lt-1", &retagged), Ok(request));
-        assert!(
-            replay(&intent, "lt-2", &job_tags)
-                .unwrap_err()
-                .contains("lt-2")
-        );
-        let mut other_job = job_tags.clone();
-        other_job.insert(RUNNER_JOB_UID.into(), "uid-2".into());
-        assert!(replay(&intent, "lt-1", &other_job).is_err());
+        assert_eq!(replay(&intent, &pool, &current, &job_tags), Ok(request));
+        // What no longer fits is not sent: another template or version, other tags (the
+        // pool's or another job's), an offering or a market the pool does not allow, no token.
+        for template in [template("lt-2", 3), template("lt-1", 4)] {
+            assert!(replay(&intent, &pool, &template, &job_tags).is_err());
+        }
+        for (key, value) in [("team", "infra"), (RUNNER_JOB_UID, "uid-2")] {
+            let mut other = job_tags.clone();
+            other.insert(key.into(), value.into());
+            assert!(replay(&intent, &pool, &current, &other).is_err());
+        }
+        let mut bigger = intent.clone();
+        bigger.offerings[0].instance_type = "p5.48xlarge".into();
+        assert!(replay(&bigger, &pool, &current, &job_tags).is_err());
+        let mut elsewhere = intent.clone();
+        elsewhere.offerings[0].subnet = "subnet-z".into();
+        assert!(replay(&elsewhere, &pool, &current, &job_tags).is_err());
+        let mut on_demand = intent.clone();
+        on_demand.market = "onDemand".into();
+        assert!(replay(&on_demand, &pool, &current, &job_tags).is_err());
         let mut tokenless = intent.clone();
         tokenless.client_token.clear();
-        assert!(replay(&tokenless, "lt-1", &job_tags).is_err());
+        assert!(replay(&tokenless, &pool, &current, &job_tags).is_err());
     }
 
     #[test]

@@ -260,9 +260,14 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
         id: jit.runner_id,
         name: runner_name,
     };
-    patch_status(&web, job, None, json!({ "boot": { "runner": runner } }))
-        .await
-        .map_err(|e| unavailable("recording the runner", e))?;
+    if let Err(e) = patch_status(&web, job, None, json!({ "boot": { "runner": runner } })).await {
+        // Given back, so the instance may try again (its runner is offline and unclaimed:
+        // the next JIT call for the name replaces it).
+        if let Err(e) = patch_status(&web, job, None, json!({ "boot": null })).await {
+            warn!(error = %e, runner_job = %name, "could not give back a bootstrap claim");
+        }
+        return Err(unavailable("recording the runner", e));
+    }
     let version = &h.release.version;
     info!(runner_job = %name, instance = instance_id, runner = %runner.name,
         runner_version = %version, "instance bootstrapped");
@@ -326,7 +331,11 @@ impl Boots {
     /// [`BOOT_WAIT`] (then: ask again), and handed out once (then: 409); `None` when none was
     /// started here.
     async fn collect(&self, instance: &str) -> Option<Result<Response, ApiError>> {
-        let mut answered = self.0.lock().unwrap().get(instance)?.answered.clone();
+        let mut answered = {
+            let mut boots = self.0.lock().unwrap();
+            boots.retain(|_, boot| boot.started.elapsed() < BOOT_ANSWER_HOLD);
+            boots.get(instance)?.answered.clone()
+        };
         let outcome =
             match tokio::time::timeout(BOOT_WAIT, answered.wait_for(Option::is_some)).await {
                 Ok(Ok(answer)) => answer
@@ -348,7 +357,9 @@ impl Boots {
         }
         match outcome {
             Ok(answer) => {
+                // Its secrets go with the answer: what stays is that it was collected.
                 boot.collected = true;
+                boot.answered = watch::channel(None).1;
                 Some(Ok(axum::Json(answer).into_response()))
             }
             Err(e) => {
@@ -537,11 +548,9 @@ pub async fn interrupted(
     };
     let status = job.status.clone().unwrap_or_default();
     let ok = || Ok(axum::Json(json!({ "ok": true })).into_response());
-    if status
-        .interruption
-        .as_ref()
-        .is_some_and(|i| i.kind == request.kind)
-    {
+    // Once per kind, and a rebalance recommendation never hides a spot interruption notice.
+    let recorded = status.interruption.as_ref().map(|i| i.kind.as_str());
+    if recorded == Some(request.kind.as_str()) || recorded == Some("spot-interruption") {
         return ok();
     }
     let interruption = crate::api::Interruption {
