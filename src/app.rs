@@ -122,7 +122,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
             source,
         })?;
     info!(address = %config.server.metrics_listen, "serving metrics at /metrics");
-    let metrics = axum::serve(listener, crate::http::metrics_router(ctx.clone()));
+    let metrics = crate::http::serve::serve(
+        listener,
+        crate::http::serve::Transport::Plain,
+        crate::http::metrics_router(ctx.clone()),
+        crate::http::serve::Limits::SIDE,
+        std::future::pending(),
+    );
 
     let namespace = Some(config.controller.namespace.clone()).filter(|ns| !ns.is_empty());
     let (pool_cache, pool_writer) = kube::runtime::reflector::store();
@@ -196,6 +202,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             &config.server,
             crate::http::router(web),
             Some(cluster),
+            crate::http::serve::Limits::MAIN,
             async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             },
@@ -270,10 +277,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 Err(_) => tracing::warn!("the controllers did not stop in time"),
             }
         }
-        result = metrics.into_future() => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "the metrics listener stopped");
-            }
+        () = metrics => {
+            tracing::error!("the metrics listener stopped");
         }
     }
     info!("shut down");

@@ -172,7 +172,9 @@ impl World {
                 };
                 tasks.push(tokio::spawn(async move {
                     let shutdown = std::future::pending();
-                    let _ = pacer::http::serve_main(&server, router(web), None, shutdown).await;
+                    let limits = pacer::http::serve::Limits::MAIN;
+                    let _ =
+                        pacer::http::serve_main(&server, router(web), None, limits, shutdown).await;
                 }));
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod acme;
 pub mod runner;
+pub mod serve;
 pub mod tls;
 mod webhook;
 
@@ -225,6 +226,7 @@ pub async fn serve_main(
     server: &crate::config::ServerConfig,
     router: Router,
     cluster: Option<Cluster>,
+    limits: serve::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> crate::Result<()> {
     use crate::config::TlsMode;
@@ -252,10 +254,8 @@ pub async fn serve_main(
     let certificates = match tls_config.mode {
         TlsMode::None => {
             tracing::info!(address = %server.listen, "serving HTTP");
-            return axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(io(std::path::Path::new("listener")));
+            serve::serve(listener, serve::Transport::Plain, router, limits, shutdown).await;
+            return Ok(());
         }
         TlsMode::Manual => {
             let (Some(cert), Some(key)) = (&tls_config.cert_file, &tls_config.key_file) else {
@@ -326,7 +326,13 @@ pub async fn serve_main(
             let http = bind(acme_config.http_listen).await?;
             tracing::info!(address = %acme_config.http_listen, "answering ACME HTTP-01 challenges");
             let challenge_router = acme::challenge_router(challenges.clone(), store.clone());
-            tokio::spawn(async move { axum::serve(http, challenge_router).await });
+            tokio::spawn(serve::serve(
+                http,
+                serve::Transport::Plain,
+                challenge_router,
+                serve::Limits::SIDE,
+                std::future::pending(),
+            ));
             tokio::spawn(acme::run(
                 acme_config,
                 store,
@@ -338,12 +344,16 @@ pub async fn serve_main(
         }
     };
     tracing::info!(address = %server.listen, "serving HTTPS");
-    let listener =
-        tls::TlsListener::new(listener, certificates).map_err(io(std::path::Path::new("TLS")))?;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(io(std::path::Path::new("listener")))
+    let acceptor = tls::acceptor(certificates).map_err(io(std::path::Path::new("TLS")))?;
+    serve::serve(
+        listener,
+        serve::Transport::Tls(acceptor),
+        router,
+        limits,
+        shutdown,
+    )
+    .await;
+    Ok(())
 }
 
 /// Merge-patches a RunnerJob's status, as Pacer's field manager; with `resource_version`, only

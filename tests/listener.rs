@@ -1,0 +1,286 @@
+//! The main listener on a real socket under hostile clients: request heads sent a byte at a
+//! time, idle and stalled connections, slow uploads, bodies sent without a valid token. Each
+//! time, a signed webhook sent meanwhile answers promptly. No ground: nothing here reaches the
+//! API server.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::reflector;
+use pacer::cloud::fake::FakeEc2;
+use pacer::config::Secret;
+use pacer::controller::{Context, Settings};
+use pacer::http::serve::{Limits, Transport, serve};
+use pacer::http::{Web, router};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const SECRET: &[u8] = b"webhook secret for listener tests";
+
+/// The listener's state, with an API server that is never reached.
+fn web() -> Arc<Web> {
+    let config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+    let client = pacer::controller::kube_client(config).unwrap();
+    let ctx = Arc::new(Context::new(
+        client,
+        Arc::new(FakeEc2::new()),
+        Settings::new("listener", "https://pacer.example.test"),
+    ));
+    let (pools, _) = reflector::store();
+    Arc::new(Web::new(
+        ctx,
+        pools,
+        vec![Secret::new(SECRET.to_vec())],
+        None,
+    ))
+}
+
+/// Serves [`web`] on a loopback port within `limits`.
+async fn listen(limits: Limits) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let app = router(web());
+    tokio::spawn(serve(
+        listener,
+        Transport::Plain,
+        app,
+        limits,
+        std::future::pending(),
+    ));
+    address
+}
+
+/// Posts GitHub's `waiting` example, signed: its status and how long it took.
+async fn signed_webhook(address: SocketAddr) -> (u16, Duration) {
+    let event = support::webhooks::examples()
+        .into_iter()
+        .find(|e| e["action"] == "waiting")
+        .unwrap();
+    let body = serde_json::to_vec(&event).unwrap();
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(format!("http://{address}/api/webhook"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "workflow_job")
+        .header("x-github-delivery", "listener-1")
+        .header(
+            "x-hub-signature-256",
+            pacer::github::webhook::sign(SECRET, &body),
+        )
+        .body(body)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), started.elapsed())
+}
+
+/// Open file descriptors of this process (client and server sides alike, every test's).
+fn open_files() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Reads until the server closes the connection or `until`; what was read, and whether it
+/// closed.
+async fn read_until_closed(stream: &mut TcpStream, until: Instant) -> (String, bool) {
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&read).into_owned(), false),
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&read).into_owned(), true),
+            Ok(Ok(n)) => read.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends a request head one byte every `every`, never finishing it; how long after it connected
+/// the server closed the connection, or `None` if it still held it at `give_up`.
+async fn trickle_head(address: SocketAddr, every: Duration, give_up: Duration) -> Option<Duration> {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let started = Instant::now();
+    let head = format!(
+        "POST /api/webhook HTTP/1.1\r\nHost: pacer\r\nX-Padding: {}",
+        "a".repeat(4096)
+    );
+    for byte in head.bytes() {
+        if stream.write_all(&[byte]).await.is_err() {
+            return Some(started.elapsed());
+        }
+        let (_, closed) = read_until_closed(&mut stream, Instant::now() + every).await;
+        if closed {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > give_up {
+            return None;
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_heads_sent_a_byte_at_a_time_are_cut_at_the_header_timeout() {
+    let header_read_timeout = Duration::from_secs(1);
+    let address = listen(Limits {
+        header_read_timeout,
+        ..Limits::MAIN
+    })
+    .await;
+    let idle_files = open_files();
+    let slow: Vec<_> = (0..200)
+        .map(|_| {
+            tokio::spawn(trickle_head(
+                address,
+                Duration::from_millis(100),
+                Duration::from_secs(6),
+            ))
+        })
+        .collect();
+    // A kept-alive connection that asked once and then says nothing.
+    let kept = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: pacer\r\n\r\n")
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(6);
+        let mut answered = String::new();
+        let mut buf = [0u8; 1024];
+        while !answered.ends_with("ok") {
+            let n = tokio::time::timeout_at(until, stream.read(&mut buf))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed before answering");
+            answered.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let answered_at = Instant::now();
+        let (_, closed) = read_until_closed(&mut stream, until).await;
+        closed.then(|| answered_at.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let busy_files = open_files();
+    let (status, took) = signed_webhook(address).await;
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "the webhook took {took:?}");
+
+    let mut closed_after = Vec::new();
+    for task in slow {
+        closed_after.push(task.await.unwrap().expect("the server held a slow head"));
+    }
+    let slowest = closed_after.iter().max().unwrap();
+    let idle = kept
+        .await
+        .unwrap()
+        .expect("the server held an idle connection");
+    println!(
+        "200 slow heads closed after {:?} to {slowest:?}; an idle keep-alive after {idle:?}; \
+         the webhook took {took:?}; open files {idle_files} idle, {busy_files} busy, {} after",
+        closed_after.iter().min().unwrap(),
+        open_files()
+    );
+    let bound = header_read_timeout + Duration::from_secs(1);
+    assert!(*slowest < bound, "a slow head lived {slowest:?}");
+    assert!(idle < bound, "an idle connection lived {idle:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_stops_sending_its_body_is_closed_at_the_idle_timeout() {
+    let idle_timeout = Duration::from_secs(2);
+    let address = listen(Limits {
+        idle_timeout,
+        ..Limits::MAIN
+    })
+    .await;
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let signature = format!("sha256={}", "0".repeat(64));
+    let head = format!(
+        "POST /api/webhook HTTP/1.1\r\nHost: pacer\r\nX-GitHub-Event: workflow_job\r\n\
+         X-Hub-Signature-256: {signature}\r\nContent-Length: 10000\r\n\r\n{}",
+        "{".repeat(100)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_until_closed(&mut stream, started + Duration::from_secs(8)).await;
+    let lived = started.elapsed();
+    println!("a stalled body's connection closed after {lived:?}: {answer:?}");
+    assert!(closed, "still open after {lived:?}: {answer:?}");
+    assert!(lived < idle_timeout + Duration::from_secs(1), "{lived:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_tls_clients_are_closed_at_the_handshake_timeout() {
+    use pacer::http::tls;
+    let handshake_timeout = Duration::from_secs(1);
+    let (certificate, _) = tls::self_signed(&["localhost".into()]).unwrap();
+    let acceptor = tls::acceptor(tls::Certificates::new(certificate)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let limits = Limits {
+        handshake_timeout,
+        ..Limits::MAIN
+    };
+    tokio::spawn(serve(
+        listener,
+        Transport::Tls(acceptor),
+        router(web()),
+        limits,
+        std::future::pending(),
+    ));
+    let silent: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut stream = TcpStream::connect(address).await.unwrap();
+                let started = Instant::now();
+                let until = started + Duration::from_secs(5);
+                let (_, closed) = read_until_closed(&mut stream, until).await;
+                closed.then(|| started.elapsed())
+            })
+        })
+        .collect();
+    let mut lived = Vec::new();
+    for task in silent {
+        lived.push(task.await.unwrap().expect("a silent client held on"));
+    }
+    let longest = lived.iter().max().unwrap();
+    println!("100 silent TLS clients closed after at most {longest:?}");
+    assert!(*longest < handshake_timeout + Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_connection_cap_a_client_waits_for_a_slot() {
+    let header_read_timeout = Duration::from_secs(2);
+    let address = listen(Limits {
+        max_connections: 20,
+        header_read_timeout,
+        ..Limits::MAIN
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let health = reqwest::Client::new()
+        .get(format!("http://{address}/healthz"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    println!("with 20 of 20 connections held, /healthz answered after {waited:?}");
+    assert_eq!(health.status(), 200);
+    assert!(
+        waited > header_read_timeout / 2,
+        "served past the cap: {waited:?}"
+    );
+    assert!(
+        waited < header_read_timeout + Duration::from_secs(1),
+        "{waited:?}"
+    );
+}
