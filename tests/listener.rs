@@ -7,6 +7,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kube::runtime::reflector;
@@ -120,6 +121,150 @@ async fn trickle_head(address: SocketAddr, every: Duration, give_up: Duration) -
         }
     }
     None
+}
+
+/// Starts a `POST path` of `length` bytes with `headers`, sends its first KiB, then a KiB every
+/// `every`; the server's answer and how long after connecting it came, if it came before
+/// `give_up`. Counts itself in `sending` once its head and first KiB are sent.
+async fn slow_upload(
+    address: SocketAddr,
+    sending: Arc<AtomicUsize>,
+    path: &str,
+    headers: &str,
+    length: usize,
+    every: Duration,
+    give_up: Duration,
+) -> Option<(String, Duration)> {
+    let stream = TcpStream::connect(address).await.unwrap();
+    let started = Instant::now();
+    let (mut reader, mut writer) = stream.into_split();
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: pacer\r\n{headers}Content-Length: {length}\r\n\r\n");
+    let trickle = async move {
+        if writer.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut sent = 0;
+        while sent < length {
+            let chunk = (length - sent).min(1024);
+            if writer.write_all(&vec![b' '; chunk]).await.is_err() {
+                return;
+            }
+            if sent == 0 {
+                sending.fetch_add(1, Ordering::SeqCst);
+            }
+            sent += chunk;
+            tokio::time::sleep(every).await;
+        }
+        std::future::pending::<()>().await
+    };
+    let answer = async move {
+        let mut buf = [0u8; 4096];
+        let n = reader.read(&mut buf).await.ok().filter(|n| *n > 0)?;
+        let took = started.elapsed();
+        let mut read = buf[..n].to_vec();
+        // The rest of a small answer follows at once.
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(100), reader.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            read.extend_from_slice(&buf[..n]);
+        }
+        Some((String::from_utf8_lossy(&read).into_owned(), took))
+    };
+    tokio::select! {
+        answer = answer => answer,
+        () = trickle => None,
+        () = tokio::time::sleep(give_up) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_uploads_fill_one_bound_and_past_it_are_refused_while_a_signed_webhook_answers() {
+    use pacer::http::{BUSY_RETRY_AFTER, CONCURRENCY};
+    const UNDER: usize = 100;
+    let address = listen(Limits::MAIN).await;
+    let forged = format!(
+        "X-GitHub-Event: workflow_job\r\nX-Hub-Signature-256: sha256={}\r\n",
+        "0".repeat(64)
+    );
+    let sending = Arc::new(AtomicUsize::new(0));
+    let all_sending = |count: usize| {
+        let sending = sending.clone();
+        async move {
+            let until = Instant::now() + Duration::from_secs(10);
+            while sending.load(Ordering::SeqCst) < count {
+                assert!(Instant::now() < until, "uploads did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Their heads reach the handlers.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let upload = |count: usize| {
+        (0..count)
+            .map(|_| {
+                let (headers, sending) = (forged.clone(), sending.clone());
+                tokio::spawn(async move {
+                    let (every, give_up) = (Duration::from_millis(500), Duration::from_secs(3));
+                    slow_upload(
+                        address,
+                        sending,
+                        "/api/webhook",
+                        &headers,
+                        200 * 1024,
+                        every,
+                        give_up,
+                    )
+                    .await
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    // Under the bound: the webhook is served.
+    let under = upload(UNDER);
+    all_sending(UNDER).await;
+    let (status, took) = signed_webhook(address).await;
+    println!(
+        "{} slow uploads: a signed webhook answered {status} in {took:?}",
+        under.len()
+    );
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // Past it (and past 256, a bound per route): the rest are refused at once, the webhook too.
+    let over = upload(200);
+    all_sending(UNDER + 200).await;
+    let (status, took) = signed_webhook(address).await;
+    println!(
+        "{} slow uploads: a signed webhook answered {status} in {took:?}",
+        under.len() + over.len()
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(status, 503);
+    let mut refused = Vec::new();
+    for task in under.into_iter().chain(over) {
+        if let Some((answer, took)) = task.await.unwrap() {
+            refused.push(took);
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            let lower = answer.to_ascii_lowercase();
+            assert!(
+                lower.contains(&format!("retry-after: {BUSY_RETRY_AFTER}\r\n")),
+                "{answer}"
+            );
+            assert!(lower.contains("content-type: application/json"), "{answer}");
+            assert!(answer.contains("{\"error\":"), "{answer}");
+        }
+    }
+    let slowest = refused.iter().max().unwrap();
+    println!(
+        "{} refused 503, the slowest after {slowest:?}",
+        refused.len()
+    );
+    assert_eq!(refused.len(), UNDER + 200 - CONCURRENCY);
+    assert!(*slowest < Duration::from_secs(1), "{slowest:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
