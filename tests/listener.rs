@@ -14,13 +14,26 @@ use kube::runtime::reflector;
 use pacer::cloud::fake::FakeEc2;
 use pacer::config::Secret;
 use pacer::controller::{Context, Settings};
+use pacer::http::runner::RunnerSide;
 use pacer::http::serve::{Limits, Transport, serve};
 use pacer::http::{Web, router};
+use pacer::runner::identity::TrustRoots;
+use pacer::runner::token::Tokens;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const SECRET: &[u8] = b"webhook secret for listener tests";
+
+/// An identity signer, made once for this test binary.
+fn signer() -> &'static support::identity::Signer {
+    static SIGNER: std::sync::OnceLock<support::identity::Signer> = std::sync::OnceLock::new();
+    SIGNER.get_or_init(|| {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("listener-{}", std::process::id()));
+        support::identity::Signer::new(&dir)
+    })
+}
 
 /// The listener's state, with an API server that is never reached.
 fn web() -> Arc<Web> {
@@ -32,12 +45,12 @@ fn web() -> Arc<Web> {
         Settings::new("listener", "https://pacer.example.test"),
     ));
     let (pools, _) = reflector::store();
-    Arc::new(Web::new(
-        ctx,
-        pools,
-        vec![Secret::new(SECRET.to_vec())],
-        None,
-    ))
+    let runners = RunnerSide {
+        trust: TrustRoots::from_pem(&std::fs::read(signer().certificate()).unwrap()).unwrap(),
+        tokens: Tokens::new(Secret::new(vec![7; 64])).unwrap(),
+        region: "us-east-1".into(),
+    };
+    Arc::new(Web::new(ctx, pools, vec![Secret::new(SECRET.to_vec())], None).with_runners(runners))
 }
 
 /// Serves [`web`] on a loopback port within `limits`.
@@ -428,4 +441,32 @@ async fn past_the_connection_cap_a_client_waits_for_a_slot() {
         waited < header_read_timeout + Duration::from_secs(1),
         "{waited:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callbacks_without_a_valid_token_are_refused_before_their_body_is_read() {
+    let address = listen(Limits::MAIN).await;
+    let sending = Arc::new(AtomicUsize::new(0));
+    let forged = "Authorization: Bearer v1.eyJuIjoieCJ9.forged\r\n";
+    let cases = [
+        ("/api/runner/register", ""),
+        ("/api/runner/register", forged),
+        ("/api/runner/complete", ""),
+        ("/api/runner/complete", forged),
+        ("/api/runner/error", ""),
+        ("/api/runner/error", forged),
+        // A webhook delivery with no signature at all.
+        ("/api/webhook", "X-GitHub-Event: workflow_job\r\n"),
+    ];
+    for (path, headers) in cases {
+        // 60 KiB, under every route's limit, of which 1 KiB is sent before the answer.
+        let (every, give_up) = (Duration::from_millis(500), Duration::from_secs(3));
+        let sent = sending.clone();
+        let answer = slow_upload(address, sent, path, headers, 60 * 1024, every, give_up).await;
+        let (answer, took) = answer.unwrap_or_else(|| panic!("{path} {headers:?}: no answer"));
+        println!("{path} {headers:?}: {took:?}");
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        assert!(answer.contains("{\"error\":"), "{path}: {answer}");
+        assert!(took < Duration::from_secs(1), "{path}: {took:?}");
+    }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, Request, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -139,22 +139,10 @@ pub fn router(state: Arc<Web>) -> Router {
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
     let api = Router::new()
         .route("/api/webhook", post(webhook::receive))
-        .route(
-            "/api/runner/bootstrap",
-            post(runner::bootstrap).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/register",
-            post(runner::register).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/complete",
-            post(runner::complete).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/error",
-            post(runner::error).layer(DefaultBodyLimit::max(runner::ERROR_BODY_LIMIT)),
-        )
+        .route("/api/runner/bootstrap", post(runner::bootstrap))
+        .route("/api/runner/register", post(runner::register))
+        .route("/api/runner/complete", post(runner::complete))
+        .route("/api/runner/error", post(runner::error))
         .route_layer(axum::middleware::from_fn_with_state(permits, bounded));
     // The probes stay outside the bound: a listener busy with requests is still alive.
     Router::new()

@@ -1,13 +1,13 @@
 //! The instance's side of the boot protocol: `POST /api/runner/bootstrap` (the signed identity
 //! document in, once, the JIT runner config and a callback token out), then `register`,
-//! `complete` and `error`, each with that token.
+//! `complete` and `error`, each with that token, checked before the body is read.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{ApiError, Web, patch_job_status as patch_status};
+use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
 use crate::domain::job::{BOOT_ANSWER_HOLD, Refusal};
@@ -79,8 +79,13 @@ fn jobs(web: &Web, namespace: &str) -> Api<RunnerJob> {
 }
 
 /// `POST /api/runner/bootstrap`.
-pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn bootstrap(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let side = side(&web)?;
+    let body = read_body(&headers, body, CALLBACK_BODY_LIMIT).await?;
     let request: BootstrapRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "the body must be JSON {{\"document\", \"signature\"}}: {e}"
@@ -440,9 +445,10 @@ struct CompleteRequest {
 pub async fn complete(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (job, _) = caller(&web, &headers).await?;
+    let body = read_body(&headers, body, CALLBACK_BODY_LIMIT).await?;
     let request: CompleteRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("the body must be JSON {{\"exitCode\": N}}: {e}"))
     })?;
@@ -488,9 +494,10 @@ fn tail(log: &str, max: usize) -> &str {
 pub async fn error(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (job, boot) = caller(&web, &headers).await?;
+    let body = read_body(&headers, body, ERROR_BODY_LIMIT).await?;
     let log = String::from_utf8_lossy(&body);
     let kept = tail(&log, STATUS_LOG_BYTES);
     let last_line = log
