@@ -15,7 +15,7 @@ use crate::controller;
 use crate::{Error, Result};
 
 /// Logs to stderr: JSON lines when stderr is not a terminal (a pod's log), readable lines on
-/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, else the
+/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. Text is coloured only on a terminal. `PACER_LOG`, else `RUST_LOG`, else the
 /// config's `log_level` filters (default `info`).
 pub fn init_tracing(config_level: Option<&str>) {
     use std::io::IsTerminal as _;
@@ -25,13 +25,15 @@ pub fn init_tracing(config_level: Option<&str>) {
             tracing_subscriber::EnvFilter::try_new(config_level.unwrap_or("info"))
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(terminal);
     let json = match std::env::var("PACER_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
-        _ => !std::io::stderr().is_terminal(),
+        _ => !terminal,
     };
     if json {
         builder.json().init();
