@@ -629,6 +629,24 @@ async fn impostors_get_no_runner_config_and_no_callback() {
             .0,
         400
     );
+    // Another instance carrying the job's tags, as whoever may tag instances could make one.
+    let copy = copy_of_instance(w.ground, &instance.id).await;
+    let (status, answer) = w
+        .post(
+            "/api/runner/bootstrap",
+            None,
+            request(
+                &signer,
+                identity::document(ACCOUNT, region, &copy, "x86_64", &now),
+            ),
+        )
+        .await;
+    assert_eq!(status, 401, "a copy's bootstrap: {answer}");
+    let launched = format!("launched instance {}, not {copy}", instance.id);
+    assert!(
+        answer["error"].as_str().unwrap().contains(&launched),
+        "{answer}"
+    );
     assert_eq!(jit_calls(), 0);
 
     // The real instance, once.
@@ -642,8 +660,11 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert!(answer["jitConfig"].as_str().is_some_and(|c| !c.is_empty()));
     assert_eq!(answer["runner"]["version"], json!(RUNNER_VERSION));
     assert_eq!(jit_calls(), 1);
+    // A replay while the answer is held for the instance is told to ask again; it gets
+    // nothing either way.
     let (status, answer) = w.post("/api/runner/bootstrap", None, good).await;
-    assert_eq!(status, 409, "a replay: {answer}");
+    assert_eq!(status, 503, "a replay: {answer}");
+    assert!(answer.get("callbackToken").is_none() && answer.get("jitConfig").is_none());
     assert_eq!(jit_calls(), 1);
 
     // Callbacks: forged, expired, another job's, none.
@@ -695,6 +716,44 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert_eq!(status, 200, "{answer}");
     w.wait_phase(&job_object_name(8001), &[JobPhase::Running], 30)
         .await;
+}
+
+/// Runs, straight in moto (not through the proxy that records Pacer's calls), another instance
+/// of `id`'s image with `id`'s tags; its id.
+async fn copy_of_instance(ground: &Ground, id: &str) -> String {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(
+            ground.var("AWS_REGION").to_string(),
+        ))
+        .endpoint_url(ground.var("MOTO_URL"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "ground",
+        ))
+        .load()
+        .await;
+    let ec2 = aws_sdk_ec2::Client::new(&config);
+    let described = ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    let original = described.reservations()[0].instances()[0].clone();
+    let tags = aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+        .set_tags(Some(original.tags().to_vec()))
+        .build();
+    let run = ec2
+        .run_instances()
+        .image_id(original.image_id().unwrap())
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(tags)
+        .send()
+        .await
+        .unwrap();
+    run.instances()[0].instance_id().unwrap().to_string()
 }
 
 /// A private CA and a certificate it signed for 127.0.0.1, written under `dir`: (CA PEM, cert

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
-use crate::domain::job::{BOOT_ANSWER_HOLD, Refusal};
+use crate::domain::job::{BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap};
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
@@ -161,6 +161,14 @@ pub async fn bootstrap(
                 "instance {instance_id}'s RunnerJob {namespace}/{name} is gone"
             ))
         })?;
+    let claimant = Claimant {
+        instance: instance_id,
+        job_uid: uid,
+    };
+    // Refused now rather than after the calls below; the claim asks again of what it writes.
+    let status = job.status.clone().unwrap_or_default();
+    may_bootstrap(job.uid().as_deref(), &status, &claimant, now)
+        .map_err(|refusal| refused(name, refusal))?;
     let pool = pool_of(&web, &job).await?;
     let boot_timeout = (web.ctx.settings.job_limits)
         .for_pool(&pool.spec)
@@ -210,6 +218,7 @@ pub async fn bootstrap(
         web.clone(),
         Handout {
             job,
+            job_uid: uid.clone(),
             boot,
             labels: pool.spec.labels.clone(),
             target,
@@ -229,6 +238,8 @@ pub async fn bootstrap(
 /// What a bootstrap hands out, once its claim holds.
 struct Handout {
     job: RunnerJob,
+    /// The RunnerJob uid the instance's tags name.
+    job_uid: String,
     boot: BootStatus,
     labels: Vec<String>,
     target: crate::github::RunnerTarget,
@@ -243,7 +254,7 @@ struct Handout {
 async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     let Handout { job, boot, .. } = &h;
     let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
-    claim(&web, job, boot).await?;
+    claim(&web, job, boot, &h.job_uid).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
     let attempt = job.status.as_ref().map_or(1, |s| s.attempt());
     let controller_id = &web.ctx.settings.controller_id;
@@ -356,20 +367,24 @@ async fn pool_of(web: &Web, job: &RunnerJob) -> Result<RunnerPool, ApiError> {
 }
 
 /// Records the bootstrap on the job, once: a job already bootstrapped, or past booting, is a
-/// 409. The write is conditional on the version read, so of two racing calls one wins.
-async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiError> {
+/// 409. The write is conditional on the version read, so of two racing calls one wins; the
+/// job read again after losing must still be the one the instance's tags name.
+async fn claim(
+    web: &Web,
+    job: &RunnerJob,
+    boot: &BootStatus,
+    job_uid: &str,
+) -> Result<(), ApiError> {
     let name = job.name_any();
     let mut job = job.clone();
+    let claimant = Claimant {
+        instance: &boot.instance_id,
+        job_uid,
+    };
     for _ in 0..5 {
         let status = job.status.clone().unwrap_or_default();
-        let instance = boot.instance_id.as_str();
-        let now = Timestamp::now();
-        crate::domain::job::may_bootstrap(&status, instance, now).map_err(
-            |refusal| match refusal {
-                Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
-                Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
-            },
-        )?;
+        may_bootstrap(job.uid().as_deref(), &status, &claimant, Timestamp::now())
+            .map_err(|refusal| refused(&name, refusal))?;
         let version = job.resource_version();
         match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
             Ok(()) => return Ok(()),
@@ -385,6 +400,15 @@ async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiE
     Err(ApiError::Unavailable(
         "the RunnerJob kept changing; retry later",
     ))
+}
+
+/// What the instance is told when RunnerJob `name` refuses its bootstrap.
+fn refused(name: &str, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Denied(why) => denied(format!("RunnerJob {name} {why}")),
+        Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
+        Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
+    }
 }
 
 /// The RunnerJob a callback's bearer token was minted for, checked against what the job
