@@ -716,6 +716,36 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert_eq!(status, 200, "{answer}");
     w.wait_phase(&job_object_name(8001), &[JobPhase::Running], 30)
         .await;
+
+    // Once the job is over, its token is good for nothing.
+    let exit = json!({"exitCode": 0});
+    let (status, answer) = w.post("/api/runner/complete", Some(&token), exit).await;
+    assert_eq!(status, 200, "{answer}");
+    w.wait_phase(&job_object_name(8001), &[JobPhase::Succeeded], 60)
+        .await;
+    for path in [
+        "/api/runner/register",
+        "/api/runner/complete",
+        "/api/runner/error",
+    ] {
+        let (status, answer) = w.post(path, Some(&token), json!({"exitCode": 1})).await;
+        assert_eq!(status, 409, "{path} on a finished job: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("Succeeded"),
+            "{answer}"
+        );
+    }
+    let status = w
+        .jobs
+        .get(&job_object_name(8001))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded);
+    assert_eq!(status.completion.unwrap().result, JobResult::Success);
+    assert!(status.last_error.is_none(), "{:?}", status.last_error);
+    assert!(status.boot.unwrap().log_tail.is_none());
 }
 
 /// Runs, straight in moto (not through the proxy that records Pacer's calls), another instance

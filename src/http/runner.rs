@@ -412,7 +412,8 @@ fn refused(name: &str, refusal: Refusal) -> ApiError {
 }
 
 /// The RunnerJob a callback's bearer token was minted for, checked against what the job
-/// kept: its uid, the instance that bootstrapped, and the token's fingerprint.
+/// kept: its uid, the instance that bootstrapped, and the token's fingerprint; a finished job
+/// is a 409.
 async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus), ApiError> {
     let side = side(web)?;
     let bearer = headers
@@ -437,6 +438,15 @@ async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus
         .filter(|b| b.instance_id == claims.instance)
         .filter(|b| token::matches(bearer.as_bytes(), &b.token_sha256))
         .ok_or_else(|| denied("the callback token is not this RunnerJob's"))?;
+    // Its instance is gone: nothing it says can change the outcome any more.
+    if let Some(phase) = job.status.as_ref().map(|s| s.phase)
+        && phase.is_finished()
+    {
+        return Err(ApiError::Conflict(format!(
+            "RunnerJob {} is {phase:?} and takes no more callbacks",
+            job.name_any()
+        )));
+    }
     Ok((job, boot))
 }
 
