@@ -647,6 +647,14 @@ async fn impostors_get_no_runner_config_and_no_callback() {
         answer["error"].as_str().unwrap().contains(&launched),
         "{answer}"
     );
+    // Gone again before Pacer would clean it up with the job: the proxy never saw its tags.
+    moto(w.ground)
+        .await
+        .terminate_instances()
+        .instance_ids(&copy)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(jit_calls(), 0);
 
     // The real instance, once.
@@ -748,9 +756,9 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert!(status.boot.unwrap().log_tail.is_none());
 }
 
-/// Runs, straight in moto (not through the proxy that records Pacer's calls), another instance
-/// of `id`'s image with `id`'s tags; its id.
-async fn copy_of_instance(ground: &Ground, id: &str) -> String {
+/// An EC2 client straight to moto, not through the proxy that records Pacer's calls for the
+/// IAM simulation: what the test itself does there is not Pacer's to be allowed.
+async fn moto(ground: &Ground) -> aws_sdk_ec2::Client {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(
             ground.var("AWS_REGION").to_string(),
@@ -761,7 +769,12 @@ async fn copy_of_instance(ground: &Ground, id: &str) -> String {
         ))
         .load()
         .await;
-    let ec2 = aws_sdk_ec2::Client::new(&config);
+    aws_sdk_ec2::Client::new(&config)
+}
+
+/// Runs, straight in moto, another instance of `id`'s image with `id`'s tags; its id.
+async fn copy_of_instance(ground: &Ground, id: &str) -> String {
+    let ec2 = moto(ground).await;
     let described = ec2
         .describe_instances()
         .instance_ids(id)
