@@ -15,7 +15,7 @@ use crate::controller;
 use crate::{Error, Result};
 
 /// Logs to stderr: JSON lines when stderr is not a terminal (a pod's log), readable lines on
-/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. `PACER_LOG`, else `RUST_LOG`, else the
+/// one; `PACER_LOG_FORMAT=json|text` decides otherwise. Text is coloured only on a terminal. `PACER_LOG`, else `RUST_LOG`, else the
 /// config's `log_level` filters (default `info`).
 pub fn init_tracing(config_level: Option<&str>) {
     use std::io::IsTerminal as _;
@@ -25,13 +25,15 @@ pub fn init_tracing(config_level: Option<&str>) {
             tracing_subscriber::EnvFilter::try_new(config_level.unwrap_or("info"))
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(terminal);
     let json = match std::env::var("PACER_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
-        _ => !std::io::stderr().is_terminal(),
+        _ => !terminal,
     };
     if json {
         builder.json().init();
@@ -122,7 +124,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
             source,
         })?;
     info!(address = %config.server.metrics_listen, "serving metrics at /metrics");
-    let metrics = axum::serve(listener, crate::http::metrics_router(ctx.clone()));
+    let metrics = crate::http::serve::serve(
+        listener,
+        crate::http::serve::Transport::Plain,
+        crate::http::metrics_router(ctx.clone()),
+        crate::http::serve::Limits::SIDE,
+        std::future::pending(),
+    );
 
     let namespace = Some(config.controller.namespace.clone()).filter(|ns| !ns.is_empty());
     let (pool_cache, pool_writer) = kube::runtime::reflector::store();
@@ -196,6 +204,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             &config.server,
             crate::http::router(web),
             Some(cluster),
+            crate::http::serve::Limits::MAIN,
             async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             },
@@ -270,10 +279,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 Err(_) => tracing::warn!("the controllers did not stop in time"),
             }
         }
-        result = metrics.into_future() => {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "the metrics listener stopped");
-            }
+        () = metrics => {
+            tracing::error!("the metrics listener stopped");
         }
     }
     info!("shut down");

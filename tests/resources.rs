@@ -57,6 +57,16 @@ fn invalid_pools() -> Vec<Breakage> {
             "spec.tags",
         ),
         (
+            "reserved tag key in capitals",
+            |p| p["spec"]["tags"]["GHA:managed-by"] = json!("x"),
+            "spec.tags",
+        ),
+        (
+            "aws: tag key in mixed case",
+            |p| p["spec"]["tags"]["Aws:owner"] = json!("x"),
+            "spec.tags",
+        ),
+        (
             "negative root volume",
             |p| p["spec"]["rootVolume"]["sizeGiB"] = json!(-1),
             "spec.rootVolume.sizeGiB",

@@ -172,7 +172,9 @@ impl World {
                 };
                 tasks.push(tokio::spawn(async move {
                     let shutdown = std::future::pending();
-                    let _ = pacer::http::serve_main(&server, router(web), None, shutdown).await;
+                    let limits = pacer::http::serve::Limits::MAIN;
+                    let _ =
+                        pacer::http::serve_main(&server, router(web), None, limits, shutdown).await;
                 }));
             }
         }
@@ -664,6 +666,32 @@ async fn impostors_get_no_runner_config_and_no_callback() {
             .0,
         400
     );
+    // Another instance carrying the job's tags, as whoever may tag instances could make one.
+    let copy = copy_of_instance(w.ground, &instance.id).await;
+    let (status, answer) = w
+        .post(
+            "/api/runner/bootstrap",
+            None,
+            request(
+                &signer,
+                identity::document(ACCOUNT, region, &copy, "x86_64", &now),
+            ),
+        )
+        .await;
+    assert_eq!(status, 401, "a copy's bootstrap: {answer}");
+    let launched = format!("launched instance {}, not {copy}", instance.id);
+    assert!(
+        answer["error"].as_str().unwrap().contains(&launched),
+        "{answer}"
+    );
+    // Gone again before Pacer would clean it up with the job: the proxy never saw its tags.
+    moto(w.ground)
+        .await
+        .terminate_instances()
+        .instance_ids(&copy)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(jit_calls(), 0);
 
     // The real instance, once.
@@ -677,8 +705,10 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert!(answer["jitConfig"].as_str().is_some_and(|c| !c.is_empty()));
     assert_eq!(answer["runner"]["version"], json!(RUNNER_VERSION));
     assert_eq!(jit_calls(), 1);
+    // A replay once the answer was handed out is refused; it gets nothing.
     let (status, answer) = w.post("/api/runner/bootstrap", None, good).await;
     assert_eq!(status, 409, "a replay: {answer}");
+    assert!(answer.get("callbackToken").is_none() && answer.get("jitConfig").is_none());
     assert_eq!(jit_calls(), 1);
 
     // Callbacks: forged, expired, another job's, none.
@@ -730,6 +760,79 @@ async fn impostors_get_no_runner_config_and_no_callback() {
     assert_eq!(status, 200, "{answer}");
     w.wait_phase(&job_object_name(8001), &[JobPhase::Running], 30)
         .await;
+
+    // Once the job is over, its token is good for nothing.
+    let exit = json!({"exitCode": 0});
+    let (status, answer) = w.post("/api/runner/complete", Some(&token), exit).await;
+    assert_eq!(status, 200, "{answer}");
+    w.wait_phase(&job_object_name(8001), &[JobPhase::Succeeded], 60)
+        .await;
+    for path in [
+        "/api/runner/register",
+        "/api/runner/complete",
+        "/api/runner/error",
+    ] {
+        let (status, answer) = w.post(path, Some(&token), json!({"exitCode": 1})).await;
+        assert_eq!(status, 409, "{path} on a finished job: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("Succeeded"),
+            "{answer}"
+        );
+    }
+    let status = w
+        .jobs
+        .get(&job_object_name(8001))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded);
+    assert_eq!(status.completion.unwrap().result, JobResult::Success);
+    assert!(status.last_error.is_none(), "{:?}", status.last_error);
+    assert!(status.boot.unwrap().log_tail.is_none());
+}
+
+/// An EC2 client straight to moto, not through the proxy that records Pacer's calls for the
+/// IAM simulation: what the test itself does there is not Pacer's to be allowed.
+async fn moto(ground: &Ground) -> aws_sdk_ec2::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(
+            ground.var("AWS_REGION").to_string(),
+        ))
+        .endpoint_url(ground.var("MOTO_URL"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "ground",
+        ))
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&config)
+}
+
+/// Runs, straight in moto, another instance of `id`'s image with `id`'s tags; its id.
+async fn copy_of_instance(ground: &Ground, id: &str) -> String {
+    let ec2 = moto(ground).await;
+    let described = ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    let original = described.reservations()[0].instances()[0].clone();
+    let tags = aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+        .set_tags(Some(original.tags().to_vec()))
+        .build();
+    let run = ec2
+        .run_instances()
+        .image_id(original.image_id().unwrap())
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(tags)
+        .send()
+        .await
+        .unwrap();
+    run.instances()[0].instance_id().unwrap().to_string()
 }
 
 /// A private CA and a certificate it signed for 127.0.0.1, written under `dir`: (CA PEM, cert

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use pacer::config::{AcmeConfig, ServerConfig, TlsConfig, TlsMode};
+use pacer::http::serve::Limits;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -43,7 +44,7 @@ fn serve_in(tls: TlsConfig, cluster: Option<pacer::http::Cluster>) -> u16 {
     };
     let app = Router::new().route("/healthz", get(|| async { "ok" }));
     tokio::spawn(async move {
-        pacer::http::serve_main(&server, app, cluster, std::future::pending())
+        pacer::http::serve_main(&server, app, cluster, Limits::MAIN, std::future::pending())
             .await
             .unwrap();
     });

@@ -420,8 +420,8 @@ async fn bad_deliveries_get_their_status_and_write_nothing() {
             StatusCode::BAD_REQUEST,
         ),
         (
-            "over 1 MiB",
-            vec![b' '; 1024 * 1024 + 1],
+            "over 256 KiB",
+            vec![b' '; 256 * 1024 + 1],
             Some(SECRET),
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
@@ -429,6 +429,9 @@ async fn bad_deliveries_get_their_status_and_write_nothing() {
     for (name, body, secret, expected) in cases {
         let (status, text) = w.post("workflow_job", name, &body, secret).await;
         assert_eq!(status, expected, "{name}: {text}");
+        let error: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"));
+        assert!(error["error"].is_string(), "{name}: {text}");
         assert!(
             !text.contains("kube") && !text.contains("at src/"),
             "{name}: {text}"

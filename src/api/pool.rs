@@ -143,7 +143,7 @@ pub struct RunnerPoolSpec {
     pub ttl_seconds_after_finished: i32,
 
     /// Extra tags put on every instance and volume of this pool. Keys starting with `gha:` or
-    /// `aws:` are reserved.
+    /// `aws:`, in any case, are reserved.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 30))]
     pub tags: BTreeMap<String, String>,

@@ -104,13 +104,16 @@ pub const POOL_RULES: &[Rule<RunnerPoolSpec>] = &[
     },
     Rule {
         field: ".tags",
-        cel: "!has(self.tags) || self.tags.all(k, !k.startsWith('gha:') && !k.startsWith('aws:'))",
+        // EC2 refuses `aws:` in any case; `gha:` is refused the same way so no pool can pass
+        // a tag off as Pacer's to a reader who ignores case.
+        cel: "!has(self.tags) || self.tags.all(k, !k.lowerAscii().startsWith('gha:') && !k.lowerAscii().startsWith('aws:'))",
         transition: false,
-        message: "tag keys starting with gha: or aws: are reserved",
+        message: "tag keys starting with gha: or aws:, in any case, are reserved",
         holds: Some(|s| {
-            s.tags
-                .keys()
-                .all(|k| !RESERVED_TAG_PREFIXES.iter().any(|p| k.starts_with(p)))
+            s.tags.keys().all(|k| {
+                let k = k.to_ascii_lowercase();
+                !RESERVED_TAG_PREFIXES.iter().any(|p| k.starts_with(p))
+            })
         }),
     },
     Rule {

@@ -29,6 +29,7 @@ LOG_TAIL_BYTES=65536
 
 mkdir -p "$STATE"
 exec > >(tee -a "$LOG") 2>&1
+tee_pid=$!
 # Pacer's listener may use a private CA; other endpoints keep the AMI's trust store.
 pacer_tls=()
 if [ -n "$PACER_CA_PEM" ]; then
@@ -43,6 +44,13 @@ on_error() {
   trap - ERR
   echo "pacer: boot failed at line $line with status $status"
   if [ -n "${notices:-}" ]; then kill "$notices" 2>/dev/null || true; fi
+  # Everything said so far reaches the log before its tail is sent: tee ends once nothing
+  # writes to it any more (at most 2 s).
+  exec >>"$LOG" 2>&1
+  for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    kill -0 "$tee_pid" 2>/dev/null || break
+    sleep 0.1
+  done
   if [ -s "$AUTH" ]; then
     tail -c "$LOG_TAIL_BYTES" "$LOG" | curl -sS --max-time 30 --retry 3 --retry-all-errors \
       "${pacer_tls[@]}" -X POST -H @"$AUTH" -H 'Content-Type: text/plain' --data-binary @- \

@@ -838,14 +838,33 @@ pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
 /// made it; meanwhile other replicas tell the instance to ask again.
 pub const BOOT_ANSWER_HOLD: Duration = Duration::from_secs(120);
 
-/// Whether a RunnerJob may take an instance's bootstrap at `now`: it waits for one to boot and
-/// none has bootstrapped yet. Why not, for a 409 (or a 503 while this very instance's
-/// bootstrap is still being answered), otherwise.
+/// Who asks to bootstrap: an instance whose identity verified, and the RunnerJob uid its tags
+/// name.
+#[derive(Clone, Copy, Debug)]
+pub struct Claimant<'a> {
+    pub instance: &'a str,
+    pub job_uid: &'a str,
+}
+
+/// Whether a RunnerJob (its uid and status, as read now) may take an instance's bootstrap at
+/// `now`: it is the RunnerJob the instance was launched for, it waits for one to boot, the
+/// instance is the one it launched (once it knows which), and none has bootstrapped yet. Why
+/// not, otherwise: denied (401) when the instance is not this RunnerJob's, never (409), or not
+/// yet (503, while this very instance's bootstrap is still being answered).
 pub fn may_bootstrap(
+    job_uid: Option<&str>,
     status: &RunnerJobStatus,
-    instance: &str,
+    claimant: &Claimant<'_>,
     now: Timestamp,
 ) -> Result<(), Refusal> {
+    let instance = claimant.instance;
+    // A RunnerJob deleted and made again under the same name is another job.
+    if job_uid != Some(claimant.job_uid) {
+        return Err(Refusal::Denied(format!(
+            "is not the RunnerJob instance {instance} was launched for (uid {})",
+            claimant.job_uid
+        )));
+    }
     if status
         .previous_attempts
         .iter()
@@ -853,6 +872,14 @@ pub fn may_bootstrap(
     {
         return Err(Refusal::Never(format!(
             "replaced instance {instance} by a newer attempt"
+        )));
+    }
+    // Tags can be copied onto another instance; the one the launch made is recorded.
+    if let Some(launched) = status.instance.as_ref().map(|i| i.id.as_str())
+        && launched != instance
+    {
+        return Err(Refusal::Denied(format!(
+            "launched instance {launched}, not {instance}"
         )));
     }
     if let Some(boot) = &status.boot {
@@ -890,6 +917,8 @@ pub fn may_bootstrap(
 /// Why a bootstrap is refused: for good, or for now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
+    /// The instance is not this RunnerJob's.
+    Denied(String),
     Never(String),
     NotYet(String),
 }
@@ -1943,21 +1972,28 @@ mod tests {
 
     #[test]
     fn a_job_takes_one_bootstrap_while_it_waits_for_its_instance() {
+        let ask = |status: &RunnerJobStatus, instance: &str, now| {
+            let claimant = Claimant {
+                instance,
+                job_uid: "uid-1",
+            };
+            may_bootstrap(Some("uid-1"), status, &claimant, now)
+        };
         let mut status = RunnerJobStatus {
             phase: JobPhase::Booting,
             ..Default::default()
         };
-        assert_eq!(may_bootstrap(&status, "i-2", Timestamp::now()), Ok(()));
+        assert_eq!(ask(&status, "i-2", Timestamp::now()), Ok(()));
         status.phase = JobPhase::Launching;
-        assert_eq!(may_bootstrap(&status, "i-2", Timestamp::now()), Ok(()));
+        assert_eq!(ask(&status, "i-2", Timestamp::now()), Ok(()));
         status.phase = JobPhase::Pending;
         assert!(matches!(
-            may_bootstrap(&status, "i-2", Timestamp::now()),
+            ask(&status, "i-2", Timestamp::now()),
             Err(Refusal::NotYet(_))
         ));
         status.phase = JobPhase::Running;
         assert!(
-            matches!(may_bootstrap(&status, "i-2", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("Running"))
+            matches!(ask(&status, "i-2", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("Running"))
         );
         status.phase = JobPhase::Booting;
         status.previous_attempts.push(crate::api::PreviousAttempt {
@@ -1967,7 +2003,7 @@ mod tests {
             time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         });
         assert!(
-            matches!(may_bootstrap(&status, "i-1", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("replaced"))
+            matches!(ask(&status, "i-1", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("replaced"))
         );
         status.boot = Some(crate::api::BootStatus {
             instance_id: "i-2".into(),
@@ -1979,15 +2015,54 @@ mod tests {
         });
         // The same instance asking again at once is told to ask again; another, or later, never.
         assert!(matches!(
-            may_bootstrap(&status, "i-2", Timestamp::now()),
+            ask(&status, "i-2", Timestamp::now()),
             Err(Refusal::NotYet(_))
         ));
         assert!(
-            matches!(may_bootstrap(&status, "i-3", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("already"))
+            matches!(ask(&status, "i-3", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("already"))
         );
         let later = Timestamp::now() + BOOT_ANSWER_HOLD;
         assert!(
-            matches!(may_bootstrap(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
+            matches!(ask(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
         );
+    }
+
+    #[test]
+    fn only_the_instance_a_job_launched_bootstraps_it() {
+        let mut status = RunnerJobStatus {
+            phase: JobPhase::Booting,
+            ..Default::default()
+        };
+        let now = Timestamp::now();
+        let ours = Claimant {
+            instance: "i-1",
+            job_uid: "uid-1",
+        };
+        // Its launch not seen yet: the tags decide.
+        assert_eq!(may_bootstrap(Some("uid-1"), &status, &ours, now), Ok(()));
+        status.instance = Some(crate::api::InstanceStatus {
+            id: "i-1".into(),
+            instance_type: "m7i.large".into(),
+            zone: "us-east-1a".into(),
+            market: "spot".into(),
+            launch_time: None,
+        });
+        assert_eq!(may_bootstrap(Some("uid-1"), &status, &ours, now), Ok(()));
+        // Another instance carrying the job's tags.
+        let copied = Claimant {
+            instance: "i-2",
+            ..ours
+        };
+        assert!(matches!(
+            may_bootstrap(Some("uid-1"), &status, &copied, now),
+            Err(Refusal::Denied(w)) if w.contains("launched instance i-1, not i-2")
+        ));
+        // The RunnerJob was deleted and made again under its name: not the instance's job.
+        for uid in [Some("uid-2"), None] {
+            assert!(matches!(
+                may_bootstrap(uid, &status, &ours, now),
+                Err(Refusal::Denied(w)) if w.contains("uid-1")
+            ));
+        }
     }
 }

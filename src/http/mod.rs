@@ -3,6 +3,7 @@
 
 pub mod acme;
 pub mod runner;
+pub mod serve;
 pub mod tls;
 mod webhook;
 
@@ -12,23 +13,29 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderName, Request, StatusCode, header};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, Request, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kube::runtime::reflector::Store;
+use tokio::sync::Semaphore;
 
 use crate::api::RunnerPool;
 use crate::config::Secret;
 use crate::controller::{Context, job};
 
-/// Largest webhook body accepted. GitHub caps payloads at 25 MB, but `workflow_job` bodies are
-/// a few KiB.
-pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
+/// Largest webhook body accepted. GitHub caps deliveries at 25 MB, but its `workflow_job`
+/// examples are 7 to 12 KiB; see docs/security.md for the margin.
+pub const WEBHOOK_BODY_LIMIT: usize = 256 * 1024;
 /// Longest a request may take before it is answered 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Requests handled at once; more wait their turn.
-pub const CONCURRENCY: usize = 256;
+/// Requests the `/api/` routes handle at once, all of them together; one more is answered 503
+/// with `Retry-After` at once rather than queued.
+pub const CONCURRENCY: usize = 128;
+/// What a client refused for [`CONCURRENCY`] is told to wait, in seconds.
+pub const BUSY_RETRY_AFTER: u64 = 2;
 
 /// What the main listener's handlers share.
 pub struct Web {
@@ -119,7 +126,6 @@ impl Recent {
 /// The main listener: `POST /api/webhook`, the runner endpoints under `/api/runner/`,
 /// `GET /healthz`, `GET /readyz`.
 pub fn router(state: Arc<Web>) -> Router {
-    use tower_http::timeout::TimeoutLayer;
     use tower_http::trace::TraceLayer;
     let delivery = HeaderName::from_static("x-github-delivery");
     let span = move |request: &Request<_>| {
@@ -130,40 +136,64 @@ pub fn router(state: Arc<Web>) -> Router {
             .unwrap_or_default();
         tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), delivery)
     };
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let api = Router::new()
+        .route("/api/webhook", post(webhook::receive))
+        .route("/api/runner/bootstrap", post(runner::bootstrap))
+        .route("/api/runner/register", post(runner::register))
+        .route("/api/runner/complete", post(runner::complete))
+        .route("/api/runner/interrupted", post(runner::interrupted))
+        .route("/api/runner/error", post(runner::error))
+        .route_layer(axum::middleware::from_fn_with_state(permits, bounded));
+    // The probes stay outside the bound: a listener busy with requests is still alive.
     Router::new()
-        .route(
-            "/api/webhook",
-            post(webhook::receive).layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/bootstrap",
-            post(runner::bootstrap).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/register",
-            post(runner::register).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/complete",
-            post(runner::complete).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/interrupted",
-            post(runner::interrupted).layer(DefaultBodyLimit::max(runner::CALLBACK_BODY_LIMIT)),
-        )
-        .route(
-            "/api/runner/error",
-            post(runner::error).layer(DefaultBodyLimit::max(runner::ERROR_BODY_LIMIT)),
-        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(CONCURRENCY))
+        .merge(api)
         .layer(TraceLayer::new_for_http().make_span_with(span))
         .with_state(state)
+}
+
+/// Holds one of the listener's [`CONCURRENCY`] permits for the request, or refuses it at once
+/// when none is free; and answers 408 when the request, its body included, takes longer than
+/// [`REQUEST_TIMEOUT`].
+async fn bounded(
+    State(permits): State<Arc<Semaphore>>,
+    request: Request<Body>,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = permits.try_acquire_owned() else {
+        let why = "Pacer is handling as many requests as it takes; retry shortly";
+        return ApiError::NotYet(why.into(), BUSY_RETRY_AFTER).into_response();
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TimedOut.into_response(),
+    }
+}
+
+/// A request's body, at most `limit` bytes: a larger one is refused 413 as soon as its
+/// `Content-Length`, or the bytes read so far, say so.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures::StreamExt as _;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut read = Vec::with_capacity(declared.map_or(0, |length| length as usize));
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::BadRequest("the request body could not be read".into()))?;
+        if read.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(read.into())
 }
 
 async fn readyz(State(web): State<Arc<Web>>) -> Response {
@@ -193,6 +223,10 @@ pub enum ApiError {
     Unavailable(&'static str),
     /// 503 with `Retry-After`: nothing is wrong, the answer is not ready yet.
     NotYet(String, u64),
+    /// 413: the body is over this many bytes.
+    TooLarge(usize),
+    /// 408: the request took longer than [`REQUEST_TIMEOUT`].
+    TimedOut,
 }
 
 impl IntoResponse for ApiError {
@@ -203,6 +237,14 @@ impl IntoResponse for ApiError {
             Self::Conflict(why) => (StatusCode::CONFLICT, why),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             Self::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
+            Self::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {} KiB", limit / 1024),
+            ),
+            Self::TimedOut => (
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request took over {} s", REQUEST_TIMEOUT.as_secs()),
+            ),
             Self::NotYet(why, seconds) => {
                 let body = axum::Json(serde_json::json!({ "error": why }));
                 let retry = [(axum::http::header::RETRY_AFTER, seconds.to_string())];
@@ -229,6 +271,7 @@ pub async fn serve_main(
     server: &crate::config::ServerConfig,
     router: Router,
     cluster: Option<Cluster>,
+    limits: serve::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> crate::Result<()> {
     use crate::config::TlsMode;
@@ -256,10 +299,8 @@ pub async fn serve_main(
     let certificates = match tls_config.mode {
         TlsMode::None => {
             tracing::info!(address = %server.listen, "serving HTTP");
-            return axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(io(std::path::Path::new("listener")));
+            serve::serve(listener, serve::Transport::Plain, router, limits, shutdown).await;
+            return Ok(());
         }
         TlsMode::Manual => {
             let (Some(cert), Some(key)) = (&tls_config.cert_file, &tls_config.key_file) else {
@@ -330,7 +371,13 @@ pub async fn serve_main(
             let http = bind(acme_config.http_listen).await?;
             tracing::info!(address = %acme_config.http_listen, "answering ACME HTTP-01 challenges");
             let challenge_router = acme::challenge_router(challenges.clone(), store.clone());
-            tokio::spawn(async move { axum::serve(http, challenge_router).await });
+            tokio::spawn(serve::serve(
+                http,
+                serve::Transport::Plain,
+                challenge_router,
+                serve::Limits::SIDE,
+                std::future::pending(),
+            ));
             tokio::spawn(acme::run(
                 acme_config,
                 store,
@@ -342,12 +389,16 @@ pub async fn serve_main(
         }
     };
     tracing::info!(address = %server.listen, "serving HTTPS");
-    let listener =
-        tls::TlsListener::new(listener, certificates).map_err(io(std::path::Path::new("TLS")))?;
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(io(std::path::Path::new("listener")))
+    let acceptor = tls::acceptor(certificates).map_err(io(std::path::Path::new("TLS")))?;
+    serve::serve(
+        listener,
+        serve::Transport::Tls(acceptor),
+        router,
+        limits,
+        shutdown,
+    )
+    .await;
+    Ok(())
 }
 
 /// Merge-patches a RunnerJob's status, as Pacer's field manager; with `resource_version`, only

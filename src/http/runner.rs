@@ -1,13 +1,13 @@
 //! The instance's side of the boot protocol: `POST /api/runner/bootstrap` (the signed identity
 //! document in, once, the JIT runner config and a callback token out), then `register`,
-//! `complete` and `error`, each with that token.
+//! `complete` and `error`, each with that token, checked before the body is read.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -23,10 +23,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{ApiError, Web, patch_job_status as patch_status};
+use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::cloud::Ec2 as _;
-use crate::domain::job::{BOOT_ANSWER_HOLD, Refusal};
+use crate::domain::job::{BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap};
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
@@ -79,8 +79,13 @@ fn jobs(web: &Web, namespace: &str) -> Api<RunnerJob> {
 }
 
 /// `POST /api/runner/bootstrap`.
-pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn bootstrap(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let side = side(&web)?;
+    let body = read_body(&headers, body, CALLBACK_BODY_LIMIT).await?;
     let request: BootstrapRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "the body must be JSON {{\"document\", \"signature\"}}: {e}"
@@ -156,6 +161,14 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
                 "instance {instance_id}'s RunnerJob {namespace}/{name} is gone"
             ))
         })?;
+    let claimant = Claimant {
+        instance: instance_id,
+        job_uid: uid,
+    };
+    // Refused now rather than after the calls below; the claim asks again of what it writes.
+    let status = job.status.clone().unwrap_or_default();
+    may_bootstrap(job.uid().as_deref(), &status, &claimant, now)
+        .map_err(|refusal| refused(name, refusal))?;
     let pool = pool_of(&web, &job).await?;
     let boot_timeout = (web.ctx.settings.job_limits)
         .for_pool(&pool.spec)
@@ -205,6 +218,7 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
         web.clone(),
         Handout {
             job,
+            job_uid: uid.clone(),
             boot,
             labels: pool.spec.labels.clone(),
             target,
@@ -224,6 +238,8 @@ pub async fn bootstrap(State(web): State<Arc<Web>>, body: Bytes) -> Result<Respo
 /// What a bootstrap hands out, once its claim holds.
 struct Handout {
     job: RunnerJob,
+    /// The RunnerJob uid the instance's tags name.
+    job_uid: String,
     boot: BootStatus,
     labels: Vec<String>,
     target: crate::github::RunnerTarget,
@@ -238,7 +254,7 @@ struct Handout {
 async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     let Handout { job, boot, .. } = &h;
     let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
-    claim(&web, job, boot).await?;
+    claim(&web, job, boot, &h.job_uid).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
     let attempt = job.status.as_ref().map_or(1, |s| s.attempt());
     let controller_id = &web.ctx.settings.controller_id;
@@ -389,20 +405,24 @@ async fn pool_of(web: &Web, job: &RunnerJob) -> Result<RunnerPool, ApiError> {
 }
 
 /// Records the bootstrap on the job, once: a job already bootstrapped, or past booting, is a
-/// 409. The write is conditional on the version read, so of two racing calls one wins.
-async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiError> {
+/// 409. The write is conditional on the version read, so of two racing calls one wins; the
+/// job read again after losing must still be the one the instance's tags name.
+async fn claim(
+    web: &Web,
+    job: &RunnerJob,
+    boot: &BootStatus,
+    job_uid: &str,
+) -> Result<(), ApiError> {
     let name = job.name_any();
     let mut job = job.clone();
+    let claimant = Claimant {
+        instance: &boot.instance_id,
+        job_uid,
+    };
     for _ in 0..5 {
         let status = job.status.clone().unwrap_or_default();
-        let instance = boot.instance_id.as_str();
-        let now = Timestamp::now();
-        crate::domain::job::may_bootstrap(&status, instance, now).map_err(
-            |refusal| match refusal {
-                Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
-                Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
-            },
-        )?;
+        may_bootstrap(job.uid().as_deref(), &status, &claimant, Timestamp::now())
+            .map_err(|refusal| refused(&name, refusal))?;
         let version = job.resource_version();
         match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
             Ok(()) => return Ok(()),
@@ -420,8 +440,18 @@ async fn claim(web: &Web, job: &RunnerJob, boot: &BootStatus) -> Result<(), ApiE
     ))
 }
 
+/// What the instance is told when RunnerJob `name` refuses its bootstrap.
+fn refused(name: &str, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Denied(why) => denied(format!("RunnerJob {name} {why}")),
+        Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
+        Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
+    }
+}
+
 /// The RunnerJob a callback's bearer token was minted for, checked against what the job
-/// kept: its uid, the instance that bootstrapped, and the token's fingerprint.
+/// kept: its uid, the instance that bootstrapped, and the token's fingerprint; a finished job
+/// is a 409.
 async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus), ApiError> {
     let side = side(web)?;
     let bearer = headers
@@ -446,6 +476,15 @@ async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus
         .filter(|b| b.instance_id == claims.instance)
         .filter(|b| token::matches(bearer.as_bytes(), &b.token_sha256))
         .ok_or_else(|| denied("the callback token is not this RunnerJob's"))?;
+    // Its instance is gone: nothing it says can change the outcome any more.
+    if let Some(phase) = job.status.as_ref().map(|s| s.phase)
+        && phase.is_finished()
+    {
+        return Err(ApiError::Conflict(format!(
+            "RunnerJob {} is {phase:?} and takes no more callbacks",
+            job.name_any()
+        )));
+    }
     Ok((job, boot))
 }
 
@@ -478,9 +517,10 @@ struct CompleteRequest {
 pub async fn complete(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (job, _) = caller(&web, &headers).await?;
+    let body = read_body(&headers, body, CALLBACK_BODY_LIMIT).await?;
     let request: CompleteRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!("the body must be JSON {{\"exitCode\": N}}: {e}"))
     })?;
@@ -529,9 +569,10 @@ struct InterruptedRequest {
 pub async fn interrupted(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (job, boot) = caller(&web, &headers).await?;
+    let body = read_body(&headers, body, CALLBACK_BODY_LIMIT).await?;
     let request: InterruptedRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "the body must be JSON {{\"kind\", \"notice\"}}: {e}"
@@ -595,9 +636,10 @@ fn tail(log: &str, max: usize) -> &str {
 pub async fn error(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (job, boot) = caller(&web, &headers).await?;
+    let body = read_body(&headers, body, ERROR_BODY_LIMIT).await?;
     let log = String::from_utf8_lossy(&body);
     let kept = tail(&log, STATUS_LOG_BYTES);
     let last_line = log

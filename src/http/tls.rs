@@ -1,10 +1,10 @@
-//! TLS in process (`server.tls.mode`): a listener that hands axum finished TLS connections,
-//! with a certificate that can change under it (files rewritten, ACME renewals).
+//! TLS in process (`server.tls.mode`): the acceptor the main listener terminates TLS with, and
+//! a certificate that can change under it (files rewritten, ACME renewals).
 //!
-//! Handshakes run on their own tasks, so a slow or silent client never holds up the next one.
+//! Handshakes run on their connections' own tasks, bounded in time and in number with the
+//! connections (see `serve`), so a slow or silent client never holds up the next one.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -15,15 +15,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use sha2::{Digest as _, Sha256};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// How often certificate files are looked at for changes.
 pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
-/// Longest a client may take over its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The certificate served now; replaced whole when a new one arrives.
 #[derive(Debug)]
@@ -128,70 +123,17 @@ pub async fn reload_on_change(
     }
 }
 
-/// A TCP listener whose connections come out TLS-terminated.
-pub struct TlsListener {
-    connections: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    _accepting: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    pub fn new(listener: TcpListener, certificates: Arc<Certificates>) -> io::Result<Self> {
-        let local = listener.local_addr()?;
-        let mut config =
-            rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(io::Error::other)?
-                .with_no_client_auth()
-                .with_cert_resolver(certificates);
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let (tx, connections) = mpsc::channel(64);
-        let accepting = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            connections,
-            local,
-            _accepting: accepting,
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.connections.recv().await {
-            Some(connection) => connection,
-            // The accepting task only ends with the listener.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+/// What terminates TLS on the main listener: HTTP/1.1 only, with whichever certificate
+/// `certificates` holds at each handshake.
+pub fn acceptor(certificates: Arc<Certificates>) -> io::Result<tokio_rustls::TlsAcceptor> {
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_no_client_auth()
+            .with_cert_resolver(certificates);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use tracing::{info, warn};
 
-use super::{ApiError, Web};
+use super::{ApiError, WEBHOOK_BODY_LIMIT, Web, read_body};
 use crate::api::{JobResult, RunnerJob};
 use crate::controller::demand::{self, Queued, Recorded};
 use crate::controller::metrics::Delivery;
@@ -65,7 +65,7 @@ const KNOWN_ACTIONS: [&str; 4] = ["queued", "waiting", "in_progress", "completed
 pub(super) async fn receive(
     State(web): State<Arc<Web>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let event = header("x-github-event").unwrap_or_default().to_string();
@@ -90,13 +90,33 @@ pub(super) async fn receive(
             })
             .inc();
     };
-    // Nothing is parsed before the signature is checked, over the raw bytes.
-    let secrets: Vec<&[u8]> = web.webhook_secrets.iter().map(|s| s.expose()).collect();
-    let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
-    if !verify(&secrets, signature, &body) {
+    // Nothing is parsed before the signature is checked, over the raw bytes; and a delivery
+    // without one is refused before its body is read.
+    let unauthorized = || {
         count("-", "unauthorized");
         warn!("webhook delivery refused: missing or wrong X-Hub-Signature-256");
-        return ApiError::Unauthorized("missing or wrong X-Hub-Signature-256").into_response();
+        ApiError::Unauthorized("missing or wrong X-Hub-Signature-256").into_response()
+    };
+    let Some(signature) = headers.get("x-hub-signature-256").map(|v| v.as_bytes()) else {
+        return unauthorized();
+    };
+    let body = match read_body(&headers, body, WEBHOOK_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => {
+            count(
+                "-",
+                if matches!(e, ApiError::TooLarge(_)) {
+                    "too_large"
+                } else {
+                    "bad_request"
+                },
+            );
+            return e.into_response();
+        }
+    };
+    let secrets: Vec<&[u8]> = web.webhook_secrets.iter().map(|s| s.expose()).collect();
+    if !verify(&secrets, Some(signature), &body) {
+        return unauthorized();
     }
     match event.as_str() {
         "ping" => {
