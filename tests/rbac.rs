@@ -161,7 +161,8 @@ async fn the_chart_grants_exactly_the_calls_pacer_makes() {
     let mut pool = ground.example_pool(&ns, "linux");
     pool["spec"]["github"] = json!({"scope": "org", "owner": "example-org"});
     pool["spec"]["labels"] = json!(["self-hosted", "linux"]);
-    pool["spec"]["ttlSecondsAfterFinished"] = json!(1);
+    // Long enough for the poll below to see Succeeded before the job goes.
+    pool["spec"]["ttlSecondsAfterFinished"] = json!(5);
     let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
     pool["spec"]["runnerUser"] = json!(user.trim());
     let pool: RunnerPool = serde_json::from_value(pool).unwrap();

@@ -25,8 +25,9 @@ use crate::api::{
 use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
-    PoolAdmission, Step, Witness, decide, enter, holds_slot,
-    instance_state as domain_instance_state, pool_readiness, record_reason, to_wake,
+    PoolAdmission, SPOT_INTERRUPTION, Step, Witness, decide, enter, holds_slot,
+    instance_state as domain_instance_state, pool_readiness, record_reason,
+    recorded_launch_unsettled, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -491,7 +492,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         backoff_left: until(status.next_attempt_at.as_ref(), now),
         attempt: status.attempt(),
         boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
-        interrupted: (status.interruption.as_ref()).is_some_and(|i| i.kind == "spot-interruption"),
+        interrupted: (status.interruption.as_ref()).is_some_and(|i| i.kind == SPOT_INTERRUPTION),
         witness: None,
         launch: None,
         launch_rounds: status.attempts,
@@ -540,13 +541,10 @@ fn launch_unsettled(
 ) -> bool {
     let ledger = &ctx.jobs.ledger;
     let recent = |t: Timestamp| now.duration_since(t).unsigned_abs() < limits.launch_visibility;
-    let recorded = (status.launch.as_ref())
-        .filter(|intent| {
-            status.instance.is_none() && !ledger.was_refused(uid, &intent.client_token)
-        })
-        .and(status.phase_times.launching.as_ref())
-        .is_some_and(|at| snapshot.taken < at.0 + limits.launch_visibility);
-    ledger.unsettled_since(uid).is_some_and(recent) || recorded
+    let refused = |token: &str| ledger.was_refused(uid, token);
+    let visibility = limits.launch_visibility;
+    ledger.unsettled_since(uid).is_some_and(recent)
+        || recorded_launch_unsettled(status, refused, snapshot.taken, visibility)
 }
 
 /// Decides; when the decision needs GitHub's word or EC2's answer to a launch, gets it and

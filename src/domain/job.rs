@@ -997,6 +997,40 @@ pub fn boots_in_time(pending: Timestamp, now: Timestamp, boot_timeout: Duration)
     }
 }
 
+/// Whether the launch recorded in `status` may have made an instance EC2 does not list yet:
+/// no instance is recorded, EC2 did not answer it with a definite no (`refused`, by its
+/// token), and the listing taken at `listed_at` is not a visibility window past its record.
+pub fn recorded_launch_unsettled(
+    status: &RunnerJobStatus,
+    refused: impl Fn(&str) -> bool,
+    listed_at: Timestamp,
+    visibility: Duration,
+) -> bool {
+    (status.launch.as_ref())
+        .filter(|intent| status.instance.is_none() && !refused(&intent.client_token))
+        .and(status.phase_times.launching.as_ref())
+        .is_some_and(|at| listed_at < at.0 + visibility)
+}
+
+/// The notice that EC2 reclaims the instance in two minutes.
+pub const SPOT_INTERRUPTION: &str = "spot-interruption";
+
+/// A notice an instance may report (`spot-interruption` or `rebalance`): its Event reason and
+/// how a human reads it; `None` for anything else.
+pub fn notice_kind(kind: &str) -> Option<(&'static str, &'static str)> {
+    match kind {
+        SPOT_INTERRUPTION => Some(("SpotInterruptionNotice", "a spot interruption notice")),
+        "rebalance" => Some(("RebalanceRecommendation", "a rebalance recommendation")),
+        _ => None,
+    }
+}
+
+/// Whether a notice of `kind` is recorded over the one the status holds: once per kind, and
+/// a rebalance recommendation never hides a spot interruption notice.
+pub fn records_notice(recorded: Option<&str>, kind: &str) -> bool {
+    recorded != Some(kind) && recorded != Some(SPOT_INTERRUPTION)
+}
+
 /// Whether a RunnerJob can give up its runner when the demand it stands for goes (a queued job
 /// cancelled before any runner took it): no runner was handed out for it yet, and it is neither
 /// over nor going. A runner that exists may have taken another job a moment ago, before its
@@ -1169,6 +1203,56 @@ mod tests {
                 why: "InstanceLost"
             },
             "{d:?}"
+        );
+    }
+
+    #[test]
+    fn each_notice_is_recorded_once_and_a_spot_notice_is_never_hidden() {
+        assert!(notice_kind("spot-interruption").is_some() && notice_kind("rebalance").is_some());
+        assert_eq!(notice_kind("reboot"), None);
+        assert!(records_notice(None, "rebalance"));
+        assert!(records_notice(Some("rebalance"), SPOT_INTERRUPTION));
+        assert!(!records_notice(Some("rebalance"), "rebalance"));
+        assert!(!records_notice(Some(SPOT_INTERRUPTION), "rebalance"));
+        assert!(!records_notice(Some(SPOT_INTERRUPTION), SPOT_INTERRUPTION));
+    }
+
+    #[test]
+    fn a_recorded_launch_is_unsettled_until_refused_answered_or_a_window_past() {
+        let at = Timestamp::UNIX_EPOCH + Duration::from_secs(1000);
+        let window = Duration::from_secs(60);
+        let mut status = RunnerJobStatus::default();
+        enter(&mut status, Launching, at);
+        let never = |_: &str| false;
+        assert!(
+            !recorded_launch_unsettled(&status, never, at, window),
+            "nothing recorded"
+        );
+        status.launch = Some(crate::api::LaunchIntent {
+            client_token: "t".into(),
+            launch_template_id: "lt-1".into(),
+            launch_template_version: 1,
+            market: "spot".into(),
+            fleet: true,
+            allocation_strategy: None,
+            offerings: Vec::new(),
+            tags: Default::default(),
+        });
+        assert!(recorded_launch_unsettled(
+            &status,
+            never,
+            at + Duration::from_secs(59),
+            window
+        ));
+        assert!(!recorded_launch_unsettled(
+            &status,
+            never,
+            at + window,
+            window
+        ));
+        assert!(
+            !recorded_launch_unsettled(&status, |t| t == "t", at, window),
+            "refused"
         );
     }
 

@@ -578,20 +578,16 @@ pub async fn interrupted(
             "the body must be JSON {{\"kind\", \"notice\"}}: {e}"
         ))
     })?;
-    let (reason, what) = match request.kind.as_str() {
-        "spot-interruption" => ("SpotInterruptionNotice", "a spot interruption notice"),
-        "rebalance" => ("RebalanceRecommendation", "a rebalance recommendation"),
-        other => {
-            return Err(ApiError::BadRequest(format!(
-                "kind must be spot-interruption or rebalance, not {other:?}"
-            )));
-        }
-    };
+    let (reason, what) = crate::domain::job::notice_kind(&request.kind).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "kind must be spot-interruption or rebalance, not {:?}",
+            request.kind
+        ))
+    })?;
     let status = job.status.clone().unwrap_or_default();
     let ok = || Ok(axum::Json(json!({ "ok": true })).into_response());
-    // Once per kind, and a rebalance recommendation never hides a spot interruption notice.
     let recorded = status.interruption.as_ref().map(|i| i.kind.as_str());
-    if recorded == Some(request.kind.as_str()) || recorded == Some("spot-interruption") {
+    if !crate::domain::job::records_notice(recorded, &request.kind) {
         return ok();
     }
     let interruption = crate::api::Interruption {
