@@ -224,10 +224,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         let sweep = controller::sweep::run(
             ctx.clone(),
             github.clone(),
-            controller::sweep::Scope {
-                pools: pools.clone(),
-                jobs: jobs.clone(),
-            },
+            controller::sweep::Scope::new(pools.clone(), jobs.clone()),
             std::time::Duration::from_secs(5 * 60),
         );
         let controllers = controller::run(ctx.clone(), pools.clone(), jobs.clone());

@@ -1209,10 +1209,7 @@ async fn a_runner_is_removed_from_github_but_a_github_outage_holds_no_slot() {
     assert_eq!(fake.runner_names("orgs/example-org"), [name]);
     // GitHub is back: the sweep removes the runner no live RunnerJob claims.
     fake.fail("delete_runner", 500, 0);
-    let scope = controller::sweep::Scope {
-        pools: w.pools.clone(),
-        jobs: w.jobs.clone(),
-    };
+    let scope = controller::sweep::Scope::new(w.pools.clone(), w.jobs.clone());
     let ctx = w.context_with_github(&fake);
     let swept = controller::sweep::sweep(&ctx, &fake.client(), &scope)
         .await
@@ -1398,6 +1395,69 @@ async fn demand_taken_elsewhere_while_waiting_for_room_is_never_launched() {
     assert!(
         w.instances_of(&second).await.is_empty(),
         "nothing was launched for it"
+    );
+}
+
+#[tokio::test]
+async fn a_job_waiting_for_room_that_github_no_longer_queues_is_retired_by_the_sweep() {
+    let w = World::new("retire").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let mut settings = Settings {
+        backoff_unit: Duration::from_millis(200),
+        instance_refresh: Duration::from_millis(500),
+        ..Settings::new(&w.controller_id, "https://pacer.example.test")
+    };
+    settings.job_limits.queue_recheck = Duration::from_secs(1);
+    let ctx = Arc::new(
+        Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
+            .with_github(Arc::new(fake.client())),
+    );
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|p| p["spec"]["maxRunners"] = json!(1)).await;
+    fake.set_job("example-org/api", 41, "queued", None);
+    fake.set_job("example-org/api", 42, "queued", None);
+    w.create_queued_job("first", 41).await;
+    w.wait_phase("first", JobPhase::Booting).await;
+    let second = w.create_queued_job("second", 42).await;
+    let second = second.metadata.uid.unwrap();
+    w.wait(|| async {
+        let job = w.jobs.get("second").await.unwrap();
+        job.status
+            .is_some_and(|s| s.last_error.is_some_and(|e| e.reason == "PoolAtCapacity"))
+    })
+    .await;
+    // While it waits for room, the job is cancelled: GitHub's listing no longer shows it.
+    fake.set_job("example-org/api", 42, "completed", None);
+    fake.state.lock().unwrap().queued.insert(
+        "example-org/api".into(),
+        vec![(
+            410,
+            vec![json!({"id": 41, "run_id": 410, "status": "queued", "labels": ["self-hosted"]})],
+        )],
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let scope = controller::sweep::Scope::new(w.pools.clone(), w.jobs.clone());
+    let swept = controller::sweep::sweep(&ctx, &fake.client(), &scope)
+        .await
+        .unwrap();
+    assert_eq!(swept.doubted, 1, "{swept:?}");
+    // Retired while the first still holds the pool's one slot: nothing waits for room.
+    let ended = w
+        .wait_phase("second", JobPhase::Failed)
+        .await
+        .status
+        .unwrap();
+    let error = ended.last_error.unwrap();
+    assert_eq!(error.reason, "NotQueued", "{error:?}");
+    assert!(ended.launch.is_none());
+    let first = w.jobs.get("first").await.unwrap().status.unwrap();
+    assert_eq!(first.phase, JobPhase::Booting);
+    assert!(w.instances_of(&second).await.is_empty());
+    assert_eq!(
+        fake.calls_of("get_workflow_job"),
+        1,
+        "one question, for the doubted job"
     );
 }
 

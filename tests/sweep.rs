@@ -10,7 +10,7 @@ use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
 use pacer::cloud::fake::FakeEc2;
 use pacer::controller::sweep::{Scope, Swept, sweep};
 use pacer::controller::{Context, Settings};
-use pacer::github::job_object_name;
+use pacer::github::{GitHub as _, job_object_name};
 use serde_json::{Value, json};
 use support::github::FakeGitHub;
 use support::{Parts, ground, repo_root};
@@ -118,10 +118,7 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
         Arc::new(FakeEc2::new()),
         Settings::new("sweep", "https://pacer.example.test"),
     );
-    let scope = Scope {
-        pools: pools.clone(),
-        jobs: jobs.clone(),
-    };
+    let scope = Scope::new(pools.clone(), jobs.clone());
     let swept = sweep(&ctx, &github, &scope).await.unwrap();
     assert_eq!(
         swept,
@@ -130,6 +127,7 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
             recorded: 1,
             runners_removed: 3,
             errors: 1,
+            ..Swept::default()
         }
     );
     assert!(
@@ -174,4 +172,95 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
     // Caught up: another pass finds nothing to do but the failed delivery still listed.
     let again = sweep(&ctx, &github, &scope).await.unwrap();
     assert_eq!((again.recorded, again.runners_removed), (0, 0));
+}
+
+#[tokio::test]
+async fn the_sweep_keeps_to_its_budget_resumes_where_it_stopped_and_spares_a_low_installation() {
+    let ground = ground(Parts::Kube);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "sweep-budget").await;
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
+    for (name, owner) in [("busy", "busy-org"), ("low", "low-org")] {
+        let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
+        pool["metadata"] = json!({"name": name, "namespace": ns});
+        pool["spec"]["github"] = json!({"scope": "org", "owner": owner});
+        pool["spec"]["labels"] = json!(["self-hosted", "linux"]);
+        let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+    }
+    let fake = FakeGitHub::start().await;
+    let repositories: Vec<String> = (0..120).map(|n| format!("busy-org/r{n:03}")).collect();
+    {
+        let mut s = fake.state.lock().unwrap();
+        s.installations.insert(11, repositories.clone());
+        s.installations.insert(12, vec!["low-org/app".into()]);
+        let job = |id: i64, run: i64, labels: Value| json!({"id": id, "run_id": run, "status": "queued", "labels": labels});
+        // Each repository costs four requests: its queued runs, its runs in progress, and
+        // the jobs of each of its two runs; one job of each is one a pool serves.
+        for (n, repository) in repositories.iter().enumerate() {
+            let (a, b) = (10_000 + 2 * n as i64, 10_001 + 2 * n as i64);
+            s.queued.insert(
+                repository.clone(),
+                vec![
+                    (a, vec![job(a, a, json!(["self-hosted", "linux"]))]),
+                    (b, vec![job(b, b, json!(["gpu"]))]),
+                ],
+            );
+        }
+        s.queued.insert(
+            "low-org/app".into(),
+            vec![(8001, vec![job(8001, 8001, json!(["self-hosted", "linux"]))])],
+        );
+        // Installation 12 has a quarter of its hour's budget left or less.
+        s.rate_limits.insert(12, (5000, 1000));
+    }
+    let github = fake.client();
+    let ctx = Context::new(
+        client.clone(),
+        Arc::new(FakeEc2::new()),
+        Settings::new("sweep", "https://pacer.example.test"),
+    );
+    let scope = Scope::new(pools.clone(), jobs.clone());
+    let recorded = || async {
+        let all = jobs.list(&Default::default()).await.unwrap().items;
+        all.iter().map(|j| j.spec.job_id).collect::<Vec<i64>>()
+    };
+    let pass = || async {
+        let before = github.requests_sent();
+        let swept = sweep(&ctx, &github, &scope).await.unwrap();
+        (swept, github.requests_sent() - before)
+    };
+
+    let (first, sent) = pass().await;
+    // A repository begun under the budget is finished (at most four requests past it); then
+    // one runner listing per organization.
+    let most = pacer::controller::sweep::MAX_REQUESTS + 4 + 2;
+    assert!(sent <= most, "{sent} requests");
+    assert!((60..=76).contains(&first.recorded), "{first:?}");
+    assert_eq!(first.deferred, 121 - first.recorded, "{first:?}");
+    assert_eq!(first.errors, 0);
+    assert!(
+        !recorded().await.contains(&8001),
+        "the low installation was left alone"
+    );
+
+    // The next pass begins where this one stopped and records the rest.
+    let (second, sent) = pass().await;
+    assert!(sent <= most, "{sent} requests");
+    assert_eq!(first.recorded + second.recorded, 120, "{second:?}");
+    assert!(!recorded().await.contains(&8001));
+
+    // Its budget renewed, the installation's repositories are read again.
+    fake.state
+        .lock()
+        .unwrap()
+        .rate_limits
+        .insert(12, (5000, 5000));
+    let (_, _) = pass().await;
+    let (third, _) = pass().await;
+    assert!(recorded().await.contains(&8001), "{third:?}");
+    assert_eq!(recorded().await.len(), 121);
 }

@@ -2,7 +2,7 @@
 //! instance, follow it through one shared DescribeInstances snapshot, terminate it when the job
 //! is over or the object is deleted — and records each step in the status.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -71,11 +71,25 @@ pub struct Shared {
     pub(super) store: OnceLock<Store<RunnerJob>>,
     /// Every RunnerPool, as the pool controller's watch sees them.
     pub(super) pools: OnceLock<Store<RunnerPool>>,
+    /// Waiting RunnerJobs (by uid) the sweep no longer found among GitHub's queued jobs: each
+    /// asks GitHub on its next pass.
+    doubted: Mutex<HashSet<String>>,
 }
 
 impl Shared {
     pub(super) fn store(&self) -> Option<&Store<RunnerJob>> {
         self.store.get()
+    }
+
+    /// Forgets what this process knew of RunnerJob `uid`: it is gone, or going.
+    fn forget(&self, uid: &str) {
+        self.ledger.forget(uid);
+        self.doubted.lock().unwrap().remove(uid);
+    }
+
+    /// The sweep's word that GitHub no longer lists the job of RunnerJob `uid` as queued.
+    pub(super) fn doubt(&self, uid: &str) {
+        self.doubted.lock().unwrap().insert(uid.to_string());
     }
 }
 
@@ -494,6 +508,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         boot_failed: status.boot.as_ref().is_some_and(|b| b.log_tail.is_some()),
         interrupted: (status.interruption.as_ref()).is_some_and(|i| i.kind == SPOT_INTERRUPTION),
         witness: None,
+        doubted: ctx.jobs.doubted.lock().unwrap().contains(&uid),
         launch: None,
         launch_rounds: status.attempts,
     };
@@ -553,6 +568,8 @@ async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Dec
     let mut decision = decide(&seen.facts, &seen.limits);
     if decision.step == Step::Consult {
         let witness = consult(ctx, job, seen.pool.as_deref(), &seen.status).await;
+        // Answered: a doubt the sweep raised is settled either way.
+        ctx.jobs.doubted.lock().unwrap().remove(&seen.uid);
         if witness.job == GitHubJob::Ours && seen.status.assigned_job.is_none() {
             // Its `in_progress` delivery was lost: GitHub's word records the assignment.
             seen.status.assigned_job = Some(AssignedJob {
@@ -609,7 +626,7 @@ async fn execute(
         }
         Step::Release => {
             deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
-            ctx.jobs.ledger.forget(&seen.uid);
+            ctx.jobs.forget(&seen.uid);
             release_slot(ctx, job);
             return Ok(Next::Released);
         }
@@ -625,7 +642,7 @@ async fn execute(
             Api::<RunnerJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
                 .delete(&job.name_any(), &params)
                 .await?;
-            ctx.jobs.ledger.forget(&seen.uid);
+            ctx.jobs.forget(&seen.uid);
             return Ok(Next::Look(Action::await_change()));
         }
     };

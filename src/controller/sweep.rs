@@ -1,27 +1,40 @@
 //! The GitHub sweep: what webhooks missed, caught from GitHub's side every few minutes.
 //! Failed webhook deliveries of the last hour are redelivered; queued jobs of the App's
-//! repositories that a pool serves and no RunnerJob records are recorded; runners Pacer named
-//! that no live RunnerJob claims for their attempt and that are not busy are removed from
-//! GitHub. One repository's or target's error skips it alone.
+//! repositories that a pool serves and no RunnerJob records are recorded; waiting RunnerJobs
+//! whose job GitHub no longer lists as queued are asked about (and end if it is taken or
+//! cancelled); runners Pacer named that no live RunnerJob claims for their attempt and that
+//! are not busy are removed from GitHub. One repository's or target's error skips it alone.
+//!
+//! A pass stops reading repositories once it has spent [`MAX_REQUESTS`] GitHub requests, and
+//! leaves alone an installation whose hourly budget is low ([`Quota::low`]): what is left
+//! there is for the runner configs booting instances wait on. Repositories it did not reach
+//! are the first of the next pass.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
 use tracing::{info, warn};
 
 use super::demand::{self, Queued, Recorded};
 use super::{Context, Result};
-use crate::api::{GitHubScope, RunnerJob, RunnerPool};
+use crate::api::{GitHubScope, JobPhase, RunnerJob, RunnerPool};
 use crate::domain::matching::in_scope;
-use crate::github::{GitHub, RunnerTarget, job_id_of_runner};
+use crate::github::{GitHub, QueuedJob, Quota, RunnerTarget, job_id_of_runner};
 
 /// Most queued jobs recorded in one pass, and most redeliveries asked for: a backlog is worked
 /// off over several passes rather than in one burst against GitHub's rate limits.
 const MAX_RECORDED: usize = 100;
 const MAX_REDELIVERED: usize = 50;
+/// Most waiting RunnerJobs sent to ask GitHub about their job in one pass (a request each).
+const MAX_DOUBTED: usize = 100;
+/// GitHub requests one pass may send, retries included. Twelve passes an hour at most spend
+/// 3,600 of them, spread over every installation; the smallest installation budget is 5,000.
+pub const MAX_REQUESTS: u64 = 300;
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -31,6 +44,12 @@ pub struct Swept {
     pub runners_removed: usize,
     /// Repositories or targets skipped for a GitHub error.
     pub errors: usize,
+    /// Waiting RunnerJobs whose job GitHub's listing no longer shows as queued: each asks
+    /// GitHub about it on its next pass.
+    pub doubted: usize,
+    /// Repositories left for the next pass: the pass's budget was spent, or their
+    /// installation's hourly budget is low.
+    pub deferred: usize,
 }
 
 /// The part of the cluster the sweep compares GitHub with.
@@ -38,6 +57,18 @@ pub struct Swept {
 pub struct Scope {
     pub pools: Api<RunnerPool>,
     pub jobs: Api<RunnerJob>,
+    /// Where the next pass starts among the repositories.
+    next: Arc<AtomicUsize>,
+}
+
+impl Scope {
+    pub fn new(pools: Api<RunnerPool>, jobs: Api<RunnerJob>) -> Self {
+        Self {
+            pools,
+            jobs,
+            next: Arc::default(),
+        }
+    }
 }
 
 /// Sweeps every `interval` until the task is dropped.
@@ -52,6 +83,8 @@ pub async fn run(ctx: Arc<Context>, github: Arc<dyn GitHub>, scope: Scope, inter
                 redelivered = s.redelivered,
                 recorded = s.recorded,
                 runners_removed = s.runners_removed,
+                doubted = s.doubted,
+                deferred = s.deferred,
                 "GitHub sweep caught up"
             ),
             Err(e) => warn!(error = %e, "GitHub sweep failed; trying again next round"),
@@ -61,18 +94,13 @@ pub async fn run(ctx: Arc<Context>, github: Arc<dyn GitHub>, scope: Scope, inter
 
 /// One pass.
 pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<Swept> {
-    let mut swept = Swept::default();
-    let since = Timestamp::now() - SignedDuration::from_hours(1);
-    for delivery in github
-        .failed_deliveries(since)
-        .await?
-        .into_iter()
-        .take(MAX_REDELIVERED)
-    {
-        github.redeliver(delivery.id).await?;
-        swept.redelivered += 1;
-    }
-
+    let mut pass = Pass {
+        ctx,
+        github,
+        first_request: github.requests_sent(),
+        swept: Swept::default(),
+    };
+    pass.redeliver().await?;
     let pools = scope.pools.list(&ListParams::default()).await?.items;
     let pools: Vec<&RunnerPool> = pools
         .iter()
@@ -80,74 +108,186 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
         .collect();
     let jobs = scope.jobs.list(&ListParams::default()).await?.items;
     let recorded: HashMap<i64, &RunnerJob> = jobs.iter().map(|j| (j.spec.job_id, j)).collect();
+    pass.catch_up(scope, &pools, &recorded).await?;
+    pass.remove_runners(&pools, &recorded).await;
+    Ok(pass.swept)
+}
 
-    'repos: for repository in github.installation_repositories().await? {
-        let Some((owner, name)) = repository.split_once('/') else {
-            continue;
-        };
-        if !pools.iter().any(|p| in_scope(p, owner, name)) {
-            continue;
+/// One pass under way.
+struct Pass<'a> {
+    ctx: &'a Context,
+    github: &'a dyn GitHub,
+    /// `requests_sent` when the pass began.
+    first_request: u64,
+    swept: Swept,
+}
+
+impl Pass<'_> {
+    fn budget_spent(&self) -> bool {
+        self.github.requests_sent() - self.first_request >= MAX_REQUESTS
+    }
+
+    /// Asks GitHub to redeliver the last hour's failed deliveries.
+    async fn redeliver(&mut self) -> Result<()> {
+        let since = Timestamp::now() - SignedDuration::from_hours(1);
+        let failed = self.github.failed_deliveries(since).await?;
+        for delivery in failed.into_iter().take(MAX_REDELIVERED) {
+            self.github.redeliver(delivery.id).await?;
+            self.swept.redelivered += 1;
         }
-        let queued = match github.queued_jobs(owner, name).await {
-            Ok(queued) => queued,
-            // One repository's trouble skips it alone this pass.
-            Err(e) => {
-                warn!(repository, error = %e, "could not list a repository's queued jobs; skipping it");
-                swept.errors += 1;
+        Ok(())
+    }
+
+    /// Reads the queued jobs of each repository a pool serves, from where the last pass
+    /// stopped: records those no RunnerJob records and doubts the waiting RunnerJobs whose job
+    /// is not among them.
+    async fn catch_up(
+        &mut self,
+        scope: &Scope,
+        pools: &[&RunnerPool],
+        recorded: &HashMap<i64, &RunnerJob>,
+    ) -> Result<()> {
+        let repositories: Vec<String> = (self.github.installation_repositories().await?)
+            .into_iter()
+            .filter(|r| {
+                let (owner, name) = r.split_once('/').unwrap_or((r, ""));
+                pools.iter().any(|p| in_scope(p, owner, name))
+            })
+            .collect();
+        let count = repositories.len();
+        let start = scope.next.load(Ordering::Relaxed) % count.max(1);
+        for (done, repository) in repositories
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(count)
+            .enumerate()
+        {
+            if self.budget_spent() || self.swept.recorded >= MAX_RECORDED {
+                scope.next.store((start + done) % count, Ordering::Relaxed);
+                self.swept.deferred += count - done;
+                return Ok(());
+            }
+            if self
+                .github
+                .quota(repository)
+                .is_some_and(|q: Quota| q.low())
+            {
+                self.swept.deferred += 1;
                 continue;
             }
-        };
-        for job in queued {
-            if recorded.contains_key(&job.id) {
-                continue;
-            }
-            let queued = Queued {
-                job_id: job.id,
-                run_id: job.run_id,
-                repository: &repository,
-                labels: &job.labels,
-                installation_id: None,
-            };
-            if demand::record(&ctx.client, &pools, &queued).await? == Recorded::Created {
-                swept.recorded += 1;
-                if swept.recorded >= MAX_RECORDED {
-                    break 'repos;
+            let (owner, name) = repository.split_once('/').unwrap_or_default();
+            let listed_at = Timestamp::now();
+            match self.github.queued_jobs(owner, name).await {
+                Ok(queued) => {
+                    self.record(pools, recorded, repository, &queued).await?;
+                    self.doubt(recorded, repository, &queued, listed_at);
+                }
+                // One repository's trouble skips it alone this pass.
+                Err(e) => {
+                    warn!(repository, error = %e, "could not list a repository's queued jobs; skipping it");
+                    self.swept.errors += 1;
                 }
             }
         }
+        scope.next.store(start, Ordering::Relaxed);
+        Ok(())
     }
 
-    let controller = &ctx.settings.controller_id;
-    for target in targets(&pools) {
-        let runners = match github.list_runners(&target).await {
-            Ok(runners) => runners,
-            Err(e) => {
-                warn!(owner = %target.owner, error = %e, "could not list runners; skipping them this pass");
-                swept.errors += 1;
-                continue;
-            }
-        };
-        for runner in runners {
-            let Some((job_id, attempt)) = job_id_of_runner(controller, &runner.name) else {
-                continue;
+    /// Records the queued jobs no RunnerJob records.
+    async fn record(
+        &mut self,
+        pools: &[&RunnerPool],
+        recorded: &HashMap<i64, &RunnerJob>,
+        repository: &str,
+        queued: &[QueuedJob],
+    ) -> Result<()> {
+        for job in queued.iter().filter(|j| !recorded.contains_key(&j.id)) {
+            let queued = Queued {
+                job_id: job.id,
+                run_id: job.run_id,
+                repository,
+                labels: &job.labels,
+                installation_id: None,
             };
-            let claimed = recorded
-                .get(&job_id)
-                .is_some_and(|j| crate::domain::gc::claims_runner(j, attempt));
-            // A busy runner is running someone's job: never removed, whoever claims it.
-            if claimed || runner.busy {
-                continue;
+            if demand::record(&self.ctx.client, pools, &queued).await? == Recorded::Created {
+                self.swept.recorded += 1;
+                if self.swept.recorded >= MAX_RECORDED {
+                    break;
+                }
             }
-            if let Err(e) = github.delete_runner(&target, runner.id).await {
-                warn!(runner = %runner.name, error = %e, "could not remove a runner; next pass");
-                swept.errors += 1;
-                continue;
+        }
+        Ok(())
+    }
+
+    /// Marks the waiting RunnerJobs of `repository` whose job GitHub's listing, read at
+    /// `listed_at`, did not show as queued; only those that were waiting a recheck interval
+    /// before it, so a job queued while the listing was read is not doubted.
+    fn doubt(
+        &mut self,
+        recorded: &HashMap<i64, &RunnerJob>,
+        repository: &str,
+        queued: &[QueuedJob],
+        listed_at: Timestamp,
+    ) {
+        let queued: HashSet<i64> = queued.iter().map(|j| j.id).collect();
+        let recheck = SignedDuration::try_from(self.ctx.settings.job_limits.queue_recheck)
+            .unwrap_or_default();
+        let waiting = recorded.values().filter(|j| {
+            let pending = j
+                .status
+                .as_ref()
+                .is_none_or(|s| s.phase == JobPhase::Pending);
+            let created = j.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            pending
+                && j.metadata.deletion_timestamp.is_none()
+                && j.spec.repository.eq_ignore_ascii_case(repository)
+                && !queued.contains(&j.spec.job_id)
+                && created.is_some_and(|c| c + recheck <= listed_at)
+        });
+        for job in waiting {
+            if self.swept.doubted >= MAX_DOUBTED {
+                return;
             }
-            info!(runner = %runner.name, status = %runner.status, "removed a runner of Pacer's that no live RunnerJob claims");
-            swept.runners_removed += 1;
+            self.ctx.jobs.doubt(&job.uid().unwrap_or_default());
+            self.swept.doubted += 1;
         }
     }
-    Ok(swept)
+
+    /// Removes from GitHub the runners Pacer named that no live RunnerJob claims and that
+    /// are not busy.
+    async fn remove_runners(&mut self, pools: &[&RunnerPool], recorded: &HashMap<i64, &RunnerJob>) {
+        let controller = &self.ctx.settings.controller_id;
+        for target in targets(pools) {
+            let runners = match self.github.list_runners(&target).await {
+                Ok(runners) => runners,
+                Err(e) => {
+                    warn!(owner = %target.owner, error = %e, "could not list runners; skipping them this pass");
+                    self.swept.errors += 1;
+                    continue;
+                }
+            };
+            for runner in runners {
+                let Some((job_id, attempt)) = job_id_of_runner(controller, &runner.name) else {
+                    continue;
+                };
+                let claimed = recorded
+                    .get(&job_id)
+                    .is_some_and(|j| crate::domain::gc::claims_runner(j, attempt));
+                // A busy runner is running someone's job: never removed, whoever claims it.
+                if claimed || runner.busy {
+                    continue;
+                }
+                if let Err(e) = self.github.delete_runner(&target, runner.id).await {
+                    warn!(runner = %runner.name, error = %e, "could not remove a runner; next pass");
+                    self.swept.errors += 1;
+                    continue;
+                }
+                info!(runner = %runner.name, status = %runner.status, "removed a runner of Pacer's that no live RunnerJob claims");
+                self.swept.runners_removed += 1;
+            }
+        }
+    }
 }
 
 /// Where the pools' runners register, each once: organizations, and each repository of

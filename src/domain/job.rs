@@ -152,6 +152,9 @@ pub struct Facts {
     pub interrupted: bool,
     /// What GitHub says, when this pass asked ([`Step::Consult`]).
     pub witness: Option<Witness>,
+    /// GitHub's listing of the repository's queued jobs, read by the sweep, no longer shows
+    /// the job: it may have been taken elsewhere or cancelled while it waited.
+    pub doubted: bool,
     /// EC2's answer, when this pass sent the recorded launch ([`Step::Launch`]).
     pub launch: Option<LaunchAnswer>,
     /// Rounds of launches that found no capacity for any offering, so far.
@@ -392,61 +395,7 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
         };
     }
     match f.phase {
-        Pending => match (&f.instance, &f.pool) {
-            (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
-            (_, PoolAdmission::Full) => because(
-                Pending,
-                Step::Wait(limits.capacity_recheck),
-                "PoolAtCapacity",
-                "the pool has maxRunners runners already",
-            ),
-            (_, PoolAdmission::Missing | PoolAdmission::Deleting)
-                if f.in_phase >= limits.pool_gone_deadline =>
-            {
-                because(
-                    Failed,
-                    Step::Wait(POLL),
-                    "PoolGone",
-                    format!(
-                        "the RunnerPool was missing or being deleted for {} s; nothing was launched",
-                        limits.pool_gone_deadline.as_secs()
-                    ),
-                )
-            }
-            (_, PoolAdmission::Missing) => because(
-                Pending,
-                Step::Wait(limits.capacity_recheck),
-                "PoolNotFound",
-                "the RunnerPool does not exist in the job's namespace",
-            ),
-            (_, PoolAdmission::Deleting) => because(
-                Pending,
-                Step::Wait(limits.capacity_recheck),
-                "PoolDeleting",
-                "the RunnerPool is being deleted and launches nothing more",
-            ),
-            (_, PoolAdmission::NotReady(why)) => because(
-                Pending,
-                Step::Wait(limits.capacity_recheck),
-                "PoolNotReady",
-                why.clone(),
-            ),
-            _ if !f.backoff_left.is_zero() => go(Pending, Step::Wait(f.backoff_left)),
-            (_, PoolAdmission::Admitted) => match &f.witness {
-                None if f.in_phase >= limits.queue_recheck => go(Pending, Step::Consult),
-                Some(Witness {
-                    job: GitHubJob::Elsewhere(what),
-                    ..
-                }) => because(
-                    Failed,
-                    Step::Wait(POLL),
-                    "NotQueued",
-                    format!("the job is no longer queued: {what}; nothing was launched"),
-                ),
-                // Still queued, or GitHub cannot say: an outage must not hold launches.
-                _ => go(Launching, Step::Launch),
-            },
-        },
+        Pending => pending(f, limits),
         Launching => match (&f.instance, &f.launch) {
             (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
             (_, Some(answer)) => after_launch(f, limits, answer),
@@ -583,6 +532,76 @@ fn after_launch(f: &Facts, limits: &Limits, answer: &LaunchAnswer) -> Decision {
             "LaunchUnanswered",
             format!("{why}; the recorded launch is sent again under the same ClientToken"),
         ),
+    }
+}
+
+/// A job with no instance yet: launch, wait for room or a pool, or end when GitHub says the
+/// job is no longer queued.
+fn pending(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    if let InstanceState::Alive { .. } = f.instance {
+        return go(Booting, Step::Wait(POLL));
+    }
+    // Whatever it waits for, a job GitHub no longer queues needs nothing launched.
+    if let Some(Witness {
+        job: GitHubJob::Elsewhere(what),
+        ..
+    }) = &f.witness
+    {
+        return because(
+            Failed,
+            Step::Wait(POLL),
+            "NotQueued",
+            format!("the job is no longer queued: {what}; nothing was launched"),
+        );
+    }
+    if f.doubted && f.witness.is_none() {
+        return go(Pending, Step::Consult);
+    }
+    match &f.pool {
+        PoolAdmission::Full => because(
+            Pending,
+            Step::Wait(limits.capacity_recheck),
+            "PoolAtCapacity",
+            "the pool has maxRunners runners already",
+        ),
+        PoolAdmission::Missing | PoolAdmission::Deleting
+            if f.in_phase >= limits.pool_gone_deadline =>
+        {
+            because(
+                Failed,
+                Step::Wait(POLL),
+                "PoolGone",
+                format!(
+                    "the RunnerPool was missing or being deleted for {} s; nothing was launched",
+                    limits.pool_gone_deadline.as_secs()
+                ),
+            )
+        }
+        PoolAdmission::Missing => because(
+            Pending,
+            Step::Wait(limits.capacity_recheck),
+            "PoolNotFound",
+            "the RunnerPool does not exist in the job's namespace",
+        ),
+        PoolAdmission::Deleting => because(
+            Pending,
+            Step::Wait(limits.capacity_recheck),
+            "PoolDeleting",
+            "the RunnerPool is being deleted and launches nothing more",
+        ),
+        PoolAdmission::NotReady(why) => because(
+            Pending,
+            Step::Wait(limits.capacity_recheck),
+            "PoolNotReady",
+            why.clone(),
+        ),
+        _ if !f.backoff_left.is_zero() => go(Pending, Step::Wait(f.backoff_left)),
+        PoolAdmission::Admitted => match &f.witness {
+            None if f.in_phase >= limits.queue_recheck => go(Pending, Step::Consult),
+            // Still queued, or GitHub cannot say: an outage must not hold launches.
+            _ => go(Launching, Step::Launch),
+        },
     }
 }
 
@@ -1337,6 +1356,7 @@ mod tests {
             boot_failed: false,
             interrupted: false,
             witness: None,
+            doubted: false,
             launch: None,
             launch_rounds: 0,
         }
@@ -1546,6 +1566,53 @@ mod tests {
                 Pending,
                 Step::Wait(POLL),
                 Some("PoolNotReady"),
+            ),
+            (
+                "pending waiting for room that the sweep doubts asks GitHub",
+                Pending,
+                |f| {
+                    f.pool = PoolAdmission::Full;
+                    f.doubted = true;
+                },
+                Pending,
+                Step::Consult,
+                None,
+            ),
+            (
+                "pending waiting for room whose job GitHub took elsewhere ends",
+                Pending,
+                |f| {
+                    f.pool = PoolAdmission::Full;
+                    f.doubted = true;
+                    f.witness = witness(GitHubJob::Elsewhere("cancelled".into()), None);
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("NotQueued"),
+            ),
+            (
+                "pending waiting for room whose job GitHub still queues waits on",
+                Pending,
+                |f| {
+                    f.pool = PoolAdmission::Full;
+                    f.doubted = true;
+                    f.witness = witness(GitHubJob::Queued, Some(false));
+                },
+                Pending,
+                Step::Wait(POLL),
+                Some("PoolAtCapacity"),
+            ),
+            (
+                "pending for a missing pool whose job GitHub says is over ends",
+                Pending,
+                |f| {
+                    f.pool = PoolAdmission::Missing;
+                    f.doubted = true;
+                    f.witness = witness(GitHubJob::Elsewhere("completed".into()), None);
+                },
+                Failed,
+                Step::Wait(POLL),
+                Some("NotQueued"),
             ),
             (
                 "pending waits out a backoff",

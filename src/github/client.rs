@@ -5,6 +5,7 @@
 //! counted. Tokens and JIT configs are secrets: never logged, never stored in the cluster.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::{GitHub, GitHubError, GitHubResult, JitConfig, Runner, RunnerRelease, RunnerTarget};
+use super::{
+    GitHub, GitHubError, GitHubResult, JitConfig, Quota, Runner, RunnerRelease, RunnerTarget,
+};
 
 /// How long before an installation token expires it is replaced.
 const TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
@@ -76,6 +79,10 @@ pub struct GitHubApp {
     count: CallCounter,
     /// The unit of retry backoff (1 s in production; shorter in tests).
     backoff: Duration,
+    /// Requests sent, retries included.
+    sent: AtomicU64,
+    /// Installation id -> what GitHub's last answer said is left of its hourly budget.
+    quotas: Mutex<HashMap<i64, Quota>>,
 }
 
 /// Reads the App's private key: PKCS#1 (`BEGIN RSA PRIVATE KEY`, as GitHub hands it out) or
@@ -138,6 +145,8 @@ impl GitHubApp {
             releases: Default::default(),
             count,
             backoff: Duration::from_secs(1),
+            sent: AtomicU64::new(0),
+            quotas: Default::default(),
         })
     }
 
@@ -177,12 +186,13 @@ impl GitHubApp {
         auth: &str,
         body: Option<&Value>,
     ) -> GitHubResult<(StatusCode, Value)> {
-        let (status, value, _) = self.call_paged(action, method, path, auth, body).await?;
+        let (status, value, _) = (self.call_paged(action, method, path, auth, body, None)).await?;
         Ok((status, value))
     }
 
     /// [`Self::call`], with the path of the next page when the answer's `Link` header names
-    /// one on this API.
+    /// one on this API. With an installation's token, what its answers say is left of the
+    /// installation's hourly budget is kept.
     async fn call_paged(
         &self,
         action: &'static str,
@@ -190,6 +200,7 @@ impl GitHubApp {
         path: &str,
         auth: &str,
         body: Option<&Value>,
+        installation: Option<i64>,
     ) -> GitHubResult<(StatusCode, Value, Option<String>)> {
         let url = format!("{}{path}", self.api);
         let mut attempt = 0;
@@ -204,6 +215,7 @@ impl GitHubApp {
             if let Some(body) = body {
                 request = request.json(body);
             }
+            self.sent.fetch_add(1, Ordering::Relaxed);
             let response = match request.send().await {
                 Ok(response) => response,
                 Err(e) if attempt < ATTEMPTS => {
@@ -223,11 +235,17 @@ impl GitHubApp {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let remaining = response
-                .headers()
-                .get("x-ratelimit-remaining")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let header = |name: &str| {
+                let value = response.headers().get(name)?.to_str().ok()?;
+                value.parse::<u64>().ok()
+            };
+            let remaining = header("x-ratelimit-remaining");
+            if let (Some(installation), Some(limit), Some(remaining)) =
+                (installation, header("x-ratelimit-limit"), remaining)
+            {
+                let quota = Quota { limit, remaining };
+                self.quotas.lock().unwrap().insert(installation, quota);
+            }
             let next = (response.headers().get("link"))
                 .and_then(|v| v.to_str().ok())
                 .and_then(next_page)
@@ -238,7 +256,7 @@ impl GitHubApp {
             let limited = (status == StatusCode::FORBIDDEN
                 || status == StatusCode::TOO_MANY_REQUESTS)
                 && (retry_after.is_some()
-                    || remaining.as_deref() == Some("0")
+                    || remaining == Some(0)
                     || message.to_lowercase().contains("rate limit"));
             if (limited || status.is_server_error()) && attempt < ATTEMPTS {
                 (self.count)(
@@ -300,7 +318,9 @@ impl GitHubApp {
         body: Option<&Value>,
     ) -> GitHubResult<(StatusCode, Option<T>)> {
         let auth = format!("token {}", self.installation_token(installation).await?);
-        let (status, value) = self.call(action, method, path, &auth, body).await?;
+        let (status, value, _) = self
+            .call_paged(action, method, path, &auth, body, Some(installation))
+            .await?;
         Ok((status, decode(action, status, value)?))
     }
 
@@ -457,6 +477,17 @@ fn decode<T: DeserializeOwned>(
 }
 
 impl GitHub for GitHubApp {
+    fn requests_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    fn quota(&self, repository: &str) -> Option<Quota> {
+        let installations = self.installations.lock().unwrap();
+        let owner = repository.split_once('/').map_or(repository, |(o, _)| o);
+        let id = installations.get(repository).or(installations.get(owner))?;
+        self.quotas.lock().unwrap().get(id).copied()
+    }
+
     fn runner_release<'a>(
         &'a self,
         target: &'a RunnerTarget,
@@ -682,7 +713,8 @@ impl GitHub for GitHubApp {
             for _ in 0..MAX_PAGES {
                 let auth = format!("Bearer {}", self.app_jwt(Timestamp::now()));
                 let (status, value, next) =
-                    (self.call_paged("list_deliveries", Method::GET, &path, &auth, None)).await?;
+                    (self.call_paged("list_deliveries", Method::GET, &path, &auth, None, None))
+                        .await?;
                 let page: Vec<super::Delivery> =
                     decode("list_deliveries", status, value)?.unwrap_or_default();
                 let reached = (page.last())

@@ -121,6 +121,22 @@ pub enum GitHubError {
 
 pub type GitHubResult<T> = Result<T, GitHubError>;
 
+/// What GitHub's last answer for an installation said of its hourly request budget
+/// (`x-ratelimit-limit`, `x-ratelimit-remaining`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub limit: u64,
+    pub remaining: u64,
+}
+
+impl Quota {
+    /// Whether less than a quarter of the budget is left: what is left is kept for the calls
+    /// a booting instance waits on (runner configs) and for removing runners.
+    pub fn low(&self) -> bool {
+        self.remaining.saturating_mul(4) < self.limit
+    }
+}
+
 /// The GitHub calls Pacer makes, and nothing else.
 pub trait GitHub: Send + Sync {
     /// A JIT config for a runner named `name` with `labels`; a stale runner of that name is
@@ -176,6 +192,15 @@ pub trait GitHub: Send + Sync {
         owner: &'a str,
         repo: &'a str,
     ) -> BoxFuture<'a, GitHubResult<Vec<QueuedJob>>>;
+    /// Requests sent so far, retries included: what a caller's budget counts.
+    fn requests_sent(&self) -> u64 {
+        0
+    }
+    /// The hourly budget of the installation serving `repository` (`owner/name`), as GitHub's
+    /// last answer for it said; `None` before any answer.
+    fn quota(&self, _repository: &str) -> Option<Quota> {
+        None
+    }
 }
 
 /// The name Pacer gives the RunnerJob recorded for a GitHub workflow job: derived from the job

@@ -56,6 +56,9 @@ pub struct FakeState {
     pub jobs: HashMap<i64, Value>,
     /// Every call: (endpoint name, status answered).
     pub calls: Vec<(String, u16)>,
+    /// Installation id -> (hourly limit, requests left), as GitHub counts its primary rate
+    /// limit; an installation not here starts at 5,000.
+    pub rate_limits: HashMap<i64, (u64, u64)>,
 }
 
 pub struct FakeGitHub {
@@ -140,6 +143,10 @@ impl FakeGitHub {
                 "/repos/{owner}/{repo}/actions/runs/{run}/jobs",
                 get(run_jobs),
             )
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                rate_limit,
+            ))
             .with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -371,6 +378,45 @@ fn app_jwt_ok(shared: &Shared, headers: &HeaderMap) -> bool {
 }
 
 /// The installation a `token …` header belongs to.
+/// GitHub's primary rate limit for installation tokens: every answer says what is left of
+/// the installation's hourly budget; past it, 403 with `x-ratelimit-remaining: 0`.
+async fn rate_limit(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(id) = installation_of(&shared, request.headers()) else {
+        return next.run(request).await;
+    };
+    let (limit, left) = {
+        let mut state = shared.state.lock().unwrap();
+        let (limit, left) = state.rate_limits.entry(id).or_insert((5000, 5000));
+        let before = *left;
+        *left = left.saturating_sub(1);
+        (*limit, before)
+    };
+    let mut response = if left == 0 {
+        error(
+            403,
+            &format!("API rate limit exceeded for installation ID {id}."),
+        )
+    } else {
+        next.run(request).await
+    };
+    let reset = k8s_openapi::jiff::Timestamp::now().as_second() + 3600;
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-ratelimit-limit", limit),
+        ("x-ratelimit-remaining", left.saturating_sub(1)),
+        ("x-ratelimit-used", limit - left.saturating_sub(1)),
+        ("x-ratelimit-reset", reset as u64),
+    ] {
+        headers.insert(name, value.into());
+    }
+    headers.insert("x-ratelimit-resource", "core".parse().unwrap());
+    response
+}
+
 fn installation_of(shared: &Shared, headers: &HeaderMap) -> Option<i64> {
     let token = headers
         .get("authorization")?
@@ -488,15 +534,26 @@ async fn org_installation(
 
 async fn installation_repositories(
     State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     guard!(shared, "list_installation_repositories");
     let id = installation_only!(shared, headers);
-    let repos: Vec<Value> = shared.state.lock().unwrap().installations[&id]
-        .iter()
+    let query = query.unwrap_or_default();
+    let param = |key: &str| {
+        (query.split('&'))
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+    };
+    let (page, per_page) = (param("page").unwrap_or(1), param("per_page").unwrap_or(30));
+    let all = shared.state.lock().unwrap().installations[&id].clone();
+    let repos: Vec<Value> = (all.iter())
+        .skip((page - 1) * per_page)
+        .take(per_page)
         .map(|r| json!({"full_name": r}))
         .collect();
-    axum::Json(json!({"total_count": repos.len(), "repositories": repos})).into_response()
+    axum::Json(json!({"total_count": all.len(), "repositories": repos})).into_response()
 }
 
 async fn runner_groups(
