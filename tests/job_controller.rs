@@ -1462,6 +1462,55 @@ async fn a_job_waiting_for_room_that_github_no_longer_queues_is_retired_by_the_s
 }
 
 #[tokio::test]
+async fn spot_interruption_notices_past_the_breaker_turn_the_pool_on_demand_for_a_while() {
+    let w = World::new("breaker").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let _controllers = w.start(w.context_with_github(&fake));
+    w.ready_pool(|p| {
+        p["spec"]["capacity"] = json!({"type": "spot", "fallbackToOnDemand": true,
+            "interruptionBreaker": {"notices": 2, "windowMinutes": 10, "onDemandMinutes": 20}});
+    })
+    .await;
+    let market = |job: &RunnerJob| {
+        let launch = job.status.as_ref().and_then(|s| s.launch.as_ref());
+        launch.map(|l| l.market.clone()).unwrap_or_default()
+    };
+    // Two instances of the pool report spot interruption notices (as their callbacks write).
+    for (name, id) in [("first", 51), ("second", 52)] {
+        w.create_queued_job(name, id).await;
+        let booting = w.wait_phase(name, JobPhase::Booting).await;
+        assert_eq!(market(&booting), "spot");
+        let notice = json!({"status": {"interruption": {"kind": "spot-interruption",
+            "reportedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}});
+        w.jobs
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&notice))
+            .await
+            .unwrap();
+    }
+    w.create_queued_job("third", 53).await;
+    let third = w.wait_phase("third", JobPhase::Booting).await;
+    assert_eq!(market(&third), "onDemand", "the breaker is open");
+    // The pool says so, until when, and an Event says why.
+    w.wait(|| async {
+        let pool = w.pools.get("linux").await.unwrap();
+        pool.status.is_some_and(|s| s.on_demand_until.is_some())
+    })
+    .await;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(w.client.clone(), &w.ns);
+    w.wait(|| async {
+        let all = events.list(&Default::default()).await.unwrap().items;
+        all.iter().any(|e| {
+            e.reason.as_deref() == Some("SpotInterruptionBreakerOpen")
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("on-demand until"))
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_job_life_costs_one_status_write_per_phase_change() {
     use futures::StreamExt as _;
     use kube::runtime::watcher;

@@ -290,6 +290,48 @@ pub struct Capacity {
     /// for spot and `lowestPrice` for on-demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation_strategy: Option<AllocationStrategy>,
+
+    /// A circuit breaker for spot interruptions: after `notices` spot interruption notices
+    /// from the pool's instances within `windowMinutes`, the pool launches on-demand for
+    /// `onDemandMinutes` after the last of them. Only with `fallbackToOnDemand`.
+    #[serde(default)]
+    pub interruption_breaker: InterruptionBreaker,
+}
+
+/// When a spot pool turns to on-demand for a while.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InterruptionBreaker {
+    /// Spot interruption notices that open the breaker; 0 turns it off.
+    #[serde(default = "default_breaker_notices")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub notices: i32,
+    /// The window the notices are counted in.
+    #[serde(default = "default_breaker_minutes")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub window_minutes: i32,
+    /// How long the pool launches on-demand once the breaker opens.
+    #[serde(default = "default_breaker_minutes")]
+    #[schemars(range(min = 1, max = 1440))]
+    pub on_demand_minutes: i32,
+}
+
+fn default_breaker_notices() -> i32 {
+    3
+}
+
+fn default_breaker_minutes() -> i32 {
+    30
+}
+
+impl Default for InterruptionBreaker {
+    fn default() -> Self {
+        Self {
+            notices: default_breaker_notices(),
+            window_minutes: default_breaker_minutes(),
+            on_demand_minutes: default_breaker_minutes(),
+        }
+    }
 }
 
 /// EC2 market of a pool's runners.
@@ -344,6 +386,11 @@ pub struct RunnerPoolStatus {
     /// Runners of this pool by phase.
     #[serde(default)]
     pub runners: RunnerCounts,
+
+    /// Set while the spot interruption breaker is open: the pool launches on-demand until
+    /// then (`spec.capacity.interruptionBreaker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_until: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

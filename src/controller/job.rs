@@ -1085,7 +1085,8 @@ async fn plan(
     let fleet = pool.spec.spawn_method == crate::api::SpawnMethod::Fleet;
     let mut offerings = {
         let capacity = ctx.jobs.capacity.lock().unwrap();
-        launch::offerings(&pool.spec, &zones, &capacity, Instant::now())
+        let spot_paused = on_demand_until(ctx, pool).is_some();
+        launch::offerings(&pool.spec, &zones, &capacity, Instant::now(), spot_paused)
     };
     if !fleet {
         cheapest_zone_first(ctx, &mut offerings).await;
@@ -1236,8 +1237,32 @@ fn refused(
 
 /// Whether any offering of the pool is left that EC2 has not recently refused.
 fn offerings_left(ctx: &Context, pool: &RunnerPool, zones: &BTreeMap<String, String>) -> bool {
+    let spot_paused = on_demand_until(ctx, pool).is_some();
     let capacity = ctx.jobs.capacity.lock().unwrap();
-    !launch::offerings(&pool.spec, zones, &capacity, Instant::now()).is_empty()
+    !launch::offerings(&pool.spec, zones, &capacity, Instant::now(), spot_paused).is_empty()
+}
+
+/// Until when the pool launches on-demand for the spot interruption notices its RunnerJobs
+/// recorded (see `launch::on_demand_until`); `None` while its breaker is closed.
+pub(super) fn on_demand_until(ctx: &Context, pool: &RunnerPool) -> Option<Timestamp> {
+    let capacity = &pool.spec.capacity;
+    let breaker_on = capacity.capacity_type == crate::api::CapacityType::Spot
+        && capacity.fallback_to_on_demand
+        && capacity.interruption_breaker.notices > 0;
+    if !breaker_on {
+        return None;
+    }
+    let store = ctx.jobs.store()?;
+    let (ns, name) = (pool.namespace(), pool.name_any());
+    let notices = (store.state().iter())
+        .filter(|j| j.namespace() == ns && j.spec.pool_name == name)
+        .flat_map(|j| {
+            let status = j.status.as_ref();
+            status.map(|s| crate::domain::job::spot_notices(s).collect::<Vec<_>>())
+        })
+        .flatten()
+        .collect();
+    launch::on_demand_until(&pool.spec, notices, Timestamp::now())
 }
 
 /// Marks the request's offerings of `instance_type` in `subnet` short of capacity; any type,

@@ -159,6 +159,25 @@ struct Pass {
 }
 
 impl Pass {
+    /// The spot interruption breaker's state, from the RunnerJobs' notices, with an Event as it
+    /// opens. While the job controller runs elsewhere, the status keeps what it said.
+    fn breaker(&mut self, pool: &RunnerPool, ctx: &Context) {
+        if ctx.jobs.store().is_none() {
+            return;
+        }
+        let until = super::job::on_demand_until(ctx, pool);
+        let was_open = (self.status.on_demand_until.as_ref()).is_some_and(|t| t.0 > now().0);
+        if let (Some(until), false) = (until, was_open) {
+            let b = &pool.spec.capacity.interruption_breaker;
+            let message = format!(
+                "{} or more spot interruption notices within {} minutes: launching on-demand until {until}",
+                b.notices, b.window_minutes
+            );
+            (self.events).push((EventType::Warning, "SpotInterruptionBreakerOpen", message));
+        }
+        self.status.on_demand_until = until.map(Time);
+    }
+
     /// Validated, with the caveats found (an Event the first time they are seen).
     fn validated(&mut self, notes: &[String]) {
         let message = if notes.is_empty() {
@@ -206,6 +225,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         events: Vec::new(),
     };
     pass.status.runners = count_runners(pool, ctx);
+    pass.breaker(pool, ctx);
 
     // Checked this generation in the last resync period: only the counts can have changed.
     let checked = ctx.pool_checks.lock().unwrap().get(&id.key()).copied();
@@ -214,7 +234,8 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         && pass.status.observed_generation == generation
         && at.elapsed() < ctx.settings.resync
     {
-        if pool.status.as_ref().map(|s| &s.runners) != Some(&pass.status.runners) {
+        let counted = |s: &RunnerPoolStatus| (s.runners.clone(), s.on_demand_until.clone());
+        if pool.status.as_ref().map(counted) != Some(counted(&pass.status)) {
             finish(pool, ctx, pass).await?;
         }
         return Ok(Action::requeue(

@@ -442,15 +442,7 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
                 ),
             ),
         },
-        Running if f.in_phase >= limits.max_runtime => because(
-            Completing,
-            Step::Terminate,
-            "MaxRuntimeExceeded",
-            format!(
-                "the runner ran longer than {} minutes",
-                limits.max_runtime.as_secs() / 60
-            ),
-        ),
+        Running if f.in_phase >= limits.max_runtime => past_max_runtime(f, limits),
         Running => go(
             Running,
             Step::Wait(left(limits.max_runtime, f.in_phase).min(Duration::from_secs(60))),
@@ -603,6 +595,34 @@ fn pending(f: &Facts, limits: &Limits) -> Decision {
             _ => go(Launching, Step::Launch),
         },
     }
+}
+
+/// A runner past the pool's `maxRuntimeMinutes` is ended whatever it does: the limit is the
+/// pool's word. GitHub is asked first so the reason says what was cut off, and a job whose
+/// `in_progress` was lost has its assignment recorded.
+fn past_max_runtime(f: &Facts, limits: &Limits) -> Decision {
+    let what = match &f.witness {
+        None => return go(JobPhase::Running, Step::Consult),
+        Some(w) if w.runner_busy == Some(true) => "still running its job",
+        Some(Witness {
+            job: GitHubJob::Ours,
+            runner_busy: Some(false),
+        }) => "idle, its job over on GitHub though its completion was never reported",
+        Some(Witness {
+            runner_busy: Some(false),
+            ..
+        }) => "idle, having taken no job",
+        Some(_) => "running, and GitHub could not say whether it was busy,",
+    };
+    because(
+        JobPhase::Completing,
+        Step::Terminate,
+        "MaxRuntimeExceeded",
+        format!(
+            "the runner was {what} after {} minutes",
+            limits.max_runtime.as_secs() / 60
+        ),
+    )
 }
 
 /// The job's instance ended (`id`, EC2's `reason`) while the job was not completing. If its
@@ -1033,6 +1053,18 @@ pub fn recorded_launch_unsettled(
 
 /// The notice that EC2 reclaims the instance in two minutes.
 pub const SPOT_INTERRUPTION: &str = "spot-interruption";
+
+/// When the job's instances got spot interruption notices: the current one's, and those of
+/// the attempts replaced for one.
+pub fn spot_notices(status: &RunnerJobStatus) -> impl Iterator<Item = Timestamp> + '_ {
+    let current = (status.interruption.as_ref())
+        .filter(|i| i.kind == SPOT_INTERRUPTION)
+        .map(|i| i.reported_at.0);
+    let replaced = (status.previous_attempts.iter())
+        .filter(|a| a.reason == "SpotInterrupted")
+        .map(|a| a.time.0);
+    current.into_iter().chain(replaced)
+}
 
 /// A notice an instance may report (`spot-interruption` or `rebalance`): its Event reason and
 /// how a human reads it; `None` for anything else.
@@ -1952,12 +1984,38 @@ mod tests {
                 Some("GitHubUnavailable"),
             ),
             (
-                "running past max runtime",
+                "running past max runtime asks GitHub first",
                 Running,
                 |f| {
                     f.instance = alive();
                     f.assigned = true;
                     f.in_phase = mins(360)
+                },
+                Running,
+                Step::Consult,
+                None,
+            ),
+            (
+                "running past max runtime ends even a busy runner",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.assigned = true;
+                    f.in_phase = mins(360);
+                    f.witness = witness(GitHubJob::Ours, Some(true))
+                },
+                Completing,
+                Step::Terminate,
+                Some("MaxRuntimeExceeded"),
+            ),
+            (
+                "running past max runtime ends when GitHub cannot say",
+                Running,
+                |f| {
+                    f.instance = alive();
+                    f.assigned = true;
+                    f.in_phase = mins(360);
+                    f.witness = witness(GitHubJob::Unknown, None)
                 },
                 Completing,
                 Step::Terminate,
@@ -2176,6 +2234,24 @@ mod tests {
         assert!(
             matches!(ask(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
         );
+    }
+
+    #[test]
+    fn past_max_runtime_the_reason_says_what_github_saw_was_cut_off() {
+        let limits = Limits::default();
+        let message = |job: GitHubJob, busy: Option<bool>| {
+            let mut f = facts(JobPhase::Running);
+            f.instance = alive();
+            f.assigned = true;
+            f.in_phase = mins(361);
+            f.witness = witness(job, busy);
+            decide(&f, &limits).reason.unwrap().1
+        };
+        assert!(message(GitHubJob::Ours, Some(true)).contains("still running its job"));
+        assert!(message(GitHubJob::Ours, Some(false)).contains("completion was never reported"));
+        let idle = message(GitHubJob::Elsewhere("taken".into()), Some(false));
+        assert!(idle.contains("having taken no job"), "{idle}");
+        assert!(message(GitHubJob::Unknown, None).contains("could not say"));
     }
 
     #[test]

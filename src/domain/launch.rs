@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
 use sha2::{Digest, Sha256};
 
 use crate::api::{
@@ -72,12 +74,15 @@ impl CapacityCache {
 
 /// The offerings to try now, most preferred first: the pool's market (then on-demand when a
 /// spot pool may fall back), instance types in the pool's order, subnets in its order; minus
-/// those the cache says are exhausted. Empty means: back off and retry.
+/// those the cache says are exhausted. Empty means: back off and retry. While the pool's
+/// interruption breaker is open (`spot_paused`), a spot pool that may fall back launches
+/// on-demand only.
 pub fn offerings(
     spec: &RunnerPoolSpec,
     zones: &BTreeMap<String, String>,
     cache: &CapacityCache,
     now: Instant,
+    spot_paused: bool,
 ) -> Vec<Offering> {
     let markets: &[Market] = match (
         spec.capacity.capacity_type,
@@ -85,6 +90,7 @@ pub fn offerings(
     ) {
         (CapacityType::OnDemand, _) => &[Market::OnDemand],
         (CapacityType::Spot, false) => &[Market::Spot],
+        (CapacityType::Spot, true) if spot_paused => &[Market::OnDemand],
         (CapacityType::Spot, true) => &[Market::Spot, Market::OnDemand],
     };
     let mut out = Vec::new();
@@ -108,6 +114,30 @@ pub fn offerings(
         }
     }
     out
+}
+
+/// Until when a spot pool launches on-demand: `notices` of its spot interruption notices (when
+/// each came) within `windowMinutes` open the breaker for `onDemandMinutes` after the last of
+/// them. `None` when it is closed at `now`, turned off, or the pool cannot launch on-demand.
+pub fn on_demand_until(
+    spec: &RunnerPoolSpec,
+    mut notices: Vec<Timestamp>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let breaker = &spec.capacity.interruption_breaker;
+    let spot_with_fallback =
+        spec.capacity.capacity_type == CapacityType::Spot && spec.capacity.fallback_to_on_demand;
+    let needed = usize::try_from(breaker.notices).ok().filter(|n| *n > 0)?;
+    if !spot_with_fallback || notices.len() < needed {
+        return None;
+    }
+    let minutes = |m: i32| SignedDuration::from_mins(i64::from(m.max(1)));
+    notices.sort();
+    let until = (notices.windows(needed))
+        .filter(|w| w[0].duration_until(w[needed - 1]) <= minutes(breaker.window_minutes))
+        .map(|w| w[needed - 1] + minutes(breaker.on_demand_minutes))
+        .max()?;
+    (until > now).then_some(until)
 }
 
 /// For a single-offering launch (`runInstances`) on spot: puts the first instance type's
@@ -323,6 +353,46 @@ mod tests {
         spec
     }
 
+    #[test]
+    fn spot_interruptions_open_the_breaker_for_a_while_and_only_where_on_demand_is_allowed() {
+        let now: Timestamp = "2026-12-05T12:00:00Z".parse().unwrap();
+        let ago = |m: i64| now - SignedDuration::from_mins(m);
+        let s = spec(CapacityType::Spot, true);
+        // The default breaker: 3 notices within 30 minutes, on-demand for 30 after the last.
+        assert_eq!(on_demand_until(&s, vec![ago(5), ago(10)], now), None);
+        let until = on_demand_until(&s, vec![ago(20), ago(5), ago(10)], now);
+        assert_eq!(until, Some(ago(5) + SignedDuration::from_mins(30)));
+        // Too far apart to count together, or long enough ago to be closed again.
+        assert_eq!(
+            on_demand_until(&s, vec![ago(70), ago(5), ago(10)], now),
+            None
+        );
+        assert_eq!(
+            on_demand_until(&s, vec![ago(50), ago(45), ago(40)], now),
+            None
+        );
+        // Off, a pool that may not launch on-demand, and an on-demand pool: never open.
+        let mut off = s.clone();
+        off.capacity.interruption_breaker.notices = 0;
+        let three = || vec![ago(3), ago(2), ago(1)];
+        assert_eq!(on_demand_until(&off, three(), now), None);
+        assert_eq!(
+            on_demand_until(&spec(CapacityType::Spot, false), three(), now),
+            None
+        );
+        assert_eq!(
+            on_demand_until(&spec(CapacityType::OnDemand, false), three(), now),
+            None
+        );
+        // Open, a spot pool that may fall back launches on-demand only.
+        let cache = CapacityCache::default();
+        let paused = offerings(&s, &zones(), &cache, Instant::now(), true);
+        assert!(!paused.is_empty() && paused.iter().all(|o| o.market == Market::OnDemand));
+        let spot_only = spec(CapacityType::Spot, false);
+        let kept = offerings(&spot_only, &zones(), &cache, Instant::now(), true);
+        assert!(!kept.is_empty() && kept.iter().all(|o| o.market == Market::Spot));
+    }
+
     fn zones() -> BTreeMap<String, String> {
         BTreeMap::from([
             ("subnet-0a1b2c3d4e5f60001".into(), "us-east-1a".into()),
@@ -345,6 +415,7 @@ mod tests {
             &zones(),
             &CapacityCache::default(),
             now,
+            false,
         );
         assert_eq!(
             names(&all),
@@ -366,11 +437,11 @@ mod tests {
         }
         let s = spec(CapacityType::Spot, false);
         assert_eq!(
-            names(&offerings(&s, &zones(), &cache, now)),
+            names(&offerings(&s, &zones(), &cache, now, false)),
             ["Spot/m6i.large/us-east-1a", "Spot/m6i.large/us-east-1b"]
         );
         let later = now + UNAVAILABLE_FOR;
-        assert_eq!(offerings(&s, &zones(), &cache, later).len(), 4);
+        assert_eq!(offerings(&s, &zones(), &cache, later, false).len(), 4);
         cache.prune(later);
         assert!(cache.until.is_empty());
     }
@@ -384,8 +455,23 @@ mod tests {
                 cache.mark_unavailable(Market::Spot, t, zone, now);
             }
         }
-        assert!(offerings(&spec(CapacityType::Spot, false), &zones(), &cache, now).is_empty());
-        let fallback = offerings(&spec(CapacityType::Spot, true), &zones(), &cache, now);
+        assert!(
+            offerings(
+                &spec(CapacityType::Spot, false),
+                &zones(),
+                &cache,
+                now,
+                false
+            )
+            .is_empty()
+        );
+        let fallback = offerings(
+            &spec(CapacityType::Spot, true),
+            &zones(),
+            &cache,
+            now,
+            false,
+        );
         assert!(fallback.iter().all(|o| o.market == Market::OnDemand) && fallback.len() == 4);
         // With spot left, no on-demand offering is tried.
         let fresh = offerings(
@@ -393,6 +479,7 @@ mod tests {
             &zones(),
             &CapacityCache::default(),
             now,
+            false,
         );
         assert!(fresh.iter().all(|o| o.market == Market::Spot));
     }
@@ -401,7 +488,7 @@ mod tests {
     fn a_single_spot_launch_goes_to_the_cheapest_zone_of_the_first_type() {
         let now = Instant::now();
         let s = spec(CapacityType::Spot, false);
-        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now);
+        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now, false);
         let prices = HashMap::from([
             ("us-east-1a".to_string(), 0.041),
             ("us-east-1b".to_string(), 0.029),
@@ -417,10 +504,10 @@ mod tests {
             ]
         );
         // An unknown price goes last; no prices at all keep the pool's order.
-        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now);
+        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now, false);
         cheapest_zone_first(&mut all, &HashMap::from([("us-east-1b".to_string(), 0.05)]));
         assert_eq!(all[0].zone, "us-east-1b");
-        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now);
+        let mut all = offerings(&s, &zones(), &CapacityCache::default(), now, false);
         cheapest_zone_first(&mut all, &HashMap::new());
         assert_eq!(all[0].zone, "us-east-1a");
         // On-demand has no spot price to follow.
@@ -429,6 +516,7 @@ mod tests {
             &zones(),
             &CapacityCache::default(),
             now,
+            false,
         );
         cheapest_zone_first(&mut on_demand, &prices);
         assert_eq!(on_demand[0].zone, "us-east-1a");
