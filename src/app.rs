@@ -54,6 +54,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         namespace = %if config.controller.namespace.is_empty() { "<all>" } else { &config.controller.namespace },
         "configuration loaded"
     );
+    for key in config.insecure_http_keys() {
+        warn!(
+            key,
+            "allow_insecure_http is set and {key} is plain http://: tokens and signatures cross \
+             the network in the clear; use it only on a loopback test bed"
+        );
+    }
     let kube_config = kube::Config::infer()
         .await
         .map_err(|e| Error::Kube(kube::Error::InferConfig(e)))?;

@@ -53,6 +53,12 @@ pub struct Config {
     /// `PACER_LOG` and `RUST_LOG` environment variables win over it.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Accept `http://` for `server.public_url` and `github.api_url`. Off: plain HTTP there
+    /// carries webhook signatures, callback tokens, runner configs and the App's tokens in the
+    /// clear, so Pacer refuses it; tests and the demo on loopback set it, and Pacer warns at
+    /// start while it is on.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// How launched instances prove who they are and call back.
@@ -295,6 +301,10 @@ struct Override {
 
 const OVERRIDES: &[Override] = &[
     Override {
+        key: "allow_insecure_http",
+        set: |c, v| set_parsed(&mut c.allow_insecure_http, v),
+    },
+    Override {
         key: "aws.region",
         set: |c, v| set_string(&mut c.aws.region, v),
     },
@@ -467,6 +477,9 @@ impl Config {
                 format!("expected an http(s) URL that runners can reach, got {url:?}"),
             ));
         }
+        if url.starts_with("http://") && !self.allow_insecure_http {
+            return Err(("server.public_url", insecure_http(url)));
+        }
         if let Some(endpoint) = &self.aws.endpoint_url
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
         {
@@ -494,6 +507,9 @@ impl Config {
                 "github.api_url",
                 format!("expected an http(s) URL, got {:?}", self.github.api_url),
             ));
+        }
+        if self.github.api_url.starts_with("http://") && !self.allow_insecure_http {
+            return Err(("github.api_url", insecure_http(&self.github.api_url)));
         }
         if self.github.app_id == 0 {
             return Err((
@@ -601,6 +617,27 @@ impl Config {
     }
 }
 
+fn insecure_http(url: &str) -> String {
+    format!(
+        "expected an https:// URL, got {url:?}: plain HTTP carries tokens and signatures in the \
+         clear (set allow_insecure_http: true only for a loopback test bed)"
+    )
+}
+
+impl Config {
+    /// The keys that use plain HTTP while `allow_insecure_http` lets them: warned about at start.
+    pub fn insecure_http_keys(&self) -> Vec<&'static str> {
+        [
+            ("server.public_url", &self.server.public_url),
+            ("github.api_url", &self.github.api_url),
+        ]
+        .into_iter()
+        .filter(|(_, url)| url.starts_with("http://"))
+        .map(|(key, _)| key)
+        .collect()
+    }
+}
+
 /// Secrets mounted from Kubernetes Secrets often end in a newline the author did not mean.
 fn trim_trailing_newline(mut bytes: Vec<u8>) -> Vec<u8> {
     while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -668,6 +705,31 @@ runners:
         assert_eq!(config.server.listen, default_listen());
         assert_eq!(config.server.tls.mode, TlsMode::None);
         assert_eq!(config.github.api_url, "https://api.github.com");
+    }
+
+    #[test]
+    fn plain_http_urls_are_refused_unless_explicitly_allowed() {
+        for (key, text) in [
+            (
+                "server.public_url",
+                MINIMAL.replace("https://pacer.example.com", "http://pacer.example.com"),
+            ),
+            (
+                "github.api_url",
+                MINIMAL.replace(
+                    "  app_id: 12345\n",
+                    "  app_id: 12345\n  api_url: http://github.example.com/api/v3\n",
+                ),
+            ),
+        ] {
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("https://"), "{err}");
+            let allowed = load(&format!("{text}allow_insecure_http: true\n"), &[]).unwrap();
+            assert_eq!(allowed.insecure_http_keys(), vec![key]);
+            let by_env = load(&text, &[("PACER_ALLOW_INSECURE_HTTP", "true")]).unwrap();
+            assert!(by_env.allow_insecure_http);
+        }
+        assert!(load(MINIMAL, &[]).unwrap().insecure_http_keys().is_empty());
     }
 
     #[test]
