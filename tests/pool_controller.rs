@@ -189,7 +189,9 @@ async fn a_valid_pool_gets_a_tagged_launch_template_and_becomes_ready() {
         metadata.http_tokens(),
         Some(&LaunchTemplateHttpTokensState::Required)
     );
-    assert_eq!(metadata.http_put_response_hop_limit(), Some(2));
+    // Only the instance itself reaches its metadata: a job's containers cannot read the
+    // instance profile's credentials.
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
     assert_eq!(
         data.instance_initiated_shutdown_behavior(),
         Some(&ShutdownBehavior::Terminate)
@@ -382,6 +384,26 @@ async fn only_launch_inputs_make_a_new_template_version() {
     w.wait_condition(&name, "Ready", "True", "Ready").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(latest(w.template(&name).await.unwrap()), (3, 3));
+
+    // A pool whose container jobs need the metadata raises the hop limit: a launch input.
+    w.patch_spec(&name, json!({"metadataHopLimit": 2})).await;
+    w.wait_condition(&name, "Ready", "True", "Ready").await;
+    let template = w.template(&name).await.unwrap();
+    assert_eq!(latest(template.clone()), (4, 4));
+    let versions = w
+        .ec2
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().unwrap())
+        .versions("$Default")
+        .send()
+        .await
+        .unwrap();
+    let metadata = versions.launch_template_versions()[0]
+        .launch_template_data()
+        .unwrap()
+        .metadata_options()
+        .unwrap();
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(2));
 }
 
 #[tokio::test]

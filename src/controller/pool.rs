@@ -503,6 +503,7 @@ mod tests {
             spot: false,
             user_data: String::new(),
             tags: Default::default(),
+            metadata_hop_limit: 1,
         }
     }
 
