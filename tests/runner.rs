@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use pacer::api::{JobPhase, JobResult, RunnerJob, RunnerPool};
 use pacer::cloud::aws::AwsEc2;
@@ -387,6 +387,84 @@ async fn a_queued_job_runs_on_an_instance_that_boots_the_real_user_data() {
     // The job keeps the token's fingerprint only.
     let stored = serde_json::to_string(&status).unwrap();
     assert!(!stored.contains(token));
+}
+
+/// The JIT config reaches the runner through `ACTIONS_RUNNER_INPUT_JITCONFIG`, read from the
+/// boot script's memory on standard input: never on a command line (`/proc/*/cmdline`, which
+/// any local process reads), never in sudo's log, and never in the job's environment (the
+/// runner drops its `ACTIONS_RUNNER_INPUT_*` variables before it starts a job). Pool `alpha`
+/// runs its runner as the boot's own user, `beta` as another user through sudo.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_jit_config_never_reaches_a_command_line_the_sudo_log_or_the_job() {
+    let w = World::new("runner-jit-secret", Some(Behaviour::default())).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    pools
+        .patch(
+            "beta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"runnerUser": "pacer-job"}})),
+        )
+        .await
+        .unwrap();
+    w.wait(120, || async {
+        let pool = pools.get("beta").await.unwrap();
+        pool.status.is_some_and(|s| {
+            s.observed_generation == pool.metadata.generation
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+    .await;
+    for (job_id, pool, sudo) in [(5101, "alpha", false), (5102, "beta", true)] {
+        w.queue(job_id, &["self-hosted", "linux", pool]).await;
+        let job = w
+            .wait_phase(
+                &job_object_name(job_id),
+                &[JobPhase::Succeeded, JobPhase::Failed],
+                90,
+            )
+            .await;
+        let status = job.status.unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "{pool}: {status:?}");
+        let booted = w
+            .sim
+            .as_ref()
+            .unwrap()
+            .finished(&status.instance.unwrap().id, Duration::from_secs(10))
+            .await;
+        let runner = status.runner.unwrap();
+        let jit = base64_of(&format!("jit:orgs/example-org:{}", runner.name));
+        assert_eq!(booted.jit_config.as_deref(), Some(jit.as_str()), "{pool}");
+        assert_eq!(booted.jit_via.as_deref(), Some("env"), "{pool}");
+        assert!(
+            !booted.processes.is_empty() && !booted.processes.contains(&jit),
+            "{pool}: the JIT config is on a command line:\n{}",
+            booted.processes
+        );
+        assert!(
+            !booted.job_env.is_empty() && !booted.job_env.contains(&jit),
+            "{pool}: the job's environment holds the JIT config"
+        );
+        assert!(
+            !booted.job_env.contains("ACTIONS_RUNNER_INPUT_"),
+            "{pool}: {}",
+            booted.job_env
+        );
+        assert_eq!(
+            !booted.sudo_log.is_empty(),
+            sudo,
+            "{pool}: {}",
+            booted.sudo_log
+        );
+        assert!(
+            !booted.sudo_log.contains(&jit),
+            "{pool}: sudo logged the JIT config: {}",
+            booted.sudo_log
+        );
+        let log = log(&booted.dir);
+        assert!(!log.contains(&jit), "{pool}: the boot log holds it");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
