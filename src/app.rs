@@ -148,7 +148,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             secrets.webhook_secrets(),
             namespace.clone(),
         )
-        .with_runners(runner_side(&config, &secrets)?),
+        .with_runners(runner_side(&config, &secrets)?)
+        .with_aws_account(config.aws.account_id.as_deref()),
     );
     let pool_watch = {
         use futures::StreamExt as _;

@@ -91,6 +91,11 @@ pub struct AwsConfig {
     /// Endpoint for every AWS service, for emulators; empty uses AWS's own endpoints.
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// The AWS account Pacer launches in (12 digits). Identity documents from other accounts
+    /// are refused without an EC2 call; empty learns it from the first instance EC2 lists as
+    /// Pacer's.
+    #[serde(default)]
+    pub account_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -317,6 +322,10 @@ const OVERRIDES: &[Override] = &[
         set: |c, v| set_optional(&mut c.aws.endpoint_url, v),
     },
     Override {
+        key: "aws.account_id",
+        set: |c, v| set_optional(&mut c.aws.account_id, v),
+    },
+    Override {
         key: "server.public_url",
         set: |c, v| set_string(&mut c.server.public_url, v),
     },
@@ -486,6 +495,14 @@ impl Config {
             return Err((
                 "aws.endpoint_url",
                 format!("expected an http(s) URL, got {endpoint:?}"),
+            ));
+        }
+        if let Some(account) = &self.aws.account_id
+            && !(account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err((
+                "aws.account_id",
+                format!("expected a 12-digit AWS account id, got {account:?}"),
             ));
         }
         if self.runners.identity_certificates_file.is_none()
@@ -730,6 +747,20 @@ runners:
             assert!(by_env.allow_insecure_http);
         }
         assert!(load(MINIMAL, &[]).unwrap().insecure_http_keys().is_empty());
+    }
+
+    #[test]
+    fn an_account_id_is_twelve_digits() {
+        let text = MINIMAL.replace(
+            "  region: eu-west-1\n",
+            "  region: eu-west-1\n  account_id: \"123456789012\"\n",
+        );
+        let config = load(&text, &[]).unwrap();
+        assert_eq!(config.aws.account_id.as_deref(), Some("123456789012"));
+        let err = load(&text, &[("PACER_AWS_ACCOUNT_ID", "12345")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aws.account_id"), "{err}");
     }
 
     #[test]

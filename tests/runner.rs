@@ -644,6 +644,60 @@ async fn a_spot_interruption_notice_is_reported_once_and_recorded_with_an_event(
     assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
 }
 
+/// Once an instance of Pacer's has booted, Pacer knows its account: a signed document from any
+/// other account is refused without asking EC2, and an instance EC2 said is not Pacer's is
+/// refused again from memory for a while.
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_cost_no_describe_instances_call() {
+    let w = World::new("runner-strangers", Some(Behaviour::default())).await;
+    w.queue(8101, &["self-hosted", "linux", "alpha"]).await;
+    let job = w
+        .wait_phase(&job_object_name(8101), &[JobPhase::Succeeded], 90)
+        .await;
+    assert!(job.status.unwrap().boot.is_some());
+    let region = w.ground.var("AWS_REGION");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let signer = Signer::at(&w.dir.join("identity"));
+    let w = &w;
+    let post = |account: &'static str, instance: &'static str| {
+        let document = identity::document(account, region, instance, "x86_64", &now);
+        let body = json!({ "signature": signer.sign(&document), "document": document });
+        async move { w.post("/api/runner/bootstrap", None, body).await }
+    };
+    let describes = |instance: &'static str| async move {
+        w.ground
+            .proxy()
+            .calls_of("DescribeInstances", instance)
+            .await
+            .len()
+    };
+
+    let foreign = "i-0f0e0d0c0b0a09080";
+    for _ in 0..5 {
+        let (status, answer) = post("210987654321", foreign).await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("not Pacer's"),
+            "{answer}"
+        );
+    }
+    assert_eq!(describes(foreign).await, 0);
+
+    let unknown = "i-0a1a2a3a4a5a6a7a8";
+    for _ in 0..5 {
+        let (status, answer) = post(ACCOUNT, unknown).await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("not one Pacer launched"),
+            "{answer}"
+        );
+    }
+    assert_eq!(describes(unknown).await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn impostors_get_no_runner_config_and_no_callback() {
     let w = World::new("runner-security", None).await;

@@ -59,6 +59,8 @@ pub struct Web {
     deliveries: Mutex<Recent>,
     /// Bootstraps running or answered here, until their instances collect the answer.
     boots: runner::Boots,
+    /// Pacer's AWS account and the instances lately found not to be Pacer's.
+    strangers: runner::Strangers,
 }
 
 impl Web {
@@ -78,6 +80,7 @@ impl Web {
             ready: AtomicBool::new(false),
             deliveries: Mutex::new(Recent::with_capacity(4096)),
             boots: Default::default(),
+            strangers: Default::default(),
         }
     }
 }
@@ -86,6 +89,15 @@ impl Web {
     /// Serves the runner endpoints with these trust roots and this callback key.
     pub fn with_runners(mut self, runners: runner::RunnerSide) -> Self {
         self.runners = Some(runners);
+        self
+    }
+
+    /// The AWS account Pacer's instances run in (`aws.account_id`); unset, the first instance
+    /// EC2 lists as Pacer's tells it.
+    pub fn with_aws_account(self, account: Option<&str>) -> Self {
+        if let Some(account) = account {
+            self.strangers.learn(account);
+        }
         self
     }
 }
