@@ -644,6 +644,71 @@ async fn a_spot_interruption_notice_is_reported_once_and_recorded_with_an_event(
     assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
 }
 
+/// A captured `queued` delivery replayed under a new delivery id after its job finished and its
+/// RunnerJob was deleted records and launches nothing: answered from memory when the job's
+/// `completed` delivery came, from GitHub's word when it did not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_queued_delivery_for_a_finished_job_launches_nothing() {
+    let w = World::new("runner-replay", Some(Behaviour::default())).await;
+    let labels = ["self-hosted", "linux", "alpha"];
+    for (job_id, completed_delivery) in [(9101, true), (9102, false)] {
+        let name = job_object_name(job_id);
+        let captured = webhooks::queued(job_id, &labels);
+        w.queue(job_id, &labels).await;
+        let job = w.wait_phase(&name, &[JobPhase::Succeeded], 90).await;
+        let runner = job.status.unwrap().runner.unwrap();
+        // What GitHub says once the job ran.
+        w.github.set_job(
+            "example-org/api",
+            job_id,
+            "completed",
+            Some((runner.id, runner.name.as_str())),
+        );
+        if completed_delivery {
+            let mut completed: Value = serde_json::from_slice(&captured).unwrap();
+            completed["action"] = json!("completed");
+            let j = &mut completed["workflow_job"];
+            j["status"] = json!("completed");
+            j["conclusion"] = json!("success");
+            j["runner_id"] = json!(runner.id);
+            j["runner_name"] = json!(runner.name);
+            let body = serde_json::to_vec(&completed).unwrap();
+            let delivery = format!("completed-{job_id}");
+            webhooks::deliver_with(&w.http, &w.url, SECRET, &delivery, body).await;
+        }
+        w.jobs.delete(&name, &Default::default()).await.unwrap();
+        w.wait(60, || async {
+            w.jobs.get_opt(&name).await.unwrap().is_none()
+        })
+        .await;
+        let tagged = format!("{}/{name}", w.ns);
+        let proxy = w.ground.proxy();
+        let fleets = proxy.calls_of("CreateFleet", &tagged).await.len();
+        assert_eq!(fleets, 1);
+        let lookups = w.github.calls_of("get_workflow_job");
+
+        let replay = format!("replay-{job_id}");
+        webhooks::deliver_with(&w.http, &w.url, SECRET, &replay, captured).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            w.jobs.get_opt(&name).await.unwrap().is_none(),
+            "job {job_id}: the replay recorded a RunnerJob"
+        );
+        assert_eq!(
+            proxy.calls_of("CreateFleet", &tagged).await.len(),
+            fleets,
+            "job {job_id}: the replay launched"
+        );
+        if completed_delivery {
+            assert_eq!(
+                w.github.calls_of("get_workflow_job"),
+                lookups,
+                "answered from memory"
+            );
+        }
+    }
+}
+
 /// Once an instance of Pacer's has booted, Pacer knows its account: a signed document from any
 /// other account is refused without asking EC2, and an instance EC2 said is not Pacer's is
 /// refused again from memory for a while.

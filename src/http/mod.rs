@@ -57,6 +57,11 @@ pub struct Web {
     /// Deliveries handled recently: a fast path for GitHub's redeliveries; correctness
     /// never depends on it (RunnerJob names do that).
     deliveries: Mutex<Recent>,
+    /// GitHub job ids a signed `completed` delivery or GitHub itself said are finished: a
+    /// replayed `queued` delivery for one of them is answered without a lookup or a launch.
+    /// After a restart, a finished job's RunnerJob (kept `ttlSecondsAfterFinished`) and GitHub
+    /// (asked for any `queued` delivery that looks replayed) stand in for it.
+    finished_jobs: Mutex<Recent>,
     /// Bootstraps running or answered here, until their instances collect the answer.
     boots: runner::Boots,
     /// Pacer's AWS account and the instances lately found not to be Pacer's.
@@ -79,6 +84,7 @@ impl Web {
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             deliveries: Mutex::new(Recent::with_capacity(4096)),
+            finished_jobs: Mutex::new(Recent::with_capacity(16384)),
             boots: Default::default(),
             strangers: Default::default(),
         }
