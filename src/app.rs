@@ -87,6 +87,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             })?),
             None => None,
         },
+        tenancy: crate::domain::tenancy::Tenancy::new(config.tenants.clone()),
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
     let ctx = controller::Context::new(client.clone(), ec2.clone(), settings.clone());

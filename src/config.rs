@@ -59,6 +59,11 @@ pub struct Config {
     /// start while it is on.
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// Namespace → the GitHub owners (and `owner/name` repositories) its RunnerPools may
+    /// serve. Empty: any pool may serve any owner the App reaches. Set: a namespace without an
+    /// entry serves nothing (see docs/security.md).
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, crate::domain::tenancy::Tenant>,
 }
 
 /// How launched instances prove who they are and call back.
@@ -747,6 +752,19 @@ runners:
             assert!(by_env.allow_insecure_http);
         }
         assert!(load(MINIMAL, &[]).unwrap().insecure_http_keys().is_empty());
+    }
+
+    #[test]
+    fn tenants_map_namespaces_to_owners_and_repositories() {
+        let text = format!(
+            "{MINIMAL}tenants:\n  team-a:\n    owners: [acme]\n  team-b:\n    owners: [acme]\n    repositories: [acme/web]\n"
+        );
+        let config = load(&text, &[]).unwrap();
+        assert_eq!(config.tenants["team-a"].owners, ["acme"]);
+        assert_eq!(config.tenants["team-b"].repositories, ["acme/web"]);
+        assert!(load(MINIMAL, &[]).unwrap().tenants.is_empty());
+        let typo = format!("{MINIMAL}tenants:\n  team-a:\n    owner: [acme]\n");
+        assert!(load(&typo, &[]).unwrap_err().to_string().contains("owner"));
     }
 
     #[test]

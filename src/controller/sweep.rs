@@ -108,7 +108,9 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
                 labels: &job.labels,
                 installation_id: None,
             };
-            if demand::record(&ctx.client, &pools, &queued).await? == Recorded::Created {
+            if demand::record(&ctx.client, &pools, &ctx.settings.tenancy, &queued).await?
+                == Recorded::Created
+            {
                 swept.recorded += 1;
                 if swept.recorded >= MAX_RECORDED {
                     break 'repos;

@@ -283,7 +283,8 @@ async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError>
         labels: &job.labels,
         installation_id: event.installation.as_ref().map(|i| i.id),
     };
-    match demand::record(&web.ctx.client, &candidates, &queued).await {
+    let tenancy = &web.ctx.settings.tenancy;
+    match demand::record(&web.ctx.client, &candidates, tenancy, &queued).await {
         Ok(Recorded::Created) => Ok(Effect::Created),
         Ok(Recorded::Exists) => Ok(Effect::Found),
         Ok(Recorded::NoPool) => Ok(Effect::NoPool),
