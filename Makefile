@@ -94,6 +94,10 @@ test: fmt-check clippy shellcheck check-generated tools supply-chain image-check
 	cargo build --quiet
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
 
+.PHONY: fuzz
+fuzz: ## The hostile-input properties (identity documents, callback tokens, webhooks) for PACER_FUZZ_MS each (default a minute); `make test` runs them for 2 s
+	PACER_FUZZ_MS=$${PACER_FUZZ_MS:-60000} cargo test --test hostile_input
+
 .PHONY: iam-check
 iam-check: build ## Lint the IAM policy and simulate the AWS calls the last `make test` recorded against it
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)

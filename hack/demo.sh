@@ -52,6 +52,8 @@ openssl rand -hex 32 >"$conf/callback-key"
 replica() {
   local name=$1 port=$2 metrics=$3
   cat >"$conf/$name.yaml" <<CONFIG
+# Loopback only: the demo's listener and fake GitHub speak plain HTTP.
+allow_insecure_http: true
 aws:
   region: $AWS_REGION
   endpoint_url: $AWS_ENDPOINT_URL

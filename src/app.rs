@@ -54,6 +54,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         namespace = %if config.controller.namespace.is_empty() { "<all>" } else { &config.controller.namespace },
         "configuration loaded"
     );
+    for key in config.insecure_http_keys() {
+        warn!(
+            key,
+            "allow_insecure_http is set and {key} is plain http://: tokens and signatures cross \
+             the network in the clear; use it only on a loopback test bed"
+        );
+    }
     let kube_config = kube::Config::infer()
         .await
         .map_err(|e| Error::Kube(kube::Error::InferConfig(e)))?;
@@ -80,6 +87,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             })?),
             None => None,
         },
+        tenancy: crate::domain::tenancy::Tenancy::new(config.tenants.clone()),
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
     let ctx = controller::Context::new(client.clone(), ec2.clone(), settings.clone());
@@ -141,7 +149,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             secrets.webhook_secrets(),
             namespace.clone(),
         )
-        .with_runners(runner_side(&config, &secrets)?),
+        .with_runners(runner_side(&config, &secrets)?)
+        .with_aws_account(config.aws.account_id.as_deref()),
     );
     let pool_watch = {
         use futures::StreamExt as _;

@@ -53,6 +53,17 @@ pub struct Config {
     /// `PACER_LOG` and `RUST_LOG` environment variables win over it.
     #[serde(default)]
     pub log_level: Option<String>,
+    /// Accept `http://` for `server.public_url` and `github.api_url`. Off: plain HTTP there
+    /// carries webhook signatures, callback tokens, runner configs and the App's tokens in the
+    /// clear, so Pacer refuses it; tests and the demo on loopback set it, and Pacer warns at
+    /// start while it is on.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// Namespace → the GitHub owners (and `owner/name` repositories) its RunnerPools may
+    /// serve. Empty: any pool may serve any owner the App reaches. Set: a namespace without an
+    /// entry serves nothing (see docs/security.md).
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, crate::domain::tenancy::Tenant>,
 }
 
 /// How launched instances prove who they are and call back.
@@ -85,6 +96,11 @@ pub struct AwsConfig {
     /// Endpoint for every AWS service, for emulators; empty uses AWS's own endpoints.
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// The AWS account Pacer launches in (12 digits). Identity documents from other accounts
+    /// are refused without an EC2 call; empty learns it from the first instance EC2 lists as
+    /// Pacer's.
+    #[serde(default)]
+    pub account_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -295,6 +311,10 @@ struct Override {
 
 const OVERRIDES: &[Override] = &[
     Override {
+        key: "allow_insecure_http",
+        set: |c, v| set_parsed(&mut c.allow_insecure_http, v),
+    },
+    Override {
         key: "aws.region",
         set: |c, v| set_string(&mut c.aws.region, v),
     },
@@ -305,6 +325,10 @@ const OVERRIDES: &[Override] = &[
     Override {
         key: "aws.endpoint_url",
         set: |c, v| set_optional(&mut c.aws.endpoint_url, v),
+    },
+    Override {
+        key: "aws.account_id",
+        set: |c, v| set_optional(&mut c.aws.account_id, v),
     },
     Override {
         key: "server.public_url",
@@ -467,12 +491,23 @@ impl Config {
                 format!("expected an http(s) URL that runners can reach, got {url:?}"),
             ));
         }
+        if url.starts_with("http://") && !self.allow_insecure_http {
+            return Err(("server.public_url", insecure_http(url)));
+        }
         if let Some(endpoint) = &self.aws.endpoint_url
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
         {
             return Err((
                 "aws.endpoint_url",
                 format!("expected an http(s) URL, got {endpoint:?}"),
+            ));
+        }
+        if let Some(account) = &self.aws.account_id
+            && !(account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err((
+                "aws.account_id",
+                format!("expected a 12-digit AWS account id, got {account:?}"),
             ));
         }
         if self.runners.identity_certificates_file.is_none()
@@ -494,6 +529,9 @@ impl Config {
                 "github.api_url",
                 format!("expected an http(s) URL, got {:?}", self.github.api_url),
             ));
+        }
+        if self.github.api_url.starts_with("http://") && !self.allow_insecure_http {
+            return Err(("github.api_url", insecure_http(&self.github.api_url)));
         }
         if self.github.app_id == 0 {
             return Err((
@@ -601,6 +639,27 @@ impl Config {
     }
 }
 
+fn insecure_http(url: &str) -> String {
+    format!(
+        "expected an https:// URL, got {url:?}: plain HTTP carries tokens and signatures in the \
+         clear (set allow_insecure_http: true only for a loopback test bed)"
+    )
+}
+
+impl Config {
+    /// The keys that use plain HTTP while `allow_insecure_http` lets them: warned about at start.
+    pub fn insecure_http_keys(&self) -> Vec<&'static str> {
+        [
+            ("server.public_url", &self.server.public_url),
+            ("github.api_url", &self.github.api_url),
+        ]
+        .into_iter()
+        .filter(|(_, url)| url.starts_with("http://"))
+        .map(|(key, _)| key)
+        .collect()
+    }
+}
+
 /// Secrets mounted from Kubernetes Secrets often end in a newline the author did not mean.
 fn trim_trailing_newline(mut bytes: Vec<u8>) -> Vec<u8> {
     while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -668,6 +727,58 @@ runners:
         assert_eq!(config.server.listen, default_listen());
         assert_eq!(config.server.tls.mode, TlsMode::None);
         assert_eq!(config.github.api_url, "https://api.github.com");
+    }
+
+    #[test]
+    fn plain_http_urls_are_refused_unless_explicitly_allowed() {
+        for (key, text) in [
+            (
+                "server.public_url",
+                MINIMAL.replace("https://pacer.example.com", "http://pacer.example.com"),
+            ),
+            (
+                "github.api_url",
+                MINIMAL.replace(
+                    "  app_id: 12345\n",
+                    "  app_id: 12345\n  api_url: http://github.example.com/api/v3\n",
+                ),
+            ),
+        ] {
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("https://"), "{err}");
+            let allowed = load(&format!("{text}allow_insecure_http: true\n"), &[]).unwrap();
+            assert_eq!(allowed.insecure_http_keys(), vec![key]);
+            let by_env = load(&text, &[("PACER_ALLOW_INSECURE_HTTP", "true")]).unwrap();
+            assert!(by_env.allow_insecure_http);
+        }
+        assert!(load(MINIMAL, &[]).unwrap().insecure_http_keys().is_empty());
+    }
+
+    #[test]
+    fn tenants_map_namespaces_to_owners_and_repositories() {
+        let text = format!(
+            "{MINIMAL}tenants:\n  team-a:\n    owners: [acme]\n  team-b:\n    owners: [acme]\n    repositories: [acme/web]\n"
+        );
+        let config = load(&text, &[]).unwrap();
+        assert_eq!(config.tenants["team-a"].owners, ["acme"]);
+        assert_eq!(config.tenants["team-b"].repositories, ["acme/web"]);
+        assert!(load(MINIMAL, &[]).unwrap().tenants.is_empty());
+        let typo = format!("{MINIMAL}tenants:\n  team-a:\n    owner: [acme]\n");
+        assert!(load(&typo, &[]).unwrap_err().to_string().contains("owner"));
+    }
+
+    #[test]
+    fn an_account_id_is_twelve_digits() {
+        let text = MINIMAL.replace(
+            "  region: eu-west-1\n",
+            "  region: eu-west-1\n  account_id: \"123456789012\"\n",
+        );
+        let config = load(&text, &[]).unwrap();
+        assert_eq!(config.aws.account_id.as_deref(), Some("123456789012"));
+        let err = load(&text, &[("PACER_AWS_ACCOUNT_ID", "12345")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aws.account_id"), "{err}");
     }
 
     #[test]

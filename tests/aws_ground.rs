@@ -248,6 +248,7 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
         spot: false,
         user_data: String::new(),
         tags: ours.clone(),
+        metadata_hop_limit: 1,
     };
     let template = ec2
         .create_launch_template("pacer/adapter-test/ns/pool", "test", &data, &ours)

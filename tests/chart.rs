@@ -173,6 +173,10 @@ fn values_that_do_not_fit_the_schema_fail_at_template_time() {
         ("server.tls.mode=letsencrypt", "server/tls/mode"),
         ("controller.id=Prod_EU", "controller/id"),
         ("github.appId=0", "github/appId"),
+        (
+            "secrets.existingSecret=,secrets.githubPrivateKey=k,secrets.callbackKey=0123456789abcdef0123456789abcdef,secrets.webhookSecret=short-secret",
+            "secrets/webhookSecret",
+        ),
     ] {
         let out = Command::new(&helm)
             .args(["template", "pacer"])
@@ -186,6 +190,59 @@ fn values_that_do_not_fit_the_schema_fail_at_template_time() {
         assert!(!out.status.success(), "{set} was accepted");
         assert!(stderr.contains(why), "{set}: {stderr}");
     }
+}
+
+/// With the NetworkPolicy on, metrics are reachable only from the configured peers and egress
+/// is the cluster's DNS, the API server's ports and 443: nothing else, to anywhere.
+#[test]
+fn the_network_policy_admits_metrics_from_its_peers_only_and_narrows_egress() {
+    let helm = helm();
+    let minimal = repo_root().join("charts/pacer/ci/minimal-values.yaml");
+    let rendered = run(Command::new(&helm)
+        .args(["template", "pacer"])
+        .arg(repo_root().join("charts/pacer"))
+        .arg("-f")
+        .arg(&minimal)
+        .args(["--set", "networkPolicy.enabled=true"]));
+    let policy: Value = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_saphyr::from_str::<Value>(doc).ok())
+        .find(|doc| doc["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy");
+    let spec = &policy["spec"];
+    let ports = |rule: &Value| -> Vec<String> {
+        rule["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].to_string().trim_matches('"').to_string())
+            .collect()
+    };
+    let metrics: Vec<&Value> = spec["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| ports(r).contains(&"metrics".to_string()))
+        .collect();
+    assert_eq!(metrics.len(), 1, "{spec}");
+    assert_eq!(
+        metrics[0]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring",
+        "{spec}"
+    );
+    let egress = spec["egress"].as_array().unwrap();
+    let mut allowed: Vec<String> = egress.iter().flat_map(ports).collect();
+    allowed.sort();
+    allowed.dedup();
+    assert_eq!(allowed, ["443", "53", "6443"], "{spec}");
+    let dns = egress
+        .iter()
+        .find(|r| ports(r).contains(&"53".to_string()))
+        .unwrap();
+    assert_eq!(
+        dns["to"][0]["podSelector"]["matchLabels"]["k8s-app"], "kube-dns",
+        "{spec}"
+    );
 }
 
 /// The `helm install` commands the docs give, run as `helm template`: what a reader pastes must

@@ -28,6 +28,14 @@ struct World {
 
 impl World {
     async fn new(test: &str) -> Self {
+        Self::with_tenants(test, |_| Default::default()).await
+    }
+
+    /// A world whose Pacer has the `tenants` `tenants_of(namespace)` gives.
+    async fn with_tenants(
+        test: &str,
+        tenants_of: impl FnOnce(&str) -> pacer::domain::tenancy::Tenancy,
+    ) -> Self {
         let ground = ground(Parts::Both);
         let client = ground.kube_client().await;
         let ns = ground.namespace(&client, test).await;
@@ -35,6 +43,7 @@ impl World {
         let settings = Settings {
             resync: Duration::from_secs(2),
             backoff_unit: Duration::from_millis(200),
+            tenancy: tenants_of(&ns),
             ..Settings::new(CONTROLLER_ID, "https://pacer.example.test")
         };
         let ctx = Arc::new(Context::new(
@@ -189,7 +198,9 @@ async fn a_valid_pool_gets_a_tagged_launch_template_and_becomes_ready() {
         metadata.http_tokens(),
         Some(&LaunchTemplateHttpTokensState::Required)
     );
-    assert_eq!(metadata.http_put_response_hop_limit(), Some(2));
+    // Only the instance itself reaches its metadata: a job's containers cannot read the
+    // instance profile's credentials.
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
     assert_eq!(
         data.instance_initiated_shutdown_behavior(),
         Some(&ShutdownBehavior::Terminate)
@@ -343,6 +354,42 @@ async fn each_bad_input_has_its_reason_and_fixing_it_clears_it() {
     );
 }
 
+/// A pool whose namespace may not serve the owner it names is not valid, and says which field.
+#[tokio::test]
+async fn a_pool_naming_an_owner_its_namespace_may_not_serve_is_not_validated() {
+    use pacer::domain::tenancy::{Tenancy, Tenant};
+    let w = World::with_tenants("tenants", |ns| {
+        let tenant = Tenant {
+            owners: vec!["another-org".into()],
+            repositories: vec![],
+        };
+        Tenancy::new([(ns.to_string(), tenant)].into())
+    })
+    .await;
+    let name = w.create(w.pool("linux")).await;
+    let pool = w
+        .wait_condition(&name, "Validated", "False", "TenantNotPermitted")
+        .await;
+    let conditions = pool.status.unwrap().conditions;
+    let validated = conditions.iter().find(|c| c.type_ == "Validated").unwrap();
+    assert!(
+        validated.message.contains("spec.github.owner")
+            && validated.message.contains("another-org"),
+        "{}",
+        validated.message
+    );
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False")
+    );
+    assert!(w.template(&name).await.is_none(), "no launch template");
+    // The namespace's own owner is served.
+    w.patch_spec(&name, json!({"github": {"owner": "another-org"}}))
+        .await;
+    w.wait_condition(&name, "Ready", "True", "Ready").await;
+}
+
 #[tokio::test]
 async fn only_launch_inputs_make_a_new_template_version() {
     let w = World::new("versions").await;
@@ -382,6 +429,26 @@ async fn only_launch_inputs_make_a_new_template_version() {
     w.wait_condition(&name, "Ready", "True", "Ready").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(latest(w.template(&name).await.unwrap()), (3, 3));
+
+    // A pool whose container jobs need the metadata raises the hop limit: a launch input.
+    w.patch_spec(&name, json!({"metadataHopLimit": 2})).await;
+    w.wait_condition(&name, "Ready", "True", "Ready").await;
+    let template = w.template(&name).await.unwrap();
+    assert_eq!(latest(template.clone()), (4, 4));
+    let versions = w
+        .ec2
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().unwrap())
+        .versions("$Default")
+        .send()
+        .await
+        .unwrap();
+    let metadata = versions.launch_template_versions()[0]
+        .launch_template_data()
+        .unwrap()
+        .metadata_options()
+        .unwrap();
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(2));
 }
 
 #[tokio::test]

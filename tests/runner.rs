@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use pacer::api::{JobPhase, JobResult, RunnerJob, RunnerPool};
 use pacer::cloud::aws::AwsEc2;
@@ -389,6 +389,84 @@ async fn a_queued_job_runs_on_an_instance_that_boots_the_real_user_data() {
     assert!(!stored.contains(token));
 }
 
+/// The JIT config reaches the runner through `ACTIONS_RUNNER_INPUT_JITCONFIG`, read from the
+/// boot script's memory on standard input: never on a command line (`/proc/*/cmdline`, which
+/// any local process reads), never in sudo's log, and never in the job's environment (the
+/// runner drops its `ACTIONS_RUNNER_INPUT_*` variables before it starts a job). Pool `alpha`
+/// runs its runner as the boot's own user, `beta` as another user through sudo.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_jit_config_never_reaches_a_command_line_the_sudo_log_or_the_job() {
+    let w = World::new("runner-jit-secret", Some(Behaviour::default())).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    pools
+        .patch(
+            "beta",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"runnerUser": "pacer-job"}})),
+        )
+        .await
+        .unwrap();
+    w.wait(120, || async {
+        let pool = pools.get("beta").await.unwrap();
+        pool.status.is_some_and(|s| {
+            s.observed_generation == pool.metadata.generation
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+    })
+    .await;
+    for (job_id, pool, sudo) in [(5101, "alpha", false), (5102, "beta", true)] {
+        w.queue(job_id, &["self-hosted", "linux", pool]).await;
+        let job = w
+            .wait_phase(
+                &job_object_name(job_id),
+                &[JobPhase::Succeeded, JobPhase::Failed],
+                90,
+            )
+            .await;
+        let status = job.status.unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "{pool}: {status:?}");
+        let booted = w
+            .sim
+            .as_ref()
+            .unwrap()
+            .finished(&status.instance.unwrap().id, Duration::from_secs(10))
+            .await;
+        let runner = status.runner.unwrap();
+        let jit = base64_of(&format!("jit:orgs/example-org:{}", runner.name));
+        assert_eq!(booted.jit_config.as_deref(), Some(jit.as_str()), "{pool}");
+        assert_eq!(booted.jit_via.as_deref(), Some("env"), "{pool}");
+        assert!(
+            !booted.processes.is_empty() && !booted.processes.contains(&jit),
+            "{pool}: the JIT config is on a command line:\n{}",
+            booted.processes
+        );
+        assert!(
+            !booted.job_env.is_empty() && !booted.job_env.contains(&jit),
+            "{pool}: the job's environment holds the JIT config"
+        );
+        assert!(
+            !booted.job_env.contains("ACTIONS_RUNNER_INPUT_"),
+            "{pool}: {}",
+            booted.job_env
+        );
+        assert_eq!(
+            !booted.sudo_log.is_empty(),
+            sudo,
+            "{pool}: {}",
+            booted.sudo_log
+        );
+        assert!(
+            !booted.sudo_log.contains(&jit),
+            "{pool}: sudo logged the JIT config: {}",
+            booted.sudo_log
+        );
+        let log = log(&booted.dir);
+        assert!(!log.contains(&jit), "{pool}: the boot log holds it");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn instances_trust_a_private_ca_for_the_listener_when_told() {
     let w = World::serving("runner-tls", Some(Behaviour::default()), true).await;
@@ -564,6 +642,125 @@ async fn a_spot_interruption_notice_is_reported_once_and_recorded_with_an_event(
         .finished(&instance.id, Duration::from_secs(10))
         .await;
     assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
+}
+
+/// A captured `queued` delivery replayed under a new delivery id after its job finished and its
+/// RunnerJob was deleted records and launches nothing: answered from memory when the job's
+/// `completed` delivery came, from GitHub's word when it did not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_queued_delivery_for_a_finished_job_launches_nothing() {
+    let w = World::new("runner-replay", Some(Behaviour::default())).await;
+    let labels = ["self-hosted", "linux", "alpha"];
+    for (job_id, completed_delivery) in [(9101, true), (9102, false)] {
+        let name = job_object_name(job_id);
+        let captured = webhooks::queued(job_id, &labels);
+        w.queue(job_id, &labels).await;
+        let job = w.wait_phase(&name, &[JobPhase::Succeeded], 90).await;
+        let runner = job.status.unwrap().runner.unwrap();
+        // What GitHub says once the job ran.
+        w.github.set_job(
+            "example-org/api",
+            job_id,
+            "completed",
+            Some((runner.id, runner.name.as_str())),
+        );
+        if completed_delivery {
+            let mut completed: Value = serde_json::from_slice(&captured).unwrap();
+            completed["action"] = json!("completed");
+            let j = &mut completed["workflow_job"];
+            j["status"] = json!("completed");
+            j["conclusion"] = json!("success");
+            j["runner_id"] = json!(runner.id);
+            j["runner_name"] = json!(runner.name);
+            let body = serde_json::to_vec(&completed).unwrap();
+            let delivery = format!("completed-{job_id}");
+            webhooks::deliver_with(&w.http, &w.url, SECRET, &delivery, body).await;
+        }
+        w.jobs.delete(&name, &Default::default()).await.unwrap();
+        w.wait(60, || async {
+            w.jobs.get_opt(&name).await.unwrap().is_none()
+        })
+        .await;
+        let tagged = format!("{}/{name}", w.ns);
+        let proxy = w.ground.proxy();
+        let fleets = proxy.calls_of("CreateFleet", &tagged).await.len();
+        assert_eq!(fleets, 1);
+        let lookups = w.github.calls_of("get_workflow_job");
+
+        let replay = format!("replay-{job_id}");
+        webhooks::deliver_with(&w.http, &w.url, SECRET, &replay, captured).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            w.jobs.get_opt(&name).await.unwrap().is_none(),
+            "job {job_id}: the replay recorded a RunnerJob"
+        );
+        assert_eq!(
+            proxy.calls_of("CreateFleet", &tagged).await.len(),
+            fleets,
+            "job {job_id}: the replay launched"
+        );
+        if completed_delivery {
+            assert_eq!(
+                w.github.calls_of("get_workflow_job"),
+                lookups,
+                "answered from memory"
+            );
+        }
+    }
+}
+
+/// Once an instance of Pacer's has booted, Pacer knows its account: a signed document from any
+/// other account is refused without asking EC2, and an instance EC2 said is not Pacer's is
+/// refused again from memory for a while.
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_cost_no_describe_instances_call() {
+    let w = World::new("runner-strangers", Some(Behaviour::default())).await;
+    w.queue(8101, &["self-hosted", "linux", "alpha"]).await;
+    let job = w
+        .wait_phase(&job_object_name(8101), &[JobPhase::Succeeded], 90)
+        .await;
+    assert!(job.status.unwrap().boot.is_some());
+    let region = w.ground.var("AWS_REGION");
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let signer = Signer::at(&w.dir.join("identity"));
+    let w = &w;
+    let post = |account: &'static str, instance: &'static str| {
+        let document = identity::document(account, region, instance, "x86_64", &now);
+        let body = json!({ "signature": signer.sign(&document), "document": document });
+        async move { w.post("/api/runner/bootstrap", None, body).await }
+    };
+    let describes = |instance: &'static str| async move {
+        w.ground
+            .proxy()
+            .calls_of("DescribeInstances", instance)
+            .await
+            .len()
+    };
+
+    let foreign = "i-0f0e0d0c0b0a09080";
+    for _ in 0..5 {
+        let (status, answer) = post("210987654321", foreign).await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("not Pacer's"),
+            "{answer}"
+        );
+    }
+    assert_eq!(describes(foreign).await, 0);
+
+    let unknown = "i-0a1a2a3a4a5a6a7a8";
+    for _ in 0..5 {
+        let (status, answer) = post(ACCOUNT, unknown).await;
+        assert_eq!(status, 401, "{answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("not one Pacer launched"),
+            "{answer}"
+        );
+    }
+    assert_eq!(describes(unknown).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -44,6 +44,14 @@ struct World {
 
 impl World {
     async fn new(test: &str) -> Self {
+        Self::with_tenants(test, |_| Default::default()).await
+    }
+
+    /// A world whose Pacer has the `tenants` `tenants_of(namespace)` gives.
+    async fn with_tenants(
+        test: &str,
+        tenants_of: impl FnOnce(&str) -> pacer::domain::tenancy::Tenancy,
+    ) -> Self {
         let ground = ground(Parts::Kube);
         let client = ground.kube_client().await;
         let ns = ground.namespace(&client, test).await;
@@ -68,10 +76,14 @@ impl World {
             let pool: RunnerPool = serde_json::from_value(pool).unwrap();
             pools.create(&PostParams::default(), &pool).await.unwrap();
         }
+        let settings = Settings {
+            tenancy: tenants_of(&ns),
+            ..Settings::new(CONTROLLER, "https://pacer.example.test")
+        };
         let ctx = Arc::new(Context::new(
             client.clone(),
             Arc::new(FakeEc2::new()),
-            Settings::new(CONTROLLER, "https://pacer.example.test"),
+            settings,
         ));
         let (store, writer) = reflector::store();
         let web = Arc::new(Web::new(
@@ -160,6 +172,28 @@ impl World {
         names.sort();
         names
     }
+}
+
+/// With `tenants`, a queued job is matched only to pools whose namespace may serve its owner:
+/// here the namespace may serve lineville, so Codertocat's job finds no pool even though the
+/// namespace's `hello` pool names Codertocat and asks for its labels.
+#[tokio::test]
+async fn a_namespace_serves_only_the_owners_its_tenant_entry_names() {
+    use pacer::domain::tenancy::{Tenancy, Tenant};
+    let w = World::with_tenants("hook-tenants", |ns| {
+        let tenant = Tenant {
+            owners: vec!["lineville".into()],
+            repositories: vec![],
+        };
+        Tenancy::new([(ns.to_string(), tenant)].into())
+    })
+    .await;
+    let codertocat = example("queued", "queued");
+    assert_eq!(
+        w.deliver("t-1", &codertocat).await,
+        (StatusCode::OK, "no_pool".into())
+    );
+    assert!(w.job_names().await.is_empty());
 }
 
 #[tokio::test]

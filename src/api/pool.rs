@@ -77,6 +77,15 @@ pub struct RunnerPoolSpec {
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[\w+=,.@-]+$"))]
     pub instance_profile: Option<String>,
 
+    /// How many network hops the instance metadata service's (IMDSv2) answers may travel.
+    /// Default 1: only processes on the instance itself reach it, so a job's containers on a
+    /// bridge network cannot read the instance profile's credentials. 2 lets such containers
+    /// reach it too (some container jobs need the instance's region or role); raise it only
+    /// when the pool's instance profile is one every job may use.
+    #[serde(default = "default_metadata_hop_limit")]
+    #[schemars(range(min = 1, max = 64))]
+    pub metadata_hop_limit: i32,
+
     /// The runners' root EBS volume.
     #[serde(default)]
     pub root_volume: RootVolume,
@@ -166,6 +175,9 @@ fn is_zero(n: &i32) -> bool {
     *n == 0
 }
 
+fn default_metadata_hop_limit() -> i32 {
+    1
+}
 fn default_max_runners() -> i32 {
     10
 }

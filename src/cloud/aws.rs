@@ -138,7 +138,7 @@ fn template_data(data: &LaunchTemplateData) -> ec2::RequestLaunchTemplateData {
             ec2::LaunchTemplateInstanceMetadataOptionsRequest::builder()
                 .http_endpoint(ec2::LaunchTemplateInstanceMetadataEndpointState::Enabled)
                 .http_tokens(ec2::LaunchTemplateHttpTokensState::Required)
-                .http_put_response_hop_limit(2)
+                .http_put_response_hop_limit(data.metadata_hop_limit)
                 .build(),
         )
         .instance_initiated_shutdown_behavior(ec2::ShutdownBehavior::Terminate)

@@ -672,6 +672,7 @@ mod tests {
             spot: false,
             user_data: String::new(),
             tags: BTreeMap::new(),
+            metadata_hop_limit: 1,
         }
     }
 

@@ -142,6 +142,9 @@ pub struct LaunchTemplateData {
     pub user_data: String,
     /// Tags for the instances and volumes launched from the template.
     pub tags: BTreeMap<String, String>,
+    /// IMDSv2's PUT response hop limit: 1 keeps the metadata (and the instance profile's
+    /// credentials) on the instance, away from containers on a bridge network.
+    pub metadata_hop_limit: i32,
 }
 
 /// One instance launch, as CreateFleet or RunInstances would make it.

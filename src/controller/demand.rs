@@ -9,6 +9,7 @@ use tracing::info;
 use super::FIELD_MANAGER;
 use crate::api::{RunnerJob, RunnerJobSpec, RunnerPool};
 use crate::domain::matching::{self, QueuedJob};
+use crate::domain::tenancy::Tenancy;
 use crate::github::job_object_name;
 
 /// A queued workflow job, as a webhook or GitHub's API reports it.
@@ -31,10 +32,12 @@ pub enum Recorded {
     NoPool,
 }
 
-/// Records `job` for the pool among `pools` that serves it best.
+/// Records `job` for the pool among `pools` that serves it best, among those whose namespace
+/// `tenancy` lets serve its repository.
 pub async fn record(
     client: &kube::Client,
     pools: &[&RunnerPool],
+    tenancy: &Tenancy,
     job: &Queued<'_>,
 ) -> Result<Recorded, kube::Error> {
     let (owner, name) = job
@@ -46,7 +49,18 @@ pub async fn record(
         owner,
         repository: name,
     };
-    let Some(pool) = matching::choose(pools, &wanted) else {
+    let permitted: Vec<&RunnerPool> = pools
+        .iter()
+        .copied()
+        .filter(|p| {
+            tenancy.permits(
+                p.metadata.namespace.as_deref().unwrap_or_default(),
+                owner,
+                name,
+            )
+        })
+        .collect();
+    let Some(pool) = matching::choose(&permitted, &wanted) else {
         info!(job_id = job.job_id, run_id = job.run_id, repository = job.repository,
             labels = ?job.labels, "no RunnerPool serves this queued job");
         return Ok(Recorded::NoPool);

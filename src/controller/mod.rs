@@ -156,6 +156,8 @@ pub struct Settings {
     /// also bounds the connections (and their buffers) to the API server; a burst beyond it
     /// queues.
     pub job_concurrency: u16,
+    /// Which owners and repositories each namespace's pools may serve (`tenants`).
+    pub tenancy: crate::domain::tenancy::Tenancy,
 }
 
 impl Settings {
@@ -172,6 +174,7 @@ impl Settings {
             gc_grace: Duration::from_secs(120),
             max_launch_attempts: crate::domain::launch::MAX_ATTEMPTS,
             job_concurrency: 512,
+            tenancy: Default::default(),
         }
     }
 }

@@ -287,6 +287,12 @@ fn verdict(
     observed: &Observed,
 ) -> (Verdict, Result<String, String>) {
     let verdict = match decide::validate(&pool.spec, observed) {
+        Verdict::Valid { .. } if let Some(why) = ctx.settings.tenancy.refusal(pool) => {
+            Verdict::Invalid {
+                reason: "TenantNotPermitted",
+                message: why,
+            }
+        }
         Verdict::Valid { .. } if let Err(why) = tags::check(&id.instance_tags(&pool.spec)) => {
             Verdict::Invalid {
                 reason: "TagInvalid",
@@ -524,6 +530,7 @@ mod tests {
             spot: false,
             user_data: String::new(),
             tags: Default::default(),
+            metadata_hop_limit: 1,
         }
     }
 

@@ -210,7 +210,9 @@ impl Pass<'_> {
                 labels: &job.labels,
                 installation_id: None,
             };
-            if demand::record(&self.ctx.client, pools, &queued).await? == Recorded::Created {
+            let tenancy = &self.ctx.settings.tenancy;
+            if demand::record(&self.ctx.client, pools, tenancy, &queued).await? == Recorded::Created
+            {
                 self.swept.recorded += 1;
                 if self.swept.recorded >= MAX_RECORDED {
                     break;

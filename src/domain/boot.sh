@@ -170,9 +170,19 @@ fi
 call POST "$PACER_URL/api/runner/register" "$STATE/register.json" "${pacer_tls[@]}" -H @"$AUTH" \
   -H 'Content-Type: application/json' --data-binary '{}'
 echo "pacer: registered; starting the runner"
+# The JIT config is the runner's credential: never on a command line (any local process reads
+# /proc/*/cmdline, and sudo logs its command to the journal). It reaches the runner on standard
+# input from this script's memory, as ACTIONS_RUNNER_INPUT_JITCONFIG, which Runner.Listener
+# reads and removes from its environment before it starts a job.
+jitconfig=$(jq -er .jitConfig "$STATE/bootstrap.json")
+jq 'del(.jitConfig)' "$STATE/bootstrap.json" >"$STATE/bootstrap.json.kept"
+mv "$STATE/bootstrap.json.kept" "$STATE/bootstrap.json"
 status=0
-(cd "$RUNNER_DIR" && "${run_as[@]}" ./run.sh --jitconfig "$(jq -er .jitConfig "$STATE/bootstrap.json")") ||
-  status=$?
+# shellcheck disable=SC2016 # expanded by the runner user's shell, not this one
+(cd "$RUNNER_DIR" && "${run_as[@]}" bash -c \
+  'IFS= read -r ACTIONS_RUNNER_INPUT_JITCONFIG && export ACTIONS_RUNNER_INPUT_JITCONFIG &&
+   exec ./run.sh </dev/null' pacer-runner <<<"$jitconfig") || status=$?
+unset jitconfig
 rm -f "$STATE/bootstrap.json"
 echo "pacer: the runner exited with status $status"
 kill "$notices" 2>/dev/null || true

@@ -6,4 +6,5 @@ pub mod job;
 pub mod launch;
 pub mod matching;
 pub mod pool;
+pub mod tenancy;
 pub mod userdata;

@@ -293,6 +293,7 @@ pub fn template_data(
             && spec.spawn_method == SpawnMethod::RunInstances,
         user_data: base64::engine::general_purpose::STANDARD.encode(user_data),
         tags: identity.instance_tags(spec),
+        metadata_hop_limit: spec.metadata_hop_limit,
     }
 }
 
@@ -547,9 +548,10 @@ mod tests {
             spot: true,
             user_data: "IyEvYmluL2Jhc2gK".into(),
             tags: BTreeMap::from([("gha:managed-by".into(), "pacer".into())]),
+            metadata_hop_limit: 1,
         };
         // Changing this value makes every pool's template take a new version: do it knowingly.
-        assert_eq!(spec_hash(&data), "32d5b285d9d44286");
+        assert_eq!(spec_hash(&data), "4fcfa09eff23b9d8");
     }
 
     #[test]

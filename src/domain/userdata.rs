@@ -39,7 +39,9 @@ pub fn shell_quote(value: &str) -> String {
 }
 
 /// Renders the boot script: its first line, the parameters as quoted assignments, then the
-/// rest of it unchanged.
+/// rest of it without its comment lines (they explain the script to its readers and would
+/// only take the pool's `userData` room under EC2's 16 KiB; boot.sh has no here-document or
+/// multi-line string with a line starting with `#`).
 pub fn render(params: &BootParams<'_>) -> Result<String, TooLarge> {
     let (shebang, body) = BOOT_SCRIPT
         .split_once('\n')
@@ -56,7 +58,10 @@ pub fn render(params: &BootParams<'_>) -> Result<String, TooLarge> {
     ] {
         let _ = writeln!(w, "{name}={}", shell_quote(value));
     }
-    script.push_str(body);
+    for line in body.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        script.push_str(line);
+        script.push('\n');
+    }
     if script.len() > MAX_USER_DATA_BYTES {
         return Err(TooLarge { size: script.len() });
     }
@@ -102,11 +107,24 @@ mod tests {
     }
 
     #[test]
-    fn the_parameters_come_first_and_the_script_follows_unchanged() {
+    fn the_parameters_come_first_and_the_script_follows_without_its_comments() {
         let extra = "echo one\necho 'two' \"$HOME\"\n";
         let script = render(&params(Some(extra))).unwrap();
         assert!(script.starts_with("#!/bin/bash\nPACER_URL='https://pacer.example.com'\n"));
-        assert!(script.ends_with(BOOT_SCRIPT.split_once('\n').unwrap().1));
+        let code: Vec<&str> = BOOT_SCRIPT
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect();
+        assert!(script.ends_with(&format!("{}\n", code.join("\n"))));
+        assert_eq!(
+            script
+                .lines()
+                .filter(|l| l.trim_start().starts_with('#'))
+                .count(),
+            1,
+            "only the shebang"
+        );
         // What bash assigns is the pool's script, byte for byte.
         let prefix = script.split("set -Eeuo pipefail").next().unwrap();
         let out = run_bash(&format!("{prefix}\nprintf %s \"$PACER_POOL_SCRIPT\""));

@@ -77,6 +77,9 @@ pub struct WorkflowJob {
     /// `success`, `failure`, `cancelled`, `skipped`, `timed_out`, ... once completed.
     #[serde(default)]
     pub conclusion: Option<String>,
+    /// When the job was created (RFC 3339): a `queued` delivery is sent then.
+    #[serde(default)]
+    pub created_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -34,6 +34,9 @@ use crate::config::AcmeConfig;
 
 /// A certificate with less than this left is renewed.
 pub const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often a replica reads the HTTP-01 answers other replicas share in the Secret. A
+/// challenge request never reads the Secret itself: answers come from memory.
+pub const SHARED_REFRESH: Duration = Duration::from_secs(3);
 /// How long a replica's claim on ordering holds before another may take over.
 const ORDER_CLAIM: Duration = Duration::from_secs(10 * 60);
 const ACCOUNT: &str = "account.json";
@@ -59,27 +62,60 @@ pub enum Store {
     },
 }
 
-/// The challenge listener: `GET /.well-known/acme-challenge/{token}` on plain HTTP.
+/// The challenge listener: `GET /.well-known/acme-challenge/{token}` on plain HTTP, answered
+/// from memory: this replica's own answers, and the ones other replicas share in the Secret,
+/// read every [`SHARED_REFRESH`] for as long as the router lives. So an unauthenticated
+/// request, whatever its token, costs no Kubernetes API call.
 pub fn challenge_router(challenges: Challenges, store: Arc<Store>) -> Router {
+    let shared = Challenges::default();
+    if let Store::Secret { .. } = store.as_ref() {
+        tokio::spawn(refresh_shared(store, Arc::downgrade(&shared)));
+    }
     Router::new()
         .route("/.well-known/acme-challenge/{token}", get(answer))
-        .with_state((challenges, store))
+        .with_state([challenges, shared])
+}
+
+/// Copies the Secret's shared answers into `shared` every [`SHARED_REFRESH`], until the router
+/// is gone.
+async fn refresh_shared(
+    store: Arc<Store>,
+    shared: std::sync::Weak<RwLock<HashMap<String, String>>>,
+) {
+    loop {
+        let pending = store.shared_challenges().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match pending {
+            Ok(pending) => *shared.write().expect("not poisoned") = pending,
+            Err(e) => tracing::debug!(error = %e, "cannot read the shared HTTP-01 answers"),
+        }
+        drop(shared);
+        tokio::time::sleep(SHARED_REFRESH).await;
+    }
+}
+
+/// Whether `token` can be an ACME HTTP-01 token (RFC 8555: base64url, at least 128 bits): what
+/// is not is refused before any lookup.
+pub fn is_challenge_token(token: &str) -> bool {
+    (22..=128).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 async fn answer(
-    State((challenges, store)): State<(Challenges, Arc<Store>)>,
+    State(answers): State<[Challenges; 2]>,
     UrlPath(token): UrlPath<String>,
 ) -> Response {
-    let local = challenges
-        .read()
-        .expect("not poisoned")
-        .get(&token)
-        .cloned();
-    let shared = match local {
-        Some(answer) => Some(answer),
-        None => store.challenge(&token).await,
-    };
-    match shared {
+    if !is_challenge_token(&token) {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let found = answers
+        .iter()
+        .find_map(|a| a.read().expect("not poisoned").get(&token).cloned());
+    match found {
         Some(key_authorization) => key_authorization.into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
@@ -242,11 +278,13 @@ impl Store {
         .map(|_| ())
     }
 
-    /// The answer to an HTTP-01 token another replica is waiting on.
-    async fn challenge(&self, token: &str) -> Option<String> {
-        let pending: BTreeMap<String, String> =
-            serde_json::from_str(&self.read(CHALLENGES).await.ok()??).ok()?;
-        pending.get(token).cloned()
+    /// The HTTP-01 answers replicas share (one GET of the Secret).
+    async fn shared_challenges(&self) -> Result<HashMap<String, String>, String> {
+        Ok(self
+            .read(CHALLENGES)
+            .await?
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default())
     }
 }
 
@@ -398,6 +436,11 @@ async fn obtain(config: &AcmeConfig, store: &Store, challenges: &Challenges) -> 
         .collect();
     let outcome = async {
         store.share_challenges(&shared).await?;
+        if let Store::Secret { .. } = store {
+            // Every replica reads the shared answers on a timer: let them all have them before
+            // the CA asks whichever one its request reaches.
+            tokio::time::sleep(SHARED_REFRESH * 2).await;
+        }
         let mut authorizations = order.authorizations();
         while let Some(authorization) = authorizations.next().await {
             let mut authorization = authorization.map_err(|e| format!("authorization: {e}"))?;
@@ -445,4 +488,107 @@ async fn obtain(config: &AcmeConfig, store: &Store, challenges: &Challenges) -> 
     outcome?;
     info!(domains = ?config.domains, "ACME certificate issued");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt as _;
+
+    const SHARED_TOKEN: &str = "shared-token-0123456789abcdefghijklmnop";
+
+    /// A Secret store on an API server stand-in that counts the requests it gets.
+    fn counted_secret_store() -> (Arc<Store>, Arc<AtomicUsize>) {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let service = tower::service_fn(move |_: Request<kube::client::Body>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let challenges = serde_json::to_vec(&json_map(SHARED_TOKEN, "the-answer")).unwrap();
+            let secret = serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "pacer-acme", "namespace": "pacer"},
+                "data": {CHALLENGES: base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD, challenges)},
+            });
+            async move {
+                Ok::<_, std::convert::Infallible>(axum::http::Response::new(
+                    kube::client::Body::from(serde_json::to_vec(&secret).unwrap()),
+                ))
+            }
+        });
+        let client = kube::Client::new(service, "pacer");
+        let store = Store::Secret {
+            api: Api::namespaced(client, "pacer"),
+            name: "pacer-acme".into(),
+            identity: "pacer-0".into(),
+        };
+        (Arc::new(store), requests)
+    }
+
+    fn json_map(token: &str, answer: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(token.to_string(), answer.to_string())])
+    }
+
+    async fn get(router: &Router, token: &str) -> (StatusCode, String) {
+        let response = router
+            .clone()
+            .oneshot(
+                Request::get(format!("/.well-known/acme-challenge/{token}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn challenge_requests_are_answered_from_memory_without_reading_the_secret() {
+        let (store, requests) = counted_secret_store();
+        let router = challenge_router(Challenges::default(), store);
+        // Another replica's answer, shared through the Secret, is served once read.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while get(&router, SHARED_TOKEN).await.0 != StatusCode::OK {
+            assert!(tokio::time::Instant::now() < deadline, "never answered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(&router, SHARED_TOKEN).await.1, "the-answer");
+        let before = requests.load(Ordering::SeqCst);
+        for n in 0..200 {
+            let unknown = format!("unknown-token-{n:08}-abcdefghijklmnop");
+            assert_eq!(get(&router, &unknown).await.0, StatusCode::NOT_FOUND);
+        }
+        for malformed in ["short", "has.dots.in.it.0123456789abcdef", &"a".repeat(200)] {
+            assert_eq!(get(&router, malformed).await.0, StatusCode::NOT_FOUND);
+        }
+        // At most the timer's own read happened meanwhile.
+        let after = requests.load(Ordering::SeqCst);
+        assert!(
+            after - before <= 1,
+            "{} reads of the Secret",
+            after - before
+        );
+    }
+
+    #[test]
+    fn challenge_tokens_are_base64url_of_sane_length() {
+        assert!(is_challenge_token(
+            "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
+        ));
+        assert!(!is_challenge_token("short"));
+        assert!(!is_challenge_token(&"a".repeat(129)));
+        assert!(!is_challenge_token(
+            "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0="
+        ));
+        assert!(!is_challenge_token(
+            "../../LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDf"
+        ));
+    }
 }

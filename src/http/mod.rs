@@ -57,8 +57,15 @@ pub struct Web {
     /// Deliveries handled recently: a fast path for GitHub's redeliveries; correctness
     /// never depends on it (RunnerJob names do that).
     deliveries: Mutex<Recent>,
+    /// GitHub job ids a signed `completed` delivery or GitHub itself said are finished: a
+    /// replayed `queued` delivery for one of them is answered without a lookup or a launch.
+    /// After a restart, a finished job's RunnerJob (kept `ttlSecondsAfterFinished`) and GitHub
+    /// (asked for any `queued` delivery that looks replayed) stand in for it.
+    finished_jobs: Mutex<Recent>,
     /// Bootstraps running or answered here, until their instances collect the answer.
     boots: runner::Boots,
+    /// Pacer's AWS account and the instances lately found not to be Pacer's.
+    strangers: runner::Strangers,
 }
 
 impl Web {
@@ -77,7 +84,9 @@ impl Web {
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             deliveries: Mutex::new(Recent::with_capacity(4096)),
+            finished_jobs: Mutex::new(Recent::with_capacity(16384)),
             boots: Default::default(),
+            strangers: Default::default(),
         }
     }
 }
@@ -86,6 +95,15 @@ impl Web {
     /// Serves the runner endpoints with these trust roots and this callback key.
     pub fn with_runners(mut self, runners: runner::RunnerSide) -> Self {
         self.runners = Some(runners);
+        self
+    }
+
+    /// The AWS account Pacer's instances run in (`aws.account_id`); unset, the first instance
+    /// EC2 lists as Pacer's tells it.
+    pub fn with_aws_account(self, account: Option<&str>) -> Self {
+        if let Some(account) = account {
+            self.strangers.learn(account);
+        }
         self
     }
 }

@@ -42,6 +42,52 @@ pub const EVENT_LOG_BYTES: usize = 900;
 /// A callback token outlives the pool's maxRuntime by this much.
 pub const TOKEN_GRACE: Duration = Duration::from_secs(30 * 60);
 
+/// How long an instance EC2 did not list as Pacer's is refused without asking again.
+pub const STRANGER_MEMORY: Duration = Duration::from_secs(60);
+/// Most instances remembered as not Pacer's: past it the expired go, then all.
+const STRANGERS_KEPT: usize = 4096;
+
+/// What bootstraps learned about who is not Pacer's, so that a signed document that cannot be
+/// one of its instances costs no EC2 call.
+#[derive(Default)]
+pub struct Strangers {
+    /// The AWS account Pacer's instances run in: `aws.account_id`, or the owner EC2 gave for
+    /// the first instance it listed as Pacer's.
+    account: std::sync::OnceLock<String>,
+    /// Instances EC2 did not list as Pacer's, or listed in another account, and when.
+    refused: Mutex<HashMap<String, Instant>>,
+}
+
+impl Strangers {
+    pub fn account(&self) -> Option<&str> {
+        self.account.get().map(String::as_str)
+    }
+
+    /// Pacer's account, once known; the first one set stays.
+    pub fn learn(&self, account: &str) {
+        let _ = self.account.set(account.to_string());
+    }
+
+    pub fn refused_lately(&self, instance: &str, now: Instant) -> bool {
+        self.refused
+            .lock()
+            .expect("not poisoned")
+            .get(instance)
+            .is_some_and(|at| now.duration_since(*at) < STRANGER_MEMORY)
+    }
+
+    pub fn refuse(&self, instance: &str, now: Instant) {
+        let mut refused = self.refused.lock().expect("not poisoned");
+        if refused.len() >= STRANGERS_KEPT {
+            refused.retain(|_, at| now.duration_since(*at) < STRANGER_MEMORY);
+            if refused.len() >= STRANGERS_KEPT {
+                refused.clear();
+            }
+        }
+        refused.insert(instance.to_string(), now);
+    }
+}
+
 /// What the runner endpoints need beyond the rest of the listener.
 pub struct RunnerSide {
     /// Certificates trusted to sign instance identity documents.
@@ -115,6 +161,22 @@ pub async fn bootstrap(
     if let Some(answer) = web.boots.collect(instance_id).await {
         return answer;
     }
+    // What cannot be Pacer's costs no EC2 call: another account's document, or an instance
+    // EC2 said lately is not Pacer's.
+    let strangers = &web.strangers;
+    if strangers
+        .account()
+        .is_some_and(|ours| ours != doc.account_id)
+    {
+        return Err(denied(format!(
+            "the document is from account {}, not Pacer's",
+            doc.account_id
+        )));
+    }
+    let not_ours = || denied(format!("instance {instance_id} is not one Pacer launched"));
+    if strangers.refused_lately(instance_id, Instant::now()) {
+        return Err(not_ours());
+    }
     let controller_id = &web.ctx.settings.controller_id;
     let Some((instance, account)) = web
         .ctx
@@ -123,10 +185,11 @@ pub async fn bootstrap(
         .await
         .map_err(|e| unavailable("DescribeInstances", e))?
     else {
-        return Err(denied(format!(
-            "instance {instance_id} is not one Pacer launched"
-        )));
+        strangers.refuse(instance_id, Instant::now());
+        return Err(not_ours());
     };
+    // EC2 listed it as Pacer's: its account is Pacer's, whatever the document says.
+    strangers.learn(&account);
     if account != doc.account_id {
         return Err(denied(format!(
             "the document is from account {}; instance {instance_id} is in another",

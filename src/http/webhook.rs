@@ -1,6 +1,7 @@
 //! `POST /api/webhook`: GitHub's `workflow_job` deliveries become RunnerJobs (queued), runner
 //! assignments (in_progress) and completions (completed). Every effect is a write to the API
-//! server; no AWS or GitHub call happens here.
+//! server; no AWS call happens here, and a GitHub call only for a `queued` delivery that looks
+//! replayed (see [`looks_replayed`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,9 @@ enum Effect {
     Ignored,
     /// Names a runner of ours, but its ids or repository say it is not ours.
     Unbound,
+    /// A `queued` delivery for a job that finished or that GitHub no longer reports queued:
+    /// a replay or a stale redelivery; nothing is recorded or launched.
+    NotQueued,
 }
 
 impl Effect {
@@ -49,6 +53,7 @@ impl Effect {
             Self::Cancelled => "cancelled",
             Self::Ignored => "ignored",
             Self::Unbound => "unbound",
+            Self::NotQueued => "not_queued",
         }
     }
 
@@ -190,8 +195,49 @@ fn unavailable(e: kube::Error) -> ApiError {
     ApiError::Unavailable("the Kubernetes API server is unavailable; retry later")
 }
 
+/// A `queued` delivery is sent as its job is created; one for a job created longer ago than
+/// this is a redelivery or a replay, and GitHub is asked whether the job is still queued before
+/// anything is recorded.
+pub const REPLAY_AGE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Whether a `queued` delivery for a job created at `created_at` looks replayed at `now`: old,
+/// or without a creation time to tell.
+fn looks_replayed(created_at: Option<&str>, now: Timestamp) -> bool {
+    match created_at.and_then(|t| t.parse::<Timestamp>().ok()) {
+        Some(created) => now.duration_since(created).unsigned_abs() > REPLAY_AGE,
+        None => true,
+    }
+}
+
+/// What GitHub says of a job whose `queued` delivery looks replayed: `Some(status)` when it
+/// is no longer queued. Not found, an error or no GitHub App: `None`, and the job is recorded
+/// as before (an outage must not hold launches; the job controller asks again later).
+async fn no_longer_queued(web: &Web, event: &WorkflowJobEvent) -> Option<String> {
+    let github = web.ctx.github.as_ref()?;
+    let installation = event.installation.as_ref().map(|i| i.id);
+    let job_id = event.workflow_job.id;
+    match github
+        .workflow_job(&event.repository.full_name, installation, job_id)
+        .await
+    {
+        Ok(Some(job)) => {
+            let queued = matches!(
+                job.status.as_str(),
+                "queued" | "waiting" | "pending" | "requested"
+            );
+            (!queued).then_some(job.status)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            warn!(job_id, error = %e, "could not ask GitHub whether a replayed-looking job is queued");
+            None
+        }
+    }
+}
+
 /// `queued`: one RunnerJob in the namespace of the pool that serves the job, named after the
-/// job id, so duplicates and redeliveries find the first.
+/// job id, so duplicates and redeliveries find the first. A job known to have finished gets
+/// nothing; one whose delivery looks replayed and has no RunnerJob is first checked with GitHub.
 async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
     if !web.ready.load(Ordering::SeqCst) {
         return Err(ApiError::Unavailable(
@@ -199,6 +245,27 @@ async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError>
         ));
     }
     let job = &event.workflow_job;
+    let id = job.id.to_string();
+    if web.finished_jobs.lock().unwrap().contains(&id) {
+        info!(
+            job_id = job.id,
+            "a queued delivery for a finished job; nothing recorded"
+        );
+        return Ok(Effect::NotQueued);
+    }
+    if looks_replayed(job.created_at.as_deref(), Timestamp::now())
+        && find(web, job.id).await?.is_none()
+        && let Some(status) = no_longer_queued(web, event).await
+    {
+        if status == "completed" {
+            web.finished_jobs.lock().unwrap().insert(id);
+        }
+        info!(
+            job_id = job.id,
+            status, "a queued delivery for a job GitHub reports not queued; nothing recorded"
+        );
+        return Ok(Effect::NotQueued);
+    }
     let pools = web.pools.state();
     let candidates: Vec<&crate::api::RunnerPool> = pools
         .iter()
@@ -216,7 +283,8 @@ async fn record(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError>
         labels: &job.labels,
         installation_id: event.installation.as_ref().map(|i| i.id),
     };
-    match demand::record(&web.ctx.client, &candidates, &queued).await {
+    let tenancy = &web.ctx.settings.tenancy;
+    match demand::record(&web.ctx.client, &candidates, tenancy, &queued).await {
         Ok(Recorded::Created) => Ok(Effect::Created),
         Ok(Recorded::Exists) => Ok(Effect::Found),
         Ok(Recorded::NoPool) => Ok(Effect::NoPool),
@@ -324,6 +392,7 @@ fn result_of(conclusion: Option<&str>) -> JobResult {
 /// runner took it, one less runner wanted.
 async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiError> {
     let job = &event.workflow_job;
+    web.finished_jobs.lock().unwrap().insert(job.id.to_string());
     let now = Time(Timestamp::now());
     let runner = job.runner_name.as_deref().filter(|r| !r.is_empty());
     if runner.is_some() {
@@ -378,6 +447,21 @@ async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_delivery_looks_replayed_when_its_job_is_old_or_undated() {
+        let now: Timestamp = "2026-12-05T12:00:00Z".parse().unwrap();
+        for (created_at, replayed) in [
+            (Some("2026-12-05T11:59:58Z"), false),
+            (Some("2026-12-05T06:58:00-05:00"), false),
+            (Some("2026-12-05T11:54:00Z"), true),
+            (Some("2021-08-19T12:16:32.000-04:00"), true),
+            (Some("yesterday"), true),
+            (None, true),
+        ] {
+            assert_eq!(looks_replayed(created_at, now), replayed, "{created_at:?}");
+        }
+    }
 
     #[test]
     fn only_success_succeeds() {

@@ -88,7 +88,7 @@ pub fn start(ground: &Ground, dir: &Path, setup: Setup<'_>) -> Pacer {
     std::fs::write(
         &config,
         format!(
-            "aws:\n  region: {region}\n  endpoint_url: {endpoint}\n\
+            "allow_insecure_http: true\naws:\n  region: {region}\n  endpoint_url: {endpoint}\n\
              server:\n  public_url: http://127.0.0.1:{listen}\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
              github:\n  app_id: {app_id}\n  api_url: {github_url}\n  private_key_file: {key}\n  webhook_secret_file: {secret}\n\
              runners:\n  callback_key_file: {callback}\n  identity_certificates_file: {certs}\n\

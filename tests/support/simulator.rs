@@ -4,10 +4,14 @@
 //! with
 //! - an IMDS stand-in serving an identity document for the instance, signed with the test key;
 //! - a release server serving a small fake actions/runner tarball, published in the fake
-//!   GitHub's releases API with its SHA-256; its `run.sh` takes `--jitconfig`, records it, and
-//!   exits with the status the test chose;
+//!   GitHub's releases API with its SHA-256; its `run.sh` takes the JIT config as actions/runner
+//!   does (`--jitconfig`, or `ACTIONS_RUNNER_INPUT_JITCONFIG`, which the runner removes from its
+//!   environment before any job starts), records it and how it came, runs a "job" that records
+//!   its environment and every process's command line, and exits with the status the test chose;
 //! - `shutdown` replaced by a stub, after which the simulator terminates the instance, as the
-//!   launch template's shutdown behaviour would.
+//!   launch template's shutdown behaviour would; `sudo` by one that logs its command line as
+//!   sudo logs it to the journal and runs the command (as the same user: a test cannot switch
+//!   users), and `useradd` and `chown` by no-ops, so a pool's other `runnerUser` boots too.
 //!
 //! Nothing in Pacer knows: the script talks to the real listener over HTTP.
 
@@ -54,6 +58,14 @@ pub struct Boot {
     pub shut_down: bool,
     /// The JIT config the fake runner was started with.
     pub jit_config: Option<String>,
+    /// How the fake runner got it: `argv` or `env`.
+    pub jit_via: Option<String>,
+    /// What `sudo` logged: one `COMMAND=` line per call.
+    pub sudo_log: String,
+    /// The job's environment, as `env` printed it.
+    pub job_env: String,
+    /// Every process's command line while the job ran, one a line.
+    pub processes: String,
     /// The user-data the instance ran.
     pub user_data: String,
     /// The sandbox folder (boot log at `state/boot.log`).
@@ -196,14 +208,28 @@ fn fake_runner_tarball(dir: &Path) -> Vec<u8> {
     std::fs::write(
         root.join("run.sh"),
         r#"#!/bin/bash
-# A stand-in for actions/runner's run.sh: takes the JIT config, records it, exits as told.
+# A stand-in for actions/runner's run.sh: takes the JIT config as the runner does, records it,
+# runs a job that records what it can see, exits as told.
 set -euo pipefail
-if [ "${1:-}" != --jitconfig ] || [ -z "${2:-}" ]; then
-  echo "usage: run.sh --jitconfig CONFIG" >&2
+if [ "${1:-}" = --jitconfig ] && [ -n "${2:-}" ]; then
+  config=$2 via=argv
+elif [ -n "${ACTIONS_RUNNER_INPUT_JITCONFIG:-}" ]; then
+  # Runner.Listener reads ACTIONS_RUNNER_INPUT_* and removes them from its environment.
+  config=$ACTIONS_RUNNER_INPUT_JITCONFIG via=env
+  unset ACTIONS_RUNNER_INPUT_JITCONFIG
+else
+  echo "usage: run.sh --jitconfig CONFIG, or ACTIONS_RUNNER_INPUT_JITCONFIG set" >&2
   exit 2
 fi
-printf '%s' "$2" >jitconfig.received
-echo "fake runner: running one job as $(id -un) with a JIT config of ${#2} bytes"
+printf '%s' "$config" >jitconfig.received
+printf '%s' "$via" >jitconfig.via
+echo "fake runner: running one job as $(id -un) with a JIT config of ${#config} bytes"
+# The job: what its environment holds, and every command line on the machine while it runs.
+env >job.env
+for cmdline in /proc/[0-9]*/cmdline; do
+  tr '\0' ' ' <"$cmdline" 2>/dev/null || true
+  echo
+done >processes.seen
 sleep "${FAKE_RUNNER_SECONDS:-0.2}"
 exit "${FAKE_RUNNER_EXIT:-0}"
 "#,
@@ -425,11 +451,25 @@ async fn boot(
         ),
     )
     .unwrap();
-    std::process::Command::new("chmod")
-        .arg("+x")
-        .arg(stubs.join("shutdown"))
-        .status()
-        .unwrap();
+    std::fs::write(
+        stubs.join("sudo"),
+        format!(
+            "#!/bin/bash\n# sudo logs each command line to the journal: COMMAND=...\n\
+             echo \"sudo: root : COMMAND=$*\" >>'{}'\n\
+             while [ $# -gt 0 ] && [ \"$1\" != -- ]; do shift; done\nshift\nexec \"$@\"\n",
+            sandbox.join("sudo.log").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(stubs.join("useradd"), "#!/bin/bash\n").unwrap();
+    std::fs::write(stubs.join("chown"), "#!/bin/bash\n").unwrap();
+    for stub in ["shutdown", "sudo", "useradd", "chown"] {
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(stubs.join(stub))
+            .status()
+            .unwrap();
+    }
     boots.lock().unwrap().insert(
         id.clone(),
         Boot {
@@ -467,8 +507,13 @@ async fn boot(
         let _ = ec2.terminate_instances().instance_ids(&id).send().await;
     }
     let jit_config = std::fs::read_to_string(sandbox.join("runner/jitconfig.received")).ok();
+    let read = |name: &str| std::fs::read_to_string(sandbox.join(name)).unwrap_or_default();
     let mut boots = boots.lock().unwrap();
     let boot = boots.get_mut(&id).unwrap();
+    boot.jit_via = std::fs::read_to_string(sandbox.join("runner/jitconfig.via")).ok();
+    boot.sudo_log = read("sudo.log");
+    boot.job_env = read("runner/job.env");
+    boot.processes = read("runner/processes.seen");
     boot.exit = Some(status.code().unwrap_or(-1));
     boot.shut_down = shut_down;
     boot.jit_config = jit_config;
