@@ -48,11 +48,16 @@ fmt-check: ## cargo fmt --check
 clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
+.PHONY: demo-tools
+demo-tools: ## Build or reuse only what `make demo` and `make dev-env` run: kube-apiserver, etcd, kubectl, moto and the npm webhook examples
+	@# Side by side: moto's and npm's downloads overlap the Go builds.
+	hack/build-kube.sh >/dev/null & kube=$$!; \
+	hack/moto-venv.sh >/dev/null & moto=$$!; \
+	hack/npm-tools.sh >/dev/null & npm=$$!; \
+	ok=0; for pid in $$kube $$moto $$npm; do wait $$pid || ok=1; done; exit $$ok
+
 .PHONY: tools
-tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, crane, shellcheck, hadolint, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE), and the npm test tools
-	hack/build-kube.sh >/dev/null
-	hack/moto-venv.sh >/dev/null
-	hack/npm-tools.sh >/dev/null
+tools: demo-tools ## Build or reuse every tool `make test` needs (also parliament, shellcheck, hadolint, pebble, helm, crane, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE)
 	hack/parliament-venv.sh >/dev/null
 	hack/shellcheck.sh --version >/dev/null
 	hack/hadolint.sh --version >/dev/null
@@ -114,9 +119,9 @@ chaos: tools ## The fault scenarios with CHAOS_JOBS jobs each (default 40), one 
 	CHAOS_JOBS=$${CHAOS_JOBS:-40} CHAOS_REPORT=$(CHAOS_REPORT) cargo test --test chaos -- --test-threads=1
 
 .PHONY: dev-env
-dev-env: tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
+dev-env: demo-tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
 	hack/ground.sh --crds crds .tools/ground
 
 .PHONY: demo
-demo: build tools ## The whole system locally: ground, fake GitHub, runner simulator, two pacer replicas, webhook-driven jobs
+demo: build demo-tools ## The whole system locally: ground, fake GitHub, runner simulator, two pacer replicas, webhook-driven jobs
 	hack/demo.sh $(PACER)
