@@ -93,11 +93,12 @@ test-unit: ## Unit tests only (no servers): the inner loop
 .PHONY: test
 AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 
-test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven
+test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven, the demo ended by each signal
 	rm -rf $(AWS_CALL_LOG)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
+	hack/demo-signals.sh $(PACER)
 
 .PHONY: iam-check
 iam-check: build ## Lint the IAM policy and simulate the AWS calls the last `make test` recorded against it
@@ -121,6 +122,10 @@ chaos: tools ## The fault scenarios with CHAOS_JOBS jobs each (default 40), one 
 .PHONY: dev-env
 dev-env: demo-tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
 	hack/ground.sh --crds crds .tools/ground
+
+.PHONY: demo-signals
+demo-signals: build demo-tools ## Start `make demo` and end it with each signal (Ctrl-C, SIGTERM, SIGHUP); fail if anything it started is left
+	hack/demo-signals.sh $(PACER)
 
 .PHONY: demo
 demo: build demo-tools ## The whole system locally: ground, fake GitHub, runner simulator, two pacer replicas, webhook-driven jobs
