@@ -26,7 +26,7 @@ build: ## Build the pacer binary (debug)
 generate: build ## Regenerate crds/ (and the chart's), deploy/pacer.yaml, docs/iam-role.json and docs/iam-policy.md from the code
 	$(PACER) crds --dir crds
 	$(PACER) crds --dir charts/pacer/crds
-	$$(hack/build-helm.sh) template pacer charts/pacer --namespace pacer --include-crds \
+	$$(hack/build-helm.sh) template pacer charts/pacer --namespace pacer --include-crds --kube-version 1.30.0 \
 	  -f charts/pacer/ci/minimal-values.yaml > deploy/pacer.yaml
 	$(PACER) iam-policy > docs/iam-role.json
 	$(PACER) reference > docs/reference.md
@@ -48,11 +48,16 @@ fmt-check: ## cargo fmt --check
 clippy: ## cargo clippy on every target, warnings are errors
 	cargo clippy --all-targets -- -D warnings
 
+.PHONY: demo-tools
+demo-tools: ## Build or reuse only what `make demo` and `make dev-env` run: kube-apiserver, etcd, kubectl, moto and the npm webhook examples
+	@# Side by side: moto's and npm's downloads overlap the Go builds.
+	hack/build-kube.sh >/dev/null & kube=$$!; \
+	hack/moto-venv.sh >/dev/null & moto=$$!; \
+	hack/npm-tools.sh >/dev/null & npm=$$!; \
+	ok=0; for pid in $$kube $$moto $$npm; do wait $$pid || ok=1; done; exit $$ok
+
 .PHONY: tools
-tools: ## Build or reuse the tools (kube-apiserver, etcd, moto, pebble, helm, crane, shellcheck, hadolint, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE), and the npm test tools
-	hack/build-kube.sh >/dev/null
-	hack/moto-venv.sh >/dev/null
-	hack/npm-tools.sh >/dev/null
+tools: demo-tools ## Build or reuse every tool `make test` needs (also parliament, shellcheck, hadolint, pebble, helm, crane, cargo-deny, cargo-audit, chromium) in $(PACER_CACHE)
 	hack/parliament-venv.sh >/dev/null
 	hack/shellcheck.sh --version >/dev/null
 	hack/hadolint.sh --version >/dev/null
@@ -88,11 +93,12 @@ test-unit: ## Unit tests only (no servers): the inner loop
 .PHONY: test
 AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 
-test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven
+test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven, the demo ended by each signal
 	rm -rf $(AWS_CALL_LOG)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
+	hack/demo-signals.sh $(PACER)
 
 .PHONY: fuzz
 fuzz: ## The hostile-input properties (identity documents, callback tokens, webhooks) for PACER_FUZZ_MS each (default a minute); `make test` runs them for 2 s
@@ -118,9 +124,13 @@ chaos: tools ## The fault scenarios with CHAOS_JOBS jobs each (default 40), one 
 	CHAOS_JOBS=$${CHAOS_JOBS:-40} CHAOS_REPORT=$(CHAOS_REPORT) cargo test --test chaos -- --test-threads=1
 
 .PHONY: dev-env
-dev-env: tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
+dev-env: demo-tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it
 	hack/ground.sh --crds crds .tools/ground
 
+.PHONY: demo-signals
+demo-signals: build demo-tools ## Start `make demo` and end it with each signal (Ctrl-C, SIGTERM, SIGHUP); fail if anything it started is left
+	hack/demo-signals.sh $(PACER)
+
 .PHONY: demo
-demo: build tools ## The whole system locally: ground, fake GitHub, runner simulator, two pacer replicas, webhook-driven jobs
+demo: build demo-tools ## The whole system locally: ground, fake GitHub, runner simulator, two pacer replicas, webhook-driven jobs
 	hack/demo.sh $(PACER)

@@ -4,25 +4,66 @@
 # `pacer run` replicas (one leads), applies the example RunnerPools (pointed at moto's fixtures),
 # delivers signed workflow_job webhooks, and shows the jobs run on instances that boot the real
 # user-data. Ctrl-C ends it all.
+#
+# This script is the supervisor: each part it starts runs in a session of its own, so a signal
+# meant for the demo (Ctrl-C, SIGTERM, SIGHUP when the terminal closes) reaches the script alone,
+# which then ends every part with everything the part started (a simulated instance's
+# user-data, its notice watcher, the ground's servers): SIGTERM to the part's process group,
+# SIGKILL to what is left a few seconds later. Nothing outlives it.
+#
 # Usage: hack/demo.sh [PACER_BINARY]
+# Environment: DEMO_STATE (default .tools/demo), DEMO_PORTS (pacer-a, pacer-b, their metrics;
+# default "8080 8081 9090 9091"). Without a terminal on stdout the job table is printed when it
+# changes instead of redrawn.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 pacer=$(cd "$(dirname "${1:-$root/target/debug/pacer}")" && pwd)/$(basename "${1:-pacer}")
 testbed="$(dirname "$pacer")/pacer-testbed"
-state="$root/.tools/demo"
+state=${DEMO_STATE:-$root/.tools/demo}
+read -r port_a port_b metrics_a metrics_b <<<"${DEMO_PORTS:-8080 8081 9090 9091}"
 started=$(date +%s)
-mkdir -p "$root/.tools"
+mkdir -p "$(dirname "$state")"
+
+# The process groups of the parts started so far, the most recent last.
+parts=()
+# part LOG COMMAND...: starts COMMAND in a session of its own, output to LOG; its pid, which is
+# also its process group's id, ends up in ${parts[-1]}.
+part() {
+  local log=$1; shift
+  setsid "$@" </dev/null >"$log" 2>&1 &
+  parts+=($!)
+}
+stop() {
+  trap '' INT TERM HUP
+  local pending
+  # The newest first: the replicas before the testbed and the ground they talk to.
+  for ((i = ${#parts[@]} - 1; i >= 0; i--)); do kill -TERM -- "-${parts[i]}" 2>/dev/null || true; done
+  # Pacer drains its listener for 10 s on SIGTERM, for a load balancer the demo does not have.
+  for _ in $(seq 1 50); do
+    pending=0
+    for g in "${parts[@]}"; do kill -0 -- "-$g" 2>/dev/null && pending=1; done
+    [ $pending -eq 0 ] && break
+    sleep 0.1
+  done
+  for g in "${parts[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  # This script's own children (a kubectl or curl it was waiting on).
+  local own=()
+  mapfile -t own < <(jobs -p)
+  [ ${#own[@]} -eq 0 ] || kill "${own[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 rm -rf "$state" "$state-crds"
 "$pacer" crds --dir "$state-crds" >/dev/null
-"$here/ground.sh" --crds "$state-crds" "$state" >/dev/null &
-ground=$!
-pids=("$ground")
-trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
-trap 'exit 130' INT TERM
+part "$state.ground.log" "$here/ground.sh" --crds "$state-crds" "$state"
+ground=${parts[-1]}
 while [ ! -f "$state/env" ]; do
-  kill -0 $ground 2>/dev/null || { echo "demo: the test ground failed to start" >&2; exit 1; }
+  kill -0 "$ground" 2>/dev/null || { echo "demo: the test ground failed to start:" >&2; cat "$state.ground.log" >&2; exit 1; }
   sleep 0.2
 done
 set -a
@@ -34,10 +75,9 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "the fake GitHub and the runner simulator (pacer-testbed; log in $state/logs/testbed.log)"
 bed="$state/testbed"
-"$testbed" serve --state "$bed" --controller-id demo >"$state/logs/testbed.log" 2>&1 &
-pids+=($!)
+part "$state/logs/testbed.log" "$testbed" serve --state "$bed" --controller-id demo
 while [ ! -f "$bed/ready" ]; do
-  kill -0 "${pids[-1]}" 2>/dev/null || { echo "demo: pacer-testbed failed; see $state/logs/testbed.log" >&2; exit 1; }
+  kill -0 "${parts[-1]}" 2>/dev/null || { echo "demo: pacer-testbed failed; see $state/logs/testbed.log" >&2; exit 1; }
   sleep 0.2
 done
 # shellcheck source=/dev/null
@@ -58,7 +98,7 @@ aws:
   region: $AWS_REGION
   endpoint_url: $AWS_ENDPOINT_URL
 server:
-  public_url: http://127.0.0.1:8080
+  public_url: http://127.0.0.1:$port_a
   listen: 127.0.0.1:$port
   metrics_listen: 127.0.0.1:$metrics
 github:
@@ -72,17 +112,30 @@ runners:
 controller:
   id: demo
 CONFIG
-  PACER_LOG_FORMAT=text POD_NAME=$name POD_NAMESPACE=default "$pacer" run --config "$conf/$name.yaml" \
-    >"$state/logs/$name.log" 2>&1 &
-  pids+=($!)
+  PACER_LOG_FORMAT=text POD_NAME=$name POD_NAMESPACE=default \
+    part "$state/logs/$name.log" "$pacer" run --config "$conf/$name.yaml"
+}
+# ready NAME PORT PID: waits until the replica's listener answers, or says why it stopped.
+ready() {
+  local name=$1 port=$2 pid=$3
+  until curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$port/healthz" 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || {
+      echo "demo: $name stopped; last lines of $state/logs/$name.log:" >&2
+      tail -n 5 "$state/logs/$name.log" >&2
+      exit 1
+    }
+    sleep 0.2
+  done
 }
 
 step "pacer validate examples/*.yaml (offline, the same rules as the API server)"
 "$pacer" validate "$root"/examples/*.yaml
 
-step "two pacer replicas: pacer-a on :8080, pacer-b on :8081 (logs in $state/logs); one leads"
-replica pacer-a 8080 9090
-replica pacer-b 8081 9091
+step "two pacer replicas: pacer-a on :$port_a, pacer-b on :$port_b (logs in $state/logs); one leads"
+replica pacer-a "$port_a" "$metrics_a"
+replica pacer-b "$port_b" "$metrics_b"
+ready pacer-a "$port_a" "${parts[-2]}"
+ready pacer-b "$port_b" "${parts[-1]}"
 
 step "kubectl apply the example pools, pointed at moto's VPC, subnets, security group and AMIs"
 k create namespace ci --dry-run=client -o yaml | k apply -f - >/dev/null
@@ -101,12 +154,14 @@ for pool in $(k get runnerpools -n ci -o name); do
 done
 # moto's fixture AMIs have no root snapshot for EC2 to take a volume size from.
 k patch runnerpool arm64-builds -n ci --type merge -p '{"spec":{"rootVolume":{"sizeGiB":30}}}' >/dev/null
-k wait --for condition=Ready --timeout 60s runnerpools --all -n ci >/dev/null || true
+# In the background, so a signal ends the demo without waiting for it.
+k wait --for condition=Ready --timeout 60s runnerpools --all -n ci >/dev/null &
+wait $! || true
 k get runnerpools -n ci -o wide
 echo "first screen after $(($(date +%s) - started)) s"
 
 step "GitHub queues jobs: signed workflow_job webhooks, shaped like GitHub's, to pacer-a"
-hook() { "$testbed" webhook --url http://127.0.0.1:8080 --secret-file "$conf/webhook-secret" "$@"; }
+hook() { "$testbed" webhook --url "http://127.0.0.1:$port_a" --secret-file "$conf/webhook-secret" "$@"; }
 for id in 41001 41002 41003 41004; do hook --job-id $id --labels self-hosted,linux,x64; done
 for id in 42001 42002; do hook --job-id $id --labels self-hosted,linux,arm64; done
 hook --job-id 43001 --labels self-hosted,windows
@@ -117,9 +172,15 @@ echo "job 44001 was cancelled while queued: its RunnerJob gives up its runner"
 
 step "RunnerJobs through their phases (the simulator boots each instance's real user-data)"
 deadline=$(($(date +%s) + 120))
+shown=""
 while :; do
   table=$(k get runnerjobs -n ci -o wide 2>/dev/null || true)
-  printf '\033[2J\033[H== RunnerJobs in ci (%s)\n%s\n' "$(date +%T)" "$table"
+  if [ -t 1 ]; then
+    printf '\033[2J\033[H== RunnerJobs in ci (%s)\n%s\n' "$(date +%T)" "$table"
+  elif [ "$(sed -E 's/ +[0-9smhd]+$//' <<<"$table")" != "$shown" ]; then
+    printf '== RunnerJobs in ci (%s)\n%s\n' "$(date +%T)" "$table"
+  fi
+  shown=$(sed -E 's/ +[0-9smhd]+$//' <<<"$table")
   open=$(k get runnerjobs -n ci -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' |
     grep -cvE '^(Succeeded|Failed)$' || true)
   [ "$open" -eq 0 ] && break
@@ -146,8 +207,8 @@ The ground, the testbed and both replicas stay up until Ctrl-C. In another shell
   export KUBECONFIG=$KUBECONFIG
   $KUBECTL get runnerjobs -n ci -w
   $KUBECTL get events -n ci
-  curl -s http://127.0.0.1:9090/metrics | grep ^pacer_      # pacer-a's metrics (pacer-b: :9091)
+  curl -s http://127.0.0.1:$metrics_a/metrics | grep ^pacer_      # pacer-a's metrics (pacer-b: :$metrics_b)
   curl -s $AWS_PROXY_URL/_proxy/calls | python3 -m json.tool | less   # every AWS call
   ls $bed/instances/*/state/boot.log                       # each instance's boot log
 MSG
-wait $ground
+wait "$ground"

@@ -30,7 +30,9 @@ state=$(cd "$state" && pwd)
 
 pids=()
 cleanup() {
-  trap - EXIT INT TERM
+  # A second signal must not cut the cleanup short.
+  trap '' INT TERM HUP
+  trap - EXIT
   [ ${#pids[@]} -eq 0 ] && return
   kill "${pids[@]}" 2>/dev/null || true
   # kube-apiserver drains its watches for a while on SIGTERM; a test ground need not wait.
@@ -43,7 +45,9 @@ cleanup() {
   rm -rf "$state/etcd"  # the logs stay for a post-mortem
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 free_ports() {
   python3 -c '

@@ -223,6 +223,12 @@ pub async fn run(config_path: &Path, lease_ns: Option<&str>) -> Vec<Check> {
                         None => String::new(),
                     }
                 )),
+                Err(e) if e.wants_spot_service_linked_role() => Err(format!(
+                    "{e}; the account has no EC2 Spot service-linked role \
+                     (AWSServiceRoleForEC2Spot) and Pacer's role may not create it: create it \
+                     once per account with `aws iam create-service-linked-role \
+                     --aws-service-name spot.amazonaws.com` (docs/install.md)"
+                )),
                 Err(e) => Err(format!(
                     "{e}; compare Pacer's role with `pacer iam-policy` (docs/iam-policy.md)"
                 )),

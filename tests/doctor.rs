@@ -201,6 +201,31 @@ async fn doctor_says_ok_then_names_each_broken_part() {
         report.lines.join("\n")
     );
 
+    // The account has no EC2 Spot service-linked role, and Pacer's role may not create it.
+    ground
+        .proxy()
+        .add_fault(json!({
+            "action": "CreateFleet", "code": "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+            "status": 403, "count": 1, "match": {"DryRun": "true"},
+            "message": "The provided credentials do not have permission to create the service-linked role for EC2 Spot Instances.",
+        }))
+        .await;
+    let report = doctor(&config, &ns, &[]);
+    assert_eq!(
+        report.failed(),
+        vec![format!("pool {ns}/linux")],
+        "{}",
+        report.lines.join("\n")
+    );
+    let line = report.lines.iter().find(|l| l.starts_with("FAIL")).unwrap();
+    assert!(
+        line.contains("AWSServiceRoleForEC2Spot")
+            && line.contains(
+                "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"
+            ),
+        "{line}"
+    );
+
     // Pacer stops: nobody leads and nothing listens.
     let pid = pacer.child.id().to_string();
     assert!(

@@ -77,7 +77,12 @@ async fn the_chart_grants_exactly_the_calls_pacer_makes() {
 
     // The chart's ServiceAccount and RBAC, for real, watching every namespace (the default).
     let rendered = Command::new(helm())
-        .args(["template", &release])
+        .args([
+            "template",
+            &release,
+            "--kube-version",
+            &support::kube_version(),
+        ])
         .arg(repo_root().join("charts/pacer"))
         .args(["--namespace", &ns, "-f"])
         .arg(repo_root().join("charts/pacer/ci/minimal-values.yaml"))

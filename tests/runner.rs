@@ -176,6 +176,16 @@ impl World {
                     let _ =
                         pacer::http::serve_main(&server, router(web), None, limits, shutdown).await;
                 }));
+                // The TLS listener binds the address again in its own time: a webhook posted
+                // before it accepts is refused (seen on a loaded machine).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                while tokio::net::TcpStream::connect(address).await.is_err() {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the TLS listener on {address} did not accept within 30 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
         let sim = match behaviour {

@@ -51,6 +51,22 @@ fn serve_in(tls: TlsConfig, cluster: Option<pacer::http::Cluster>) -> u16 {
     port
 }
 
+/// Returns once the listener on PORT accepts connections: it binds in its spawned task, and a
+/// client that came first would be refused on a busy machine.
+async fn listening(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener on {port} did not accept within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// GET https://localhost:PORT/healthz trusting only `root` (PEM).
 async fn get_trusting(root: &[u8], port: u16) -> Result<String, String> {
     let client = reqwest::Client::builder()
@@ -119,6 +135,7 @@ async fn self_mode_serves_a_generated_certificate_for_its_hosts() {
         hosts: vec!["localhost".into()],
         ..Default::default()
     });
+    listening(port).await;
     let (other_ca, _, _) = ca_and_leaf("not this server's");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let presented = tokio::task::spawn_blocking(move || presented_certificate(port))

@@ -46,6 +46,14 @@ impl CloudError {
     pub fn is(&self, class: ErrorClass) -> bool {
         self.class == class
     }
+
+    /// A spot launch refused because the account lacks EC2 Spot's service-linked role
+    /// (`AWSServiceRoleForEC2Spot`), which EC2 creates on the first spot launch only for a
+    /// caller allowed `iam:CreateServiceLinkedRole`.
+    pub fn wants_spot_service_linked_role(&self) -> bool {
+        self.code == "AuthFailure.ServiceLinkedRoleCreationNotPermitted"
+            || self.message.contains("AWSServiceRoleForEC2Spot")
+    }
 }
 
 const TABLE: &[(ErrorClass, &[&str])] = &[
@@ -106,6 +114,8 @@ const TABLE: &[(ErrorClass, &[&str])] = &[
             "AccessDenied",
             "AccessDeniedException",
             "AuthFailure",
+            // The account has no AWSServiceRoleForEC2Spot and the caller may not create it.
+            "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
             "OptInRequired",
         ],
     ),
@@ -174,6 +184,10 @@ mod tests {
             ("SpotMaxPriceTooLow", ErrorClass::InsufficientCapacity),
             ("UnauthorizedOperation", ErrorClass::Unauthorized),
             ("AccessDenied", ErrorClass::Unauthorized),
+            (
+                "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+                ErrorClass::Unauthorized,
+            ),
             ("InvalidParameterValue", ErrorClass::InvalidInput),
             ("InvalidKeyPair.Malformed", ErrorClass::InvalidInput),
             ("IdempotentParameterMismatch", ErrorClass::InvalidInput),
@@ -182,6 +196,41 @@ mod tests {
         ];
         for (code, class) in cases {
             assert_eq!(classify(code), class, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_missing_spot_service_linked_role_is_told_apart_from_other_refusals() {
+        let cases = [
+            (
+                "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+                "The provided credentials do not have permission to create the service-linked \
+                 role for EC2 Spot Instances.",
+                true,
+            ),
+            (
+                "UnauthorizedOperation",
+                "You are not authorized to use the service-linked role AWSServiceRoleForEC2Spot.",
+                true,
+            ),
+            (
+                "UnauthorizedOperation",
+                "You are not authorized to perform this operation.",
+                false,
+            ),
+            (
+                "AuthFailure",
+                "AWS was not able to validate the credentials.",
+                false,
+            ),
+        ];
+        for (code, message, wanted) in cases {
+            let e = CloudError::new("CreateFleet", code, message);
+            assert_eq!(
+                e.wants_spot_service_linked_role(),
+                wanted,
+                "{code}: {message}"
+            );
         }
     }
 

@@ -191,7 +191,12 @@ fn jobs_api(web: &Web, namespace: Option<&str>) -> Api<RunnerJob> {
 }
 
 fn unavailable(e: kube::Error) -> ApiError {
-    warn!(error = %e, "the API server failed a webhook's write; GitHub will redeliver");
+    warn!(
+        error = %e,
+        "the API server failed a webhook's write; answered 503, and GitHub does not redeliver \
+         by itself: the sweep redelivers failed deliveries within 5 minutes, or redeliver it \
+         from the App's Advanced settings"
+    );
     ApiError::Unavailable("the Kubernetes API server is unavailable; retry later")
 }
 

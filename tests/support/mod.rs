@@ -40,6 +40,18 @@ pub fn helm() -> PathBuf {
     PathBuf::from(run(Command::new("bash").arg(repo_root().join("hack/build-helm.sh"))).trim())
 }
 
+/// The Kubernetes version of the test ground (`hack/build-kube.sh`'s default), for
+/// `helm template --kube-version`: the chart's `kubeVersion` is checked against it.
+pub fn kube_version() -> String {
+    let script = std::fs::read_to_string(repo_root().join("hack/build-kube.sh")).unwrap();
+    script
+        .lines()
+        .find_map(|l| l.strip_prefix("KUBE_VERSION=\"${KUBE_VERSION:-"))
+        .and_then(|rest| rest.strip_suffix("}\""))
+        .expect("hack/build-kube.sh pins KUBE_VERSION")
+        .to_string()
+}
+
 /// What parts of the ground a test binary needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parts {

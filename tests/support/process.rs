@@ -121,10 +121,35 @@ pub fn start(ground: &Ground, dir: &Path, setup: Setup<'_>) -> Pacer {
         .stderr(out)
         .spawn()
         .unwrap();
-    Pacer {
+    let mut pacer = Pacer {
         child,
         listen,
         metrics,
         log,
+    };
+    pacer.wait_listening();
+    pacer
+}
+
+impl Pacer {
+    /// Returns once the listener accepts connections: a test that posts at once must not race
+    /// the bind, which comes after the API server answered, on a busy machine seconds later.
+    fn wait_listening(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.listen)).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "pacer exited ({status}) before listening:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pacer did not listen on {} within 60 s:\n{}",
+                self.listen,
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
