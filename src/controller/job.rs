@@ -567,9 +567,10 @@ fn launch_unsettled(
 async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Decision> {
     let mut decision = decide(&seen.facts, &seen.limits);
     if decision.step == Step::Consult {
-        let witness = consult(ctx, job, seen.pool.as_deref(), &seen.status).await;
-        // Answered: a doubt the sweep raised is settled either way.
+        // Asked now: a doubt the sweep raised is settled by this answer, and one it raises
+        // while GitHub answers stays for the next pass.
         ctx.jobs.doubted.lock().unwrap().remove(&seen.uid);
+        let witness = consult(ctx, job, seen.pool.as_deref(), &seen.status).await;
         if witness.job == GitHubJob::Ours && seen.status.assigned_job.is_none() {
             // Its `in_progress` delivery was lost: GitHub's word records the assignment.
             seen.status.assigned_job = Some(AssignedJob {

@@ -18,6 +18,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams};
+use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
 
 use super::demand::{self, Queued, Recorded};
@@ -124,7 +125,10 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     fn budget_spent(&self) -> bool {
-        self.github.requests_sent() - self.first_request >= MAX_REQUESTS
+        self.github
+            .requests_sent()
+            .saturating_sub(self.first_request)
+            >= MAX_REQUESTS
     }
 
     /// Asks GitHub to redeliver the last hour's failed deliveries.
@@ -154,6 +158,9 @@ impl Pass<'_> {
                 pools.iter().any(|p| in_scope(p, owner, name))
             })
             .collect();
+        // The budget counts from here: listing what to read is not reading it, and every pass
+        // reads at least one repository, whatever else the process sent meanwhile.
+        self.first_request = self.github.requests_sent();
         let count = repositories.len();
         let start = scope.next.load(Ordering::Relaxed) % count.max(1);
         for (done, repository) in repositories
@@ -163,8 +170,16 @@ impl Pass<'_> {
             .take(count)
             .enumerate()
         {
-            if self.budget_spent() || self.swept.recorded >= MAX_RECORDED {
-                scope.next.store((start + done) % count, Ordering::Relaxed);
+            if done > 0 && (self.budget_spent() || self.swept.recorded >= MAX_RECORDED) {
+                // A repository cut short by the recording cap is read again first.
+                let resume = if self.swept.recorded >= MAX_RECORDED {
+                    done - 1
+                } else {
+                    done
+                };
+                scope
+                    .next
+                    .store((start + resume) % count, Ordering::Relaxed);
                 self.swept.deferred += count - done;
                 return Ok(());
             }
@@ -247,7 +262,11 @@ impl Pass<'_> {
                 && !queued.contains(&j.spec.job_id)
                 && created.is_some_and(|c| c + recheck <= listed_at)
         });
-        for job in waiting {
+        // Only jobs the controller still has: one released since the listing is not doubted.
+        let store = self.ctx.jobs.store();
+        let known =
+            |job: &RunnerJob| store.is_some_and(|s| s.get(&ObjectRef::from_obj(job)).is_some());
+        for job in waiting.filter(|j| known(j)) {
             if self.swept.doubted >= MAX_DOUBTED {
                 return;
             }

@@ -76,7 +76,7 @@ impl CapacityCache {
 /// spot pool may fall back), instance types in the pool's order, subnets in its order; minus
 /// those the cache says are exhausted. Empty means: back off and retry. While the pool's
 /// interruption breaker is open (`spot_paused`), a spot pool that may fall back launches
-/// on-demand only.
+/// on-demand, and spot only when no on-demand offering is left.
 pub fn offerings(
     spec: &RunnerPoolSpec,
     zones: &BTreeMap<String, String>,
@@ -90,7 +90,8 @@ pub fn offerings(
     ) {
         (CapacityType::OnDemand, _) => &[Market::OnDemand],
         (CapacityType::Spot, false) => &[Market::Spot],
-        (CapacityType::Spot, true) if spot_paused => &[Market::OnDemand],
+        // On-demand first; spot only when on-demand has no capacity left anywhere.
+        (CapacityType::Spot, true) if spot_paused => &[Market::OnDemand, Market::Spot],
         (CapacityType::Spot, true) => &[Market::Spot, Market::OnDemand],
     };
     let mut out = Vec::new();
@@ -391,6 +392,15 @@ mod tests {
         let spot_only = spec(CapacityType::Spot, false);
         let kept = offerings(&spot_only, &zones(), &cache, Instant::now(), true);
         assert!(!kept.is_empty() && kept.iter().all(|o| o.market == Market::Spot));
+        // With no on-demand capacity anywhere, spot is still tried rather than nothing.
+        let mut short = CapacityCache::default();
+        for t in ["m7i.large", "m6i.large"] {
+            for zone in ["us-east-1a", "us-east-1b"] {
+                short.mark_unavailable(Market::OnDemand, t, zone, Instant::now());
+            }
+        }
+        let spot = offerings(&s, &zones(), &short, Instant::now(), true);
+        assert!(!spot.is_empty() && spot.iter().all(|o| o.market == Market::Spot));
     }
 
     fn zones() -> BTreeMap<String, String> {
