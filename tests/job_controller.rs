@@ -82,11 +82,22 @@ impl World {
 
     /// A context whose GitHub App is `fake`.
     fn context_with_github(&self, fake: &support::github::FakeGitHub) -> Arc<Context> {
-        let settings = Settings {
+        self.context_rechecking(fake, Settings::new("", "").job_limits.queue_recheck)
+    }
+
+    /// A context whose GitHub App is `fake`, where a job that waited `queue_recheck` asks
+    /// GitHub before its launch.
+    fn context_rechecking(
+        &self,
+        fake: &support::github::FakeGitHub,
+        queue_recheck: Duration,
+    ) -> Arc<Context> {
+        let mut settings = Settings {
             backoff_unit: Duration::from_millis(200),
             instance_refresh: Duration::from_millis(500),
             ..Settings::new(&self.controller_id, "https://pacer.example.test")
         };
+        settings.job_limits.queue_recheck = queue_recheck;
         let ctx = Context::new(self.client.clone(), Arc::new(self.ec2.clone()), settings)
             .with_github(Arc::new(fake.client()));
         Arc::new(ctx)
@@ -1347,16 +1358,7 @@ async fn demand_taken_elsewhere_while_waiting_for_room_is_never_launched() {
     let w = World::new("demand").await;
     let fake = support::github::FakeGitHub::start().await;
     fake.install(1, &["example-org/api"]);
-    let settings = Settings {
-        backoff_unit: Duration::from_millis(200),
-        instance_refresh: Duration::from_millis(500),
-        ..Settings::new(&w.controller_id, "https://pacer.example.test")
-    };
-    let mut settings = settings;
-    settings.job_limits.queue_recheck = Duration::from_secs(1);
-    let ctx = Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
-        .with_github(Arc::new(fake.client()));
-    let _controllers = w.start(Arc::new(ctx));
+    let _controllers = w.start(w.context_rechecking(&fake, Duration::from_secs(1)));
     w.ready_pool(|p| p["spec"]["maxRunners"] = json!(1)).await;
     fake.set_job("example-org/api", 31, "queued", None);
     fake.set_job("example-org/api", 32, "queued", None);
@@ -1403,16 +1405,7 @@ async fn a_job_waiting_for_room_that_github_no_longer_queues_is_retired_by_the_s
     let w = World::new("retire").await;
     let fake = support::github::FakeGitHub::start().await;
     fake.install(1, &["example-org/api"]);
-    let mut settings = Settings {
-        backoff_unit: Duration::from_millis(200),
-        instance_refresh: Duration::from_millis(500),
-        ..Settings::new(&w.controller_id, "https://pacer.example.test")
-    };
-    settings.job_limits.queue_recheck = Duration::from_secs(1);
-    let ctx = Arc::new(
-        Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
-            .with_github(Arc::new(fake.client())),
-    );
+    let ctx = w.context_rechecking(&fake, Duration::from_secs(1));
     let _controllers = w.start(ctx.clone());
     w.ready_pool(|p| p["spec"]["maxRunners"] = json!(1)).await;
     fake.set_job("example-org/api", 41, "queued", None);
@@ -1481,12 +1474,9 @@ async fn spot_interruption_notices_past_the_breaker_turn_the_pool_on_demand_for_
         w.create_queued_job(name, id).await;
         let booting = w.wait_phase(name, JobPhase::Booting).await;
         assert_eq!(market(&booting), "spot");
-        let notice = json!({"status": {"interruption": {"kind": "spot-interruption",
-            "reportedAt": k8s_openapi::jiff::Timestamp::now().to_string()}}});
-        w.jobs
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&notice))
-            .await
-            .unwrap();
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let notice = json!({"interruption": {"kind": "spot-interruption", "reportedAt": now}});
+        w.patch_job_status(name, notice).await;
     }
     w.create_queued_job("third", 53).await;
     let third = w.wait_phase("third", JobPhase::Booting).await;
