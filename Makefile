@@ -121,7 +121,7 @@ chaos: tools ## The fault scenarios with CHAOS_JOBS jobs each (default 40), one 
 	  echo 'Every count after `fired` must be zero; `explained` lists jobs that ended, with their reason, without running here.'; echo; \
 	  echo '| scenario | jobs | fired | succeeded | explained | unexplained | busy killed | extra instances | left alive | left runners | over maxRunners (most alive) | took |'; \
 	  echo '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |'; } > $(CHAOS_REPORT)
-	CHAOS_JOBS=$${CHAOS_JOBS:-40} CHAOS_REPORT=$(CHAOS_REPORT) cargo test --test chaos -- --test-threads=1
+	CHAOS_JOBS=$${CHAOS_JOBS:-40} CHAOS_REPORT=$(CHAOS_REPORT) cargo test --test chaos --test chaos_whole -- --test-threads=1
 
 .PHONY: dev-env
 dev-env: demo-tools ## Bring the test ground up in the foreground, CRDs installed; prints how to reach it

@@ -34,6 +34,9 @@ cleanup() {
   trap '' INT TERM HUP
   trap - EXIT
   [ ${#pids[@]} -eq 0 ] && return
+  # The API server's restart loop ends with it.
+  touch "$state/stopping"
+  if [ -f "$state/kube-apiserver.pid" ]; then pids+=("$(cat "$state/kube-apiserver.pid")"); fi
   kill "${pids[@]}" 2>/dev/null || true
   # kube-apiserver drains its watches for a while on SIGTERM; a test ground need not wait.
   for _ in $(seq 1 30); do
@@ -120,16 +123,26 @@ rules:
     userGroups: ["system:serviceaccounts"]
   - level: None
 POLICY
-  "$kube_bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_client" \
-    --audit-policy-file "$pki/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
-    --audit-log-format json --audit-log-mode blocking \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
-    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$pki/sa.pub" \
-    --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
-    --endpoint-reconciler-type none --profiling=false --enable-priority-and-fairness=false \
-    >"$state/logs/kube-apiserver.log" 2>&1 &
+  # Restarted whenever it exits, as the kubelet restarts a static pod: a test restarts the API
+  # server by killing the pid in KUBE_APISERVER_PID_FILE.
+  (
+    while :; do
+      "$kube_bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_client" \
+        --audit-policy-file "$pki/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
+        --audit-log-format json --audit-log-mode blocking \
+        --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+        --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+        --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
+        --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$pki/sa.pub" \
+        --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
+        --endpoint-reconciler-type none --profiling=false --enable-priority-and-fairness=false \
+        >>"$state/logs/kube-apiserver.log" 2>&1 &
+      echo $! >"$state/kube-apiserver.pid"
+      wait $! || true
+      [ -e "$state/stopping" ] && exit 0
+      sleep 0.2
+    done
+  ) &
   pids+=($!)
   wait_for kube-apiserver $! "https://127.0.0.1:$api_port/readyz" --cacert "$pki/ca.crt" \
     -H "Authorization: Bearer $token"
@@ -168,6 +181,7 @@ KUBECONFIG
     echo "KUBECONFIG=$kubeconfig"
     echo "KUBECTL=$kube_bin/kubectl"
     echo "AUDIT_LOG=$state/logs/audit.log"
+    echo "KUBE_APISERVER_PID_FILE=$state/kube-apiserver.pid"
     echo "KUBE_CONTROLLER_MANAGER_PID=${pids[-1]}"
   } >>"$env_file"
 }

@@ -13,7 +13,7 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,12 +24,11 @@ use pacer::cloud::aws::AwsEc2;
 use pacer::controller::{self, Context, Settings};
 use serde_json::json;
 use support::github::FakeGitHub;
+use support::invariants::{Counts, assert_invariants, count_endings, instances_by_job, report};
 use support::{Ground, Parts, ground};
 
 const REPO: &str = "example-org/api";
 const TARGET: &str = "orgs/example-org";
-/// Reasons a job may end with other than success, each saying why it did not run here.
-const EXPLAINED: [&str; 4] = ["NotQueued", "AttemptsExhausted", "Cancelled", "PoolGone"];
 
 /// What a scenario does to the world while its jobs run.
 #[derive(Clone, Copy, Default)]
@@ -44,24 +43,6 @@ struct Faults {
     lost_in_progress: bool,
     /// GitHub answers 503 to runner removals and job look-ups for a while.
     github_outage: bool,
-}
-
-/// Invariant counts: every one but `jobs`, `succeeded` and `max_alive` must be zero.
-#[derive(Debug, Default)]
-struct Counts {
-    jobs: usize,
-    succeeded: usize,
-    explained: BTreeMap<String, usize>,
-    unexplained: Vec<String>,
-    busy_killed: usize,
-    extra_instances: usize,
-    left_alive: usize,
-    left_runners: usize,
-    max_alive: usize,
-    over_max_runners: usize,
-    /// How often the scenario's faults took effect: a scenario whose faults never fire proves
-    /// nothing.
-    fired: usize,
 }
 
 /// The simulated runner of one job attempt.
@@ -182,25 +163,8 @@ impl World {
             .await;
     }
 
-    /// Our instances in moto by RunnerJob uid, the live ones and all.
     async fn instances(&self) -> HashMap<String, (usize, Vec<String>)> {
-        let mut by_uid: HashMap<String, (usize, Vec<String>)> = HashMap::new();
-        let Ok(all) = self.fixtures.describe_managed_instances(&self.id).await else {
-            return by_uid;
-        };
-        for i in all {
-            let uid = i
-                .tags
-                .get("gha:runner_job_uid")
-                .cloned()
-                .unwrap_or_default();
-            let entry = by_uid.entry(uid).or_default();
-            entry.0 += 1;
-            if i.is_alive() {
-                entry.1.push(i.id.clone());
-            }
-        }
-        by_uid
+        instances_by_job(&self.fixtures, &self.id).await
     }
 
     /// One step of every simulated runner, given what EC2 shows now.
@@ -393,29 +357,8 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     // Settle: the last terminations land in EC2's listing.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let instances = w.instances().await;
-    for job in w.jobs.list(&Default::default()).await.unwrap().items {
-        let status = job.status.clone().unwrap_or_default();
-        let reason = status
-            .last_error
-            .as_ref()
-            .map(|e| e.reason.clone())
-            .unwrap_or_default();
-        match status.phase {
-            JobPhase::Succeeded => counts.succeeded += 1,
-            JobPhase::Failed if EXPLAINED.contains(&reason.as_str()) => {
-                *counts.explained.entry(reason).or_default() += 1
-            }
-            phase => counts.unexplained.push(format!(
-                "{}: {phase:?} {reason}",
-                job.metadata.name.clone().unwrap_or_default()
-            )),
-        }
-        let uid = job.metadata.uid.clone().unwrap_or_default();
-        let made = instances.get(&uid).map_or(0, |(all, _)| *all);
-        if made > status.attempt() as usize {
-            counts.extra_instances += made - status.attempt() as usize;
-        }
-    }
+    let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+    count_endings(&mut counts, &jobs, &instances);
     counts.left_alive = instances.values().map(|(_, live)| live.len()).sum();
     counts.fired = fired(&w, faults, restarts).await;
     counts.left_runners = if faults.github_outage {
@@ -453,52 +396,6 @@ async fn fired(w: &World, faults: Faults, restarts: u32) -> usize {
         fired += w.fake.calls_of("delete_runner");
     }
     fired
-}
-
-fn report(scenario: &str, c: &Counts, took: Duration) {
-    let line = format!(
-        "| {scenario} | {} | {} | {} | {:?} | {} | {} | {} | {} | {} | {} ({}) | {:.0} s |",
-        c.jobs,
-        c.fired,
-        c.succeeded,
-        c.explained,
-        c.unexplained.len(),
-        c.busy_killed,
-        c.extra_instances,
-        c.left_alive,
-        c.left_runners,
-        c.over_max_runners,
-        c.max_alive,
-        took.as_secs_f64()
-    );
-    eprintln!("{line}");
-    if let Ok(path) = std::env::var("CHAOS_REPORT") {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        writeln!(file, "{line}").unwrap();
-    }
-}
-
-fn assert_invariants(c: &Counts) {
-    assert!(
-        c.unexplained.is_empty(),
-        "jobs that ended without a reason: {:?}",
-        c.unexplained
-    );
-    assert_eq!(c.busy_killed, 0, "runners cut off while running a job");
-    assert_eq!(c.extra_instances, 0, "instances beyond one per attempt");
-    assert_eq!(c.left_alive, 0, "instances left running");
-    assert_eq!(c.left_runners, 0, "runners left on GitHub");
-    assert_eq!(
-        c.over_max_runners, 0,
-        "samples with more than maxRunners alive"
-    );
-    assert!(c.succeeded > 0, "{c:?}");
-    assert!(c.fired > 0, "the scenario's faults never fired: {c:?}");
 }
 
 #[tokio::test]

@@ -78,6 +78,7 @@ async fn doctor_says_ok_then_names_each_broken_part() {
                 github.app_id,
                 github.private_key_pem.clone(),
             )),
+            public_url: None,
         },
     );
     let config = dir.join("doctor.yaml");

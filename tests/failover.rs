@@ -28,6 +28,7 @@ fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Pacer {
             namespace: ns,
             kubeconfig: None,
             github: None,
+            public_url: None,
         },
     )
 }

@@ -149,6 +149,7 @@ async fn the_chart_grants_exactly_the_calls_pacer_makes() {
                 github.app_id,
                 github.private_key_pem.clone(),
             )),
+            public_url: None,
         },
     );
     let _simulator = Simulator::start(

@@ -59,8 +59,11 @@ pub struct FakeState {
     /// Installation id -> (hourly limit, requests left), as GitHub counts its primary rate
     /// limit; an installation not here starts at 5,000.
     pub rate_limits: HashMap<i64, (u64, u64)>,
+    /// Names of runners someone asked to delete while they ran a job (GitHub refuses: 422).
+    pub busy_deletes: Vec<String>,
 }
 
+#[derive(Clone)]
 pub struct FakeGitHub {
     pub url: String,
     pub state: Arc<Mutex<FakeState>>,
@@ -284,6 +287,12 @@ impl FakeGitHub {
             .iter()
             .find(|r| r.name == name)
             .map(|r| r.id)
+    }
+
+    /// The repository of workflow job `id`, when [`Self::set_job`] told of it.
+    pub fn job_repository(&self, id: i64) -> Option<String> {
+        let s = self.state.lock().unwrap();
+        s.jobs.get(&id)?["repository"].as_str().map(String::from)
     }
 
     pub fn runner_names(&self, target: &str) -> Vec<String> {
@@ -783,6 +792,15 @@ async fn repo_jit(
 
 fn remove_runner(shared: &Shared, target: &str, id: i64) -> Response {
     let mut s = shared.state.lock().unwrap();
+    let runners = s.runners.entry(target.into()).or_default();
+    if let Some(busy) = runners.iter().find(|r| r.id == id && r.busy) {
+        let name = busy.name.clone();
+        s.busy_deletes.push(name.clone());
+        return error(
+            422,
+            &format!("Bad request - Runner \"{name}\" is still running a job\""),
+        );
+    }
     let runners = s.runners.entry(target.into()).or_default();
     let before = runners.len();
     runners.retain(|r| r.id != id);

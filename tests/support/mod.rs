@@ -17,6 +17,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 
 pub mod github;
 pub mod identity;
+pub mod invariants;
 pub mod process;
 pub mod proxy;
 pub mod relay;

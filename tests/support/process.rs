@@ -28,6 +28,9 @@ pub struct Setup<'a> {
     pub kubeconfig: Option<PathBuf>,
     /// The fake GitHub's URL, App id and private key; `None` for an unreachable GitHub.
     pub github: Option<(String, u64, Vec<u8>)>,
+    /// The URL instances are told to call (a Service's, in front of every replica); `None`:
+    /// this process's own listener.
+    pub public_url: Option<String>,
 }
 
 pub struct Pacer {
@@ -84,12 +87,14 @@ pub fn start(ground: &Ground, dir: &Path, setup: Setup<'_>) -> Pacer {
         super::identity::callback_key(dir);
     }
     let (listen, metrics) = (free_port(), free_port());
+    let public_url =
+        (setup.public_url.clone()).unwrap_or_else(|| format!("http://127.0.0.1:{listen}"));
     let config = dir.join(format!("{}.yaml", setup.name));
     std::fs::write(
         &config,
         format!(
             "allow_insecure_http: true\naws:\n  region: {region}\n  endpoint_url: {endpoint}\n\
-             server:\n  public_url: http://127.0.0.1:{listen}\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
+             server:\n  public_url: {public_url}\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
              github:\n  app_id: {app_id}\n  api_url: {github_url}\n  private_key_file: {key}\n  webhook_secret_file: {secret}\n\
              runners:\n  callback_key_file: {callback}\n  identity_certificates_file: {certs}\n\
              controller:\n  id: {id}\n  namespace: {ns}\n",

@@ -1,9 +1,11 @@
-//! A TCP relay in front of a server that can stop passing bytes, as a stalled API server or a
-//! black-holed network does: connections stay open, requests go unanswered.
+//! TCP relays: one in front of a server that can stop passing bytes, as a stalled API server or
+//! a black-holed network does (connections stay open, requests go unanswered); and a balancer in
+//! front of a Service's replicas, which passes each connection to the next replica that
+//! accepts it, as kube-proxy does once a dead pod's endpoint is gone.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,6 +45,63 @@ impl Relay {
 }
 
 impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A Service in front of replicas that come and go.
+pub struct Balancer {
+    pub addr: SocketAddr,
+    upstreams: Arc<Mutex<Vec<SocketAddr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstreams: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let next = Arc::new(AtomicUsize::new(0));
+        let shared = upstreams.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (upstreams, next) = (shared.clone(), next.clone());
+                tokio::spawn(async move {
+                    let candidates = upstreams.lock().unwrap().clone();
+                    let first = next.fetch_add(1, Ordering::Relaxed);
+                    for n in 0..candidates.len() {
+                        let upstream = candidates[(first + n) % candidates.len()];
+                        if let Ok(server) = TcpStream::connect(upstream).await {
+                            let never_frozen = Arc::new(AtomicBool::new(false));
+                            let (client_read, client_write) = client.into_split();
+                            let (server_read, server_write) = server.into_split();
+                            tokio::spawn(pipe(client_read, server_write, never_frozen.clone()));
+                            tokio::spawn(pipe(server_read, client_write, never_frozen));
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            upstreams,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The replicas connections go to, from now on.
+    pub fn route_to(&self, upstreams: Vec<SocketAddr>) {
+        *self.upstreams.lock().unwrap() = upstreams;
+    }
+}
+
+impl Drop for Balancer {
     fn drop(&mut self) {
         self.task.abort();
     }

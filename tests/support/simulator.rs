@@ -9,7 +9,11 @@
 //!   environment before any job starts), records it and how it came, runs a "job" that records
 //!   its environment and every process's command line, and exits with the status the test chose;
 //! - `shutdown` replaced by a stub, after which the simulator terminates the instance, as the
-//!   launch template's shutdown behaviour would; `sudo` by one that logs its command line as
+//!   launch template's shutdown behaviour would;
+//! - when a test asks, GitHub's side of the job: the runner's job marks it busy and the job in
+//!   progress in the fake GitHub (the fake `run.sh` waits until it has), and GitHub's
+//!   `in_progress` and `completed` webhooks go to Pacer; and an instance terminated while it
+//!   boots or runs stops there, as a real one does; `sudo` by one that logs its command line as
 //!   sudo logs it to the journal and runs the command (as the same user: a test cannot switch
 //!   users), and `useradd` and `chown` by no-ops, so a pool's other `runnerUser` boots too.
 //!
@@ -47,6 +51,24 @@ pub struct Behaviour {
     pub release_missing: bool,
     /// The releases API gives a digest that does not match the tarball.
     pub wrong_digest: bool,
+    /// GitHub's side of each job is played: runner busy, job in progress, webhooks.
+    pub github_side: Option<GitHubSide>,
+    /// An instance terminated behind the script's back stops: its processes are killed.
+    pub stop_when_terminated: bool,
+}
+
+/// What GitHub does while a Pacer runner runs its job.
+#[derive(Clone, Debug, Default)]
+pub struct GitHubSide {
+    /// Where GitHub delivers the job's `in_progress` and `completed` webhooks (Pacer's public
+    /// URL) and the secret it signs them with; `None`: none are sent.
+    pub webhooks: Option<(String, Vec<u8>)>,
+    /// The job's labels, as the webhooks carry them.
+    pub labels: Vec<String>,
+    /// Each delivery comes twice, under the same delivery id.
+    pub duplicate: bool,
+    /// For every third job, `completed` comes before `in_progress`.
+    pub reorder: bool,
 }
 
 /// What became of one instance's boot.
@@ -70,6 +92,11 @@ pub struct Boot {
     pub user_data: String,
     /// The sandbox folder (boot log at `state/boot.log`).
     pub dir: PathBuf,
+    /// The instance was terminated while its runner ran the job.
+    pub killed_busy: bool,
+    /// Webhooks sent for the job, and how many of them Pacer did not accept.
+    pub webhooks_sent: u32,
+    pub webhooks_refused: u32,
 }
 
 struct Shared {
@@ -79,6 +106,10 @@ struct Shared {
     documents: Mutex<HashMap<String, String>>,
     tarball: Vec<u8>,
     behaviour: Behaviour,
+    github: FakeGitHub,
+    controller_id: String,
+    /// The instances EC2 last listed pending or running.
+    alive: Mutex<HashSet<String>>,
 }
 
 pub struct Simulator {
@@ -115,6 +146,9 @@ impl Simulator {
             documents: Mutex::default(),
             tarball,
             behaviour: behaviour.clone(),
+            github: github.clone(),
+            controller_id: controller_id.to_string(),
+            alive: Mutex::default(),
         });
         let app = Router::new()
             .route("/imds/{instance}/latest/api/token", put(imds_token))
@@ -230,7 +264,17 @@ for cmdline in /proc/[0-9]*/cmdline; do
   tr '\0' ' ' <"$cmdline" 2>/dev/null || true
   echo
 done >processes.seen
+# With GitHub's side played, the job starts once GitHub marked it taken, and the runner exits
+# once GitHub marked it done, as the real runner reports to GitHub before it exits.
+handshake() {
+  touch "$1"
+  if [ -n "${FAKE_RUNNER_HANDSHAKE:-}" ]; then
+    for _ in $(seq 1 200); do [ -e "$2" ] && return; sleep 0.05; done
+  fi
+}
+handshake job.started job.taken
 sleep "${FAKE_RUNNER_SECONDS:-0.2}"
+handshake job.done job.released
 exit "${FAKE_RUNNER_EXIT:-0}"
 "#,
     )
@@ -353,6 +397,10 @@ async fn watch(
         else {
             continue;
         };
+        *shared.alive.lock().unwrap() = (out.reservations().iter())
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.instance_id().map(String::from))
+            .collect();
         for instance in out.reservations().iter().flat_map(|r| r.instances()) {
             let id = instance.instance_id().unwrap_or_default().to_string();
             if !seen.insert(id.clone()) {
@@ -389,7 +437,7 @@ async fn watch(
                 template,
                 dir.clone(),
                 base.clone(),
-                shared.behaviour.clone(),
+                shared.clone(),
                 boots.clone(),
             ));
         }
@@ -403,9 +451,10 @@ async fn boot(
     template: Option<(String, String)>,
     dir: PathBuf,
     base: String,
-    behaviour: Behaviour,
+    shared: Arc<Shared>,
     boots: Arc<Mutex<HashMap<String, Boot>>>,
 ) {
+    let behaviour = &shared.behaviour;
     // EC2 tags instances launched from a template with it; moto does so for RunInstances but
     // not for CreateFleet, where the instance's own userData attribute is the template's.
     let encoded = match template {
@@ -483,8 +532,8 @@ async fn boot(
         stubs.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let status = tokio::process::Command::new("bash")
-        .arg(sandbox.join("user-data.sh"))
+    let mut bash = tokio::process::Command::new("bash");
+    bash.arg(sandbox.join("user-data.sh"))
         .current_dir(&sandbox)
         .env("PATH", path)
         .env("PACER_IMDS_URL", format!("{base}/imds/{id}"))
@@ -496,11 +545,13 @@ async fn boot(
             behaviour.runner_seconds.unwrap_or(0.2).to_string(),
         )
         .env("PACER_NOTICE_POLL", "0.5")
+        .process_group(0)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .await
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    if behaviour.github_side.is_some() {
+        bash.env("FAKE_RUNNER_HANDSHAKE", "1");
+    }
+    let (status, played) = run_instance(bash.spawn().unwrap(), &id, &sandbox, &shared).await;
     let shut_down = sandbox.join("shutdown.called").exists();
     if shut_down {
         // The launch template terminates the instance on shutdown.
@@ -517,4 +568,151 @@ async fn boot(
     boot.exit = Some(status.code().unwrap_or(-1));
     boot.shut_down = shut_down;
     boot.jit_config = jit_config;
+    boot.killed_busy = played.killed_busy;
+    boot.webhooks_sent = played.webhooks_sent;
+    boot.webhooks_refused = played.webhooks_refused;
+}
+
+/// What happened around one instance's script while it ran.
+#[derive(Default)]
+struct Played {
+    killed_busy: bool,
+    webhooks_sent: u32,
+    webhooks_refused: u32,
+}
+
+/// Runs the instance's script to its end, playing GitHub's side of its job, and stopping it if
+/// the instance is terminated meanwhile (when the behaviour says so).
+async fn run_instance(
+    mut bash: tokio::process::Child,
+    id: &str,
+    sandbox: &Path,
+    shared: &Shared,
+) -> (std::process::ExitStatus, Played) {
+    let runner = sandbox.join("runner");
+    let mut played = Played::default();
+    let mut job = None;
+    let mut deliveries = Vec::new();
+    let status = loop {
+        tokio::select! {
+            status = bash.wait() => break status.unwrap(),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        let marked = |name: &str| runner.join(name).exists();
+        if marked("job.started") && !marked("job.taken") {
+            job = take_job(shared, &runner);
+            if let Some(job) = &job {
+                deliveries.extend(job.deliveries(shared, "in_progress"));
+            }
+            std::fs::write(runner.join("job.taken"), "").unwrap();
+        }
+        if marked("job.done") && !marked("job.released") {
+            if let Some(job) = &job {
+                job.release(shared);
+                deliveries.extend(job.deliveries(shared, "completed"));
+            }
+            std::fs::write(runner.join("job.released"), "").unwrap();
+        }
+        if !shared.alive.lock().unwrap().contains(id) {
+            played.killed_busy |= marked("job.started") && !marked("job.done");
+            if shared.behaviour.stop_when_terminated {
+                let group = format!("-{}", bash.id().unwrap_or_default());
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &group])
+                    .status();
+                break bash.wait().await.unwrap();
+            }
+        }
+    };
+    for delivery in deliveries {
+        let (sent, refused) = delivery.await.unwrap_or_default();
+        played.webhooks_sent += sent;
+        played.webhooks_refused += refused;
+    }
+    (status, played)
+}
+
+/// The job a runner took, as GitHub knows it.
+struct TakenJob {
+    target: String,
+    runner: (i64, String),
+    job_id: i64,
+    repository: String,
+}
+
+/// GitHub marks the runner whose JIT config the fake runner received busy, and its job in
+/// progress with it.
+fn take_job(shared: &Shared, runner_dir: &Path) -> Option<TakenJob> {
+    shared.behaviour.github_side.as_ref()?;
+    let config = std::fs::read_to_string(runner_dir.join("jitconfig.received")).ok()?;
+    let config = base64::engine::general_purpose::STANDARD
+        .decode(config.trim())
+        .ok()?;
+    let config = String::from_utf8(config).ok()?;
+    let (target, name) = config.strip_prefix("jit:")?.rsplit_once(':')?;
+    let (job_id, _) = pacer::github::job_id_of_runner(&shared.controller_id, name)?;
+    let runner_id = shared.github.runner_id(target, name)?;
+    let repository = shared.github.job_repository(job_id)?;
+    shared.github.set_busy(target, name, true);
+    let runner = Some((runner_id, name));
+    (shared.github).set_job(&repository, job_id, "in_progress", runner);
+    Some(TakenJob {
+        target: target.to_string(),
+        runner: (runner_id, name.to_string()),
+        job_id,
+        repository,
+    })
+}
+
+impl TakenJob {
+    /// The job ended: the runner is idle and the job completed.
+    fn release(&self, shared: &Shared) {
+        shared.github.set_busy(&self.target, &self.runner.1, false);
+        (shared.github).set_job(&self.repository, self.job_id, "completed", None);
+    }
+
+    /// Delivers GitHub's `action` webhook for the job in the background: twice when
+    /// duplicated; for every third job, when reordered, `in_progress` goes out only after
+    /// `completed`. Yields (sent, refused).
+    fn deliveries(
+        &self,
+        shared: &Shared,
+        action: &str,
+    ) -> Option<tokio::task::JoinHandle<(u32, u32)>> {
+        let side = shared.behaviour.github_side.clone()?;
+        let (url, secret) = side.webhooks.clone()?;
+        let labels: Vec<&str> = side.labels.iter().map(String::as_str).collect();
+        let runner = (self.runner.0, self.runner.1.as_str());
+        let in_progress = super::webhooks::in_progress(self.job_id, &labels, runner);
+        let completed = super::webhooks::completed(self.job_id, &labels, runner, "success");
+        let held = side.reorder && self.job_id % 3 == 0;
+        let bodies = match (action, held) {
+            ("in_progress", true) => vec![],
+            ("in_progress", false) => vec![("in_progress", in_progress)],
+            (_, true) => vec![("completed", completed), ("in_progress", in_progress)],
+            _ => vec![("completed", completed)],
+        };
+        let times = if side.duplicate { 2 } else { 1 };
+        let job_id = self.job_id;
+        Some(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let (mut sent, mut refused) = (0, 0);
+            for (action, body) in bodies {
+                let delivery = format!("{action}-{job_id}");
+                for _ in 0..times {
+                    let answer =
+                        super::webhooks::send(&client, &url, &secret, &delivery, body.clone())
+                            .await;
+                    sent += 1;
+                    if !answer.is_ok_and(|a| a.status().is_success()) {
+                        refused += 1;
+                    }
+                }
+            }
+            (sent, refused)
+        }))
+    }
 }

@@ -55,6 +55,35 @@ pub fn cancelled(job_id: i64, labels: &[&str]) -> Vec<u8> {
     serde_json::to_vec(&event).unwrap()
 }
 
+/// GitHub's `in_progress` delivery for job `job_id` taken by runner `runner` (id, name).
+pub fn in_progress(job_id: i64, labels: &[&str], runner: (i64, &str)) -> Vec<u8> {
+    taken(job_id, labels, runner, "in_progress", None)
+}
+
+/// GitHub's `completed` delivery for job `job_id` that runner `runner` (id, name) ran.
+pub fn completed(job_id: i64, labels: &[&str], runner: (i64, &str), conclusion: &str) -> Vec<u8> {
+    taken(job_id, labels, runner, "completed", Some(conclusion))
+}
+
+fn taken(
+    job_id: i64,
+    labels: &[&str],
+    (runner_id, runner_name): (i64, &str),
+    action: &str,
+    conclusion: Option<&str>,
+) -> Vec<u8> {
+    let mut event: Value = serde_json::from_slice(&queued(job_id, labels)).unwrap();
+    event["action"] = json!(action);
+    let job = &mut event["workflow_job"];
+    job["status"] = json!(action);
+    job["conclusion"] = json!(conclusion);
+    job["runner_id"] = json!(runner_id);
+    job["runner_name"] = json!(runner_name);
+    job["runner_group_id"] = json!(1);
+    job["runner_group_name"] = json!("Default");
+    serde_json::to_vec(&event).unwrap()
+}
+
 /// Delivers `body` to `{url}/api/webhook` as GitHub would; panics unless it is accepted.
 pub async fn deliver(url: &str, secret: &[u8], delivery: &str, body: Vec<u8>) {
     deliver_with(&reqwest::Client::new(), url, secret, delivery, body).await
@@ -68,7 +97,24 @@ pub async fn deliver_with(
     delivery: &str,
     body: Vec<u8>,
 ) {
-    let response = client
+    let response = send(client, url, secret, delivery, body).await.unwrap();
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        response.text().await.unwrap()
+    );
+}
+
+/// Posts one delivery as GitHub does, once: GitHub does not retry a delivery that failed.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &[u8],
+    delivery: &str,
+    body: Vec<u8>,
+) -> reqwest::Result<reqwest::Response> {
+    client
         .post(format!("{url}/api/webhook"))
         .header("content-type", "application/json")
         .header("x-github-event", "workflow_job")
@@ -80,11 +126,4 @@ pub async fn deliver_with(
         .body(body)
         .send()
         .await
-        .unwrap();
-    let status = response.status();
-    assert!(
-        status.is_success(),
-        "{status}: {}",
-        response.text().await.unwrap()
-    );
 }

@@ -1,0 +1,366 @@
+//! The whole flow under faults: `pacer run` processes behind one Service address (a balancer
+//! that skips a dead replica, as kube-proxy does), GitHub's signed webhooks, and instances in
+//! moto that boot the real user-data in the simulator, which also plays GitHub's side of each
+//! job (runner busy, job in progress, the `in_progress` and `completed` webhooks, each delivered
+//! twice, every third job's out of order) and stops an instance terminated under it.
+//!
+//! Scenarios: the leader SIGKILLed and restarted again and again mid-burst, with one replica and
+//! with two; the kube-apiserver killed and restarted mid-burst. Each ends with the invariants of
+//! `support::invariants`. `make test` runs a short form; `make chaos` runs `CHAOS_JOBS` jobs.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, PostParams};
+use pacer::api::{RunnerJob, RunnerPool};
+use pacer::cloud::aws::AwsEc2;
+use serde_json::json;
+use support::github::FakeGitHub;
+use support::identity::{self, Signer};
+use support::invariants::{Counts, assert_invariants, count_endings, instances_by_job, report};
+use support::process::{self, Pacer, WEBHOOK_SECRET};
+use support::relay::Balancer;
+use support::simulator::{Behaviour, GitHubSide, Simulator};
+use support::{Ground, Parts, ground, webhooks};
+
+const REPO: &str = "example-org/api";
+const TARGET: &str = "orgs/example-org";
+const LABELS: [&str; 2] = ["self-hosted", "linux"];
+const MAX_RUNNERS: usize = 4;
+
+/// Restarting the API server touches every test of this binary: one scenario at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    replicas: usize,
+    /// SIGKILL the leader (and start it again, as its pod restarts) this many times.
+    kills: u32,
+    /// Kill the kube-apiserver (it is started again at once) this many times.
+    apiserver_restarts: u32,
+}
+
+struct World {
+    ground: &'static Ground,
+    ns: String,
+    id: String,
+    dir: PathBuf,
+    jobs: Api<RunnerJob>,
+    leases: Api<Lease>,
+    fake: FakeGitHub,
+    service: Balancer,
+    replicas: Vec<Pacer>,
+    sim: Simulator,
+    ec2: AwsEc2,
+    http: reqwest::Client,
+}
+
+impl World {
+    async fn new(scenario: &str, replicas: usize) -> Self {
+        let ground = ground(Parts::Both);
+        let client = ground.kube_client().await;
+        let ns = ground
+            .namespace(&client, &format!("whole-{scenario}"))
+            .await;
+        let id = format!("whole-{scenario}");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("whole-{ns}-{}", std::process::id()));
+        let fake = FakeGitHub::start().await;
+        fake.install(1, &[REPO]);
+        let service = Balancer::start().await;
+        let aws = ground.aws_config().await;
+        // The keys every replica shares (`process::start` keeps them): the instances' signer.
+        Signer::new(&dir);
+        identity::callback_key(&dir);
+        let mut world = Self {
+            ground,
+            jobs: Api::namespaced(client.clone(), &ns),
+            leases: Api::namespaced(client.clone(), &ns),
+            replicas: Vec::new(),
+            sim: Simulator::start(
+                &aws,
+                &fake,
+                Signer::at(&dir),
+                &id,
+                &dir.join("instances"),
+                Behaviour {
+                    runner_seconds: Some(2.0),
+                    github_side: Some(GitHubSide {
+                        webhooks: Some((service.url(), WEBHOOK_SECRET.to_vec())),
+                        labels: LABELS.map(String::from).to_vec(),
+                        duplicate: true,
+                        reorder: true,
+                    }),
+                    stop_when_terminated: true,
+                    ..Default::default()
+                },
+            )
+            .await,
+            ec2: AwsEc2::new(&aws),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            fake,
+            service,
+            ns,
+            id,
+            dir,
+        };
+        for n in 0..replicas {
+            let replica = world.start(&format!("replica-{n}"));
+            world.replicas.push(replica);
+        }
+        world.route();
+        world.ready_pool(client).await;
+        world
+    }
+
+    /// Starts replica `name` (again): its pod's container, restarted.
+    fn start(&self, name: &str) -> Pacer {
+        process::start(
+            self.ground,
+            &self.dir,
+            process::Setup {
+                name,
+                controller_id: &self.id,
+                namespace: &self.ns,
+                kubeconfig: None,
+                github: Some((
+                    self.fake.url.clone(),
+                    self.fake.app_id,
+                    self.fake.private_key_pem.clone(),
+                )),
+                public_url: Some(self.service.url()),
+            },
+        )
+    }
+
+    /// The Service routes to every replica's listener.
+    fn route(&self) {
+        let listeners: Vec<SocketAddr> = (self.replicas.iter())
+            .map(|r| SocketAddr::from(([127, 0, 0, 1], r.listen)))
+            .collect();
+        self.service.route_to(listeners);
+    }
+
+    async fn ready_pool(&self, client: kube::Client) {
+        let mut pool = self.ground.example_pool(&self.ns, "linux");
+        let spec = &mut pool["spec"];
+        spec["maxRunners"] = json!(MAX_RUNNERS);
+        spec["github"] = json!({"scope": "org", "owner": "example-org"});
+        spec["labels"] = json!(LABELS);
+        spec["runnerUser"] = json!(current_user());
+        spec["ttlSecondsAfterFinished"] = json!(3600);
+        let pools: Api<RunnerPool> = Api::namespaced(client, &self.ns);
+        let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while !pools.get("linux").await.unwrap().status.is_some_and(|s| {
+            (s.conditions.iter()).any(|c| c.type_ == "Ready" && c.status == "True")
+        }) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pool never got Ready"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// GitHub queues job `job_id` and delivers its `queued` webhook twice, as it may; a
+    /// delivery that fails is redelivered, as an operator (or the sweep) would.
+    async fn queue(&self, job_id: i64) {
+        self.fake.set_job(REPO, job_id, "queued", None);
+        let body = webhooks::queued(job_id, &LABELS);
+        let delivery = format!("queued-{job_id}");
+        for _ in 0..2 {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let answer = webhooks::send(
+                    &self.http,
+                    &self.service.url(),
+                    WEBHOOK_SECRET,
+                    &delivery,
+                    body.clone(),
+                )
+                .await;
+                if answer.is_ok_and(|a| a.status().is_success()) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "job {job_id}: never accepted"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    /// The replica holding the Lease, if any does.
+    async fn leader(&self) -> Option<usize> {
+        let lease = self
+            .leases
+            .get_opt(&format!("pacer-{}", self.id))
+            .await
+            .ok()??;
+        let holder = lease.spec?.holder_identity?;
+        (0..self.replicas.len()).find(|n| holder == format!("replica-{n}"))
+    }
+
+    /// SIGKILL the leader and start its container again.
+    async fn kill_leader(&mut self) {
+        let n = self.leader().await.unwrap_or(0);
+        let _ = self.replicas[n].child.kill();
+        let _ = self.replicas[n].child.wait();
+        self.route();
+        self.replicas[n] = self.start(&format!("replica-{n}"));
+        self.route();
+    }
+
+    /// Kills the kube-apiserver; the ground starts it again at once.
+    fn restart_apiserver(&self) {
+        let pid = std::fs::read_to_string(self.ground.var("KUBE_APISERVER_PID_FILE")).unwrap();
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+
+    async fn all_jobs(&self) -> Option<Vec<RunnerJob>> {
+        Some(self.jobs.list(&Default::default()).await.ok()?.items)
+    }
+}
+
+fn current_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn job_count() -> i64 {
+    std::env::var("CHAOS_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(8)
+}
+
+async fn run(scenario: &str, faults: Faults) -> Counts {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut w = World::new(scenario, faults.replicas).await;
+    let n = job_count();
+    let mut counts = Counts {
+        jobs: n as usize,
+        ..Default::default()
+    };
+    let started = tokio::time::Instant::now();
+    for job_id in 1..=n {
+        w.queue(job_id).await;
+    }
+    let deadline = started + Duration::from_secs(120 + 8 * n as u64);
+    let (mut kills, mut restarts) = (0, 0);
+    let every = Duration::from_secs(if faults.replicas > 1 { 8 } else { 4 });
+    loop {
+        let instances = instances_by_job(&w.ec2, &w.id).await;
+        let alive: usize = instances.values().map(|(_, live)| live.len()).sum();
+        counts.max_alive = counts.max_alive.max(alive);
+        counts.over_max_runners += usize::from(alive > MAX_RUNNERS);
+        let due = started.elapsed() > every * (kills + restarts + 1);
+        if due && kills < faults.kills {
+            w.kill_leader().await;
+            kills += 1;
+        } else if due && restarts < faults.apiserver_restarts {
+            w.restart_apiserver();
+            restarts += 1;
+        }
+        // While the API server restarts, nothing answers: look again.
+        if let Some(jobs) = w.all_jobs().await {
+            let finished = (jobs.iter())
+                .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
+                .count();
+            let faults_done = kills == faults.kills && restarts == faults.apiserver_restarts;
+            if (finished == n as usize && faults_done) || tokio::time::Instant::now() > deadline {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Settle: the last terminations and runner removals land.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let instances = instances_by_job(&w.ec2, &w.id).await;
+    let jobs = w.all_jobs().await.unwrap();
+    count_endings(&mut counts, &jobs, &instances);
+    for job_id in 1..=n {
+        let name = format!("gh-job-{job_id}");
+        if !jobs
+            .iter()
+            .any(|j| j.metadata.name.as_deref() == Some(name.as_str()))
+        {
+            counts.unexplained.push(format!("{name}: no RunnerJob"));
+        }
+    }
+    let boots = w.sim.boots.lock().unwrap().clone();
+    counts.busy_killed = boots.values().filter(|b| b.killed_busy).count()
+        + w.fake.state.lock().unwrap().busy_deletes.len();
+    counts.left_alive = instances.values().map(|(_, live)| live.len()).sum();
+    counts.left_runners = w.fake.runner_names(TARGET).len();
+    let duplicates: u32 = boots.values().map(|b| b.webhooks_sent / 2).sum();
+    counts.fired = (kills + restarts + duplicates) as usize;
+    report(scenario, &counts, started.elapsed());
+    counts
+}
+
+fn assert_all_ran(c: &Counts) {
+    assert_invariants(c);
+    assert_eq!(c.succeeded, c.jobs, "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_replica_killed_again_and_again_mid_burst_loses_and_doubles_nothing() {
+    let kills = (job_count() / 4).max(2) as u32;
+    let c = run(
+        "kill-one",
+        Faults {
+            replicas: 1,
+            kills,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_all_ran(&c);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leader_of_two_killed_mid_burst_loses_and_doubles_nothing() {
+    let kills = (job_count() / 8).max(2) as u32;
+    let c = run(
+        "kill-two",
+        Faults {
+            replicas: 2,
+            kills,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_all_ran(&c);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_restarted_mid_burst_loses_and_doubles_nothing() {
+    let c = run(
+        "apiserver",
+        Faults {
+            replicas: 2,
+            apiserver_restarts: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_all_ran(&c);
+}

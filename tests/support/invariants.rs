@@ -1,0 +1,131 @@
+//! The invariants every fault scenario ends with (`tests/chaos*.rs`), and their report line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use pacer::api::{JobPhase, RunnerJob};
+use pacer::cloud::Ec2 as _;
+use pacer::cloud::aws::AwsEc2;
+
+/// Reasons a job may end with other than success, each saying why it did not run here.
+pub const EXPLAINED: [&str; 4] = ["NotQueued", "AttemptsExhausted", "Cancelled", "PoolGone"];
+
+/// Invariant counts: every one but `jobs`, `succeeded` and `max_alive` must be zero.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub jobs: usize,
+    pub succeeded: usize,
+    pub explained: BTreeMap<String, usize>,
+    pub unexplained: Vec<String>,
+    pub busy_killed: usize,
+    pub extra_instances: usize,
+    pub left_alive: usize,
+    pub left_runners: usize,
+    pub max_alive: usize,
+    pub over_max_runners: usize,
+    /// How often the scenario's faults took effect: a scenario whose faults never fire proves
+    /// nothing.
+    pub fired: usize,
+}
+
+pub fn report(scenario: &str, c: &Counts, took: Duration) {
+    let line = format!(
+        "| {scenario} | {} | {} | {} | {:?} | {} | {} | {} | {} | {} | {} ({}) | {:.0} s |",
+        c.jobs,
+        c.fired,
+        c.succeeded,
+        c.explained,
+        c.unexplained.len(),
+        c.busy_killed,
+        c.extra_instances,
+        c.left_alive,
+        c.left_runners,
+        c.over_max_runners,
+        c.max_alive,
+        took.as_secs_f64()
+    );
+    eprintln!("{line}");
+    if let Ok(path) = std::env::var("CHAOS_REPORT") {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+    }
+}
+
+pub fn assert_invariants(c: &Counts) {
+    assert!(
+        c.unexplained.is_empty(),
+        "jobs that ended without a reason: {:?}",
+        c.unexplained
+    );
+    assert_eq!(c.busy_killed, 0, "runners cut off while running a job");
+    assert_eq!(c.extra_instances, 0, "instances beyond one per attempt");
+    assert_eq!(c.left_alive, 0, "instances left running");
+    assert_eq!(c.left_runners, 0, "runners left on GitHub");
+    assert_eq!(
+        c.over_max_runners, 0,
+        "samples with more than maxRunners alive"
+    );
+    assert!(c.succeeded > 0, "{c:?}");
+    assert!(c.fired > 0, "the scenario's faults never fired: {c:?}");
+}
+
+/// Our instances in EC2 by RunnerJob uid: how many were made, and the ids of the live ones.
+pub async fn instances_by_job(
+    ec2: &AwsEc2,
+    controller_id: &str,
+) -> HashMap<String, (usize, Vec<String>)> {
+    let mut by_uid: HashMap<String, (usize, Vec<String>)> = HashMap::new();
+    let Ok(all) = ec2.describe_managed_instances(controller_id).await else {
+        return by_uid;
+    };
+    for i in all {
+        let uid = i
+            .tags
+            .get("gha:runner_job_uid")
+            .cloned()
+            .unwrap_or_default();
+        let entry = by_uid.entry(uid).or_default();
+        entry.0 += 1;
+        if i.is_alive() {
+            entry.1.push(i.id.clone());
+        }
+    }
+    by_uid
+}
+
+/// How the jobs ended (succeeded, explained, unexplained), and instances beyond one per
+/// recorded attempt.
+pub fn count_endings(
+    counts: &mut Counts,
+    jobs: &[RunnerJob],
+    instances: &HashMap<String, (usize, Vec<String>)>,
+) {
+    for job in jobs {
+        let status = job.status.clone().unwrap_or_default();
+        let reason = status
+            .last_error
+            .as_ref()
+            .map(|e| e.reason.clone())
+            .unwrap_or_default();
+        match status.phase {
+            JobPhase::Succeeded => counts.succeeded += 1,
+            JobPhase::Failed if EXPLAINED.contains(&reason.as_str()) => {
+                *counts.explained.entry(reason).or_default() += 1
+            }
+            phase => counts.unexplained.push(format!(
+                "{}: {phase:?} {reason}",
+                job.metadata.name.clone().unwrap_or_default()
+            )),
+        }
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let made = instances.get(&uid).map_or(0, |(all, _)| *all);
+        if made > status.attempt() as usize {
+            counts.extra_instances += made - status.attempt() as usize;
+        }
+    }
+}
