@@ -545,9 +545,13 @@ async fn boot(
             behaviour.runner_seconds.unwrap_or(0.2).to_string(),
         )
         .env("PACER_NOTICE_POLL", "0.5")
-        .process_group(0)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    if behaviour.stop_when_terminated {
+        // Its own process group, so that termination stops the whole instance. Otherwise the
+        // scripts share the simulator's group and end with it (`make demo`'s Ctrl-C).
+        bash.process_group(0);
+    }
     if behaviour.github_side.is_some() {
         bash.env("FAKE_RUNNER_HANDSHAKE", "1");
     }
