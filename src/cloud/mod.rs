@@ -1,8 +1,10 @@
 //! The EC2 boundary: the calls Pacer makes, in Pacer's own types. `aws` implements it with the
-//! AWS SDK, `fake` in memory for fast tests of the logic above it.
+//! AWS SDK, `fake` (tests and the `testing` feature only) in memory for fast tests of the logic
+//! above it.
 
 pub mod aws;
 mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod iam_policy;
 
