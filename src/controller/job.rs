@@ -22,7 +22,7 @@ use crate::api::{
     AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, RunnerJob, RunnerJobStatus,
     RunnerPool,
 };
-use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
+use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
     PoolAdmission, SPOT_INTERRUPTION, Step, Witness, decide, enter, holds_slot,

@@ -118,7 +118,7 @@ fn lookup<T>(result: Result<T, CloudError>) -> Result<Lookup<T>> {
 }
 
 async fn observe(spec: &RunnerPoolSpec, ctx: &Context) -> Result<Observed> {
-    let ec2 = &ctx.ec2();
+    let ec2 = ctx.ec2();
     let image = match lookup(ec2.describe_images(std::slice::from_ref(&spec.ami)).await)? {
         Lookup::Found(images) => match images.into_iter().next() {
             Some(image) => Lookup::Found(image),
@@ -265,7 +265,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     pass.validated(notes);
     let data = decide::template_data(&pool.spec, &id, image, &user_data);
     let hash = decide::spec_hash(&data);
-    let template = ensure_template(&ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
+    let template = ensure_template(ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
     pass.status.spec_hash = Some(hash);
 
     permit(pool, ctx, &id, &template, &mut pass).await?;
