@@ -19,8 +19,10 @@ help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 .PHONY: build
-build: ## Build the pacer binary (debug)
+build: ## Build the pacer binary and the test ground's pacer-testbed (debug)
 	cargo build
+	@# The testbed needs the `testing` feature, which the pacer binary never gets.
+	cargo build --features testing --bin pacer-testbed
 
 .PHONY: generate
 generate: build ## Regenerate crds/ (and the chart's), deploy/pacer.yaml, docs/iam-role.json and docs/iam-policy.md from the code
@@ -97,6 +99,7 @@ test: fmt-check clippy shellcheck check-generated tools supply-chain image-check
 	rm -rf $(AWS_CALL_LOG)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet
+	cargo build --quiet --features testing --bin pacer-testbed
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
 	hack/demo-signals.sh $(PACER)
 

@@ -22,6 +22,7 @@ use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
 use pacer::cloud::Ec2;
 use pacer::cloud::aws::AwsEc2;
 use pacer::cloud::fake::FakeEc2;
+use pacer::controller::metrics::Metrics;
 use pacer::controller::{self, Context, Settings};
 use serde_json::json;
 use support::{Parts, ground, repo_root};
@@ -107,7 +108,9 @@ async fn create_jobs(
 
 struct Run {
     name: &'static str,
+    /// Observed by `metrics`, as `pacer run` builds it.
     ec2: Arc<dyn Ec2>,
+    metrics: Arc<Metrics>,
     fake: Option<Arc<FakeEc2>>,
     ami: String,
     subnets: [String; 2],
@@ -125,7 +128,8 @@ async fn bench(run: Run, count: usize, stored: usize) {
     let creator = kube::Client::try_from(ground.kube_config().await).unwrap();
     // The production settings.
     let settings = Settings::new(&format!("bench-{}", run.name), "https://pacer.example.test");
-    let ctx = Arc::new(Context::new(client.clone(), run.ec2.clone(), settings));
+    let ctx =
+        Arc::new(Context::new(client.clone(), run.ec2.clone(), settings).with_metrics(run.metrics));
     let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
     let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
     let creating_jobs: Api<RunnerJob> = Api::namespaced(creator, &ns);
@@ -280,12 +284,14 @@ async fn main() {
     for t in ["m7i.large", "m6i.large", "c6i.large"] {
         fake = fake.with_instance_type(t, "x86_64");
     }
-    let fake = Arc::new(fake.with_latency(latency));
+    let metrics = Arc::new(Metrics::default());
+    let fake = Arc::new(fake.with_latency(latency).observed_by(metrics.clone()));
     println!("fake EC2 latency per call: {latency:?}");
     bench(
         Run {
             name: "fake",
             ec2: fake.clone(),
+            metrics,
             fake: Some(fake),
             ami,
             subnets,
@@ -304,10 +310,12 @@ async fn main() {
 
     if std::env::var("BENCH_MOTO").as_deref() == Ok("1") {
         let g = ground(Parts::Both);
-        let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&g.aws_config().await));
+        let metrics = Arc::new(Metrics::default());
+        let ec2 = AwsEc2::new(&g.aws_config().await).observed_by(metrics.clone());
         let run = Run {
             name: "moto",
-            ec2,
+            ec2: Arc::new(ec2),
+            metrics,
             fake: None,
             ami: g.fixture("AMI_X86_64").into(),
             subnets: [g.fixture("SUBNET_A").into(), g.fixture("SUBNET_B").into()],

@@ -75,7 +75,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         endpoint_url: config.aws.endpoint_url.clone(),
     })
     .await;
-    let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws));
+    // The adapter counts its calls into the metrics the controllers export.
+    let metrics = Arc::new(controller::metrics::Metrics::default());
+    let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws).observed_by(metrics.clone()));
     let settings = controller::Settings {
         job_concurrency: config.controller.job_concurrency,
         gc_interval: std::time::Duration::from_secs(config.controller.gc_interval_seconds),
@@ -90,7 +92,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tenancy: crate::domain::tenancy::Tenancy::new(config.tenants.clone()),
         ..controller::Settings::new(&config.controller.id, &config.server.public_url)
     };
-    let ctx = controller::Context::new(client.clone(), ec2.clone(), settings.clone());
+    let ctx = controller::Context::new(client.clone(), ec2.clone(), settings.clone())
+        .with_metrics(metrics);
     let calls = ctx.metrics.github_calls.clone();
     let count: crate::github::client::CallCounter = Arc::new(move |action, outcome| {
         calls

@@ -73,11 +73,10 @@ impl World {
             ..Settings::new(&self.controller_id, "https://pacer.example.test")
         };
         change(&mut settings);
-        Arc::new(Context::new(
-            self.client.clone(),
-            Arc::new(self.ec2.clone()),
-            settings,
-        ))
+        // As `pacer run` does: the adapter counts its calls into the context's metrics.
+        let metrics = Arc::new(pacer::controller::metrics::Metrics::default());
+        let ec2 = self.ec2.clone().observed_by(metrics.clone());
+        Arc::new(Context::new(self.client.clone(), Arc::new(ec2), settings).with_metrics(metrics))
     }
 
     /// A context whose GitHub App is `fake`.
@@ -377,7 +376,8 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
         .unwrap();
     for expected in [
         "pacer_launch_latency_seconds_count 1",
-        r#"pacer_ec2_calls_total{action="Launch",outcome="ok"} 1"#,
+        r#"pacer_ec2_calls_total{action="CreateFleet",outcome="ok"} 1"#,
+        r#"pacer_ec2_call_duration_seconds_count{action="CreateFleet"} 1"#,
         r#"pacer_runner_jobs{namespace=""#,
         "pacer_job_cost_usd_total{",
     ] {

@@ -2,16 +2,17 @@
 //! error into a classified [`CloudError`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types as ec2;
+use futures::StreamExt as _;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt as _};
 
 use super::{
-    CloudError, CloudResult, Ec2, ErrorClass, Image, Instance, InstanceTypeInfo, LaunchFailure,
-    LaunchOutcome, LaunchRequest, LaunchTemplate, LaunchTemplateData, Pages, SecurityGroup, Subnet,
-    tags,
+    CallObserver, CloudError, CloudResult, Ec2, ErrorClass, Image, Instance, InstanceTypeInfo,
+    LaunchFailure, LaunchOutcome, LaunchRequest, LaunchTemplate, LaunchTemplateData, Observer,
+    Pages, SecurityGroup, Subnet, tags,
 };
 
 /// EC2 and IAM through the AWS SDK.
@@ -21,6 +22,7 @@ pub struct AwsEc2 {
     iam: aws_sdk_iam::Client,
     pricing: aws_sdk_pricing::Client,
     region: String,
+    observer: Observer,
 }
 
 /// Where the SDK clients point and how they authenticate.
@@ -68,7 +70,14 @@ impl AwsEc2 {
             iam: aws_sdk_iam::Client::new(config),
             pricing: aws_sdk_pricing::Client::from_conf(pricing),
             region: config.region().map(|r| r.to_string()).unwrap_or_default(),
+            observer: Observer::default(),
         }
+    }
+
+    /// The same adapter, telling `observer` of every call.
+    pub fn observed_by(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Observer::new(observer);
+        self
     }
 }
 
@@ -225,7 +234,7 @@ fn dry_run_outcome(err: CloudError) -> CloudResult<()> {
 
 impl Ec2 for AwsEc2 {
     fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>> {
-        async move {
+        self.observer.observe("DescribeImages", async move {
             let out = self
                 .ec2
                 .describe_images()
@@ -255,15 +264,14 @@ impl Ec2 for AwsEc2 {
                     }
                 })
                 .collect())
-        }
-        .boxed()
+        })
     }
 
     fn describe_subnets<'a>(
         &'a self,
         ids: &'a [String],
     ) -> BoxFuture<'a, CloudResult<Vec<Subnet>>> {
-        async move {
+        self.observer.observe("DescribeSubnets", async move {
             let out = self
                 .ec2
                 .describe_subnets()
@@ -280,15 +288,14 @@ impl Ec2 for AwsEc2 {
                     zone: s.availability_zone().unwrap_or_default().into(),
                 })
                 .collect())
-        }
-        .boxed()
+        })
     }
 
     fn describe_security_groups<'a>(
         &'a self,
         ids: &'a [String],
     ) -> BoxFuture<'a, CloudResult<Vec<SecurityGroup>>> {
-        async move {
+        self.observer.observe("DescribeSecurityGroups", async move {
             let out = self
                 .ec2
                 .describe_security_groups()
@@ -304,15 +311,14 @@ impl Ec2 for AwsEc2 {
                     vpc_id: g.vpc_id().unwrap_or_default().into(),
                 })
                 .collect())
-        }
-        .boxed()
+        })
     }
 
     fn describe_instance_types<'a>(
         &'a self,
         names: &'a [String],
     ) -> BoxFuture<'a, CloudResult<Vec<InstanceTypeInfo>>> {
-        async move {
+        self.observer.observe("DescribeInstanceTypes", async move {
             let out = self
                 .ec2
                 .describe_instance_types()
@@ -344,15 +350,14 @@ impl Ec2 for AwsEc2 {
                         .unwrap_or_default(),
                 })
                 .collect())
-        }
-        .boxed()
+        })
     }
 
     fn instance_profile_roles<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<Vec<String>>>> {
-        async move {
+        self.observer.observe("GetInstanceProfile", async move {
             match self
                 .iam
                 .get_instance_profile()
@@ -375,79 +380,78 @@ impl Ec2 for AwsEc2 {
                     }
                 }
             }
-        }
-        .boxed()
+        })
     }
 
     fn find_launch_template<'a>(
         &'a self,
         name: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>> {
-        async move {
-            match self
-                .ec2
-                .describe_launch_templates()
-                .launch_template_names(name)
-                .send()
-                .await
-            {
-                Ok(out) => Ok(out.launch_templates().first().map(launch_template)),
-                Err(err) => {
-                    let err = classify_sdk("DescribeLaunchTemplates", err);
-                    if err.is(ErrorClass::NotFound) {
-                        Ok(None)
-                    } else {
-                        Err(err)
+        self.observer
+            .observe("DescribeLaunchTemplates", async move {
+                match self
+                    .ec2
+                    .describe_launch_templates()
+                    .launch_template_names(name)
+                    .send()
+                    .await
+                {
+                    Ok(out) => Ok(out.launch_templates().first().map(launch_template)),
+                    Err(err) => {
+                        let err = classify_sdk("DescribeLaunchTemplates", err);
+                        if err.is(ErrorClass::NotFound) {
+                            Ok(None)
+                        } else {
+                            Err(err)
+                        }
                     }
                 }
-            }
-        }
-        .boxed()
+            })
     }
 
     fn describe_managed_launch_templates<'a>(
         &'a self,
         controller_id: &'a str,
     ) -> BoxFuture<'a, CloudResult<Vec<LaunchTemplate>>> {
-        async move {
-            let mut pages = self
-                .ec2
-                .describe_launch_templates()
-                .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
-                .filters(tag_filter(tags::CONTROLLER, controller_id))
-                .max_results(200)
-                .into_paginator()
-                .send();
-            let mut templates = Vec::new();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(|e| classify_sdk("DescribeLaunchTemplates", e))?;
-                templates.extend(page.launch_templates().iter().map(launch_template));
-            }
-            Ok(templates)
-        }
-        .boxed()
+        self.observer
+            .observe("DescribeLaunchTemplates", async move {
+                let mut pages = self
+                    .ec2
+                    .describe_launch_templates()
+                    .filters(tag_filter(tags::MANAGED_BY, tags::MANAGED_BY_VALUE))
+                    .filters(tag_filter(tags::CONTROLLER, controller_id))
+                    .max_results(200)
+                    .into_paginator()
+                    .send();
+                let mut templates = Vec::new();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| classify_sdk("DescribeLaunchTemplates", e))?;
+                    templates.extend(page.launch_templates().iter().map(launch_template));
+                }
+                Ok(templates)
+            })
     }
 
     fn default_version_description<'a>(
         &'a self,
         id: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<String>>> {
-        async move {
-            let out = self
-                .ec2
-                .describe_launch_template_versions()
-                .launch_template_id(id)
-                .versions("$Default")
-                .send()
-                .await
-                .map_err(|e| classify_sdk("DescribeLaunchTemplateVersions", e))?;
-            Ok(out
-                .launch_template_versions()
-                .first()
-                .and_then(|v| v.version_description())
-                .map(str::to_string))
-        }
-        .boxed()
+        self.observer
+            .observe("DescribeLaunchTemplateVersions", async move {
+                let out = self
+                    .ec2
+                    .describe_launch_template_versions()
+                    .launch_template_id(id)
+                    .versions("$Default")
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk("DescribeLaunchTemplateVersions", e))?;
+                Ok(out
+                    .launch_template_versions()
+                    .first()
+                    .and_then(|v| v.version_description())
+                    .map(str::to_string))
+            })
     }
 
     fn create_launch_template<'a>(
@@ -457,7 +461,7 @@ impl Ec2 for AwsEc2 {
         data: &'a LaunchTemplateData,
         tags: &'a BTreeMap<String, String>,
     ) -> BoxFuture<'a, CloudResult<LaunchTemplate>> {
-        async move {
+        self.observer.observe("CreateLaunchTemplate", async move {
             let out = self
                 .ec2
                 .create_launch_template()
@@ -475,8 +479,7 @@ impl Ec2 for AwsEc2 {
                     "no launch template in the answer",
                 )
             })
-        }
-        .boxed()
+        })
     }
 
     fn create_launch_template_version<'a>(
@@ -485,27 +488,27 @@ impl Ec2 for AwsEc2 {
         description: &'a str,
         data: &'a LaunchTemplateData,
     ) -> BoxFuture<'a, CloudResult<i64>> {
-        async move {
-            let out = self
-                .ec2
-                .create_launch_template_version()
-                .launch_template_id(id)
-                .version_description(description)
-                .launch_template_data(template_data(data))
-                .send()
-                .await
-                .map_err(|e| classify_sdk("CreateLaunchTemplateVersion", e))?;
-            out.launch_template_version()
-                .and_then(|v| v.version_number())
-                .ok_or_else(|| {
-                    CloudError::new(
-                        "CreateLaunchTemplateVersion",
-                        "EmptyResponse",
-                        "no version number in the answer",
-                    )
-                })
-        }
-        .boxed()
+        self.observer
+            .observe("CreateLaunchTemplateVersion", async move {
+                let out = self
+                    .ec2
+                    .create_launch_template_version()
+                    .launch_template_id(id)
+                    .version_description(description)
+                    .launch_template_data(template_data(data))
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk("CreateLaunchTemplateVersion", e))?;
+                out.launch_template_version()
+                    .and_then(|v| v.version_number())
+                    .ok_or_else(|| {
+                        CloudError::new(
+                            "CreateLaunchTemplateVersion",
+                            "EmptyResponse",
+                            "no version number in the answer",
+                        )
+                    })
+            })
     }
 
     fn set_default_launch_template_version<'a>(
@@ -513,7 +516,7 @@ impl Ec2 for AwsEc2 {
         id: &'a str,
         version: i64,
     ) -> BoxFuture<'a, CloudResult<()>> {
-        async move {
+        self.observer.observe("ModifyLaunchTemplate", async move {
             self.ec2
                 .modify_launch_template()
                 .launch_template_id(id)
@@ -522,8 +525,7 @@ impl Ec2 for AwsEc2 {
                 .await
                 .map_err(|e| classify_sdk("ModifyLaunchTemplate", e))?;
             Ok(())
-        }
-        .boxed()
+        })
     }
 
     fn delete_launch_template_versions<'a>(
@@ -531,21 +533,21 @@ impl Ec2 for AwsEc2 {
         id: &'a str,
         versions: &'a [i64],
     ) -> BoxFuture<'a, CloudResult<()>> {
-        async move {
-            self.ec2
-                .delete_launch_template_versions()
-                .launch_template_id(id)
-                .set_versions(Some(versions.iter().map(i64::to_string).collect()))
-                .send()
-                .await
-                .map_err(|e| classify_sdk("DeleteLaunchTemplateVersions", e))?;
-            Ok(())
-        }
-        .boxed()
+        self.observer
+            .observe("DeleteLaunchTemplateVersions", async move {
+                self.ec2
+                    .delete_launch_template_versions()
+                    .launch_template_id(id)
+                    .set_versions(Some(versions.iter().map(i64::to_string).collect()))
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk("DeleteLaunchTemplateVersions", e))?;
+                Ok(())
+            })
     }
 
     fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>> {
-        async move {
+        self.observer.observe("DeleteLaunchTemplate", async move {
             match self
                 .ec2
                 .delete_launch_template()
@@ -563,109 +565,120 @@ impl Ec2 for AwsEc2 {
                     }
                 }
             }
-        }
-        .boxed()
+        })
     }
 
     fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
-        async move {
-            let result = if request.fleet {
-                self.fleet(request)
-                    .dry_run(true)
-                    .send()
-                    .await
-                    .map(drop)
-                    .map_err(|e| classify_sdk("CreateFleet", e))
+        self.observer.observe(
+            if request.fleet {
+                "DryRunCreateFleet"
             } else {
-                self.run(request)
-                    .dry_run(true)
-                    .send()
-                    .await
-                    .map(drop)
-                    .map_err(|e| classify_sdk("RunInstances", e))
-            };
-            result.or_else(dry_run_outcome)
-        }
-        .boxed()
+                "DryRunRunInstances"
+            },
+            async move {
+                let result = if request.fleet {
+                    self.fleet(request)
+                        .dry_run(true)
+                        .send()
+                        .await
+                        .map(drop)
+                        .map_err(|e| classify_sdk("CreateFleet", e))
+                } else {
+                    self.run(request)
+                        .dry_run(true)
+                        .send()
+                        .await
+                        .map(drop)
+                        .map_err(|e| classify_sdk("RunInstances", e))
+                };
+                result.or_else(dry_run_outcome)
+            },
+        )
     }
 
     fn launch<'a>(
         &'a self,
         request: &'a LaunchRequest,
     ) -> BoxFuture<'a, CloudResult<LaunchOutcome>> {
-        async move {
+        self.observer.observe(
             if request.fleet {
-                let out = self
-                    .fleet(request)
-                    .send()
-                    .await
-                    .map_err(|e| classify_sdk("CreateFleet", e))?;
-                let instances = out
-                    .instances()
-                    .iter()
-                    .flat_map(|group| {
-                        let overrides = group
-                            .launch_template_and_overrides()
-                            .and_then(|l| l.overrides());
-                        let zone = overrides
-                            .and_then(|o| o.availability_zone())
-                            .unwrap_or_default()
-                            .to_string();
-                        let instance_type = group
-                            .instance_type()
-                            .map(|t| t.as_str().to_string())
-                            .unwrap_or_default();
-                        let spot = group.lifecycle().is_some_and(|l| l.as_str() == "spot");
-                        group.instance_ids().iter().map(move |id| Instance {
-                            id: id.clone(),
-                            instance_type: instance_type.clone(),
-                            zone: zone.clone(),
-                            spot,
-                            state: "pending".into(),
-                            state_reason: None,
-                            launch_time: None,
-                            tags: request.tags.clone(),
-                        })
-                    })
-                    .collect();
-                let failures = out
-                    .errors()
-                    .iter()
-                    .map(|e| {
-                        let overrides = e
-                            .launch_template_and_overrides()
-                            .and_then(|l| l.overrides());
-                        LaunchFailure {
-                            instance_type: overrides
-                                .and_then(|o| o.instance_type())
-                                .map(|t| t.as_str().to_string()),
-                            subnet: overrides.and_then(|o| o.subnet_id()).map(str::to_string),
-                            spot: e.lifecycle().is_some_and(|l| l.as_str() == "spot"),
-                            error: CloudError::new(
-                                "CreateFleet",
-                                e.error_code().unwrap_or("Unknown"),
-                                e.error_message().unwrap_or_default(),
-                            ),
-                        }
-                    })
-                    .collect();
-                Ok(LaunchOutcome {
-                    instances,
-                    failures,
-                })
+                "CreateFleet"
             } else {
-                let out = self
-                    .run(request)
-                    .send()
-                    .await
-                    .map_err(|e| classify_sdk("RunInstances", e))?;
-                Ok(LaunchOutcome {
-                    instances: out.instances().iter().map(instance).collect(),
-                    failures: Vec::new(),
-                })
-            }
-        }
-        .boxed()
+                "RunInstances"
+            },
+            async move {
+                if request.fleet {
+                    let out = self
+                        .fleet(request)
+                        .send()
+                        .await
+                        .map_err(|e| classify_sdk("CreateFleet", e))?;
+                    let instances = out
+                        .instances()
+                        .iter()
+                        .flat_map(|group| {
+                            let overrides = group
+                                .launch_template_and_overrides()
+                                .and_then(|l| l.overrides());
+                            let zone = overrides
+                                .and_then(|o| o.availability_zone())
+                                .unwrap_or_default()
+                                .to_string();
+                            let instance_type = group
+                                .instance_type()
+                                .map(|t| t.as_str().to_string())
+                                .unwrap_or_default();
+                            let spot = group.lifecycle().is_some_and(|l| l.as_str() == "spot");
+                            group.instance_ids().iter().map(move |id| Instance {
+                                id: id.clone(),
+                                instance_type: instance_type.clone(),
+                                zone: zone.clone(),
+                                spot,
+                                state: "pending".into(),
+                                state_reason: None,
+                                launch_time: None,
+                                tags: request.tags.clone(),
+                            })
+                        })
+                        .collect();
+                    let failures = out
+                        .errors()
+                        .iter()
+                        .map(|e| {
+                            let overrides = e
+                                .launch_template_and_overrides()
+                                .and_then(|l| l.overrides());
+                            LaunchFailure {
+                                instance_type: overrides
+                                    .and_then(|o| o.instance_type())
+                                    .map(|t| t.as_str().to_string()),
+                                subnet: overrides.and_then(|o| o.subnet_id()).map(str::to_string),
+                                spot: e.lifecycle().is_some_and(|l| l.as_str() == "spot"),
+                                error: CloudError::new(
+                                    "CreateFleet",
+                                    e.error_code().unwrap_or("Unknown"),
+                                    e.error_message().unwrap_or_default(),
+                                ),
+                            }
+                        })
+                        .collect();
+                    Ok(LaunchOutcome {
+                        instances,
+                        failures,
+                    })
+                } else {
+                    let out = self
+                        .run(request)
+                        .send()
+                        .await
+                        .map_err(|e| classify_sdk("RunInstances", e))?;
+                    Ok(LaunchOutcome {
+                        instances: out.instances().iter().map(instance).collect(),
+                        failures: Vec::new(),
+                    })
+                }
+            },
+        )
     }
 
     fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance> {
@@ -677,7 +690,7 @@ impl Ec2 for AwsEc2 {
             .max_results(1000)
             .into_paginator()
             .send();
-        futures::stream::unfold(pages, |mut pages| async move {
+        let pages = futures::stream::unfold(pages, |mut pages| async move {
             let page = pages.next().await?.map(|page| {
                 page.reservations()
                     .iter()
@@ -693,8 +706,9 @@ impl Ec2 for AwsEc2 {
                 page.map_err(|e| classify_sdk("DescribeInstances", e)),
                 pages,
             ))
-        })
-        .boxed()
+        });
+        self.observer
+            .observe_pages("DescribeInstances", pages.boxed())
     }
 
     fn managed_instance<'a>(
@@ -702,7 +716,7 @@ impl Ec2 for AwsEc2 {
         controller_id: &'a str,
         instance_id: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<(Instance, String)>>> {
-        async move {
+        self.observer.observe("DescribeInstances", async move {
             let answer = self
                 .ec2
                 .describe_instances()
@@ -724,8 +738,7 @@ impl Ec2 for AwsEc2 {
                     .find(|i| i.instance_id() == Some(instance_id))
                     .map(|i| (instance(i), owner))
             }))
-        }
-        .boxed()
+        })
     }
 
     fn on_demand_price<'a>(
@@ -733,7 +746,7 @@ impl Ec2 for AwsEc2 {
         instance_type: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<String>>> {
         use aws_sdk_pricing::types::{Filter, FilterType};
-        async move {
+        self.observer.observe("GetProducts", async move {
             let term = |field: &str, value: &str| {
                 Filter::builder()
                     .r#type(FilterType::TermMatch)
@@ -757,8 +770,7 @@ impl Ec2 for AwsEc2 {
                 .await
                 .map_err(|e| classify_sdk("GetProducts", e))?;
             Ok(out.price_list().first().and_then(|doc| on_demand_usd(doc)))
-        }
-        .boxed()
+        })
     }
 
     fn spot_price<'a>(
@@ -766,30 +778,30 @@ impl Ec2 for AwsEc2 {
         instance_type: &'a str,
         zone: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<String>>> {
-        async move {
-            let out = self
-                .ec2
-                .describe_spot_price_history()
-                .instance_types(ec2::InstanceType::from(instance_type))
-                .availability_zone(zone)
-                .product_descriptions("Linux/UNIX")
-                .start_time(aws_sdk_ec2::primitives::DateTime::from(
-                    std::time::SystemTime::now(),
-                ))
-                .send()
-                .await
-                .map_err(|e| classify_sdk("DescribeSpotPriceHistory", e))?;
-            Ok(out
-                .spot_price_history()
-                .first()
-                .and_then(|p| p.spot_price())
-                .map(str::to_string))
-        }
-        .boxed()
+        self.observer
+            .observe("DescribeSpotPriceHistory", async move {
+                let out = self
+                    .ec2
+                    .describe_spot_price_history()
+                    .instance_types(ec2::InstanceType::from(instance_type))
+                    .availability_zone(zone)
+                    .product_descriptions("Linux/UNIX")
+                    .start_time(aws_sdk_ec2::primitives::DateTime::from(
+                        std::time::SystemTime::now(),
+                    ))
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk("DescribeSpotPriceHistory", e))?;
+                Ok(out
+                    .spot_price_history()
+                    .first()
+                    .and_then(|p| p.spot_price())
+                    .map(str::to_string))
+            })
     }
 
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
-        async move {
+        self.observer.observe("TerminateInstances", async move {
             match self
                 .ec2
                 .terminate_instances()
@@ -807,8 +819,7 @@ impl Ec2 for AwsEc2 {
                     }
                 }
             }
-        }
-        .boxed()
+        })
     }
 }
 

@@ -2,14 +2,15 @@
 //! can be told to fail the next calls of an action. For fast tests of the logic above it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use futures::StreamExt as _;
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt as _};
 
 use super::{
-    CloudError, CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchFailure, LaunchOutcome,
-    LaunchRequest, LaunchTemplate, LaunchTemplateData, Pages, SecurityGroup, Subnet, tags,
+    CallObserver, CloudError, CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchFailure,
+    LaunchOutcome, LaunchRequest, LaunchTemplate, LaunchTemplateData, Observer, Pages,
+    SecurityGroup, Subnet, tags,
 };
 
 /// Instances per DescribeInstances page, EC2's largest.
@@ -65,6 +66,7 @@ pub struct FakeEc2 {
     latency: std::time::Duration,
     /// When the launch call of each instance returns, by the RunnerJob uid in its tags.
     launched_at: Mutex<HashMap<String, std::time::Instant>>,
+    observer: Observer,
 }
 
 impl FakeEc2 {
@@ -121,6 +123,12 @@ impl FakeEc2 {
             .unwrap()
             .profiles
             .insert(name.into(), roles.iter().map(|r| r.to_string()).collect());
+        self
+    }
+
+    /// Tells `observer` of every call, as the AWS adapter does.
+    pub fn observed_by(mut self, observer: Arc<dyn CallObserver>) -> Self {
+        self.observer = Observer::new(observer);
         self
     }
 
@@ -191,6 +199,20 @@ impl FakeEc2 {
     where
         T: Send + 'static,
     {
+        self.call_observed_as(action, action, f)
+    }
+
+    /// `call`, told to the observer as `observed_as` (a dry run is its action's call to EC2
+    /// but not a launch).
+    fn call_observed_as<T>(
+        &self,
+        action: &'static str,
+        observed_as: &'static str,
+        f: impl FnOnce(&mut State) -> CloudResult<T>,
+    ) -> BoxFuture<'static, CloudResult<T>>
+    where
+        T: Send + 'static,
+    {
         let mut state = self.state.lock().unwrap();
         state.calls.push(action.into());
         let result = match state.failures.get_mut(action) {
@@ -205,13 +227,12 @@ impl FakeEc2 {
             _ => f(&mut state),
         };
         let latency = self.latency;
-        async move {
+        self.observer.observe(observed_as, async move {
             if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
             }
             result
-        }
-        .boxed()
+        })
     }
 }
 
@@ -446,12 +467,12 @@ impl Ec2 for FakeEc2 {
     }
 
     fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
-        let action = if request.fleet {
-            "CreateFleet"
+        let (action, observed_as) = if request.fleet {
+            ("CreateFleet", "DryRunCreateFleet")
         } else {
-            "RunInstances"
+            ("RunInstances", "DryRunRunInstances")
         };
-        self.call(action, |s| {
+        self.call_observed_as(action, observed_as, |s| {
             if s.templates
                 .values()
                 .any(|t| t.template.id == request.launch_template_id)

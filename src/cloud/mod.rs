@@ -1,16 +1,20 @@
 //! The EC2 boundary: the calls Pacer makes, in Pacer's own types. `aws` implements it with the
-//! AWS SDK, `fake` in memory for fast tests of the logic above it.
+//! AWS SDK, `fake` (tests and the `testing` feature only) in memory for fast tests of the logic
+//! above it.
 
 pub mod aws;
 mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod iam_policy;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use futures::{FutureExt as _, TryStreamExt as _};
+use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 
 pub use error::{CloudError, ErrorClass, classify};
 
@@ -72,6 +76,70 @@ pub mod tags {
     ) -> bool {
         tags.get(MANAGED_BY).map(String::as_str) == Some(MANAGED_BY_VALUE)
             && tags.get(CONTROLLER).map(String::as_str) == Some(controller_id)
+    }
+}
+
+/// Told of every call an adapter makes: the action as AWS names it, the outcome (the error's
+/// class when it failed) and how long it took. The metrics implement it.
+pub trait CallObserver: Send + Sync {
+    fn called(&self, action: &'static str, outcome: Result<(), ErrorClass>, took: Duration);
+}
+
+/// Whom an adapter tells of its calls: no one until `observed_by`. Each adapter runs every
+/// call through `observe`, so a new call is counted without touching the metrics.
+#[derive(Clone, Default)]
+pub struct Observer(Option<Arc<dyn CallObserver>>);
+
+impl Observer {
+    pub fn new(observer: Arc<dyn CallObserver>) -> Self {
+        Self(Some(observer))
+    }
+
+    /// Runs `call`, then tells the observer of it.
+    pub fn observe<'a, T: Send + 'a>(
+        &self,
+        action: &'static str,
+        call: impl Future<Output = CloudResult<T>> + Send + 'a,
+    ) -> BoxFuture<'a, CloudResult<T>> {
+        let observer = self.0.clone();
+        async move {
+            let started = Instant::now();
+            let result = call.await;
+            tell(observer.as_deref(), action, &result, started);
+            result
+        }
+        .boxed()
+    }
+
+    /// A paginated listing with each page told as the call it is.
+    pub fn observe_pages<'a, T: Send + 'a>(
+        &self,
+        action: &'static str,
+        pages: Pages<'a, T>,
+    ) -> Pages<'a, T> {
+        let observer = self.0.clone();
+        futures::stream::unfold(pages, move |mut pages| {
+            let observer = observer.clone();
+            async move {
+                let started = Instant::now();
+                let page = pages.next().await?;
+                tell(observer.as_deref(), action, &page, started);
+                Some((page, pages))
+            }
+        })
+        .boxed()
+    }
+}
+
+fn tell<T>(
+    observer: Option<&dyn CallObserver>,
+    action: &'static str,
+    result: &CloudResult<T>,
+    started: Instant,
+) {
+    if let Some(observer) = observer {
+        let outcome = result.as_ref().map(drop).map_err(|e| e.class);
+        observer.called(action, outcome, started.elapsed());
     }
 }
 

@@ -32,14 +32,13 @@ pub enum Recorded {
     NoPool,
 }
 
-/// Records `job` for the pool among `pools` that serves it best, among those whose namespace
-/// `tenancy` lets serve its repository.
-pub async fn record(
-    client: &kube::Client,
-    pools: &[&RunnerPool],
+/// The pool among `pools` that serves `job` best, among those whose namespace `tenancy` lets
+/// serve its repository.
+fn serving<'p>(
+    pools: &[&'p RunnerPool],
     tenancy: &Tenancy,
     job: &Queued<'_>,
-) -> Result<Recorded, kube::Error> {
+) -> Option<&'p RunnerPool> {
     let (owner, name) = job
         .repository
         .split_once('/')
@@ -60,7 +59,18 @@ pub async fn record(
             )
         })
         .collect();
-    let Some(pool) = matching::choose(&permitted, &wanted) else {
+    matching::choose(&permitted, &wanted)
+}
+
+/// Records `job` for the pool among `pools` that serves it best, among those whose namespace
+/// `tenancy` lets serve its repository.
+pub async fn record(
+    client: &kube::Client,
+    pools: &[&RunnerPool],
+    tenancy: &Tenancy,
+    job: &Queued<'_>,
+) -> Result<Recorded, kube::Error> {
+    let Some(pool) = serving(pools, tenancy, job) else {
         info!(job_id = job.job_id, run_id = job.run_id, repository = job.repository,
             labels = ?job.labels, "no RunnerPool serves this queued job");
         return Ok(Recorded::NoPool);

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::{Context, Result};
 use crate::api::{RunnerJob, RunnerPool};
 use crate::cloud::tags::{CONTROLLER, MANAGED_BY, POOL};
-use crate::cloud::{Ec2 as _, ErrorClass, Instance};
+use crate::cloud::{ErrorClass, Instance};
 use crate::domain::gc::{Owner, may_be_orphan, orphan_templates, orphans};
 use crate::domain::launch::RUNNER_JOB_UID;
 

@@ -22,7 +22,7 @@ use crate::api::{
     AssignedJob, CostSnapshot, InstanceStatus, JobPhase, JobResult, RunnerJob, RunnerJobStatus,
     RunnerPool,
 };
-use crate::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest};
+use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
     PoolAdmission, SPOT_INTERRUPTION, Step, Witness, decide, enter, holds_slot,
@@ -1166,13 +1166,35 @@ async fn send(
         return Ok(LaunchAnswer::NoCapacity { left, why });
     };
     if instance.zone.is_empty() {
-        let subnet = (request.offerings.iter())
-            .find(|(t, _)| *t == instance.instance_type)
-            .map(|(_, s)| s.as_str())
-            .unwrap_or_default();
-        instance.zone = zones.get(subnet).cloned().unwrap_or_default();
+        instance.zone = zone_of(request, &zones, &instance.instance_type);
     }
-    ledger.launch_answered(&uid, Some(&instance), Timestamp::now());
+    launched(ctx, seen, instance, waited).await;
+    Ok(LaunchAnswer::Launched)
+}
+
+/// The zone of the subnet a launch offered `instance_type` in: CreateFleet does not always say.
+fn zone_of(
+    request: &LaunchRequest,
+    zones: &BTreeMap<String, String>,
+    instance_type: &str,
+) -> String {
+    let subnet = (request.offerings.iter())
+        .find(|(t, _)| t == instance_type)
+        .map(|(_, s)| s.as_str())
+        .unwrap_or_default();
+    zones.get(subnet).cloned().unwrap_or_default()
+}
+
+/// Records the instance a launch made: in the ledger, the metrics and the job's status.
+async fn launched(
+    ctx: &Context,
+    seen: &mut Seen,
+    instance: crate::cloud::Instance,
+    waited: Duration,
+) {
+    ctx.jobs
+        .ledger
+        .launch_answered(&seen.uid, Some(&instance), Timestamp::now());
     seen.launched = Some((instance.id.clone(), Timestamp::now()));
     info!(instance = %instance.id, instance_type = %instance.instance_type, zone = %instance.zone, attempt = seen.status.attempt(), "launched");
     ctx.metrics.launch_latency.observe(waited.as_secs_f64());
@@ -1183,7 +1205,6 @@ async fn send(
     status.last_error = None;
     status.next_attempt_at = None;
     seen.facts.instance = InstanceState::Alive { id: instance.id };
-    Ok(LaunchAnswer::Launched)
 }
 
 /// What a launch EC2 refused means for the job. A definite no is remembered against the

@@ -85,97 +85,154 @@ where
     Fut: Future<Output = ()>,
 {
     let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
-    let manager = || async {
-        LeaseManagerBuilder::new(client.clone(), &election.lease)
-            .with_namespace(&election.namespace)
-            .with_identity(&election.identity)
-            .with_duration(election.duration)
-            .with_grace(election.grace)
-            .build()
-            .await
-    };
-    let (mut leading, mut renewing) = manager().await?.watch().await;
-    let deadline = SignedDuration::from_secs(election.duration as i64)
-        - SignedDuration::from_millis(election.grace as i64 * 500);
+    let deadline = election.step_down_after();
+    let mut manager = Manager::start(&client, election).await?;
     loop {
-        while !*leading.borrow_and_update() {
-            tokio::select! {
-                changed = leading.changed() => {
-                    if changed.is_err() {
-                        warn!("leader election stopped");
-                        return Ok(());
-                    }
-                }
-                () = stopped(&mut shutdown) => {
-                    drop(leading);
-                    let _ = renewing.await;
-                    return Ok(());
-                }
-                () = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if released(&leases, election).await {
-                        drop(leading);
-                        let _ = renewing.await;
-                        (leading, renewing) = manager().await?.watch().await;
-                    }
-                }
-            }
-        }
+        manager = match follow(manager, &client, election, &leases, &mut shutdown).await? {
+            Some(manager) => manager,
+            None => return Ok(()),
+        };
         // The manager says this replica holds the lease; a term starts only once the Lease
         // itself confirms a renewal of ours fresh enough to lead on (after a step-down the
         // manager may still say so while the API server is out of reach).
-        let mut renewed = match confirmed(&leases, election, &mut leading, deadline).await {
-            Some(at) => at,
-            None => continue,
+        let Some(renewed) = confirmed(&leases, election, &mut manager.leading, deadline).await
+        else {
+            continue;
         };
         info!(lease = %election.lease, identity = %election.identity, "leading: controllers start");
-        let lost = async {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                // The step-down comes on time whatever the API server does: no read outlasts it.
-                let left = Duration::try_from(Timestamp::now().duration_until(renewed + deadline))
-                    .unwrap_or_default();
-                tokio::select! {
-                    changed = leading.changed() => {
-                        if changed.is_err() || !*leading.borrow_and_update() {
-                            return;
-                        }
-                    }
-                    () = tokio::time::sleep(left) => {
-                        warn!(lease = %election.lease, "could not confirm the lease in time: stepping down");
-                        return;
-                    }
-                    _ = tick.tick() => {
-                        let read = tokio::time::timeout(left, own_renewal(&leases, election));
-                        if let Ok(Some(at)) = read.await {
-                            renewed = renewed.max(at);
-                        }
-                    }
-                }
-            }
-        };
-        let drained = async {
-            stopped(&mut shutdown).await;
-            tokio::time::sleep(DRAIN).await;
-            warn!(drain = ?DRAIN, "the controllers did not finish in time; leaving anyway");
-        };
         tokio::select! {
             () = term() => {}
-            () = drained => {}
-            () = lost => {
+            () = drained(&mut shutdown) => {}
+            () = held(&leases, election, &mut manager.leading, renewed, deadline) => {
                 warn!(lease = %election.lease, "lost the lease: controllers stopped");
                 continue;
             }
         }
         // Shutting down: hand the lease over now rather than let it expire.
-        drop(leading);
-        match tokio::time::timeout(Duration::from_secs(5), renewing).await {
+        manager.release(election).await;
+        return Ok(());
+    }
+}
+
+impl Election {
+    /// How old the newest renewal of ours seen may be before the leader steps down:
+    /// `duration - grace / 2`.
+    fn step_down_after(&self) -> SignedDuration {
+        SignedDuration::from_secs(self.duration as i64)
+            - SignedDuration::from_millis(self.grace as i64 * 500)
+    }
+}
+
+/// kube-lease-manager at work: whether it holds the lease, and its task, which stops (and
+/// releases the lease if it holds it) once `leading` is dropped.
+struct Manager {
+    leading: tokio::sync::watch::Receiver<bool>,
+    renewing: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+}
+
+impl Manager {
+    async fn start(client: &kube::Client, election: &Election) -> Result<Self, LeaseManagerError> {
+        let manager = LeaseManagerBuilder::new(client.clone(), &election.lease)
+            .with_namespace(&election.namespace)
+            .with_identity(&election.identity)
+            .with_duration(election.duration)
+            .with_grace(election.grace)
+            .build()
+            .await?;
+        let (leading, renewing) = manager.watch().await;
+        Ok(Self { leading, renewing })
+    }
+
+    /// Stops the manager and waits for it.
+    async fn stop(self) {
+        drop(self.leading);
+        let _ = self.renewing.await;
+    }
+
+    /// Stops the manager, which releases the lease, waiting for it a few seconds at most.
+    async fn release(self, election: &Election) {
+        drop(self.leading);
+        match tokio::time::timeout(Duration::from_secs(5), self.renewing).await {
             Ok(Ok(Ok(_))) => info!(lease = %election.lease, "released the lease"),
             _ => {
                 warn!(lease = %election.lease, "could not release the lease; it expires on its own")
             }
         }
-        return Ok(());
     }
+}
+
+/// Waits while another replica holds the lease, and returns the manager once the manager says
+/// it is this replica's; `None` when election stops or shutdown is asked for. A lease its
+/// holder released is taken at once, by a manager started afresh.
+async fn follow(
+    mut manager: Manager,
+    client: &kube::Client,
+    election: &Election,
+    leases: &Api<Lease>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<Manager>, LeaseManagerError> {
+    while !*manager.leading.borrow_and_update() {
+        tokio::select! {
+            changed = manager.leading.changed() => {
+                if changed.is_err() {
+                    warn!("leader election stopped");
+                    return Ok(None);
+                }
+            }
+            () = stopped(shutdown) => {
+                manager.stop().await;
+                return Ok(None);
+            }
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                if released(leases, election).await {
+                    manager.stop().await;
+                    manager = Manager::start(client, election).await?;
+                }
+            }
+        }
+    }
+    Ok(Some(manager))
+}
+
+/// Returns when the lease may no longer be this replica's: the manager says so, or no renewal
+/// of ours younger than `deadline` could be read in time. The step-down comes on time whatever
+/// the API server does: no read outlasts it.
+async fn held(
+    leases: &Api<Lease>,
+    election: &Election,
+    leading: &mut tokio::sync::watch::Receiver<bool>,
+    mut renewed: Timestamp,
+    deadline: SignedDuration,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let left = Duration::try_from(Timestamp::now().duration_until(renewed + deadline))
+            .unwrap_or_default();
+        tokio::select! {
+            changed = leading.changed() => {
+                if changed.is_err() || !*leading.borrow_and_update() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(left) => {
+                warn!(lease = %election.lease, "could not confirm the lease in time: stepping down");
+                return;
+            }
+            _ = tick.tick() => {
+                let read = tokio::time::timeout(left, own_renewal(leases, election));
+                if let Ok(Some(at)) = read.await {
+                    renewed = renewed.max(at);
+                }
+            }
+        }
+    }
+}
+
+/// Returns [`DRAIN`] after shutdown is asked for: the term had that long to finish.
+async fn drained(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    stopped(shutdown).await;
+    tokio::time::sleep(DRAIN).await;
+    warn!(drain = ?DRAIN, "the controllers did not finish in time; leaving anyway");
 }
 
 /// Returns once shutdown is asked for (never, if the sender is gone without asking).

@@ -11,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::oneshot;
 
 use super::Context;
-use crate::cloud::{CloudError, CloudResult, Ec2 as _, Instance};
+use crate::cloud::{CloudError, CloudResult, Instance};
 
 /// How long terminations wait for others to join their TerminateInstances call.
 const BATCH_WINDOW: Duration = Duration::from_millis(50);

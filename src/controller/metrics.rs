@@ -2,9 +2,8 @@
 //! `server.metrics_listen` at `/metrics`.
 
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt as _};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,10 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::cloud::{
-    CloudResult, Ec2, Image, Instance, InstanceTypeInfo, LaunchOutcome, LaunchRequest,
-    LaunchTemplate, LaunchTemplateData, Pages, SecurityGroup, Subnet,
-};
+use crate::cloud::{CallObserver, ErrorClass};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolPhase {
@@ -28,6 +24,11 @@ pub struct PoolPhase {
 pub struct Pool {
     pub namespace: String,
     pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Action {
+    pub action: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +69,11 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.05, 2.0, 18))
 }
 
+fn call_histogram() -> Histogram {
+    // 5 ms to ~82 s: a call's SDK retries included.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
 /// Every metric Pacer exports.
 pub struct Metrics {
     registry: Registry,
@@ -78,6 +84,7 @@ pub struct Metrics {
     pub run_duration: PerPool,
     pub terminate_duration: PerPool,
     pub ec2_calls: Family<Call, Counter>,
+    pub ec2_call_duration: Family<Action, Histogram, fn() -> Histogram>,
     pub capacity_errors: Family<Offering, Counter>,
     pub gc_terminated: Counter,
     pub gc_templates_deleted: Counter,
@@ -90,114 +97,123 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("pacer");
-        let jobs = Family::<PoolPhase, Gauge>::default();
-        let launch_latency = seconds_histogram();
         let per_pool = || PerPool::new_with_constructor(seconds_histogram);
-        let queue_duration = per_pool();
-        let boot_duration = per_pool();
-        let run_duration = per_pool();
-        let terminate_duration = per_pool();
-        let ec2_calls = Family::<Call, Counter>::default();
-        let capacity_errors = Family::<Offering, Counter>::default();
-        let gc_terminated = Counter::default();
-        let gc_templates_deleted = Counter::default();
-        let job_cost = Family::<Pool, Counter<f64, AtomicU64>>::default();
-        let requeues = Family::<Pool, Counter>::default();
-        let interruptions = Family::<Notice, Counter>::default();
-        let webhook_deliveries = Family::<Delivery, Counter>::default();
-        let github_calls = Family::<Call, Counter>::default();
-        registry.register("runner_jobs", "RunnerJobs by pool and phase", jobs.clone());
+        let mut metrics = Self {
+            registry: Registry::with_prefix("pacer"),
+            jobs: Family::default(),
+            launch_latency: seconds_histogram(),
+            queue_duration: per_pool(),
+            boot_duration: per_pool(),
+            run_duration: per_pool(),
+            terminate_duration: per_pool(),
+            ec2_calls: Family::default(),
+            ec2_call_duration: Family::new_with_constructor(call_histogram),
+            capacity_errors: Family::default(),
+            gc_terminated: Counter::default(),
+            gc_templates_deleted: Counter::default(),
+            job_cost: Family::default(),
+            requeues: Family::default(),
+            interruptions: Family::default(),
+            webhook_deliveries: Family::default(),
+            github_calls: Family::default(),
+        };
+        metrics.register_jobs();
+        metrics.register_calls();
+        metrics
+    }
+}
+
+impl Metrics {
+    /// What happened to the jobs, per pool.
+    fn register_jobs(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "runner_jobs",
+            "RunnerJobs by pool and phase",
+            self.jobs.clone(),
+        );
         registry.register(
             "launch_latency_seconds",
             "From RunnerJob creation to the launch call's return",
-            launch_latency.clone(),
+            self.launch_latency.clone(),
         );
         registry.register(
             "queue_duration_seconds",
             "From the webhook (RunnerJob created) to the launch call, per pool",
-            queue_duration.clone(),
+            self.queue_duration.clone(),
         );
         registry.register(
             "boot_duration_seconds",
             "From the instance launched to its runner registered, per pool",
-            boot_duration.clone(),
+            self.boot_duration.clone(),
         );
         registry.register(
             "run_duration_seconds",
             "From the runner registered to the job over, per pool",
-            run_duration.clone(),
+            self.run_duration.clone(),
         );
         registry.register(
             "terminate_duration_seconds",
             "From the job over to its instance gone and its runner removed, per pool",
-            terminate_duration.clone(),
-        );
-        registry.register(
-            "ec2_calls",
-            "AWS calls by action and outcome (ok or the error class)",
-            ec2_calls.clone(),
-        );
-        registry.register(
-            "capacity_errors",
-            "Insufficient-capacity answers by instance type and zone",
-            capacity_errors.clone(),
-        );
-        registry.register(
-            "gc_terminated_instances",
-            "Instances the garbage collector terminated",
-            gc_terminated.clone(),
-        );
-        registry.register(
-            "gc_deleted_launch_templates",
-            "Launch templates the garbage collector deleted",
-            gc_templates_deleted.clone(),
+            self.terminate_duration.clone(),
         );
         registry.register(
             "job_cost_usd",
             "Estimated cost of finished jobs",
-            job_cost.clone(),
+            self.job_cost.clone(),
         );
         registry.register(
             "job_requeues",
             "Instances replaced because they ended before their runner took the job, per pool",
-            requeues.clone(),
+            self.requeues.clone(),
         );
         registry.register(
             "interruption_notices",
             "Spot interruption notices and rebalance recommendations instances reported, per \
              pool, zone and kind",
-            interruptions.clone(),
+            self.interruptions.clone(),
+        );
+    }
+
+    /// What Pacer asked of AWS and GitHub, what GitHub sent, and what the collector removed.
+    fn register_calls(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "ec2_calls",
+            "AWS calls by action and outcome (ok or the error class)",
+            self.ec2_calls.clone(),
+        );
+        registry.register(
+            "ec2_call_duration_seconds",
+            "How long AWS calls took, by action, retries included",
+            self.ec2_call_duration.clone(),
+        );
+        registry.register(
+            "capacity_errors",
+            "Insufficient-capacity answers by instance type and zone",
+            self.capacity_errors.clone(),
+        );
+        registry.register(
+            "gc_terminated_instances",
+            "Instances the garbage collector terminated",
+            self.gc_terminated.clone(),
+        );
+        registry.register(
+            "gc_deleted_launch_templates",
+            "Launch templates the garbage collector deleted",
+            self.gc_templates_deleted.clone(),
         );
         registry.register(
             "webhook_deliveries",
             "GitHub webhook deliveries by event, action and result",
-            webhook_deliveries.clone(),
+            self.webhook_deliveries.clone(),
         );
         registry.register(
             "github_calls",
             "GitHub API calls by action and outcome (ok, not_found, conflict, rate_limited, \
              server_error, client_error, transport_error; retries counted as they happen)",
-            github_calls.clone(),
+            self.github_calls.clone(),
         );
-        Self {
-            registry,
-            jobs,
-            launch_latency,
-            queue_duration,
-            boot_duration,
-            run_duration,
-            terminate_duration,
-            ec2_calls,
-            capacity_errors,
-            gc_terminated,
-            gc_templates_deleted,
-            job_cost,
-            requeues,
-            interruptions,
-            webhook_deliveries,
-            github_calls,
-        }
     }
 }
 
@@ -209,11 +225,14 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+}
 
-    fn call<T>(&self, action: &str, result: &CloudResult<T>) {
-        let outcome = match result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("{:?}", e.class),
+/// The cloud adapters tell the metrics of each call they make.
+impl CallObserver for Metrics {
+    fn called(&self, action: &'static str, outcome: Result<(), ErrorClass>, took: Duration) {
+        let outcome = match outcome {
+            Ok(()) => "ok".to_string(),
+            Err(class) => format!("{class:?}"),
         };
         self.ec2_calls
             .get_or_create(&Call {
@@ -221,211 +240,11 @@ impl Metrics {
                 outcome,
             })
             .inc();
-    }
-}
-
-/// The EC2 boundary with every call counted by action and outcome.
-pub struct Metered<'m, E: ?Sized> {
-    pub inner: &'m E,
-    pub metrics: &'m Metrics,
-}
-
-macro_rules! metered {
-    ($self:ident, $action:literal, $call:expr) => {{
-        let metrics = $self.metrics;
-        $call
-            .map(move |result| {
-                metrics.call($action, &result);
-                result
+        self.ec2_call_duration
+            .get_or_create(&Action {
+                action: action.into(),
             })
-            .boxed()
-    }};
-}
-
-impl<E: Ec2 + ?Sized> Ec2 for Metered<'_, E> {
-    fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>> {
-        metered!(self, "DescribeImages", self.inner.describe_images(ids))
-    }
-    fn describe_subnets<'a>(
-        &'a self,
-        ids: &'a [String],
-    ) -> BoxFuture<'a, CloudResult<Vec<Subnet>>> {
-        metered!(self, "DescribeSubnets", self.inner.describe_subnets(ids))
-    }
-    fn describe_security_groups<'a>(
-        &'a self,
-        ids: &'a [String],
-    ) -> BoxFuture<'a, CloudResult<Vec<SecurityGroup>>> {
-        metered!(
-            self,
-            "DescribeSecurityGroups",
-            self.inner.describe_security_groups(ids)
-        )
-    }
-    fn describe_instance_types<'a>(
-        &'a self,
-        names: &'a [String],
-    ) -> BoxFuture<'a, CloudResult<Vec<InstanceTypeInfo>>> {
-        metered!(
-            self,
-            "DescribeInstanceTypes",
-            self.inner.describe_instance_types(names)
-        )
-    }
-    fn instance_profile_roles<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Option<Vec<String>>>> {
-        metered!(
-            self,
-            "GetInstanceProfile",
-            self.inner.instance_profile_roles(name)
-        )
-    }
-    fn find_launch_template<'a>(
-        &'a self,
-        name: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Option<LaunchTemplate>>> {
-        metered!(
-            self,
-            "DescribeLaunchTemplates",
-            self.inner.find_launch_template(name)
-        )
-    }
-    fn describe_managed_launch_templates<'a>(
-        &'a self,
-        controller_id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Vec<LaunchTemplate>>> {
-        metered!(
-            self,
-            "DescribeLaunchTemplates",
-            self.inner.describe_managed_launch_templates(controller_id)
-        )
-    }
-    fn default_version_description<'a>(
-        &'a self,
-        id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
-        metered!(
-            self,
-            "DescribeLaunchTemplateVersions",
-            self.inner.default_version_description(id)
-        )
-    }
-    fn create_launch_template<'a>(
-        &'a self,
-        name: &'a str,
-        description: &'a str,
-        data: &'a LaunchTemplateData,
-        tags: &'a std::collections::BTreeMap<String, String>,
-    ) -> BoxFuture<'a, CloudResult<LaunchTemplate>> {
-        metered!(
-            self,
-            "CreateLaunchTemplate",
-            self.inner
-                .create_launch_template(name, description, data, tags)
-        )
-    }
-    fn create_launch_template_version<'a>(
-        &'a self,
-        id: &'a str,
-        description: &'a str,
-        data: &'a LaunchTemplateData,
-    ) -> BoxFuture<'a, CloudResult<i64>> {
-        metered!(
-            self,
-            "CreateLaunchTemplateVersion",
-            self.inner
-                .create_launch_template_version(id, description, data)
-        )
-    }
-    fn set_default_launch_template_version<'a>(
-        &'a self,
-        id: &'a str,
-        version: i64,
-    ) -> BoxFuture<'a, CloudResult<()>> {
-        metered!(
-            self,
-            "ModifyLaunchTemplate",
-            self.inner.set_default_launch_template_version(id, version)
-        )
-    }
-    fn delete_launch_template_versions<'a>(
-        &'a self,
-        id: &'a str,
-        versions: &'a [i64],
-    ) -> BoxFuture<'a, CloudResult<()>> {
-        metered!(
-            self,
-            "DeleteLaunchTemplateVersions",
-            self.inner.delete_launch_template_versions(id, versions)
-        )
-    }
-    fn delete_launch_template<'a>(&'a self, id: &'a str) -> BoxFuture<'a, CloudResult<()>> {
-        metered!(
-            self,
-            "DeleteLaunchTemplate",
-            self.inner.delete_launch_template(id)
-        )
-    }
-    fn dry_run_launch<'a>(&'a self, request: &'a LaunchRequest) -> BoxFuture<'a, CloudResult<()>> {
-        metered!(self, "DryRunLaunch", self.inner.dry_run_launch(request))
-    }
-    fn launch<'a>(
-        &'a self,
-        request: &'a LaunchRequest,
-    ) -> BoxFuture<'a, CloudResult<LaunchOutcome>> {
-        metered!(self, "Launch", self.inner.launch(request))
-    }
-    fn managed_instance_pages<'a>(&'a self, controller_id: &'a str) -> Pages<'a, Instance> {
-        // Each page is a call of its own.
-        let metrics = self.metrics;
-        self.inner
-            .managed_instance_pages(controller_id)
-            .map(move |page| {
-                metrics.call("DescribeInstances", &page);
-                page
-            })
-            .boxed()
-    }
-    fn managed_instance<'a>(
-        &'a self,
-        controller_id: &'a str,
-        instance_id: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Option<(Instance, String)>>> {
-        metered!(
-            self,
-            "DescribeInstances",
-            self.inner.managed_instance(controller_id, instance_id)
-        )
-    }
-    fn on_demand_price<'a>(
-        &'a self,
-        instance_type: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
-        metered!(
-            self,
-            "GetProducts",
-            self.inner.on_demand_price(instance_type)
-        )
-    }
-    fn spot_price<'a>(
-        &'a self,
-        instance_type: &'a str,
-        zone: &'a str,
-    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
-        metered!(
-            self,
-            "DescribeSpotPriceHistory",
-            self.inner.spot_price(instance_type, zone)
-        )
-    }
-    fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
-        metered!(
-            self,
-            "TerminateInstances",
-            self.inner.terminate_instances(ids)
-        )
+            .observe(took.as_secs_f64());
     }
 }
 
@@ -509,20 +328,19 @@ mod tests {
     }
 
     use super::*;
+    use crate::cloud::Ec2 as _;
     use crate::cloud::fake::FakeEc2;
 
     #[tokio::test]
     async fn calls_are_counted_by_action_and_outcome_and_exported() {
-        let metrics = Metrics::default();
-        let fake = FakeEc2::new().with_subnet("subnet-1", "vpc-1", "us-east-1a");
-        let ec2 = Metered {
-            inner: &fake,
-            metrics: &metrics,
-        };
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let ec2 = FakeEc2::new()
+            .with_subnet("subnet-1", "vpc-1", "us-east-1a")
+            .observed_by(metrics.clone());
         ec2.describe_subnets(&["subnet-1".to_string()])
             .await
             .unwrap();
-        fake.fail_next("DescribeSubnets", "RequestLimitExceeded", 1);
+        ec2.fail_next("DescribeSubnets", "RequestLimitExceeded", 1);
         ec2.describe_subnets(&["subnet-1".to_string()])
             .await
             .unwrap_err();
@@ -544,6 +362,10 @@ mod tests {
             text.contains(
                 r#"pacer_ec2_calls_total{action="DescribeSubnets",outcome="Throttled"} 1"#
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pacer_ec2_call_duration_seconds_count{action="DescribeSubnets"} 2"#),
             "{text}"
         );
         assert!(

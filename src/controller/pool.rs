@@ -118,7 +118,7 @@ fn lookup<T>(result: Result<T, CloudError>) -> Result<Lookup<T>> {
 }
 
 async fn observe(spec: &RunnerPoolSpec, ctx: &Context) -> Result<Observed> {
-    let ec2 = &ctx.ec2();
+    let ec2 = ctx.ec2();
     let image = match lookup(ec2.describe_images(std::slice::from_ref(&spec.ami)).await)? {
         Lookup::Found(images) => match images.into_iter().next() {
             Some(image) => Lookup::Found(image),
@@ -196,6 +196,18 @@ impl Pass {
         }
     }
 
+    /// Not valid: nor permitted to launch, nor ready, for the validation's reason.
+    fn invalid(&mut self, reason: &'static str, message: String) {
+        self.condition(VALIDATED, false, reason, message.clone());
+        self.condition(
+            LAUNCH_PERMITTED,
+            false,
+            "NotValidated",
+            "the pool is not valid; see Validated".into(),
+        );
+        self.condition(READY, false, reason, message);
+    }
+
     fn condition(&mut self, type_: &str, ok: bool, reason: &'static str, message: String) {
         let changed = conditions::set(
             &mut self.status.conditions,
@@ -228,19 +240,12 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     pass.breaker(pool, ctx);
 
     // Checked this generation in the last resync period: only the counts can have changed.
-    let checked = ctx.pool_checks.lock().unwrap().get(&id.key()).copied();
-    if let Some((generation, at)) = checked
-        && generation == pool.metadata.generation
-        && pass.status.observed_generation == generation
-        && at.elapsed() < ctx.settings.resync
-    {
+    if let Some(left) = recently_checked(pool, ctx, &id, &pass) {
         let counted = |s: &RunnerPoolStatus| (s.runners.clone(), s.on_demand_until.clone());
         if pool.status.as_ref().map(counted) != Some(counted(&pass.status)) {
             finish(pool, ctx, pass).await?;
         }
-        return Ok(Action::requeue(
-            ctx.settings.resync.saturating_sub(at.elapsed()),
-        ));
+        return Ok(Action::requeue(left));
     }
     pass.status.observed_generation = pool.metadata.generation;
 
@@ -252,20 +257,13 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         let Verdict::Invalid { reason, message } = verdict else {
             unreachable!("valid verdicts have an image and user-data")
         };
-        pass.condition(VALIDATED, false, reason, message.clone());
-        pass.condition(
-            LAUNCH_PERMITTED,
-            false,
-            "NotValidated",
-            "the pool is not valid; see Validated".into(),
-        );
-        pass.condition(READY, false, reason, message);
+        pass.invalid(reason, message);
         return finish(pool, ctx, pass).await;
     };
     pass.validated(notes);
     let data = decide::template_data(&pool.spec, &id, image, &user_data);
     let hash = decide::spec_hash(&data);
-    let template = ensure_template(&ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
+    let template = ensure_template(ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
     pass.status.spec_hash = Some(hash);
 
     permit(pool, ctx, &id, &template, &mut pass).await?;
@@ -277,6 +275,21 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         .unwrap()
         .insert(id.key(), (pool.metadata.generation, Instant::now()));
     finish(pool, ctx, pass).await
+}
+
+/// How long until the next check when this generation of the pool was checked against EC2
+/// within the last resync period (and the status says so); `None` when it is due.
+fn recently_checked(
+    pool: &RunnerPool,
+    ctx: &Context,
+    id: &PoolIdentity<'_>,
+    pass: &Pass,
+) -> Option<Duration> {
+    let (generation, at) = ctx.pool_checks.lock().unwrap().get(&id.key()).copied()?;
+    (generation == pool.metadata.generation
+        && pass.status.observed_generation == generation
+        && at.elapsed() < ctx.settings.resync)
+        .then(|| ctx.settings.resync.saturating_sub(at.elapsed()))
 }
 
 /// What the pool's spec and what EC2 shows add up to, with the user-data rendered for it.

@@ -151,13 +151,7 @@ impl Pass<'_> {
         pools: &[&RunnerPool],
         recorded: &HashMap<i64, &RunnerJob>,
     ) -> Result<()> {
-        let repositories: Vec<String> = (self.github.installation_repositories().await?)
-            .into_iter()
-            .filter(|r| {
-                let (owner, name) = r.split_once('/').unwrap_or((r, ""));
-                pools.iter().any(|p| in_scope(p, owner, name))
-            })
-            .collect();
+        let repositories = self.served_repositories(pools).await?;
         // The budget counts from here: listing what to read is not reading it, and every pass
         // reads at least one repository, whatever else the process sent meanwhile.
         self.first_request = self.github.requests_sent();
@@ -183,29 +177,52 @@ impl Pass<'_> {
                 self.swept.deferred += count - done;
                 return Ok(());
             }
-            if self
-                .github
-                .quota(repository)
-                .is_some_and(|q: Quota| q.low())
-            {
-                self.swept.deferred += 1;
-                continue;
-            }
-            let (owner, name) = repository.split_once('/').unwrap_or_default();
-            let listed_at = Timestamp::now();
-            match self.github.queued_jobs(owner, name).await {
-                Ok(queued) => {
-                    self.record(pools, recorded, repository, &queued).await?;
-                    self.doubt(recorded, repository, &queued, listed_at);
-                }
-                // One repository's trouble skips it alone this pass.
-                Err(e) => {
-                    warn!(repository, error = %e, "could not list a repository's queued jobs; skipping it");
-                    self.swept.errors += 1;
-                }
-            }
+            self.read_repository(pools, recorded, repository).await?;
         }
         scope.next.store(start, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The repositories the App is installed on that some pool serves.
+    async fn served_repositories(&self, pools: &[&RunnerPool]) -> Result<Vec<String>> {
+        Ok((self.github.installation_repositories().await?)
+            .into_iter()
+            .filter(|r| {
+                let (owner, name) = r.split_once('/').unwrap_or((r, ""));
+                pools.iter().any(|p| in_scope(p, owner, name))
+            })
+            .collect())
+    }
+
+    /// Reads one repository's queued jobs, unless its rate limit runs low: records and doubts
+    /// as `catch_up` says.
+    async fn read_repository(
+        &mut self,
+        pools: &[&RunnerPool],
+        recorded: &HashMap<i64, &RunnerJob>,
+        repository: &str,
+    ) -> Result<()> {
+        if self
+            .github
+            .quota(repository)
+            .is_some_and(|q: Quota| q.low())
+        {
+            self.swept.deferred += 1;
+            return Ok(());
+        }
+        let (owner, name) = repository.split_once('/').unwrap_or_default();
+        let listed_at = Timestamp::now();
+        match self.github.queued_jobs(owner, name).await {
+            Ok(queued) => {
+                self.record(pools, recorded, repository, &queued).await?;
+                self.doubt(recorded, repository, &queued, listed_at);
+            }
+            // One repository's trouble skips it alone this pass.
+            Err(e) => {
+                warn!(repository, error = %e, "could not list a repository's queued jobs; skipping it");
+                self.swept.errors += 1;
+            }
+        }
         Ok(())
     }
 

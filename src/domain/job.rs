@@ -318,69 +318,19 @@ fn left(limit: Duration, spent: Duration) -> Duration {
 /// Decides the next phase and step.
 pub fn decide(f: &Facts, limits: &Limits) -> Decision {
     use JobPhase::*;
-    let finished = matches!(f.phase, Succeeded | Failed);
     if f.deleting {
-        return match &f.instance {
-            InstanceState::Alive { .. } => because(
-                Completing,
-                Step::Terminate,
-                "Deleted",
-                "the RunnerJob is being deleted",
-            ),
-            // Its launch may have made an instance EC2 does not list yet: wait for the answer
-            // or the listing rather than leave the instance to the garbage collector.
-            InstanceState::Absent if f.launch_unsettled => {
-                go(f.phase, Step::Wait(Duration::from_secs(2)))
-            }
-            _ => go(if finished { f.phase } else { Failed }, Step::Release),
-        };
+        return deleting(f);
     }
-    if finished {
-        // Late events change nothing; only the TTL matters, once EC2 has had time to show an
-        // instance it was slow to list: until then the job keeps looking.
-        return match &f.instance {
-            InstanceState::Alive { .. } => go(f.phase, Step::Terminate),
-            _ if f.in_phase >= limits.ttl_after_finished => go(f.phase, Step::Delete),
-            _ if f.in_phase < limits.launch_visibility => go(
-                f.phase,
-                Step::Wait(left(limits.ttl_after_finished, f.in_phase).min(POLL)),
-            ),
-            _ => go(
-                f.phase,
-                Step::Wait(left(limits.ttl_after_finished, f.in_phase)),
-            ),
-        };
+    if matches!(f.phase, Succeeded | Failed) {
+        return finished(f, limits);
     }
     // A boot that failed before a runner took the job is replaced, not finished.
     let boot_lost = f.boot_failed && !f.assigned;
-    match f.outcome {
-        Some(outcome) if f.phase != Completing && !boot_lost => {
-            return match (&f.instance, outcome) {
-                (InstanceState::Absent, Outcome::Cancelled) if f.phase == Pending => because(
-                    Failed,
-                    Step::Wait(POLL),
-                    "Cancelled",
-                    "the job was cancelled before a runner started",
-                ),
-                // The job is over and the instance already went: a runner shuts its instance
-                // down right after reporting, often before this pass sees the report.
-                (InstanceState::Gone { .. }, Outcome::Cancelled) => because(
-                    Completing,
-                    Step::Wait(Duration::ZERO),
-                    "Cancelled",
-                    "the job was cancelled",
-                ),
-                (InstanceState::Gone { .. }, _) => go(Completing, Step::Wait(Duration::ZERO)),
-                (_, Outcome::Cancelled) => because(
-                    Completing,
-                    Step::Terminate,
-                    "Cancelled",
-                    "the job was cancelled",
-                ),
-                _ => go(Completing, Step::Terminate),
-            };
-        }
-        _ => {}
+    if let Some(outcome) = f.outcome
+        && f.phase != Completing
+        && !boot_lost
+    {
+        return reported(f, outcome);
     }
     if let InstanceState::Gone { id, reason } = &f.instance
         && f.phase != Completing
@@ -396,16 +346,99 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
     }
     match f.phase {
         Pending => pending(f, limits),
-        Launching => match (&f.instance, &f.launch) {
-            (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
-            (_, Some(answer)) => after_launch(f, limits, answer),
-            // Recorded, and its answer not recorded (lost, or a restart came between): the
-            // same launch is sent again, and EC2 answers with the instance it made, if any.
-            _ => go(Launching, Step::Launch),
-        },
-        Booting if f.registered => go(Running, Step::Wait(POLL)),
-        // Terminated first; once it is gone, the job is tried again or ends (see above).
-        Booting if f.in_phase >= limits.boot_timeout => because(
+        Launching => launching(f, limits),
+        Booting => booting(f, limits),
+        Running => running(f, limits),
+        Completing => completing(f),
+        Succeeded | Failed => unreachable!("finished jobs returned above"),
+    }
+}
+
+/// A RunnerJob being deleted: its instance goes first.
+fn deleting(f: &Facts) -> Decision {
+    use JobPhase::*;
+    let finished = matches!(f.phase, Succeeded | Failed);
+    match &f.instance {
+        InstanceState::Alive { .. } => because(
+            Completing,
+            Step::Terminate,
+            "Deleted",
+            "the RunnerJob is being deleted",
+        ),
+        // Its launch may have made an instance EC2 does not list yet: wait for the answer
+        // or the listing rather than leave the instance to the garbage collector.
+        InstanceState::Absent if f.launch_unsettled => {
+            go(f.phase, Step::Wait(Duration::from_secs(2)))
+        }
+        _ => go(if finished { f.phase } else { Failed }, Step::Release),
+    }
+}
+
+/// A finished job: late events change nothing; only the TTL matters, once EC2 has had time to
+/// show an instance it was slow to list: until then the job keeps looking.
+fn finished(f: &Facts, limits: &Limits) -> Decision {
+    match &f.instance {
+        InstanceState::Alive { .. } => go(f.phase, Step::Terminate),
+        _ if f.in_phase >= limits.ttl_after_finished => go(f.phase, Step::Delete),
+        _ if f.in_phase < limits.launch_visibility => go(
+            f.phase,
+            Step::Wait(left(limits.ttl_after_finished, f.in_phase).min(POLL)),
+        ),
+        _ => go(
+            f.phase,
+            Step::Wait(left(limits.ttl_after_finished, f.in_phase)),
+        ),
+    }
+}
+
+/// The job's outcome is known (reported, or cancelled): its instance goes.
+fn reported(f: &Facts, outcome: Outcome) -> Decision {
+    use JobPhase::*;
+    match (&f.instance, outcome) {
+        (InstanceState::Absent, Outcome::Cancelled) if f.phase == Pending => because(
+            Failed,
+            Step::Wait(POLL),
+            "Cancelled",
+            "the job was cancelled before a runner started",
+        ),
+        // The job is over and the instance already went: a runner shuts its instance
+        // down right after reporting, often before this pass sees the report.
+        (InstanceState::Gone { .. }, Outcome::Cancelled) => because(
+            Completing,
+            Step::Wait(Duration::ZERO),
+            "Cancelled",
+            "the job was cancelled",
+        ),
+        (InstanceState::Gone { .. }, _) => go(Completing, Step::Wait(Duration::ZERO)),
+        (_, Outcome::Cancelled) => because(
+            Completing,
+            Step::Terminate,
+            "Cancelled",
+            "the job was cancelled",
+        ),
+        _ => go(Completing, Step::Terminate),
+    }
+}
+
+fn launching(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    match (&f.instance, &f.launch) {
+        (InstanceState::Alive { .. }, _) => go(Booting, Step::Wait(POLL)),
+        (_, Some(answer)) => after_launch(f, limits, answer),
+        // Recorded, and its answer not recorded (lost, or a restart came between): the
+        // same launch is sent again, and EC2 answers with the instance it made, if any.
+        _ => go(Launching, Step::Launch),
+    }
+}
+
+fn booting(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    if f.registered {
+        return go(Running, Step::Wait(POLL));
+    }
+    if f.in_phase >= limits.boot_timeout {
+        // Terminated first; once it is gone, the job is tried again or ends (see `decide`).
+        return because(
             Booting,
             Step::Terminate,
             "BootTimeout",
@@ -413,52 +446,69 @@ pub fn decide(f: &Facts, limits: &Limits) -> Decision {
                 "the runner did not register within {} s",
                 limits.boot_timeout.as_secs()
             ),
-        ),
-        Booting => go(
-            Booting,
-            Step::Wait(left(limits.boot_timeout, f.in_phase).min(POLL)),
-        ),
-        Running if !f.assigned && f.in_phase >= limits.idle_grace => match &f.witness {
-            None => go(Running, Step::Consult),
-            // Busy with a job whose `in_progress` never arrived: never cut it off.
-            Some(w) if w.runner_busy == Some(true) || w.job == GitHubJob::Ours => {
-                go(Running, Step::Wait(IDLE_RECHECK))
-            }
-            Some(Witness {
-                runner_busy: None, ..
-            }) => because(
-                Running,
-                Step::Wait(IDLE_RECHECK),
-                "GitHubUnavailable",
-                "the runner took no job yet and GitHub cannot say whether it is busy; asking again",
-            ),
-            Some(_) => because(
-                Completing,
-                Step::Terminate,
-                "RunnerIdle",
-                format!(
-                    "the runner took no job within {} s of registering and GitHub reports it idle; its job went to another runner",
-                    limits.idle_grace.as_secs()
-                ),
-            ),
-        },
-        Running if f.in_phase >= limits.max_runtime => past_max_runtime(f, limits),
-        Running => go(
+        );
+    }
+    go(
+        Booting,
+        Step::Wait(left(limits.boot_timeout, f.in_phase).min(POLL)),
+    )
+}
+
+fn running(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    if !f.assigned && f.in_phase >= limits.idle_grace {
+        idle(f, limits)
+    } else if f.in_phase >= limits.max_runtime {
+        past_max_runtime(f, limits)
+    } else {
+        go(
             Running,
             Step::Wait(left(limits.max_runtime, f.in_phase).min(Duration::from_secs(60))),
+        )
+    }
+}
+
+/// A registered runner that took no job within the idle limit: GitHub says whether it is busy.
+fn idle(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    match &f.witness {
+        None => go(Running, Step::Consult),
+        // Busy with a job whose `in_progress` never arrived: never cut it off.
+        Some(w) if w.runner_busy == Some(true) || w.job == GitHubJob::Ours => {
+            go(Running, Step::Wait(IDLE_RECHECK))
+        }
+        Some(Witness {
+            runner_busy: None, ..
+        }) => because(
+            Running,
+            Step::Wait(IDLE_RECHECK),
+            "GitHubUnavailable",
+            "the runner took no job yet and GitHub cannot say whether it is busy; asking again",
         ),
-        Completing => match &f.instance {
-            InstanceState::Alive { .. } => go(Completing, Step::Terminate),
-            _ => {
-                let phase = if f.outcome == Some(Outcome::Success) {
-                    Succeeded
-                } else {
-                    Failed
-                };
-                go(phase, Step::Wait(POLL))
-            }
-        },
-        Succeeded | Failed => unreachable!("finished jobs returned above"),
+        Some(_) => because(
+            Completing,
+            Step::Terminate,
+            "RunnerIdle",
+            format!(
+                "the runner took no job within {} s of registering and GitHub reports it idle; its job went to another runner",
+                limits.idle_grace.as_secs()
+            ),
+        ),
+    }
+}
+
+fn completing(f: &Facts) -> Decision {
+    use JobPhase::*;
+    match &f.instance {
+        InstanceState::Alive { .. } => go(Completing, Step::Terminate),
+        _ => {
+            let phase = if f.outcome == Some(Outcome::Success) {
+                Succeeded
+            } else {
+                Failed
+            };
+            go(phase, Step::Wait(POLL))
+        }
     }
 }
 
@@ -473,34 +523,7 @@ fn after_launch(f: &Facts, limits: &Limits, answer: &LaunchAnswer) -> Decision {
             "InsufficientCapacity",
             format!("{why}; trying the pool's next offering"),
         ),
-        LaunchAnswer::NoCapacity { left: false, .. }
-            if f.launch_rounds >= limits.max_launch_rounds =>
-        {
-            because(
-                Failed,
-                Step::Wait(POLL),
-                "InsufficientCapacity",
-                format!(
-                    "no capacity for any offering of the pool after {} attempts",
-                    f.launch_rounds
-                ),
-            )
-        }
-        LaunchAnswer::NoCapacity { left: false, .. } => {
-            let wait = super::launch::backoff(f.launch_rounds)
-                .mul_f64(limits.backoff_unit.as_secs_f64() / 5.0);
-            because(
-                Pending,
-                Step::Backoff(wait),
-                "InsufficientCapacity",
-                format!(
-                    "no capacity for the pool's offerings; attempt {} of {}, retrying in {} s",
-                    f.launch_rounds,
-                    limits.max_launch_rounds,
-                    wait.as_secs()
-                ),
-            )
-        }
+        LaunchAnswer::NoCapacity { left: false, .. } => out_of_offerings(f, limits),
         // The job keeps its slot and its place: the pool recreates the template (it is told
         // to look again), and the launch goes out from the new one.
         LaunchAnswer::TemplateMissing(why) => because(
@@ -527,6 +550,36 @@ fn after_launch(f: &Facts, limits: &Limits, answer: &LaunchAnswer) -> Decision {
     }
 }
 
+/// No offering of the pool had capacity this round: back off and try another round, or fail
+/// once the rounds are spent.
+fn out_of_offerings(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
+    if f.launch_rounds >= limits.max_launch_rounds {
+        return because(
+            Failed,
+            Step::Wait(POLL),
+            "InsufficientCapacity",
+            format!(
+                "no capacity for any offering of the pool after {} attempts",
+                f.launch_rounds
+            ),
+        );
+    }
+    let wait =
+        super::launch::backoff(f.launch_rounds).mul_f64(limits.backoff_unit.as_secs_f64() / 5.0);
+    because(
+        Pending,
+        Step::Backoff(wait),
+        "InsufficientCapacity",
+        format!(
+            "no capacity for the pool's offerings; attempt {} of {}, retrying in {} s",
+            f.launch_rounds,
+            limits.max_launch_rounds,
+            wait.as_secs()
+        ),
+    )
+}
+
 /// A job with no instance yet: launch, wait for room or a pool, or end when GitHub says the
 /// job is no longer queued.
 fn pending(f: &Facts, limits: &Limits) -> Decision {
@@ -550,6 +603,12 @@ fn pending(f: &Facts, limits: &Limits) -> Decision {
     if f.doubted && f.witness.is_none() {
         return go(Pending, Step::Consult);
     }
+    admit(f, limits)
+}
+
+/// A queued job and its pool: launch when the pool admits it, else wait or end saying why.
+fn admit(f: &Facts, limits: &Limits) -> Decision {
+    use JobPhase::*;
     match &f.pool {
         PoolAdmission::Full => because(
             Pending,
@@ -641,15 +700,7 @@ fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decisio
     if f.assigned {
         return lost();
     }
-    let why = if f.boot_failed {
-        "BootFailed"
-    } else if f.phase == Booting && f.in_phase >= limits.boot_timeout {
-        "BootTimeout"
-    } else if f.interrupted || reason.contains("Spot") {
-        "SpotInterrupted"
-    } else {
-        "InstanceLost"
-    };
+    let why = why_ended(f, limits, reason);
     let Some(witness) = &f.witness else {
         return go(f.phase, Step::Consult);
     };
@@ -690,6 +741,19 @@ fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decisio
                 limits.max_attempts
             ),
         ),
+    }
+}
+
+/// Why an instance ended before its runner took the job, as the requeue's reason.
+fn why_ended(f: &Facts, limits: &Limits, reason: &str) -> &'static str {
+    if f.boot_failed {
+        "BootFailed"
+    } else if f.phase == JobPhase::Booting && f.in_phase >= limits.boot_timeout {
+        "BootTimeout"
+    } else if f.interrupted || reason.contains("Spot") {
+        "SpotInterrupted"
+    } else {
+        "InstanceLost"
     }
 }
 
@@ -922,20 +986,7 @@ pub fn may_bootstrap(
         )));
     }
     if let Some(boot) = &status.boot {
-        // Claimed by this instance a moment ago, its runner not started: the replica that
-        // claimed it holds the answer until the instance collects it.
-        let claimed = now.duration_since(boot.bootstrapped_at.0);
-        if boot.instance_id == instance
-            && status.runner.is_none()
-            && claimed.unsigned_abs() < BOOT_ANSWER_HOLD
-        {
-            return Err(Refusal::NotYet(
-                "is bootstrapping this instance; ask again shortly".into(),
-            ));
-        }
-        return Err(Refusal::Never(
-            "has already bootstrapped an instance".into(),
-        ));
+        return Err(already_bootstrapped(boot, status, instance, now));
     }
     // Launched, but the controller has not recorded it yet (its pass is still running, or a
     // new leader is adopting it): the instance asks again shortly.
@@ -951,6 +1002,25 @@ pub fn may_bootstrap(
         )));
     }
     Ok(())
+}
+
+/// Why a RunnerJob that has bootstrapped an instance refuses another bootstrap: claimed by
+/// this very instance a moment ago, its runner not started, the replica that claimed it holds
+/// the answer until the instance collects it; any other is refused for good.
+fn already_bootstrapped(
+    boot: &crate::api::BootStatus,
+    status: &RunnerJobStatus,
+    instance: &str,
+    now: Timestamp,
+) -> Refusal {
+    let claimed = now.duration_since(boot.bootstrapped_at.0);
+    if boot.instance_id == instance
+        && status.runner.is_none()
+        && claimed.unsigned_abs() < BOOT_ANSWER_HOLD
+    {
+        return Refusal::NotYet("is bootstrapping this instance; ask again shortly".into());
+    }
+    Refusal::Never("has already bootstrapped an instance".into())
 }
 
 /// Why a bootstrap is refused: for good, or for now.

@@ -42,14 +42,14 @@ pub fn serves(pool: &RunnerPool, job: &QueuedJob<'_>) -> bool {
 
 /// The pool to record `job` for, among `pools`, or `None` when no pool serves it. Deleted
 /// pools (being deleted) take no new jobs.
-pub fn choose<'a>(pools: &'a [&'a RunnerPool], job: &QueuedJob<'_>) -> Option<&'a RunnerPool> {
+pub fn choose<'p>(pools: &[&'p RunnerPool], job: &QueuedJob<'_>) -> Option<&'p RunnerPool> {
     pools
         .iter()
         .copied()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && serves(p, job))
         .min_by(|a, b| {
             let extra = |p: &RunnerPool| p.spec.labels.len().saturating_sub(job.labels.len());
-            let key = |p: &'a RunnerPool| {
+            let key = |p: &'p RunnerPool| {
                 (
                     p.metadata.namespace.as_deref().unwrap_or_default(),
                     p.metadata.name.as_deref().unwrap_or_default(),

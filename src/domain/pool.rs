@@ -58,33 +58,56 @@ fn invalid(reason: &'static str, message: String) -> Verdict {
 /// Checks the pool against what EC2 reports. The first problem wins: fixing it may change the
 /// others.
 pub fn validate(spec: &RunnerPoolSpec, observed: &Observed) -> Verdict {
-    let image = match &observed.image {
-        Lookup::Found(image) => image,
-        Lookup::Missing(why) => {
-            return invalid(
-                "AmiNotFound",
-                format!("spec.ami: AMI {} not found in the region: {why}", spec.ami),
-            );
-        }
-    };
+    let checked = found_image(spec, observed).and_then(|image| {
+        check_instance_types(spec, observed, image)?;
+        check_root_volume(spec, image)?;
+        let vpc = check_subnets(spec, observed)?;
+        check_security_groups(spec, observed, vpc)?;
+        profile_notes(spec, observed)
+    });
+    match checked {
+        Ok(notes) => Verdict::Valid { notes },
+        Err(invalid) => invalid,
+    }
+}
+
+fn found_image<'o>(spec: &RunnerPoolSpec, observed: &'o Observed) -> Result<&'o Image, Verdict> {
+    match &observed.image {
+        Lookup::Found(image) => Ok(image),
+        Lookup::Missing(why) => Err(invalid(
+            "AmiNotFound",
+            format!("spec.ami: AMI {} not found in the region: {why}", spec.ami),
+        )),
+    }
+}
+
+/// Every instance type is offered in the region and runs the AMI's architecture.
+fn check_instance_types(
+    spec: &RunnerPoolSpec,
+    observed: &Observed,
+    image: &Image,
+) -> Result<(), Verdict> {
     let types = match &observed.instance_types {
         Lookup::Found(types) => types,
         Lookup::Missing(why) => {
-            return invalid("InstanceTypeNotFound", format!("spec.instanceTypes: {why}"));
+            return Err(invalid(
+                "InstanceTypeNotFound",
+                format!("spec.instanceTypes: {why}"),
+            ));
         }
     };
     for (i, name) in spec.instance_types.iter().enumerate() {
         match types.iter().find(|t| &t.name == name) {
             None => {
-                return invalid(
+                return Err(invalid(
                     "InstanceTypeNotFound",
                     format!(
                         "spec.instanceTypes[{i}]: instance type {name} is not offered in the region"
                     ),
-                );
+                ));
             }
             Some(t) if !t.architectures.contains(&image.architecture) => {
-                return invalid(
+                return Err(invalid(
                     "ArchitectureMismatch",
                     format!(
                         "spec.instanceTypes[{i}]: {name} runs {}, but AMI {} is {}",
@@ -92,104 +115,131 @@ pub fn validate(spec: &RunnerPoolSpec, observed: &Observed) -> Verdict {
                         image.id,
                         image.architecture
                     ),
-                );
+                ));
             }
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+fn check_root_volume(spec: &RunnerPoolSpec, image: &Image) -> Result<(), Verdict> {
     let size = spec.root_volume.size_gib;
     if let Some(snapshot) = image.root_snapshot_gib
         && size > 0
         && size < snapshot
     {
-        return invalid(
+        return Err(invalid(
             "RootVolumeTooSmall",
             format!(
                 "spec.rootVolume.sizeGiB: {size} GiB is smaller than AMI {}'s {snapshot} GiB root snapshot; use 0 to keep the AMI's size or at least {snapshot}",
                 image.id
             ),
-        );
+        ));
     }
+    Ok(())
+}
+
+/// Every subnet exists, all in one VPC, which is returned.
+fn check_subnets<'o>(spec: &RunnerPoolSpec, observed: &'o Observed) -> Result<&'o str, Verdict> {
     let subnets = match &observed.subnets {
         Lookup::Found(subnets) => subnets,
-        Lookup::Missing(why) => return invalid("SubnetNotFound", format!("spec.subnets: {why}")),
+        Lookup::Missing(why) => {
+            return Err(invalid("SubnetNotFound", format!("spec.subnets: {why}")));
+        }
     };
     for (i, id) in spec.subnets.iter().enumerate() {
         if !subnets.iter().any(|s| &s.id == id) {
-            return invalid(
+            return Err(invalid(
                 "SubnetNotFound",
                 format!("spec.subnets[{i}]: subnet {id} not found"),
-            );
+            ));
         }
     }
     let vpc = &subnets[0].vpc_id;
     if let Some(other) = subnets.iter().find(|s| &s.vpc_id != vpc) {
-        return invalid(
+        return Err(invalid(
             "SubnetsSpanVpcs",
             format!(
                 "spec.subnets: all subnets must be in one VPC; {} is in {vpc} but {} is in {}",
                 subnets[0].id, other.id, other.vpc_id
             ),
-        );
+        ));
     }
+    Ok(vpc)
+}
+
+/// Every security group exists, in the subnets' VPC.
+fn check_security_groups(
+    spec: &RunnerPoolSpec,
+    observed: &Observed,
+    vpc: &str,
+) -> Result<(), Verdict> {
     let groups = match &observed.security_groups {
         Lookup::Found(groups) => groups,
         Lookup::Missing(why) => {
-            return invalid(
+            return Err(invalid(
                 "SecurityGroupNotFound",
                 format!("spec.securityGroups: {why}"),
-            );
+            ));
         }
     };
     for (i, id) in spec.security_groups.iter().enumerate() {
         match groups.iter().find(|g| &g.id == id) {
             None => {
-                return invalid(
+                return Err(invalid(
                     "SecurityGroupNotFound",
                     format!("spec.securityGroups[{i}]: security group {id} not found"),
-                );
+                ));
             }
-            Some(g) if &g.vpc_id != vpc => {
-                return invalid(
+            Some(g) if g.vpc_id != vpc => {
+                return Err(invalid(
                     "SecurityGroupNotInVpc",
                     format!(
                         "spec.securityGroups[{i}]: security group {id} is in {}, not in the subnets' VPC {vpc}",
                         g.vpc_id
                     ),
-                );
+                ));
             }
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// The instance profile, when the pool names one, exists and holds a role; the notes say what
+/// could not be checked.
+fn profile_notes(spec: &RunnerPoolSpec, observed: &Observed) -> Result<Vec<String>, Verdict> {
     let mut notes = Vec::new();
-    if let Some(profile) = &spec.instance_profile {
-        match &observed.instance_profile {
-            ProfileLookup::NotFound => {
-                return invalid(
-                    "InstanceProfileNotFound",
-                    format!(
-                        "spec.instanceProfile: instance profile {profile} does not exist; create it with \
-                         `aws iam create-instance-profile --instance-profile-name {profile}` and \
-                         `aws iam add-role-to-instance-profile --instance-profile-name {profile} --role-name ROLE`"
-                    ),
-                );
-            }
-            ProfileLookup::Roles(roles) if roles.is_empty() => {
-                return invalid(
-                    "InstanceProfileHasNoRole",
-                    format!(
-                        "spec.instanceProfile: instance profile {profile} holds no role; add one with \
-                         `aws iam add-role-to-instance-profile --instance-profile-name {profile} --role-name ROLE`"
-                    ),
-                );
-            }
-            ProfileLookup::AccessDenied => notes.push(format!(
-                "instance profile {profile} not checked: iam:GetInstanceProfile is denied (optional permission)"
-            )),
-            ProfileLookup::Roles(_) | ProfileLookup::NotSet => {}
+    let Some(profile) = &spec.instance_profile else {
+        return Ok(notes);
+    };
+    match &observed.instance_profile {
+        ProfileLookup::NotFound => {
+            return Err(invalid(
+                "InstanceProfileNotFound",
+                format!(
+                    "spec.instanceProfile: instance profile {profile} does not exist; create it with \
+                     `aws iam create-instance-profile --instance-profile-name {profile}` and \
+                     `aws iam add-role-to-instance-profile --instance-profile-name {profile} --role-name ROLE`"
+                ),
+            ));
         }
+        ProfileLookup::Roles(roles) if roles.is_empty() => {
+            return Err(invalid(
+                "InstanceProfileHasNoRole",
+                format!(
+                    "spec.instanceProfile: instance profile {profile} holds no role; add one with \
+                     `aws iam add-role-to-instance-profile --instance-profile-name {profile} --role-name ROLE`"
+                ),
+            ));
+        }
+        ProfileLookup::AccessDenied => notes.push(format!(
+            "instance profile {profile} not checked: iam:GetInstanceProfile is denied (optional permission)"
+        )),
+        ProfileLookup::Roles(_) | ProfileLookup::NotSet => {}
     }
-    Verdict::Valid { notes }
+    Ok(notes)
 }
 
 /// Counts runners by phase: waiting, starting (launching or booting), running, completing.
