@@ -1542,3 +1542,76 @@ async fn a_job_life_costs_one_status_write_per_phase_change() {
     let phases: Vec<_> = versions.iter().map(|(_, p)| *p).collect();
     assert_eq!(versions.len(), 1 + 5 + 2, "{phases:?}");
 }
+
+/// A spot instance reclaimed while its runner ran the job: the job fails there as it would on
+/// any runner, and a pool that asks for it has GitHub re-run the job, once, when its workflow
+/// run has completed (GitHub refuses before).
+#[tokio::test]
+async fn a_job_lost_to_a_spot_interruption_is_rerun_once_when_its_run_completed() {
+    let w = World::new("rerun").await;
+    let fake = support::github::FakeGitHub::start().await;
+    fake.install(1, &["example-org/api"]);
+    let mut settings = Settings {
+        backoff_unit: Duration::from_millis(200),
+        instance_refresh: Duration::from_millis(500),
+        ..Settings::new(&w.controller_id, "https://pacer.example.test")
+    };
+    settings.job_limits.rerun_retry = Duration::from_millis(500);
+    let ctx = Context::new(w.client.clone(), Arc::new(w.ec2.clone()), settings)
+        .with_github(Arc::new(fake.client()));
+    let _controllers = w.start(Arc::new(ctx));
+    w.ready_pool(|pool| pool["spec"]["rerunInterrupted"] = json!(true))
+        .await;
+    fake.set_job("example-org/api", 31, "queued", None);
+    w.create_queued_job("reclaimed", 31).await;
+    let booted = w.wait_phase("reclaimed", JobPhase::Booting).await;
+    let instance = booted.status.unwrap().instance.unwrap().id;
+    let (runner_id, runner) = w.register_runner(&fake, "reclaimed", 31).await;
+    // The runner took the job, and the run goes on when EC2 gives notice and reclaims.
+    fake.set_job(
+        "example-org/api",
+        31,
+        "in_progress",
+        Some((runner_id, &runner)),
+    );
+    fake.state
+        .lock()
+        .unwrap()
+        .runs_in_progress
+        .insert(31 + 1_000_000);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    w.patch_job_status(
+        "reclaimed",
+        json!({
+            "assignedJob": {"jobId": 31, "runId": 7, "repository": "example-org/api"},
+            "interruption": {"kind": "spot-interruption", "reportedAt": now},
+        }),
+    )
+    .await;
+    w.terminate_behind_our_back(&instance).await;
+    let failed = w.wait_phase("reclaimed", JobPhase::Failed).await;
+    let reason = failed.status.unwrap().last_error.unwrap().reason;
+    assert_eq!(reason, "InterruptedWhileRunning");
+    // Refused while the run goes on: asked again, the reason kept.
+    w.wait(|| async { fake.calls_of("rerun_job") >= 2 }).await;
+    let status = w.jobs.get("reclaimed").await.unwrap().status.unwrap();
+    assert_eq!(status.last_error.unwrap().reason, "InterruptedWhileRunning");
+    assert!(fake.state.lock().unwrap().reruns.is_empty());
+    // The run completes: the job is re-run, once.
+    fake.state.lock().unwrap().runs_in_progress.clear();
+    w.wait(|| async {
+        let status = w.jobs.get("reclaimed").await.unwrap().status.unwrap();
+        status
+            .last_error
+            .is_some_and(|e| e.reason == "RerunRequested")
+    })
+    .await;
+    let calls = fake.calls_of("rerun_job");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fake.calls_of("rerun_job"),
+        calls,
+        "asked again after GitHub took it"
+    );
+    assert_eq!(fake.state.lock().unwrap().reruns, vec![31]);
+}

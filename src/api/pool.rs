@@ -146,6 +146,13 @@ pub struct RunnerPoolSpec {
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: i32,
 
+    /// When EC2 reclaims a spot instance whose runner had taken its job, the job fails on
+    /// GitHub as it would on any runner. With this set, Pacer asks GitHub to re-run that job
+    /// once, when its workflow run has completed (GitHub re-runs only completed runs). The
+    /// GitHub App needs the Actions (write) repository permission.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rerun_interrupted: bool,
+
     /// Seconds a finished RunnerJob is kept before it is deleted.
     #[serde(default = "default_ttl_seconds_after_finished")]
     #[schemars(range(min = 0, max = 604800))]

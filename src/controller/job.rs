@@ -25,7 +25,7 @@ use crate::api::{
 use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
-    PoolAdmission, SPOT_INTERRUPTION, Step, Witness, decide, enter, holds_slot,
+    PoolAdmission, RerunAnswer, SPOT_INTERRUPTION, Step, Witness, decide, enter, holds_slot,
     instance_state as domain_instance_state, pool_readiness, record_reason,
     recorded_launch_unsettled, to_wake,
 };
@@ -511,6 +511,8 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         doubted: ctx.jobs.doubted.lock().unwrap().contains(&uid),
         launch: None,
         launch_rounds: status.attempts,
+        rerun_due: crate::domain::job::rerun_due(&status, &limits),
+        rerun: None,
     };
     Ok(Seen {
         now,
@@ -583,6 +585,10 @@ async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Dec
         seen.facts.witness = Some(witness);
         decision = decide(&seen.facts, &seen.limits);
     }
+    if decision.step == Step::Rerun {
+        seen.facts.rerun = Some(rerun(job, ctx).await);
+        decision = decide(&seen.facts, &seen.limits);
+    }
     if decision.step == Step::Launch {
         let answer = launch(job, ctx, seen).await?;
         if let LaunchAnswer::NoCapacity { left: false, .. } = answer {
@@ -595,6 +601,47 @@ async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Dec
         decision = decide(&seen.facts, &seen.limits);
     }
     Ok(decision)
+}
+
+/// Asks GitHub to re-run the job. GitHub answers 403 both while the workflow run is still
+/// going and when the App lacks the permission; only the latter says "not accessible".
+async fn rerun(job: &RunnerJob, ctx: &Context) -> RerunAnswer {
+    use crate::github::GitHubError;
+    let Some(github) = &ctx.github else {
+        return RerunAnswer::Refused("no GitHub App is configured".into());
+    };
+    let (repository, installation) = (&job.spec.repository, job.spec.installation_id);
+    match (github.rerun_job(repository, installation, job.spec.job_id)).await {
+        Ok(()) => {
+            let note = format!(
+                "asked GitHub to re-run job {} after its spot instance was reclaimed",
+                job.spec.job_id
+            );
+            ctx.event(
+                job,
+                kube::runtime::events::EventType::Normal,
+                "RerunRequested",
+                note,
+            )
+            .await;
+            RerunAnswer::Requested
+        }
+        Err(GitHubError::Status {
+            status: 403,
+            message,
+            ..
+        }) if !message.to_lowercase().contains("not accessible") => RerunAnswer::NotYet,
+        Err(
+            e @ (GitHubError::NotFound(_)
+            | GitHubError::Status {
+                status: 400..=499, ..
+            }),
+        ) => RerunAnswer::Refused(e.to_string()),
+        Err(e) => {
+            warn!(error = %e, "asking GitHub to re-run the job failed; asking again later");
+            RerunAnswer::NotYet
+        }
+    }
 }
 
 /// Carries out the decision's step.
@@ -611,7 +658,7 @@ async fn execute(
             Action::requeue(*d)
         }
         // Asked already, or launched already, in this pass: look again shortly.
-        Step::Consult | Step::Launch => Action::requeue(Duration::from_secs(10)),
+        Step::Consult | Step::Launch | Step::Rerun => Action::requeue(Duration::from_secs(10)),
         Step::Requeue { why } => {
             // The history keeps why this attempt ended: the decision's own words.
             if let Some((reason, message)) = &decision.reason {

@@ -159,6 +159,21 @@ pub struct Facts {
     pub launch: Option<LaunchAnswer>,
     /// Rounds of launches that found no capacity for any offering, so far.
     pub launch_rounds: i32,
+    /// The job ended `InterruptedWhileRunning` and no re-run was asked for yet.
+    pub rerun_due: bool,
+    /// GitHub's answer, when this pass asked it to re-run the job ([`Step::Rerun`]).
+    pub rerun: Option<RerunAnswer>,
+}
+
+/// How GitHub answered a request to re-run a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RerunAnswer {
+    /// A new attempt of the job is queued (GitHub's 201).
+    Requested,
+    /// Not now: the workflow run has not completed yet, or GitHub is unavailable.
+    NotYet,
+    /// Never: GitHub refused for good (no permission, no such job); its words.
+    Refused(String),
 }
 
 /// How EC2 answered a launch.
@@ -221,6 +236,11 @@ pub struct Limits {
     pub max_launch_rounds: i32,
     /// The unit of retry backoff: 5 s in production, shorter in tests.
     pub backoff_unit: Duration,
+    /// Ask GitHub to re-run a job lost to a spot interruption after its runner took it
+    /// (`spec.rerunInterrupted`).
+    pub rerun_interrupted: bool,
+    /// How often such a job asks again while its workflow run is still going.
+    pub rerun_retry: Duration,
 }
 
 impl Default for Limits {
@@ -237,6 +257,8 @@ impl Default for Limits {
             queue_recheck: Duration::from_secs(60),
             max_launch_rounds: super::launch::MAX_ATTEMPTS,
             backoff_unit: Duration::from_secs(5),
+            rerun_interrupted: false,
+            rerun_retry: Duration::from_secs(60),
         }
     }
 }
@@ -251,6 +273,7 @@ impl Limits {
             boot_timeout: secs(spec.boot_timeout_seconds),
             idle_grace: secs(spec.idle_timeout_seconds),
             max_attempts: spec.max_attempts.max(1) as u32,
+            rerun_interrupted: spec.rerun_interrupted,
             ..self
         }
     }
@@ -276,6 +299,8 @@ pub enum Step {
     Release,
     /// Delete the finished RunnerJob (its TTL ran out).
     Delete,
+    /// Ask GitHub to re-run the job, then decide again with the answer.
+    Rerun,
 }
 
 /// The decision: the phase to record, the step, and why (a CamelCase reason and a message).
@@ -380,6 +405,7 @@ fn finished(f: &Facts, limits: &Limits) -> Decision {
     match &f.instance {
         InstanceState::Alive { .. } => go(f.phase, Step::Terminate),
         _ if f.in_phase >= limits.ttl_after_finished => go(f.phase, Step::Delete),
+        _ if f.rerun_due => rerun(f, limits),
         _ if f.in_phase < limits.launch_visibility => go(
             f.phase,
             Step::Wait(left(limits.ttl_after_finished, f.in_phase).min(POLL)),
@@ -461,9 +487,15 @@ fn running(f: &Facts, limits: &Limits) -> Decision {
     } else if f.in_phase >= limits.max_runtime {
         past_max_runtime(f, limits)
     } else {
+        // EC2 reclaims an instance two minutes after its notice: look more often meanwhile.
+        let every = if f.interrupted {
+            POLL
+        } else {
+            Duration::from_secs(60)
+        };
         go(
             Running,
-            Step::Wait(left(limits.max_runtime, f.in_phase).min(Duration::from_secs(60))),
+            Step::Wait(left(limits.max_runtime, f.in_phase).min(every)),
         )
     }
 }
@@ -684,19 +716,56 @@ fn past_max_runtime(f: &Facts, limits: &Limits) -> Decision {
     )
 }
 
+/// A job lost to a spot interruption after its runner took it, in a pool that asks for a
+/// re-run: GitHub re-runs a job only once its whole workflow run has completed, so the request
+/// is repeated until it is taken or refused; the reason it leaves is the record that it was
+/// made.
+fn rerun(f: &Facts, limits: &Limits) -> Decision {
+    match &f.rerun {
+        None => go(f.phase, Step::Rerun),
+        Some(RerunAnswer::Requested) => because(
+            f.phase,
+            Step::Wait(Duration::ZERO),
+            "RerunRequested",
+            "its spot instance was reclaimed while the runner ran the job; GitHub was asked to re-run it, and queues it as a new job",
+        ),
+        Some(RerunAnswer::NotYet) => go(f.phase, Step::Wait(limits.rerun_retry)),
+        Some(RerunAnswer::Refused(why)) => because(
+            f.phase,
+            Step::Wait(Duration::ZERO),
+            "RerunRefused",
+            format!(
+                "its spot instance was reclaimed while the runner ran the job; GitHub refused to re-run it: {why}"
+            ),
+        ),
+    }
+}
+
+/// The instance went while its runner ran the job, which goes with it: reclaimed by EC2 for a
+/// spot interruption (the pool may have the job re-run), or lost otherwise.
+fn lost_while_running(f: &Facts, id: &str, reason: &str) -> Decision {
+    if f.interrupted || reason.contains("Spot") {
+        return because(
+            JobPhase::Failed,
+            Step::Wait(Duration::ZERO),
+            INTERRUPTED_WHILE_RUNNING,
+            format!("spot instance {id} was reclaimed while its runner ran the job: {reason}"),
+        );
+    }
+    because(
+        JobPhase::Failed,
+        Step::Wait(POLL),
+        "InstanceLost",
+        format!("instance {id} is gone while its runner ran the job: {reason}"),
+    )
+}
+
 /// The job's instance ended (`id`, EC2's `reason`) while the job was not completing. If its
 /// runner had taken the job, the job is lost with it. Otherwise GitHub decides: a job still
 /// queued gets a new instance while attempts are left; one no longer queued ends, saying why.
 fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decision {
     use JobPhase::*;
-    let lost = || {
-        because(
-            Failed,
-            Step::Wait(POLL),
-            "InstanceLost",
-            format!("instance {id} is gone while its runner ran the job: {reason}"),
-        )
-    };
+    let lost = || lost_while_running(f, id, reason);
     if f.assigned {
         return lost();
     }
@@ -755,6 +824,18 @@ fn why_ended(f: &Facts, limits: &Limits, reason: &str) -> &'static str {
     } else {
         "InstanceLost"
     }
+}
+
+/// The reason a job lost to a spot interruption after its runner took it ends with.
+pub const INTERRUPTED_WHILE_RUNNING: &str = "InterruptedWhileRunning";
+
+/// Whether GitHub is still to be asked to re-run the job: it was lost to a spot interruption
+/// after its runner took it, its pool asks for re-runs, and no answer was recorded yet (the
+/// answer replaces the reason).
+pub fn rerun_due(status: &RunnerJobStatus, limits: &Limits) -> bool {
+    limits.rerun_interrupted
+        && status.phase == JobPhase::Failed
+        && (status.last_error.as_ref()).is_some_and(|e| e.reason == INTERRUPTED_WHILE_RUNNING)
 }
 
 /// Records why the job waits or changed: a reason and message already recorded keep their
@@ -1328,6 +1409,79 @@ mod tests {
     }
 
     #[test]
+    fn a_job_lost_to_a_spot_interruption_after_it_was_taken_is_rerun_when_its_pool_asks() {
+        let mut f = facts(Running);
+        f.assigned = true;
+        f.interrupted = true;
+        f.instance = InstanceState::Gone {
+            id: "i-1".into(),
+            reason: "Server.SpotInstanceTermination".into(),
+        };
+        let d = decide(&f, &Limits::default());
+        assert_eq!(
+            (d.phase, d.reason.unwrap().0),
+            (Failed, INTERRUPTED_WHILE_RUNNING)
+        );
+        // Without the interruption, an ordinary loss.
+        f.interrupted = false;
+        f.instance = InstanceState::Gone {
+            id: "i-1".into(),
+            reason: "Client.UserInitiatedShutdown".into(),
+        };
+        assert_eq!(
+            decide(&f, &Limits::default()).reason.unwrap().0,
+            "InstanceLost"
+        );
+
+        let limits = Limits {
+            rerun_interrupted: true,
+            ..Limits::default()
+        };
+        let mut status = RunnerJobStatus {
+            phase: Failed,
+            ..Default::default()
+        };
+        record_reason(
+            &mut status,
+            INTERRUPTED_WHILE_RUNNING,
+            "lost".into(),
+            Timestamp::UNIX_EPOCH,
+        );
+        assert!(rerun_due(&status, &limits));
+        assert!(
+            !rerun_due(&status, &Limits::default()),
+            "the pool did not ask"
+        );
+        record_reason(
+            &mut status,
+            "RerunRequested",
+            "asked".into(),
+            Timestamp::UNIX_EPOCH,
+        );
+        assert!(!rerun_due(&status, &limits), "asked once only");
+
+        let mut f = facts(Failed);
+        f.instance = InstanceState::Absent;
+        f.rerun_due = true;
+        assert_eq!(decide(&f, &limits).step, Step::Rerun);
+        f.rerun = Some(RerunAnswer::NotYet);
+        let d = decide(&f, &limits);
+        assert_eq!((d.step, d.reason), (Step::Wait(limits.rerun_retry), None));
+        f.rerun = Some(RerunAnswer::Requested);
+        assert_eq!(decide(&f, &limits).reason.unwrap().0, "RerunRequested");
+        f.rerun = Some(RerunAnswer::Refused(
+            "Resource not accessible by integration".into(),
+        ));
+        let (reason, message) = decide(&f, &limits).reason.unwrap();
+        assert_eq!(reason, "RerunRefused");
+        assert!(message.contains("not accessible"), "{message}");
+        // Past the TTL the job goes, asked or not.
+        f.rerun = None;
+        f.in_phase = limits.ttl_after_finished;
+        assert_eq!(decide(&f, &limits).step, Step::Delete);
+    }
+
+    #[test]
     fn each_notice_is_recorded_once_and_a_spot_notice_is_never_hidden() {
         assert!(notice_kind("spot-interruption").is_some() && notice_kind("rebalance").is_some());
         assert_eq!(notice_kind("reboot"), None);
@@ -1461,6 +1615,8 @@ mod tests {
             doubted: false,
             launch: None,
             launch_rounds: 0,
+            rerun_due: false,
+            rerun: None,
         }
     }
 
@@ -1927,26 +2083,26 @@ mod tests {
                 Some("GitHubUnavailable"),
             ),
             (
-                "instance gone while its runner ran the job (webhook seen)",
+                "spot instance reclaimed while its runner ran the job (webhook seen)",
                 Running,
                 |f| {
                     f.instance = gone();
                     f.assigned = true
                 },
                 Failed,
-                Step::Wait(POLL),
-                Some("InstanceLost"),
+                Step::Wait(Duration::ZERO),
+                Some(INTERRUPTED_WHILE_RUNNING),
             ),
             (
-                "instance gone while its runner ran the job (GitHub says so)",
+                "spot instance reclaimed while its runner ran the job (GitHub says so)",
                 Running,
                 |f| {
                     f.instance = gone();
                     f.witness = witness(GitHubJob::Ours, Some(false))
                 },
                 Failed,
-                Step::Wait(POLL),
-                Some("InstanceLost"),
+                Step::Wait(Duration::ZERO),
+                Some(INTERRUPTED_WHILE_RUNNING),
             ),
             (
                 "a failed boot is terminated, then replaced",

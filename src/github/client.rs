@@ -359,6 +359,24 @@ impl GitHubApp {
 
     /// The installation serving a target: given, or looked up from the repository or
     /// organization (cached).
+    /// The installation serving `repository` (`owner/name`): `installation` when known.
+    async fn repository_installation(
+        &self,
+        repository: &str,
+        installation: Option<i64>,
+    ) -> GitHubResult<i64> {
+        let (owner, repo) = repository
+            .split_once('/')
+            .ok_or(GitHubError::NotFound("repository"))?;
+        let target = RunnerTarget {
+            owner: owner.into(),
+            repo: Some(repo.into()),
+            installation,
+            ..Default::default()
+        };
+        self.installation(&target).await
+    }
+
     async fn installation(&self, target: &RunnerTarget) -> GitHubResult<i64> {
         if let Some(id) = target.installation {
             return Ok(id);
@@ -681,21 +699,41 @@ impl GitHub for GitHubApp {
         job_id: i64,
     ) -> BoxFuture<'a, GitHubResult<Option<super::WorkflowJob>>> {
         async move {
-            let (owner, repo) = repository
-                .split_once('/')
-                .ok_or(GitHubError::NotFound("repository"))?;
-            let target = RunnerTarget {
-                owner: owner.into(),
-                repo: Some(repo.into()),
-                installation,
-                ..Default::default()
-            };
-            let installation = self.installation(&target).await?;
-            let path = format!("/repos/{owner}/{repo}/actions/jobs/{job_id}");
+            let installation = self
+                .repository_installation(repository, installation)
+                .await?;
+            let path = format!("/repos/{repository}/actions/jobs/{job_id}");
             let (_, job) = self
                 .installation_call(installation, "get_workflow_job", Method::GET, &path, None)
                 .await?;
             Ok(job)
+        }
+        .boxed()
+    }
+
+    fn rerun_job<'a>(
+        &'a self,
+        repository: &'a str,
+        installation: Option<i64>,
+        job_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<()>> {
+        async move {
+            let installation = self
+                .repository_installation(repository, installation)
+                .await?;
+            let path = format!("/repos/{repository}/actions/jobs/{job_id}/rerun");
+            let (status, _) = (self.installation_call::<Value>(
+                installation,
+                "rerun_job",
+                Method::POST,
+                &path,
+                None,
+            ))
+            .await?;
+            match status {
+                StatusCode::NOT_FOUND => Err(GitHubError::NotFound("workflow job")),
+                _ => Ok(()),
+            }
         }
         .boxed()
     }

@@ -178,6 +178,14 @@ pub trait GitHub: Send + Sync {
         installation: Option<i64>,
         job_id: i64,
     ) -> BoxFuture<'a, GitHubResult<Option<WorkflowJob>>>;
+    /// Asks GitHub to re-run a workflow job of `repository` (`owner/name`): a new attempt of
+    /// it is queued as a new job. GitHub answers 403 until the job's workflow run completed.
+    fn rerun_job<'a>(
+        &'a self,
+        repository: &'a str,
+        installation: Option<i64>,
+        job_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<()>>;
     /// The App's webhook deliveries since `since` that failed and were not redelivered since.
     fn failed_deliveries<'a>(
         &'a self,

@@ -61,6 +61,10 @@ pub struct FakeState {
     pub rate_limits: HashMap<i64, (u64, u64)>,
     /// Names of runners someone asked to delete while they ran a job (GitHub refuses: 422).
     pub busy_deletes: Vec<String>,
+    /// Workflow runs still going: GitHub re-runs a job only once its run completed.
+    pub runs_in_progress: std::collections::HashSet<i64>,
+    /// Jobs GitHub was asked to re-run, and did.
+    pub reruns: Vec<i64>,
 }
 
 #[derive(Clone)]
@@ -134,6 +138,10 @@ impl FakeGitHub {
                 delete(delete_repo_runner).get(get_repo_runner),
             )
             .route("/repos/{owner}/{repo}/actions/jobs/{id}", get(workflow_job))
+            .route(
+                "/repos/{owner}/{repo}/actions/jobs/{id}/rerun",
+                post(rerun_job),
+            )
             .route("/repos/{owner}/{repo}/releases/latest", get(latest_release))
             .route(
                 "/repos/{owner}/{repo}/releases/tags/{tag}",
@@ -808,6 +816,26 @@ fn remove_runner(shared: &Shared, target: &str, id: i64) -> Response {
         return error(404, "Not Found");
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Re-runs a job, as GitHub does once the job's workflow run completed: 201, else 403.
+async fn rerun_job(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, id)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "rerun_job");
+    installation_only!(shared, headers);
+    let mut s = shared.state.lock().unwrap();
+    let run = match s.jobs.get(&id) {
+        Some(job) if job["repository"] == format!("{owner}/{repo}") => job["run_id"].as_i64(),
+        _ => return error(404, "Not Found"),
+    };
+    if run.is_some_and(|run| s.runs_in_progress.contains(&run)) {
+        return error(403, "This workflow run is not completed");
+    }
+    s.reruns.push(id);
+    (StatusCode::CREATED, axum::Json(json!({}))).into_response()
 }
 
 async fn delete_org_runner(
