@@ -42,6 +42,9 @@ struct Faults {
     kills: u32,
     /// Kill the kube-apiserver (it is started again at once) this many times.
     apiserver_restarts: u32,
+    /// GitHub's JIT endpoint fails: 503s, then secondary rate limits, answers in 15 s for a
+    /// while, and one job in four finds an offline runner of its name left from before (409).
+    jit: bool,
 }
 
 struct World {
@@ -231,6 +234,26 @@ impl World {
         assert!(killed.success());
     }
 
+    /// The JIT endpoint's faults, set before the burst: three 503s and then three secondary
+    /// rate limits, every answer 15 s late until the run lifts it,
+    /// and offline runners already named as one job in four's first attempt will be.
+    fn jit_faults(&self, jobs: i64) {
+        self.fake.fail("generate_jitconfig", 503, 3);
+        let fake = self.fake.clone();
+        tokio::spawn(async move {
+            while fake.calls_of("generate_jitconfig") < 3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            fake.fail("generate_jitconfig", 429, 3);
+        });
+        self.fake
+            .slow("generate_jitconfig", Duration::from_secs(15));
+        for job_id in (1..=jobs).filter(|j| j % 4 == 0) {
+            let name = pacer::github::runner_name(&self.id, job_id, 1);
+            self.fake.add_runner(TARGET, &name, "offline");
+        }
+    }
+
     async fn all_jobs(&self) -> Option<Vec<RunnerJob>> {
         Some(self.jobs.list(&Default::default()).await.ok()?.items)
     }
@@ -259,6 +282,9 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
         jobs: n as usize,
         ..Default::default()
     };
+    if faults.jit {
+        w.jit_faults(n);
+    }
     let started = tokio::time::Instant::now();
     for job_id in 1..=n {
         w.queue(job_id).await;
@@ -278,6 +304,9 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
         } else if due && restarts < faults.apiserver_restarts {
             w.restart_apiserver();
             restarts += 1;
+        }
+        if faults.jit && started.elapsed() > Duration::from_secs(20) {
+            w.fake.slow("generate_jitconfig", Duration::ZERO);
         }
         // While the API server restarts, nothing answers: look again.
         if let Some(jobs) = w.all_jobs().await {
@@ -311,7 +340,10 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     counts.left_alive = instances.values().map(|(_, live)| live.len()).sum();
     counts.left_runners = w.fake.runner_names(TARGET).len();
     let duplicates: u32 = boots.values().map(|b| b.webhooks_sent / 2).sum();
-    counts.fired = (kills + restarts + duplicates) as usize;
+    let jit_refused = (w.fake.state.lock().unwrap().calls.iter())
+        .filter(|(endpoint, status)| endpoint.starts_with("generate_jitconfig") && *status >= 400)
+        .count();
+    counts.fired = (kills + restarts + duplicates) as usize + jit_refused;
     report(scenario, &counts, started.elapsed());
     counts
 }
@@ -358,6 +390,20 @@ async fn the_api_server_restarted_mid_burst_loses_and_doubles_nothing() {
         Faults {
             replicas: 2,
             apiserver_restarts: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_all_ran(&c);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_slow_and_clashing_jit_endpoint_loses_and_doubles_nothing() {
+    let c = run(
+        "jit",
+        Faults {
+            replicas: 2,
+            jit: true,
             ..Default::default()
         },
     )

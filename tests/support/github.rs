@@ -749,6 +749,7 @@ fn jit(shared: &Shared, target: &str, body: &Value) -> Response {
     let mut s = shared.state.lock().unwrap();
     let runners = s.runners.entry(target.into()).or_default();
     if runners.iter().any(|r| r.name == name) {
+        s.calls.push(("generate_jitconfig_clash".into(), 409));
         return error(
             409,
             "Already exists - A runner with the name already exists.",
