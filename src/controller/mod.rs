@@ -99,6 +99,15 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
             }
             std::future::ready(())
         });
+    let synced = {
+        let store = store.clone();
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                tracing::info!(jobs = store.len(), "RunnerJob cache synced");
+            }
+            std::future::pending::<()>().await
+        }
+    };
     let controllers = futures::future::join(
         pool::run(ctx.clone(), pools, for_pools),
         job::run(ctx, store, for_jobs, for_waiting_jobs),
@@ -106,6 +115,7 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
     tokio::select! {
         () = events => {}
         _ = controllers => {}
+        () = synced => {}
     }
 }
 
