@@ -81,15 +81,34 @@ impl Shared {
         self.store.get()
     }
 
-    /// Forgets what this process knew of RunnerJob `uid`: it is gone, or going.
-    fn forget(&self, uid: &str) {
+    /// Forgets what this process knew of RunnerJob `uid`, whose status is `status`: it is
+    /// gone, or going.
+    fn forget(&self, uid: &str, status: &RunnerJobStatus) {
         self.ledger.forget(uid);
+        let earlier = status.previous_attempts.iter().map(|a| a.instance.as_str());
+        let current = status.instance.iter().map(|i| i.id.as_str());
+        self.ledger.forget_terminations(current.chain(earlier));
         self.doubted.lock().unwrap().remove(uid);
     }
 
     /// The sweep's word that GitHub no longer lists the job of RunnerJob `uid` as queued.
     pub(super) fn doubt(&self, uid: &str) {
         self.doubted.lock().unwrap().insert(uid.to_string());
+    }
+}
+
+/// Drops from the cached copy of a finished job what no pass reads again: its launch, once it
+/// made an instance (a finished job launches nothing and holds no slot, and a launch with an
+/// instance is settled), and its prices (the cost is estimated in the pass that finishes it).
+/// Finished jobs stay cached by the thousand for their TTL, and the launch's tags and
+/// offerings are the largest part of each. A pass writes only what it changed, so what the
+/// cache lacks stays as it is in the API server.
+pub(super) fn trim_finished(job: &mut RunnerJob) {
+    if let Some(status) =
+        (job.status.as_mut()).filter(|s| s.phase.is_finished() && s.instance.is_some())
+    {
+        status.launch = None;
+        status.cost = None;
     }
 }
 
@@ -627,7 +646,7 @@ async fn execute(
         }
         Step::Release => {
             deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
-            ctx.jobs.forget(&seen.uid);
+            ctx.jobs.forget(&seen.uid, &seen.status);
             release_slot(ctx, job);
             return Ok(Next::Released);
         }
@@ -643,7 +662,7 @@ async fn execute(
             Api::<RunnerJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
                 .delete(&job.name_any(), &params)
                 .await?;
-            ctx.jobs.forget(&seen.uid);
+            ctx.jobs.forget(&seen.uid, &seen.status);
             return Ok(Next::Look(Action::await_change()));
         }
     };

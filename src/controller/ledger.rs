@@ -92,6 +92,15 @@ impl Ledger {
         }
     }
 
+    /// Forgets the terminations of `ids`: their job is going. (An instance launched by an
+    /// earlier process is not among this one's launches, so [`Ledger::forget`] cannot find it.)
+    pub fn forget_terminations<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut terminated = self.terminated.lock().unwrap();
+        for id in ids {
+            terminated.remove(id);
+        }
+    }
+
     /// Whether a TerminateInstances for `id` should go out now: never sent, or sent before
     /// `listed_at` by more than `settle` (a listing taken that long after still shows the
     /// instance alive, so the first did not take).
