@@ -508,6 +508,20 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         launched.as_ref(),
         limits.launch_visibility,
     );
+    // A job that is over does not wait for the next listing once EC2 has accepted its
+    // instance's termination (the instance is shutting down, never to run again): it finishes
+    // now, and its slot goes to a job waiting for room.
+    if let InstanceState::Alive { id } = &instance
+        && status.phase == JobPhase::Completing
+        && !deleting
+        && (ctx.jobs.ledger).terminating(id, snapshot.taken, limits.launch_visibility)
+    {
+        let reason = "Client.UserInitiatedShutdown: terminated by Pacer".to_string();
+        instance = InstanceState::Gone {
+            id: id.clone(),
+            reason,
+        };
+    }
     let facts = Facts {
         phase: status.phase,
         in_phase: since(entered(&status, job).as_ref(), now),
