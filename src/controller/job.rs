@@ -91,6 +91,19 @@ impl Shared {
         self.doubted.lock().unwrap().remove(uid);
     }
 
+    /// Resolves once the RunnerJob controller's cache holds every RunnerJob: its first list
+    /// is in.
+    pub async fn synced(&self) {
+        loop {
+            if let Some(store) = self.store.get() {
+                let _ = store.wait_until_ready().await;
+                return;
+            }
+            // Set as the controllers start, in the same term.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The sweep's word that GitHub no longer lists the job of RunnerJob `uid` as queued.
     pub(super) fn doubt(&self, uid: &str) {
         self.doubted.lock().unwrap().insert(uid.to_string());
@@ -501,7 +514,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     let limits = pool.as_ref().map_or(limits, |p| limits.for_pool(&p.spec));
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
     let launched = ctx.jobs.ledger.launched(&uid);
-    let instance = instance_state(
+    let mut instance = instance_state(
         &snapshot,
         &uid,
         &status,
