@@ -458,7 +458,7 @@ async fn main() {
         .filter(|(k, _)| k.starts_with("BENCH_"))
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    report.write(&format!("{} make bench", vars.join(" ")).trim().to_string());
+    report.write(format!("{} make bench", vars.join(" ")).trim());
 }
 
 /// Posts `count` signed `workflow_job` `queued` webhooks at `rate` per second to the listener

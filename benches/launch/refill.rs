@@ -88,7 +88,7 @@ pub async fn run(jobs: usize, max: usize, run_for: Duration, latency: Duration) 
     let mut pool = crate::pool(&ns, subnets, sg, ami);
     pool.spec.max_runners = max as i32;
     pools.create(&PostParams::default(), &pool).await.unwrap();
-    while !(pools.get("bench").await.unwrap().status).is_some_and(|s| s.launch_template.is_some()) {
+    while (pools.get("bench").await.unwrap().status).is_none_or(|s| s.launch_template.is_none()) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
