@@ -264,8 +264,9 @@ impl Context {
         };
         // kube's recorder keeps every Event it published for six minutes, to fold a repeat
         // into a series, in a map that never shrinks. A RunnerJob's Events (one per phase
-        // change) do not repeat, and a burst of thousands of jobs would leave that map holding
-        // tens of MiB: theirs go out through a recorder of their own, without the cache.
+        // change) do not repeat, and a burst of thousands of jobs would leave that map sized
+        // for tens of thousands of Events: theirs go out through a recorder of their own,
+        // without the cache.
         let fresh;
         let recorder = if K::kind(&()) == RunnerJob::kind(&()) {
             fresh = Recorder::new(self.client.clone(), self.reporter.clone());
