@@ -4,11 +4,21 @@
 //! Runs against the in-memory fake EC2 with a per-call latency (`BENCH_LATENCY_MS`, default
 //! 200) and, with `BENCH_MOTO=1`, against moto. `BENCH_JOBS` (default 500) jobs are timed;
 //! `BENCH_STORED` (default 10000) RunnerJobs are then stored for the memory reading.
+//!
+//! Before that, `pacer run` alone as a process (see `process`): start to ready and memory, idle
+//! and with `BENCH_STORED` RunnerJobs; after it, slot refill (see `refill`: `BENCH_REFILL_JOBS`
+//! jobs of `BENCH_RUN_MS` each through `BENCH_REFILL_MAX` slots). `BENCH_ONLY` (a comma-separated
+//! list of `process`, `launch`, `refill`, `webhooks`) runs only those parts. The figures are
+//! written to `bench/results/latest.md`.
 
 // The allocator the pacer binary uses, so memory readings match production.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "launch/process.rs"]
+mod process;
+#[path = "launch/refill.rs"]
+mod refill;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -117,7 +127,7 @@ struct Run {
     sg: String,
 }
 
-async fn bench(run: Run, count: usize, stored: usize) {
+async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     let ground = ground(Parts::Both);
     let client = ground.kube_client().await;
     let ns = ground
@@ -197,11 +207,20 @@ async fn bench(run: Run, count: usize, stored: usize) {
     );
     println!("creating the {count} RunnerJobs took {creating:.2?}");
     if run.fake.is_some() && !latencies.is_empty() {
-        println!(
-            "creation -> launch call: p50 {:.2?}  p95 {:.2?}  p99 {:.2?}",
+        let figure = format!(
+            "p50 {:.2?}  p95 {:.2?}  p99 {:.2?}",
             percentile(&latencies, 0.50),
             percentile(&latencies, 0.95),
             percentile(&latencies, 0.99)
+        );
+        println!("creation -> launch call: {figure}");
+        report.add(
+            &format!(
+                "RunnerJob created → launch call, {count} at once ({})",
+                run.name
+            ),
+            figure,
+            "p99 ≤ EC2's call + 100 ms",
         );
     }
     println!(
@@ -210,6 +229,15 @@ async fn bench(run: Run, count: usize, stored: usize) {
         reads as f64 / count as f64
     );
     println!("controller RSS with {count} RunnerJobs: {}", rss());
+    report.add(
+        &format!("EC2 calls per job, mutating / read ({})", run.name),
+        format!(
+            "{:.2} / {:.3}",
+            mutating as f64 / count as f64,
+            reads as f64 / count as f64
+        ),
+        "",
+    );
     if std::env::var("BENCH_VERBOSE").is_ok() {
         calls
             .lines()
@@ -229,6 +257,11 @@ async fn bench(run: Run, count: usize, stored: usize) {
         }
         tokio::time::sleep(ctx.settings.instance_refresh * 3).await;
         println!("controller RSS with {stored} RunnerJobs stored: {}", rss());
+        report.add(
+            &format!("bench process RSS (controllers, fake EC2, clients) with {stored} RunnerJobs"),
+            rss(),
+            "",
+        );
     }
     // Stop the controllers before the runtime goes, so their tasks end cleanly.
     controllers.abort();
@@ -258,6 +291,42 @@ fn count_calls(before: &str, after: &str) -> (u64, u64) {
     (mutating, reads)
 }
 
+/// The figures of one run, as Markdown table rows, each beside its target.
+#[derive(Default)]
+struct Report {
+    rows: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, what: &str, figure: impl std::fmt::Display, target: &str) {
+        self.rows.push(format!("| {what} | {figure} | {target} |"));
+    }
+
+    /// Writes `bench/results/latest.md`.
+    fn write(&self, command: &str) {
+        let commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let profile = if cfg!(debug_assertions) {
+            "dev"
+        } else {
+            "release"
+        };
+        let text = format!(
+            "# Bench run\n\n{}, commit {commit}, {profile} profile, `{command}`, on this machine \
+             (the API server, etcd and the bench share its cores).\n\n\
+             | figure | measured | target |\n| --- | --- | --- |\n{}\n",
+            k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%MZ"),
+            self.rows.join("\n")
+        );
+        let dir = repo_root().join("bench/results");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("latest.md"), text).unwrap();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs benches without it, and a
@@ -265,48 +334,118 @@ async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let part = |name: &str| only.is_empty() || only.split(',').any(|p| p.trim() == name);
     let count = env("BENCH_JOBS", 500) as usize;
     let stored = env("BENCH_STORED", 10_000) as usize;
     let latency = Duration::from_millis(env("BENCH_LATENCY_MS", 200));
-    let (subnets, sg, ami) = (
-        [
-            "subnet-0a1b2c3d4e5f60001".to_string(),
-            "subnet-0a1b2c3d4e5f60002".to_string(),
-        ],
-        "sg-0a1b2c3d4e5f60001".to_string(),
-        "ami-0a1b2c3d4e5f60001".to_string(),
-    );
-    let mut fake = FakeEc2::new()
-        .with_image(&ami, "x86_64", 8)
-        .with_subnet(&subnets[0], "vpc-1", "us-east-1a")
-        .with_subnet(&subnets[1], "vpc-1", "us-east-1b")
-        .with_security_group(&sg, "vpc-1");
-    for t in ["m7i.large", "m6i.large", "c6i.large"] {
-        fake = fake.with_instance_type(t, "x86_64");
-    }
-    let metrics = Arc::new(Metrics::default());
-    let fake = Arc::new(fake.with_latency(latency).observed_by(metrics.clone()));
-    println!("fake EC2 latency per call: {latency:?}");
-    bench(
-        Run {
-            name: "fake",
-            ec2: fake.clone(),
-            metrics,
-            fake: Some(fake),
-            ami,
-            subnets,
-            sg,
-        },
-        count,
-        stored,
-    )
-    .await;
+    let mut report = Report::default();
 
-    webhooks(
-        env("BENCH_WEBHOOKS", 1000) as usize,
-        env("BENCH_WEBHOOK_RATE", 100),
-    )
-    .await;
+    if part("process") {
+        let p = process::run(stored).await;
+        println!("== pacer run alone (3 pools Ready)");
+        println!("start -> ready, no RunnerJob: {}", p.start_idle);
+        println!("RSS idle: {}", p.idle);
+        println!(
+            "start -> ready with {} RunnerJobs stored: {}",
+            p.stored, p.start_stored
+        );
+        println!("RSS with {} RunnerJobs stored: {}", p.stored, p.with_stored);
+        report.add("`pacer run` RSS idle, pools Ready", &p.idle, "≤ 30 MiB");
+        report.add(
+            &format!("`pacer run` RSS with {} RunnerJobs stored", p.stored),
+            &p.with_stored,
+            "≤ 50 MiB",
+        );
+        report.add(
+            &format!("`pacer run` start → ready with {} RunnerJobs", p.stored),
+            &p.start_stored,
+            "< 2 s",
+        );
+        report.add(
+            &format!(
+                "listing those {} RunnerJobs in pages of 500, parsed (the bench's client)",
+                p.stored
+            ),
+            format!("{:.2?}", p.listing),
+            "",
+        );
+        report.add("`pacer run` start → ready, no RunnerJob", &p.start_idle, "");
+    }
+
+    if part("launch") {
+        let (subnets, sg, ami) = (
+            [
+                "subnet-0a1b2c3d4e5f60001".to_string(),
+                "subnet-0a1b2c3d4e5f60002".to_string(),
+            ],
+            "sg-0a1b2c3d4e5f60001".to_string(),
+            "ami-0a1b2c3d4e5f60001".to_string(),
+        );
+        let mut fake = FakeEc2::new()
+            .with_image(&ami, "x86_64", 8)
+            .with_subnet(&subnets[0], "vpc-1", "us-east-1a")
+            .with_subnet(&subnets[1], "vpc-1", "us-east-1b")
+            .with_security_group(&sg, "vpc-1");
+        for t in ["m7i.large", "m6i.large", "c6i.large"] {
+            fake = fake.with_instance_type(t, "x86_64");
+        }
+        let metrics = Arc::new(Metrics::default());
+        let fake = Arc::new(fake.with_latency(latency).observed_by(metrics.clone()));
+        println!("fake EC2 latency per call: {latency:?}");
+        bench(
+            Run {
+                name: "fake",
+                ec2: fake.clone(),
+                metrics,
+                fake: Some(fake),
+                ami,
+                subnets,
+                sg,
+            },
+            count,
+            stored,
+            &mut report,
+        )
+        .await;
+    }
+
+    if part("refill") {
+        let r = refill::run(
+            env("BENCH_REFILL_JOBS", 100) as usize,
+            env("BENCH_REFILL_MAX", 10) as usize,
+            Duration::from_millis(env("BENCH_RUN_MS", 3000)),
+            latency,
+        )
+        .await;
+        println!("== slot refill: {} jobs through {} slots", r.jobs, r.max);
+        println!("{r}");
+        report.add(
+            &format!(
+                "slots held while jobs waited ({} jobs of {:.0?} through maxRunners {})",
+                r.jobs, r.run_for, r.max
+            ),
+            format!(
+                "mean {:.1} (all held in {} of {} samples); a runner at work in {:.1}",
+                r.held, r.all_held, r.samples, r.working
+            ),
+            &format!("≥ {} of {}", r.max * 9 / 10, r.max),
+        );
+        report.add(
+            "queue wait, mean / max, on that run",
+            format!("{:.1?} / {:.1?}", r.wait_mean, r.wait_max),
+            "",
+        );
+    }
+
+    if part("webhooks") {
+        webhooks(
+            env("BENCH_WEBHOOKS", 1000) as usize,
+            env("BENCH_WEBHOOK_RATE", 100),
+            &mut report,
+        )
+        .await;
+    }
 
     if std::env::var("BENCH_MOTO").as_deref() == Ok("1") {
         let g = ground(Parts::Both);
@@ -321,13 +460,18 @@ async fn main() {
             subnets: [g.fixture("SUBNET_A").into(), g.fixture("SUBNET_B").into()],
             sg: g.fixture("SECURITY_GROUP").into(),
         };
-        bench(run, count.min(200), 0).await;
+        bench(run, count.min(200), 0, &mut report).await;
     }
+    let vars: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("BENCH_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    report.write(format!("{} make bench", vars.join(" ")).trim());
 }
 
 /// Posts `count` signed `workflow_job` `queued` webhooks at `rate` per second to the listener
 /// on a real socket, and reports the time from sending each to its 2xx (the RunnerJob stored).
-async fn webhooks(count: usize, rate: u64) {
+async fn webhooks(count: usize, rate: u64, report: &mut Report) {
     use kube::runtime::{WatchStreamExt as _, reflector, watcher};
     if count == 0 {
         return;
@@ -412,10 +556,16 @@ async fn webhooks(count: usize, rate: u64) {
         "== webhooks: {count} signed queued deliveries at {rate}/s in {:.1?}",
         started.elapsed()
     );
-    println!(
-        "delivery -> 2xx with the RunnerJob stored: p50 {:.1?}  p99 {:.1?}  max {:.1?}",
+    let figure = format!(
+        "p50 {:.1?}  p99 {:.1?}  max {:.1?}",
         percentile(&times, 0.50),
         percentile(&times, 0.99),
         times.last().unwrap()
+    );
+    println!("delivery -> 2xx with the RunnerJob stored: {figure}");
+    report.add(
+        &format!("webhook delivery → 2xx with the RunnerJob stored, {count} at {rate}/s"),
+        figure,
+        "p99 ≤ 10 ms",
     );
 }

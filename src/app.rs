@@ -249,11 +249,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             }
         };
+        // The collector and the sweep list the RunnerJobs themselves: they start once the
+        // controllers' cache is in, so that a start with thousands of jobs lists them one
+        // list at a time (ready sooner, and a lower peak of memory).
+        let synced = ctx.clone();
+        let collector = ctx.clone();
+        let others = async move {
+            synced.jobs.synced().await;
+            tokio::join!(controller::gc::run(collector, scope), sweep);
+        };
         async move {
             tokio::select! {
                 _ = controllers => {}
-                () = controller::gc::run(ctx, scope) => {}
-                () = sweep => {}
+                () = others => {}
                 () = gauges => {}
             }
         }

@@ -801,6 +801,36 @@ async fn a_full_pool_holds_jobs_pending_until_one_finishes_and_finished_jobs_go_
     assert_eq!(w.alive_of(&second).await.len(), 1);
 }
 
+#[tokio::test]
+async fn a_freed_slot_goes_to_a_waiting_job_without_waiting_for_the_next_listing() {
+    let w = World::new("refill").await;
+    // Neither the waiting job's recheck nor a new DescribeInstances comes within the test: the
+    // finished job's terminated instance frees its slot, and its finishing wakes the waiting job.
+    let ctx = w.context_with(|s| {
+        s.job_limits.capacity_recheck = Duration::from_secs(3600);
+        s.instance_refresh = Duration::from_secs(300);
+    });
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|p| p["spec"]["maxRunners"] = json!(1)).await;
+    let first = w.create_queued_job("first", 41).await.metadata.uid.unwrap();
+    w.wait_phase("first", JobPhase::Booting).await;
+    w.create_queued_job("second", 42).await;
+    w.wait(|| async {
+        let job = w.jobs.get("second").await.unwrap();
+        (job.status.and_then(|s| s.last_error)).is_some_and(|e| e.reason == "PoolAtCapacity")
+    })
+    .await;
+
+    let reported = tokio::time::Instant::now();
+    w.report("first", "success").await;
+    w.wait_phase("second", JobPhase::Booting).await;
+    let waited = reported.elapsed();
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    w.wait_phase("first", JobPhase::Succeeded).await;
+    // The slot was given back only once EC2 had taken the instance's termination.
+    assert!(w.alive_of(&first).await.is_empty());
+}
+
 /// Launches an instance tagged as `controller`'s, for a job of pool `linux` in `ns` that does
 /// not exist: what a crash between launch and record, or another installation, leaves.
 async fn launch_unclaimed(w: &World, controller: &str, ns: &str) -> Instance {

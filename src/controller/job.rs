@@ -81,15 +81,47 @@ impl Shared {
         self.store.get()
     }
 
-    /// Forgets what this process knew of RunnerJob `uid`: it is gone, or going.
-    fn forget(&self, uid: &str) {
+    /// Forgets what this process knew of RunnerJob `uid`, whose status is `status`: it is
+    /// gone, or going.
+    fn forget(&self, uid: &str, status: &RunnerJobStatus) {
         self.ledger.forget(uid);
+        let earlier = status.previous_attempts.iter().map(|a| a.instance.as_str());
+        let current = status.instance.iter().map(|i| i.id.as_str());
+        self.ledger.forget_terminations(current.chain(earlier));
         self.doubted.lock().unwrap().remove(uid);
+    }
+
+    /// Resolves once the RunnerJob controller's cache holds every RunnerJob: its first list
+    /// is in.
+    pub async fn synced(&self) {
+        loop {
+            if let Some(store) = self.store.get() {
+                let _ = store.wait_until_ready().await;
+                return;
+            }
+            // Set as the controllers start, in the same term.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The sweep's word that GitHub no longer lists the job of RunnerJob `uid` as queued.
     pub(super) fn doubt(&self, uid: &str) {
         self.doubted.lock().unwrap().insert(uid.to_string());
+    }
+}
+
+/// Drops from the cached copy of a finished job what no pass reads again: its launch, once it
+/// made an instance (a finished job launches nothing and holds no slot, and a launch with an
+/// instance is settled), and its prices (the cost is estimated in the pass that finishes it).
+/// Finished jobs stay cached by the thousand for their TTL, and the launch's tags and
+/// offerings are the largest part of each. A pass writes only what it changed, so what the
+/// cache lacks stays as it is in the API server.
+pub(super) fn trim_finished(job: &mut RunnerJob) {
+    if let Some(status) =
+        (job.status.as_mut()).filter(|s| s.phase.is_finished() && s.instance.is_some())
+    {
+        status.launch = None;
+        status.cost = None;
     }
 }
 
@@ -482,13 +514,27 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     let limits = pool.as_ref().map_or(limits, |p| limits.for_pool(&p.spec));
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
     let launched = ctx.jobs.ledger.launched(&uid);
-    let instance = instance_state(
+    let mut instance = instance_state(
         &snapshot,
         &uid,
         &status,
         launched.as_ref(),
         limits.launch_visibility,
     );
+    // A job that is over does not wait for the next listing once EC2 has accepted its
+    // instance's termination (the instance is shutting down, never to run again): it finishes
+    // now, and its slot goes to a job waiting for room.
+    if let InstanceState::Alive { id } = &instance
+        && status.phase == JobPhase::Completing
+        && !deleting
+        && (ctx.jobs.ledger).terminating(id, snapshot.taken, limits.launch_visibility)
+    {
+        let reason = "Client.UserInitiatedShutdown: terminated by Pacer".to_string();
+        instance = InstanceState::Gone {
+            id: id.clone(),
+            reason,
+        };
+    }
     let facts = Facts {
         phase: status.phase,
         in_phase: since(entered(&status, job).as_ref(), now),
@@ -674,7 +720,7 @@ async fn execute(
         }
         Step::Release => {
             deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
-            ctx.jobs.forget(&seen.uid);
+            ctx.jobs.forget(&seen.uid, &seen.status);
             release_slot(ctx, job);
             return Ok(Next::Released);
         }
@@ -690,7 +736,7 @@ async fn execute(
             Api::<RunnerJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
                 .delete(&job.name_any(), &params)
                 .await?;
-            ctx.jobs.forget(&seen.uid);
+            ctx.jobs.forget(&seen.uid, &seen.status);
             return Ok(Next::Look(Action::await_change()));
         }
     };

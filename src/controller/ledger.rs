@@ -92,6 +92,24 @@ impl Ledger {
         }
     }
 
+    /// Forgets the terminations of `ids`: their job is going. (An instance launched by an
+    /// earlier process is not among this one's launches, so [`Ledger::forget`] cannot find it.)
+    pub fn forget_terminations<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut terminated = self.terminated.lock().unwrap();
+        for id in ids {
+            terminated.remove(id);
+        }
+    }
+
+    /// Whether EC2 accepted a TerminateInstances of `id` from this process that a listing
+    /// taken at `listed_at` may not show yet: sent no more than `settle` before it. EC2 answers
+    /// such a call with the instance shutting down, never to run again.
+    pub fn terminating(&self, id: &str, listed_at: Timestamp, settle: Duration) -> bool {
+        self.terminated.lock().unwrap().get(id).is_some_and(|sent| {
+            listed_at.duration_since(*sent).unsigned_abs() <= settle || listed_at < *sent
+        })
+    }
+
     /// Whether a TerminateInstances for `id` should go out now: never sent, or sent before
     /// `listed_at` by more than `settle` (a listing taken that long after still shows the
     /// instance alive, so the first did not take).

@@ -91,6 +91,7 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
             if let Some(annotations) = job.metadata.annotations.as_mut() {
                 annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
             }
+            job::trim_finished(job);
         })
         .reflect_shared(writer)
         .for_each(|event| {
@@ -99,6 +100,15 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
             }
             std::future::ready(())
         });
+    let synced = {
+        let store = store.clone();
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                tracing::info!(jobs = store.len(), "RunnerJob cache synced");
+            }
+            std::future::pending::<()>().await
+        }
+    };
     let controllers = futures::future::join(
         pool::run(ctx.clone(), pools, for_pools),
         job::run(ctx, store, for_jobs, for_waiting_jobs),
@@ -106,6 +116,7 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
     tokio::select! {
         () = events => {}
         _ = controllers => {}
+        () = synced => {}
     }
 }
 
@@ -116,7 +127,9 @@ pub struct Context {
     ec2: Arc<dyn Ec2>,
     /// Shared by every leadership term of this process, and by the HTTP side.
     pub metrics: Arc<metrics::Metrics>,
-    pub recorder: Recorder,
+    /// Publishes the RunnerPools' Events, folding a repeat into a series; see [`Context::event`].
+    recorder: Recorder,
+    reporter: Reporter,
     pub settings: Settings,
     /// Consecutive failed passes per object, to tell a blip from a persistent problem.
     failures: Mutex<HashMap<String, u32>>,
@@ -186,7 +199,8 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             ec2,
             settings,
@@ -246,7 +260,19 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        // kube's recorder keeps every Event it published for six minutes, to fold a repeat
+        // into a series, in a map that never shrinks. A RunnerJob's Events (one per phase
+        // change) do not repeat, and a burst of thousands of jobs would leave that map sized
+        // for tens of thousands of Events: theirs go out through a recorder of their own,
+        // without the cache.
+        let fresh;
+        let recorder = if K::kind(&()) == RunnerJob::kind(&()) {
+            fresh = Recorder::new(self.client.clone(), self.reporter.clone());
+            &fresh
+        } else {
+            &self.recorder
+        };
+        if let Err(err) = recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(error = %err, reason, "could not publish event");
         }
     }
