@@ -23,7 +23,7 @@ use support::github::FakeGitHub;
 use support::identity::{self, Signer};
 use support::invariants::{Counts, assert_invariants, count_endings, instances_by_job, report};
 use support::process::{self, Pacer, WEBHOOK_SECRET};
-use support::relay::Balancer;
+use support::relay::{Balancer, Relay};
 use support::simulator::{Behaviour, GitHubSide, Simulator};
 use support::{Ground, Parts, ground, webhooks};
 
@@ -45,6 +45,8 @@ struct Faults {
     /// GitHub's JIT endpoint fails: 503s, then secondary rate limits, answers in 15 s for a
     /// while, and one job in four finds an offline runner of its name left from before (409).
     jit: bool,
+    /// The replicas reach the API server through a relay that holds every read this long.
+    api_latency: Option<Duration>,
 }
 
 struct World {
@@ -56,6 +58,8 @@ struct World {
     leases: Api<Lease>,
     fake: FakeGitHub,
     service: Balancer,
+    /// The relay the replicas reach the API server through, and its kubeconfig.
+    api: Option<(Relay, PathBuf)>,
     replicas: Vec<Pacer>,
     sim: Simulator,
     ec2: AwsEc2,
@@ -63,7 +67,7 @@ struct World {
 }
 
 impl World {
-    async fn new(scenario: &str, replicas: usize) -> Self {
+    async fn new(scenario: &str, replicas: usize, api_latency: Option<Duration>) -> Self {
         let ground = ground(Parts::Both);
         let client = ground.kube_client().await;
         let ns = ground
@@ -79,7 +83,12 @@ impl World {
         // The keys every replica shares (`process::start` keeps them): the instances' signer.
         Signer::new(&dir);
         identity::callback_key(&dir);
+        let api = match api_latency {
+            Some(delay) => Some(slow_api_server(ground, &dir, delay).await),
+            None => None,
+        };
         let mut world = Self {
+            api,
             ground,
             jobs: Api::namespaced(client.clone(), &ns),
             leases: Api::namespaced(client.clone(), &ns),
@@ -132,7 +141,7 @@ impl World {
                 name,
                 controller_id: &self.id,
                 namespace: &self.ns,
-                kubeconfig: None,
+                kubeconfig: self.api.as_ref().map(|(_, kubeconfig)| kubeconfig.clone()),
                 github: Some((
                     self.fake.url.clone(),
                     self.fake.app_id,
@@ -259,6 +268,31 @@ impl World {
     }
 }
 
+/// A relay in front of the API server that holds every read `delay`, and a kubeconfig that
+/// reaches the API server through it (its certificate names 127.0.0.1, whatever the port).
+async fn slow_api_server(
+    ground: &Ground,
+    dir: &std::path::Path,
+    delay: Duration,
+) -> (Relay, PathBuf) {
+    let config = ground.kube_config().await;
+    let upstream = format!(
+        "{}:{}",
+        config.cluster_url.host().unwrap(),
+        config.cluster_url.port_u16().unwrap()
+    );
+    let relay = Relay::start(upstream.parse().unwrap()).await;
+    relay.slow(delay);
+    let text = std::fs::read_to_string(ground.var("KUBECONFIG")).unwrap();
+    let text = text.replace(
+        &format!("https://{upstream}"),
+        &format!("https://{}", relay.addr),
+    );
+    let path = dir.join("kubeconfig-slow");
+    std::fs::write(&path, text).unwrap();
+    (relay, path)
+}
+
 fn current_user() -> String {
     let out = std::process::Command::new("id")
         .arg("-un")
@@ -276,7 +310,7 @@ fn job_count() -> i64 {
 
 async fn run(scenario: &str, faults: Faults) -> Counts {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut w = World::new(scenario, faults.replicas).await;
+    let mut w = World::new(scenario, faults.replicas, faults.api_latency).await;
     let n = job_count();
     let mut counts = Counts {
         jobs: n as usize,
@@ -343,7 +377,12 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     let jit_refused = (w.fake.state.lock().unwrap().calls.iter())
         .filter(|(endpoint, status)| endpoint.starts_with("generate_jitconfig") && *status >= 400)
         .count();
-    counts.fired = (kills + restarts + duplicates) as usize + jit_refused;
+    let delayed = w.api.as_ref().map_or(0, |(relay, _)| relay.delayed()) as usize;
+    counts.fired = (kills + restarts + duplicates) as usize + jit_refused + delayed;
+    let step_downs: usize = (w.replicas.iter())
+        .map(|r| r.log_text().matches("stepping down").count())
+        .sum();
+    eprintln!("{scenario}: the replicas stepped down {step_downs} times");
     report(scenario, &counts, started.elapsed());
     counts
 }
@@ -404,6 +443,22 @@ async fn a_failing_slow_and_clashing_jit_endpoint_loses_and_doubles_nothing() {
         Faults {
             replicas: 2,
             jit: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_all_ran(&c);
+}
+
+/// Every read between the replicas and the API server 150 ms late each way: renewals and the
+/// step-down check have their own client and timeouts, so leadership holds through the burst.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_api_server_during_a_burst_loses_and_doubles_nothing() {
+    let c = run(
+        "api-latency",
+        Faults {
+            replicas: 2,
+            api_latency: Some(Duration::from_millis(150)),
             ..Default::default()
         },
     )

@@ -1,10 +1,11 @@
 //! TCP relays: one in front of a server that can stop passing bytes, as a stalled API server or
-//! a black-holed network does (connections stay open, requests go unanswered); and a balancer in
+//! a black-holed network does (connections stay open, requests go unanswered), or pass them
+//! late, as a loaded API server does; and a balancer in
 //! front of a Service's replicas, which passes each connection to the next replica that
 //! accepts it, as kube-proxy does once a dead pod's endpoint is gone.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +14,19 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub struct Relay {
     pub addr: SocketAddr,
-    frozen: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a relay does to the bytes it passes.
+#[derive(Default)]
+struct Gate {
+    /// Nothing passes.
+    frozen: AtomicBool,
+    /// Each read is held this long before it is passed on.
+    delay_ms: AtomicU64,
+    /// Reads held so far.
+    delayed: AtomicU64,
 }
 
 impl Relay {
@@ -22,8 +34,8 @@ impl Relay {
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let held = frozen.clone();
+        let gate = Arc::new(Gate::default());
+        let held = gate.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(upstream).await else {
@@ -35,12 +47,22 @@ impl Relay {
                 tokio::spawn(pipe(server_read, client_write, held.clone()));
             }
         });
-        Self { addr, frozen, task }
+        Self { addr, gate, task }
     }
 
     /// From now on, nothing passes either way.
     pub fn freeze(&self) {
-        self.frozen.store(true, Ordering::SeqCst);
+        self.gate.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on, every read is passed on `delay` late, each way.
+    pub fn slow(&self, delay: Duration) {
+        (self.gate.delay_ms).store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Reads passed on late so far.
+    pub fn delayed(&self) -> u64 {
+        self.gate.delayed.load(Ordering::SeqCst)
     }
 }
 
@@ -73,11 +95,11 @@ impl Balancer {
                     for n in 0..candidates.len() {
                         let upstream = candidates[(first + n) % candidates.len()];
                         if let Ok(server) = TcpStream::connect(upstream).await {
-                            let never_frozen = Arc::new(AtomicBool::new(false));
+                            let open = Arc::new(Gate::default());
                             let (client_read, client_write) = client.into_split();
                             let (server_read, server_write) = server.into_split();
-                            tokio::spawn(pipe(client_read, server_write, never_frozen.clone()));
-                            tokio::spawn(pipe(server_read, client_write, never_frozen));
+                            tokio::spawn(pipe(client_read, server_write, open.clone()));
+                            tokio::spawn(pipe(server_read, client_write, open));
                             return;
                         }
                     }
@@ -110,7 +132,7 @@ impl Drop for Balancer {
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: Arc<AtomicBool>,
+    gate: Arc<Gate>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -119,8 +141,13 @@ async fn pipe(
             Ok(n) => n,
         };
         // Held, not dropped: the peer waits for an answer that does not come.
-        while frozen.load(Ordering::SeqCst) {
+        while gate.frozen.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let delay = gate.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            gate.delayed.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
