@@ -44,25 +44,11 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The process's resident memory, in MiB: all of it, and the anonymous part (heap and stacks,
+/// This process's resident memory: all of it, and the anonymous part (heap and stacks,
 /// without the executable's pages).
-fn rss_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .map(|kib: f64| kib / 1024.0)
-            .unwrap_or(0.0)
-    };
-    (field("VmRSS:"), field("RssAnon:"))
-}
-
 fn rss() -> String {
-    let (all, anon) = rss_mib();
-    format!("{all:.0} MiB (anonymous {anon:.0} MiB)")
+    let memory = process::Memory::of(std::process::id());
+    format!("{:.0} MiB (anonymous {:.0} MiB)", memory.rss, memory.anon)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

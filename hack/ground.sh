@@ -34,8 +34,7 @@ cleanup() {
   trap '' INT TERM HUP
   trap - EXIT
   [ ${#pids[@]} -eq 0 ] && return
-  # The API server's restart loop ends with it.
-  touch "$state/stopping"
+  # The API server's restart loop stops its child; the pid is there for the SIGKILL below.
   if [ -f "$state/kube-apiserver.pid" ]; then pids+=("$(cat "$state/kube-apiserver.pid")"); fi
   kill "${pids[@]}" 2>/dev/null || true
   # kube-apiserver drains its watches for a while on SIGTERM; a test ground need not wait.
@@ -124,8 +123,11 @@ rules:
   - level: None
 POLICY
   # Restarted whenever it exits, as the kubelet restarts a static pod: a test restarts the API
-  # server by killing the pid in KUBE_APISERVER_PID_FILE.
+  # server by killing the pid in KUBE_APISERVER_PID_FILE. Told to stop, the loop stops the one
+  # it runs now, so none is left whatever the moment.
   (
+    apiserver=""
+    trap '[ -n "$apiserver" ] && kill "$apiserver" 2>/dev/null; exit 0' TERM INT HUP
     while :; do
       "$kube_bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_client" \
         --audit-policy-file "$pki/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
@@ -137,9 +139,9 @@ POLICY
         --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
         --endpoint-reconciler-type none --profiling=false --enable-priority-and-fairness=false \
         >>"$state/logs/kube-apiserver.log" 2>&1 &
-      echo $! >"$state/kube-apiserver.pid"
-      wait $! || true
-      [ -e "$state/stopping" ] && exit 0
+      apiserver=$!
+      echo "$apiserver" >"$state/kube-apiserver.pid"
+      wait "$apiserver" || true
       sleep 0.2
     done
   ) &

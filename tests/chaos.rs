@@ -123,20 +123,7 @@ impl World {
             .create(&PostParams::default(), &pool)
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let pool = self.pools.get("linux").await.unwrap();
-            if (pool.status.iter().flat_map(|s| &s.conditions))
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the pool never got Ready"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        support::wait_ready(&self.pools, "linux", Duration::from_secs(60)).await;
     }
 
     async fn create_job(&self, job_id: i64) {

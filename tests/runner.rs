@@ -48,14 +48,6 @@ struct World {
     _tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn current_user() -> String {
-    let out = std::process::Command::new("id")
-        .arg("-un")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 impl World {
     /// Two pools (`alpha`, `beta`), the controllers, the listener, the fake GitHub; and the
     /// simulator, unless `behaviour` is `None`.
@@ -119,7 +111,7 @@ impl World {
             let mut pool = ground.example_pool(&ns, name);
             pool["spec"]["github"] = json!({"scope": "org", "owner": "example-org"});
             pool["spec"]["labels"] = labels;
-            pool["spec"]["runnerUser"] = json!(current_user());
+            pool["spec"]["runnerUser"] = json!(support::current_user());
             pool["spec"]["ttlSecondsAfterFinished"] = json!(3600);
             let pool: RunnerPool = serde_json::from_value(pool).unwrap();
             pools.create(&PostParams::default(), &pool).await.unwrap();

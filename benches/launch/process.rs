@@ -28,7 +28,7 @@ pub struct Memory {
 }
 
 impl Memory {
-    fn of(pid: u32) -> Self {
+    pub fn of(pid: u32) -> Self {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let field = |name: &str| -> f64 {
             status

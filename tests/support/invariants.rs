@@ -74,14 +74,24 @@ pub fn assert_invariants(c: &Counts) {
     assert!(c.fired > 0, "the scenario's faults never fired: {c:?}");
 }
 
-/// Our instances in EC2 by RunnerJob uid: how many were made, and the ids of the live ones.
+/// Our instances in EC2 by RunnerJob uid: how many were made, and the ids of the live ones. A
+/// listing that fails is asked again, and never read as "nothing there".
 pub async fn instances_by_job(
     ec2: &AwsEc2,
     controller_id: &str,
 ) -> HashMap<String, (usize, Vec<String>)> {
     let mut by_uid: HashMap<String, (usize, Vec<String>)> = HashMap::new();
-    let Ok(all) = ec2.describe_managed_instances(controller_id).await else {
-        return by_uid;
+    let mut tries = 0;
+    let all = loop {
+        match ec2.describe_managed_instances(controller_id).await {
+            Ok(all) => break all,
+            Err(e) if tries < 5 => {
+                tries += 1;
+                eprintln!("listing our instances failed ({e}); again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("listing our instances failed: {e}"),
+        }
     };
     for i in all {
         let uid = i

@@ -24,6 +24,30 @@ pub mod relay;
 pub mod simulator;
 pub mod webhooks;
 
+/// Waits until the RunnerPool `name` is Ready; panics past `within`.
+pub async fn wait_ready(pools: &Api<pacer::api::RunnerPool>, name: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let pool = pools.get(name).await.unwrap();
+        if (pool.status.iter().flat_map(|s| &s.conditions))
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool {name} never got Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The user this test runs as: a pool's `runnerUser` that the simulator can boot as.
+pub fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// Runs `command` and returns its standard output; panics, with both outputs, if it fails.
 pub fn run(command: &mut Command) -> String {
     let out = command.output().unwrap();

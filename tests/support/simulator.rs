@@ -619,10 +619,11 @@ async fn run_instance(
         }
         if !shared.alive.lock().unwrap().contains(id) {
             played.killed_busy |= marked("job.started") && !marked("job.done");
-            if shared.behaviour.stop_when_terminated {
-                let group = format!("-{}", bash.id().unwrap_or_default());
+            if shared.behaviour.stop_when_terminated
+                && let Some(pid) = bash.id()
+            {
                 let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &group])
+                    .args(["-KILL", "--", &format!("-{pid}")])
                     .status();
                 break bash.wait().await.unwrap();
             }
