@@ -29,6 +29,9 @@ Control endpoints, all JSON:
                                    consistent listing does (moto lists them at once)
   GET    /_proxy/describe-lag      {"hidden": N}: how many listed instances the lag has left out
                                    so far, so a test can prove the fault fired
+  POST   /_proxy/spot-reclaimed    {"instance": "i-..."}: DescribeInstances gives that (terminated)
+                                   instance EC2's state reason for a spot interruption,
+                                   Server.SpotInstanceTermination (moto has only the user's)
   POST   /_proxy/spot-prices       set spot prices: {"instance type": {"zone": "price"}}; history
                                    requests for a type in the table are answered from it
   POST   /_proxy/reset             drop calls, faults and spot prices and reset moto
@@ -77,6 +80,8 @@ CALL_LOG = os.environ.get("AWS_PROXY_CALL_LOG")
 DESCRIBE_LAG = []
 # Instances the lag has left out of DescribeInstances answers.
 HIDDEN = [0]
+# Instances EC2 reclaimed for a spot interruption, as their state reason says.
+SPOT_RECLAIMED = set()
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 ET.register_namespace("", EC2_NS)
 
@@ -165,6 +170,23 @@ def hide_recent_launches(data, lags):
                     HIDDEN[0] += 1
             if len(instances) == 0:
                 reservation.remove(item)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def spot_reclaimed(data, ids):
+    """DescribeInstances with the state reason EC2 gives an instance it reclaimed."""
+    root = ET.fromstring(data)
+    q = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    for instance in root.iter(q + "item"):
+        if instance.findtext(q + "instanceId") not in ids:
+            continue
+        reason = instance.find(q + "stateReason")
+        if reason is None:
+            reason = ET.SubElement(instance, q + "stateReason")
+        for child in list(reason):
+            reason.remove(child)
+        ET.SubElement(reason, q + "code").text = "Server.SpotInstanceTermination"
+        ET.SubElement(reason, q + "message").text = "Server.SpotInstanceTermination: Spot instance termination"
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
@@ -288,7 +310,11 @@ class Handler(BaseHTTPRequestHandler):
                 lag = json.loads(raw)
                 DESCRIBE_LAG.append((float(lag.get("seconds", 0)), lag.get("match") or ""))
                 return self.reply(200, "{}")
+            if path == "/_proxy/spot-reclaimed" and method == "POST":
+                SPOT_RECLAIMED.add(json.loads(raw)["instance"])
+                return self.reply(200, "{}")
             if path == "/_proxy/reset" and method == "POST":
+                SPOT_RECLAIMED.clear()
                 DESCRIBE_LAG.clear()
                 CALLS.clear()
                 FAULTS.clear()
@@ -386,6 +412,8 @@ class Handler(BaseHTTPRequestHandler):
         status, resp_headers, data = self.forward(method, self.path, raw, headers)
         if action == "DescribeInstances" and status == 200 and DESCRIBE_LAG:
             data = hide_recent_launches(data, list(DESCRIBE_LAG))
+        if action == "DescribeInstances" and status == 200 and SPOT_RECLAIMED:
+            data = spot_reclaimed(data, set(SPOT_RECLAIMED))
         content_type = dict((k.lower(), v) for k, v in resp_headers).get("content-type", "text/xml")
         self.sent = (status, content_type, data)
         self.send_response(status)

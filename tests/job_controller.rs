@@ -1573,9 +1573,10 @@ async fn a_job_life_costs_one_status_write_per_phase_change() {
     assert_eq!(versions.len(), 1 + 5 + 2, "{phases:?}");
 }
 
-/// A spot instance reclaimed while its runner ran the job: the job fails there as it would on
-/// any runner, and a pool that asks for it has GitHub re-run the job, once, when its workflow
-/// run has completed (GitHub refuses before).
+/// A spot instance EC2 reclaimed while its runner ran the job: the job fails there as it would
+/// on any runner, and a pool that asks for it has GitHub re-run the job, once, when its run
+/// has completed and GitHub says the job failed on our runner. An instance that only says it
+/// got a notice and shuts itself down gets nothing re-run: a workflow could say so.
 #[tokio::test]
 async fn a_job_lost_to_a_spot_interruption_is_rerun_once_when_its_run_completed() {
     let w = World::new("rerun").await;
@@ -1592,56 +1593,71 @@ async fn a_job_lost_to_a_spot_interruption_is_rerun_once_when_its_run_completed(
     let _controllers = w.start(Arc::new(ctx));
     w.ready_pool(|pool| pool["spec"]["rerunInterrupted"] = json!(true))
         .await;
-    fake.set_job("example-org/api", 31, "queued", None);
-    w.create_queued_job("reclaimed", 31).await;
-    let booted = w.wait_phase("reclaimed", JobPhase::Booting).await;
-    let instance = booted.status.unwrap().instance.unwrap().id;
-    let (runner_id, runner) = w.register_runner(&fake, "reclaimed", 31).await;
-    // The runner took the job, and the run goes on when EC2 gives notice and reclaims.
-    fake.set_job(
-        "example-org/api",
-        31,
-        "in_progress",
-        Some((runner_id, &runner)),
-    );
-    fake.state
-        .lock()
-        .unwrap()
-        .runs_in_progress
-        .insert(31 + 1_000_000);
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    w.patch_job_status(
-        "reclaimed",
-        json!({
-            "assignedJob": {"jobId": 31, "runId": 7, "repository": "example-org/api"},
-            "interruption": {"kind": "spot-interruption", "reportedAt": now},
-        }),
-    )
-    .await;
-    w.terminate_behind_our_back(&instance).await;
-    let failed = w.wait_phase("reclaimed", JobPhase::Failed).await;
-    let reason = failed.status.unwrap().last_error.unwrap().reason;
-    assert_eq!(reason, "InterruptedWhileRunning");
-    // Refused while the run goes on: asked again, the reason kept.
-    w.wait(|| async { fake.calls_of("rerun_job") >= 2 }).await;
-    let status = w.jobs.get("reclaimed").await.unwrap().status.unwrap();
-    assert_eq!(status.last_error.unwrap().reason, "InterruptedWhileRunning");
-    assert!(fake.state.lock().unwrap().reruns.is_empty());
-    // The run completes: the job is re-run, once.
-    fake.state.lock().unwrap().runs_in_progress.clear();
-    w.wait(|| async {
-        let status = w.jobs.get("reclaimed").await.unwrap().status.unwrap();
-        status
-            .last_error
-            .is_some_and(|e| e.reason == "RerunRequested")
-    })
-    .await;
-    let calls = fake.calls_of("rerun_job");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut instances = Vec::new();
+    for (name, job_id) in [("reclaimed", 31), ("claims-a-notice", 32)] {
+        fake.set_job("example-org/api", job_id, "queued", None);
+        w.create_queued_job(name, job_id).await;
+        let booted = w.wait_phase(name, JobPhase::Booting).await;
+        instances.push(booted.status.unwrap().instance.unwrap().id);
+        let (runner_id, runner) = w.register_runner(&fake, name, job_id).await;
+        // The runner takes the job; the run goes on. Both instances report a notice.
+        let taken = Some((runner_id, runner.as_str()));
+        fake.set_job("example-org/api", job_id, "in_progress", taken);
+        fake.state
+            .lock()
+            .unwrap()
+            .runs_in_progress
+            .insert(job_id + 1_000_000);
+        let assigned = json!({"jobId": job_id, "runId": 7, "repository": "example-org/api"});
+        let notice = json!({"kind": "spot-interruption", "reportedAt": now});
+        w.patch_job_status(
+            name,
+            json!({"assignedJob": assigned, "interruption": notice}),
+        )
+        .await;
+        fake.finish_job("example-org/api", job_id, "failure", (runner_id, &runner));
+    }
+    // EC2 reclaims the first; the second shuts itself down.
+    w.ground.proxy().spot_reclaimed(&instances[0]).await;
+    for id in &instances {
+        w.terminate_behind_our_back(id).await;
+    }
+    let jobs = w.jobs.clone();
+    let reason = |name: &'static str| {
+        let jobs = jobs.clone();
+        async move {
+            let job = jobs.get(name).await.unwrap();
+            job.status.and_then(|s| s.last_error).map(|e| e.reason)
+        }
+    };
+    w.wait_phase("reclaimed", JobPhase::Failed).await;
     assert_eq!(
-        fake.calls_of("rerun_job"),
-        calls,
-        "asked again after GitHub took it"
+        reason("reclaimed").await.as_deref(),
+        Some("InterruptedWhileRunning")
     );
+    w.wait_phase("claims-a-notice", JobPhase::Failed).await;
+    assert_eq!(
+        reason("claims-a-notice").await.as_deref(),
+        Some("InstanceLost")
+    );
+    // While the run goes on, GitHub is asked about it, and not to re-run.
+    w.wait(|| async { fake.calls_of("get_workflow_run") >= 2 })
+        .await;
+    assert_eq!(fake.calls_of("rerun_job"), 0);
+    assert_eq!(
+        reason("reclaimed").await.as_deref(),
+        Some("InterruptedWhileRunning")
+    );
+    // The run completes: the job is re-run, once; a new attempt of the run starts.
+    fake.state.lock().unwrap().runs_in_progress.clear();
+    w.wait(|| async { reason("reclaimed").await.as_deref() == Some("RerunRequested") })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.calls_of("rerun_job"), 1, "asked once");
     assert_eq!(fake.state.lock().unwrap().reruns, vec![31]);
+    assert_eq!(
+        reason("claims-a-notice").await.as_deref(),
+        Some("InstanceLost")
+    );
 }

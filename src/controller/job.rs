@@ -25,9 +25,9 @@ use crate::api::{
 use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
-    PoolAdmission, RerunAnswer, SPOT_INTERRUPTION, Step, Witness, decide, enter, holds_slot,
-    instance_state as domain_instance_state, pool_readiness, record_reason,
-    recorded_launch_unsettled, to_wake,
+    PoolAdmission, RERUN_REQUESTING, RerunAnswer, RunAttempt, SPOT_INTERRUPTION, Step, Witness,
+    decide, enter, holds_slot, instance_state as domain_instance_state, may_rerun, pool_readiness,
+    record_reason, recorded_launch_unsettled, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -480,6 +480,10 @@ struct Seen {
     /// The status as the API server has it from this pass's writes: what the next write
     /// changes.
     written: RunnerJobStatus,
+    /// The resourceVersion this pass read the job at, then its own last write's. A write made
+    /// on an older one is refused (409): a callback changed the job meanwhile, and the pass
+    /// starts over from what it wrote rather than decide on a stale status.
+    version: Option<String>,
     pool: Option<Arc<RunnerPool>>,
     limits: Limits,
     snapshot: Snapshot,
@@ -564,6 +568,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         now,
         uid,
         written: status.clone(),
+        version: job.metadata.resource_version.clone(),
         status,
         pool,
         limits,
@@ -632,7 +637,7 @@ async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Dec
         decision = decide(&seen.facts, &seen.limits);
     }
     if decision.step == Step::Rerun {
-        seen.facts.rerun = Some(rerun(job, ctx).await);
+        seen.facts.rerun = Some(rerun(job, ctx, seen).await?);
         decision = decide(&seen.facts, &seen.limits);
     }
     if decision.step == Step::Launch {
@@ -649,44 +654,64 @@ async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Dec
     Ok(decision)
 }
 
-/// Asks GitHub to re-run the job. GitHub answers 403 both while the workflow run is still
-/// going and when the App lacks the permission; only the latter says "not accessible".
-async fn rerun(job: &RunnerJob, ctx: &Context) -> RerunAnswer {
-    use crate::github::GitHubError;
+/// Asks GitHub to re-run the job, at most once: GitHub is asked first whether the run has
+/// completed and the job failed there on our runner; then the status records that the request
+/// is going out; then it goes, never retried after an answer that leaves its fate unknown.
+async fn rerun(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<RerunAnswer> {
     let Some(github) = &ctx.github else {
-        return RerunAnswer::Refused("no GitHub App is configured".into());
+        return Ok(RerunAnswer::Refused("no GitHub App is configured".into()));
     };
     let (repository, installation) = (&job.spec.repository, job.spec.installation_id);
-    match (github.rerun_job(repository, installation, job.spec.job_id)).await {
+    let unavailable = |e: crate::github::GitHubError| {
+        warn!(error = %e, "reading the job before its re-run failed; asking again later");
+        RerunAnswer::NotYet
+    };
+    let gone = || RerunAnswer::Refused("GitHub no longer has the job or its run".into());
+    let github_job = match github
+        .workflow_job(repository, installation, job.spec.job_id)
+        .await
+    {
+        Ok(Some(j)) => j,
+        Ok(None) => return Ok(gone()),
+        Err(e) => return Ok(unavailable(e)),
+    };
+    let run = match github
+        .workflow_run(repository, installation, github_job.run_id)
+        .await
+    {
+        Ok(Some(run)) => run,
+        Ok(None) => return Ok(gone()),
+        Err(e) => return Ok(unavailable(e)),
+    };
+    let attempt = RunAttempt {
+        run_status: &run.status,
+        run_attempt: run.run_attempt,
+        job_status: &github_job.status,
+        job_attempt: github_job.run_attempt,
+        conclusion: github_job.conclusion.as_deref(),
+        runner: github_job.runner_name.as_deref(),
+    };
+    let ours = seen.status.runner.as_ref().map(|r| r.name.as_str());
+    if let Err(answer) = may_rerun(&attempt, ours) {
+        return Ok(answer);
+    }
+    let asking = "asking GitHub to re-run the job; should this reason stay, its answer was lost";
+    record_reason(&mut seen.status, RERUN_REQUESTING, asking.into(), seen.now);
+    seen.write(job, ctx, &[]).await?;
+    match github
+        .rerun_job(repository, installation, job.spec.job_id)
+        .await
+    {
         Ok(()) => {
             let note = format!(
                 "asked GitHub to re-run job {} after its spot instance was reclaimed",
                 job.spec.job_id
             );
-            ctx.event(
-                job,
-                kube::runtime::events::EventType::Normal,
-                "RerunRequested",
-                note,
-            )
-            .await;
-            RerunAnswer::Requested
+            let normal = kube::runtime::events::EventType::Normal;
+            ctx.event(job, normal, "RerunRequested", note).await;
+            Ok(RerunAnswer::Requested)
         }
-        Err(GitHubError::Status {
-            status: 403,
-            message,
-            ..
-        }) if !message.to_lowercase().contains("not accessible") => RerunAnswer::NotYet,
-        Err(
-            e @ (GitHubError::NotFound(_)
-            | GitHubError::Status {
-                status: 400..=499, ..
-            }),
-        ) => RerunAnswer::Refused(e.to_string()),
-        Err(e) => {
-            warn!(error = %e, "asking GitHub to re-run the job failed; asking again later");
-            RerunAnswer::NotYet
-        }
+        Err(e) => Ok(RerunAnswer::Refused(format!("{e}; it is not asked again"))),
     }
 }
 
@@ -768,19 +793,12 @@ async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
 /// Records the decision in the status and writes it (only what changed), with the phase's
 /// metrics and Event.
 async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decision) -> Result<()> {
-    let Seen {
-        now,
-        ref mut status,
-        ..
-    } = seen;
+    let now = seen.now;
+    let status = &mut seen.status;
     if let Some((reason, message)) = decision.reason {
         record_reason(status, reason, message, now);
     }
-    // A runner still registered on GitHub is removed as the job finishes. During a GitHub
-    // outage the job finishes anyway and frees its slot: the sweep removes the runner later.
-    if decision.phase.is_finished() && !status.phase.is_finished() {
-        deregister(ctx, job, seen.pool.as_deref(), status).await;
-    }
+    let finishing = decision.phase.is_finished() && !status.phase.is_finished();
     let before = status.phase;
     let entered_before = entered_time(status).cloned();
     enter(status, decision.phase, now);
@@ -810,9 +828,14 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
         Step::Requeue { .. } => &crate::domain::job::ATTEMPT_FIELDS,
         _ => &[],
     };
-    write_status_clearing(job, ctx, &seen.written, status, cleared).await?;
+    seen.write(job, ctx, cleared).await?;
+    // A runner still registered on GitHub is removed once the job's end is recorded. During a
+    // GitHub outage the job finishes anyway and frees its slot: the sweep removes the runner.
+    if finishing {
+        deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
+    }
     let was = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
-    if let Some(notice) = crate::domain::job::phase_notice(was, status) {
+    if let Some(notice) = crate::domain::job::phase_notice(was, &seen.status) {
         let type_ = if notice.warning {
             kube::runtime::events::EventType::Warning
         } else {
@@ -1031,50 +1054,38 @@ fn instance_status(i: &Instance, launched_at: Option<Timestamp>) -> InstanceStat
     }
 }
 
-/// Writes what changed in the status since `before` (what the API server has), as a merge patch; nothing when it changed
-/// nothing, so a job that is only being watched costs the API server no writes. Fields the
-/// pass did not change (the completion the HTTP side reports) are left to their writers.
-async fn write_status(
-    job: &RunnerJob,
-    ctx: &Context,
-    before: &RunnerJobStatus,
-    status: &RunnerJobStatus,
-) -> Result<()> {
-    write_status_clearing(job, ctx, before, status, &[]).await
-}
-
-/// [`write_status`], also clearing the `cleared` fields the status leaves out, whatever
-/// `before` says: others (the instance's callbacks) may have set them since it was read.
-async fn write_status_clearing(
-    job: &RunnerJob,
-    ctx: &Context,
-    before: &RunnerJobStatus,
-    status: &RunnerJobStatus,
-    cleared: &[&str],
-) -> Result<()> {
-    // A status is strings, numbers and maps with string keys: it always serializes.
-    let json = |s: &RunnerJobStatus| serde_json::to_value(s).expect("a status serializes");
-    let after = json(status);
-    let mut changes = super::merge_patch(&json(before), &after);
-    for field in cleared.iter().filter(|f| after.get(**f).is_none()) {
-        let patch = changes.get_or_insert_with(|| serde_json::json!({}));
-        patch[*field] = serde_json::Value::Null;
-    }
-    let Some(changes) = changes else {
-        return Ok(());
-    };
-    let api: Api<RunnerJob> =
-        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
-    api.patch_status(
-        &job.name_any(),
-        &PatchParams {
+impl Seen {
+    /// Writes what this pass changed in the status (`cleared` fields removed) as a merge
+    /// patch, on the condition that nobody else wrote the job since this pass read or last
+    /// wrote it; nothing when it changed nothing, so a job that is only being watched costs
+    /// the API server no writes. Fields the pass did not change are left to their writers.
+    async fn write(&mut self, job: &RunnerJob, ctx: &Context, cleared: &[&str]) -> Result<()> {
+        // A status is strings, numbers and maps with string keys: it always serializes.
+        let json = |s: &RunnerJobStatus| serde_json::to_value(s).expect("a status serializes");
+        let after = json(&self.status);
+        let mut changes = super::merge_patch(&json(&self.written), &after);
+        for field in cleared.iter().filter(|f| after.get(**f).is_none()) {
+            let patch = changes.get_or_insert_with(|| serde_json::json!({}));
+            patch[*field] = serde_json::Value::Null;
+        }
+        let Some(changes) = changes else {
+            return Ok(());
+        };
+        let api: Api<RunnerJob> =
+            Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": self.version},
+            "status": changes,
+        });
+        let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
-        },
-        &Patch::Merge(serde_json::json!({ "status": changes })),
-    )
-    .await?;
-    Ok(())
+        };
+        let written = (api.patch_status(&job.name_any(), &params, &Patch::Merge(patch))).await?;
+        self.version = written.metadata.resource_version;
+        self.written = self.status.clone();
+        Ok(())
+    }
 }
 
 /// Availability zones of the pool's subnets, looked up once per subnet. The lock is held
@@ -1137,8 +1148,7 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
             // The record comes first: whatever happens next, a later pass sends this again.
             seen.status.launch = Some(launch::intent(&request));
             enter(&mut seen.status, JobPhase::Launching, seen.now);
-            write_status(job, ctx, &seen.written, &seen.status).await?;
-            seen.written = seen.status.clone();
+            seen.write(job, ctx, &[]).await?;
             request
         }
     };

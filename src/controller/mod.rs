@@ -331,6 +331,12 @@ impl Error {
         }
     }
 
+    /// The API server refused a write made on an older version of the object: someone else
+    /// wrote it meanwhile. Not a failure: the pass runs again on the newer object.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
+    }
+
     /// How long to wait before attempt `attempt + 1`, in units of backoff: doubling from a
     /// base that is longer for throttling, capped at 60 units (5 minutes in production).
     pub fn retry_after(&self, attempt: u32, unit: Duration) -> Duration {
@@ -353,6 +359,11 @@ where
     K: Resource<DynamicType = ()> + Send + Sync + 'static,
 {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
+    if err.is_conflict() {
+        // The watch brings the newer object (and a pass of its own) within moments.
+        tracing::debug!(object = %key, "written meanwhile; looking again");
+        return Action::requeue(Duration::from_millis(200));
+    }
     let attempt = ctx.failed(&key);
     let wait = err.retry_after(attempt, ctx.settings.backoff_unit);
     tracing::warn!(object = %key, reason = err.reason(), attempt, error = %err, "reconcile failed");

@@ -742,9 +742,10 @@ fn rerun(f: &Facts, limits: &Limits) -> Decision {
 }
 
 /// The instance went while its runner ran the job, which goes with it: reclaimed by EC2 for a
-/// spot interruption (the pool may have the job re-run), or lost otherwise.
-fn lost_while_running(f: &Facts, id: &str, reason: &str) -> Decision {
-    if f.interrupted || reason.contains("Spot") {
+/// spot interruption (the pool may have the job re-run), or lost otherwise. Only EC2's state
+/// reason says it was reclaimed: the instance's own notice is the word of whatever runs on it.
+fn lost_while_running(id: &str, reason: &str) -> Decision {
+    if reason.starts_with("Server.SpotInstanceTermination") {
         return because(
             JobPhase::Failed,
             Step::Wait(Duration::ZERO),
@@ -765,7 +766,7 @@ fn lost_while_running(f: &Facts, id: &str, reason: &str) -> Decision {
 /// queued gets a new instance while attempts are left; one no longer queued ends, saying why.
 fn replace_or_end(f: &Facts, limits: &Limits, id: &str, reason: &str) -> Decision {
     use JobPhase::*;
-    let lost = || lost_while_running(f, id, reason);
+    let lost = || lost_while_running(id, reason);
     if f.assigned {
         return lost();
     }
@@ -829,9 +830,58 @@ fn why_ended(f: &Facts, limits: &Limits, reason: &str) -> &'static str {
 /// The reason a job lost to a spot interruption after its runner took it ends with.
 pub const INTERRUPTED_WHILE_RUNNING: &str = "InterruptedWhileRunning";
 
+/// The reason a job carries while Pacer asks GitHub to re-run it, written before the request
+/// goes out: the request is made at most once, and a job that keeps this reason lost the
+/// answer.
+pub const RERUN_REQUESTING: &str = "RerunRequesting";
+
+/// What GitHub says of a job's last attempt and of its workflow run, when asked before a
+/// re-run.
+#[derive(Clone, Debug, Default)]
+pub struct RunAttempt<'a> {
+    pub run_status: &'a str,
+    pub run_attempt: Option<u32>,
+    pub job_status: &'a str,
+    pub job_attempt: Option<u32>,
+    pub conclusion: Option<&'a str>,
+    pub runner: Option<&'a str>,
+}
+
+/// Whether GitHub may be asked to re-run a job that Pacer's runner `ours` ran when its spot
+/// instance was reclaimed: GitHub re-runs a job only once its run completed (not yet before);
+/// the job must have failed in the run's latest attempt, on our runner. A job that succeeded
+/// before the instance went, or whose run was re-run since (by someone, or for another job of
+/// the run), is left alone.
+pub fn may_rerun(github: &RunAttempt<'_>, ours: Option<&str>) -> Result<(), RerunAnswer> {
+    let refused = |why: String| Err(RerunAnswer::Refused(why));
+    if github.run_status != "completed" || github.job_status != "completed" {
+        return Err(RerunAnswer::NotYet);
+    }
+    if github.runner != ours {
+        return refused(format!(
+            "GitHub says runner {} ran the job, not Pacer's {}",
+            github.runner.unwrap_or("(none)"),
+            ours.unwrap_or("(none)")
+        ));
+    }
+    if github.job_attempt != github.run_attempt {
+        return refused(format!(
+            "the run was re-run since (it is at attempt {})",
+            github.run_attempt.unwrap_or_default()
+        ));
+    }
+    match github.conclusion {
+        Some("failure") => Ok(()),
+        other => refused(format!(
+            "the job ended {}: nothing to re-run",
+            other.unwrap_or("without a conclusion")
+        )),
+    }
+}
+
 /// Whether GitHub is still to be asked to re-run the job: it was lost to a spot interruption
-/// after its runner took it, its pool asks for re-runs, and no answer was recorded yet (the
-/// answer replaces the reason).
+/// after its runner took it, its pool asks for re-runs, and no request was made yet (the
+/// request replaces the reason before it goes out).
 pub fn rerun_due(status: &RunnerJobStatus, limits: &Limits) -> bool {
     limits.rerun_interrupted
         && status.phase == JobPhase::Failed
@@ -1409,6 +1459,44 @@ mod tests {
     }
 
     #[test]
+    fn github_is_asked_to_rerun_only_a_failed_job_of_a_completed_run_it_has_not_rerun() {
+        let ours = Some("pacer-x-31-1");
+        let done = RunAttempt {
+            run_status: "completed",
+            run_attempt: Some(1),
+            job_status: "completed",
+            job_attempt: Some(1),
+            conclusion: Some("failure"),
+            runner: ours,
+        };
+        assert_eq!(may_rerun(&done, ours), Ok(()));
+        let not_yet = RunAttempt {
+            run_status: "in_progress",
+            ..done.clone()
+        };
+        assert_eq!(may_rerun(&not_yet, ours), Err(RerunAnswer::NotYet));
+        let refused = |github: RunAttempt<'_>, why: &str| match may_rerun(&github, ours) {
+            Err(RerunAnswer::Refused(message)) => assert!(message.contains(why), "{message}"),
+            other => panic!("{why}: {other:?}"),
+        };
+        let succeeded = RunAttempt {
+            conclusion: Some("success"),
+            ..done.clone()
+        };
+        refused(succeeded, "ended success");
+        let rerun_since = RunAttempt {
+            run_attempt: Some(2),
+            ..done.clone()
+        };
+        refused(rerun_since, "re-run since");
+        let theirs = RunAttempt {
+            runner: Some("someone-else"),
+            ..done
+        };
+        refused(theirs, "someone-else");
+    }
+
+    #[test]
     fn a_job_lost_to_a_spot_interruption_after_it_was_taken_is_rerun_when_its_pool_asks() {
         let mut f = facts(Running);
         f.assigned = true;
@@ -1422,8 +1510,7 @@ mod tests {
             (d.phase, d.reason.unwrap().0),
             (Failed, INTERRUPTED_WHILE_RUNNING)
         );
-        // Without the interruption, an ordinary loss.
-        f.interrupted = false;
+        // The instance's own notice is not EC2's word: a shutdown it made is an ordinary loss.
         f.instance = InstanceState::Gone {
             id: "i-1".into(),
             reason: "Client.UserInitiatedShutdown".into(),

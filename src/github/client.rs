@@ -122,6 +122,10 @@ struct Id {
     id: i64,
 }
 
+/// Calls GitHub must not get twice: sent again only after GitHub said it did nothing (a rate
+/// limit), never after an error that leaves it unknown.
+const AT_MOST_ONCE: &[&str] = &["rerun_job"];
+
 impl GitHubApp {
     pub fn new(
         api: &str,
@@ -216,9 +220,10 @@ impl GitHubApp {
                 request = request.json(body);
             }
             self.sent.fetch_add(1, Ordering::Relaxed);
+            let at_most_once = AT_MOST_ONCE.contains(&action);
             let response = match request.send().await {
                 Ok(response) => response,
-                Err(e) if attempt < ATTEMPTS => {
+                Err(e) if attempt < ATTEMPTS && !at_most_once => {
                     (self.count)(action, "transport_retry");
                     warn!(action, error = %e, "GitHub unreachable; retrying");
                     tokio::time::sleep(self.backoff * 2u32.pow(attempt - 1)).await;
@@ -258,7 +263,7 @@ impl GitHubApp {
                 && (retry_after.is_some()
                     || remaining == Some(0)
                     || message.to_lowercase().contains("rate limit"));
-            if (limited || status.is_server_error()) && attempt < ATTEMPTS {
+            if (limited || (status.is_server_error() && !at_most_once)) && attempt < ATTEMPTS {
                 (self.count)(
                     action,
                     if limited {
@@ -357,8 +362,6 @@ impl GitHubApp {
         Ok(installation)
     }
 
-    /// The installation serving a target: given, or looked up from the repository or
-    /// organization (cached).
     /// The installation serving `repository` (`owner/name`): `installation` when known.
     async fn repository_installation(
         &self,
@@ -377,6 +380,8 @@ impl GitHubApp {
         self.installation(&target).await
     }
 
+    /// The installation serving a target: given, or looked up from the repository or
+    /// organization (cached).
     async fn installation(&self, target: &RunnerTarget) -> GitHubResult<i64> {
         if let Some(id) = target.installation {
             return Ok(id);
@@ -731,9 +736,33 @@ impl GitHub for GitHubApp {
             ))
             .await?;
             match status {
+                StatusCode::CREATED => Ok(()),
                 StatusCode::NOT_FOUND => Err(GitHubError::NotFound("workflow job")),
-                _ => Ok(()),
+                other => Err(GitHubError::Status {
+                    action: "rerun_job",
+                    status: other.as_u16(),
+                    message: "not re-run".into(),
+                }),
             }
+        }
+        .boxed()
+    }
+
+    fn workflow_run<'a>(
+        &'a self,
+        repository: &'a str,
+        installation: Option<i64>,
+        run_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<Option<super::WorkflowRun>>> {
+        async move {
+            let installation = self
+                .repository_installation(repository, installation)
+                .await?;
+            let path = format!("/repos/{repository}/actions/runs/{run_id}");
+            let (_, run) = self
+                .installation_call(installation, "get_workflow_run", Method::GET, &path, None)
+                .await?;
+            Ok(run)
         }
         .boxed()
     }

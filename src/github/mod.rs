@@ -78,6 +78,20 @@ pub struct WorkflowJob {
     pub runner_id: Option<i64>,
     #[serde(default)]
     pub runner_name: Option<String>,
+    #[serde(default)]
+    pub run_id: i64,
+    /// Which attempt of its workflow run the job belongs to (1, then 2 after a re-run, ...).
+    #[serde(default)]
+    pub run_attempt: Option<u32>,
+}
+
+/// A workflow run, as `GET /repos/{owner}/{repo}/actions/runs/{id}` answers it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct WorkflowRun {
+    pub id: i64,
+    pub status: String,
+    #[serde(default)]
+    pub run_attempt: Option<u32>,
 }
 
 /// A webhook delivery of the App, as `GET /app/hook/deliveries` lists it.
@@ -178,8 +192,16 @@ pub trait GitHub: Send + Sync {
         installation: Option<i64>,
         job_id: i64,
     ) -> BoxFuture<'a, GitHubResult<Option<WorkflowJob>>>;
+    /// A workflow run of `repository` (`owner/name`) by id; `None` when GitHub has none.
+    fn workflow_run<'a>(
+        &'a self,
+        repository: &'a str,
+        installation: Option<i64>,
+        run_id: i64,
+    ) -> BoxFuture<'a, GitHubResult<Option<WorkflowRun>>>;
     /// Asks GitHub to re-run a workflow job of `repository` (`owner/name`): a new attempt of
-    /// it is queued as a new job. GitHub answers 403 until the job's workflow run completed.
+    /// its run is made, where the job is queued again as a new job. GitHub answers 403 until
+    /// the run completed. Sent at most once (see `AT_MOST_ONCE`).
     fn rerun_job<'a>(
         &'a self,
         repository: &'a str,

@@ -63,6 +63,8 @@ pub struct FakeState {
     pub busy_deletes: Vec<String>,
     /// Workflow runs still going: GitHub re-runs a job only once its run completed.
     pub runs_in_progress: std::collections::HashSet<i64>,
+    /// Workflow runs past their first attempt: run id -> attempt.
+    pub run_attempts: HashMap<i64, u32>,
     /// Jobs GitHub was asked to re-run, and did.
     pub reruns: Vec<i64>,
 }
@@ -141,6 +143,10 @@ impl FakeGitHub {
             .route(
                 "/repos/{owner}/{repo}/actions/jobs/{id}/rerun",
                 post(rerun_job),
+            )
+            .route(
+                "/repos/{owner}/{repo}/actions/runs/{run}",
+                get(workflow_run),
             )
             .route("/repos/{owner}/{repo}/releases/latest", get(latest_release))
             .route(
@@ -265,7 +271,7 @@ impl FakeGitHub {
     /// `in_progress`, `completed`) and the runner that took it.
     pub fn set_job(&self, repository: &str, id: i64, status: &str, runner: Option<(i64, &str)>) {
         let job = json!({
-            "id": id, "run_id": id + 1_000_000, "status": status,
+            "id": id, "run_id": id + 1_000_000, "run_attempt": 1, "status": status,
             "conclusion": if status == "completed" { json!("success") } else { Value::Null },
             "html_url": format!("https://github.com/{repository}/actions/runs/{}/job/{id}", id + 1_000_000),
             "labels": ["self-hosted", "linux"],
@@ -274,6 +280,13 @@ impl FakeGitHub {
             "repository": repository,
         });
         self.state.lock().unwrap().jobs.insert(id, job);
+    }
+
+    /// Job `id` of `repository` ended with `conclusion` on `runner` (id, name).
+    pub fn finish_job(&self, repository: &str, id: i64, conclusion: &str, runner: (i64, &str)) {
+        self.set_job(repository, id, "completed", Some(runner));
+        let mut s = self.state.lock().unwrap();
+        s.jobs.get_mut(&id).unwrap()["conclusion"] = json!(conclusion);
     }
 
     /// Marks the runner named `name` of `target` busy (running a job) or idle.
@@ -819,7 +832,31 @@ fn remove_runner(shared: &Shared, target: &str, id: i64) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// Re-runs a job, as GitHub does once the job's workflow run completed: 201, else 403.
+/// A workflow run of a job the fake knows: completed unless a test said it goes on.
+async fn workflow_run(
+    State(shared): State<Arc<Shared>>,
+    Path((owner, repo, run)): Path<(String, String, i64)>,
+    headers: HeaderMap,
+) -> Response {
+    guard!(shared, "get_workflow_run");
+    installation_only!(shared, headers);
+    let s = shared.state.lock().unwrap();
+    let known = (s.jobs.values())
+        .any(|j| j["run_id"] == run && j["repository"] == format!("{owner}/{repo}"));
+    if !known {
+        return error(404, "Not Found");
+    }
+    let status = if s.runs_in_progress.contains(&run) {
+        "in_progress"
+    } else {
+        "completed"
+    };
+    let attempt = s.run_attempts.get(&run).copied().unwrap_or(1);
+    axum::Json(json!({"id": run, "status": status, "run_attempt": attempt})).into_response()
+}
+
+/// Re-runs a job, as GitHub does once the job's workflow run completed (201, else 403): a new
+/// attempt of the run starts.
 async fn rerun_job(
     State(shared): State<Arc<Shared>>,
     Path((owner, repo, id)): Path<(String, String, i64)>,
@@ -832,9 +869,14 @@ async fn rerun_job(
         Some(job) if job["repository"] == format!("{owner}/{repo}") => job["run_id"].as_i64(),
         _ => return error(404, "Not Found"),
     };
-    if run.is_some_and(|run| s.runs_in_progress.contains(&run)) {
+    let Some(run) = run else {
+        return error(404, "Not Found");
+    };
+    if s.runs_in_progress.contains(&run) {
         return error(403, "This workflow run is not completed");
     }
+    *s.run_attempts.entry(run).or_insert(1) += 1;
+    s.runs_in_progress.insert(run);
     s.reruns.push(id);
     (StatusCode::CREATED, axum::Json(json!({}))).into_response()
 }

@@ -73,6 +73,18 @@ impl Proxy {
         assert!(resp.status().is_success());
     }
 
+    /// From now on EC2's listing gives `instance` the state reason of a spot interruption.
+    pub async fn spot_reclaimed(&self, instance: &str) {
+        let resp = self
+            .http
+            .post(format!("{}/_proxy/spot-reclaimed", self.base))
+            .json(&json!({ "instance": instance }))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+    }
+
     /// How many instances the describe lag has left out of listings so far.
     pub async fn hidden_by_lag(&self) -> u64 {
         let answer: serde_json::Value = self
