@@ -126,8 +126,8 @@ POLICY
   # server by killing the pid in KUBE_APISERVER_PID_FILE. Told to stop, the loop stops the one
   # it runs now, so none is left whatever the moment.
   (
-    apiserver=""
-    trap '[ -n "$apiserver" ] && kill "$apiserver" 2>/dev/null; exit 0' TERM INT HUP
+    # jobs -p: the running child even before $! is read.
+    trap 'kill $(jobs -p) 2>/dev/null || true; exit 0' TERM INT HUP
     while :; do
       "$kube_bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_client" \
         --audit-policy-file "$pki/audit-policy.yaml" --audit-log-path "$state/logs/audit.log" \
@@ -139,9 +139,8 @@ POLICY
         --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/24 \
         --endpoint-reconciler-type none --profiling=false --enable-priority-and-fairness=false \
         >>"$state/logs/kube-apiserver.log" 2>&1 &
-      apiserver=$!
-      echo "$apiserver" >"$state/kube-apiserver.pid"
-      wait "$apiserver" || true
+      echo $! >"$state/kube-apiserver.pid"
+      wait $! || true
       sleep 0.2
     done
   ) &

@@ -883,7 +883,9 @@ pub fn may_rerun(github: &RunAttempt<'_>, ours: Option<&str>) -> Result<(), Reru
 /// after its runner took it, its pool asks for re-runs, and no request was made yet (the
 /// request replaces the reason before it goes out).
 pub fn rerun_due(status: &RunnerJobStatus, limits: &Limits) -> bool {
+    // A runner that reported its exit ended the job itself, before the instance went.
     limits.rerun_interrupted
+        && status.completion.is_none()
         && status.phase == JobPhase::Failed
         && (status.last_error.as_ref()).is_some_and(|e| e.reason == INTERRUPTED_WHILE_RUNNING)
 }
@@ -1535,6 +1537,15 @@ mod tests {
             Timestamp::UNIX_EPOCH,
         );
         assert!(rerun_due(&status, &limits));
+        let mut reported = status.clone();
+        reported.completion = Some(crate::api::Completion {
+            result: crate::api::JobResult::Failure,
+            reported_at: None,
+        });
+        assert!(
+            !rerun_due(&reported, &limits),
+            "the runner ended the job itself"
+        );
         assert!(
             !rerun_due(&status, &Limits::default()),
             "the pool did not ask"
