@@ -24,7 +24,9 @@ use pacer::cloud::aws::AwsEc2;
 use pacer::controller::{self, Context, Settings};
 use serde_json::json;
 use support::github::FakeGitHub;
-use support::invariants::{Counts, assert_invariants, count_endings, instances_by_job, report};
+use support::invariants::{
+    Counts, assert_invariants, count_endings, instances_by_job, job_count, report,
+};
 use support::{Ground, Parts, ground};
 
 const REPO: &str = "example-org/api";
@@ -260,13 +262,6 @@ struct Timing {
     boot: Duration,
     take: Duration,
     run: Duration,
-}
-
-fn job_count() -> i64 {
-    std::env::var("CHAOS_JOBS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(8)
 }
 
 async fn run(scenario: &str, faults: Faults) -> Counts {

@@ -5,8 +5,10 @@
 //! twice, every third job's out of order) and stops an instance terminated under it.
 //!
 //! Scenarios: the leader SIGKILLed and restarted again and again mid-burst, with one replica and
-//! with two; the kube-apiserver killed and restarted mid-burst. Each ends with the invariants of
-//! `support::invariants`. `make test` runs a short form; `make chaos` runs `CHAOS_JOBS` jobs.
+//! with two; the kube-apiserver killed and restarted mid-burst; GitHub's JIT endpoint failing,
+//! slow and clashing; every read between the replicas and the API server late. Each ends with
+//! the invariants of `support::invariants`. `make test` runs a short form; `make chaos` runs
+//! `CHAOS_JOBS` jobs.
 
 mod support;
 
@@ -21,7 +23,9 @@ use pacer::cloud::aws::AwsEc2;
 use serde_json::json;
 use support::github::FakeGitHub;
 use support::identity::{self, Signer};
-use support::invariants::{Counts, assert_invariants, count_endings, instances_by_job, report};
+use support::invariants::{
+    Counts, assert_invariants, count_endings, instances_by_job, job_count, report,
+};
 use support::process::{self, Pacer, WEBHOOK_SECRET};
 use support::relay::{Balancer, Relay};
 use support::simulator::{Behaviour, GitHubSide, Simulator};
@@ -286,13 +290,6 @@ async fn slow_api_server(
     let path = dir.join("kubeconfig-slow");
     std::fs::write(&path, text).unwrap();
     (relay, path)
-}
-
-fn job_count() -> i64 {
-    std::env::var("CHAOS_JOBS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(8)
 }
 
 async fn run(scenario: &str, faults: Faults) -> Counts {

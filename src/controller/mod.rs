@@ -351,6 +351,9 @@ impl Error {
 
 /// Passes in a row that must fail before a Warning Event: one blip is not news.
 const FAILURES_BEFORE_WARNING: u32 = 3;
+/// Passes in a row whose write was refused because the job changed meanwhile, before they
+/// count as failures: one is ordinary (a callback wrote), many mean something keeps writing.
+const CONFLICTS_BEFORE_WARNING: u32 = 8;
 
 /// The retry policy every controller shares: back off per object, and say so in an Event
 /// once a problem persists.
@@ -359,15 +362,16 @@ where
     K: Resource<DynamicType = ()> + Send + Sync + 'static,
 {
     let key = format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-    if err.is_conflict() {
-        // The watch brings the newer object (and a pass of its own) within moments.
-        tracing::debug!(object = %key, "written meanwhile; looking again");
-        return Action::requeue(Duration::from_millis(200));
-    }
     let attempt = ctx.failed(&key);
+    if err.is_conflict() && attempt < CONFLICTS_BEFORE_WARNING {
+        // The watch brings the newer object (and a pass of its own) within moments; a job
+        // written over and over waits longer each time, and is reported past a few.
+        tracing::debug!(object = %key, attempt, "written meanwhile; looking again");
+        return Action::requeue(Duration::from_millis(200) * 2u32.pow(attempt.min(6) - 1));
+    }
     let wait = err.retry_after(attempt, ctx.settings.backoff_unit);
     tracing::warn!(object = %key, reason = err.reason(), attempt, error = %err, "reconcile failed");
-    if attempt == FAILURES_BEFORE_WARNING {
+    if attempt == FAILURES_BEFORE_WARNING || attempt == CONFLICTS_BEFORE_WARNING {
         let note = err.to_string();
         let reason = err.reason();
         tokio::spawn(async move { ctx.event(&*obj, EventType::Warning, reason, note).await });

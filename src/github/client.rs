@@ -380,6 +380,22 @@ impl GitHubApp {
         self.installation(&target).await
     }
 
+    /// `GET path` with the token of the installation serving `repository`; `None` on 404.
+    async fn repository_get<T: DeserializeOwned>(
+        &self,
+        repository: &str,
+        installation: Option<i64>,
+        action: &'static str,
+        path: String,
+    ) -> GitHubResult<Option<T>> {
+        let installation = self
+            .repository_installation(repository, installation)
+            .await?;
+        let (_, found) =
+            (self.installation_call(installation, action, Method::GET, &path, None)).await?;
+        Ok(found)
+    }
+
     /// The installation serving a target: given, or looked up from the repository or
     /// organization (cached).
     async fn installation(&self, target: &RunnerTarget) -> GitHubResult<i64> {
@@ -703,17 +719,8 @@ impl GitHub for GitHubApp {
         installation: Option<i64>,
         job_id: i64,
     ) -> BoxFuture<'a, GitHubResult<Option<super::WorkflowJob>>> {
-        async move {
-            let installation = self
-                .repository_installation(repository, installation)
-                .await?;
-            let path = format!("/repos/{repository}/actions/jobs/{job_id}");
-            let (_, job) = self
-                .installation_call(installation, "get_workflow_job", Method::GET, &path, None)
-                .await?;
-            Ok(job)
-        }
-        .boxed()
+        let path = format!("/repos/{repository}/actions/jobs/{job_id}");
+        (self.repository_get(repository, installation, "get_workflow_job", path)).boxed()
     }
 
     fn rerun_job<'a>(
@@ -754,17 +761,8 @@ impl GitHub for GitHubApp {
         installation: Option<i64>,
         run_id: i64,
     ) -> BoxFuture<'a, GitHubResult<Option<super::WorkflowRun>>> {
-        async move {
-            let installation = self
-                .repository_installation(repository, installation)
-                .await?;
-            let path = format!("/repos/{repository}/actions/runs/{run_id}");
-            let (_, run) = self
-                .installation_call(installation, "get_workflow_run", Method::GET, &path, None)
-                .await?;
-            Ok(run)
-        }
-        .boxed()
+        let path = format!("/repos/{repository}/actions/runs/{run_id}");
+        (self.repository_get(repository, installation, "get_workflow_run", path)).boxed()
     }
 
     fn failed_deliveries<'a>(

@@ -10,6 +10,14 @@ use pacer::cloud::aws::AwsEc2;
 /// Reasons a job may end with other than success, each saying why it did not run here.
 pub const EXPLAINED: [&str; 4] = ["NotQueued", "AttemptsExhausted", "Cancelled", "PoolGone"];
 
+/// Jobs per scenario: `CHAOS_JOBS` (`make chaos`), a few in `make test`.
+pub fn job_count() -> i64 {
+    std::env::var("CHAOS_JOBS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(8)
+}
+
 /// Invariant counts: every one but `jobs`, `succeeded` and `max_alive` must be zero.
 #[derive(Debug, Default)]
 pub struct Counts {
