@@ -735,6 +735,9 @@ async fn execute(
             if let Some((reason, message)) = &decision.reason {
                 record_reason(&mut seen.status, reason, message.clone(), seen.now);
             }
+            // The ended attempt's runner, if it got one, took no job: it goes from GitHub with
+            // its instance (should GitHub refuse, the sweep removes it later).
+            deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
             requeue(ctx, job, &mut seen.status, why, seen.now);
             Action::requeue(Duration::ZERO)
         }
