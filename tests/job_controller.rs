@@ -143,6 +143,17 @@ impl World {
             .unwrap();
     }
 
+    /// A fake GitHub with the App installed on example-org/api, and both controllers started
+    /// with it; dropping the handle stops them.
+    async fn start_with_github(
+        &self,
+    ) -> (support::github::FakeGitHub, tokio::task::JoinHandle<()>) {
+        let fake = support::github::FakeGitHub::start().await;
+        fake.install(1, &["example-org/api"]);
+        let controllers = self.start(self.context_with_github(&fake));
+        (fake, controllers)
+    }
+
     /// Starts both controllers on `ctx`; dropping the handle stops them.
     fn start(&self, ctx: Arc<Context>) -> tokio::task::JoinHandle<()> {
         let (pools, jobs) = (self.pools.clone(), self.jobs.clone());
@@ -1236,9 +1247,7 @@ async fn a_launch_template_deleted_behind_our_back_is_recreated_and_the_job_laun
 #[tokio::test]
 async fn a_runner_is_removed_from_github_but_a_github_outage_holds_no_slot() {
     let w = World::new("deregister").await;
-    let fake = support::github::FakeGitHub::start().await;
-    fake.install(1, &["example-org/api"]);
-    let _controllers = w.start(w.context_with_github(&fake));
+    let (fake, _controllers) = w.start_with_github().await;
     w.ready_pool(|_| {}).await;
     w.create_queued_job("registered", 1).await;
     w.wait_phase("registered", JobPhase::Booting).await;
@@ -1262,9 +1271,7 @@ async fn a_runner_is_removed_from_github_but_a_github_outage_holds_no_slot() {
 #[tokio::test]
 async fn a_busy_runner_whose_in_progress_was_lost_is_never_cut_off_at_the_idle_limit() {
     let w = World::new("busy-idle").await;
-    let fake = support::github::FakeGitHub::start().await;
-    fake.install(1, &["example-org/api"]);
-    let _controllers = w.start(w.context_with_github(&fake));
+    let (fake, _controllers) = w.start_with_github().await;
     w.ready_pool(|_| {}).await;
     let mut runners = Vec::new();
     for (name, job_id) in [("busy", 11), ("idle", 12)] {
@@ -1310,9 +1317,7 @@ async fn a_busy_runner_whose_in_progress_was_lost_is_never_cut_off_at_the_idle_l
 #[tokio::test]
 async fn an_instance_lost_before_its_runner_took_the_job_is_replaced_while_github_says_queued() {
     let w = World::new("requeue").await;
-    let fake = support::github::FakeGitHub::start().await;
-    fake.install(1, &["example-org/api"]);
-    let _controllers = w.start(w.context_with_github(&fake));
+    let (fake, _controllers) = w.start_with_github().await;
     w.ready_pool(|_| {}).await;
     fake.set_job("example-org/api", 21, "queued", None);
     let job = w.create_queued_job("lost", 21).await;
@@ -1487,9 +1492,7 @@ async fn a_job_waiting_for_room_that_github_no_longer_queues_is_retired_by_the_s
 #[tokio::test]
 async fn spot_interruption_notices_past_the_breaker_turn_the_pool_on_demand_for_a_while() {
     let w = World::new("breaker").await;
-    let fake = support::github::FakeGitHub::start().await;
-    fake.install(1, &["example-org/api"]);
-    let _controllers = w.start(w.context_with_github(&fake));
+    let (_fake, _controllers) = w.start_with_github().await;
     w.ready_pool(|p| {
         p["spec"]["capacity"] = json!({"type": "spot", "fallbackToOnDemand": true,
             "interruptionBreaker": {"notices": 2, "windowMinutes": 10, "onDemandMinutes": 20}});
@@ -1535,9 +1538,7 @@ async fn a_job_life_costs_one_status_write_per_phase_change() {
     use futures::StreamExt as _;
     use kube::runtime::watcher;
     let w = World::new("writes").await;
-    let fake = support::github::FakeGitHub::start().await;
-    fake.install(1, &["example-org/api"]);
-    let _controllers = w.start(w.context_with_github(&fake));
+    let (fake, _controllers) = w.start_with_github().await;
     w.ready_pool(|_| {}).await;
     // Every version of the job the API server stores, from its creation on.
     let versions = Arc::new(std::sync::Mutex::new(
