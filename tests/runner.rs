@@ -41,6 +41,9 @@ struct World {
     github: FakeGitHub,
     /// The listener's base URL (`server.public_url`).
     url: String,
+    /// A second replica's listener (plain HTTP), serving webhooks and instances only: what
+    /// an instance's try reaches when the Service routes it elsewhere.
+    other_replica: String,
     dir: PathBuf,
     tokens: Tokens,
     sim: Option<Simulator>,
@@ -129,9 +132,10 @@ impl World {
                 .reflect(writer)
                 .for_each(|_| std::future::ready(())),
         ));
-        let trust = TrustRoots::from_pem(&std::fs::read(signer.certificate()).unwrap()).unwrap();
-        let web = Arc::new(
-            Web::new(
+        let replica = |ctx| {
+            let trust =
+                TrustRoots::from_pem(&std::fs::read(signer.certificate()).unwrap()).unwrap();
+            let web = Web::new(
                 ctx,
                 store.clone(),
                 vec![Secret::new(SECRET.to_vec())],
@@ -141,10 +145,20 @@ impl World {
                 trust,
                 tokens: tokens.clone(),
                 region: ground.var("AWS_REGION").to_string(),
-            }),
-        );
+            });
+            Arc::new(web)
+        };
+        let (web, other) = (replica(ctx.clone()), replica(ctx));
         store.wait_until_ready().await.unwrap();
         web.ready.store(true, Ordering::SeqCst);
+        other.ready.store(true, Ordering::SeqCst);
+        let other_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_replica = format!("http://{}", other_listener.local_addr().unwrap());
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(other_listener, router(other))
+                .into_future()
+                .await;
+        }));
         match private_ca {
             None => tasks.push(tokio::spawn(async move {
                 let _ = axum::serve(listener, router(web)).into_future().await;
@@ -206,6 +220,7 @@ impl World {
             jobs,
             github,
             url,
+            other_replica,
             dir,
             tokens,
             sim,
@@ -305,7 +320,17 @@ impl World {
     }
 
     async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut request = self.http.post(format!("{}{path}", self.url)).json(&body);
+        self.post_to(&self.url, path, token, body).await
+    }
+
+    async fn post_to(
+        &self,
+        url: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (u16, Value) {
+        let mut request = self.http.post(format!("{url}{path}")).json(&body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -607,6 +632,114 @@ async fn a_github_slower_than_the_request_timeout_makes_no_instance_shut_itself_
         .finished(&instance, Duration::from_secs(10))
         .await;
     assert_eq!(booted.exit, Some(0), "boot log: {}", log(&booted.dir));
+}
+
+/// Behind a Service, an instance's next try may reach another replica than the one that
+/// started its bootstrap, or that replica may be gone: the answer waits in the replicas' store,
+/// and whichever replica the instance reaches hands it out, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
+    let w = World::new("runner-handover", None).await;
+    w.queue(5201, &["self-hosted", "linux", "alpha"]).await;
+    let job = w
+        .wait_phase(&job_object_name(5201), &[JobPhase::Booting], 60)
+        .await;
+    let instance = job.status.unwrap().instance.unwrap().id;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let signer = Signer::at(&w.dir.join("identity"));
+    let document = identity::document(
+        ACCOUNT,
+        w.ground.var("AWS_REGION"),
+        &instance,
+        "x86_64",
+        &now,
+    );
+    let request = json!({ "signature": signer.sign(&document), "document": document });
+    let client = w.jobs.clone().into_client();
+    let answers = pacer::runner::answers::Answers::new(client.clone(), "default", &w.controller_id);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, "default");
+    let left = ListParams::default().labels(&format!(
+        "{}={}",
+        pacer::runner::answers::ANSWER_OF,
+        w.controller_id
+    ));
+
+    // The first try reaches this replica, which starts the bootstrap; minting the runner
+    // takes 3 s and the instance gives up after 1 s.
+    w.github.slow("generate_jitconfig", Duration::from_secs(3));
+    let gave_up = w
+        .http
+        .post(format!("{}/api/runner/bootstrap", w.url))
+        .json(&request)
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    // Every later try reaches the other replica: told to ask again, then given the answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let (status, answer) = w
+            .post_to(
+                &w.other_replica,
+                "/api/runner/bootstrap",
+                None,
+                request.clone(),
+            )
+            .await;
+        match status {
+            200 => break answer,
+            503 => assert!(tokio::time::Instant::now() < deadline, "never answered"),
+            _ => panic!("{status}: {answer}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        answer["jitConfig"].as_str().is_some_and(|c| !c.is_empty()),
+        "{answer}"
+    );
+    assert!(
+        answer["callbackToken"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{answer}"
+    );
+    assert_eq!(
+        w.github.calls_of("generate_jitconfig"),
+        1,
+        "one runner minted"
+    );
+    assert!(
+        secrets.list(&left).await.unwrap().items.is_empty(),
+        "the answer left the store as it was handed out"
+    );
+    // Handed out once: a replay gets nothing from either replica.
+    let (status, replay) = w.post("/api/runner/bootstrap", None, request.clone()).await;
+    assert_eq!(status, 409, "{replay}");
+    let (status, replay) = w
+        .post_to(&w.other_replica, "/api/runner/bootstrap", None, request)
+        .await;
+    assert_eq!(status, 503, "{replay}");
+    assert!(replay.get("jitConfig").is_none(), "{replay}");
+    assert_eq!(
+        w.github.calls_of("generate_jitconfig"),
+        1,
+        "no second runner"
+    );
+
+    // An answer no instance collects is removed once its hold is over, and only then.
+    answers
+        .leave(
+            "i-0123456789abcdef0",
+            "some-uid",
+            &json!({"jitConfig": "x"}),
+        )
+        .await
+        .unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    assert_eq!(answers.expire(now).await.unwrap(), 0);
+    let hold = pacer::domain::job::BOOT_ANSWER_HOLD;
+    assert_eq!(answers.expire(now + hold).await.unwrap(), 1);
+    assert!(secrets.list(&left).await.unwrap().items.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

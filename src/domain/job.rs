@@ -1085,8 +1085,9 @@ pub struct Claimant<'a> {
 /// Whether a RunnerJob (its uid and status, as read now) may take an instance's bootstrap at
 /// `now`: it is the RunnerJob the instance was launched for, it waits for one to boot, the
 /// instance is the one it launched (once it knows which), and none has bootstrapped yet. Why
-/// not, otherwise: denied (401) when the instance is not this RunnerJob's, never (409), or not
-/// yet (503, while this very instance's bootstrap is still being answered).
+/// not, otherwise: denied (401) when the instance is not this RunnerJob's, never (409), not
+/// yet (503, its launch not recorded yet), or claimed by this very instance (its answer is
+/// being made, or waits to be collected).
 pub fn may_bootstrap(
     job_uid: Option<&str>,
     status: &RunnerJobStatus,
@@ -1138,8 +1139,8 @@ pub fn may_bootstrap(
 }
 
 /// Why a RunnerJob that has bootstrapped an instance refuses another bootstrap: claimed by
-/// this very instance a moment ago, its runner not started, the replica that claimed it holds
-/// the answer until the instance collects it; any other is refused for good.
+/// this very instance a moment ago, its runner not started, its answer is being made or waits
+/// for the instance to collect it; any other is refused for good.
 fn already_bootstrapped(
     boot: &crate::api::BootStatus,
     status: &RunnerJobStatus,
@@ -1151,7 +1152,7 @@ fn already_bootstrapped(
         && status.runner.is_none()
         && claimed.unsigned_abs() < BOOT_ANSWER_HOLD
     {
-        return Refusal::NotYet("is bootstrapping this instance; ask again shortly".into());
+        return Refusal::Claimed("is bootstrapping this instance; ask again shortly".into());
     }
     Refusal::Never("has already bootstrapped an instance".into())
 }
@@ -1163,6 +1164,9 @@ pub enum Refusal {
     Denied(String),
     Never(String),
     NotYet(String),
+    /// Claimed by this very instance, within [`BOOT_ANSWER_HOLD`]: its answer, once made,
+    /// waits for it.
+    Claimed(String),
 }
 
 /// What a signed `in_progress` or `completed` delivery says about a runner: which repository
@@ -2546,10 +2550,11 @@ mod tests {
             runner_version: None,
             log_tail: None,
         });
-        // The same instance asking again at once is told to ask again; another, or later, never.
+        // The same instance asking again at once may collect its answer; another, or later,
+        // never.
         assert!(matches!(
             ask(&status, "i-2", Timestamp::now()),
-            Err(Refusal::NotYet(_))
+            Err(Refusal::Claimed(_))
         ));
         assert!(
             matches!(ask(&status, "i-3", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("already"))

@@ -27,6 +27,7 @@ use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::domain::job::{BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap};
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
+use crate::runner::answers::Answers;
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
 
@@ -157,8 +158,8 @@ pub async fn bootstrap(
         )));
     }
     // This instance asked before and its bootstrap started here: that answer, once.
-    if let Some(answer) = web.boots.collect(instance_id).await {
-        return answer;
+    if let Some(waited) = web.boots.wait(instance_id).await {
+        return answer_from_here(&web, instance_id, waited).await;
     }
     // What cannot be Pacer's costs no EC2 call: another account's document, or an instance
     // EC2 said lately is not Pacer's.
@@ -229,8 +230,17 @@ pub async fn bootstrap(
     };
     // Refused now rather than after the calls below; the claim asks again of what it writes.
     let status = job.status.clone().unwrap_or_default();
-    may_bootstrap(job.uid().as_deref(), &status, &claimant, now)
-        .map_err(|refusal| refused(name, refusal))?;
+    match may_bootstrap(job.uid().as_deref(), &status, &claimant, now) {
+        Ok(()) => {}
+        // Its bootstrap started on another replica (or on one that is gone): the answer, once
+        // made, waits for it in the replicas' store.
+        Err(Refusal::Claimed(why)) => {
+            return collect(&web, instance_id, uid)
+                .await?
+                .ok_or_else(|| refused(name, Refusal::Claimed(why)));
+        }
+        Err(refusal) => return Err(refused(name, refusal)),
+    }
     let pool = pool_of(&web, &job).await?;
     let boot_timeout = (web.ctx.settings.job_limits)
         .for_pool(&pool.spec)
@@ -289,12 +299,60 @@ pub async fn bootstrap(
             callback,
         },
     );
-    web.boots.start(instance_id, sequence);
-    (web.boots.collect(instance_id).await).unwrap_or_else(|| {
-        Err(ApiError::Unavailable(
-            "the bootstrap's answer was collected already",
-        ))
-    })
+    web.boots.start(instance_id, uid, sequence);
+    match web.boots.wait(instance_id).await {
+        Some(waited) => answer_from_here(&web, instance_id, waited).await,
+        None => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
+    }
+}
+
+/// The answer to a bootstrap started on this replica, as far as it went.
+async fn answer_from_here(web: &Web, instance: &str, waited: Waited) -> Result<Response, ApiError> {
+    match waited {
+        Waited::Answered(job_uid) => match collect(web, instance, &job_uid).await? {
+            Some(answer) => Ok(answer),
+            None => {
+                // Made here and gone from the store: another replica handed it out.
+                web.boots.collected(instance);
+                Err(handed_out())
+            }
+        },
+        Waited::Failed(e) => Err(e),
+        Waited::Running => Err(ApiError::NotYet(
+            "the bootstrap is in progress; ask again shortly".into(),
+            2,
+        )),
+        Waited::Collected => Err(handed_out()),
+    }
+}
+
+fn handed_out() -> ApiError {
+    ApiError::Conflict(
+        "the RunnerJob has already bootstrapped this instance; its answer was handed out".into(),
+    )
+}
+
+/// Where bootstrap answers wait for their instances: the replicas' own namespace.
+fn answers(web: &Web) -> Answers {
+    let settings = &web.ctx.settings;
+    Answers::new(
+        web.ctx.client.clone(),
+        &settings.home,
+        &settings.controller_id,
+    )
+}
+
+/// Takes the answer waiting for `instance`, made for the RunnerJob `job_uid`, if any: whoever
+/// takes it hands it out, and no one else can.
+async fn collect(web: &Web, instance: &str, job_uid: &str) -> Result<Option<Response>, ApiError> {
+    let answer = answers(web)
+        .take(instance, job_uid)
+        .await
+        .map_err(|e| unavailable("collecting the bootstrap answer", e))?;
+    Ok(answer.map(|answer| {
+        web.boots.collected(instance);
+        axum::Json(answer).into_response()
+    }))
 }
 
 /// What a bootstrap hands out, once its claim holds.
@@ -310,9 +368,10 @@ struct Handout {
     callback: crate::config::Secret,
 }
 
-/// Claims the job for the instance, mints its runner's JIT config and records the runner:
-/// run apart from the request that started it, so a client that gives up (a timeout, a
-/// dropped connection) cannot cut it in half; its answer waits for the instance's next try.
+/// Claims the job for the instance, mints its runner's JIT config, records the runner and
+/// leaves the answer for the instance: run apart from the request that started it, so a client
+/// that gives up (a timeout, a dropped connection) cannot cut it in half; its answer waits for
+/// the instance's next try, whichever replica that reaches.
 async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     let Handout { job, boot, .. } = &h;
     let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
@@ -328,9 +387,7 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     {
         Ok(jit) => jit,
         Err(e) => {
-            if let Err(e) = patch_status(&web, job, None, json!({ "boot": null })).await {
-                warn!(error = %e, runner_job = %name, "could not give back a bootstrap claim");
-            }
+            give_back(&web, job).await;
             return Err(unavailable("minting the JIT runner config", e));
         }
     };
@@ -338,13 +395,20 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
         id: jit.runner_id,
         name: runner_name,
     };
+    // A failure below gives the claim back, so the instance may try again (its runner is
+    // offline and unclaimed: the next JIT call for the name replaces it).
     if let Err(e) = patch_status(&web, job, None, json!({ "boot": { "runner": runner } })).await {
-        // Given back, so the instance may try again (its runner is offline and unclaimed:
-        // the next JIT call for the name replaces it).
-        if let Err(e) = patch_status(&web, job, None, json!({ "boot": null })).await {
-            warn!(error = %e, runner_job = %name, "could not give back a bootstrap claim");
-        }
+        give_back(&web, job).await;
         return Err(unavailable("recording the runner", e));
+    }
+    let answer = json!({
+        "jitConfig": String::from_utf8_lossy(jit.encoded.expose()),
+        "callbackToken": String::from_utf8_lossy(h.callback.expose()),
+        "runner": h.release,
+    });
+    if let Err(e) = answers(&web).leave(instance_id, &h.job_uid, &answer).await {
+        give_back(&web, job).await;
+        return Err(unavailable("leaving the bootstrap answer", e));
     }
     let version = &h.release.version;
     info!(runner_job = %name, instance = instance_id, runner = %runner.name,
@@ -356,94 +420,106 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     web.ctx
         .event(job, EventType::Normal, "Bootstrapped", note)
         .await;
-    Ok(json!({
-        "jitConfig": String::from_utf8_lossy(jit.encoded.expose()),
-        "callbackToken": String::from_utf8_lossy(h.callback.expose()),
-        "runner": h.release,
-    }))
+    Ok(())
 }
 
-/// A bootstrap's answer, or why there is none.
-type Outcome = Result<serde_json::Value, ApiError>;
+/// Gives a bootstrap's claim back, so the instance may try again.
+async fn give_back(web: &Web, job: &RunnerJob) {
+    if let Err(e) = patch_status(web, job, None, json!({ "boot": null })).await {
+        warn!(error = %e, runner_job = %job.name_any(), "could not give back a bootstrap claim");
+    }
+}
+
+/// A bootstrap's outcome: its answer left for the instance (in [`Answers`]), or why not.
+type Outcome = Result<(), ApiError>;
 
 /// Longest a bootstrap request waits for its answer before it is told to ask again: well
 /// inside the listener's request timeout.
 const BOOT_WAIT: Duration = Duration::from_secs(7);
 
-/// The bootstraps started on this replica, by instance id: running, or answered and held until
-/// the instance collects the answer (once), at most [`BOOT_ANSWER_HOLD`].
+/// The bootstraps started on this replica, by instance id: running, or answered (the answer
+/// left in [`Answers`]) and remembered until the instance collects it, at most
+/// [`BOOT_ANSWER_HOLD`], so a replay of the document here is refused at once.
 #[derive(Default)]
 pub struct Boots(Mutex<HashMap<String, Boot>>);
 
-/// One bootstrap started here: when, where its answer appears, and whether it was collected.
+/// One bootstrap started here: when, for which RunnerJob uid, where its outcome appears, and
+/// whether its answer was collected.
 struct Boot {
     started: Instant,
-    answered: Answered,
+    job_uid: String,
+    outcome: watch::Receiver<Option<Outcome>>,
     collected: bool,
 }
 
-/// Where a bootstrap's answer appears once it is made.
-type Answered = watch::Receiver<Option<Outcome>>;
+/// What a bootstrap started here came to, waited for up to [`BOOT_WAIT`].
+enum Waited {
+    /// Its answer waits for the instance, made for the RunnerJob of this uid.
+    Answered(String),
+    Failed(ApiError),
+    /// Still running: the instance asks again.
+    Running,
+    /// Its answer was handed out.
+    Collected,
+}
 
 impl Boots {
-    /// Runs `sequence` for `instance` in a task of its own, unless one runs or waits already.
-    fn start(&self, instance: &str, sequence: impl Future<Output = Outcome> + Send + 'static) {
+    /// Runs `sequence` for `instance` (launched for the RunnerJob `job_uid`) in a task of its
+    /// own, unless one runs or waits already.
+    fn start(
+        &self,
+        instance: &str,
+        job_uid: &str,
+        sequence: impl Future<Output = Outcome> + Send + 'static,
+    ) {
         let mut boots = self.0.lock().unwrap();
         boots.retain(|_, boot| boot.started.elapsed() < BOOT_ANSWER_HOLD);
         if boots.contains_key(instance) {
             return;
         }
-        let (answer, answered) = watch::channel(None);
+        let (sender, outcome) = watch::channel(None);
         let boot = Boot {
             started: Instant::now(),
-            answered,
+            job_uid: job_uid.into(),
+            outcome,
             collected: false,
         };
         boots.insert(instance.into(), boot);
         tokio::spawn(async move {
-            let _ = answer.send(Some(sequence.await));
+            let _ = sender.send(Some(sequence.await));
         });
     }
 
-    /// The answer to the bootstrap of `instance` started here, waited for up to
-    /// [`BOOT_WAIT`] (then: ask again), and handed out once (then: 409); `None` when none was
-    /// started here.
-    async fn collect(&self, instance: &str) -> Option<Result<Response, ApiError>> {
-        let mut answered = {
+    /// What the bootstrap of `instance` started here came to; `None` when none was started
+    /// here. A failure frees the way for a new bootstrap.
+    async fn wait(&self, instance: &str) -> Option<Waited> {
+        let (mut outcome, job_uid) = {
             let mut boots = self.0.lock().unwrap();
             boots.retain(|_, boot| boot.started.elapsed() < BOOT_ANSWER_HOLD);
-            boots.get(instance)?.answered.clone()
+            let boot = boots.get(instance)?;
+            if boot.collected {
+                return Some(Waited::Collected);
+            }
+            (boot.outcome.clone(), boot.job_uid.clone())
         };
-        let outcome =
-            match tokio::time::timeout(BOOT_WAIT, answered.wait_for(Option::is_some)).await {
-                Ok(Ok(answer)) => answer
-                    .clone()
-                    .unwrap_or(Err(ApiError::Unavailable("no answer"))),
-                Ok(Err(_)) => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
-                Err(_) => {
-                    let why = "the bootstrap is in progress; ask again shortly".to_string();
-                    return Some(Err(ApiError::NotYet(why, 2)));
-                }
-            };
-        // Handed out once: a failure frees the way for a new bootstrap, an answer is kept as
-        // collected until it expires, so a replay of the document is refused.
-        let mut boots = self.0.lock().unwrap();
-        let boot = boots.get_mut(instance)?;
-        if boot.collected {
-            let why = "has already bootstrapped this instance; its answer was handed out";
-            return Some(Err(ApiError::Conflict(format!("the RunnerJob {why}"))));
-        }
-        match outcome {
-            Ok(answer) => {
-                // Its secrets go with the answer: what stays is that it was collected.
-                boot.collected = true;
-                boot.answered = watch::channel(None).1;
-                Some(Ok(axum::Json(answer).into_response()))
-            }
-            Err(e) => {
-                boots.remove(instance);
-                Some(Err(e))
-            }
+        let failed = match tokio::time::timeout(BOOT_WAIT, outcome.wait_for(Option::is_some)).await
+        {
+            Ok(Ok(done)) => match done.clone() {
+                Some(Ok(())) => return Some(Waited::Answered(job_uid)),
+                Some(Err(e)) => e,
+                None => ApiError::Unavailable("no answer"),
+            },
+            Ok(Err(_)) => ApiError::Unavailable("the bootstrap stopped; retry later"),
+            Err(_) => return Some(Waited::Running),
+        };
+        self.0.lock().unwrap().remove(instance);
+        Some(Waited::Failed(failed))
+    }
+
+    /// Remembers that the answer for `instance` was handed out.
+    fn collected(&self, instance: &str) {
+        if let Some(boot) = self.0.lock().unwrap().get_mut(instance) {
+            boot.collected = true;
         }
     }
 }
@@ -508,6 +584,7 @@ fn refused(name: &str, refusal: Refusal) -> ApiError {
         Refusal::Denied(why) => denied(format!("RunnerJob {name} {why}")),
         Refusal::Never(why) => ApiError::Conflict(format!("RunnerJob {name} {why}")),
         Refusal::NotYet(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 5),
+        Refusal::Claimed(why) => ApiError::NotYet(format!("RunnerJob {name} {why}"), 2),
     }
 }
 
