@@ -226,6 +226,12 @@ def is_pacer(headers):
     return re.search(r"(^|\s)app/pacer(\s|$)", headers.get("User-Agent", "")) is not None
 
 
+def agent(headers):
+    """The app name in the request's User-Agent (`app/<name>`), to tell two callers apart."""
+    found = re.search(r"(?:^|\s)app/(\S+)", headers.get("User-Agent", ""))
+    return found.group(1) if found else ""
+
+
 def record(entry):
     """Appends a call to the record, with the tags of the resources it names."""
     with LOCK:
@@ -366,7 +372,8 @@ class Handler(BaseHTTPRequestHandler):
                         remember_created(action, params, data)
             self.close_connection = True
             record({"service": service, "action": action, "params": params, "status": 0,
-                    "replayed": replayed, "pacer": is_pacer(self.headers)})
+                    "replayed": replayed, "pacer": is_pacer(self.headers),
+                "agent": agent(self.headers)})
             return
         if known and known[0] != rest:
             status = 400
@@ -389,7 +396,8 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 remember_created(action, params, self.sent[2])
         record({"service": service, "action": action, "params": params, "status": status,
-                "replayed": replayed, "pacer": is_pacer(self.headers)})
+                "replayed": replayed, "pacer": is_pacer(self.headers),
+                "agent": agent(self.headers)})
 
     def answer(self, method, raw, service, target, action, params, fault):
         if fault and fault.get("fleet_error"):

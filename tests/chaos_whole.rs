@@ -382,7 +382,8 @@ fn assert_all_ran(c: &Counts) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_replica_killed_again_and_again_mid_burst_loses_and_doubles_nothing() {
-    let kills = (job_count() / 4).max(2) as u32;
+    // The scale: 20 kills during a 200-job burst.
+    let kills = (job_count() / 4).clamp(2, 20) as u32;
     let c = run(
         "kill-one",
         Faults {
@@ -397,7 +398,7 @@ async fn one_replica_killed_again_and_again_mid_burst_loses_and_doubles_nothing(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_leader_of_two_killed_mid_burst_loses_and_doubles_nothing() {
-    let kills = (job_count() / 8).max(2) as u32;
+    let kills = (job_count() / 8).clamp(2, 20) as u32;
     let c = run(
         "kill-two",
         Faults {

@@ -1663,3 +1663,86 @@ async fn a_job_lost_to_a_spot_interruption_is_rerun_once_when_its_run_completed(
         Some("InstanceLost")
     );
 }
+
+/// Two controllers in one account and one cluster, each with its own controller id and
+/// namespace (how docs/scaling.md shards Pacer), under a burst at once: each stays within its
+/// own `maxRunners`, every job of each runs, and neither's reconciler nor garbage collector
+/// (running every second, no grace) touches the other's instances.
+#[tokio::test]
+async fn two_controllers_in_one_account_keep_to_their_own_instances_under_a_burst() {
+    let mut shards = [World::new("shard-a").await, World::new("shard-b").await];
+    // Each controller's calls carry its own app name, so the proxy tells them apart.
+    for w in &mut shards {
+        let config = w.ground.aws_config().await.to_builder();
+        let app = aws_config::AppName::new(w.controller_id.clone()).unwrap();
+        w.ec2 = AwsEc2::new(&config.app_name(app).build());
+    }
+    let mut running = Vec::new();
+    for w in &shards {
+        let ctx = w.context_with(|s| s.gc_interval = Duration::from_secs(1));
+        running.push(w.start(ctx.clone()));
+        let scope = controller::gc::Scope {
+            pools: w.pools.clone(),
+            jobs: w.jobs.clone(),
+            namespace: Some(w.ns.clone()),
+        };
+        running.push(tokio::spawn(controller::gc::run(ctx, scope)));
+    }
+    let limits = [3, 5];
+    for (w, max) in shards.iter().zip(limits) {
+        w.ready_pool(|p| p["spec"]["maxRunners"] = json!(max)).await;
+    }
+    let per_shard = 24;
+    let names: Vec<String> = (0..per_shard).map(|i| format!("shard-{i}")).collect();
+    futures::future::join_all(shards.iter().flat_map(|w| {
+        (names.iter().enumerate()).map(move |(i, name)| w.create_queued_job(name, 3000 + i as i64))
+    }))
+    .await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut most = [0; 2];
+    let mut done = [false; 2];
+    while done != [true; 2] {
+        assert!(tokio::time::Instant::now() < deadline, "not every job ran");
+        for (i, w) in shards.iter().enumerate() {
+            // Sampled from EC2 throughout: each controller within its own maxRunners.
+            let alive = (w.ec2.describe_managed_instances(&w.controller_id).await)
+                .unwrap()
+                .into_iter()
+                .filter(|i| i.is_alive())
+                .count();
+            most[i] = most[i].max(alive);
+            assert!(alive <= limits[i], "{}: {alive} alive", w.controller_id);
+            let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+            let phase = |j: &RunnerJob| j.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            done[i] = jobs.iter().all(|j| phase(j) == JobPhase::Succeeded);
+            for job in jobs.iter().filter(|j| phase(j) == JobPhase::Booting) {
+                w.report(&job.metadata.name.clone().unwrap(), "success")
+                    .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(most.iter().all(|m| *m > 0), "{most:?}");
+
+    // Every call either controller made that names an instance named only its own.
+    let proxy = shards[0].ground.proxy();
+    let mut touched = [0; 2];
+    for call in proxy.calls().await {
+        let Some(i) = shards.iter().position(|w| w.controller_id == call.agent) else {
+            continue;
+        };
+        for (resource, tags) in &call.resource_tags {
+            let owner = tags.get(pacer::cloud::tags::CONTROLLER);
+            assert_eq!(
+                owner,
+                Some(&shards[i].controller_id),
+                "{} called {} on {resource}, tagged {tags:?}",
+                call.agent,
+                call.action
+            );
+            touched[i] += usize::from(call.action == "TerminateInstances");
+        }
+    }
+    assert!(touched.iter().all(|t| *t >= per_shard), "{touched:?}");
+}

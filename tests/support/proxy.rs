@@ -18,6 +18,12 @@ pub struct Call {
     /// Answered from the proxy's ClientToken record, as EC2 replays an idempotent launch.
     #[serde(default)]
     pub replayed: bool,
+    /// The caller's app name (`app/<name>` in its User-Agent).
+    #[serde(default)]
+    pub agent: String,
+    /// The tags, as created, of each instance or launch template the call names.
+    #[serde(default)]
+    pub resource_tags: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
 }
 
 impl Proxy {
