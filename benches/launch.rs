@@ -277,18 +277,18 @@ fn count_calls(before: &str, after: &str) -> (u64, u64) {
     (mutating, reads)
 }
 
-/// The figures of one run, as Markdown table rows, each beside its target.
+/// The figures of one run: what, the figure measured, and its target.
 #[derive(Default)]
 struct Report {
-    rows: Vec<String>,
+    rows: Vec<(String, String, String)>,
 }
 
 impl Report {
     fn add(&mut self, what: &str, figure: impl std::fmt::Display, target: &str) {
-        self.rows.push(format!("| {what} | {figure} | {target} |"));
+        (self.rows).push((what.into(), figure.to_string(), target.into()));
     }
 
-    /// Writes `bench/results/latest.md`.
+    /// Writes `bench/results/latest.md` and its JSON twin, `latest.json`.
     fn write(&self, command: &str) {
         let commit = std::process::Command::new("git")
             .args(["rev-parse", "--short", "HEAD"])
@@ -300,16 +300,32 @@ impl Report {
         } else {
             "release"
         };
+        let time = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%MZ");
+        let table: Vec<String> = (self.rows.iter())
+            .map(|(what, figure, target)| format!("| {what} | {figure} | {target} |"))
+            .collect();
         let text = format!(
-            "# Bench run\n\n{}, commit {commit}, {profile} profile, `{command}`, on this machine \
+            "# Bench run\n\n{time}, commit {commit}, {profile} profile, `{command}`, on this machine \
              (the API server, etcd and the bench share its cores).\n\n\
              | figure | measured | target |\n| --- | --- | --- |\n{}\n",
-            k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%MZ"),
-            self.rows.join("\n")
+            table.join("\n")
         );
+        let json = serde_json::json!({
+            "time": time.to_string(),
+            "commit": commit,
+            "profile": profile,
+            "command": command,
+            "figures": (self.rows.iter())
+                .map(|(what, figure, target)| {
+                    serde_json::json!({"figure": what, "measured": figure, "target": target})
+                })
+                .collect::<Vec<_>>(),
+        });
         let dir = repo_root().join("bench/results");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("latest.md"), text).unwrap();
+        let json = serde_json::to_string_pretty(&json).unwrap() + "\n";
+        std::fs::write(dir.join("latest.json"), json).unwrap();
     }
 }
 
