@@ -965,7 +965,7 @@ async fn consult(
         // A job waiting to launch launches; an ended instance or an idle runner is let go.
         let job = match status.phase {
             JobPhase::Pending => GitHubJob::Unknown,
-            _ => GitHubJob::Elsewhere("no GitHub App is configured to ask".into()),
+            _ => GitHubJob::Elsewhere(crate::domain::job::NO_APP_TO_ASK.into()),
         };
         return Witness {
             job,

@@ -88,6 +88,10 @@ pub enum GitHubJob {
     Unknown,
 }
 
+/// What [`GitHubJob::Elsewhere`] says when there is no GitHub App to ask: an ended instance or
+/// an idle runner is then let go.
+pub const NO_APP_TO_ASK: &str = "no GitHub App is configured to ask";
+
 /// How GitHub's report of a workflow job reads for the RunnerJob whose runner is `ours`:
 /// still waiting for a runner, taken by ours, or taken elsewhere or over.
 ///
@@ -695,6 +699,12 @@ fn past_max_runtime(f: &Facts, limits: &Limits) -> Decision {
     let what = match &f.witness {
         None => return go(JobPhase::Running, Step::Consult),
         Some(w) if w.runner_busy == Some(true) => "still running its job",
+        Some(Witness {
+            job: GitHubJob::Elsewhere(why),
+            ..
+        }) if why == NO_APP_TO_ASK => {
+            "running, and with no GitHub App configured nobody could say whether it was busy,"
+        }
         Some(Witness {
             job: GitHubJob::Ours,
             runner_busy: Some(false),
@@ -2581,6 +2591,8 @@ mod tests {
         let idle = message(GitHubJob::Elsewhere("taken".into()), Some(false));
         assert!(idle.contains("having taken no job"), "{idle}");
         assert!(message(GitHubJob::Unknown, None).contains("could not say"));
+        let unasked = message(GitHubJob::Elsewhere(NO_APP_TO_ASK.into()), Some(false));
+        assert!(unasked.contains("no GitHub App"), "{unasked}");
     }
 
     #[test]
