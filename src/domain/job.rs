@@ -561,10 +561,11 @@ fn after_launch(f: &Facts, limits: &Limits, answer: &LaunchAnswer) -> Decision {
         ),
         LaunchAnswer::NoCapacity { left: false, .. } => out_of_offerings(f, limits),
         // The job keeps its slot and its place: the pool recreates the template (it is told
-        // to look again), and the launch goes out from the new one.
+        // to look again), and the launch goes out from the new one. Each try is a launch call,
+        // so a template that does not come back is asked for less and less often.
         LaunchAnswer::TemplateMissing(why) => because(
             Launching,
-            Step::Wait(limits.backoff_unit),
+            Step::Wait(growing(f.in_phase, limits.backoff_unit)),
             "LaunchTemplateMissing",
             format!("{why}; waiting for the RunnerPool to recreate it"),
         ),
@@ -584,6 +585,15 @@ fn after_launch(f: &Facts, limits: &Limits, answer: &LaunchAnswer) -> Decision {
             format!("{why}; the recorded launch is sent again under the same ClientToken"),
         ),
     }
+}
+
+/// Longest wait between launch tries for a template that is missing.
+const TEMPLATE_RETRY_MAX: Duration = Duration::from_secs(5 * 60);
+
+/// A wait that grows with the time already spent (half of it), from `unit` up to
+/// [`TEMPLATE_RETRY_MAX`]: each try waits longer than the one before.
+fn growing(spent: Duration, unit: Duration) -> Duration {
+    (spent / 2).clamp(unit, TEMPLATE_RETRY_MAX.max(unit))
 }
 
 /// No offering of the pool had capacity this round: back off and try another round, or fail
@@ -2573,6 +2583,21 @@ mod tests {
         assert!(
             matches!(ask(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
         );
+    }
+
+    #[test]
+    fn a_missing_template_is_tried_less_and_less_often() {
+        let limits = Limits::default();
+        let wait = |spent: Duration| {
+            let mut f = facts(JobPhase::Launching);
+            f.in_phase = spent;
+            f.launch = Some(LaunchAnswer::TemplateMissing("gone".into()));
+            decide(&f, &limits).step
+        };
+        let unit = limits.backoff_unit;
+        assert_eq!(wait(Duration::ZERO), Step::Wait(unit));
+        assert_eq!(wait(mins(2)), Step::Wait(mins(1)));
+        assert_eq!(wait(mins(60)), Step::Wait(TEMPLATE_RETRY_MAX));
     }
 
     #[test]
