@@ -775,6 +775,7 @@ impl GitHub for GitHubApp {
             // Newest first, a cursor per page: read back until a page reaches `since`.
             let mut deliveries: Vec<super::Delivery> = Vec::new();
             let mut path = "/app/hook/deliveries?per_page=100".to_string();
+            let mut read_back = false;
             for _ in 0..MAX_PAGES {
                 let auth = format!("Bearer {}", self.app_jwt(Timestamp::now()));
                 let (status, value, next) =
@@ -788,8 +789,19 @@ impl GitHub for GitHubApp {
                 deliveries.extend(page);
                 match next {
                     Some(next) if !reached => path = next,
-                    _ => break,
+                    _ => {
+                        read_back = true;
+                        break;
+                    }
                 }
+            }
+            if !read_back {
+                warn!(
+                    pages = MAX_PAGES,
+                    "the App's webhook deliveries of the last hour fill more pages than a pass \
+                     reads; older failed deliveries are not redelivered (the sweep of queued \
+                     jobs still finds their jobs)"
+                );
             }
             for d in deliveries {
                 let at: Option<Timestamp> = d.delivered_at.parse().ok();
