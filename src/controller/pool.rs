@@ -495,10 +495,24 @@ async fn wait_for_jobs(pool: &RunnerPool, ctx: &Context) -> Result<Option<Action
         return Ok(None);
     }
     let ns = pool.metadata.namespace.as_deref().unwrap_or_default();
-    let jobs: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), ns);
-    let holding = (jobs.list(&ListParams::default()).await?.items.iter())
-        .filter(|j| j.spec.pool_name == pool.name_any() && holds_slot(j.status.as_ref()))
-        .count();
+    let of_pool = |j: &RunnerJob| {
+        j.metadata.namespace.as_deref() == Some(ns)
+            && j.spec.pool_name == pool.name_any()
+            && holds_slot(j.status.as_ref())
+    };
+    // Counted from the job cache while it shows any, so waiting costs no listing; the API
+    // server has the last word before the template goes.
+    let cached =
+        (ctx.jobs.store()).map(|store| store.state().iter().filter(|j| of_pool(j)).count());
+    let holding = match cached {
+        Some(holding) if holding > 0 => holding,
+        _ => {
+            let jobs: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), ns);
+            (jobs.list(&ListParams::default()).await?.items.iter())
+                .filter(|j| of_pool(j))
+                .count()
+        }
+    };
     if holding == 0 {
         return Ok(None);
     }
