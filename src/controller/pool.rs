@@ -166,8 +166,10 @@ impl Pass {
             return;
         }
         let until = super::job::on_demand_until(ctx, pool);
-        let was_open = (self.status.on_demand_until.as_ref()).is_some_and(|t| t.0 > now().0);
-        if let (Some(until), false) = (until, was_open) {
+        let before = self.status.on_demand_until.as_ref().map(|t| t.0);
+        if let Some(until) =
+            until.filter(|_| crate::domain::launch::breaker_opened(before, now().0))
+        {
             let b = &pool.spec.capacity.interruption_breaker;
             let message = format!(
                 "{} or more spot interruption notices within {} minutes: launching on-demand until {until}",

@@ -23,7 +23,8 @@ use tracing::{info, warn};
 
 use super::demand::{self, Queued, Recorded};
 use super::{Context, Result};
-use crate::api::{GitHubScope, JobPhase, RunnerJob, RunnerPool};
+use crate::api::{GitHubScope, RunnerJob, RunnerPool};
+use crate::domain::job::doubted_by_listing;
 use crate::domain::matching::in_scope;
 use crate::github::{GitHub, QueuedJob, Quota, RunnerTarget, job_id_of_runner};
 
@@ -265,20 +266,9 @@ impl Pass<'_> {
         listed_at: Timestamp,
     ) {
         let queued: HashSet<i64> = queued.iter().map(|j| j.id).collect();
-        let recheck = SignedDuration::try_from(self.ctx.settings.job_limits.queue_recheck)
-            .unwrap_or_default();
-        let waiting = recorded.values().filter(|j| {
-            let pending = j
-                .status
-                .as_ref()
-                .is_none_or(|s| s.phase == JobPhase::Pending);
-            let created = j.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            pending
-                && j.metadata.deletion_timestamp.is_none()
-                && j.spec.repository.eq_ignore_ascii_case(repository)
-                && !queued.contains(&j.spec.job_id)
-                && created.is_some_and(|c| c + recheck <= listed_at)
-        });
+        let recheck = self.ctx.settings.job_limits.queue_recheck;
+        let waiting = (recorded.values())
+            .filter(|j| doubted_by_listing(j, repository, &queued, listed_at, recheck));
         // Only jobs the controller still has: one released since the listing is not doubted.
         let store = self.ctx.jobs.store();
         let known =

@@ -850,6 +850,27 @@ fn why_ended(f: &Facts, limits: &Limits, reason: &str) -> &'static str {
 /// The reason a job lost to a spot interruption after its runner took it ends with.
 pub const INTERRUPTED_WHILE_RUNNING: &str = "InterruptedWhileRunning";
 
+/// Whether GitHub's listing of `repository`'s queued jobs (`queued`, by id), read at
+/// `listed_at`, casts doubt on RunnerJob `job`: it waits to launch, is of that repository, is
+/// not in the listing, and was waiting `recheck` before the listing was read (a job queued
+/// while the listing was read is not doubted). A doubted job asks GitHub before it launches.
+pub fn doubted_by_listing(
+    job: &RunnerJob,
+    repository: &str,
+    queued: &std::collections::HashSet<i64>,
+    listed_at: Timestamp,
+    recheck: Duration,
+) -> bool {
+    let pending = (job.status.as_ref()).is_none_or(|s| s.phase == JobPhase::Pending);
+    let recheck = k8s_openapi::jiff::SignedDuration::try_from(recheck).unwrap_or_default();
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    pending
+        && job.metadata.deletion_timestamp.is_none()
+        && job.spec.repository.eq_ignore_ascii_case(repository)
+        && !queued.contains(&job.spec.job_id)
+        && created.is_some_and(|c| c + recheck <= listed_at)
+}
+
 /// The reason a job carries while Pacer asks GitHub to re-run it, written before the request
 /// goes out: the request is made at most once, and a job that keeps this reason lost the
 /// answer.
@@ -2583,6 +2604,45 @@ mod tests {
         assert!(
             matches!(ask(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
         );
+    }
+
+    #[test]
+    fn a_listing_doubts_only_jobs_that_waited_before_it_and_are_missing_from_it() {
+        let listed_at = Timestamp::now();
+        let recheck = mins(1);
+        let job = |id: i64, repository: &str, age: Duration, phase: JobPhase| {
+            let spec = crate::api::RunnerJobSpec {
+                pool_name: "linux".into(),
+                job_id: id,
+                run_id: 1,
+                repository: repository.into(),
+                labels: vec![],
+                installation_id: None,
+            };
+            let mut job = RunnerJob::for_queued_job("ns", &format!("gh-job-{id}"), spec);
+            let created = listed_at - k8s_openapi::jiff::SignedDuration::try_from(age).unwrap();
+            job.metadata.creation_timestamp = Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created),
+            );
+            job.status = Some(RunnerJobStatus {
+                phase,
+                ..Default::default()
+            });
+            job
+        };
+        let queued = std::collections::HashSet::from([7]);
+        let doubted = |j: &RunnerJob| doubted_by_listing(j, "org/api", &queued, listed_at, recheck);
+        assert!(doubted(&job(1, "Org/API", mins(2), JobPhase::Pending)));
+        // Listed as queued, another repository, too young, or past waiting: no doubt.
+        assert!(!doubted(&job(7, "org/api", mins(2), JobPhase::Pending)));
+        assert!(!doubted(&job(1, "org/web", mins(2), JobPhase::Pending)));
+        assert!(!doubted(&job(
+            1,
+            "org/api",
+            Duration::from_secs(30),
+            JobPhase::Pending
+        )));
+        assert!(!doubted(&job(1, "org/api", mins(2), JobPhase::Booting)));
     }
 
     #[test]

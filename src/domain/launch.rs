@@ -141,6 +141,12 @@ pub fn on_demand_until(
     (until > now).then_some(until)
 }
 
+/// Whether a breaker found open now opens at `now`, rather than stays open: the status said it
+/// was closed (`before`, its `onDemandUntil` as last written, is absent or past).
+pub fn breaker_opened(before: Option<Timestamp>, now: Timestamp) -> bool {
+    before.is_none_or(|until| until <= now)
+}
+
 /// For a single-offering launch (`runInstances`) on spot: puts the first instance type's
 /// offerings in order of their zone's current spot price, cheapest first. Zones without a
 /// known price go last; equal prices keep the pool's subnet order.
@@ -385,6 +391,10 @@ mod tests {
             on_demand_until(&spec(CapacityType::OnDemand, false), three(), now),
             None
         );
+        // It opens once, while the status still says it was closed; then it stays open.
+        assert!(breaker_opened(None, now));
+        assert!(breaker_opened(Some(ago(1)), now));
+        assert!(!breaker_opened(until, now));
         // Open, a spot pool that may fall back launches on-demand only.
         let cache = CapacityCache::default();
         let paused = offerings(&s, &zones(), &cache, Instant::now(), true);
