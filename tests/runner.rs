@@ -235,14 +235,7 @@ impl World {
 
     async fn wait_ready(&self, pool: &str) {
         let pools: Api<RunnerPool> = Api::namespaced(self.jobs.clone().into_client(), &self.ns);
-        self.wait(120, || async {
-            pools.get(pool).await.unwrap().status.is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        })
-        .await;
+        support::wait_ready(&pools, pool, Duration::from_secs(120)).await;
     }
 
     async fn wait<F: std::future::Future<Output = bool>>(
