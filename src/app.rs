@@ -78,14 +78,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // The adapter counts its calls into the metrics the controllers export.
     let metrics = Arc::new(controller::metrics::Metrics::default());
     let ec2: Arc<dyn Ec2> = Arc::new(AwsEc2::new(&aws).observed_by(metrics.clone()));
-    // The replicas' own namespace: their Lease's, and where bootstrap answers wait.
+    // The replicas' own namespace: their Lease's.
     let home = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| {
         Some(config.controller.namespace.clone())
             .filter(|ns| !ns.is_empty())
             .unwrap_or_else(|| "default".into())
     });
     let settings = controller::Settings {
-        home: home.clone(),
         job_concurrency: config.controller.job_concurrency,
         gc_interval: std::time::Duration::from_secs(config.controller.gc_interval_seconds),
         gc_grace: std::time::Duration::from_secs(config.controller.gc_grace_seconds),

@@ -628,8 +628,8 @@ async fn a_github_slower_than_the_request_timeout_makes_no_instance_shut_itself_
 }
 
 /// Behind a Service, an instance's next try may reach another replica than the one that
-/// started its bootstrap, or that replica may be gone: the answer waits in the replicas' store,
-/// and whichever replica the instance reaches hands it out, once.
+/// started its bootstrap, or that replica may be gone: the answer waits, sealed, in the
+/// RunnerJob's status, and whichever replica the instance reaches hands it out, once.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
     let w = World::new("runner-handover", None).await;
@@ -648,14 +648,11 @@ async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
         &now,
     );
     let request = json!({ "signature": signer.sign(&document), "document": document });
-    let client = w.jobs.clone().into_client();
-    let answers = pacer::runner::answers::Answers::new(client.clone(), "default", &w.controller_id);
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, "default");
-    let left = ListParams::default().labels(&format!(
-        "{}={}",
-        pacer::runner::answers::ANSWER_OF,
-        w.controller_id
-    ));
+    let name = job_object_name(5201);
+    let sealed = || async {
+        let job = w.jobs.get(&name).await.unwrap();
+        job.status.unwrap().boot.and_then(|b| b.answer)
+    };
 
     // The first try reaches this replica, which starts the bootstrap; minting the runner
     // takes 3 s and the instance gives up after 1 s.
@@ -701,9 +698,10 @@ async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
         1,
         "one runner minted"
     );
-    assert!(
-        secrets.list(&left).await.unwrap().items.is_empty(),
-        "the answer left the store as it was handed out"
+    assert_eq!(
+        sealed().await,
+        None,
+        "the answer left the status as it was handed out"
     );
     // Handed out once: a replay gets nothing from either replica.
     let (status, replay) = w.post("/api/runner/bootstrap", None, request.clone()).await;
@@ -718,21 +716,6 @@ async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
         1,
         "no second runner"
     );
-
-    // An answer no instance collects is removed once its hold is over, and only then.
-    answers
-        .leave(
-            "i-0123456789abcdef0",
-            "some-uid",
-            &json!({"jitConfig": "x"}),
-        )
-        .await
-        .unwrap();
-    let now = k8s_openapi::jiff::Timestamp::now();
-    assert_eq!(answers.expire(now).await.unwrap(), 0);
-    let hold = pacer::domain::job::BOOT_ANSWER_HOLD;
-    assert_eq!(answers.expire(now + hold).await.unwrap(), 1);
-    assert!(secrets.list(&left).await.unwrap().items.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

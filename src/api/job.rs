@@ -261,8 +261,15 @@ pub struct BootStatus {
     pub instance_id: String,
     /// When it proved its identity and received its runner config.
     pub bootstrapped_at: Time,
-    /// SHA-256 (hex) of the callback token it received. The token itself is kept nowhere.
+    /// SHA-256 (hex) of the callback token it received. The token itself is kept only sealed
+    /// in `answer`, until the instance collects it.
     pub token_sha256: String,
+    /// The answer the instance collects (its JIT runner config and callback token), sealed
+    /// under Pacer's callback key for this RunnerJob and instance: kept from when it is made
+    /// until the instance collects it, from whichever replica it asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub answer: Option<String>,
     /// The runner its just-in-time config registers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerStatus>,

@@ -1,6 +1,6 @@
 //! The garbage collector: EC2 first, then the cluster; terminates our instances that no live
 //! RunnerJob claims and deletes our launch templates whose RunnerPool is gone, once they are
-//! past a grace period, and removes bootstrap answers no instance collected in time.
+//! past a grace period.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,7 +18,6 @@ use crate::cloud::tags::{CONTROLLER, MANAGED_BY, POOL};
 use crate::cloud::{ErrorClass, Instance};
 use crate::domain::gc::{Owner, may_be_orphan, orphan_templates, orphans};
 use crate::domain::launch::RUNNER_JOB_UID;
-use crate::runner::answers::Answers;
 
 /// The part of the cluster the collector compares EC2 with.
 #[derive(Clone)]
@@ -34,8 +33,6 @@ pub struct Scope {
 pub struct Collected {
     pub instances: usize,
     pub templates: usize,
-    /// Bootstrap answers left uncollected past their hold.
-    pub answers: usize,
 }
 
 /// Runs a collection every `gc_interval` until the task is dropped.
@@ -49,7 +46,6 @@ pub async fn run(ctx: Arc<Context>, scope: Scope) {
             Ok(c) => info!(
                 instances = c.instances,
                 launch_templates = c.templates,
-                bootstrap_answers = c.answers,
                 "garbage collector removed unclaimed resources"
             ),
             Err(e) => warn!(error = %e, "garbage collection failed; trying again next round"),
@@ -62,13 +58,6 @@ pub async fn collect(ctx: &Context, scope: &Scope) -> Result<Collected> {
     Ok(Collected {
         instances: collect_instances(ctx, scope).await?,
         templates: collect_templates(ctx, scope).await?,
-        answers: Answers::new(
-            ctx.client.clone(),
-            &ctx.settings.home,
-            &ctx.settings.controller_id,
-        )
-        .expire(Timestamp::now())
-        .await?,
     })
 }
 

@@ -149,9 +149,6 @@ type PoolChecks = HashMap<String, (Option<i64>, std::time::Instant)>;
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub controller_id: String,
-    /// The replicas' own namespace (`$POD_NAMESPACE`): their Lease, and the bootstrap answers
-    /// waiting for their instances.
-    pub home: String,
     pub public_url: String,
     /// PEM the instances trust for `public_url` (`runners.ca_file`), if not the AMI's roots.
     pub runner_ca: Option<String>,
@@ -180,7 +177,6 @@ impl Settings {
     pub fn new(controller_id: &str, public_url: &str) -> Self {
         Self {
             controller_id: controller_id.into(),
-            home: "default".into(),
             public_url: public_url.into(),
             runner_ca: None,
             resync: Duration::from_secs(300),

@@ -1111,8 +1111,8 @@ pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
     })
 }
 
-/// How long a bootstrap's answer is held for the instance to collect, on the replica that
-/// made it; meanwhile other replicas tell the instance to ask again.
+/// How long after its claim a bootstrap's answer may be collected by its instance (from the
+/// RunnerJob's status, through any replica); past it, the instance is refused for good.
 pub const BOOT_ANSWER_HOLD: Duration = Duration::from_secs(120);
 
 /// Who asks to bootstrap: an instance whose identity verified, and the RunnerJob uid its tags
@@ -2587,6 +2587,7 @@ mod tests {
             instance_id: "i-2".into(),
             bootstrapped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
             token_sha256: String::new(),
+            answer: None,
             runner: None,
             runner_version: None,
             log_tail: None,

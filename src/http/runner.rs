@@ -27,7 +27,6 @@ use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::domain::job::{BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap};
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
-use crate::runner::answers::Answers;
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
 
@@ -233,9 +232,14 @@ pub async fn bootstrap(
     match may_bootstrap(job.uid().as_deref(), &status, &claimant, now) {
         Ok(()) => {}
         // Its bootstrap started on another replica (or on one that is gone): the answer, once
-        // made, waits for it in the replicas' store.
+        // made, waits for it in the RunnerJob's status.
         Err(Refusal::Claimed(why)) => {
-            return collect(&web, instance_id, uid)
+            let job = JobRef {
+                namespace: namespace.into(),
+                name: name.into(),
+                uid: uid.clone(),
+            };
+            return collect(&web, instance_id, &job)
                 .await?
                 .ok_or_else(|| refused(name, Refusal::Claimed(why)));
         }
@@ -282,6 +286,7 @@ pub async fn bootstrap(
         instance_id: instance_id.into(),
         bootstrapped_at: Time(now),
         token_sha256: token::fingerprint(callback.expose()),
+        answer: None,
         runner: None,
         runner_version: Some(release.version.clone()),
         log_tail: None,
@@ -299,7 +304,12 @@ pub async fn bootstrap(
             callback,
         },
     );
-    web.boots.start(instance_id, uid, sequence);
+    let job = JobRef {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: uid.clone(),
+    };
+    web.boots.start(instance_id, job, sequence);
     match web.boots.wait(instance_id).await {
         Some(waited) => answer_from_here(&web, instance_id, waited).await,
         None => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
@@ -307,12 +317,16 @@ pub async fn bootstrap(
 }
 
 /// The answer to a bootstrap started on this replica, as far as it went.
-async fn answer_from_here(web: &Web, instance: &str, waited: Waited) -> Result<Response, ApiError> {
+async fn answer_from_here(
+    web: &Arc<Web>,
+    instance: &str,
+    waited: Waited,
+) -> Result<Response, ApiError> {
     match waited {
-        Waited::Answered(job_uid) => match collect(web, instance, &job_uid).await? {
+        Waited::Answered(job) => match collect(web, instance, &job).await? {
             Some(answer) => Ok(answer),
             None => {
-                // Made here and gone from the store: another replica handed it out.
+                // Made here and gone from the status: another replica handed it out.
                 web.boots.collected(instance);
                 Err(handed_out())
             }
@@ -332,27 +346,104 @@ fn handed_out() -> ApiError {
     )
 }
 
-/// Where bootstrap answers wait for their instances: the replicas' own namespace.
-fn answers(web: &Web) -> Answers {
-    let settings = &web.ctx.settings;
-    Answers::new(
-        web.ctx.client.clone(),
-        &settings.home,
-        &settings.controller_id,
-    )
+/// The RunnerJob a bootstrap is for.
+#[derive(Clone)]
+struct JobRef {
+    namespace: String,
+    name: String,
+    uid: String,
 }
 
-/// Takes the answer waiting for `instance`, made for the RunnerJob `job_uid`, if any: whoever
-/// takes it hands it out, and no one else can.
-async fn collect(web: &Web, instance: &str, job_uid: &str) -> Result<Option<Response>, ApiError> {
-    let answer = answers(web)
-        .take(instance, job_uid)
+/// What a bootstrap's answer is sealed for: its RunnerJob and its instance.
+fn sealed_for(job_uid: &str, instance: &str) -> String {
+    format!("{job_uid}/{instance}")
+}
+
+/// Takes the answer waiting for `instance` in the status of RunnerJob `job`, if any, and opens
+/// it. Taken apart from the request: should the request be cut off (its timeout) once the
+/// answer left the status, the answer is put back for the instance's next try.
+async fn collect(
+    web: &Arc<Web>,
+    instance: &str,
+    job: &JobRef,
+) -> Result<Option<Response>, ApiError> {
+    let (sender, taken) = tokio::sync::oneshot::channel();
+    let (shared, owned_instance, owned_job) = (web.clone(), instance.to_string(), job.clone());
+    tokio::spawn(async move {
+        let outcome = take(&shared, &owned_job, &owned_instance).await;
+        if let Err(Ok(Some(sealed))) = sender.send(outcome) {
+            put_back(&shared, &owned_job, &owned_instance, sealed).await;
+        }
+    });
+    let taken = taken
         .await
-        .map_err(|e| unavailable("collecting the bootstrap answer", e))?;
-    Ok(answer.map(|answer| {
-        web.boots.collected(instance);
-        axum::Json(answer).into_response()
-    }))
+        .map_err(|_| ApiError::Unavailable("the bootstrap stopped; retry later"))??;
+    let Some(sealed) = taken else {
+        return Ok(None);
+    };
+    let answer = (side(web)?.tokens)
+        .open(&sealed_for(&job.uid, instance), &sealed)
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .ok_or(ApiError::Unavailable(
+            "the bootstrap's answer does not open under the current callback key",
+        ))?;
+    web.boots.collected(instance);
+    Ok(Some(axum::Json(answer).into_response()))
+}
+
+/// Removes the sealed answer for `instance` from `job`'s status, by a write conditional on the
+/// version read, so of two replicas asked at once one has it; `None` when there is none (not
+/// made yet, or taken).
+async fn take(web: &Web, job: &JobRef, instance: &str) -> Result<Option<String>, ApiError> {
+    let api = jobs(web, &job.namespace);
+    for _ in 0..5 {
+        let current = (api.get_opt(&job.name).await)
+            .map_err(|e| unavailable("reading the RunnerJob", e))?
+            .filter(|j| j.uid().as_deref() == Some(job.uid.as_str()));
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
+        let Some(sealed) =
+            (boot.filter(|b| b.instance_id == instance)).and_then(|b| b.answer.clone())
+        else {
+            return Ok(None);
+        };
+        let version = current.resource_version();
+        let taken = json!({ "boot": { "answer": null } });
+        match patch_status(web, &current, version.as_deref(), taken).await {
+            Ok(()) => return Ok(Some(sealed)),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(unavailable("collecting the bootstrap answer", e)),
+        }
+    }
+    Err(ApiError::Unavailable(
+        "the RunnerJob kept changing; retry later",
+    ))
+}
+
+/// Puts back an answer taken for a request that was cut off before it could answer, while the
+/// job still waits for that instance's runner.
+async fn put_back(web: &Web, job: &JobRef, instance: &str, sealed: String) {
+    let api = jobs(web, &job.namespace);
+    let Ok(Some(current)) = api.get_opt(&job.name).await else {
+        return;
+    };
+    let status = current.status.as_ref();
+    let waiting = status.is_some_and(|s| {
+        s.runner.is_none()
+            && s.boot
+                .as_ref()
+                .is_some_and(|b| b.instance_id == instance && b.answer.is_none())
+    });
+    if current.uid().as_deref() != Some(job.uid.as_str()) || !waiting {
+        return;
+    }
+    let version = current.resource_version();
+    let back = json!({ "boot": { "answer": sealed } });
+    if let Err(e) = patch_status(web, &current, version.as_deref(), back).await {
+        warn!(error = %e, runner_job = %job.name, "could not put back a bootstrap answer whose request was cut off");
+    }
 }
 
 /// What a bootstrap hands out, once its claim holds.
@@ -368,10 +459,10 @@ struct Handout {
     callback: crate::config::Secret,
 }
 
-/// Claims the job for the instance, mints its runner's JIT config, records the runner and
-/// leaves the answer for the instance: run apart from the request that started it, so a client
-/// that gives up (a timeout, a dropped connection) cannot cut it in half; its answer waits for
-/// the instance's next try, whichever replica that reaches.
+/// Claims the job for the instance, mints its runner's JIT config, and records the runner with
+/// the answer, sealed, in the job's status: run apart from the request that started it, so a
+/// client that gives up (a timeout, a dropped connection) cannot cut it in half; the answer
+/// waits for the instance's next try, whichever replica that reaches.
 async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     let Handout { job, boot, .. } = &h;
     let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
@@ -395,20 +486,28 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
         id: jit.runner_id,
         name: runner_name,
     };
-    // A failure below gives the claim back, so the instance may try again (its runner is
-    // offline and unclaimed: the next JIT call for the name replaces it).
-    if let Err(e) = patch_status(&web, job, None, json!({ "boot": { "runner": runner } })).await {
-        give_back(&web, job).await;
-        return Err(unavailable("recording the runner", e));
-    }
     let answer = json!({
         "jitConfig": String::from_utf8_lossy(jit.encoded.expose()),
         "callbackToken": String::from_utf8_lossy(h.callback.expose()),
         "runner": h.release,
     });
-    if let Err(e) = answers(&web).leave(instance_id, &h.job_uid, &answer).await {
+    let answer = serde_json::to_vec(&answer).expect("an answer serializes");
+    let sealed = side(&web)?
+        .tokens
+        .seal(&sealed_for(&h.job_uid, instance_id), &answer);
+    // A failure below gives the claim back, so the instance may try again (its runner is
+    // offline and unclaimed: the next JIT call for the name replaces it). So does a sequence
+    // that took so long that its answer could hardly be collected within the hold.
+    let spent = Timestamp::now().duration_since(boot.bootstrapped_at.0);
+    if spent.unsigned_abs() + ANSWER_MARGIN >= BOOT_ANSWER_HOLD {
         give_back(&web, job).await;
-        return Err(unavailable("leaving the bootstrap answer", e));
+        let why = "minting the runner took too long; the next try starts again";
+        return Err(ApiError::NotYet(why.into(), 2));
+    }
+    let recorded = json!({ "boot": { "runner": runner, "answer": sealed } });
+    if let Err(e) = patch_status(&web, job, None, recorded).await {
+        give_back(&web, job).await;
+        return Err(unavailable("recording the runner", e));
     }
     let version = &h.release.version;
     info!(runner_job = %name, instance = instance_id, runner = %runner.name,
@@ -430,32 +529,35 @@ async fn give_back(web: &Web, job: &RunnerJob) {
     }
 }
 
-/// A bootstrap's outcome: its answer left for the instance (in [`Answers`]), or why not.
+/// A bootstrap's outcome: its answer left, sealed, in the RunnerJob's status, or why not.
 type Outcome = Result<(), ApiError>;
 
 /// Longest a bootstrap request waits for its answer before it is told to ask again: well
 /// inside the listener's request timeout.
-const BOOT_WAIT: Duration = Duration::from_secs(7);
+const BOOT_WAIT: Duration = Duration::from_secs(5);
+
+/// The least time an answer must have left within [`BOOT_ANSWER_HOLD`] to be left at all.
+const ANSWER_MARGIN: Duration = Duration::from_secs(20);
 
 /// The bootstraps started on this replica, by instance id: running, or answered (the answer
-/// left in [`Answers`]) and remembered until the instance collects it, at most
+/// left in the RunnerJob's status) and remembered until the instance collects it, at most
 /// [`BOOT_ANSWER_HOLD`], so a replay of the document here is refused at once.
 #[derive(Default)]
 pub struct Boots(Mutex<HashMap<String, Boot>>);
 
-/// One bootstrap started here: when, for which RunnerJob uid, where its outcome appears, and
+/// One bootstrap started here: when, for which RunnerJob, where its outcome appears, and
 /// whether its answer was collected.
 struct Boot {
     started: Instant,
-    job_uid: String,
+    job: JobRef,
     outcome: watch::Receiver<Option<Outcome>>,
     collected: bool,
 }
 
 /// What a bootstrap started here came to, waited for up to [`BOOT_WAIT`].
 enum Waited {
-    /// Its answer waits for the instance, made for the RunnerJob of this uid.
-    Answered(String),
+    /// Its answer waits for the instance in this RunnerJob's status.
+    Answered(JobRef),
     Failed(ApiError),
     /// Still running: the instance asks again.
     Running,
@@ -464,12 +566,12 @@ enum Waited {
 }
 
 impl Boots {
-    /// Runs `sequence` for `instance` (launched for the RunnerJob `job_uid`) in a task of its
-    /// own, unless one runs or waits already.
+    /// Runs `sequence` for `instance` (launched for RunnerJob `job`) in a task of its own,
+    /// unless one runs or waits already.
     fn start(
         &self,
         instance: &str,
-        job_uid: &str,
+        job: JobRef,
         sequence: impl Future<Output = Outcome> + Send + 'static,
     ) {
         let mut boots = self.0.lock().unwrap();
@@ -480,7 +582,7 @@ impl Boots {
         let (sender, outcome) = watch::channel(None);
         let boot = Boot {
             started: Instant::now(),
-            job_uid: job_uid.into(),
+            job,
             outcome,
             collected: false,
         };
@@ -493,19 +595,19 @@ impl Boots {
     /// What the bootstrap of `instance` started here came to; `None` when none was started
     /// here. A failure frees the way for a new bootstrap.
     async fn wait(&self, instance: &str) -> Option<Waited> {
-        let (mut outcome, job_uid) = {
+        let (mut outcome, job) = {
             let mut boots = self.0.lock().unwrap();
             boots.retain(|_, boot| boot.started.elapsed() < BOOT_ANSWER_HOLD);
             let boot = boots.get(instance)?;
             if boot.collected {
                 return Some(Waited::Collected);
             }
-            (boot.outcome.clone(), boot.job_uid.clone())
+            (boot.outcome.clone(), boot.job.clone())
         };
         let failed = match tokio::time::timeout(BOOT_WAIT, outcome.wait_for(Option::is_some)).await
         {
             Ok(Ok(done)) => match done.clone() {
-                Some(Ok(())) => return Some(Waited::Answered(job_uid)),
+                Some(Ok(())) => return Some(Waited::Answered(job)),
                 Some(Err(e)) => e,
                 None => ApiError::Unavailable("no answer"),
             },

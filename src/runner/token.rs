@@ -3,6 +3,11 @@
 //! A token names its RunnerJob (namespace and name, to find it) and is an HMAC-SHA256, under a
 //! key only Pacer holds, over the job's uid, the instance id, the purpose and the expiry. The
 //! RunnerJob keeps only the token's SHA-256, so the status leaks nothing that would pass.
+//!
+//! The same key, through a key of its own derived from it, seals a bootstrap's answer (the
+//! runner's JIT config and the callback token) while it waits in the RunnerJob's status for its
+//! instance: AES-256-GCM, bound to the RunnerJob's uid and the instance, so only Pacer can open
+//! it and only for that job and instance.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -17,6 +22,8 @@ pub const PURPOSE: &str = "runner-callback";
 /// The shortest callback key accepted.
 pub const MIN_KEY_BYTES: usize = 32;
 const VERSION: &str = "v1";
+/// What the key sealing bootstrap answers is derived for.
+const SEALING: &[u8] = b"bootstrap-answer\n";
 
 /// What a token says. Only its MAC makes it true.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +111,53 @@ impl Tokens {
     }
 }
 
+impl Tokens {
+    fn sealing_key(&self) -> aws_lc_rs::aead::LessSafeKey {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(self.key.expose()).expect("HMAC takes any key length");
+        mac.update(SEALING);
+        let key = mac.finalize().into_bytes();
+        let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &key)
+            .expect("a 32-byte key");
+        aws_lc_rs::aead::LessSafeKey::new(key)
+    }
+
+    /// `secret` sealed for `context` (what it is bound to): `v1.<nonce and ciphertext>`,
+    /// base64url.
+    pub fn seal(&self, context: &str, secret: &[u8]) -> String {
+        use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).expect("the system's random source");
+        let mut sealed = secret.to_vec();
+        (self.sealing_key())
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context.as_bytes()),
+                &mut sealed,
+            )
+            .expect("AES-GCM seals any length Pacer sends");
+        let mut out = nonce.to_vec();
+        out.extend(sealed);
+        format!("{VERSION}.{}", B64.encode(out))
+    }
+
+    /// What [`Tokens::seal`] sealed for `context` under this key; `None` for anything else.
+    pub fn open(&self, context: &str, sealed: &str) -> Option<Vec<u8>> {
+        use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
+        let bytes = B64.decode(sealed.strip_prefix("v1.")?).ok()?;
+        if bytes.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buffer = ciphertext.to_vec();
+        let opened = (self.sealing_key())
+            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut buffer)
+            .ok()?;
+        Some(opened.to_vec())
+    }
+}
+
 /// What a RunnerJob keeps of its token: the SHA-256, hex.
 pub fn fingerprint(token: &[u8]) -> String {
     Sha256::digest(token)
@@ -166,6 +220,33 @@ mod tests {
         assert_eq!(t.verify(&flipped, 0), Err(TokenError::Forged));
         for bad in ["", "v1", "v1.a", "v2.a.b", "v1.a.b.c", "v1.!!.b"] {
             assert_eq!(t.verify(bad, 0), Err(TokenError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_sealed_answer_opens_only_under_its_key_and_for_its_context() {
+        let t = tokens("k");
+        let sealed = t.seal("uid-1/i-1", b"jit config");
+        assert_eq!(
+            t.open("uid-1/i-1", &sealed).as_deref(),
+            Some(&b"jit config"[..])
+        );
+        assert_ne!(
+            sealed,
+            t.seal("uid-1/i-1", b"jit config"),
+            "a fresh nonce each time"
+        );
+        assert_eq!(t.open("uid-1/i-2", &sealed), None);
+        assert_eq!(tokens("j").open("uid-1/i-1", &sealed), None);
+        let mut tampered = sealed.clone().into_bytes();
+        let last = tampered.len() - 1;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            t.open("uid-1/i-1", std::str::from_utf8(&tampered).unwrap()),
+            None
+        );
+        for bad in ["", "v1.", "v2.AAAA", "v1.!!", "v1.AAAA"] {
+            assert_eq!(t.open("uid-1/i-1", bad), None, "{bad}");
         }
     }
 
