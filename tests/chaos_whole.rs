@@ -15,7 +15,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -181,6 +181,11 @@ impl World {
         spec["runnerUser"] = json!(support::current_user());
         spec["ttlSecondsAfterFinished"] = json!(3600);
         spec["rerunInterrupted"] = json!(rerun_interrupted);
+        if rerun_interrupted {
+            // Reclaims go on all through the burst rather than turning the pool to on-demand
+            // after the third notice (the breaker is tested in tests/job_controller.rs).
+            spec["capacity"]["interruptionBreaker"] = json!({"notices": 0});
+        }
         let pools: Api<RunnerPool> = Api::namespaced(client, &self.ns);
         let pool: RunnerPool = serde_json::from_value(pool).unwrap();
         pools.create(&PostParams::default(), &pool).await.unwrap();
@@ -318,6 +323,10 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     let mut queued: Vec<i64> = (1..=n).collect();
     for job_id in 1..=n {
         w.queue(job_id).await;
+        if let Some(reclaimer) = &mut reclaimer {
+            let boots = w.sim.boots.lock().unwrap().clone();
+            reclaimer.step(&boots).await;
+        }
     }
     let deadline = started + Duration::from_secs(120 + 8 * n as u64);
     let (mut kills, mut restarts) = (0, 0);
@@ -509,7 +518,7 @@ impl Reclaimer {
             if !boot.spot || self.plans.contains_key(&job_id) {
                 continue;
             }
-            let when = match self.plans.len() {
+            let mut when = match self.plans.len() {
                 k if k < self.order.len() => Some(self.order[k]),
                 _ => match self.random() % 6 {
                     0 => Some(Reclaim::Booting),
@@ -518,6 +527,11 @@ impl Reclaimer {
                     _ => None,
                 },
             };
+            // An instance first seen with its runner started is too far along to be reclaimed
+            // before it takes its job.
+            if when.is_some() && boot.dir.join("runner/job.started").exists() {
+                when = Some(Reclaim::Running);
+            }
             if when == Some(Reclaim::Registered) {
                 self.side.hold(instance);
                 self.side.give_notice(instance);
@@ -560,23 +574,33 @@ impl Reclaimer {
                 }
             };
             if now {
-                due.push((*job_id, p.instance.clone(), p.when));
+                due.push((*job_id, p.instance.clone(), p.when, boot.dir.clone()));
                 *plan = None;
             }
         }
-        for (job_id, instance, when) in due {
-            self.reclaim(job_id, &instance, when).await;
+        for (job_id, instance, when, dir) in due {
+            self.reclaim(job_id, &instance, when, &dir).await;
         }
     }
 
     /// EC2 takes the instance back: it stops at once; its listing gives the spot reason; a
     /// runner running the job goes offline and GitHub fails the job; the instance is
-    /// terminated.
-    async fn reclaim(&mut self, job_id: i64, instance: &str, when: Reclaim) {
-        eprintln!("reclaims: {instance} of job {job_id}, {when:?}");
+    /// terminated. What the runner had done when it stopped is what is recorded.
+    async fn reclaim(&mut self, job_id: i64, instance: &str, planned: Reclaim, dir: &Path) {
         self.side.reclaim(instance);
+        // The simulator stops the instance at its next look (every 50 ms): by then whether
+        // its runner took the job, or even finished it, is settled.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (taken, finished) = (
+            dir.join("runner/job.taken").exists(),
+            dir.join("runner/job.released").exists(),
+        );
+        let when = if taken { Reclaim::Running } else { planned };
+        eprintln!("reclaims: {instance} of job {job_id}, {when:?} (planned {planned:?})");
         self.proxy.spot_reclaimed(instance).await;
-        if when == Reclaim::Running {
+        if finished {
+            eprintln!("reclaims: the runner on {instance} finished its job first");
+        } else if when == Reclaim::Running {
             let runner = {
                 let s = self.fake.state.lock().unwrap();
                 let job = &s.jobs[&job_id];
@@ -601,7 +625,9 @@ impl Reclaimer {
             assert!(tries < 20, "terminating {instance}: {e}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        self.done.insert(job_id, (when, instance.to_string()));
+        if !finished {
+            self.done.insert(job_id, (when, instance.to_string()));
+        }
     }
 
     /// Each reclaimed job ended as its moment says, or is unexplained: reclaimed before its
