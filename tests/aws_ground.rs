@@ -8,6 +8,10 @@ use aws_sdk_ec2::types::{
     FleetLaunchTemplateSpecificationRequest, FleetType, TargetCapacitySpecificationRequest,
 };
 use aws_sdk_pricing::types::{Filter, FilterType};
+use pacer::cloud::aws::AwsEc2;
+use pacer::cloud::{Ec2 as _, ErrorClass, Instance, LaunchRequest, LaunchTemplateData};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 use support::{Parts, ground};
 
 #[tokio::test]
@@ -370,4 +374,357 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
         (err.code.as_str(), err.class),
         ("IdempotentParameterMismatch", ErrorClass::InvalidInput)
     );
+}
+
+// Each proxy fault, driven through the production EC2 adapter: every test below fails when its
+// fault stops firing. The faults are scoped by `match` to the test's own requests, since the
+// tests of this binary share one proxy.
+
+/// One test's launches: a launch template of its own, and RunInstances requests tagged with
+/// the test's controller id, so that no other test's listing sees its instances.
+struct Launcher {
+    ec2: AwsEc2,
+    controller: String,
+    template: String,
+    subnet: String,
+}
+
+impl Launcher {
+    /// Launches through `ec2` (the adapter under test, as its SDK configuration makes it).
+    async fn new(ec2: AwsEc2, controller: &str) -> Self {
+        let ground = ground(Parts::Aws);
+        let ours = Self::ours(controller);
+        let data = LaunchTemplateData {
+            image_id: ground.fixture("AMI_X86_64").into(),
+            security_group_ids: vec![ground.fixture("SECURITY_GROUP").into()],
+            instance_profile: None,
+            root_volume: None,
+            spot: false,
+            user_data: String::new(),
+            tags: ours.clone(),
+            metadata_hop_limit: 1,
+        };
+        let setup = AwsEc2::new(&ground.aws_config().await);
+        let template = setup
+            .create_launch_template(&format!("pacer/{controller}/ns/pool"), "test", &data, &ours)
+            .await
+            .unwrap();
+        Self {
+            ec2,
+            controller: controller.into(),
+            template: template.id,
+            subnet: ground.fixture("SUBNET_A").into(),
+        }
+    }
+
+    fn ours(controller: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("gha:managed-by".to_string(), "pacer".to_string()),
+            ("gha:controller".to_string(), controller.to_string()),
+        ])
+    }
+
+    /// A RunInstances launch for the job of `uid` (a value unique to the test), under the
+    /// token `token-{uid}`.
+    fn request(&self, uid: &str) -> LaunchRequest {
+        let mut tags = Self::ours(&self.controller);
+        tags.insert("gha:runner_job_uid".into(), uid.into());
+        LaunchRequest {
+            launch_template_id: self.template.clone(),
+            version: 1,
+            offerings: vec![("m6i.large".into(), self.subnet.clone())],
+            spot: false,
+            fleet: false,
+            tags,
+            allocation_strategy: None,
+            client_token: Some(format!("token-{uid}")),
+        }
+    }
+
+    /// The test's instances as the adapter lists them, terminated ones included.
+    async fn listed(&self) -> Vec<Instance> {
+        self.ec2
+            .describe_managed_instances(&self.controller)
+            .await
+            .unwrap()
+    }
+
+    /// The listed instances launched for `uid`.
+    async fn listed_for(&self, uid: &str) -> Vec<Instance> {
+        let mut all = self.listed().await;
+        all.retain(|i| i.tags.get("gha:runner_job_uid").map(String::as_str) == Some(uid));
+        all
+    }
+}
+
+/// The adapter as production builds it, pointed at the proxy, with the SDK's retries off so
+/// that each injected answer reaches it rather than a retry's.
+async fn adapter_without_retries() -> AwsEc2 {
+    let config = ground(Parts::Aws).aws_config().await.into_builder();
+    AwsEc2::new(
+        &config
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .build(),
+    )
+}
+
+#[tokio::test]
+async fn error_faults_reach_the_adapter_for_their_count_with_their_code_and_status_then_stop() {
+    let ground = ground(Parts::Aws);
+    let proxy = ground.proxy();
+    let controller = "fault-errors";
+    let l = Launcher::new(adapter_without_retries().await, controller).await;
+    let cases = [
+        (
+            "RunInstances",
+            "InsufficientInstanceCapacity",
+            400,
+            ErrorClass::InsufficientCapacity,
+        ),
+        (
+            "RunInstances",
+            "RequestLimitExceeded",
+            503,
+            ErrorClass::Throttled,
+        ),
+        (
+            "DescribeInstances",
+            "InternalError",
+            500,
+            ErrorClass::Throttled,
+        ),
+    ];
+    for (n, (action, code, status, class)) in cases.into_iter().enumerate() {
+        // A launch of its own per case: a token EC2 answered once is replayed, not faulted.
+        let uid = format!("{controller}-{n}");
+        // A launch's tag values, or a listing's filter values (`Filter.N.Value.1`).
+        let (key, wanted) = if action == "RunInstances" {
+            ("Value", uid.as_str())
+        } else {
+            ("Value.1", controller)
+        };
+        proxy
+            .add_fault(
+                serde_json::json!({"action": action, "code": code, "status": status,
+                "count": 2, "match": {key: wanted}}),
+            )
+            .await;
+        let call = || async {
+            if action == "RunInstances" {
+                l.ec2.launch(&l.request(&uid)).await.map(|_| ())
+            } else {
+                l.ec2
+                    .describe_managed_instances(controller)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        for _ in 0..2 {
+            let err = call().await.expect_err(code);
+            assert_eq!((err.code.as_str(), err.class), (code, class), "{err:?}");
+        }
+        call().await.expect("the fault is spent after its count");
+        let calls = proxy.calls_of(action, wanted).await;
+        let statuses: Vec<u16> = calls.iter().rev().take(3).rev().map(|c| c.status).collect();
+        assert_eq!(statuses, [status, status, 200], "{action} {code}");
+    }
+    assert_eq!(
+        l.listed().await.len(),
+        2,
+        "one instance per launch that got through"
+    );
+}
+
+#[tokio::test]
+async fn a_matched_fault_fails_only_the_requests_it_matches() {
+    let l = Launcher::new(adapter_without_retries().await, "fault-match").await;
+    let proxy = ground(Parts::Aws).proxy();
+    proxy
+        .add_fault(serde_json::json!({"action": "RunInstances",
+            "code": "InsufficientInstanceCapacity", "count": -1,
+            "match": {"Value": "fault-match-chosen"}}))
+        .await;
+    let other = l.ec2.launch(&l.request("fault-match-other")).await;
+    assert_eq!(other.expect("not matched").instances.len(), 1);
+    for _ in 0..2 {
+        let err = l
+            .ec2
+            .launch(&l.request("fault-match-chosen"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::InsufficientCapacity, "{err:?}");
+    }
+    assert!(l.listed_for("fault-match-chosen").await.is_empty());
+    let statuses =
+        |calls: Vec<support::proxy::Call>| -> Vec<u16> { calls.iter().map(|c| c.status).collect() };
+    assert_eq!(
+        statuses(proxy.calls_of("RunInstances", "fault-match-other").await),
+        [200]
+    );
+    assert_eq!(
+        statuses(proxy.calls_of("RunInstances", "fault-match-chosen").await),
+        [400, 400]
+    );
+}
+
+#[tokio::test]
+async fn a_late_launch_answer_takes_its_delay_and_its_token_replays_the_instance() {
+    let ground = ground(Parts::Aws);
+    let proxy = ground.proxy();
+    let l = Launcher::new(AwsEc2::new(&ground.aws_config().await), "fault-late").await;
+    let late = |uid: &str, seconds: u64| {
+        serde_json::json!({"action": "RunInstances", "code": "-", "delay_answer": seconds,
+            "match": {"Value": uid}})
+    };
+
+    // A caller that waits hears of the instance, the delay later.
+    proxy.add_fault(late("fault-late-waited", 3)).await;
+    let started = Instant::now();
+    let waited = l.ec2.launch(&l.request("fault-late-waited")).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(waited.instances.len(), 1);
+
+    // A caller that gives up first hears nothing, yet EC2 launched, and kept the token: the
+    // same request again is answered with that instance, and launches no other.
+    let config = ground.aws_config().await.into_builder();
+    let impatient = AwsEc2::new(
+        &config
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .operation_timeout(Duration::from_secs(1))
+                    .build(),
+            )
+            .build(),
+    );
+    proxy.add_fault(late("fault-late-gave-up", 5)).await;
+    let request = l.request("fault-late-gave-up");
+    let err = impatient.launch(&request).await.unwrap_err();
+    assert_eq!(err.code, "Transport", "{err:?}");
+    let launched = l.listed_for("fault-late-gave-up").await;
+    assert_eq!(launched.len(), 1, "EC2 acted before it answered");
+    let replay = l.ec2.launch(&request).await.unwrap();
+    assert_eq!(replay.instances[0].id, launched[0].id);
+    assert_eq!(l.listed_for("fault-late-gave-up").await.len(), 1);
+    let calls = proxy.calls_of("RunInstances", "fault-late-gave-up").await;
+    assert!(calls.iter().any(|c| c.replayed), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_lost_launch_answer_is_a_transport_error_and_its_replay_makes_no_second_instance() {
+    let ground = ground(Parts::Aws);
+    let proxy = ground.proxy();
+    let l = Launcher::new(adapter_without_retries().await, "fault-lost").await;
+    proxy
+        .add_fault(serde_json::json!({"action": "RunInstances", "code": "-",
+            "lose_answer": true, "match": {"Value": "fault-lost-one"}}))
+        .await;
+    let request = l.request("fault-lost-one");
+    let err = l.ec2.launch(&request).await.unwrap_err();
+    assert_eq!(err.code, "Transport", "{err:?}");
+    let launched = l.listed_for("fault-lost-one").await;
+    assert_eq!(launched.len(), 1, "the call went through");
+
+    let replay = l.ec2.launch(&request).await.unwrap();
+    assert_eq!(replay.instances[0].id, launched[0].id);
+    assert_eq!(l.listed_for("fault-lost-one").await.len(), 1);
+    let calls = proxy.calls_of("RunInstances", "fault-lost-one").await;
+    assert_eq!(
+        calls
+            .iter()
+            .map(|c| (c.status, c.replayed))
+            .collect::<Vec<_>>(),
+        [(0, false), (200, true)]
+    );
+}
+
+#[tokio::test]
+async fn describe_lag_hides_a_new_instance_from_the_adapter_then_lists_it() {
+    let ground = ground(Parts::Aws);
+    let proxy = ground.proxy();
+    let l = Launcher::new(AwsEc2::new(&ground.aws_config().await), "fault-lag").await;
+    proxy.describe_lag(4.0, "fault-lag-one").await;
+    let hidden_before = proxy.hidden_by_lag().await;
+    let started = Instant::now();
+    let launched = l.ec2.launch(&l.request("fault-lag-one")).await.unwrap();
+    assert_eq!(
+        launched.instances.len(),
+        1,
+        "the launch answer is not lagged"
+    );
+    assert!(
+        l.listed_for("fault-lag-one").await.is_empty(),
+        "listed at once"
+    );
+    assert!(proxy.hidden_by_lag().await > hidden_before);
+    loop {
+        if !l.listed_for("fault-lag-one").await.is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "never listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Launch times have whole seconds: a 4 s lag hides an instance 3 s at least.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "listed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_spot_reclaim_reaches_the_adapter_as_the_instance_state_reason() {
+    let ground = ground(Parts::Aws);
+    let controller = "fault-reclaim";
+    let l = Launcher::new(AwsEc2::new(&ground.aws_config().await), controller).await;
+    let mut ids = Vec::new();
+    for uid in ["fault-reclaim-reclaimed", "fault-reclaim-terminated"] {
+        let out = l.ec2.launch(&l.request(uid)).await.unwrap();
+        ids.push(out.instances[0].id.clone());
+    }
+    l.ec2.terminate_instances(&ids).await.unwrap();
+    ground.proxy().spot_reclaimed(&ids[0]).await;
+    let reason = |id: &str, listed: &[Instance]| {
+        let instance = listed.iter().find(|i| i.id == id).unwrap();
+        assert!(!instance.is_alive(), "{instance:?}");
+        instance.state_reason.clone().unwrap_or_default()
+    };
+    let listed = l.listed().await;
+    assert!(
+        reason(&ids[0], &listed).starts_with("Server.SpotInstanceTermination"),
+        "{listed:?}"
+    );
+    assert!(
+        !reason(&ids[1], &listed).contains("Spot"),
+        "only the instance EC2 reclaimed: {listed:?}"
+    );
+    let (one, _) = l
+        .ec2
+        .managed_instance(controller, &ids[0])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        (one.state_reason.as_deref())
+            .is_some_and(|r| r.starts_with("Server.SpotInstanceTermination")),
+        "{one:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_adapter_reads_spot_prices_from_the_proxy_table() {
+    let ground = ground(Parts::Aws);
+    let ec2 = AwsEc2::new(&ground.aws_config().await);
+    let before = ec2.spot_price("c6g.large", "us-east-1b").await.unwrap();
+    assert_ne!(before.as_deref(), Some("0.012345"));
+    ground
+        .proxy()
+        .set_spot_prices(serde_json::json!({"c6g.large": {"us-east-1b": "0.012345"}}))
+        .await;
+    let price = ec2.spot_price("c6g.large", "us-east-1b").await.unwrap();
+    assert_eq!(price.as_deref(), Some("0.012345"));
 }

@@ -6,19 +6,21 @@
 //!
 //! Scenarios: the leader SIGKILLed and restarted again and again mid-burst, with one replica and
 //! with two; the kube-apiserver killed and restarted mid-burst; GitHub's JIT endpoint failing,
-//! slow and clashing; every read between the replicas and the API server late. Each ends with
-//! the invariants of `support::invariants`. `make test` runs a short form; `make chaos` runs
+//! slow and clashing; every read between the replicas and the API server late; EC2 reclaiming
+//! spot instances at random, before and after their runner took the job. Each ends with the
+//! invariants of `support::invariants`. `make test` runs a short form; `make chaos` runs
 //! `CHAOS_JOBS` jobs.
 
 mod support;
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
-use pacer::api::{RunnerJob, RunnerPool};
+use pacer::api::{JobPhase, RunnerJob, RunnerPool};
 use pacer::cloud::aws::AwsEc2;
 use serde_json::json;
 use support::github::FakeGitHub;
@@ -27,8 +29,9 @@ use support::invariants::{
     Counts, assert_invariants, count_endings, instances_by_job, job_count, report,
 };
 use support::process::{self, Pacer, WEBHOOK_SECRET};
+use support::proxy::Proxy;
 use support::relay::{Balancer, Relay};
-use support::simulator::{Behaviour, GitHubSide, Simulator};
+use support::simulator::{Behaviour, Boot, Ec2Side, GitHubSide, Simulator};
 use support::{Ground, Parts, ground, webhooks};
 
 const REPO: &str = "example-org/api";
@@ -51,6 +54,10 @@ struct Faults {
     jit: bool,
     /// The replicas reach the API server through a relay that holds every read this long.
     api_latency: Option<Duration>,
+    /// EC2 reclaims spot instances at random, some before their runner took the job (while
+    /// booting, or registered and waiting), some after; the pool asks for a re-run of a job so
+    /// lost (`rerunInterrupted`).
+    reclaims: bool,
 }
 
 struct World {
@@ -71,7 +78,7 @@ struct World {
 }
 
 impl World {
-    async fn new(scenario: &str, replicas: usize, api_latency: Option<Duration>) -> Self {
+    async fn new(scenario: &str, faults: &Faults) -> Self {
         let ground = ground(Parts::Both);
         let client = ground.kube_client().await;
         let ns = ground
@@ -87,7 +94,7 @@ impl World {
         // The keys every replica shares (`process::start` keeps them): the instances' signer.
         Signer::new(&dir);
         identity::callback_key(&dir);
-        let api = match api_latency {
+        let api = match faults.api_latency {
             Some(delay) => Some(slow_api_server(ground, &dir, delay).await),
             None => None,
         };
@@ -104,7 +111,8 @@ impl World {
                 &id,
                 &dir.join("instances"),
                 Behaviour {
-                    runner_seconds: Some(2.0),
+                    // Long enough for a reclaim to find the runner at work.
+                    runner_seconds: Some(if faults.reclaims { 6.0 } else { 2.0 }),
                     github_side: Some(GitHubSide {
                         webhooks: Some((service.url(), WEBHOOK_SECRET.to_vec())),
                         labels: LABELS.map(String::from).to_vec(),
@@ -127,12 +135,12 @@ impl World {
             id,
             dir,
         };
-        for n in 0..replicas {
+        for n in 0..faults.replicas {
             let replica = world.start(&format!("replica-{n}"));
             world.replicas.push(replica);
         }
         world.route();
-        world.ready_pool(client).await;
+        world.ready_pool(client, faults.reclaims).await;
         world
     }
 
@@ -164,7 +172,7 @@ impl World {
         self.service.route_to(listeners);
     }
 
-    async fn ready_pool(&self, client: kube::Client) {
+    async fn ready_pool(&self, client: kube::Client, rerun_interrupted: bool) {
         let mut pool = self.ground.example_pool(&self.ns, "linux");
         let spec = &mut pool["spec"];
         spec["maxRunners"] = json!(MAX_RUNNERS);
@@ -172,6 +180,12 @@ impl World {
         spec["labels"] = json!(LABELS);
         spec["runnerUser"] = json!(support::current_user());
         spec["ttlSecondsAfterFinished"] = json!(3600);
+        spec["rerunInterrupted"] = json!(rerun_interrupted);
+        if rerun_interrupted {
+            // Reclaims go on all through the burst rather than turning the pool to on-demand
+            // after the third notice (the breaker is tested in tests/job_controller.rs).
+            spec["capacity"]["interruptionBreaker"] = json!({"notices": 0});
+        }
         let pools: Api<RunnerPool> = Api::namespaced(client, &self.ns);
         let pool: RunnerPool = serde_json::from_value(pool).unwrap();
         pools.create(&PostParams::default(), &pool).await.unwrap();
@@ -294,18 +308,25 @@ async fn slow_api_server(
 
 async fn run(scenario: &str, faults: Faults) -> Counts {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut w = World::new(scenario, faults.replicas, faults.api_latency).await;
+    let mut w = World::new(scenario, &faults).await;
     let n = job_count();
-    let mut counts = Counts {
-        jobs: n as usize,
-        ..Default::default()
-    };
+    let mut counts = Counts::default();
     if faults.jit {
         w.jit_faults(n);
     }
+    let mut reclaimer = match faults.reclaims {
+        true => Some(Reclaimer::new(&w, n).await),
+        false => None,
+    };
     let started = tokio::time::Instant::now();
+    // Every job GitHub queued: the burst's, then the re-runs it makes.
+    let mut queued: Vec<i64> = (1..=n).collect();
     for job_id in 1..=n {
         w.queue(job_id).await;
+        if let Some(reclaimer) = &mut reclaimer {
+            let boots = w.sim.boots.lock().unwrap().clone();
+            reclaimer.step(&boots).await;
+        }
     }
     let deadline = started + Duration::from_secs(120 + 8 * n as u64);
     let (mut kills, mut restarts) = (0, 0);
@@ -325,13 +346,28 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
         if faults.jit && started.elapsed() > Duration::from_secs(20) {
             w.fake.slow("generate_jitconfig", Duration::ZERO);
         }
+        if let Some(reclaimer) = &mut reclaimer {
+            let boots = w.sim.boots.lock().unwrap().clone();
+            reclaimer.step(&boots).await;
+            // GitHub queues a job it re-runs as a new job.
+            let reruns = w.fake.state.lock().unwrap().reruns.clone();
+            for job_id in reruns.into_iter().map(|j| RERUN + j) {
+                if !queued.contains(&job_id) {
+                    w.queue(job_id).await;
+                    queued.push(job_id);
+                }
+            }
+        }
         // While the API server restarts, nothing answers: look again.
         if let Some(jobs) = w.all_jobs().await {
             let finished = (jobs.iter())
                 .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
                 .count();
+            // A job lost while running ends at once; its re-run is asked for after.
+            let rerun_due = jobs.iter().filter(|j| reason(j) == INTERRUPTED).count();
             let faults_done = kills == faults.kills && restarts == faults.apiserver_restarts;
-            if (finished == n as usize && faults_done) || tokio::time::Instant::now() > deadline {
+            let settled = finished == queued.len() && rerun_due == 0;
+            if (settled && faults_done) || tokio::time::Instant::now() > deadline {
                 break;
             }
         }
@@ -339,10 +375,11 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     }
     // Settle: the last terminations and runner removals land.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    counts.jobs = queued.len();
     let instances = instances_by_job(&w.ec2, &w.id).await;
     let jobs = w.all_jobs().await.unwrap();
     count_endings(&mut counts, &jobs, &instances);
-    for job_id in 1..=n {
+    for job_id in &queued {
         let name = format!("gh-job-{job_id}");
         if !jobs
             .iter()
@@ -352,6 +389,7 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
         }
     }
     let boots = w.sim.boots.lock().unwrap().clone();
+    // A runner whose instance EC2 reclaimed lost its job to EC2: not counted as Pacer's kill.
     counts.busy_killed = boots.values().filter(|b| b.killed_busy).count()
         + w.fake.state.lock().unwrap().busy_deletes.len();
     counts.left_alive = instances.values().map(|(_, live)| live.len()).sum();
@@ -360,19 +398,316 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
         .filter(|(endpoint, status)| endpoint.starts_with("generate_jitconfig") && *status >= 400)
         .count();
     let delayed = w.api.as_ref().map_or(0, |(relay, _)| relay.delayed()) as usize;
+    let reclaimed = match &reclaimer {
+        Some(reclaimer) => reclaimer.check(&jobs, &boots, &w.fake, &mut counts),
+        None => 0,
+    };
     let sent: u32 = boots.values().map(|b| b.webhooks_sent).sum();
     assert!(
         sent > 0,
         "no runner's webhooks were sent, duplicated or reordered"
     );
     // Every scenario duplicates and reorders webhooks; what fired counts its own faults only.
-    counts.fired = (kills + restarts) as usize + jit_refused + delayed;
+    counts.fired = (kills + restarts) as usize + jit_refused + delayed + reclaimed;
     let step_downs: usize = (w.replicas.iter())
         .map(|r| r.log_text().matches("stepping down").count())
         .sum();
     eprintln!("{scenario}: the replicas stepped down {step_downs} times");
     report(scenario, &counts, started.elapsed());
     counts
+}
+
+/// The reason a job lost to a reclaim while its runner ran it ends with, before its re-run.
+const INTERRUPTED: &str = "InterruptedWhileRunning";
+/// GitHub gives a job it re-runs this id plus the first's (in a new attempt of the run).
+const RERUN: i64 = 100_000;
+
+fn reason(job: &RunnerJob) -> String {
+    (job.status.as_ref())
+        .and_then(|s| s.last_error.as_ref())
+        .map(|e| e.reason.clone())
+        .unwrap_or_default()
+}
+
+/// When EC2 reclaims a job's first spot instance.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Reclaim {
+    /// At once, while it boots: before its runner exists.
+    Booting,
+    /// Its runner registered and waiting for a job (GitHub gives it none), once the instance
+    /// reported the notice EC2 gave it.
+    Registered,
+    /// Its runner running the job, once the instance reported the notice EC2 gave it then.
+    Running,
+}
+
+/// A reclaim chosen for an instance, not yet done.
+struct Plan {
+    instance: String,
+    when: Reclaim,
+    /// Since when the instance waits for its reclaim (notice given).
+    since: Option<tokio::time::Instant>,
+}
+
+/// EC2 reclaiming spot instances at random as they appear, one instance of a job at most,
+/// as EC2 does it: the notice in the instance's IMDS, then the instance terminated with the
+/// state reason `Server.SpotInstanceTermination`, and GitHub failing a job whose runner went.
+struct Reclaimer {
+    side: Ec2Side,
+    proxy: Proxy,
+    /// EC2's own hand, behind Pacer's back.
+    ec2: aws_sdk_ec2::Client,
+    fake: FakeGitHub,
+    /// Only the burst's jobs are chosen, not GitHub's re-runs.
+    jobs: i64,
+    /// The first three jobs get one of each, in a random order; later ones one at random, or
+    /// none.
+    order: Vec<Reclaim>,
+    rng: u64,
+    /// Job id -> its first instance's plan (`None`: not reclaimed).
+    plans: HashMap<i64, Option<Plan>>,
+    /// Job id -> when its instance was reclaimed, and the instance.
+    done: BTreeMap<i64, (Reclaim, String)>,
+}
+
+impl Reclaimer {
+    async fn new(w: &World, jobs: i64) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1;
+        eprintln!("reclaims: seed {seed}");
+        let mut reclaimer = Self {
+            side: w.sim.ec2_side(),
+            proxy: w.ground.proxy(),
+            ec2: aws_sdk_ec2::Client::new(
+                &(w.ground.aws_config().await.to_builder())
+                    .app_name(aws_config::AppName::new("ec2-reclaims").unwrap())
+                    .build(),
+            ),
+            fake: w.fake.clone(),
+            jobs,
+            order: Vec::new(),
+            rng: seed,
+            plans: HashMap::new(),
+            done: BTreeMap::new(),
+        };
+        let mut order = vec![Reclaim::Booting, Reclaim::Registered, Reclaim::Running];
+        for i in (1..order.len()).rev() {
+            order.swap(i, reclaimer.random() as usize % (i + 1));
+        }
+        reclaimer.order = order;
+        reclaimer
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Plans a reclaim for each job's first spot instance as it appears; reclaims those whose
+    /// moment came.
+    async fn step(&mut self, boots: &HashMap<String, Boot>) {
+        for (instance, boot) in boots {
+            let Some(job_id) = boot.job_id.filter(|j| *j <= self.jobs) else {
+                continue;
+            };
+            if !boot.spot || self.plans.contains_key(&job_id) {
+                continue;
+            }
+            let mut when = match self.plans.len() {
+                k if k < self.order.len() => Some(self.order[k]),
+                _ => match self.random() % 6 {
+                    0 => Some(Reclaim::Booting),
+                    1 => Some(Reclaim::Registered),
+                    2 => Some(Reclaim::Running),
+                    _ => None,
+                },
+            };
+            // An instance first seen with its runner started is too far along to be reclaimed
+            // before it takes its job.
+            if when.is_some() && boot.dir.join("runner/job.started").exists() {
+                when = Some(Reclaim::Running);
+            }
+            if when == Some(Reclaim::Registered) {
+                self.side.hold(instance);
+                self.side.give_notice(instance);
+            }
+            let plan = when.map(|when| Plan {
+                instance: instance.clone(),
+                when,
+                since: None,
+            });
+            self.plans.insert(job_id, plan);
+        }
+        let mut due = Vec::new();
+        for (job_id, plan) in self.plans.iter_mut() {
+            let Some(p) = plan else { continue };
+            let boot = &boots[&p.instance];
+            let marked = |path: &str| boot.dir.join(path).exists();
+            let noticed = marked("state/noticed-spot-interruption");
+            let waited = |since: Option<tokio::time::Instant>, limit: u64| {
+                since.is_some_and(|t| t.elapsed() > Duration::from_secs(limit))
+            };
+            if boot.exit.is_some() || (p.when == Reclaim::Running && marked("runner/job.done")) {
+                eprintln!("reclaims: {} of job {job_id} ended first", p.instance);
+                *plan = None;
+                continue;
+            }
+            let now = match p.when {
+                Reclaim::Booting => true,
+                Reclaim::Registered => {
+                    if p.since.is_none() && marked("runner/job.started") {
+                        p.since = Some(tokio::time::Instant::now());
+                    }
+                    noticed || waited(p.since, 5)
+                }
+                Reclaim::Running => {
+                    if p.since.is_none() && marked("runner/job.taken") {
+                        self.side.give_notice(&p.instance);
+                        p.since = Some(tokio::time::Instant::now());
+                    }
+                    p.since.is_some() && (noticed || waited(p.since, 3))
+                }
+            };
+            if now {
+                due.push((*job_id, p.instance.clone(), p.when, boot.dir.clone()));
+                *plan = None;
+            }
+        }
+        for (job_id, instance, when, dir) in due {
+            self.reclaim(job_id, &instance, when, &dir).await;
+        }
+    }
+
+    /// EC2 takes the instance back: it stops at once; its listing gives the spot reason; a
+    /// runner running the job goes offline and GitHub fails the job; the instance is
+    /// terminated. What the runner had done when it stopped is what is recorded.
+    async fn reclaim(&mut self, job_id: i64, instance: &str, planned: Reclaim, dir: &Path) {
+        self.side.reclaim(instance);
+        // The simulator stops the instance at its next look (every 50 ms): by then whether
+        // its runner took the job, or even finished it, is settled.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (taken, finished) = (
+            dir.join("runner/job.taken").exists(),
+            dir.join("runner/job.released").exists(),
+        );
+        let when = if taken { Reclaim::Running } else { planned };
+        eprintln!("reclaims: {instance} of job {job_id}, {when:?} (planned {planned:?})");
+        self.proxy.spot_reclaimed(instance).await;
+        if finished {
+            eprintln!("reclaims: the runner on {instance} finished its job first");
+        } else if when == Reclaim::Running {
+            let runner = {
+                let s = self.fake.state.lock().unwrap();
+                let job = &s.jobs[&job_id];
+                job["runner_id"]
+                    .as_i64()
+                    .zip(job["runner_name"].as_str().map(String::from))
+            };
+            if let Some((id, name)) = runner {
+                self.fake.runner_lost(TARGET, &name);
+                self.fake.finish_job(REPO, job_id, "failure", (id, &name));
+            }
+        }
+        let mut tries = 0;
+        while let Err(e) = self
+            .ec2
+            .terminate_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+        {
+            tries += 1;
+            assert!(tries < 20, "terminating {instance}: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !finished {
+            self.done.insert(job_id, (when, instance.to_string()));
+        }
+    }
+
+    /// Each reclaimed job ended as its moment says, or is unexplained: reclaimed before its
+    /// runner took it, requeued (`SpotInterrupted`) and run by the runner of its next
+    /// instance; reclaimed while running, `InterruptedWhileRunning`, re-run at most once. Only
+    /// those end so. Yields how many reclaims Pacer saw.
+    fn check(
+        &self,
+        jobs: &[RunnerJob],
+        boots: &HashMap<String, Boot>,
+        fake: &FakeGitHub,
+        counts: &mut Counts,
+    ) -> usize {
+        let state = fake.state.lock().unwrap();
+        let mut seen = 0;
+        for job in jobs {
+            let name = job.metadata.name.clone().unwrap_or_default();
+            let job_id: i64 = name
+                .trim_start_matches("gh-job-")
+                .parse()
+                .unwrap_or_default();
+            let status = job.status.clone().unwrap_or_default();
+            let why = reason(job);
+            let reruns = state.reruns.iter().filter(|j| **j == job_id).count();
+            if reruns > 1 {
+                counts
+                    .unexplained
+                    .push(format!("{name}: re-run {reruns} times"));
+            }
+            let first = status.previous_attempts.first().map(|a| a.reason.as_str());
+            let ok = match self.done.get(&job_id).map(|(when, _)| when) {
+                Some(Reclaim::Booting | Reclaim::Registered) => {
+                    // The runner on the job's last instance took the job and ran it.
+                    let last = (status.instance.as_ref()).and_then(|i| boots.get(&i.id));
+                    let ran = last.is_some_and(|b| {
+                        b.dir.join("runner/job.taken").exists()
+                            && b.dir.join("runner/job.done").exists()
+                    });
+                    status.phase == JobPhase::Succeeded && first == Some("SpotInterrupted") && ran
+                }
+                Some(Reclaim::Running) => {
+                    status.phase == JobPhase::Failed
+                        && (why == INTERRUPTED || (why == "RerunRequested" && reruns == 1))
+                }
+                None => {
+                    // Only a reclaim while running ends so.
+                    if why == INTERRUPTED || why == "RerunRequested" {
+                        counts
+                            .unexplained
+                            .push(format!("{name}: {why}, never reclaimed"));
+                    }
+                    continue;
+                }
+            };
+            if ok {
+                seen += 1;
+            } else {
+                counts.unexplained.push(format!(
+                    "{name}: reclaimed {:?}, ended {:?} {why}, attempts {:?}",
+                    self.done[&job_id].0, status.phase, status.previous_attempts
+                ));
+            }
+        }
+        let by_when = |when| self.done.values().filter(|(w, _)| *w == when).count();
+        let noticed = (self.done.values())
+            .filter(|(_, i)| {
+                boots[i]
+                    .dir
+                    .join("state/noticed-spot-interruption")
+                    .exists()
+            })
+            .count();
+        eprintln!(
+            "reclaims: {} booting, {} registered, {} running; {noticed} notices reported; {seen} seen by Pacer",
+            by_when(Reclaim::Booting),
+            by_when(Reclaim::Registered),
+            by_when(Reclaim::Running)
+        );
+        seen
+    }
 }
 
 fn assert_all_ran(c: &Counts) {
@@ -453,4 +788,28 @@ async fn a_slow_api_server_during_a_burst_loses_and_doubles_nothing() {
     )
     .await;
     assert_all_ran(&c);
+}
+
+/// EC2 reclaims spot instances at random, before and after their runners took their jobs: a
+/// job reclaimed before is requeued and run by a later attempt's runner; one reclaimed after
+/// ends `InterruptedWhileRunning` and is re-run once by GitHub, its re-run run by Pacer. No
+/// busy runner is Pacer's doing.
+#[tokio::test(flavor = "multi_thread")]
+async fn spot_instances_reclaimed_before_and_after_their_job_was_taken_lose_and_double_nothing() {
+    let c = run(
+        "reclaims",
+        Faults {
+            replicas: 1,
+            reclaims: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_invariants(&c);
+    let lost: usize = ["InterruptedWhileRunning", "RerunRequested"]
+        .iter()
+        .filter_map(|r| c.explained.get(*r))
+        .sum();
+    assert!(lost > 0, "no job was reclaimed while running: {c:?}");
+    assert_eq!(c.succeeded + lost, c.jobs, "{c:?}");
 }

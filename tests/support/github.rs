@@ -300,6 +300,18 @@ impl FakeGitHub {
         }
     }
 
+    /// The runner named `name` of `target` lost its machine: GitHub shows it offline and no
+    /// longer busy.
+    pub fn runner_lost(&self, target: &str, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        for r in s.runners.entry(target.into()).or_default() {
+            if r.name == name {
+                r.busy = false;
+                r.status = "offline";
+            }
+        }
+    }
+
     /// The runner of `target` named `name`: its id.
     pub fn runner_id(&self, target: &str, name: &str) -> Option<i64> {
         let s = self.state.lock().unwrap();

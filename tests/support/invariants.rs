@@ -7,8 +7,17 @@ use pacer::api::{JobPhase, RunnerJob};
 use pacer::cloud::Ec2 as _;
 use pacer::cloud::aws::AwsEc2;
 
-/// Reasons a job may end with other than success, each saying why it did not run here.
-pub const EXPLAINED: [&str; 4] = ["NotQueued", "AttemptsExhausted", "Cancelled", "PoolGone"];
+/// Reasons a job may end with other than success, each saying why it did not run here, or
+/// why it did not finish: EC2 reclaimed its spot instance while its runner ran it (and GitHub
+/// was asked to re-run it, when its pool says so).
+pub const EXPLAINED: [&str; 6] = [
+    "NotQueued",
+    "AttemptsExhausted",
+    "Cancelled",
+    "PoolGone",
+    "InterruptedWhileRunning",
+    "RerunRequested",
+];
 
 /// Jobs per scenario: `CHAOS_JOBS` (`make chaos`), a few in `make test`.
 pub fn job_count() -> i64 {

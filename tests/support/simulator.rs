@@ -15,7 +15,9 @@
 //!   `in_progress` and `completed` webhooks go to Pacer; and an instance terminated while it
 //!   boots or runs stops there, as a real one does; `sudo` by one that logs its command line as
 //!   sudo logs it to the journal and runs the command (as the same user: a test cannot switch
-//!   users), and `useradd` and `chown` by no-ops, so a pool's other `runnerUser` boots too.
+//!   users), and `useradd` and `chown` by no-ops, so a pool's other `runnerUser` boots too;
+//! - when a test asks ([`Ec2Side`]), EC2's side of a spot instance: an interruption notice in
+//!   its IMDS, its runner left waiting for a job, and its reclaim, which stops it at once.
 //!
 //! Nothing in Pacer knows: the script talks to the real listener over HTTP.
 
@@ -92,8 +94,15 @@ pub struct Boot {
     pub user_data: String,
     /// The sandbox folder (boot log at `state/boot.log`).
     pub dir: PathBuf,
-    /// The instance was terminated while its runner ran the job.
+    /// The instance was terminated while its runner ran the job, by anyone but EC2's reclaim.
     pub killed_busy: bool,
+    /// EC2 reclaimed the spot instance ([`Ec2Side::reclaim`]); its runner, if busy, lost its
+    /// job to EC2, not to Pacer.
+    pub reclaimed: bool,
+    /// The GitHub job id the instance was launched for (its `gha:job_id` tag).
+    pub job_id: Option<i64>,
+    /// A spot instance.
+    pub spot: bool,
     /// Webhooks sent for the job, and how many of them Pacer did not accept.
     pub webhooks_sent: u32,
     pub webhooks_refused: u32,
@@ -110,10 +119,45 @@ struct Shared {
     controller_id: String,
     /// The instances EC2 last listed pending or running.
     alive: Mutex<HashSet<String>>,
+    /// Instances whose IMDS serves a spot interruption notice.
+    notices: Mutex<HashSet<String>>,
+    /// Instances whose runner GitHub gives no job.
+    held: Mutex<HashSet<String>>,
+    /// Instances EC2 reclaimed: stopped at once.
+    reclaimed: Mutex<HashSet<String>>,
+}
+
+/// What EC2 does to the simulated spot instances when a test says so.
+#[derive(Clone)]
+pub struct Ec2Side {
+    shared: Arc<Shared>,
+}
+
+impl Ec2Side {
+    /// From now on the instance's IMDS serves a spot interruption notice.
+    pub fn give_notice(&self, instance: &str) {
+        self.shared.notices.lock().unwrap().insert(instance.into());
+    }
+
+    /// GitHub gives the instance's runner no job: it stays registered and waiting.
+    pub fn hold(&self, instance: &str) {
+        self.shared.held.lock().unwrap().insert(instance.into());
+    }
+
+    /// EC2 takes the instance back: whatever runs on it stops at once. The test terminates it
+    /// in EC2 and gives it EC2's state reason itself.
+    pub fn reclaim(&self, instance: &str) {
+        self.shared
+            .reclaimed
+            .lock()
+            .unwrap()
+            .insert(instance.into());
+    }
 }
 
 pub struct Simulator {
     pub boots: Arc<Mutex<HashMap<String, Boot>>>,
+    shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
     /// The release server's base URL, and the digest the releases API gives.
     base: String,
@@ -149,6 +193,9 @@ impl Simulator {
             github: github.clone(),
             controller_id: controller_id.to_string(),
             alive: Mutex::default(),
+            notices: Mutex::default(),
+            held: Mutex::default(),
+            reclaimed: Mutex::default(),
         });
         let app = Router::new()
             .route("/imds/{instance}/latest/api/token", put(imds_token))
@@ -184,14 +231,22 @@ impl Simulator {
             controller_id.to_string(),
             dir.to_path_buf(),
             base.clone(),
-            shared,
+            shared.clone(),
             boots.clone(),
         ));
         Self {
             boots,
+            shared,
             task,
             base,
             published,
+        }
+    }
+
+    /// EC2's side of the instances: notices, held runners, reclaims.
+    pub fn ec2_side(&self) -> Ec2Side {
+        Ec2Side {
+            shared: self.shared.clone(),
         }
     }
 
@@ -340,16 +395,19 @@ async fn imds_identity(
     }
 }
 
-/// Instance metadata: a spot interruption notice when the behaviour says so, nothing else.
+/// Instance metadata: a spot interruption notice when the behaviour or the test says so,
+/// nothing else.
 async fn imds_metadata(
     State(shared): State<Arc<Shared>>,
-    UrlPath((_, path)): UrlPath<(String, String)>,
+    UrlPath((instance, path)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
     if !imds_session(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    if path == "spot/instance-action" && shared.behaviour.spot_notice {
+    let noticed =
+        shared.behaviour.spot_notice || shared.notices.lock().unwrap().contains(&instance);
+    if path == "spot/instance-action" && noticed {
         let at =
             k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_mins(2);
         let notice = serde_json::json!({"action": "terminate", "time": at.to_string()});
@@ -431,10 +489,16 @@ async fn watch(
                 .lock()
                 .unwrap()
                 .insert(id.clone(), document);
+            let launched = Launched {
+                job_id: tag("gha:job_id").and_then(|j| j.parse().ok()),
+                spot: instance.instance_lifecycle()
+                    == Some(&aws_sdk_ec2::types::InstanceLifecycleType::Spot),
+                template,
+            };
             tokio::spawn(boot(
                 ec2.clone(),
                 id,
-                template,
+                launched,
                 dir.clone(),
                 base.clone(),
                 shared.clone(),
@@ -444,11 +508,19 @@ async fn watch(
     }
 }
 
+/// What EC2 says of an instance at its launch.
+struct Launched {
+    job_id: Option<i64>,
+    spot: bool,
+    /// Its launch template's id and version.
+    template: Option<(String, String)>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn boot(
     ec2: aws_sdk_ec2::Client,
     id: String,
-    template: Option<(String, String)>,
+    launched: Launched,
     dir: PathBuf,
     base: String,
     shared: Arc<Shared>,
@@ -457,7 +529,7 @@ async fn boot(
     let behaviour = &shared.behaviour;
     // EC2 tags instances launched from a template with it; moto does so for RunInstances but
     // not for CreateFleet, where the instance's own userData attribute is the template's.
-    let encoded = match template {
+    let encoded = match launched.template {
         Some((template, version)) => ec2
             .describe_launch_template_versions()
             .launch_template_id(&template)
@@ -524,6 +596,8 @@ async fn boot(
         Boot {
             user_data,
             dir: sandbox.clone(),
+            job_id: launched.job_id,
+            spot: launched.spot,
             ..Default::default()
         },
     );
@@ -573,6 +647,7 @@ async fn boot(
     boot.shut_down = shut_down;
     boot.jit_config = jit_config;
     boot.killed_busy = played.killed_busy;
+    boot.reclaimed = played.reclaimed;
     boot.webhooks_sent = played.webhooks_sent;
     boot.webhooks_refused = played.webhooks_refused;
 }
@@ -581,6 +656,7 @@ async fn boot(
 #[derive(Default)]
 struct Played {
     killed_busy: bool,
+    reclaimed: bool,
     webhooks_sent: u32,
     webhooks_refused: u32,
 }
@@ -603,7 +679,8 @@ async fn run_instance(
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
         let marked = |name: &str| runner.join(name).exists();
-        if marked("job.started") && !marked("job.taken") {
+        let held = shared.held.lock().unwrap().contains(id);
+        if marked("job.started") && !marked("job.taken") && !held {
             job = take_job(shared, &runner);
             if let Some(job) = &job {
                 deliveries.extend(job.deliveries(shared, "in_progress"));
@@ -617,9 +694,11 @@ async fn run_instance(
             }
             std::fs::write(runner.join("job.released"), "").unwrap();
         }
-        if !shared.alive.lock().unwrap().contains(id) {
-            played.killed_busy |= marked("job.started") && !marked("job.done");
-            if shared.behaviour.stop_when_terminated
+        // EC2's reclaim stops the instance at once, whatever the behaviour.
+        played.reclaimed = shared.reclaimed.lock().unwrap().contains(id);
+        if played.reclaimed || !shared.alive.lock().unwrap().contains(id) {
+            played.killed_busy |= !played.reclaimed && marked("job.started") && !marked("job.done");
+            if (played.reclaimed || shared.behaviour.stop_when_terminated)
                 && let Some(pid) = bash.id()
             {
                 let _ = std::process::Command::new("kill")
