@@ -121,7 +121,7 @@ chaos: tools ## The fault scenarios with CHAOS_JOBS jobs each (default 40), one 
 	mkdir -p $(dir $(CHAOS_REPORT))
 	{ echo '# Chaos run'; echo; \
 	  echo "$$(date -u +%Y-%m-%dT%H:%MZ), commit $$(git rev-parse --short HEAD), $${CHAOS_JOBS:-40} jobs per scenario, maxRunners 4, \`make chaos\`."; \
-	  echo 'Every count after `fired` must be zero; `explained` lists jobs that ended, with their reason, without running here.'; echo; \
+	  echo 'Every count after `fired` must be zero; `explained` lists jobs that ended without running here, or lost with their instance, by the reason they give.'; echo; \
 	  echo '| scenario | jobs | fired | succeeded | explained | unexplained | busy killed | extra instances | left alive | left runners | over maxRunners (most alive) | took |'; \
 	  echo '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |'; } > $(CHAOS_REPORT)
 	CHAOS_JOBS=$${CHAOS_JOBS:-40} CHAOS_REPORT=$(CHAOS_REPORT) cargo test --test chaos --test chaos_whole -- --test-threads=1
