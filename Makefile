@@ -104,8 +104,8 @@ test: fmt-check clippy shellcheck check-generated tools supply-chain image-check
 	hack/demo-signals.sh $(PACER)
 
 .PHONY: fuzz
-fuzz: ## The hostile-input properties (identity documents, callback tokens, webhooks) for PACER_FUZZ_MS each (default a minute); `make test` runs them for 2 s
-	PACER_FUZZ_MS=$${PACER_FUZZ_MS:-60000} cargo test --test hostile_input
+fuzz: ## The hostile-input properties (identity documents, callback tokens, webhooks; pool specs through `pacer validate` and the API server) for PACER_FUZZ_MS each (default a minute); `make test` runs them for 2 s
+	PACER_FUZZ_MS=$${PACER_FUZZ_MS:-60000} cargo test --test hostile_input --test pool_agreement
 
 .PHONY: iam-check
 iam-check: build ## Lint the IAM policy and simulate the AWS calls the last `make test` recorded against it

@@ -28,9 +28,17 @@ pub const GROUP: &str = "pacer.dev";
 /// CEL rules attached.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
-        rules::attach(RunnerPool::crd(), rules::POOL_RULES),
+        pool_crd(),
         rules::attach(RunnerJob::crd(), rules::JOB_RULES),
     ]
+}
+
+/// The RunnerPool CRD. People write pools, and some write `field: null` for "not set": the
+/// spec's optional fields are not `nullable`, so the API server drops such a null and the
+/// field reads as unset, its default applied, the same to the schema, the CEL rules and the
+/// controller.
+fn pool_crd() -> CustomResourceDefinition {
+    rules::null_means_unset(rules::attach(RunnerPool::crd(), rules::POOL_RULES))
 }
 
 /// The CRD as YAML, the form committed under `crds/`.
@@ -46,7 +54,7 @@ pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
 /// Checks a RunnerPool manifest offline against the same schema and rules the API server
 /// enforces. Returns every problem found, each with its field path.
 pub fn validate_pool_manifest(manifest: &serde_json::Value) -> Vec<FieldProblem> {
-    let crd = rules::attach(RunnerPool::crd(), rules::POOL_RULES);
+    let crd = pool_crd();
     let version = &crd.spec.versions[0];
     let schema = version
         .schema
@@ -69,12 +77,17 @@ pub fn validate_pool_manifest(manifest: &serde_json::Value) -> Vec<FieldProblem>
             ),
         )),
     }
-    if manifest
-        .pointer("/metadata/name")
-        .and_then(|v| v.as_str())
-        .is_none_or(str::is_empty)
-    {
-        problems.push(FieldProblem::new("metadata.name", "Required value"));
+    match manifest.pointer("/metadata/name").and_then(|v| v.as_str()) {
+        None | Some("") => problems.push(FieldProblem::new("metadata.name", "Required value")),
+        Some(name) if !is_dns_subdomain(name) => problems.push(FieldProblem::new(
+            "metadata.name",
+            format!(
+                "invalid value {name:?}: a lowercase RFC 1123 subdomain of at most 253 \
+                 characters (lower case letters, digits, '-' and '.', starting and ending with \
+                 a letter or digit), as the API server requires of every custom resource"
+            ),
+        )),
+        Some(_) => {}
     }
     let mut object = manifest.clone();
     if let Some(map) = object.as_object_mut() {
@@ -83,9 +96,24 @@ pub fn validate_pool_manifest(manifest: &serde_json::Value) -> Vec<FieldProblem>
         map.remove("kind");
         map.remove("metadata");
     }
+    schema::normalize(&schema, &mut object);
     schema::check(&schema, &object, "", &mut problems);
     rules::check(rules::POOL_RULES, &object, &mut problems);
     problems
+}
+
+/// What the API server accepts as a custom resource's name: a lowercase RFC 1123 subdomain.
+fn is_dns_subdomain(name: &str) -> bool {
+    let label = |l: &str| {
+        let bytes = l.as_bytes();
+        !bytes.is_empty()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-'
+    };
+    name.len() <= 253 && name.split('.').all(label)
 }
 
 #[cfg(test)]
@@ -198,6 +226,56 @@ mod tests {
             fields(&validate_pool_manifest(&pool)),
             ["spec.github.runnerGroup"]
         );
+    }
+
+    #[test]
+    fn a_null_field_reads_as_unset_as_the_api_server_reads_it() {
+        let mut pool = valid_pool();
+        pool["spec"]["capacity"]["fallbackToOnDemand"] = json!(null);
+        pool["spec"]["capacity"]["allocationStrategy"] = json!(null);
+        pool["spec"]["instanceProfile"] = json!(null);
+        assert_eq!(validate_pool_manifest(&pool), vec![]);
+        pool["spec"]["ami"] = json!(null);
+        let problems = validate_pool_manifest(&pool);
+        assert_eq!(fields(&problems), ["spec.ami"], "{problems:?}");
+        assert_eq!(problems[0].message, "Required value");
+    }
+
+    #[test]
+    fn the_pool_crd_lets_no_spec_field_be_null() {
+        let crd = serde_json::to_value(pool_crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert!(!spec.to_string().contains("\"nullable\""), "{spec}");
+    }
+
+    #[test]
+    fn a_whole_float_in_an_integer_field_is_that_integer() {
+        let mut pool = valid_pool();
+        pool["spec"]["maxRunners"] = json!(3.0);
+        assert_eq!(validate_pool_manifest(&pool), vec![]);
+        pool["spec"]["maxRunners"] = json!(2.5);
+        assert_eq!(fields(&validate_pool_manifest(&pool)), ["spec.maxRunners"]);
+    }
+
+    #[test]
+    fn a_pool_name_must_be_a_dns_subdomain() {
+        for (name, ok) in [
+            ("linux-x64", true),
+            ("a.b-c.9", true),
+            ("Linux", false),
+            ("-linux", false),
+            ("linux.", false),
+            ("1e9u.s@w9", false),
+            ("a..b", false),
+        ] {
+            let mut pool = valid_pool();
+            pool["metadata"]["name"] = json!(name);
+            let problems = validate_pool_manifest(&pool);
+            assert_eq!(problems.is_empty(), ok, "{name}: {problems:?}");
+        }
+        let mut pool = valid_pool();
+        pool["metadata"]["name"] = json!("a".repeat(254));
+        assert_eq!(fields(&validate_pool_manifest(&pool)), ["metadata.name"]);
     }
 
     #[test]

@@ -154,8 +154,8 @@ pub fn attach<S>(mut crd: CustomResourceDefinition, rules: &[Rule<S>]) -> Custom
     serde_json::from_value(value).expect("dropping enum nulls keeps a CRD a CRD")
 }
 
-/// Optional enums come out of the derive with `null` among their values; `nullable: true`
-/// already says that, and the API server wants enum values of the declared type.
+/// Optional enums come out of the derive with `null` among their values; the API server wants
+/// enum values of the declared type.
 fn drop_null_from_enums(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(map) => {
@@ -167,6 +167,34 @@ fn drop_null_from_enums(value: &mut serde_json::Value) {
         serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_from_enums),
         _ => {}
     }
+}
+
+/// Takes `nullable` off every field of the spec: a `null` there is then dropped by the API
+/// server before it validates, as if the field were not written.
+pub fn null_means_unset(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                map.remove("nullable");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    for version in &mut crd.spec.versions {
+        let spec = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|root| root.properties.as_mut())
+            .and_then(|props| props.get_mut("spec"))
+            .expect("derived CRDs have a spec schema");
+        let mut value = serde_json::to_value(&*spec).expect("a schema always serializes");
+        strip(&mut value);
+        *spec = serde_json::from_value(value).expect("a schema without nullable is a schema");
+    }
+    crd
 }
 
 fn validation_rule<S>(rule: &Rule<S>) -> ValidationRule {

@@ -5,6 +5,46 @@ use serde_json::{Map, Value};
 
 use super::FieldProblem;
 
+/// Reads a manifest as the API server does before it validates: a field set to `null` whose
+/// schema is not `nullable` is taken as absent (so a required one is then missing, and a
+/// defaulted one gets its default), and a whole number written as a float (`3.0`) in an
+/// integer field is that integer.
+pub fn normalize(schema: &Value, value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            map.retain(|key, child| {
+                let Some(child_schema) = properties.and_then(|p| p.get(key)).or(additional) else {
+                    return true;
+                };
+                if child.is_null() {
+                    return child_schema.get("nullable").and_then(Value::as_bool) == Some(true);
+                }
+                normalize(child_schema, child);
+                true
+            });
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                items
+                    .iter_mut()
+                    .for_each(|item| normalize(item_schema, item));
+            }
+        }
+        Value::Number(n) if schema.get("type").and_then(Value::as_str) == Some("integer") => {
+            // The API server's bound for a float it reads as an integer: 2^53.
+            const EXACT: f64 = 9_007_199_254_740_992.0;
+            if let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0)
+                && f.abs() <= EXACT
+            {
+                *value = Value::from(f as i64);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Checks `value` against `schema`, appending one problem per violation under `path`.
 pub fn check(schema: &Value, value: &Value, path: &str, problems: &mut Vec<FieldProblem>) {
     let mut report = |message: String| problems.push(FieldProblem::new(display(path), message));

@@ -76,6 +76,8 @@ pub struct FakeGitHub {
     /// The App's private key (PKCS#8 PEM), for the client under test.
     pub private_key_pem: Vec<u8>,
     pub app_id: u64,
+    /// Every request that reached the fake, whatever its path or answer.
+    requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Shared {
@@ -164,7 +166,16 @@ impl FakeGitHub {
                 shared.clone(),
                 rate_limit,
             ))
+            .fallback(|| async { error(404, "Not Found") })
             .with_state(shared);
+        let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = requests.clone();
+        let app = app.layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                next.run(request)
+            },
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -173,7 +184,13 @@ impl FakeGitHub {
             state,
             private_key_pem: pem.into_bytes(),
             app_id: 4242,
+            requests,
         }
+    }
+
+    /// How many requests reached the fake so far, on any path.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Installs the App as `id` on `repositories` (`owner/name`).

@@ -60,6 +60,16 @@ impl Drop for Pacer {
 /// Starts `pacer run`; its files (config, keys, log) go into `dir`. Instances it launches may
 /// bootstrap with documents signed by `support::identity::Signer::at(dir)`.
 pub fn start(ground: &Ground, dir: &Path, setup: Setup<'_>) -> Pacer {
+    start_with_env(ground, dir, setup, &[])
+}
+
+/// [`start`], with `PACER_*` overrides (or other variables) in the process's environment.
+pub fn start_with_env(
+    ground: &Ground,
+    dir: &Path,
+    setup: Setup<'_>,
+    env: &[(&str, &str)],
+) -> Pacer {
     std::fs::create_dir_all(dir).unwrap();
     let key = dir.join("github-key.pem");
     let (github_url, app_id) = match &setup.github {
@@ -122,6 +132,7 @@ pub fn start(ground: &Ground, dir: &Path, setup: Setup<'_>) -> Pacer {
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("POD_NAME", setup.name)
         .env("POD_NAMESPACE", setup.namespace)
+        .envs(env.iter().copied())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .spawn()
