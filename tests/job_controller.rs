@@ -1247,7 +1247,7 @@ async fn a_launch_template_deleted_behind_our_back_is_recreated_and_the_job_laun
 #[tokio::test]
 async fn a_runner_is_removed_from_github_but_a_github_outage_holds_no_slot() {
     let w = World::new("deregister").await;
-    let (fake, _controllers) = w.start_with_github().await;
+    let (fake, controllers) = w.start_with_github().await;
     w.ready_pool(|_| {}).await;
     w.create_queued_job("registered", 1).await;
     w.wait_phase("registered", JobPhase::Booting).await;
@@ -1257,6 +1257,10 @@ async fn a_runner_is_removed_from_github_but_a_github_outage_holds_no_slot() {
     w.report("registered", "success").await;
     w.wait_phase("registered", JobPhase::Succeeded).await;
     assert_eq!(fake.runner_names("orgs/example-org"), [name]);
+    // The controllers stop first: a removal still retrying its 500s would otherwise succeed
+    // once GitHub is back, before the sweep looks.
+    controllers.abort();
+    let _ = controllers.await;
     // GitHub is back: the sweep removes the runner no live RunnerJob claims.
     fake.fail("delete_runner", 500, 0);
     let scope = controller::sweep::Scope::new(w.pools.clone(), w.jobs.clone());
