@@ -703,9 +703,11 @@ async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
         None,
         "the answer left the status as it was handed out"
     );
-    // Handed out once: a replay gets nothing from either replica.
+    // Handed out once: a replay gets nothing from either replica (told to ask again until
+    // the hold is over, then refused for good).
     let (status, replay) = w.post("/api/runner/bootstrap", None, request.clone()).await;
-    assert_eq!(status, 409, "{replay}");
+    assert_eq!(status, 503, "{replay}");
+    assert!(replay.get("jitConfig").is_none(), "{replay}");
     let (status, replay) = w
         .post_to(&w.other_replica, "/api/runner/bootstrap", None, request)
         .await;

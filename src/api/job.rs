@@ -266,7 +266,8 @@ pub struct BootStatus {
     pub token_sha256: String,
     /// The answer the instance collects (its JIT runner config and callback token), sealed
     /// under Pacer's callback key for this RunnerJob and instance: kept from when it is made
-    /// until the instance collects it, from whichever replica it asks.
+    /// until the instance collects it, from whichever replica it asks (one never collected
+    /// stays until a new attempt clears it or the RunnerJob goes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub answer: Option<String>,

@@ -420,14 +420,14 @@ pub async fn serve_main(
 }
 
 /// Merge-patches a RunnerJob's status, as Pacer's field manager; with `resource_version`, only
-/// if the object is still at that version (409 otherwise). Shared by the webhook and the
-/// runner endpoints.
+/// if the object is still at that version (409 otherwise). The job as written. Shared by the
+/// webhook and the runner endpoints.
 async fn patch_job_status(
     web: &Web,
     job: &crate::api::RunnerJob,
     resource_version: Option<&str>,
     status: serde_json::Value,
-) -> Result<(), kube::Error> {
+) -> Result<crate::api::RunnerJob, kube::Error> {
     use kube::ResourceExt as _;
     let mut patch = serde_json::json!({ "status": status });
     if let Some(rv) = resource_version {
@@ -443,7 +443,6 @@ async fn patch_job_status(
     )
     .patch_status(&job.name_any(), &params, &kube::api::Patch::Merge(patch))
     .await
-    .map(|_| ())
 }
 
 /// `GET /metrics`: the Prometheus text exposition.

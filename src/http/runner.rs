@@ -323,14 +323,12 @@ async fn answer_from_here(
     waited: Waited,
 ) -> Result<Response, ApiError> {
     match waited {
-        Waited::Answered(job) => match collect(web, instance, &job).await? {
-            Some(answer) => Ok(answer),
-            None => {
-                // Made here and gone from the status: another replica handed it out.
-                web.boots.collected(instance);
-                Err(handed_out())
-            }
-        },
+        // Made here and not in the status: handed out by another replica, or being put back
+        // after a request cut off by its timeout; the hold decides which.
+        Waited::Answered(job) => collect(web, instance, &job).await?.ok_or(ApiError::NotYet(
+            "the bootstrap's answer is not there now; ask again shortly".into(),
+            2,
+        )),
         Waited::Failed(e) => Err(e),
         Waited::Running => Err(ApiError::NotYet(
             "the bootstrap is in progress; ask again shortly".into(),
@@ -359,9 +357,9 @@ fn sealed_for(job_uid: &str, instance: &str) -> String {
     format!("{job_uid}/{instance}")
 }
 
-/// Takes the answer waiting for `instance` in the status of RunnerJob `job`, if any, and opens
-/// it. Taken apart from the request: should the request be cut off (its timeout) once the
-/// answer left the status, the answer is put back for the instance's next try.
+/// Takes the answer waiting for `instance` in the status of RunnerJob `job`, if any, opened.
+/// Taken apart from the request: should the request be cut off (its timeout) once the answer
+/// left the status, the answer is put back for the instance's next try.
 async fn collect(
     web: &Arc<Web>,
     instance: &str,
@@ -371,48 +369,62 @@ async fn collect(
     let (shared, owned_instance, owned_job) = (web.clone(), instance.to_string(), job.clone());
     tokio::spawn(async move {
         let outcome = take(&shared, &owned_job, &owned_instance).await;
-        if let Err(Ok(Some(sealed))) = sender.send(outcome) {
-            put_back(&shared, &owned_job, &owned_instance, sealed).await;
+        if let Err(Ok(Some(taken))) = sender.send(outcome) {
+            put_back(&shared, &owned_job, &owned_instance, taken).await;
         }
     });
     let taken = taken
         .await
         .map_err(|_| ApiError::Unavailable("the bootstrap stopped; retry later"))??;
-    let Some(sealed) = taken else {
-        return Ok(None);
-    };
-    let answer = (side(web)?.tokens)
-        .open(&sealed_for(&job.uid, instance), &sealed)
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .ok_or(ApiError::Unavailable(
-            "the bootstrap's answer does not open under the current callback key",
-        ))?;
-    web.boots.collected(instance);
-    Ok(Some(axum::Json(answer).into_response()))
+    Ok(taken.map(|taken| {
+        web.boots.collected(instance);
+        axum::Json(taken.answer).into_response()
+    }))
+}
+
+/// An answer taken from a RunnerJob's status: opened, and as it was there.
+struct Taken {
+    answer: serde_json::Value,
+    sealed: String,
+    /// The claim it was made for (its callback token's fingerprint).
+    token_sha256: String,
 }
 
 /// Removes the sealed answer for `instance` from `job`'s status, by a write conditional on the
 /// version read, so of two replicas asked at once one has it; `None` when there is none (not
-/// made yet, or taken).
-async fn take(web: &Web, job: &JobRef, instance: &str) -> Result<Option<String>, ApiError> {
+/// made yet, or taken). An answer that does not open under this replica's key stays.
+async fn take(web: &Web, job: &JobRef, instance: &str) -> Result<Option<Taken>, ApiError> {
     let api = jobs(web, &job.namespace);
+    let tokens = &side(web)?.tokens;
     for _ in 0..5 {
         let current = (api.get_opt(&job.name).await)
             .map_err(|e| unavailable("reading the RunnerJob", e))?
             .filter(|j| j.uid().as_deref() == Some(job.uid.as_str()));
-        let Some(current) = current else {
+        let boot = (current.as_ref())
+            .and_then(|j| j.status.as_ref()?.boot.as_ref())
+            .filter(|b| b.instance_id == instance);
+        let (Some(current), Some(boot)) = (&current, boot) else {
             return Ok(None);
         };
-        let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
-        let Some(sealed) =
-            (boot.filter(|b| b.instance_id == instance)).and_then(|b| b.answer.clone())
-        else {
+        let Some(sealed) = boot.answer.clone() else {
             return Ok(None);
         };
+        let answer = (tokens.open(&sealed_for(&job.uid, instance), &sealed))
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or(ApiError::Unavailable(
+                "the bootstrap's answer does not open under this replica's callback key",
+            ))?;
         let version = current.resource_version();
         let taken = json!({ "boot": { "answer": null } });
-        match patch_status(web, &current, version.as_deref(), taken).await {
-            Ok(()) => return Ok(Some(sealed)),
+        match patch_status(web, current, version.as_deref(), taken).await {
+            Ok(_) => {
+                let token_sha256 = boot.token_sha256.clone();
+                return Ok(Some(Taken {
+                    answer,
+                    sealed,
+                    token_sha256,
+                }));
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(e) => return Err(unavailable("collecting the bootstrap answer", e)),
         }
@@ -423,8 +435,8 @@ async fn take(web: &Web, job: &JobRef, instance: &str) -> Result<Option<String>,
 }
 
 /// Puts back an answer taken for a request that was cut off before it could answer, while the
-/// job still waits for that instance's runner.
-async fn put_back(web: &Web, job: &JobRef, instance: &str, sealed: String) {
+/// job still waits for that very claim's runner.
+async fn put_back(web: &Web, job: &JobRef, instance: &str, taken: Taken) {
     let api = jobs(web, &job.namespace);
     let Ok(Some(current)) = api.get_opt(&job.name).await else {
         return;
@@ -432,15 +444,17 @@ async fn put_back(web: &Web, job: &JobRef, instance: &str, sealed: String) {
     let status = current.status.as_ref();
     let waiting = status.is_some_and(|s| {
         s.runner.is_none()
-            && s.boot
-                .as_ref()
-                .is_some_and(|b| b.instance_id == instance && b.answer.is_none())
+            && s.boot.as_ref().is_some_and(|b| {
+                b.instance_id == instance
+                    && b.token_sha256 == taken.token_sha256
+                    && b.answer.is_none()
+            })
     });
     if current.uid().as_deref() != Some(job.uid.as_str()) || !waiting {
         return;
     }
     let version = current.resource_version();
-    let back = json!({ "boot": { "answer": sealed } });
+    let back = json!({ "boot": { "answer": taken.sealed } });
     if let Err(e) = patch_status(web, &current, version.as_deref(), back).await {
         warn!(error = %e, runner_job = %job.name, "could not put back a bootstrap answer whose request was cut off");
     }
@@ -466,7 +480,7 @@ struct Handout {
 async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     let Handout { job, boot, .. } = &h;
     let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
-    claim(&web, job, boot, &h.job_uid).await?;
+    let claimed = claim(&web, job, boot, &h.job_uid).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
     let attempt = job.status.as_ref().map_or(1, |s| s.attempt());
     let controller_id = &web.ctx.settings.controller_id;
@@ -478,7 +492,7 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     {
         Ok(jit) => jit,
         Err(e) => {
-            give_back(&web, job).await;
+            give_back(&web, job, boot).await;
             return Err(unavailable("minting the JIT runner config", e));
         }
     };
@@ -500,14 +514,28 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     // that took so long that its answer could hardly be collected within the hold.
     let spent = Timestamp::now().duration_since(boot.bootstrapped_at.0);
     if spent.unsigned_abs() + ANSWER_MARGIN >= BOOT_ANSWER_HOLD {
-        give_back(&web, job).await;
+        give_back(&web, job, boot).await;
         let why = "minting the runner took too long; the next try starts again";
         return Err(ApiError::NotYet(why.into(), 2));
     }
     let recorded = json!({ "boot": { "runner": runner, "answer": sealed } });
-    if let Err(e) = patch_status(&web, job, None, recorded).await {
-        give_back(&web, job).await;
-        return Err(unavailable("recording the runner", e));
+    let written = match record(&web, job, boot, claimed, recorded).await {
+        Ok(written) => written,
+        Err(e) => {
+            give_back(&web, job, boot).await;
+            return Err(e);
+        }
+    };
+    // An API server whose RunnerJob schema predates the field drops it without a word.
+    if (written.status.as_ref())
+        .and_then(|s| s.boot.as_ref()?.answer.as_ref())
+        .is_none()
+    {
+        give_back(&web, job, boot).await;
+        warn!(runner_job = %name, "the RunnerJob CRD in the cluster drops status.boot.answer: apply `pacer crds`");
+        return Err(ApiError::Unavailable(
+            "the RunnerJob CRD in the cluster is older than Pacer; apply `pacer crds`",
+        ));
     }
     let version = &h.release.version;
     info!(runner_job = %name, instance = instance_id, runner = %runner.name,
@@ -522,10 +550,67 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     Ok(())
 }
 
-/// Gives a bootstrap's claim back, so the instance may try again.
-async fn give_back(web: &Web, job: &RunnerJob) {
-    if let Err(e) = patch_status(web, job, None, json!({ "boot": null })).await {
-        warn!(error = %e, runner_job = %job.name_any(), "could not give back a bootstrap claim");
+/// Whether `boot`, as read now, is still the claim `ours` made.
+fn still_ours(boot: Option<&BootStatus>, ours: &BootStatus) -> bool {
+    boot.is_some_and(|b| b.instance_id == ours.instance_id && b.token_sha256 == ours.token_sha256)
+}
+
+/// Records the runner and the sealed answer (`recorded`) on the claim `ours`, written at
+/// `version`: conditional on the job being as written, or, after a concurrent change, on the
+/// claim still being ours and unanswered. The job as written.
+async fn record(
+    web: &Web,
+    job: &RunnerJob,
+    ours: &BootStatus,
+    version: String,
+    recorded: serde_json::Value,
+) -> Result<RunnerJob, ApiError> {
+    let mut version = version;
+    for _ in 0..5 {
+        match patch_status(web, job, Some(&version), recorded.clone()).await {
+            Ok(written) => return Ok(written),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(unavailable("recording the runner", e)),
+        }
+        let current = (jobs(web, &job.namespace().unwrap_or_default()).get(&job.name_any()))
+            .await
+            .map_err(|e| unavailable("reading the RunnerJob", e))?;
+        let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
+        if current.uid() != job.uid() || !still_ours(boot, ours) {
+            return Err(ApiError::NotYet(
+                "the RunnerJob moved on while its runner was minted; ask again".into(),
+                2,
+            ));
+        }
+        version = current.resource_version().unwrap_or_default();
+    }
+    Err(ApiError::Unavailable(
+        "the RunnerJob kept changing; retry later",
+    ))
+}
+
+/// Gives the claim `ours` back, so the instance may try again: only while it is still ours and
+/// its answer was not collected (no runner recorded, or the answer still there).
+async fn give_back(web: &Web, job: &RunnerJob, ours: &BootStatus) {
+    let api = jobs(web, &job.namespace().unwrap_or_default());
+    for _ in 0..3 {
+        let Ok(Some(current)) = api.get_opt(&job.name_any()).await else {
+            return;
+        };
+        let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
+        let uncollected = boot.is_some_and(|b| b.runner.is_none() || b.answer.is_some());
+        if current.uid() != job.uid() || !still_ours(boot, ours) || !uncollected {
+            return;
+        }
+        let version = current.resource_version();
+        match patch_status(web, &current, version.as_deref(), json!({ "boot": null })).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => {
+                warn!(error = %e, runner_job = %job.name_any(), "could not give back a bootstrap claim");
+                return;
+            }
+        }
     }
 }
 
@@ -652,7 +737,7 @@ async fn claim(
     job: &RunnerJob,
     boot: &BootStatus,
     job_uid: &str,
-) -> Result<(), ApiError> {
+) -> Result<String, ApiError> {
     let name = job.name_any();
     let mut job = job.clone();
     let claimant = Claimant {
@@ -665,7 +750,7 @@ async fn claim(
             .map_err(|refusal| refused(&name, refusal))?;
         let version = job.resource_version();
         match patch_status(web, &job, version.as_deref(), json!({ "boot": boot })).await {
-            Ok(()) => return Ok(()),
+            Ok(written) => return Ok(written.resource_version().unwrap_or_default()),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 job = jobs(web, &job.namespace().unwrap_or_default())
                     .get(&name)

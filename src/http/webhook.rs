@@ -361,7 +361,7 @@ async fn patch_status(
     status: serde_json::Value,
 ) -> Result<(), ApiError> {
     match super::patch_job_status(web, job, None, status).await {
-        Ok(()) => Ok(()),
+        Ok(_) => Ok(()),
         // Deleted meanwhile: nothing is left to record on.
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(unavailable(e)),
@@ -440,7 +440,7 @@ async fn complete(web: &Web, event: &WorkflowJobEvent) -> Result<Effect, ApiErro
     // Only if the victim is as read: a bootstrap since then handed its instance a runner.
     let patch = serde_json::json!({ "completion": completion });
     match super::patch_job_status(web, victim, victim.resource_version().as_deref(), patch).await {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return Ok(Effect::Ignored),
         Err(e) => return Err(unavailable(e)),
     }

@@ -144,7 +144,9 @@ impl Tokens {
     /// What [`Tokens::seal`] sealed for `context` under this key; `None` for anything else.
     pub fn open(&self, context: &str, sealed: &str) -> Option<Vec<u8>> {
         use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
-        let bytes = B64.decode(sealed.strip_prefix("v1.")?).ok()?;
+        let bytes = B64
+            .decode(sealed.strip_prefix(VERSION)?.strip_prefix('.')?)
+            .ok()?;
         if bytes.len() < NONCE_LEN {
             return None;
         }
