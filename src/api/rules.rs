@@ -2,7 +2,7 @@
 //! `pacer validate`, side by side so the two cannot drift apart.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, ValidationRule,
+    CustomResourceDefinition, JSONSchemaProps, ValidationRule,
 };
 
 use super::{AllocationStrategy, CapacityType, GitHubScope, RunnerPoolSpec, VolumeType};
@@ -139,19 +139,25 @@ pub const JOB_RULES: &[Rule<super::RunnerJobSpec>] = &[Rule {
 
 /// Puts the rules on the CRD's `spec` schema as `x-kubernetes-validations`.
 pub fn attach<S>(mut crd: CustomResourceDefinition, rules: &[Rule<S>]) -> CustomResourceDefinition {
-    for version in &mut crd.spec.versions {
-        let spec = version
-            .schema
-            .as_mut()
-            .and_then(|s| s.open_api_v3_schema.as_mut())
-            .and_then(|root| root.properties.as_mut())
-            .and_then(|props| props.get_mut("spec"))
-            .expect("derived CRDs have a spec schema");
+    for spec in spec_schemas(&mut crd) {
         spec.x_kubernetes_validations = Some(rules.iter().map(validation_rule).collect());
     }
     let mut value = serde_json::to_value(&crd).expect("a CRD always serializes");
     drop_null_from_enums(&mut value);
     serde_json::from_value(value).expect("dropping enum nulls keeps a CRD a CRD")
+}
+
+/// The `spec` schema of each of the CRD's versions.
+fn spec_schemas(crd: &mut CustomResourceDefinition) -> impl Iterator<Item = &mut JSONSchemaProps> {
+    crd.spec.versions.iter_mut().map(|version| {
+        version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|root| root.properties.as_mut())
+            .and_then(|props| props.get_mut("spec"))
+            .expect("derived CRDs have a spec schema")
+    })
 }
 
 /// Optional enums come out of the derive with `null` among their values; the API server wants
@@ -182,14 +188,7 @@ pub fn null_means_unset(mut crd: CustomResourceDefinition) -> CustomResourceDefi
             _ => {}
         }
     }
-    for version in &mut crd.spec.versions {
-        let spec = version
-            .schema
-            .as_mut()
-            .and_then(|s| s.open_api_v3_schema.as_mut())
-            .and_then(|root| root.properties.as_mut())
-            .and_then(|props| props.get_mut("spec"))
-            .expect("derived CRDs have a spec schema");
+    for spec in spec_schemas(&mut crd) {
         let mut value = serde_json::to_value(&*spec).expect("a schema always serializes");
         strip(&mut value);
         *spec = serde_json::from_value(value).expect("a schema without nullable is a schema");
