@@ -33,8 +33,10 @@ def security_group(vpc_id, name):
 
 out = {}
 out["VPC"] = vpc("10.40.0.0/16", "pacer-test")
-out["SUBNET_A"] = subnet(out["VPC"], "10.40.1.0/24", REGION + "a")
-out["SUBNET_B"] = subnet(out["VPC"], "10.40.2.0/24", REGION + "b")
+# Wide enough for thousands of instances in one test ground: moto does not give a terminated
+# instance's address back, and a /24 ran out after 251 launches in a 200-job chaos run.
+out["SUBNET_A"] = subnet(out["VPC"], "10.40.16.0/20", REGION + "a")
+out["SUBNET_B"] = subnet(out["VPC"], "10.40.32.0/20", REGION + "b")
 out["SECURITY_GROUP"] = security_group(out["VPC"], "pacer-runners")
 # A second VPC, for pools that wrongly mix networks.
 out["OTHER_VPC"] = vpc("10.41.0.0/16", "pacer-test-other")
