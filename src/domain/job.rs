@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{JobPhase, RunnerJob, RunnerJobStatus, RunnerPool};
+use crate::api::{BootStatus, JobPhase, RunnerJob, RunnerJobStatus, RunnerPool};
 
 /// What EC2 says about the instance tagged with this job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1183,7 +1183,7 @@ pub fn may_bootstrap(
 /// this very instance a moment ago, its runner not started, its answer is being made or waits
 /// for the instance to collect it; any other is refused for good.
 fn already_bootstrapped(
-    boot: &crate::api::BootStatus,
+    boot: &BootStatus,
     status: &RunnerJobStatus,
     instance: &str,
     now: Timestamp,
@@ -1196,6 +1196,30 @@ fn already_bootstrapped(
         return Refusal::Claimed("is bootstrapping this instance; ask again shortly".into());
     }
     Refusal::Never("has already bootstrapped an instance".into())
+}
+
+/// Whether `boot`, as read now, is still the claim `ours` made: the same instance, holding the
+/// same callback token.
+pub fn still_ours(boot: Option<&BootStatus>, ours: &BootStatus) -> bool {
+    boot.is_some_and(|b| b.instance_id == ours.instance_id && b.token_sha256 == ours.token_sha256)
+}
+
+/// Whether the claim `ours` may be given back (so its instance may try again): it is still
+/// ours and its answer was not collected (no runner recorded yet, or the answer still there).
+pub fn may_give_back(boot: Option<&BootStatus>, ours: &BootStatus) -> bool {
+    still_ours(boot, ours) && boot.is_some_and(|b| b.runner.is_none() || b.answer.is_some())
+}
+
+/// Whether an answer taken for a request that was cut off may be put back: the job (its status
+/// as read now) still waits for the runner of that very claim (`instance`, holding the token
+/// whose digest is `token_sha256`), and no answer is there.
+pub fn may_put_back(status: Option<&RunnerJobStatus>, instance: &str, token_sha256: &str) -> bool {
+    status.is_some_and(|s| {
+        s.runner.is_none()
+            && s.boot.as_ref().is_some_and(|b| {
+                b.instance_id == instance && b.token_sha256 == token_sha256 && b.answer.is_none()
+            })
+    })
 }
 
 /// Why a bootstrap is refused: for good, or for now.
@@ -2605,6 +2629,74 @@ mod tests {
         assert!(
             matches!(ask(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))
         );
+    }
+
+    #[test]
+    fn a_claim_is_given_back_or_its_answer_put_back_only_while_it_is_that_claim_uncollected() {
+        let claim = |instance: &str, token: &str| crate::api::BootStatus {
+            instance_id: instance.into(),
+            bootstrapped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+            token_sha256: token.into(),
+            answer: None,
+            runner: None,
+            runner_version: None,
+            log_tail: None,
+        };
+        let ours = claim("i-1", "t1");
+        assert!(still_ours(Some(&ours), &ours));
+        assert!(!still_ours(None, &ours));
+        // Another instance, or the same one under a newer claim (another token), is not ours.
+        assert!(!still_ours(Some(&claim("i-2", "t1")), &ours));
+        assert!(!still_ours(Some(&claim("i-1", "t2")), &ours));
+
+        // Given back while nothing was recorded, or while the answer waits; not once collected.
+        assert!(may_give_back(Some(&ours), &ours));
+        let runner = crate::api::RunnerStatus {
+            id: 7,
+            name: "r".into(),
+        };
+        let answered = crate::api::BootStatus {
+            runner: Some(runner.clone()),
+            answer: Some("sealed".into()),
+            ..ours.clone()
+        };
+        assert!(may_give_back(Some(&answered), &ours));
+        let collected = crate::api::BootStatus {
+            answer: None,
+            ..answered.clone()
+        };
+        assert!(!may_give_back(Some(&collected), &ours));
+        assert!(!may_give_back(Some(&claim("i-1", "t2")), &ours));
+        assert!(!may_give_back(None, &ours));
+
+        // Put back only onto the same claim, taken (no answer there) and its runner not started.
+        let status = |boot: Option<crate::api::BootStatus>| RunnerJobStatus {
+            boot,
+            ..Default::default()
+        };
+        assert!(may_put_back(
+            Some(&status(Some(collected.clone()))),
+            "i-1",
+            "t1"
+        ));
+        assert!(!may_put_back(
+            Some(&status(Some(collected.clone()))),
+            "i-1",
+            "t2"
+        ));
+        assert!(!may_put_back(
+            Some(&status(Some(collected.clone()))),
+            "i-2",
+            "t1"
+        ));
+        assert!(!may_put_back(Some(&status(Some(answered))), "i-1", "t1"));
+        assert!(!may_put_back(Some(&status(None)), "i-1", "t1"));
+        assert!(!may_put_back(None, "i-1", "t1"));
+        let started = RunnerJobStatus {
+            runner: Some(runner),
+            ..status(Some(collected))
+        };
+        assert!(!may_put_back(Some(&started), "i-1", "t1"));
     }
 
     #[test]

@@ -25,7 +25,9 @@ use tracing::{info, warn};
 
 use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
-use crate::domain::job::{BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap};
+use crate::domain::job::{
+    BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap, may_give_back, may_put_back, still_ours,
+};
 use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
@@ -441,15 +443,7 @@ async fn put_back(web: &Web, job: &JobRef, instance: &str, taken: Taken) {
     let Ok(Some(current)) = api.get_opt(&job.name).await else {
         return;
     };
-    let status = current.status.as_ref();
-    let waiting = status.is_some_and(|s| {
-        s.runner.is_none()
-            && s.boot.as_ref().is_some_and(|b| {
-                b.instance_id == instance
-                    && b.token_sha256 == taken.token_sha256
-                    && b.answer.is_none()
-            })
-    });
+    let waiting = may_put_back(current.status.as_ref(), instance, &taken.token_sha256);
     if current.uid().as_deref() != Some(job.uid.as_str()) || !waiting {
         return;
     }
@@ -550,11 +544,6 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     Ok(())
 }
 
-/// Whether `boot`, as read now, is still the claim `ours` made.
-fn still_ours(boot: Option<&BootStatus>, ours: &BootStatus) -> bool {
-    boot.is_some_and(|b| b.instance_id == ours.instance_id && b.token_sha256 == ours.token_sha256)
-}
-
 /// Records the runner and the sealed answer (`recorded`) on the claim `ours`, written at
 /// `version`: conditional on the job being as written, or, after a concurrent change, on the
 /// claim still being ours and unanswered. The job as written.
@@ -598,8 +587,7 @@ async fn give_back(web: &Web, job: &RunnerJob, ours: &BootStatus) {
             return;
         };
         let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
-        let uncollected = boot.is_some_and(|b| b.runner.is_none() || b.answer.is_some());
-        if current.uid() != job.uid() || !still_ours(boot, ours) || !uncollected {
+        if current.uid() != job.uid() || !may_give_back(boot, ours) {
             return;
         }
         let version = current.resource_version();
