@@ -109,6 +109,8 @@ github:
 runners:
   callback_key_file: $conf/callback-key
   identity_certificates_file: $bed/signer.pem
+  release_source: $GITHUB_URL/repos/actions/runner/releases
+  release_cache_dir: $state/releases-$name
 controller:
   id: demo
 CONFIG

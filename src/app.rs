@@ -342,10 +342,23 @@ fn runner_side(
             "instance identity trust root: AWS's certificate for the region, bundled"
         ),
     }
+    let (source, dir) = (
+        config.runners.release_source(),
+        config.runners.release_cache_dir(),
+    );
+    let releases = crate::runner::release::Releases::new(source, &dir).map_err(|e| {
+        invalid(
+            &dir,
+            "runners.release_cache_dir",
+            format!("cannot keep actions/runner releases there: {e}"),
+        )
+    })?;
+    info!(source, dir = %dir.display(), "actions/runner releases are served from Pacer");
     Ok(crate::http::runner::RunnerSide {
         trust,
         tokens,
         region: config.aws.region.clone(),
+        releases: Arc::new(releases),
     })
 }
 

@@ -83,6 +83,31 @@ pub struct RunnersConfig {
     /// in the user-data. Empty: the AMI's trust store.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Where Pacer reads actions/runner releases, which it downloads once, checks against
+    /// their published SHA-256 and serves to its instances itself: a URL that answers
+    /// `/latest` and `/tags/v{version}` as GitHub's releases API does, with each asset's
+    /// `digest`. Empty: GitHub's releases of actions/runner, read without credentials (set a
+    /// mirror for GitHub Enterprise Server without a route to api.github.com, or networks
+    /// without internet access; see docs/instances.md).
+    #[serde(default)]
+    pub release_source: Option<String>,
+    /// The folder the downloaded releases are kept in (a few at most, about 200 MB each).
+    /// Empty: `pacer-runner-releases` in the system's temporary folder.
+    #[serde(default)]
+    pub release_cache_dir: Option<PathBuf>,
+}
+
+impl RunnersConfig {
+    /// Where actions/runner releases are described.
+    pub fn release_source(&self) -> &str {
+        (self.release_source.as_deref()).unwrap_or(crate::runner::release::GITHUB_RELEASES)
+    }
+
+    /// Where downloaded releases are kept.
+    pub fn release_cache_dir(&self) -> PathBuf {
+        (self.release_cache_dir.clone())
+            .unwrap_or_else(|| std::env::temp_dir().join("pacer-runner-releases"))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -385,6 +410,17 @@ const OVERRIDES: &[Override] = &[
         },
     },
     Override {
+        key: "runners.release_source",
+        set: |c, v| set_optional(&mut c.runners.release_source, v),
+    },
+    Override {
+        key: "runners.release_cache_dir",
+        set: |c, v| {
+            c.runners.release_cache_dir = (!v.is_empty()).then(|| v.into());
+            Ok(())
+        },
+    },
+    Override {
         key: "controller.id",
         set: |c, v| set_string(&mut c.controller.id, v),
     },
@@ -533,6 +569,16 @@ impl Config {
         if self.github.api_url.starts_with("http://") && !self.allow_insecure_http {
             return Err(("github.api_url", insecure_http(&self.github.api_url)));
         }
+        let source = self.runners.release_source();
+        if !(source.starts_with("https://") || source.starts_with("http://")) {
+            return Err((
+                "runners.release_source",
+                format!("expected an http(s) URL, got {source:?}"),
+            ));
+        }
+        if source.starts_with("http://") && !self.allow_insecure_http {
+            return Err(("runners.release_source", insecure_http(source)));
+        }
         if self.github.app_id == 0 {
             return Err((
                 "github.app_id",
@@ -650,8 +696,9 @@ impl Config {
     /// The keys that use plain HTTP while `allow_insecure_http` lets them: warned about at start.
     pub fn insecure_http_keys(&self) -> Vec<&'static str> {
         [
-            ("server.public_url", &self.server.public_url),
+            ("server.public_url", self.server.public_url.as_str()),
             ("github.api_url", &self.github.api_url),
+            ("runners.release_source", self.runners.release_source()),
         ]
         .into_iter()
         .filter(|(_, url)| url.starts_with("http://"))

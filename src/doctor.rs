@@ -326,6 +326,18 @@ pub async fn run(config_path: &Path, lease_ns: Option<&str>) -> Vec<Check> {
         },
     ));
 
+    // Where the runner release comes from: instances take it from Pacer, Pacer from here.
+    let source = config.runners.release_source();
+    checks.push(check(
+        "runner_release",
+        match crate::runner::release::latest_version(source).await {
+            Ok(version) => Ok(format!("{source} names actions/runner {version} the latest")),
+            Err(e) => Err(format!(
+                "{e}; Pacer serves the runner to its instances from runners.release_source (docs/instances.md)"
+            )),
+        },
+    ));
+
     // The listener, as runners and GitHub reach it.
     let url = format!("{}/healthz", config.server.public_url.trim_end_matches('/'));
     let answer = async {

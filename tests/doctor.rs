@@ -65,6 +65,9 @@ async fn doctor_says_ok_then_names_each_broken_part() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("doctor-{ns}"));
     let github = FakeGitHub::start().await;
     github.install(1, &["example-org/api"]);
+    let asset = pacer::github::runner_asset_name("2.999.0", "x64");
+    let url = format!("http://127.0.0.1:9/{asset}");
+    github.add_runner_release("2.999.0", &[(asset, url, "0".repeat(64))]);
     let mut pacer: Pacer = process::start(
         ground,
         &dir,
@@ -118,6 +121,7 @@ async fn doctor_says_ok_then_names_each_broken_part() {
         &format!("pool {ns}/linux"),
         "github example-org",
         "leader",
+        "runner_release",
         "public_url",
     ] {
         assert!(
@@ -157,6 +161,13 @@ async fn doctor_says_ok_then_names_each_broken_part() {
         (
             ("PACER_AWS_ENDPOINT_URL", "http://127.0.0.1:1"),
             vec!["aws".into(), format!("pool {ns}/linux")],
+        ),
+        (
+            (
+                "PACER_RUNNERS_RELEASE_SOURCE",
+                "http://127.0.0.1:1/releases",
+            ),
+            vec!["runner_release".into()],
         ),
     ] {
         let report = doctor(&config, &ns, &[env]);

@@ -18,6 +18,7 @@ use pacer::http::runner::RunnerSide;
 use pacer::http::serve::{Limits, Transport, serve};
 use pacer::http::{Web, router};
 use pacer::runner::identity::TrustRoots;
+use pacer::runner::release::Releases;
 use pacer::runner::token::Tokens;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -49,6 +50,13 @@ fn web() -> Arc<Web> {
         trust: TrustRoots::from_pem(&std::fs::read(signer().certificate()).unwrap()).unwrap(),
         tokens: Tokens::new(Secret::new(vec![7; 64])).unwrap(),
         region: "us-east-1".into(),
+        releases: Arc::new(
+            Releases::new(
+                "https://127.0.0.1:9/releases",
+                &std::env::temp_dir().join(format!("pacer-listener-{}", std::process::id())),
+            )
+            .unwrap(),
+        ),
     };
     Arc::new(Web::new(ctx, pools, vec![Secret::new(SECRET.to_vec())], None).with_runners(runners))
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use pacer::github::{job_object_name, runner_name};
 use pacer::http::runner::RunnerSide;
 use pacer::http::{Web, router};
 use pacer::runner::identity::TrustRoots;
+use pacer::runner::release::Releases;
 use pacer::runner::token::{Claims, Tokens};
 use serde_json::{Value, json};
 use support::github::FakeGitHub;
@@ -61,6 +63,12 @@ impl World {
     /// With `tls`, the listener serves HTTPS with a certificate from a private CA, which the
     /// instances are told to trust (`runners.ca_file`).
     async fn serving(test: &str, behaviour: Option<Behaviour>, tls: bool) -> Self {
+        Self::shaped(test, behaviour, tls, false).await
+    }
+
+    /// With `enterprise`, the App is on a GitHub Enterprise Server-shaped fake (its API under
+    /// `/api/v3`, no actions/runner releases), and the releases come from github.com's.
+    async fn shaped(test: &str, behaviour: Option<Behaviour>, tls: bool, enterprise: bool) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("pacer=info")
             .with_test_writer()
@@ -76,7 +84,13 @@ impl World {
             .join(format!("runner-{ns}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
 
-        let github = FakeGitHub::start().await;
+        let (github, dotcom) = if enterprise {
+            let dotcom = FakeGitHub::start().await;
+            (FakeGitHub::start_enterprise().await, Some(dotcom))
+        } else {
+            (FakeGitHub::start().await, None)
+        };
+        let release_source = dotcom.as_ref().unwrap_or(&github).release_source();
         github.install(1, &["example-org/api"]);
         let signer = Signer::new(&dir.join("identity"));
         let key = Secret::new(std::fs::read(identity::callback_key(&dir)).unwrap());
@@ -132,9 +146,10 @@ impl World {
                 .reflect(writer)
                 .for_each(|_| std::future::ready(())),
         ));
-        let replica = |ctx| {
+        let replica = |ctx, name: &str| {
             let trust =
                 TrustRoots::from_pem(&std::fs::read(signer.certificate()).unwrap()).unwrap();
+            let releases = Releases::new(&release_source, &dir.join(name)).unwrap();
             let web = Web::new(
                 ctx,
                 store.clone(),
@@ -145,10 +160,14 @@ impl World {
                 trust,
                 tokens: tokens.clone(),
                 region: ground.var("AWS_REGION").to_string(),
+                releases: Arc::new(releases),
             });
             Arc::new(web)
         };
-        let (web, other) = (replica(ctx.clone()), replica(ctx));
+        let (web, other) = (
+            replica(ctx.clone(), "releases"),
+            replica(ctx, "other-releases"),
+        );
         store.wait_until_ready().await.unwrap();
         web.ready.store(true, Ordering::SeqCst);
         other.ready.store(true, Ordering::SeqCst);
@@ -194,9 +213,10 @@ impl World {
                 }
             }
         }
+        let releases_at = dotcom.as_ref().unwrap_or(&github);
         let sim = match behaviour {
-            Some(behaviour) => Some(
-                Simulator::start(
+            Some(behaviour) => {
+                let sim = Simulator::start(
                     &aws,
                     &github,
                     Signer::at(&dir.join("identity")),
@@ -204,12 +224,16 @@ impl World {
                     &dir.join("instances"),
                     behaviour,
                 )
-                .await,
-            ),
+                .await;
+                if let Some(dotcom) = &dotcom {
+                    sim.publish(dotcom, RUNNER_VERSION);
+                }
+                Some(sim)
+            }
             None => {
                 let name = pacer::github::runner_asset_name(RUNNER_VERSION, "x64");
                 let url = format!("http://127.0.0.1:9/{name}");
-                github.add_runner_release(RUNNER_VERSION, &[(name, url, "0".repeat(64))]);
+                releases_at.add_runner_release(RUNNER_VERSION, &[(name, url, "0".repeat(64))]);
                 None
             }
         };
@@ -541,7 +565,53 @@ async fn twenty_jobs_across_two_pools_all_succeed_and_leave_nothing_running() {
         .filter(|i| i.is_alive())
         .collect();
     assert!(alive.is_empty(), "still running: {alive:?}");
-    assert_eq!(w.sim.as_ref().unwrap().boots.lock().unwrap().len(), 20);
+    let sim = w.sim.as_ref().unwrap();
+    assert_eq!(sim.boots.lock().unwrap().len(), 20);
+    // Twenty instances took their runner from Pacer, which fetched it from github.com once.
+    let asset = pacer::github::runner_asset_name(RUNNER_VERSION, "x64");
+    assert_eq!(sim.release_downloads(), HashMap::from([(asset, 1)]));
+}
+
+/// On GitHub Enterprise Server, whose API has no actions/runner releases, an instance that
+/// reaches nothing but Pacer (github.com refuses it) boots with the runner Pacer fetched from
+/// its release source.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_github_enterprise_server_an_instance_runs_its_job_with_the_runner_pacer_serves() {
+    let w = World::shaped("runner-ghes", Some(Behaviour::default()), false, true).await;
+    assert!(w.github.url.ends_with("/api/v3"), "{}", w.github.url);
+    w.queue(5301, &["self-hosted", "linux", "alpha"]).await;
+    let job = w
+        .wait_phase(
+            &job_object_name(5301),
+            &[JobPhase::Succeeded, JobPhase::Failed],
+            90,
+        )
+        .await;
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    // The runner was minted on the Enterprise Server; its release came through Pacer.
+    assert_eq!(w.github.calls_of("generate_jitconfig"), 1);
+    let sim = w.sim.as_ref().unwrap();
+    let booted = sim
+        .finished(&status.instance.unwrap().id, Duration::from_secs(10))
+        .await;
+    let boot_log = log(&booted.dir);
+    assert!(
+        boot_log.contains(&format!("downloading {}/api/runner/release/", w.url)),
+        "{boot_log}"
+    );
+    let asset = pacer::github::runner_asset_name(RUNNER_VERSION, "x64");
+    assert_eq!(sim.release_downloads(), HashMap::from([(asset.clone(), 1)]));
+
+    // Only an instance with a live job's callback token is served.
+    let url = format!("{}/api/runner/release/{asset}", w.url);
+    for auth in [None, Some("Bearer not-a-token")] {
+        let mut get = w.http.get(&url);
+        if let Some(auth) = auth {
+            get = get.header("authorization", auth);
+        }
+        assert_eq!(get.send().await.unwrap().status(), 401, "{auth:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -561,7 +631,7 @@ async fn a_boot_that_cannot_get_its_runner_fails_with_the_log_tail() {
                 wrong_digest: true,
                 ..Default::default()
             },
-            "FAILED",
+            "its source publishes; Pacer does not serve it",
         ),
     ] {
         let w = World::new(test, Some(behaviour)).await;

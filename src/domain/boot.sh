@@ -10,7 +10,8 @@
 # Nothing here is secret: the instance proves who it is with its signed identity document and
 # receives its just-in-time runner config and a callback token once, over HTTPS.
 #
-# Needs bash, curl, jq, tar, sudo and coreutils. Every failure posts the tail of the boot log to
+# Needs bash, curl, jq, tar, sudo and coreutils, and a route to PACER_URL only (IMDS aside):
+# the runner release comes from Pacer too. Every failure posts the tail of the boot log to
 # Pacer and shuts down; the launch template makes shutdown terminate the instance.
 set -Eeuo pipefail
 umask 077
@@ -141,15 +142,24 @@ if [ -n "$PACER_POOL_SCRIPT" ]; then
   bash -c "$PACER_POOL_SCRIPT"
 fi
 
-# 4. The runner release: kept when the AMI has it, else downloaded and checked.
+# 4. The runner release: kept when the AMI has it, else downloaded from Pacer (which fetched it
+#    from its release source and checked it) and checked again.
 if [ -x "$RUNNER_DIR/bin/Runner.Listener" ] &&
   [ "$("$RUNNER_DIR/bin/Runner.Listener" --version 2>/dev/null || true)" = "$version" ]; then
   echo "pacer: the AMI has runner $version"
 else
   url=$(jq -er .runner.url "$STATE/bootstrap.json")
   sha256=$(jq -er .runner.sha256 "$STATE/bootstrap.json")
+  # The callback token goes to Pacer only.
+  case $url in
+    "$PACER_URL"/*) ;;
+    *)
+      echo "pacer: the runner release is not at $PACER_URL: $url"
+      false
+      ;;
+  esac
   echo "pacer: downloading $url"
-  call GET "$url" "$STATE/runner.tar.gz" -L
+  call GET "$url" "$STATE/runner.tar.gz" "${pacer_tls[@]}" -H @"$AUTH"
   echo "$sha256  $STATE/runner.tar.gz" | sha256sum --check --strict --quiet -
   mkdir -p "$RUNNER_DIR"
   tar -xzf "$STATE/runner.tar.gz" -C "$RUNNER_DIR"

@@ -19,9 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::{
-    GitHub, GitHubError, GitHubResult, JitConfig, Quota, Runner, RunnerRelease, RunnerTarget,
-};
+use super::{GitHub, GitHubError, GitHubResult, JitConfig, Quota, Runner, RunnerTarget};
 
 /// How long before an installation token expires it is replaced.
 const TOKEN_MARGIN: Duration = Duration::from_secs(5 * 60);
@@ -57,9 +55,6 @@ fn next_page(link: &str) -> Option<&str> {
     })
 }
 
-/// How long the latest actions/runner release is taken as still the latest.
-const LATEST_RELEASE_TTL: Duration = Duration::from_secs(60 * 60);
-
 /// Counts each call by action and outcome; the metrics live with the controller's.
 pub type CallCounter = Arc<dyn Fn(&'static str, &str) + Send + Sync>;
 
@@ -74,8 +69,6 @@ pub struct GitHubApp {
     installations: Mutex<HashMap<String, i64>>,
     /// Organization -> runner group name -> id.
     groups: Mutex<HashMap<(String, String), i64>>,
-    /// (version or `latest`, arch) -> release, and when it was read.
-    releases: Mutex<HashMap<(String, String), (RunnerRelease, std::time::Instant)>>,
     count: CallCounter,
     /// The unit of retry backoff (1 s in production; shorter in tests).
     backoff: Duration,
@@ -146,7 +139,6 @@ impl GitHubApp {
             tokens: Default::default(),
             installations: Default::default(),
             groups: Default::default(),
-            releases: Default::default(),
             count,
             backoff: Duration::from_secs(1),
             sent: AtomicU64::new(0),
@@ -525,74 +517,6 @@ impl GitHub for GitHubApp {
         let owner = repository.split_once('/').map_or(repository, |(o, _)| o);
         let id = installations.get(repository).or(installations.get(owner))?;
         self.quotas.lock().unwrap().get(id).copied()
-    }
-
-    fn runner_release<'a>(
-        &'a self,
-        target: &'a RunnerTarget,
-        version: Option<&'a str>,
-        arch: &'a str,
-    ) -> BoxFuture<'a, GitHubResult<RunnerRelease>> {
-        async move {
-            let key = (version.unwrap_or("latest").to_string(), arch.to_string());
-            if let Some((release, read)) = self.releases.lock().expect("not poisoned").get(&key)
-                && (version.is_some() || read.elapsed() < LATEST_RELEASE_TTL)
-            {
-                return Ok(release.clone());
-            }
-            #[derive(Deserialize)]
-            struct Asset {
-                name: String,
-                browser_download_url: String,
-                #[serde(default)]
-                digest: Option<String>,
-            }
-            #[derive(Deserialize)]
-            struct Release {
-                tag_name: String,
-                assets: Vec<Asset>,
-            }
-            let path = match version {
-                Some(v) => format!("/repos/actions/runner/releases/tags/v{v}"),
-                None => "/repos/actions/runner/releases/latest".to_string(),
-            };
-            let installation = self.installation(target).await?;
-            let (_, release) = self
-                .installation_call::<Release>(
-                    installation,
-                    "get_runner_release",
-                    Method::GET,
-                    &path,
-                    None,
-                )
-                .await?;
-            let release = release.ok_or(GitHubError::NotFound("actions/runner release"))?;
-            let version = release.tag_name.trim_start_matches('v').to_string();
-            let name = super::runner_asset_name(&version, arch);
-            let asset = release
-                .assets
-                .into_iter()
-                .find(|a| a.name == name)
-                .ok_or(GitHubError::NotFound("actions/runner release asset"))?;
-            let sha256 = asset
-                .digest
-                .as_deref()
-                .and_then(|d| d.strip_prefix("sha256:"))
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or(GitHubError::Malformed("get_runner_release (asset digest)"))?
-                .to_ascii_lowercase();
-            let release = RunnerRelease {
-                version,
-                url: asset.browser_download_url,
-                sha256,
-            };
-            self.releases
-                .lock()
-                .expect("not poisoned")
-                .insert(key, (release.clone(), std::time::Instant::now()));
-            Ok(release)
-        }
-        .boxed()
     }
 
     fn jit_config<'a>(

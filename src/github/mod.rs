@@ -30,17 +30,6 @@ pub struct JitConfig {
     pub encoded: Secret,
 }
 
-/// A release of actions/runner for one architecture: what the boot script downloads, and the
-/// SHA-256 it must have.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct RunnerRelease {
-    /// Such as `2.329.0`.
-    pub version: String,
-    pub url: String,
-    /// Lower-case hex.
-    pub sha256: String,
-}
-
 /// The runner architecture of an EC2 identity document's `architecture`: `x64` or `arm64`.
 pub fn runner_arch(ec2_architecture: &str) -> Option<&'static str> {
     match ec2_architecture {
@@ -167,14 +156,6 @@ pub trait GitHub: Send + Sync {
         target: &'a RunnerTarget,
         runner_id: i64,
     ) -> BoxFuture<'a, GitHubResult<()>>;
-    /// The actions/runner release `version` (`None`: the latest) for `arch`, with the SHA-256
-    /// GitHub gives its asset. Read with the target's installation; cached.
-    fn runner_release<'a>(
-        &'a self,
-        target: &'a RunnerTarget,
-        version: Option<&'a str>,
-        arch: &'a str,
-    ) -> BoxFuture<'a, GitHubResult<RunnerRelease>>;
     fn list_runners<'a>(
         &'a self,
         target: &'a RunnerTarget,

@@ -162,6 +162,7 @@ pub fn router(state: Arc<Web>) -> Router {
         .route("/api/runner/complete", post(runner::complete))
         .route("/api/runner/interrupted", post(runner::interrupted))
         .route("/api/runner/error", post(runner::error))
+        .route("/api/runner/release/{asset}", get(runner::release))
         .route_layer(axum::middleware::from_fn_with_state(permits, bounded));
     // The probes stay outside the bound: a listener busy with requests is still alive.
     Router::new()
@@ -237,6 +238,7 @@ pub enum ApiError {
     /// 401 with a reason that names what did not match.
     Denied(String),
     Conflict(String),
+    NotFound(String),
     BadRequest(String),
     Unavailable(&'static str),
     /// 503 with `Retry-After`: nothing is wrong, the answer is not ready yet.
@@ -253,6 +255,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized(why) => (StatusCode::UNAUTHORIZED, why.to_string()),
             Self::Denied(why) => (StatusCode::UNAUTHORIZED, why),
             Self::Conflict(why) => (StatusCode::CONFLICT, why),
+            Self::NotFound(why) => (StatusCode::NOT_FOUND, why),
             Self::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             Self::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
             Self::TooLarge(limit) => (

@@ -96,6 +96,8 @@ pub struct RunnerSide {
     pub tokens: Tokens,
     /// The one region Pacer launches in.
     pub region: String,
+    /// The actions/runner releases served to the instances.
+    pub releases: Arc<crate::runner::release::Releases>,
 }
 
 #[derive(Deserialize)]
@@ -270,10 +272,12 @@ pub async fn bootstrap(
         .clone()
         .ok_or(ApiError::Unavailable("the GitHub App is not configured"))?;
     let target = crate::controller::job::runner_target(&job, &pool);
-    let release = github
-        .runner_release(&target, pool.spec.runner_version.as_deref(), arch)
+    let release = (side.releases)
+        .release(pool.spec.runner_version.as_deref(), arch)
         .await
         .map_err(|e| unavailable("reading the actions/runner release", e))?;
+    // Fetched while the runner is minted, so it is ready when the instance asks for it.
+    side.releases.fetch(&release);
 
     let expires =
         now + Duration::from_secs(pool.spec.max_runtime_minutes as u64 * 60) + TOKEN_GRACE;
@@ -463,7 +467,7 @@ struct Handout {
     labels: Vec<String>,
     target: crate::github::RunnerTarget,
     github: Arc<dyn crate::github::GitHub>,
-    release: crate::github::RunnerRelease,
+    release: crate::runner::release::Release,
     callback: crate::config::Secret,
 }
 
@@ -497,7 +501,11 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
     let answer = json!({
         "jitConfig": String::from_utf8_lossy(jit.encoded.expose()),
         "callbackToken": String::from_utf8_lossy(h.callback.expose()),
-        "runner": h.release,
+        "runner": {
+            "version": h.release.version,
+            "url": release_url(&web.ctx.settings.public_url, &h.release.asset),
+            "sha256": h.release.sha256,
+        },
     });
     let answer = serde_json::to_vec(&answer).expect("an answer serializes");
     let sealed = side(&web)?
@@ -818,6 +826,87 @@ pub async fn register(
         info!(runner_job = %job.name_any(), runner = %runner.name, "runner registered");
     }
     Ok(axum::Json(json!({ "ok": true })).into_response())
+}
+
+/// Where an instance downloads release asset `asset` from Pacer.
+fn release_url(public_url: &str, asset: &str) -> String {
+    format!(
+        "{}/api/runner/release/{asset}",
+        public_url.trim_end_matches('/')
+    )
+}
+
+/// `GET /api/runner/release/{asset}`: the actions/runner release the caller's bootstrap named,
+/// checked against its published digest, from Pacer's own copy. A copy still being fetched is
+/// a 503 with `Retry-After` (the fetch goes on without the request); so is a transfer past the
+/// [`MAX_SERVING`](crate::runner::release::MAX_SERVING) under way.
+pub async fn release(
+    State(web): State<Arc<Web>>,
+    axum::extract::Path(asset): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use crate::runner::release::Fetch;
+    use futures::StreamExt as _;
+    let (_, boot) = caller(&web, &headers).await?;
+    let version = boot.runner_version.unwrap_or_default();
+    let arch = ["x64", "arm64"]
+        .into_iter()
+        .find(|arch| crate::github::runner_asset_name(&version, arch) == asset)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "{asset} is not a release asset of actions/runner {version}, which this instance was given"
+            ))
+        })?;
+    let releases = side(&web)?.releases.clone();
+    let release = (releases.release(Some(&version), arch).await).map_err(release_refused)?;
+    let deadline = Instant::now() + BOOT_WAIT;
+    let path = loop {
+        match releases.fetch(&release) {
+            Fetch::Ready(path) => break path,
+            Fetch::Failed(e) => return Err(release_refused(e)),
+            Fetch::Pending if Instant::now() >= deadline => {
+                let why = "Pacer is fetching this actions/runner release; ask again shortly";
+                return Err(ApiError::NotYet(why.into(), 5));
+            }
+            Fetch::Pending => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let Ok(serving) = releases.serving.clone().try_acquire_owned() else {
+        let why = "Pacer is serving as many runner releases as it takes at once; ask again shortly";
+        return Err(ApiError::NotYet(why.into(), 5));
+    };
+    let opened = async {
+        let file = tokio::fs::File::open(&path).await?;
+        let length = file.metadata().await?.len();
+        std::io::Result::Ok((file, length))
+    };
+    let (file, length) = opened
+        .await
+        .map_err(|e| unavailable("opening the actions/runner release", e))?;
+    // The permit goes with the body, until its last byte is sent or the client goes.
+    let body = tokio_util::io::ReaderStream::new(file).map(move |chunk| {
+        let _serving = &serving;
+        chunk
+    });
+    let headers = [
+        (
+            axum::http::header::CONTENT_TYPE,
+            "application/gzip".to_string(),
+        ),
+        (axum::http::header::CONTENT_LENGTH, length.to_string()),
+    ];
+    Ok((headers, Body::from_stream(body)).into_response())
+}
+
+/// How an instance is told its release cannot be served: for now (503), not at the source
+/// (404), or not the bytes the source published (409).
+fn release_refused(e: crate::runner::release::ReleaseError) -> ApiError {
+    use crate::runner::release::ReleaseError;
+    match e {
+        ReleaseError::Unavailable(_) => unavailable("fetching the actions/runner release", e),
+        ReleaseError::Missing(why) => ApiError::NotFound(why),
+        ReleaseError::Refused(why) => ApiError::Conflict(why),
+    }
 }
 
 #[derive(Deserialize)]

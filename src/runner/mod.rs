@@ -5,4 +5,5 @@
 
 pub mod aws_certificates;
 pub mod identity;
+pub mod release;
 pub mod token;

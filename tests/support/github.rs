@@ -87,8 +87,19 @@ struct Shared {
 }
 
 impl FakeGitHub {
-    /// Starts the fake on a loopback port, with a fresh App key pair.
+    /// Starts the fake on a loopback port, with a fresh App key pair, shaped as github.com's
+    /// API (releases of public repositories included).
     pub async fn start() -> Self {
+        Self::start_shaped("", true).await
+    }
+
+    /// Starts the fake shaped as GitHub Enterprise Server's API: under `/api/v3`, and with no
+    /// actions/runner releases (GHES does not have them).
+    pub async fn start_enterprise() -> Self {
+        Self::start_shaped("/api/v3", false).await
+    }
+
+    async fn start_shaped(prefix: &str, releases: bool) -> Self {
         use aws_lc_rs::encoding::AsDer;
         use aws_lc_rs::signature::KeyPair as _;
         let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
@@ -150,18 +161,23 @@ impl FakeGitHub {
                 "/repos/{owner}/{repo}/actions/runs/{run}",
                 get(workflow_run),
             )
-            .route("/repos/{owner}/{repo}/releases/latest", get(latest_release))
-            .route(
-                "/repos/{owner}/{repo}/releases/tags/{tag}",
-                get(release_by_tag),
-            )
             .route("/app/hook/deliveries", get(list_deliveries))
             .route("/app/hook/deliveries/{id}/attempts", post(redeliver))
             .route("/repos/{owner}/{repo}/actions/runs", get(queued_runs))
             .route(
                 "/repos/{owner}/{repo}/actions/runs/{run}/jobs",
                 get(run_jobs),
-            )
+            );
+        let app = if releases {
+            app.route("/repos/{owner}/{repo}/releases/latest", get(latest_release))
+                .route(
+                    "/repos/{owner}/{repo}/releases/tags/{tag}",
+                    get(release_by_tag),
+                )
+        } else {
+            app
+        };
+        let app = app
             .layer(axum::middleware::from_fn_with_state(
                 shared.clone(),
                 rate_limit,
@@ -176,8 +192,13 @@ impl FakeGitHub {
                 next.run(request)
             },
         ));
+        let app = if prefix.is_empty() {
+            app
+        } else {
+            Router::new().nest(prefix, app)
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("http://{}{prefix}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self {
             url,
@@ -186,6 +207,11 @@ impl FakeGitHub {
             app_id: 4242,
             requests,
         }
+    }
+
+    /// Where this fake describes actions/runner releases (`runners.release_source`).
+    pub fn release_source(&self) -> String {
+        format!("{}/repos/actions/runner/releases", self.url)
     }
 
     /// How many requests reached the fake so far, on any path.
@@ -753,20 +779,16 @@ fn release(shared: &Shared, owner: &str, repo: &str, tag: Option<&str>) -> Respo
 async fn latest_release(
     State(shared): State<Arc<Shared>>,
     Path((owner, repo)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Response {
     guard!(shared, "get_runner_release");
-    installation_only!(shared, headers);
     release(&shared, &owner, &repo, None)
 }
 
 async fn release_by_tag(
     State(shared): State<Arc<Shared>>,
     Path((owner, repo, tag)): Path<(String, String, String)>,
-    headers: HeaderMap,
 ) -> Response {
     guard!(shared, "get_runner_release");
-    installation_only!(shared, headers);
     release(&shared, &owner, &repo, Some(&tag))
 }
 

@@ -107,6 +107,7 @@ pub fn start_with_env(
              server:\n  public_url: {public_url}\n  listen: 127.0.0.1:{listen}\n  metrics_listen: 127.0.0.1:{metrics}\n\
              github:\n  app_id: {app_id}\n  api_url: {github_url}\n  private_key_file: {key}\n  webhook_secret_file: {secret}\n\
              runners:\n  callback_key_file: {callback}\n  identity_certificates_file: {certs}\n\
+             \x20 release_source: {github_url}/repos/actions/runner/releases\n  release_cache_dir: {releases}\n\
              controller:\n  id: {id}\n  namespace: {ns}\n",
             region = ground.var("AWS_REGION"),
             endpoint = ground.var("AWS_ENDPOINT_URL"),
@@ -114,6 +115,7 @@ pub fn start_with_env(
             secret = dir.join("webhook-secret").display(),
             callback = dir.join("callback-key").display(),
             certs = dir.join("signer.pem").display(),
+            releases = dir.join(format!("{}-releases", setup.name)).display(),
             id = setup.controller_id,
             ns = setup.namespace,
         ),

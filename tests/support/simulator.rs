@@ -3,8 +3,9 @@
 //! `aws:ec2launchtemplate:*` tags EC2 puts on it) and runs it with bash in a sandbox folder,
 //! with
 //! - an IMDS stand-in serving an identity document for the instance, signed with the test key;
-//! - a release server serving a small fake actions/runner tarball, published in the fake
-//!   GitHub's releases API with its SHA-256; its `run.sh` takes the JIT config as actions/runner
+//! - a release server (github.com's downloads, which only Pacer reaches: instances are refused)
+//!   serving a small fake actions/runner tarball, published in the fake GitHub's releases API
+//!   with its SHA-256; its `run.sh` takes the JIT config as actions/runner
 //!   does (`--jitconfig`, or `ACTIONS_RUNNER_INPUT_JITCONFIG`, which the runner removes from its
 //!   environment before any job starts), records it and how it came, runs a "job" that records
 //!   its environment and every process's command line, and exits with the status the test chose;
@@ -114,6 +115,8 @@ struct Shared {
     /// Instance id -> its identity document.
     documents: Mutex<HashMap<String, String>>,
     tarball: Vec<u8>,
+    /// Release asset → how many times Pacer downloaded it.
+    downloads: Mutex<HashMap<String, u32>>,
     behaviour: Behaviour,
     github: FakeGitHub,
     controller_id: String,
@@ -189,6 +192,7 @@ impl Simulator {
             region,
             documents: Mutex::default(),
             tarball,
+            downloads: Mutex::default(),
             behaviour: behaviour.clone(),
             github: github.clone(),
             controller_id: controller_id.to_string(),
@@ -253,6 +257,12 @@ impl Simulator {
     /// Publishes the fake runner as actions/runner `version` too (for pools that pin one).
     pub fn publish(&self, github: &FakeGitHub, version: &str) {
         publish(github, &self.base, &self.published, version);
+    }
+
+    /// Release asset → how many times it was downloaded from github.com (by Pacer: the
+    /// instances cannot reach it).
+    pub fn release_downloads(&self) -> HashMap<String, u32> {
+        self.shared.downloads.lock().unwrap().clone()
     }
 
     /// The boot of `instance`, once bash has ended.
@@ -416,10 +426,28 @@ async fn imds_metadata(
     StatusCode::NOT_FOUND.into_response()
 }
 
-async fn download(State(shared): State<Arc<Shared>>, UrlPath(name): UrlPath<String>) -> Response {
+/// github.com's release downloads, reachable from Pacer only: an instance (curl) is refused,
+/// as one in a private subnet without a route to github.com would be.
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let agent = headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !agent.starts_with("pacer/") {
+        return (
+            StatusCode::FORBIDDEN,
+            "github.com is not reachable from here",
+        )
+            .into_response();
+    }
     if shared.behaviour.release_missing || !name.ends_with(".tar.gz") {
         return StatusCode::NOT_FOUND.into_response();
     }
+    *shared.downloads.lock().unwrap().entry(name).or_default() += 1;
     shared.tarball.clone().into_response()
 }
 
