@@ -508,12 +508,17 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
         },
     });
     let answer = serde_json::to_vec(&answer).expect("an answer serializes");
-    let sealed = side(&web)?
-        .tokens
-        .seal(&sealed_for(&h.job_uid, instance_id), &answer);
     // A failure below gives the claim back, so the instance may try again (its runner is
     // offline and unclaimed: the next JIT call for the name replaces it). So does a sequence
     // that took so long that its answer could hardly be collected within the hold.
+    let context = sealed_for(&h.job_uid, instance_id);
+    let Some(sealed) = (web.runners.as_ref()).and_then(|s| s.tokens.seal(&context, &answer)) else {
+        give_back(&web, job, boot).await;
+        warn!(runner_job = %name, "the bootstrap answer could not be sealed (no random nonce)");
+        return Err(ApiError::Unavailable(
+            "the bootstrap answer could not be sealed; retry",
+        ));
+    };
     let spent = Timestamp::now().duration_since(boot.bootstrapped_at.0);
     if spent.unsigned_abs() + ANSWER_MARGIN >= BOOT_ANSWER_HOLD {
         give_back(&web, job, boot).await;

@@ -123,11 +123,11 @@ impl Tokens {
     }
 
     /// `secret` sealed for `context` (what it is bound to): `v1.<nonce and ciphertext>`,
-    /// base64url.
-    pub fn seal(&self, context: &str, secret: &[u8]) -> String {
+    /// base64url; `None` when the system's random source gives no nonce.
+    pub fn seal(&self, context: &str, secret: &[u8]) -> Option<String> {
         use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
         let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce).expect("the system's random source");
+        aws_lc_rs::rand::fill(&mut nonce).ok()?;
         let mut sealed = secret.to_vec();
         (self.sealing_key())
             .seal_in_place_append_tag(
@@ -138,7 +138,7 @@ impl Tokens {
             .expect("AES-GCM seals any length Pacer sends");
         let mut out = nonce.to_vec();
         out.extend(sealed);
-        format!("{VERSION}.{}", B64.encode(out))
+        Some(format!("{VERSION}.{}", B64.encode(out)))
     }
 
     /// What [`Tokens::seal`] sealed for `context` under this key; `None` for anything else.
@@ -228,14 +228,14 @@ mod tests {
     #[test]
     fn a_sealed_answer_opens_only_under_its_key_and_for_its_context() {
         let t = tokens("k");
-        let sealed = t.seal("uid-1/i-1", b"jit config");
+        let sealed = t.seal("uid-1/i-1", b"jit config").unwrap();
         assert_eq!(
             t.open("uid-1/i-1", &sealed).as_deref(),
             Some(&b"jit config"[..])
         );
         assert_ne!(
             sealed,
-            t.seal("uid-1/i-1", b"jit config"),
+            t.seal("uid-1/i-1", b"jit config").unwrap(),
             "a fresh nonce each time"
         );
         assert_eq!(t.open("uid-1/i-2", &sealed), None);
