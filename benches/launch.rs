@@ -465,7 +465,7 @@ async fn main() {
         bench(run, count.min(200), 0, &mut report).await;
     }
     let vars: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("BENCH_"))
+        .filter(|(k, _)| k.starts_with("BENCH_") || k == "PACER_BIN")
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     report.write(format!("{} make bench", vars.join(" ")).trim());

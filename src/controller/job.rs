@@ -110,13 +110,25 @@ impl Shared {
     }
 }
 
+/// Drops from a RunnerJob as watched or listed what no pass reads: its managed fields,
+/// kubectl's copy of the applied object and, once it has finished, what [`trim_finished`]
+/// drops. The watch cache holds thousands of RunnerJobs and the sweep lists them all; managed
+/// fields alone are several kilobytes of each as parsed.
+pub(super) fn slim(job: &mut RunnerJob) {
+    job.metadata.managed_fields = None;
+    if let Some(annotations) = job.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    trim_finished(job);
+}
+
 /// Drops from the cached copy of a finished job what no pass reads again: its launch, once it
 /// made an instance (a finished job launches nothing and holds no slot, and a launch with an
 /// instance is settled), and its prices (the cost is estimated in the pass that finishes it).
 /// Finished jobs stay cached by the thousand for their TTL, and the launch's tags and
 /// offerings are the largest part of each. A pass writes only what it changed, so what the
 /// cache lacks stays as it is in the API server.
-pub(super) fn trim_finished(job: &mut RunnerJob) {
+fn trim_finished(job: &mut RunnerJob) {
     if let Some(status) =
         (job.status.as_mut()).filter(|s| s.phase.is_finished() && s.instance.is_some())
     {
@@ -1575,5 +1587,63 @@ pub fn count_jobs(ctx: &Context) {
     ctx.metrics.jobs.clear();
     for (key, n) in counts {
         ctx.metrics.jobs.get_or_create(&key).set(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn job(phase: &str) -> RunnerJob {
+        serde_json::from_value(json!({
+            "apiVersion": "pacer.dev/v1alpha1",
+            "kind": "RunnerJob",
+            "metadata": {
+                "name": "job-1",
+                "namespace": "ci",
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                    "team": "api",
+                },
+                "managedFields": [{"manager": "pacer", "operation": "Update",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:phase": {}}}}],
+            },
+            "spec": {"poolName": "linux", "jobId": 7, "runId": 3,
+                "repository": "example-org/api", "labels": ["self-hosted"]},
+            "status": {
+                "phase": phase,
+                "launch": {"clientToken": "pacer-1", "launchTemplateId": "lt-1",
+                    "launchTemplateVersion": 1, "market": "spot", "offerings": [], "tags": {}},
+                "instance": {"id": "i-1", "type": "m7i.large", "zone": "us-east-1a",
+                    "market": "spot"},
+                "cost": {"hourlyPrice": "0.04", "currency": "USD"},
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_slimmed_job_loses_its_managed_fields_and_kubectls_copy_and_keeps_the_rest() {
+        let mut running = job("Running");
+        slim(&mut running);
+        assert_eq!(running.metadata.managed_fields, None);
+        let annotations = running.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+        let mut expected = job("Running");
+        expected.metadata.managed_fields = None;
+        expected.metadata.annotations = Some(annotations);
+        assert_eq!(
+            serde_json::to_value(running).unwrap(),
+            serde_json::to_value(expected).unwrap(),
+            "a live job keeps its launch and prices"
+        );
+
+        let mut finished = job("Succeeded");
+        slim(&mut finished);
+        let status = finished.status.unwrap();
+        assert_eq!((status.launch, status.cost), (None, None));
+        assert_eq!(status.instance.unwrap().id, "i-1");
     }
 }

@@ -84,15 +84,8 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
     let _ = ctx.jobs.store.set(store.clone());
     let events = watcher(jobs, watcher::Config::default())
         .default_backoff()
-        // Thousands of RunnerJobs are cached; their managed fields and kubectl's copy of the
-        // applied object are never read.
-        .modify(|job| {
-            job.metadata.managed_fields = None;
-            if let Some(annotations) = job.metadata.annotations.as_mut() {
-                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-            job::trim_finished(job);
-        })
+        // Thousands of RunnerJobs are cached: only what passes read is kept.
+        .modify(job::slim)
         .reflect_shared(writer)
         .for_each(|event| {
             if let Err(e) = event {

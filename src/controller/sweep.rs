@@ -108,11 +108,30 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    let jobs = scope.jobs.list(&ListParams::default()).await?.items;
+    let jobs = list_jobs(&scope.jobs).await?;
     let recorded: HashMap<i64, &RunnerJob> = jobs.iter().map(|j| (j.spec.job_id, j)).collect();
     pass.catch_up(scope, &pools, &recorded).await?;
     pass.remove_runners(&pools, &recorded).await;
     Ok(pass.swept)
+}
+
+/// Every RunnerJob, from the API server a page at a time, each page slimmed as the watch
+/// cache's copies are before the next is read. Listed whole and kept as parsed, 10,000
+/// RunnerJobs would take well over 100 MB for the pass, their managed fields most of it.
+async fn list_jobs(api: &Api<RunnerJob>) -> Result<Vec<RunnerJob>> {
+    let mut all = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        all.extend(page.items.into_iter().map(|mut job| {
+            super::job::slim(&mut job);
+            job
+        }));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(all),
+        }
+    }
 }
 
 /// One pass under way.

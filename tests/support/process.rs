@@ -126,7 +126,11 @@ pub fn start_with_env(
     let kubeconfig = setup
         .kubeconfig
         .unwrap_or_else(|| PathBuf::from(ground.var("KUBECONFIG")));
-    let child = Command::new(env!("CARGO_BIN_EXE_pacer"))
+    // `PACER_BIN` runs another build (a release binary, say) in place of this crate's own; it is
+    // kept from the child, which refuses `PACER_*` variables that are not configuration keys.
+    let bin = std::env::var_os("PACER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_pacer").into());
+    let child = Command::new(bin)
+        .env_remove("PACER_BIN")
         .args(["run", "--config"])
         .arg(&config)
         .env("KUBECONFIG", kubeconfig)
