@@ -8,19 +8,28 @@
 //! Before that, `pacer run` alone as a process (see `process`): start to ready and memory, idle
 //! and with `BENCH_STORED` RunnerJobs; after it, slot refill (see `refill`: `BENCH_REFILL_JOBS`
 //! jobs of `BENCH_RUN_MS` each through `BENCH_REFILL_MAX` slots). `BENCH_ONLY` (a comma-separated
-//! list of `process`, `launch`, `refill`, `webhooks`) runs only those parts. The figures are
-//! written to `bench/results/latest.md`.
+//! list of `process`, `launch`, `refill`, `waiting`, `webhooks`) runs only those parts. The
+//! figures are written to `bench/results/latest.md`.
+//!
+//! The launch part also reads the API server's own request counts (see `apiserver`): Pacer's
+//! RunnerJob writes, Event writes and RunnerJob reads per job over the burst. `waiting` (see
+//! `waiting`) fills a pool of `BENCH_WAITING_MAX` (10) slots, queues `BENCH_WAITING` (2000) jobs
+//! behind it and, once settled, counts Pacer's writes over `BENCH_WINDOW_S` (60) seconds.
 
 // The allocator the pacer binary uses, so memory readings match production.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "launch/apiserver.rs"]
+mod apiserver;
 #[path = "launch/process.rs"]
 mod process;
 #[path = "launch/refill.rs"]
 mod refill;
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "launch/waiting.rs"]
+mod waiting;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use kube::api::{Api, PostParams};
-use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
+use pacer::api::{JobPhase, RunnerJob, RunnerJobSpec, RunnerPool};
 use pacer::cloud::Ec2;
 use pacer::cloud::aws::AwsEc2;
 use pacer::cloud::fake::FakeEc2;
@@ -147,6 +156,9 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let calls_before = ctx.metrics.encode();
+    let requests_before = apiserver::Requests::read(&client).await;
+    // RunnerJob lists the bench itself makes between the two readings, taken off Pacer's reads.
+    let mut own_lists = 0;
 
     let started = Instant::now();
     let created = create_jobs(&creating_jobs, &ns, 0..count).await;
@@ -165,6 +177,7 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
             }
             None => {
                 let list = jobs.list(&Default::default()).await.unwrap();
+                own_lists += 1;
                 let launched = list
                     .items
                     .iter()
@@ -184,6 +197,26 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let calls = ctx.metrics.encode();
     let (mutating, reads) = count_calls(&calls_before, &calls);
+    // The API server's counts once every job is Booting: read, then looked at, so the bench's
+    // look falls outside the reading that is kept.
+    let (requests, booting) = loop {
+        let requests = apiserver::Requests::read(&client)
+            .await
+            .since(&requests_before);
+        let list = jobs.list(&Default::default()).await.unwrap().items;
+        let booting = (list.iter())
+            .filter(|j| {
+                j.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == JobPhase::Booting)
+            })
+            .count();
+        if booting >= count || Instant::now() > deadline {
+            break (requests, booting);
+        }
+        own_lists += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
 
     println!("== {} ({count} RunnerJobs)", run.name);
     println!(
@@ -230,6 +263,7 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
             .filter(|l| l.starts_with("pacer_ec2_calls_total{"))
             .for_each(|l| println!("  {l}"));
     }
+    api_economy(run.name, count, booting, &requests, own_lists, report);
     if stored > count {
         let more = create_jobs(&creating_jobs, &ns, count..stored).await;
         // Read memory once the controller is done with them: every job launched and the
@@ -252,6 +286,68 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     // Stop the controllers before the runtime goes, so their tasks end cleanly.
     controllers.abort();
     let _ = controllers.await;
+}
+
+/// The API server's requests over the burst, from before the creations until every job was
+/// Booting: Pacer's RunnerJob writes, Event writes and RunnerJob reads per job.
+fn api_economy(
+    name: &str,
+    count: usize,
+    booting: usize,
+    requests: &apiserver::Requests,
+    own_lists: u64,
+    report: &mut Report,
+) {
+    let per_job = |n: u64| n as f64 / count as f64;
+    let writes = requests.changes("runnerjobs");
+    let events = requests.event_writes();
+    let reads = requests.reads("runnerjobs").saturating_sub(own_lists);
+    let created = requests.count("runnerjobs", &["POST"]);
+    println!(
+        "API server, creation -> Booting ({booting} of {count} Booting; {created} RunnerJobs \
+         created by the bench): RunnerJob writes per job {:.2}, Event writes per job {:.2}, \
+         RunnerJob reads per job {:.3}",
+        per_job(writes),
+        per_job(events),
+        per_job(reads)
+    );
+    let kinds = requests.writes_by_kind(waiting::WRITTEN);
+    let conflicts = requests.conflicts("runnerjobs");
+    println!("  writes: {kinds}; of the RunnerJob writes, {conflicts} refused as conflicts (409)");
+    println!(
+        "  RunnerJob watches ended: {} (closed by the API server for falling behind: {})",
+        requests.count("runnerjobs", &["WATCH"]),
+        requests.watches_closed("runnerjobs")
+    );
+    if std::env::var("BENCH_VERBOSE").is_ok() {
+        for line in requests.lines(&["runnerjobs", "runnerpools", "events"]) {
+            println!("  {line}");
+        }
+    }
+    report.add(
+        &format!(
+            "API server writes per RunnerJob, Pending → Launching → Booting, {count} at once \
+             ({name}; Pacer's PATCH/APPLY/PUT/DELETE, the bench's creations left out)"
+        ),
+        format!(
+            "{:.2} ({:.2} stored, {:.2} refused as conflicts)",
+            per_job(writes),
+            per_job(writes - conflicts),
+            per_job(conflicts)
+        ),
+        "≈ 2 (one per phase change)",
+    );
+    report.add(
+        "Event writes per job, same burst",
+        format!("{:.2}", per_job(events)),
+        "",
+    );
+    report.add(
+        "RunnerJob reads per job, same burst (Pacer's namespaced GET/LIST/WATCH)",
+        format!("{:.3}", per_job(reads)),
+        "",
+    );
+    report.add("writes over that burst, by kind", kinds, "");
 }
 
 /// Calls made between two metric readings, split into mutating and read actions.
@@ -436,6 +532,75 @@ async fn main() {
         report.add(
             "queue wait, mean / max, on that run",
             format!("{:.1?} / {:.1?}", r.wait_mean, r.wait_max),
+            "",
+        );
+    }
+
+    if part("waiting") {
+        let w = waiting::run(
+            env("BENCH_WAITING", 2000) as usize,
+            env("BENCH_WAITING_MAX", 10) as usize,
+            Duration::from_secs(env("BENCH_WINDOW_S", 60)),
+            latency,
+        )
+        .await;
+        let steady = waiting::Figures::writes(&w.steady);
+        let settling = waiting::Figures::writes(&w.settling);
+        println!(
+            "== full pool: {} jobs waiting behind maxRunners {} ({} Booting, {} Pending without \
+             a slot once settled, {:.1?} after the first creation)",
+            w.waiting, w.max, w.booting, w.pending, w.settle
+        );
+        println!(
+            "Pacer's API server writes over {:.1?}: {steady} ({:.2}/s): {}",
+            w.window,
+            w.per_second(steady),
+            w.steady.writes_by_kind(waiting::WRITTEN)
+        );
+        println!(
+            "RunnerJob reads over it: {} ({:.2}/s)",
+            w.steady.reads("runnerjobs"),
+            w.per_second(w.steady.reads("runnerjobs"))
+        );
+        println!(
+            "writes until settled: {settling}: {}",
+            w.settling.writes_by_kind(waiting::WRITTEN)
+        );
+        if std::env::var("BENCH_VERBOSE").is_ok() {
+            println!("  until settled:");
+            for line in w.settling.lines(waiting::WRITTEN) {
+                println!("    {line}");
+            }
+            println!("  over the window:");
+            for line in w.steady.lines(waiting::WRITTEN) {
+                println!("    {line}");
+            }
+        }
+        report.add(
+            &format!(
+                "Pacer's API server writes/s (RunnerJobs, RunnerPools, Events), {} jobs waiting \
+                 on a full pool (maxRunners {}), settled, over {:.0?}",
+                w.waiting, w.max, w.window
+            ),
+            format!(
+                "{:.2}/s ({steady} writes: {})",
+                w.per_second(steady),
+                w.steady.writes_by_kind(waiting::WRITTEN)
+            ),
+            "≈ 0",
+        );
+        report.add(
+            "RunnerJob reads/s over that window (Pacer's namespaced GET/LIST/WATCH)",
+            format!("{:.2}/s", w.per_second(w.steady.reads("runnerjobs"))),
+            "",
+        );
+        report.add(
+            "writes from the first creation until settled, that run",
+            format!(
+                "{settling} in {:.0?}: {}",
+                w.settle,
+                w.settling.writes_by_kind(waiting::WRITTEN)
+            ),
             "",
         );
     }

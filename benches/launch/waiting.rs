@@ -1,0 +1,135 @@
+//! A full pool with many jobs waiting for room: `maxRunners` jobs launched and Booting (the
+//! fake EC2 never boots a runner, so they stay there, well within the boot timeout) and
+//! `waiting` more Pending. Once the controller has settled, the API server's own request
+//! counts over a window say what Pacer writes while nothing changes: the waiting jobs are
+//! looked at again every 10 s (the capacity recheck) and the Booting ones polled as often,
+//! so a window of a minute holds about six passes over each job.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, PostParams};
+use pacer::api::{JobPhase, RunnerJob, RunnerPool};
+use pacer::cloud::fake::FakeEc2;
+use pacer::controller::{self, Context, Settings};
+use pacer::domain::job::holds_slot;
+
+use crate::apiserver::Requests;
+use crate::support::{Parts, ground};
+
+/// The resources whose writes are counted as Pacer's.
+pub const WRITTEN: &[&str] = &["runnerjobs", "runnerpools", "events"];
+
+pub struct Figures {
+    pub waiting: usize,
+    pub max: usize,
+    /// From the first creation until no write was seen for a while (or the cap).
+    pub settle: Duration,
+    /// Requests from before the creations until settled: the launches, and whatever a job
+    /// writes on learning that it has to wait.
+    pub settling: Requests,
+    /// What the list taken once settled showed.
+    pub booting: usize,
+    pub pending: usize,
+    pub window: Duration,
+    /// Requests over the window.
+    pub steady: Requests,
+}
+
+impl Figures {
+    pub fn writes(requests: &Requests) -> u64 {
+        WRITTEN.iter().map(|r| requests.changes(r)).sum::<u64>()
+            + requests.count("events", &["POST"])
+    }
+
+    pub fn per_second(&self, n: u64) -> f64 {
+        n as f64 / self.window.as_secs_f64()
+    }
+}
+
+/// Fills a pool of `max` slots and queues `waiting` more jobs behind it, waits for the
+/// controller to settle, then counts the API server's requests over `window`.
+pub async fn run(waiting: usize, max: usize, window: Duration, latency: Duration) -> Figures {
+    let g = ground(Parts::Both);
+    let client = g.kube_client().await;
+    let ns = g.namespace(&client, "bench-waiting").await;
+    let (subnets, sg, ami) = (
+        ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002"],
+        "sg-0a1b2c3d4e5f60001",
+        "ami-0a1b2c3d4e5f60001",
+    );
+    let mut fake = FakeEc2::new()
+        .with_image(ami, "x86_64", 8)
+        .with_subnet(subnets[0], "vpc-1", "us-east-1a")
+        .with_subnet(subnets[1], "vpc-1", "us-east-1b")
+        .with_security_group(sg, "vpc-1");
+    for t in ["m7i.large", "m6i.large", "c6i.large"] {
+        fake = fake.with_instance_type(t, "x86_64");
+    }
+    let fake = Arc::new(fake.with_latency(latency));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        fake.clone(),
+        Settings::new("bench-waiting", "https://pacer.example.test"),
+    ));
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let api: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    let controllers = tokio::spawn(controller::run(ctx, pools.clone(), api.clone()));
+    let mut pool = crate::pool(&ns, subnets, sg, ami);
+    pool.spec.max_runners = max as i32;
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    while (pools.get("bench").await.unwrap().status).is_none_or(|s| s.launch_template.is_none()) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let before = Requests::read(&client).await;
+    let started = Instant::now();
+    let creator = kube::Client::try_from(g.kube_config().await).unwrap();
+    let created = crate::create_jobs(&Api::namespaced(creator, &ns), &ns, 0..max + waiting).await;
+    // Settled: the pool's slots launched, then no write for 10 s (readings 2 s apart).
+    let cap = Instant::now() + Duration::from_secs(300);
+    while created
+        .keys()
+        .filter(|uid| fake.launched_at(uid).is_some())
+        .count()
+        < max
+        && Instant::now() < cap
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut last, mut quiet) = (Figures::writes(&Requests::read(&client).await), 0);
+    while quiet < 5 && Instant::now() < cap {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = Figures::writes(&Requests::read(&client).await);
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+    }
+    let settle = started.elapsed();
+    // The bench's own look, before the window opens.
+    let list = api.list(&Default::default()).await.unwrap().items;
+    let phase = |j: &RunnerJob| j.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    let booting = list
+        .iter()
+        .filter(|j| phase(j) == JobPhase::Booting)
+        .count();
+    let pending = (list.iter())
+        .filter(|j| phase(j) == JobPhase::Pending && !holds_slot(j.status.as_ref()))
+        .count();
+    let settled = Requests::read(&client).await;
+    let opened = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = Requests::read(&client).await;
+    let window = opened.elapsed();
+    controllers.abort();
+    let _ = controllers.await;
+    Figures {
+        waiting,
+        max,
+        settle,
+        settling: settled.since(&before),
+        booting,
+        pending,
+        window,
+        steady: after.since(&settled),
+    }
+}
