@@ -111,6 +111,60 @@ async fn create_jobs(
         .await
 }
 
+/// A pool named `bench` of `max` slots in a fresh namespace, its launch template made, and the
+/// controllers running with the production settings on a fake EC2 answering in `latency`: the
+/// ground of the refill and waiting parts.
+struct SmallPool {
+    ground: &'static support::Ground,
+    client: kube::Client,
+    ns: String,
+    fake: Arc<FakeEc2>,
+    jobs: Api<RunnerJob>,
+    controllers: tokio::task::JoinHandle<()>,
+}
+
+async fn small_pool(name: &str, max: usize, latency: Duration) -> SmallPool {
+    let ground = ground(Parts::Both);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, name).await;
+    let (subnets, sg, ami) = (
+        ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002"],
+        "sg-0a1b2c3d4e5f60001",
+        "ami-0a1b2c3d4e5f60001",
+    );
+    let mut fake = FakeEc2::new()
+        .with_image(ami, "x86_64", 8)
+        .with_subnet(subnets[0], "vpc-1", "us-east-1a")
+        .with_subnet(subnets[1], "vpc-1", "us-east-1b")
+        .with_security_group(sg, "vpc-1");
+    for t in ["m7i.large", "m6i.large", "c6i.large"] {
+        fake = fake.with_instance_type(t, "x86_64");
+    }
+    let fake = Arc::new(fake.with_latency(latency));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        fake.clone(),
+        Settings::new(name, "https://pacer.example.test"),
+    ));
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    let controllers = tokio::spawn(controller::run(ctx, pools.clone(), jobs.clone()));
+    let mut pool = pool(&ns, subnets, sg, ami);
+    pool.spec.max_runners = max as i32;
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    while (pools.get("bench").await.unwrap().status).is_none_or(|s| s.launch_template.is_none()) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    SmallPool {
+        ground,
+        client,
+        ns,
+        fake,
+        jobs,
+        controllers,
+    }
+}
+
 struct Run {
     name: &'static str,
     /// Observed by `metrics`, as `pacer run` builds it.

@@ -5,17 +5,12 @@
 //! and how many hold a runner at work (Booting or Running).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use pacer::api::{JobPhase, RunnerJob, RunnerJobSpec, RunnerPool};
-use pacer::cloud::fake::FakeEc2;
-use pacer::controller::{self, Context, Settings};
+use kube::api::{Patch, PatchParams, PostParams};
+use pacer::api::{JobPhase, RunnerJob, RunnerJobSpec};
 use pacer::domain::job::holds_slot;
 use serde_json::json;
-
-use crate::support::{Parts, ground};
 
 pub struct Figures {
     pub jobs: usize,
@@ -60,37 +55,12 @@ fn phase(job: &RunnerJob) -> JobPhase {
 /// Runs `jobs` jobs of `run_for` each through a pool of `max` slots, with the production
 /// settings and the fake EC2 at `latency` per call.
 pub async fn run(jobs: usize, max: usize, run_for: Duration, latency: Duration) -> Figures {
-    let g = ground(Parts::Both);
-    let client = g.kube_client().await;
-    let ns = g.namespace(&client, "bench-refill").await;
-    let (subnets, sg, ami) = (
-        ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002"],
-        "sg-0a1b2c3d4e5f60001",
-        "ami-0a1b2c3d4e5f60001",
-    );
-    let mut fake = FakeEc2::new()
-        .with_image(ami, "x86_64", 8)
-        .with_subnet(subnets[0], "vpc-1", "us-east-1a")
-        .with_subnet(subnets[1], "vpc-1", "us-east-1b")
-        .with_security_group(sg, "vpc-1");
-    for t in ["m7i.large", "m6i.large", "c6i.large"] {
-        fake = fake.with_instance_type(t, "x86_64");
-    }
-    let fake = Arc::new(fake.with_latency(latency));
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        fake,
-        Settings::new("bench-refill", "https://pacer.example.test"),
-    ));
-    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
-    let api: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
-    let controllers = tokio::spawn(controller::run(ctx, pools.clone(), api.clone()));
-    let mut pool = crate::pool(&ns, subnets, sg, ami);
-    pool.spec.max_runners = max as i32;
-    pools.create(&PostParams::default(), &pool).await.unwrap();
-    while (pools.get("bench").await.unwrap().status).is_none_or(|s| s.launch_template.is_none()) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let crate::SmallPool {
+        ns,
+        jobs: api,
+        controllers,
+        ..
+    } = crate::small_pool("bench-refill", max, latency).await;
 
     let started = Instant::now();
     futures::future::join_all((0..jobs).map(|i| {

@@ -5,17 +5,13 @@
 //! looked at again every 10 s (the capacity recheck) and the Booting ones polled as often,
 //! so a window of a minute holds about six passes over each job.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, PostParams};
-use pacer::api::{JobPhase, RunnerJob, RunnerPool};
-use pacer::cloud::fake::FakeEc2;
-use pacer::controller::{self, Context, Settings};
+use kube::api::Api;
+use pacer::api::{JobPhase, RunnerJob};
 use pacer::domain::job::holds_slot;
 
 use crate::apiserver::Requests;
-use crate::support::{Parts, ground};
 
 /// The resources whose writes are counted as Pacer's.
 pub const WRITTEN: &[&str] = &["runnerjobs", "runnerpools", "events"];
@@ -50,37 +46,14 @@ impl Figures {
 /// Fills a pool of `max` slots and queues `waiting` more jobs behind it, waits for the
 /// controller to settle, then counts the API server's requests over `window`.
 pub async fn run(waiting: usize, max: usize, window: Duration, latency: Duration) -> Figures {
-    let g = ground(Parts::Both);
-    let client = g.kube_client().await;
-    let ns = g.namespace(&client, "bench-waiting").await;
-    let (subnets, sg, ami) = (
-        ["subnet-0a1b2c3d4e5f60001", "subnet-0a1b2c3d4e5f60002"],
-        "sg-0a1b2c3d4e5f60001",
-        "ami-0a1b2c3d4e5f60001",
-    );
-    let mut fake = FakeEc2::new()
-        .with_image(ami, "x86_64", 8)
-        .with_subnet(subnets[0], "vpc-1", "us-east-1a")
-        .with_subnet(subnets[1], "vpc-1", "us-east-1b")
-        .with_security_group(sg, "vpc-1");
-    for t in ["m7i.large", "m6i.large", "c6i.large"] {
-        fake = fake.with_instance_type(t, "x86_64");
-    }
-    let fake = Arc::new(fake.with_latency(latency));
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        fake.clone(),
-        Settings::new("bench-waiting", "https://pacer.example.test"),
-    ));
-    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
-    let api: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
-    let controllers = tokio::spawn(controller::run(ctx, pools.clone(), api.clone()));
-    let mut pool = crate::pool(&ns, subnets, sg, ami);
-    pool.spec.max_runners = max as i32;
-    pools.create(&PostParams::default(), &pool).await.unwrap();
-    while (pools.get("bench").await.unwrap().status).is_none_or(|s| s.launch_template.is_none()) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let crate::SmallPool {
+        ground: g,
+        client,
+        ns,
+        fake,
+        jobs: api,
+        controllers,
+    } = crate::small_pool("bench-waiting", max, latency).await;
 
     let before = Requests::read(&client).await;
     let started = Instant::now();
