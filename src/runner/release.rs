@@ -15,6 +15,8 @@ use serde::Deserialize;
 use sha2::Digest as _;
 use tracing::{info, warn};
 
+use crate::domain::pool::hex;
+
 /// GitHub's releases API for actions/runner: the default source.
 pub const GITHUB_RELEASES: &str = "https://api.github.com/repos/actions/runner/releases";
 
@@ -462,10 +464,6 @@ async fn sha256_of_file(path: &Path) -> Option<String> {
     .await
     .ok()
     .flatten()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
