@@ -28,7 +28,7 @@ build: ## Build the pacer binary and the test ground's pacer-testbed (debug)
 generate: build ## Regenerate crds/ (and the chart's), deploy/pacer.yaml, docs/iam-role.json and docs/iam-policy.md from the code
 	$(PACER) crds --dir crds
 	$(PACER) crds --dir charts/pacer/crds
-	$$(hack/build-helm.sh) template pacer charts/pacer --namespace pacer --include-crds --kube-version 1.30.0 \
+	$$(hack/build-helm.sh) template pacer charts/pacer --namespace pacer --include-crds --kube-version 1.31.0 \
 	  -f charts/pacer/ci/minimal-values.yaml > deploy/pacer.yaml
 	$(PACER) iam-policy > docs/iam-role.json
 	$(PACER) reference > docs/reference.md

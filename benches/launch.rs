@@ -165,6 +165,15 @@ async fn small_pool(name: &str, max: usize, latency: Duration) -> SmallPool {
     }
 }
 
+/// When the fake answered the launch call of `job`: its own, or its batch's.
+fn launch_time(fake: &FakeEc2, job: &RunnerJob) -> Option<Instant> {
+    let launch = job.status.as_ref()?.launch.as_ref();
+    match launch.filter(|l| l.batch.is_some()) {
+        Some(batch) => fake.launched_at(&batch.client_token),
+        None => fake.launched_at(job.metadata.uid.as_deref()?),
+    }
+}
+
 struct Run {
     name: &'static str,
     /// Observed by `metrics`, as `pacer run` builds it.
@@ -222,13 +231,20 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     loop {
         latencies.clear();
         match &run.fake {
-            Some(fake) => {
-                for (uid, at) in &created {
-                    if let Some(launched) = fake.launched_at(uid) {
+            // Once the fake has launched as many instances, each job's launch call: its own,
+            // or its batch's (the statuses say which).
+            Some(fake) if fake.launched() >= count => {
+                let list = jobs.list(&Default::default()).await.unwrap();
+                own_lists += 1;
+                for job in &list.items {
+                    let uid = job.metadata.uid.clone().unwrap_or_default();
+                    if let (Some(at), Some(launched)) = (created.get(&uid), launch_time(fake, job))
+                    {
                         latencies.push(launched.saturating_duration_since(*at));
                     }
                 }
             }
+            Some(_) => {}
             None => {
                 let list = jobs.list(&Default::default()).await.unwrap();
                 own_lists += 1;
@@ -319,12 +335,12 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     }
     api_economy(run.name, count, booting, &requests, own_lists, report);
     if stored > count {
-        let more = create_jobs(&creating_jobs, &ns, count..stored).await;
+        create_jobs(&creating_jobs, &ns, count..stored).await;
         // Read memory once the controller is done with them: every job launched and the
         // snapshot refreshed, not in the middle of the burst.
         let deadline = Instant::now() + Duration::from_secs(600);
         while let Some(fake) = &run.fake
-            && more.keys().any(|uid| fake.launched_at(uid).is_none())
+            && fake.launched() < stored
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -8,6 +8,8 @@ DescribeSpotPriceHistory from a table a test sets (moto has one constant spot pr
 RunInstances and CreateFleet ClientTokens as EC2 does (moto ignores them): the same token with the
 same parameters replays the first successful answer (an empty fleet included) and launches
 nothing; the same token with other parameters is refused with IdempotentParameterMismatch (400).
+A RunInstances asking for up to MaxCount instances gets MaxCount, as from EC2 with capacity (moto
+launches MinCount).
 
 Control endpoints, all JSON:
   GET    /_proxy/health            -> {"ok": true}
@@ -15,6 +17,10 @@ Control endpoints, all JSON:
   DELETE /_proxy/calls             forget recorded calls
   POST   /_proxy/faults            add a fault: {"action", "code", "message"?, "status"?, "count"?,
                                    "fleet_error"?: true (CreateFleet answers 200 with Errors[]),
+                                   "capacity"?: N (an instant CreateFleet launches at most N of
+                                   the instances it asks for and answers 200 with an Errors[]
+                                   item, "code", for the rest, as EC2 does short of capacity; a
+                                   RunInstances launches at most N, at least its MinCount),
                                    "delay_answer"?: seconds (the call goes through at once and its
                                    ClientToken is kept, but the answer comes this much later, as
                                    from an overloaded endpoint or a lost connection),
@@ -134,6 +140,12 @@ def xml_error(service, code, message):
 
 
 def fleet_error_body(params, code, message):
+    return ("<CreateFleetResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>%s</requestId>"
+            "<fleetId>fleet-%s</fleetId><errorSet>%s</errorSet><fleetInstanceSet/></CreateFleetResponse>"
+            % (uuid.uuid4(), uuid.uuid4(), fleet_error_items(params, code, message)))
+
+
+def fleet_error_items(params, code, message):
     items = []
     overrides = sorted({v for k, v in params.items() if k.endswith(".InstanceType") and "Overrides" in k})
     for itype in overrides or [""]:
@@ -141,9 +153,7 @@ def fleet_error_body(params, code, message):
                      "</launchTemplateAndOverrides><lifecycle>%s</lifecycle><errorCode>%s</errorCode>"
                      "<errorMessage>%s</errorMessage></item>"
                      % (itype, "spot" if "SpotOptions" in "".join(params) else "on-demand", code, message))
-    return ("<CreateFleetResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>%s</requestId>"
-            "<fleetId>fleet-%s</fleetId><errorSet>%s</errorSet><fleetInstanceSet/></CreateFleetResponse>"
-            % (uuid.uuid4(), uuid.uuid4(), "".join(items)))
+    return "".join(items)
 
 
 def hide_recent_launches(data, lags):
@@ -403,6 +413,16 @@ class Handler(BaseHTTPRequestHandler):
         if fault and fault.get("fleet_error"):
             self.reply(200, fleet_error_body(params, fault["code"], fault["message"]), "text/xml")
             return 200
+        if fault and fault.get("capacity") is not None and action == "CreateFleet":
+            return self.short_fleet(method, params, fault)
+        if action == "RunInstances" and method == "POST" and int(params.get("MaxCount") or 1) > 1:
+            # EC2 launches as many as it can up to MaxCount (at least MinCount); moto launches
+            # MinCount. Asked for MaxCount, or `capacity` of them, moto does what EC2 would.
+            n = int(params["MaxCount"])
+            if fault and fault.get("capacity") is not None:
+                n = max(int(params.get("MinCount") or 1), min(n, int(fault["capacity"])))
+                fault = None
+            raw = urllib.parse.urlencode(dict(params, MinCount=str(n), MaxCount=str(n))).encode()
         if fault:
             if target:
                 self.reply(fault["status"], json.dumps({"__type": fault["code"], "message": fault["message"]}),
@@ -431,6 +451,29 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        return status
+
+    def short_fleet(self, method, params, fault):
+        """An instant CreateFleet EC2 could fill only in part: at most `capacity` instances are
+        launched, and the answer has an Errors[] item for the rest."""
+        key = "TargetCapacitySpecification.TotalTargetCapacity"
+        asked = int(params.get(key) or 1)
+        given = max(1, min(asked, int(fault["capacity"])))
+        body = urllib.parse.urlencode(dict(params, **{key: str(given)})).encode()
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
+        status, resp_headers, data = self.forward(method, self.path, body, headers)
+        if status == 200 and given < asked:
+            items = fleet_error_items(params, fault["code"], fault["message"])
+            text = data.decode()
+            if "<errorSet/>" in text:
+                text = text.replace("<errorSet/>", "<errorSet>%s</errorSet>" % items, 1)
+            elif "<errorSet>" in text:
+                text = text.replace("<errorSet>", "<errorSet>" + items, 1)
+            else:
+                text = text.replace("</CreateFleetResponse>", "<errorSet>%s</errorSet></CreateFleetResponse>" % items, 1)
+            data = text.encode()
+        self.sent = (status, "text/xml", data)
+        self.reply(status, data, "text/xml")
         return status
 
     def late_answer(self, method, raw, token, rest, delay):

@@ -86,6 +86,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     });
     let settings = controller::Settings {
         job_concurrency: config.controller.job_concurrency,
+        launch_batch_window: std::time::Duration::from_millis(
+            config.controller.launch_batch_window_ms,
+        ),
+        launch_batch_max: config.controller.launch_batch_max,
         gc_interval: std::time::Duration::from_secs(config.controller.gc_interval_seconds),
         gc_grace: std::time::Duration::from_secs(config.controller.gc_grace_seconds),
         runner_ca: match &config.runners.ca_file {

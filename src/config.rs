@@ -254,6 +254,13 @@ pub struct ControllerConfig {
     /// the API server still sees at most 32 requests in flight.
     #[serde(default = "default_job_concurrency")]
     pub job_concurrency: u16,
+    /// Milliseconds during which the jobs of one pool that become launchable are gathered
+    /// into one launch call; 0 launches each job by its own call.
+    #[serde(default = "default_launch_batch_window_ms")]
+    pub launch_batch_window_ms: u64,
+    /// Most instances one batched launch asks for (1 to 100).
+    #[serde(default = "default_launch_batch_max")]
+    pub launch_batch_max: u32,
     /// Seconds between garbage collections of unclaimed instances and launch templates.
     #[serde(default = "default_gc_interval_seconds")]
     pub gc_interval_seconds: u64,
@@ -271,6 +278,14 @@ fn default_gc_grace_seconds() -> u64 {
     120
 }
 
+fn default_launch_batch_window_ms() -> u64 {
+    100
+}
+
+fn default_launch_batch_max() -> u32 {
+    50
+}
+
 fn default_job_concurrency() -> u16 {
     512
 }
@@ -285,6 +300,8 @@ impl Default for ControllerConfig {
             id: default_controller_id(),
             namespace: String::new(),
             job_concurrency: default_job_concurrency(),
+            launch_batch_window_ms: default_launch_batch_window_ms(),
+            launch_batch_max: default_launch_batch_max(),
             gc_interval_seconds: default_gc_interval_seconds(),
             gc_grace_seconds: default_gc_grace_seconds(),
         }
@@ -431,6 +448,14 @@ const OVERRIDES: &[Override] = &[
     Override {
         key: "controller.job_concurrency",
         set: |c, v| set_parsed(&mut c.controller.job_concurrency, v),
+    },
+    Override {
+        key: "controller.launch_batch_window_ms",
+        set: |c, v| set_parsed(&mut c.controller.launch_batch_window_ms, v),
+    },
+    Override {
+        key: "controller.launch_batch_max",
+        set: |c, v| set_parsed(&mut c.controller.launch_batch_max, v),
     },
     Override {
         key: "controller.gc_interval_seconds",
@@ -598,6 +623,19 @@ impl Config {
             return Err((
                 "controller.job_concurrency",
                 "expected at least 1 RunnerJob pass at once".into(),
+            ));
+        }
+        let max = crate::domain::launch::MAX_BATCH;
+        if !(1..=max).contains(&self.controller.launch_batch_max) {
+            return Err((
+                "controller.launch_batch_max",
+                format!("expected 1 to {max} instances in one launch call"),
+            ));
+        }
+        if self.controller.launch_batch_window_ms > 10_000 {
+            return Err((
+                "controller.launch_batch_window_ms",
+                "expected at most 10000 ms: a job waits this long for others to launch with".into(),
             ));
         }
         if self.controller.gc_interval_seconds == 0 {

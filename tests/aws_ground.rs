@@ -270,6 +270,7 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
             tags,
             allocation_strategy: None,
             client_token: Some(format!("token-{uid}")),
+            count: 1,
         }
     };
     let by_fleet = ec2.launch(&request(true, "uid-fleet")).await.unwrap();
@@ -374,6 +375,65 @@ async fn ec2_adapter_launches_tagged_instances_finds_them_and_terminates_them() 
         (err.code.as_str(), err.class),
         ("IdempotentParameterMismatch", ErrorClass::InvalidInput)
     );
+
+    // A batch: one call, several instances, all with the request's tags. CreateFleet asks for
+    // a total target capacity, RunInstances for at most that many (at least one).
+    for (fleet, count) in [(true, 3), (false, 2)] {
+        let mut batch = request(fleet, &format!("batch-{fleet}"));
+        batch.count = count;
+        let made = ec2.launch(&batch).await.unwrap();
+        assert_eq!(made.instances.len(), count as usize, "{made:?}");
+        let mut ids: Vec<_> = made.instances.iter().map(|i| i.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), count as usize);
+        let listed = ec2.describe_managed_instances(controller).await.unwrap();
+        for id in &ids {
+            let tags = &listed.iter().find(|i| &i.id == id).unwrap().tags;
+            assert_eq!(
+                tags.get("gha:runner_job_uid"),
+                batch.tags.get("gha:runner_job_uid")
+            );
+        }
+        // Sent again under its token: the same instances, none new.
+        let again = ec2.launch(&batch).await.unwrap();
+        assert_eq!(again.instances.len(), count as usize);
+        assert!(
+            again.instances.iter().all(|i| ids.contains(&i.id)),
+            "{again:?}"
+        );
+    }
+    let capacity = |c: &support::proxy::Call| {
+        c.params["TargetCapacitySpecification.TotalTargetCapacity"].clone()
+    };
+    let fleet = ground.proxy().calls_of("CreateFleet", "batch-true").await;
+    assert_eq!(capacity(&fleet[0]), "3");
+    let run = ground.proxy().calls_of("RunInstances", "batch-false").await;
+    assert_eq!(
+        (
+            run[0].params["MinCount"].clone(),
+            run[0].params["MaxCount"].clone()
+        ),
+        ("1".into(), "2".into())
+    );
+
+    // Short of capacity, an instant fleet launches what it can and says why not the rest.
+    ground
+        .proxy()
+        .add_fault(
+            serde_json::json!({"action": "CreateFleet", "code": "InsufficientInstanceCapacity",
+            "capacity": 2, "match": {"ClientToken": "token-short"}}),
+        )
+        .await;
+    let mut short = request(true, "short");
+    short.count = 4;
+    let part = ec2.launch(&short).await.unwrap();
+    assert_eq!(part.instances.len(), 2, "{part:?}");
+    assert_eq!(
+        part.failures[0].error.class,
+        ErrorClass::InsufficientCapacity
+    );
+    assert_eq!(ec2.launch(&short).await.unwrap(), part, "replayed whole");
 }
 
 // Each proxy fault, driven through the production EC2 adapter: every test below fails when its
@@ -438,6 +498,7 @@ impl Launcher {
             tags,
             allocation_strategy: None,
             client_token: Some(format!("token-{uid}")),
+            count: 1,
         }
     }
 

@@ -153,7 +153,8 @@ impl World {
     }
 
     async fn instances(&self) -> HashMap<String, (usize, Vec<String>)> {
-        instances_by_job(&self.fixtures, &self.id).await
+        let jobs = self.jobs.list(&Default::default()).await.map(|l| l.items);
+        instances_by_job(&self.fixtures, &self.id, &jobs.unwrap_or_default()).await
     }
 
     /// One step of every simulated runner, given what EC2 shows now.

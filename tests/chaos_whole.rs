@@ -332,7 +332,8 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     let (mut kills, mut restarts) = (0, 0);
     let every = Duration::from_secs(if faults.replicas > 1 { 8 } else { 4 });
     loop {
-        let instances = instances_by_job(&w.ec2, &w.id).await;
+        let jobs = w.all_jobs().await.unwrap_or_default();
+        let instances = instances_by_job(&w.ec2, &w.id, &jobs).await;
         let alive: usize = instances.values().map(|(_, live)| live.len()).sum();
         counts.max_alive = counts.max_alive.max(alive);
         counts.over_max_runners += usize::from(alive > MAX_RUNNERS);
@@ -376,8 +377,8 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     // Settle: the last terminations and runner removals land.
     tokio::time::sleep(Duration::from_secs(5)).await;
     counts.jobs = queued.len();
-    let instances = instances_by_job(&w.ec2, &w.id).await;
     let jobs = w.all_jobs().await.unwrap();
+    let instances = instances_by_job(&w.ec2, &w.id, &jobs).await;
     count_endings(&mut counts, &jobs, &instances);
     for job_id in &queued {
         let name = format!("gh-job-{job_id}");

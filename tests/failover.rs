@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use kube::api::{Api, PostParams};
 use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
-use pacer::cloud::Ec2 as _;
 use pacer::cloud::aws::AwsEc2;
 use support::process::{self, Pacer};
-use support::{Ground, Parts, ground};
+use support::{Ground, Parts, ground, invariants};
 
 /// Starts `pacer run` as replica `name` of controller `id`, watching `ns`.
 fn start(ground: &Ground, dir: &Path, name: &str, id: &str, ns: &str) -> Pacer {
@@ -157,19 +156,21 @@ impl Pair {
             .count()
     }
 
-    /// Every job of the burst launched, each exactly once (instances per job uid tag).
+    /// Every job of the burst launched, each exactly once (instances per job: by its uid tag,
+    /// or, for a batch's instance, by the status that names it), and no instance nobody's.
     async fn each_launched_once(&self, ground: &Ground, id: &str, count: usize) {
         wait_for("every job launched", Duration::from_secs(120), || async {
             self.launched().await == count
         })
         .await;
         let ec2 = AwsEc2::new(&ground.aws_config().await);
-        let mut per_job: HashMap<String, usize> = HashMap::new();
-        for instance in ec2.describe_managed_instances(id).await.unwrap() {
-            if let Some(uid) = instance.tags.get("gha:runner_job_uid") {
-                *per_job.entry(uid.clone()).or_default() += 1;
-            }
-        }
+        let jobs = self.jobs.list(&Default::default()).await.unwrap().items;
+        let per_job = invariants::instances_by_job(&ec2, id, &jobs).await;
+        let per_job: HashMap<String, usize> = per_job
+            .into_iter()
+            .map(|(uid, (made, _))| (uid, made))
+            .collect();
+        assert_eq!(per_job.get(""), None, "instances no job names");
         assert_eq!(per_job.len(), count, "one instance per job");
         let twice: Vec<_> = per_job.iter().filter(|(_, n)| **n > 1).collect();
         assert!(twice.is_empty(), "launched twice: {twice:?}");

@@ -865,6 +865,7 @@ async fn launch_unclaimed(w: &World, controller: &str, ns: &str) -> Instance {
         tags,
         allocation_strategy: None,
         client_token: None,
+        count: 1,
     };
     w.fixtures
         .launch(&request)
@@ -1060,7 +1061,7 @@ async fn late_answers_and_a_lagging_listing_fail_no_job_and_each_instance_is_ter
     proxy
         .add_fault(
             json!({"action": "CreateFleet", "code": "-", "delay_answer": 6, "count": -1,
-            "match": {"Key": "gha:runner_job_uid", "Value": ours}}),
+            "match": {"Value": ours}}),
         )
         .await;
     proxy
@@ -1748,4 +1749,153 @@ async fn two_controllers_in_one_account_keep_to_their_own_instances_under_a_burs
         }
     }
     assert!(touched.iter().all(|t| *t >= per_shard), "{touched:?}");
+}
+
+/// Creates queued RunnerJobs `names` at once, with job ids from `from`.
+async fn create_together(w: &World, names: &[String], from: i64) {
+    let creations =
+        (names.iter().enumerate()).map(|(i, name)| w.create_queued_job(name, from + i as i64));
+    futures::future::join_all(creations).await;
+}
+
+/// The instances EC2 made for the jobs of this test's pool, by id, with their tags.
+async fn pool_instances(w: &World) -> Vec<Instance> {
+    let ours = format!("{}/", w.ns);
+    (w.ec2
+        .describe_managed_instances(&w.controller_id)
+        .await
+        .unwrap()
+        .into_iter())
+    .filter(|i| i.tags.get("gha:pool").is_some_and(|p| p.starts_with(&ours)))
+    .collect()
+}
+
+#[tokio::test]
+async fn a_burst_launches_in_batches_and_each_job_takes_its_own_instance() {
+    let w = World::new("batches").await;
+    let _controllers = w.start(w.context_with(|s| {
+        // Wide enough that the jobs created together are launchable within it.
+        s.launch_batch_window = Duration::from_secs(2);
+    }));
+    w.ready_pool(|_| {}).await;
+    let proxy = w.ground.proxy();
+    let ours = format!("{}/", w.ns);
+    let launched = |names: Vec<String>| {
+        let w = &w;
+        async move {
+            w.wait(|| async {
+                let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+                names.iter().all(|n| {
+                    jobs.iter().any(|j| {
+                        j.metadata.name.as_ref() == Some(n)
+                            && j.status.as_ref().is_some_and(|s| s.instance.is_some())
+                    })
+                })
+            })
+            .await;
+        }
+    };
+
+    // First wave: EC2 has room for three of the five instances the batch asks for. The two
+    // members left without one go into the next batch.
+    proxy
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "InsufficientInstanceCapacity",
+            "capacity": 3, "count": 1, "match": {"Value": ours}}),
+        )
+        .await;
+    let first: Vec<String> = (0..5).map(|i| format!("first-{i}")).collect();
+    create_together(&w, &first, 100).await;
+    launched(first.clone()).await;
+    let fleets = |calls: Vec<support::proxy::Call>| -> Vec<(String, String, bool)> {
+        (calls.into_iter())
+            .filter(|c| c.params.get("DryRun").is_none())
+            .map(|c| {
+                let capacity = c.params["TargetCapacitySpecification.TotalTargetCapacity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let token = c.params["ClientToken"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (capacity, token, c.replayed)
+            })
+            .collect()
+    };
+    let calls = fleets(proxy.calls_of("CreateFleet", &ours).await);
+    assert_eq!(calls[0].0, "5", "one call for the five: {calls:?}");
+    let sent: Vec<_> = calls.iter().filter(|c| !c.2).collect();
+    assert!(
+        sent.len() <= 3,
+        "the two left over go out together or alone: {calls:?}"
+    );
+    assert_eq!(
+        sent.iter()
+            .map(|c| c.0.parse::<usize>().unwrap())
+            .sum::<usize>(),
+        7,
+        "five, then the two EC2 had no room for: {calls:?}"
+    );
+
+    // Second wave: the batch's answer is lost on the way back. Its members send it again
+    // under its token, and EC2 answers with the instances it made.
+    let before = proxy.calls_of("CreateFleet", &ours).await.len();
+    proxy
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "-", "lose_answer": true,
+            "count": 1, "match": {"Value": ours}}),
+        )
+        .await;
+    let second: Vec<String> = (0..4).map(|i| format!("second-{i}")).collect();
+    create_together(&w, &second, 200).await;
+    launched(second.clone()).await;
+    let calls = fleets(proxy.calls_of("CreateFleet", &ours).await.split_off(before));
+    assert!(
+        calls.iter().any(|c| c.2),
+        "the lost answer was replayed: {calls:?}"
+    );
+    assert!(
+        calls.iter().all(|c| c.1 == calls[0].1 && c.0 == "4"),
+        "{calls:?}"
+    );
+
+    // Nine jobs, nine instances, each job its own; the instances carry the pool's tags and
+    // their batch's token, and no job's.
+    let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+    let mut named: Vec<String> = (jobs.iter())
+        .map(|j| {
+            j.status
+                .as_ref()
+                .unwrap()
+                .instance
+                .as_ref()
+                .unwrap()
+                .id
+                .clone()
+        })
+        .collect();
+    named.sort();
+    named.dedup();
+    assert_eq!(named.len(), 9, "{jobs:?}");
+    let made = pool_instances(&w).await;
+    assert_eq!(made.len(), 9, "nothing launched twice: {made:?}");
+    for i in &made {
+        assert!(named.contains(&i.id), "{i:?} is nobody's");
+        assert!(i.tags.contains_key("gha:batch") && !i.tags.contains_key("gha:runner_job_uid"));
+    }
+    for job in &jobs {
+        let launch = job.status.as_ref().unwrap().launch.as_ref().unwrap();
+        assert!(launch.batch.is_some(), "{launch:?}");
+    }
+
+    // Every job ends, and its instance with it.
+    for name in first.iter().chain(&second) {
+        w.report(name, "success").await;
+    }
+    for name in first.iter().chain(&second) {
+        w.wait_phase(name, JobPhase::Succeeded).await;
+    }
+    w.wait(|| async { pool_instances(&w).await.iter().all(|i| !i.is_alive()) })
+        .await;
 }

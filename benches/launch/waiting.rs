@@ -58,16 +58,10 @@ pub async fn run(waiting: usize, max: usize, window: Duration, latency: Duration
     let before = Requests::read(&client).await;
     let started = Instant::now();
     let creator = kube::Client::try_from(g.kube_config().await).unwrap();
-    let created = crate::create_jobs(&Api::namespaced(creator, &ns), &ns, 0..max + waiting).await;
+    crate::create_jobs(&Api::namespaced(creator, &ns), &ns, 0..max + waiting).await;
     // Settled: the pool's slots launched, then no write for 10 s (readings 2 s apart).
     let cap = Instant::now() + Duration::from_secs(300);
-    while created
-        .keys()
-        .filter(|uid| fake.launched_at(uid).is_some())
-        .count()
-        < max
-        && Instant::now() < cap
-    {
+    while fake.launched() < max && Instant::now() < cap {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (mut last, mut quiet) = (Figures::writes(&Requests::read(&client).await), 0);

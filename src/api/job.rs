@@ -33,6 +33,8 @@ impl RunnerJob {
     category = "pacer",
     namespaced,
     status = "RunnerJobStatus",
+    selectable = ".status.instance.id",
+    selectable = ".status.launch.clientToken",
     printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.poolName"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Repository","type":"string","jsonPath":".spec.repository"}"#,
@@ -242,6 +244,23 @@ pub struct LaunchIntent {
     pub offerings: Vec<LaunchOffering>,
     /// The tags the request puts on the instance and its volumes.
     pub tags: std::collections::BTreeMap<String, String>,
+    /// Set when the launch is one batch for several jobs of the pool: how many instances it
+    /// asks for, and which of them (in EC2's answer sorted by instance id) is this job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<LaunchBatch>,
+}
+
+/// A job's place in a batched launch.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchBatch {
+    /// Instances the batch asks for: one per member job.
+    #[schemars(range(min = 2, max = 100))]
+    pub size: u32,
+    /// This job's member number, from 0: the instance at this place among the batch's
+    /// instances sorted by id is this job's.
+    #[schemars(range(max = 99))]
+    pub member: u32,
 }
 
 /// An instance type in a subnet.

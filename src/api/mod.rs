@@ -8,8 +8,8 @@ mod schema;
 
 pub use job::{
     AssignedJob, BootStatus, Completion, CostSnapshot, FINALIZER as JOB_FINALIZER, InstanceStatus,
-    Interruption, JobPhase, JobResult, LastError, LaunchIntent, LaunchOffering, PhaseTimes,
-    PreviousAttempt, RunnerJob, RunnerJobSpec, RunnerJobStatus, RunnerStatus,
+    Interruption, JobPhase, JobResult, LastError, LaunchBatch, LaunchIntent, LaunchOffering,
+    PhaseTimes, PreviousAttempt, RunnerJob, RunnerJobSpec, RunnerJobStatus, RunnerStatus,
 };
 pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,

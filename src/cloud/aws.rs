@@ -824,7 +824,8 @@ impl Ec2 for AwsEc2 {
 }
 
 impl AwsEc2 {
-    /// CreateFleet (instant, one instance) over the request's offerings, tagged in the request.
+    /// CreateFleet (instant, `count` instances) over the request's offerings, tagged in the
+    /// request.
     fn fleet(
         &self,
         request: &LaunchRequest,
@@ -876,7 +877,7 @@ impl AwsEc2 {
             )
             .target_capacity_specification(
                 ec2::TargetCapacitySpecificationRequest::builder()
-                    .total_target_capacity(1)
+                    .total_target_capacity(request.count.max(1) as i32)
                     .default_target_capacity_type(market)
                     .build(),
             )
@@ -885,7 +886,8 @@ impl AwsEc2 {
             .tag_specifications(tag_spec(ec2::ResourceType::Fleet, &request.tags))
     }
 
-    /// RunInstances of one instance in the request's first offering, tagged in the request.
+    /// RunInstances of up to `count` instances (at least one, or none) in the request's first
+    /// offering, tagged in the request.
     fn run(
         &self,
         request: &LaunchRequest,
@@ -895,7 +897,7 @@ impl AwsEc2 {
             .ec2
             .run_instances()
             .min_count(1)
-            .max_count(1)
+            .max_count(request.count.max(1) as i32)
             .set_client_token(request.client_token.clone())
             .launch_template(
                 ec2::LaunchTemplateSpecification::builder()

@@ -64,7 +64,8 @@ pub struct FakeEc2 {
     state: Mutex<State>,
     /// How long every call takes, like a round trip to EC2.
     latency: std::time::Duration,
-    /// When the launch call of each instance returns, by the RunnerJob uid in its tags.
+    /// When the launch call of each instance returns, by the RunnerJob uid in its tags (by the
+    /// batch's token for a batch's instances).
     launched_at: Mutex<HashMap<String, std::time::Instant>>,
     observer: Observer,
 }
@@ -138,10 +139,15 @@ impl FakeEc2 {
         self
     }
 
-    /// When the launch call of the RunnerJob with this uid returned (or will, while its
-    /// latency runs), if there was one.
-    pub fn launched_at(&self, uid: &str) -> Option<std::time::Instant> {
-        self.launched_at.lock().unwrap().get(uid).copied()
+    /// When the launch call of the RunnerJob with this uid (or of the batch with this token)
+    /// returned (or will, while its latency runs), if there was one.
+    pub fn launched_at(&self, uid_or_token: &str) -> Option<std::time::Instant> {
+        self.launched_at.lock().unwrap().get(uid_or_token).copied()
+    }
+
+    /// How many instances it has launched.
+    pub fn launched(&self) -> usize {
+        self.state.lock().unwrap().instances.len()
     }
 
     /// Makes the next `times` calls of `action` fail with `code`.
@@ -556,31 +562,38 @@ impl Ec2 for FakeEc2 {
                     });
                     continue;
                 }
-                s.next_id += 1;
+                // As many as asked, all of this offering: the fake has capacity or none.
                 let zone = s
                     .subnets
                     .iter()
                     .find(|x| &x.id == subnet)
                     .map(|x| x.zone.clone())
                     .unwrap_or_else(|| "us-east-1a".into());
-                let instance = Instance {
-                    id: format!("i-{:017x}", s.next_id),
-                    instance_type: instance_type.clone(),
-                    zone,
-                    spot: request.spot,
-                    state: "pending".into(),
-                    state_reason: None,
-                    launch_time: None,
-                    tags: request.tags.clone(),
-                };
-                if let Some(uid) = instance.tags.get("gha:runner_job_uid") {
+                let returns = std::time::Instant::now() + self.latency;
+                for _ in 0..request.count.max(1) {
+                    s.next_id += 1;
+                    let instance = Instance {
+                        id: format!("i-{:017x}", s.next_id),
+                        instance_type: instance_type.clone(),
+                        zone: zone.clone(),
+                        spot: request.spot,
+                        state: "pending".into(),
+                        state_reason: None,
+                        launch_time: None,
+                        tags: request.tags.clone(),
+                    };
+                    s.instances.push(instance.clone());
+                    outcome.instances.push(instance);
+                }
+                // By the job's uid, or by the batch's token for a batch of jobs.
+                let key = (request.tags.get(crate::domain::launch::RUNNER_JOB_UID))
+                    .or(request.tags.get(crate::domain::launch::BATCH));
+                if let Some(key) = key {
                     self.launched_at
                         .lock()
                         .unwrap()
-                        .insert(uid.clone(), std::time::Instant::now() + self.latency);
+                        .insert(key.clone(), returns);
                 }
-                s.instances.push(instance.clone());
-                outcome.instances.push(instance);
                 break;
             }
             if let Some(token) = &request.client_token {
@@ -680,7 +693,7 @@ fn listed(i: &Instance) -> Instance {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use futures::TryStreamExt as _;
 
@@ -699,7 +712,7 @@ mod tests {
 
     /// A fake with one subnet and a launch template, and a fleet request for two types
     /// tagged as controller `controller`'s.
-    async fn fleet_of(controller: &str) -> (FakeEc2, LaunchRequest) {
+    pub(crate) async fn fleet_of(controller: &str) -> (FakeEc2, LaunchRequest) {
         let ec2 = FakeEc2::new().with_subnet("subnet-1", "vpc-1", "us-east-1b");
         let ours = BTreeMap::from([
             (
@@ -725,6 +738,7 @@ mod tests {
             tags: ours,
             allocation_strategy: None,
             client_token: None,
+            count: 1,
         };
         (ec2, request)
     }

@@ -231,6 +231,9 @@ pub struct LaunchRequest {
     pub allocation_strategy: Option<String>,
     /// EC2's idempotency token; the same token is the same launch.
     pub client_token: Option<String>,
+    /// Instances asked for: 1 for one job, more for a batch of one pool's jobs (CreateFleet's
+    /// total target capacity; RunInstances' MaxCount, with MinCount 1).
+    pub count: u32,
 }
 
 impl LaunchRequest {
@@ -251,6 +254,10 @@ impl LaunchRequest {
         }
         for (key, value) in &self.tags {
             out.push_str(&format!("tag={key}={value}\n"));
+        }
+        // A single launch's parameters, and so its token, are as they were before batches.
+        if self.count > 1 {
+            out.push_str(&format!("count={}\n", self.count));
         }
         out
     }

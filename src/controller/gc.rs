@@ -16,8 +16,8 @@ use super::{Context, Result};
 use crate::api::{RunnerJob, RunnerPool};
 use crate::cloud::tags::{CONTROLLER, MANAGED_BY, POOL};
 use crate::cloud::{ErrorClass, Instance};
-use crate::domain::gc::{Owner, may_be_orphan, orphan_templates, orphans};
-use crate::domain::launch::RUNNER_JOB_UID;
+use crate::domain::gc::{BatchClaims, Owner, may_be_orphan, orphan_templates, orphans};
+use crate::domain::launch::{BATCH, RUNNER_JOB_UID};
 
 /// The part of the cluster the collector compares EC2 with.
 #[derive(Clone)]
@@ -86,7 +86,7 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
                 .filter(|i| may_be_orphan(i, owner, now, grace));
             kept.extend(candidates.map(|mut i| {
                 i.tags.retain(|k, _| {
-                    [MANAGED_BY, CONTROLLER, POOL, RUNNER_JOB_UID].contains(&k.as_str())
+                    [MANAGED_BY, CONTROLLER, POOL, RUNNER_JOB_UID, BATCH].contains(&k.as_str())
                 });
                 i
             }));
@@ -95,23 +95,26 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
         .await?;
     // A finished job claims no instance (its own pass terminates one it still holds; this
     // backs that up). Finished is final, so the watch cache is trusted for it.
-    let finished: HashSet<String> = ctx
+    let cached = ctx
         .jobs
         .store()
-        .map(|store| {
-            store
-                .state()
-                .iter()
-                .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
-                .filter_map(|j| j.metadata.uid.clone())
-                .collect()
-        })
+        .map(|store| store.state())
         .unwrap_or_default();
+    let finished: HashSet<String> = (cached.iter())
+        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
+        .filter_map(|j| j.metadata.uid.clone())
+        .collect();
+    // A batch's instances are claimed through their jobs' statuses: a member records the
+    // batch before the call and its instance after the answer, and the instances are older
+    // than the grace period, so the watch cache has long seen both.
+    let batches = (ctx.jobs.store().is_some())
+        .then(|| BatchClaims::of(cached.iter().filter_map(|j| j.status.as_ref())));
+    drop(cached);
     let live = list_metadata(&scope.jobs, |job| {
         job.uid.filter(|uid| !finished.contains(uid))
     })
     .await?;
-    let doomed: Vec<String> = orphans(&instances, owner, &live, now, grace)
+    let doomed: Vec<String> = orphans(&instances, owner, &live, batches.as_ref(), now, grace)
         .into_iter()
         .map(|i| i.id.clone())
         .collect();

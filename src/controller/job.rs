@@ -41,6 +41,9 @@ pub type InstancesByJob = Arc<HashMap<String, Instance>>;
 #[derive(Clone)]
 pub struct Snapshot {
     pub instances: InstancesByJob,
+    /// Instances of batched launches, by instance id, with their batch's token as their only
+    /// tag: their tags name no job, the statuses of their jobs name them.
+    pub batched: Arc<HashMap<String, Instance>>,
     pub taken: Timestamp,
 }
 
@@ -60,6 +63,8 @@ pub struct Shared {
     slots: Mutex<HashMap<String, HashMap<String, String>>>,
     /// Launches and terminations this process made that EC2's listings may not show yet.
     pub(super) ledger: super::ledger::Ledger,
+    /// Jobs gathering for a batched launch, and batched launch calls in flight.
+    batches: super::batch::Batches,
     /// Prices by kind, instance type (and zone), with when they expire.
     /// One slot per price, each with its own lock: a burst of launches of one type makes one
     /// Pricing call, and a slow look-up of one price holds up no other.
@@ -263,10 +268,16 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<Snapshot> {
     // Anything launched before this moment shows in the listing, once EC2 has caught up.
     let taken = Timestamp::now();
     let ec2 = ctx.ec2();
+    let mut batched = HashMap::new();
     let mut pages = ec2.managed_instance_pages(&ctx.settings.controller_id);
     while let Some(page) = pages.try_next().await? {
         for mut instance in page {
             let Some(uid) = instance.tags.remove(launch::RUNNER_JOB_UID) else {
+                // Only the batch's token is kept of its tags.
+                instance.tags.retain(|k, _| k == launch::BATCH);
+                if !instance.tags.is_empty() {
+                    batched.insert(instance.id.clone(), instance);
+                }
                 continue;
             };
             instance.tags = Default::default();
@@ -278,6 +289,7 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<Snapshot> {
     }
     let snapshot = Snapshot {
         instances: Arc::new(by_uid),
+        batched: Arc::new(batched),
         taken,
     };
     *ctx.jobs.snapshot.lock().unwrap() = Some((Instant::now(), snapshot.clone()));
@@ -311,19 +323,19 @@ fn instance_state(
 ) -> InstanceState {
     // Instances of earlier attempts are history, not this attempt's instance.
     let earlier = |id: &str| status.previous_attempts.iter().any(|a| a.instance == id);
-    let listed = snapshot
-        .instances
-        .get(uid)
+    let known = launched
+        .map(|(id, _)| id.as_str())
+        .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()))
+        .filter(|id| !earlier(id));
+    // A batch's instance by the id the status knows; a job's own by its tags.
+    let by_id = known.and_then(|id| snapshot.batched.get(id));
+    let listed = (by_id.or_else(|| snapshot.instances.get(uid)))
         .filter(|i| !earlier(&i.id))
         .map(|i| Listed {
             id: &i.id,
             alive: i.is_alive(),
             reason: i.state_reason.as_deref().unwrap_or(&i.state),
         });
-    let known = launched
-        .map(|(id, _)| id.as_str())
-        .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()))
-        .filter(|id| !earlier(id));
     // The launch's answer came no later than this; the Launching time is set when it does.
     let answered = launched
         .map(|(_, at)| *at)
@@ -784,15 +796,24 @@ async fn execute(
     Ok(Next::Look(action))
 }
 
-/// Terminates the job's instance: only an id EC2 listed under this job's tag, or our own
-/// launch returned. The status is writable by others and must not steer a termination.
+/// Terminates the job's instance: only an id EC2 listed under this job's tag, one our own
+/// launch returned, or the instance of the job's batch its status names, listed with the
+/// batch's token it recorded. The status is writable by others and must not steer a
+/// termination to another job's instance.
 async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
+    // The job's by its tags, by this process's launch, or as the instance of the job's batch
+    // that its status names.
+    let token = seen.status.launch.as_ref().map(|l| l.client_token.as_str());
+    let named = seen.status.instance.as_ref().map(|i| i.id.as_str());
     let verified = |id: &String| {
         seen.snapshot
             .instances
             .get(&seen.uid)
             .is_some_and(|i| &i.id == id)
             || seen.launched.as_ref().is_some_and(|(mine, _)| mine == id)
+            || (named == Some(id.as_str())
+                && (seen.snapshot.batched.get(id))
+                    .is_some_and(|i| i.tags.get(launch::BATCH).map(String::as_str) == token))
     };
     if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &seen.facts.instance
         && verified(id)
@@ -1134,12 +1155,15 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
         let why = format!("RunnerPool {} has no launch template yet", pool.name_any());
         return Ok(LaunchAnswer::PoolNotReady(why));
     };
-    let tags = job_tags(job, &pool, ctx);
-    let recorded = seen
-        .status
-        .launch
-        .as_ref()
-        .map(|intent| launch::replay(intent, &pool.spec, &template, &tags));
+    let recorded = seen.status.launch.as_ref().map(|intent| {
+        // A batch's instances carry the pool's tags and the batch's token, a job's its own.
+        let tags = match intent.batch {
+            Some(_) => launch::batch_tags(&pool_tags(job, &pool, ctx), &intent.client_token),
+            None => job_tags(job, &pool, ctx),
+        };
+        let max_batch = ctx.settings.launch_batch_max;
+        launch::replay(intent, &pool.spec, &template, &tags, max_batch)
+    });
     let request = match recorded {
         Some(Ok(request)) => request,
         // A launch that may have made an instance EC2 does not list yet is not replaced.
@@ -1156,30 +1180,88 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
                 // The new launch's visibility window starts now.
                 seen.status.phase_times.launching = None;
             }
-            let Some(request) = plan(job, ctx, &pool, &template, tags, &seen.status).await? else {
-                let why = "no offering of the pool has capacity now".to_string();
-                return Ok(LaunchAnswer::NoCapacity { left: false, why });
-            };
-            // The record comes first: whatever happens next, a later pass sends this again.
-            seen.status.launch = Some(launch::intent(&request));
-            enter(&mut seen.status, JobPhase::Launching, seen.now);
-            seen.write(job, ctx, &[]).await?;
-            request
+            match new_launch(job, ctx, seen, &pool, &template).await? {
+                Ok(request) => request,
+                Err(answer) => return Ok(answer),
+            }
         }
     };
     send(job, ctx, seen, &pool, &request).await
 }
 
-/// The tags of the job's instance: the pool's and the job's.
-fn job_tags(job: &RunnerJob, pool: &RunnerPool, ctx: &Context) -> BTreeMap<String, String> {
+/// A new launch for the job, recorded in its status before it goes out: the job's own, or a
+/// batch's with the jobs of its pool that became launchable within the batch window. A batch
+/// is sent once every member has recorded it (or failed to: the instance of a member that did
+/// not record it is nobody's, and the garbage collector's).
+async fn new_launch(
+    job: &RunnerJob,
+    ctx: &Context,
+    seen: &mut Seen,
+    pool: &RunnerPool,
+    template: &crate::api::LaunchTemplateRef,
+) -> Result<std::result::Result<LaunchRequest, LaunchAnswer>> {
+    let settings = &ctx.settings;
+    let (window, max) = (settings.launch_batch_window, settings.launch_batch_max);
+    let batches = &ctx.jobs.batches;
+    let (attempt, round) = (seen.status.attempt(), seen.status.attempts + 1);
+    let member = format!("{}/{attempt}/{round}", seen.uid);
+    // A batch that went out without this job's record: its place in it, taken again.
+    let kept = batches.kept(&member);
+    let mut joined = None;
+    if kept.is_none() && !window.is_zero() && max > 1 {
+        let pool = pool_key(job);
+        joined = Some(
+            batches
+                .join(&pool, member.clone(), window, max as usize)
+                .await,
+        );
+    }
+    let planned = match (kept, joined.as_ref().filter(|j| j.members.len() > 1)) {
+        (Some((request, place)), _) => Some((launch::batch_intent(&request, place), request)),
+        (None, None) => plan(job, ctx, pool, template, &seen.status)
+            .await?
+            .map(|request| (launch::intent(&request), request)),
+        (None, Some(j)) => j
+            .plan(plan_batch(ctx, job, pool, template, &j.members))
+            .await?
+            .map(|request| (launch::batch_intent(&request, j.member), request)),
+    };
+    let Some((intent, request)) = planned else {
+        let why = "no offering of the pool has capacity now".to_string();
+        return Ok(Err(LaunchAnswer::NoCapacity { left: false, why }));
+    };
+    // The record comes first: whatever happens next, a later pass sends this again.
+    seen.status.launch = Some(intent);
+    enter(&mut seen.status, JobPhase::Launching, seen.now);
+    let written = seen.write(job, ctx, &[]).await;
+    if let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) {
+        j.recorded();
+        match &written {
+            Ok(()) => j.all_recorded().await,
+            // Sent without this record when the others have theirs: kept for the next pass.
+            Err(_) => batches.keep(&member, &request, j.member),
+        }
+    }
+    written?;
+    Ok(Ok(request))
+}
+
+/// The tags of every instance of the pool: the user's and Pacer's.
+fn pool_tags(job: &RunnerJob, pool: &RunnerPool, ctx: &Context) -> BTreeMap<String, String> {
     let ns = job.namespace().unwrap_or_default();
     let pool_identity = PoolIdentity {
         controller_id: &ctx.settings.controller_id,
         namespace: &ns,
         name: &pool.name_any(),
     };
+    pool_identity.instance_tags(&pool.spec)
+}
+
+/// The tags of the job's instance: the pool's and the job's.
+fn job_tags(job: &RunnerJob, pool: &RunnerPool, ctx: &Context) -> BTreeMap<String, String> {
+    let ns = job.namespace().unwrap_or_default();
     launch::instance_tags(
-        &pool_identity.instance_tags(&pool.spec),
+        &pool_tags(job, pool, ctx),
         &JobIdentity {
             namespace: &ns,
             name: &job.name_any(),
@@ -1190,15 +1272,60 @@ fn job_tags(job: &RunnerJob, pool: &RunnerPool, ctx: &Context) -> BTreeMap<Strin
     )
 }
 
-/// A new launch: the offerings EC2 has not recently refused (the cheapest zone first for a
-/// single-offering spot launch), in the first one's market, under a token of its own.
+/// A new launch for the job alone, under a token of its job and attempt.
 async fn plan(
     job: &RunnerJob,
     ctx: &Context,
     pool: &RunnerPool,
     template: &crate::api::LaunchTemplateRef,
-    tags: BTreeMap<String, String>,
     status: &RunnerJobStatus,
+) -> Result<Option<LaunchRequest>> {
+    let tags = job_tags(job, pool, ctx);
+    let Some(mut request) = offer(ctx, pool, template, tags).await? else {
+        return Ok(None);
+    };
+    let uid = job.uid().unwrap_or_default();
+    let params = request.parameters();
+    request.client_token = Some(launch::client_token(
+        &uid,
+        status.attempt(),
+        status.attempts + 1,
+        &params,
+    ));
+    Ok(Some(request))
+}
+
+/// A new launch of one instance per member of a batch, tagged with the pool's tags and the
+/// batch's token.
+async fn plan_batch(
+    ctx: &Context,
+    job: &RunnerJob,
+    pool: &RunnerPool,
+    template: &crate::api::LaunchTemplateRef,
+    members: &[String],
+) -> Result<Option<LaunchRequest>> {
+    let tags = pool_tags(job, pool, ctx);
+    let Some(mut request) = offer(ctx, pool, template, tags.clone()).await? else {
+        return Ok(None);
+    };
+    request.count = members.len() as u32;
+    let mut nonce = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut nonce).is_err() {
+        nonce = Timestamp::now().as_nanosecond().to_le_bytes();
+    }
+    let token = launch::batch_token(members, &request.parameters(), &nonce);
+    request.tags = launch::batch_tags(&tags, &token);
+    request.client_token = Some(token);
+    Ok(Some(request))
+}
+
+/// One instance of the offerings EC2 has not recently refused (the cheapest zone first for a
+/// single-offering spot launch), in the first one's market, without a token yet.
+async fn offer(
+    ctx: &Context,
+    pool: &RunnerPool,
+    template: &crate::api::LaunchTemplateRef,
+    tags: BTreeMap<String, String>,
 ) -> Result<Option<LaunchRequest>> {
     let zones = zones(ctx, &pool.spec.subnets).await?;
     let fleet = pool.spec.spawn_method == crate::api::SpawnMethod::Fleet;
@@ -1213,7 +1340,7 @@ async fn plan(
     let Some(market) = offerings.first().map(|o| o.market) else {
         return Ok(None);
     };
-    let mut request = LaunchRequest {
+    Ok(Some(LaunchRequest {
         launch_template_id: template.id.clone(),
         version: template.version,
         offerings: (offerings.iter())
@@ -1227,16 +1354,8 @@ async fn plan(
         allocation_strategy: fleet
             .then(|| launch::allocation_strategy(&pool.spec.capacity, market).to_string()),
         client_token: None,
-    };
-    let uid = job.uid().unwrap_or_default();
-    let params = request.parameters();
-    request.client_token = Some(launch::client_token(
-        &uid,
-        status.attempt(),
-        status.attempts + 1,
-        &params,
-    ));
-    Ok(Some(request))
+        count: 1,
+    }))
 }
 
 /// Sends the launch and reads EC2's answer: capacity refusals are remembered, an instance is
@@ -1256,7 +1375,10 @@ async fn send(
         .queue_duration
         .get_or_create(&pool_label(job))
         .observe(waited.as_secs_f64());
-    let answer = ctx.ec2().launch(request).await;
+    let answer = match request.count {
+        0 | 1 => ctx.ec2().launch(request).await,
+        _ => ctx.jobs.batches.send(ctx.ec2(), request).await,
+    };
     let zones = zones(ctx, &pool.spec.subnets).await?;
     let outcome = match answer {
         Ok(outcome) => outcome,
@@ -1272,15 +1394,33 @@ async fn send(
         mark_offerings(ctx, request, &zones, offering, &failure.error.to_string());
         marked = true;
     }
-    let Some(mut instance) = outcome.instances.into_iter().next() else {
+    let member = seen
+        .status
+        .launch
+        .as_ref()
+        .and_then(|l| l.batch)
+        .map(|b| b.member);
+    let mine = match member {
+        None => outcome.instances.first(),
+        Some(member) => launch::member_instance(&outcome.instances, member),
+    };
+    let Some(mut instance) = mine.cloned() else {
         ledger.launch_refused(&uid, request.client_token.as_deref().unwrap_or_default());
-        let why = match outcome.failures.first() {
-            Some(f) => format!("EC2 launched nothing: {}", f.error),
-            None => "EC2 launched nothing for the offerings asked".to_string(),
+        let why = match (outcome.failures.first(), member) {
+            (_, Some(member)) if !outcome.instances.is_empty() => format!(
+                "EC2 launched {} of the batch's {} instances, none for member {member}",
+                outcome.instances.len(),
+                request.count
+            ),
+            (Some(f), _) => format!("EC2 launched nothing: {}", f.error),
+            (None, _) => "EC2 launched nothing for the offerings asked".to_string(),
         };
-        // Only a refusal that marked offerings leaves others to try at once; anything else
-        // is a round, and the next one waits its backoff.
-        let left = marked && offerings_left(ctx, pool, &zones);
+        // Only a refusal that marked offerings leaves others to try at once, or a batch EC2
+        // filled in part (RunInstances launches what it can up to its MaxCount, and says
+        // nothing of the rest): its members left over go into the next batch. Anything else is
+        // a round, and the next one waits its backoff.
+        let part = member.is_some() && !outcome.instances.is_empty();
+        let left = (marked && offerings_left(ctx, pool, &zones)) || part;
         return Ok(LaunchAnswer::NoCapacity { left, why });
     };
     if instance.zone.is_empty() {

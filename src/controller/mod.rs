@@ -1,6 +1,7 @@
 //! Reconcilers and what they share: the context, the error type and its retry policy, status
 //! conditions and Events.
 
+mod batch;
 pub mod conditions;
 pub mod demand;
 pub mod gc;
@@ -162,6 +163,10 @@ pub struct Settings {
     /// also bounds the connections (and their buffers) to the API server; a burst beyond it
     /// queues.
     pub job_concurrency: u16,
+    /// Jobs of one pool that become launchable within this window are launched by one call
+    /// (zero: each by its own), at most `launch_batch_max` at once.
+    pub launch_batch_window: Duration,
+    pub launch_batch_max: u32,
     /// Which owners and repositories each namespace's pools may serve (`tenants`).
     pub tenancy: crate::domain::tenancy::Tenancy,
 }
@@ -180,6 +185,8 @@ impl Settings {
             gc_grace: Duration::from_secs(120),
             max_launch_attempts: crate::domain::launch::MAX_ATTEMPTS,
             job_concurrency: 512,
+            launch_batch_window: Duration::from_millis(100),
+            launch_batch_max: 50,
             tenancy: Default::default(),
         }
     }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::cloud::{Instance, LaunchTemplate, tags};
-use crate::domain::launch::RUNNER_JOB_UID;
+use crate::domain::launch::{BATCH, RUNNER_JOB_UID};
 
 /// Who is asking: a controller id, confined to one namespace or serving all (`None`). Two
 /// controllers sharing an id in different namespaces must leave each other's resources alone.
@@ -39,21 +39,62 @@ pub fn claims_runner(job: &crate::api::RunnerJob, attempt: u32) -> bool {
     job.metadata.deletion_timestamp.is_none() && !finished && current == attempt
 }
 
-/// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims.
+/// What live RunnerJobs claim of batched launches, whose instances name no job: the instances
+/// their statuses name, and the batches (by token) a member still waits to hear from.
+#[derive(Debug, Default)]
+pub struct BatchClaims {
+    pub instances: HashSet<String>,
+    pub tokens: HashSet<String>,
+}
+
+impl BatchClaims {
+    /// The claims of RunnerJobs with these statuses: those not finished.
+    pub fn of<'a>(statuses: impl IntoIterator<Item = &'a crate::api::RunnerJobStatus>) -> Self {
+        let mut claims = Self::default();
+        for status in statuses.into_iter().filter(|s| !s.phase.is_finished()) {
+            match (&status.instance, &status.launch) {
+                (Some(instance), _) => {
+                    claims.instances.insert(instance.id.clone());
+                }
+                (None, Some(launch)) if launch.batch.is_some() => {
+                    claims.tokens.insert(launch.client_token.clone());
+                }
+                _ => {}
+            }
+        }
+        claims
+    }
+
+    fn claim(&self, i: &Instance, token: &str) -> bool {
+        self.instances.contains(&i.id) || self.tokens.contains(token)
+    }
+}
+
+/// How old a batch's instance must be, at least, before it may be collected: the claims on it
+/// are read from the watch cache, which may lag behind the statuses a little.
+pub const BATCH_GRACE: Duration = Duration::from_secs(60);
+
+/// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims: by
+/// the job's uid in the instance's tags, or, for a batch's instance at least [`BATCH_GRACE`]
+/// old, by `batches` (none is collected without them).
 pub fn orphans<'a>(
     instances: &'a [Instance],
     owner: Owner<'_>,
     live_jobs: &HashSet<String>,
+    batches: Option<&BatchClaims>,
     now: i64,
     grace: Duration,
 ) -> Vec<&'a Instance> {
     instances
         .iter()
         .filter(|i| may_be_orphan(i, owner, now, grace))
-        .filter(|i| {
-            i.tags
-                .get(RUNNER_JOB_UID)
-                .is_none_or(|uid| !live_jobs.contains(uid))
+        .filter(|i| match (i.tags.get(RUNNER_JOB_UID), i.tags.get(BATCH)) {
+            (Some(uid), _) => !live_jobs.contains(uid),
+            (None, Some(token)) => {
+                may_be_orphan(i, owner, now, BATCH_GRACE)
+                    && batches.is_some_and(|claims| !claims.claim(i, token))
+            }
+            (None, None) => true,
         })
         .collect()
 }
@@ -194,15 +235,82 @@ mod tests {
                 controller_id: "prod",
                 namespace,
             };
-            orphans(&instances, owner, &live, now, Duration::from_secs(120))
-                .iter()
-                .map(|i| i.id.as_str())
-                .collect()
+            let claims = BatchClaims::default();
+            orphans(
+                &instances,
+                owner,
+                &live,
+                Some(&claims),
+                now,
+                Duration::from_secs(120),
+            )
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect()
         };
         assert_eq!(ids(None), ["i-orphan", "i-stopped", "i-web"]);
         // A controller confined to one namespace leaves the others' instances alone, even
         // under the same controller id: it cannot see their RunnerJobs.
         assert_eq!(ids(Some("ci")), ["i-orphan", "i-stopped"]);
+    }
+
+    #[test]
+    fn a_batchs_instance_is_claimed_by_the_job_that_names_it_or_by_a_member_still_waiting() {
+        use crate::api::{InstanceStatus, JobPhase, LaunchBatch, LaunchIntent, RunnerJobStatus};
+        let now = 10_000;
+        let batch_instance = |id: &str, token: &str| {
+            let mut i = instance(id, Some("prod"), None, "running", now - 300);
+            i.tags.insert(BATCH.into(), token.into());
+            i
+        };
+        let instances = [
+            batch_instance("i-named", "pacer-b1"),
+            batch_instance("i-waited-for", "pacer-b2"),
+            batch_instance("i-extra", "pacer-b1"),
+            batch_instance("i-of-a-finished-job", "pacer-b3"),
+        ];
+        let status = |phase, instance: Option<&str>, token: &str| RunnerJobStatus {
+            phase,
+            instance: instance.map(|id| InstanceStatus {
+                id: id.into(),
+                instance_type: "m7i.large".into(),
+                zone: "us-east-1a".into(),
+                market: "onDemand".into(),
+                launch_time: None,
+            }),
+            launch: Some(LaunchIntent {
+                client_token: token.into(),
+                launch_template_id: "lt-1".into(),
+                launch_template_version: 1,
+                market: "onDemand".into(),
+                fleet: false,
+                allocation_strategy: None,
+                offerings: Vec::new(),
+                tags: Default::default(),
+                batch: Some(LaunchBatch { size: 2, member: 0 }),
+            }),
+            ..Default::default()
+        };
+        let statuses = [
+            status(JobPhase::Booting, Some("i-named"), "pacer-b1"),
+            status(JobPhase::Launching, None, "pacer-b2"),
+            status(JobPhase::Succeeded, Some("i-of-a-finished-job"), "pacer-b3"),
+        ];
+        let claims = BatchClaims::of(&statuses);
+        let owner = Owner {
+            controller_id: "prod",
+            namespace: None,
+        };
+        let live = HashSet::new();
+        let grace = Duration::from_secs(120);
+        let doomed: Vec<&str> = orphans(&instances, owner, &live, Some(&claims), now, grace)
+            .iter()
+            .map(|i| i.id.as_str())
+            .collect();
+        // The batch's other instance that no member recorded, and a finished job's.
+        assert_eq!(doomed, ["i-extra", "i-of-a-finished-job"]);
+        // Without the statuses, no batch's instance is collected.
+        assert!(orphans(&instances, owner, &live, None, now, grace).is_empty());
     }
 
     fn template(

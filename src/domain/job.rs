@@ -1679,6 +1679,7 @@ mod tests {
             allocation_strategy: None,
             offerings: Vec::new(),
             tags: Default::default(),
+            batch: None,
         });
         assert!(recorded_launch_unsettled(
             &status,
@@ -1711,6 +1712,7 @@ mod tests {
                 allocation_strategy: None,
                 offerings: Vec::new(),
                 tags: Default::default(),
+                batch: None,
             }),
             instance: instance.then(|| crate::api::InstanceStatus {
                 id: "i-1".into(),
@@ -1746,6 +1748,7 @@ mod tests {
             allocation_strategy: None,
             offerings: Vec::new(),
             tags: Default::default(),
+            batch: None,
         });
         enter(&mut s, Launching, now + Duration::from_secs(5));
         assert_eq!(s.phase_times.launching.as_ref().map(|t| t.0), Some(now));

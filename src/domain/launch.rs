@@ -10,9 +10,10 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    AllocationStrategy, Capacity, CapacityType, LaunchIntent, LaunchOffering, RunnerPoolSpec,
+    AllocationStrategy, Capacity, CapacityType, LaunchBatch, LaunchIntent, LaunchOffering,
+    RunnerPoolSpec,
 };
-use crate::cloud::{LaunchRequest, tags};
+use crate::cloud::{Instance, LaunchRequest, tags};
 
 /// EC2 market of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -237,6 +238,12 @@ pub const RUNNER_JOB: &str = "gha:runner_job";
 pub const RUNNER_JOB_UID: &str = "gha:runner_job_uid";
 pub const JOB_ID: &str = "gha:job_id";
 pub const REPO: &str = "gha:repo";
+/// The tag of a batch's instances: the batch's ClientToken. They carry no job's tags; the
+/// jobs' statuses say which instance is whose.
+pub const BATCH: &str = "gha:batch";
+
+/// Most jobs one batched launch serves.
+pub const MAX_BATCH: u32 = 100;
 
 /// Tags of a job's instance and volumes, sent in the launch request itself: the pool's tags
 /// (ours and the user's) plus the job's.
@@ -275,12 +282,59 @@ pub fn intent(request: &LaunchRequest) -> LaunchIntent {
             })
             .collect(),
         tags: request.tags.clone(),
+        batch: None,
     }
+}
+
+/// The ClientToken of a batch: a digest of its members (each `uid/instance attempt/launch
+/// attempt`, in their order), the parameters of the request without the batch's tag, and a
+/// nonce, so that no later batch of the same jobs ever replays this one's answer (each member
+/// records the token before the call; nothing derives it again). At most 64 ASCII characters.
+pub fn batch_token(members: &[String], parameters: &str, nonce: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"batch\n");
+    hash.update(nonce);
+    for member in members {
+        hash.update(member.as_bytes());
+        hash.update(b"\n");
+    }
+    hash.update(parameters.as_bytes());
+    let digest = hash.finalize();
+    format!("pacer-b{}", crate::domain::pool::hex(&digest[..24]))
+}
+
+/// Tags of a batch's instances and volumes: the pool's tags and the batch's token. EC2 puts
+/// one request's tags on every instance it launches.
+pub fn batch_tags(pool_tags: &BTreeMap<String, String>, token: &str) -> BTreeMap<String, String> {
+    let mut all = pool_tags.clone();
+    all.insert(BATCH.into(), token.into());
+    all
+}
+
+/// Member `member`'s record of a batched launch.
+pub fn batch_intent(request: &LaunchRequest, member: u32) -> LaunchIntent {
+    LaunchIntent {
+        batch: Some(LaunchBatch {
+            size: request.count,
+            member,
+        }),
+        ..intent(request)
+    }
+}
+
+/// The instance of a batch's member `member`: the one at that place in EC2's answer sorted by
+/// instance id. A replay of the launch gets the same answer, so a member finds the same
+/// instance however often it asks; a member past the instances EC2 launched has none.
+pub fn member_instance(instances: &[Instance], member: u32) -> Option<&Instance> {
+    let mut sorted: Vec<&Instance> = instances.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    sorted.get(member as usize).copied()
 }
 
 /// The request a recorded launch sends again, token and all, when it still fits: the pool's
 /// launch template at its current version, offerings and a market the pool allows, and the
-/// job's tags exactly. A status is writable by others; what it records must not steer a launch
+/// job's tags exactly (a batch's: the pool's and the batch's token), and a batch no larger than
+/// `max_batch`. A status is writable by others; what it records must not steer a launch
 /// elsewhere, and a launch recorded before the pool changed is not the pool's any more. Why
 /// not, otherwise.
 pub fn replay(
@@ -288,6 +342,7 @@ pub fn replay(
     spec: &RunnerPoolSpec,
     template: &crate::api::LaunchTemplateRef,
     job_tags: &BTreeMap<String, String>,
+    max_batch: u32,
 ) -> Result<LaunchRequest, String> {
     if (&intent.launch_template_id, intent.launch_template_version)
         != (&template.id, template.version)
@@ -315,6 +370,17 @@ pub fn replay(
     if &intent.tags != job_tags || intent.client_token.is_empty() {
         return Err("it does not carry this job's tags and a token".into());
     }
+    let count = match intent.batch {
+        None => 1,
+        Some(LaunchBatch { size, member }) if (2..=max_batch).contains(&size) && member < size => {
+            size
+        }
+        Some(_) => {
+            return Err(format!(
+                "its batch is not within 2 to {max_batch} instances"
+            ));
+        }
+    };
     Ok(LaunchRequest {
         launch_template_id: intent.launch_template_id.clone(),
         version: intent.launch_template_version,
@@ -326,6 +392,7 @@ pub fn replay(
         tags: intent.tags.clone(),
         allocation_strategy: intent.allocation_strategy.clone(),
         client_token: Some(intent.client_token.clone()),
+        count,
     })
 }
 
@@ -570,6 +637,7 @@ mod tests {
             tags: job_tags.clone(),
             allocation_strategy: Some("price-capacity-optimized".into()),
             client_token: Some("pacer-abc".into()),
+            count: 1,
         };
         let intent = intent(&request);
         let mut pool = spec(CapacityType::Spot, false);
@@ -581,29 +649,116 @@ mod tests {
         };
         let current = template("lt-1", 3);
         // The same request, token and all: EC2 answers it with the instance it made.
-        assert_eq!(replay(&intent, &pool, &current, &job_tags), Ok(request));
+        assert_eq!(replay(&intent, &pool, &current, &job_tags, 10), Ok(request));
         // What no longer fits is not sent: another template or version, other tags (the
         // pool's or another job's), an offering or a market the pool does not allow, no token.
         for template in [template("lt-2", 3), template("lt-1", 4)] {
-            assert!(replay(&intent, &pool, &template, &job_tags).is_err());
+            assert!(replay(&intent, &pool, &template, &job_tags, 10).is_err());
         }
         for (key, value) in [("team", "infra"), (RUNNER_JOB_UID, "uid-2")] {
             let mut other = job_tags.clone();
             other.insert(key.into(), value.into());
-            assert!(replay(&intent, &pool, &current, &other).is_err());
+            assert!(replay(&intent, &pool, &current, &other, 10).is_err());
         }
         let mut bigger = intent.clone();
         bigger.offerings[0].instance_type = "p5.48xlarge".into();
-        assert!(replay(&bigger, &pool, &current, &job_tags).is_err());
+        assert!(replay(&bigger, &pool, &current, &job_tags, 10).is_err());
         let mut elsewhere = intent.clone();
         elsewhere.offerings[0].subnet = "subnet-z".into();
-        assert!(replay(&elsewhere, &pool, &current, &job_tags).is_err());
+        assert!(replay(&elsewhere, &pool, &current, &job_tags, 10).is_err());
         let mut on_demand = intent.clone();
         on_demand.market = "onDemand".into();
-        assert!(replay(&on_demand, &pool, &current, &job_tags).is_err());
+        assert!(replay(&on_demand, &pool, &current, &job_tags, 10).is_err());
         let mut tokenless = intent.clone();
         tokenless.client_token.clear();
-        assert!(replay(&tokenless, &pool, &current, &job_tags).is_err());
+        assert!(replay(&tokenless, &pool, &current, &job_tags, 10).is_err());
+    }
+
+    #[test]
+    fn a_batch_is_replayed_whole_and_each_member_finds_the_same_instance() {
+        let pool_tags = BTreeMap::from([
+            (
+                tags::MANAGED_BY.to_string(),
+                tags::MANAGED_BY_VALUE.to_string(),
+            ),
+            (tags::CONTROLLER.to_string(), "prod".to_string()),
+            (tags::POOL.to_string(), "ci/linux".to_string()),
+        ]);
+        let members: Vec<String> = ["uid-1/1/1", "uid-2/1/1", "uid-3/2/1"]
+            .map(Into::into)
+            .into();
+        let mut request = LaunchRequest {
+            launch_template_id: "lt-1".into(),
+            version: 3,
+            offerings: vec![("m7g.large".into(), "subnet-a".into())],
+            spot: false,
+            fleet: false,
+            tags: pool_tags.clone(),
+            allocation_strategy: None,
+            client_token: None,
+            count: 3,
+        };
+        let token = batch_token(&members, &request.parameters(), b"n1");
+        assert!(token.len() <= 64 && token.is_ascii());
+        // Other members, the same ones asking for something else, or again: another launch.
+        assert_ne!(
+            token,
+            batch_token(&members[..2], &request.parameters(), b"n1")
+        );
+        let mut fewer = request.clone();
+        fewer.count = 2;
+        assert_ne!(token, batch_token(&members, &fewer.parameters(), b"n1"));
+        assert_ne!(token, batch_token(&members, &request.parameters(), b"n2"));
+        request.tags = batch_tags(&pool_tags, &token);
+        request.client_token = Some(token.clone());
+        let mut pool = spec(CapacityType::OnDemand, false);
+        pool.instance_types = vec!["m7g.large".into()];
+        pool.subnets = vec!["subnet-a".into()];
+        let template = crate::api::LaunchTemplateRef {
+            id: "lt-1".into(),
+            version: 3,
+        };
+        let tags = batch_tags(&pool_tags, &token);
+        for member in 0..3 {
+            let intent = batch_intent(&request, member);
+            // Every member sends the whole batch again, under its token.
+            assert_eq!(
+                replay(&intent, &pool, &template, &tags, 10),
+                Ok(request.clone())
+            );
+            // Not with a job's tags or another batch's token.
+            assert!(replay(&intent, &pool, &template, &pool_tags, 10).is_err());
+            let other = batch_tags(&pool_tags, "pacer-bother");
+            assert!(replay(&intent, &pool, &template, &other, 10).is_err());
+        }
+        // A recorded batch cannot be made larger than the controller's bound, or name a
+        // member outside it.
+        for (size, member) in [(11, 0), (3, 3), (1, 0)] {
+            let mut forged = batch_intent(&request, 0);
+            forged.batch = Some(LaunchBatch { size, member });
+            assert!(replay(&forged, &pool, &template, &tags, 10).is_err());
+        }
+        // The answer sorted by id: the same instance for a member however EC2 ordered it, none
+        // past what it launched.
+        let instance = |id: &str| Instance {
+            id: id.into(),
+            instance_type: "m7g.large".into(),
+            zone: "us-east-1a".into(),
+            spot: false,
+            state: "pending".into(),
+            state_reason: None,
+            launch_time: None,
+            tags: request.tags.clone(),
+        };
+        let answer = [instance("i-3"), instance("i-1"), instance("i-2")];
+        let mut again = answer.clone();
+        again.reverse();
+        for member in 0..3 {
+            let id = member_instance(&answer, member).map(|i| i.id.clone());
+            assert_eq!(id, Some(format!("i-{}", member + 1)));
+            assert_eq!(id, member_instance(&again, member).map(|i| i.id.clone()));
+        }
+        assert_eq!(member_instance(&answer[..2], 2), None);
     }
 
     #[test]

@@ -405,6 +405,7 @@ pub fn dry_run_request(
         .to_string()
         .into(),
         client_token: None,
+        count: 1,
     }
 }
 

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::events::EventType;
 use serde::Deserialize;
 use serde_json::json;
@@ -28,7 +28,7 @@ use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::domain::job::{
     BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap, may_give_back, may_put_back, still_ours,
 };
-use crate::domain::launch::{RUNNER_JOB, RUNNER_JOB_UID};
+use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
 
@@ -205,28 +205,32 @@ pub async fn bootstrap(
             instance.state
         )));
     }
-    let (Some(uid), Some((namespace, name))) = (
+    let job = match (
         instance.tags.get(RUNNER_JOB_UID),
-        instance
-            .tags
-            .get(RUNNER_JOB)
-            .and_then(|j| j.split_once('/')),
-    ) else {
-        return Err(denied(format!(
-            "instance {instance_id} carries no RunnerJob tags"
-        )));
+        instance.tags.get(RUNNER_JOB),
+    ) {
+        (Some(uid), Some(job)) => {
+            let Some((namespace, name)) = job.split_once('/') else {
+                return Err(denied(format!(
+                    "instance {instance_id} carries no RunnerJob tags"
+                )));
+            };
+            jobs(&web, namespace)
+                .get_opt(name)
+                .await
+                .map_err(|e| unavailable("reading the RunnerJob", e))?
+                .filter(|job| job.uid().as_deref() == Some(uid.as_str()))
+                .ok_or_else(|| {
+                    denied(format!(
+                        "instance {instance_id}'s RunnerJob {namespace}/{name} is gone"
+                    ))
+                })?
+        }
+        _ => batch_member(&web, &instance).await?,
     };
-    let api = jobs(&web, namespace);
-    let job = api
-        .get_opt(name)
-        .await
-        .map_err(|e| unavailable("reading the RunnerJob", e))?
-        .filter(|job| job.uid().as_deref() == Some(uid.as_str()))
-        .ok_or_else(|| {
-            denied(format!(
-                "instance {instance_id}'s RunnerJob {namespace}/{name} is gone"
-            ))
-        })?;
+    let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
+    let (namespace, name) = (namespace.as_str(), name.as_str());
+    let uid = &job.uid().unwrap_or_default();
     let claimant = Claimant {
         instance: instance_id,
         job_uid: uid,
@@ -319,6 +323,77 @@ pub async fn bootstrap(
     match web.boots.wait(instance_id).await {
         Some(waited) => answer_from_here(&web, instance_id, waited).await,
         None => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
+    }
+}
+
+/// The RunnerJob a batch's instance is for: the one whose status names it (a member records
+/// its instance as soon as EC2 answers, before the instance can have booted). While a member
+/// of its batch still waits for EC2's answer, the instance asks again; once none does, an
+/// instance no job names is nobody's.
+async fn batch_member(web: &Web, instance: &crate::cloud::Instance) -> Result<RunnerJob, ApiError> {
+    let id = &instance.id;
+    let namespace = (instance.tags.get(crate::cloud::tags::POOL))
+        .and_then(|pool| pool.split_once('/'))
+        .map(|(namespace, _)| namespace);
+    let token = instance.tags.get(BATCH);
+    let selectable = |v: &str| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let (Some(namespace), Some(token)) = (namespace, token.filter(|t| selectable(t))) else {
+        return Err(denied(format!("instance {id} carries no RunnerJob tags")));
+    };
+    let api = jobs(web, namespace);
+    let named = select(&api, "status.instance.id", id, |s| {
+        s.instance.as_ref().is_some_and(|i| &i.id == id)
+    })
+    .await?;
+    match <[RunnerJob; 1]>::try_from(named) {
+        Ok([job]) => return Ok(job),
+        Err(named) if !named.is_empty() => {
+            return Err(denied(format!(
+                "instance {id} is named by several RunnerJobs"
+            )));
+        }
+        Err(_) => {}
+    }
+    let members = select(&api, "status.launch.clientToken", token, |s| {
+        s.launch.as_ref().is_some_and(|l| &l.client_token == token)
+    })
+    .await?;
+    let live =
+        || (members.iter().filter_map(|j| j.status.as_ref())).filter(|s| !s.phase.is_finished());
+    if live().any(|s| s.instance.is_none()) {
+        return Err(ApiError::Unavailable(
+            "no RunnerJob has recorded this instance of its batch yet; ask again shortly",
+        ));
+    }
+    let theirs: Vec<&str> = (members.iter().filter_map(|j| j.status.as_ref()))
+        .filter_map(|s| s.instance.as_ref().map(|i| i.id.as_str()))
+        .collect();
+    Err(denied(format!(
+        "the RunnerJobs of its batch launched instances {}, not {id}",
+        theirs.join(", ")
+    )))
+}
+
+/// The RunnerJobs whose `field` (a selectable field of the CRD) is `value`; with a CRD older
+/// than its selectable fields, every RunnerJob of the namespace, read and kept when `keep`.
+async fn select(
+    api: &Api<RunnerJob>,
+    field: &str,
+    value: &str,
+    keep: impl Fn(&crate::api::RunnerJobStatus) -> bool,
+) -> Result<Vec<RunnerJob>, ApiError> {
+    let selected = ListParams::default().fields(&format!("{field}={value}"));
+    match api.list(&selected).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(e)) if e.code == 400 => Ok(api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| unavailable("listing the RunnerJobs", e))?
+            .items
+            .into_iter()
+            .filter(|j| j.status.as_ref().is_some_and(&keep))
+            .collect()),
+        Err(e) => Err(unavailable("listing the RunnerJobs", e)),
     }
 }
 

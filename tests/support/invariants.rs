@@ -91,12 +91,30 @@ pub fn assert_invariants(c: &Counts) {
     assert!(c.fired > 0, "the scenario's faults never fired: {c:?}");
 }
 
-/// Our instances in EC2 by RunnerJob uid: how many were made, and the ids of the live ones. A
-/// listing that fails is asked again, and never read as "nothing there".
+/// Our instances in EC2 by RunnerJob uid (`""` for a batch's instance no job of `jobs` names):
+/// how many were made, and the ids of the live ones. A listing that fails is asked again, and
+/// never read as "nothing there".
 pub async fn instances_by_job(
     ec2: &AwsEc2,
     controller_id: &str,
+    jobs: &[RunnerJob],
 ) -> HashMap<String, (usize, Vec<String>)> {
+    // A batch's instances carry no job's uid: the job whose status names one (as its
+    // instance, or an earlier attempt's) is its job.
+    let named: HashMap<&str, &str> = jobs
+        .iter()
+        .flat_map(|j| {
+            let uid = j.metadata.uid.as_deref().unwrap_or_default();
+            let status = j.status.as_ref();
+            let current = status
+                .and_then(|s| s.instance.as_ref())
+                .map(|i| i.id.as_str());
+            let earlier = status
+                .into_iter()
+                .flat_map(|s| s.previous_attempts.iter().map(|a| a.instance.as_str()));
+            current.into_iter().chain(earlier).map(move |id| (id, uid))
+        })
+        .collect();
     let mut by_uid: HashMap<String, (usize, Vec<String>)> = HashMap::new();
     let mut tries = 0;
     let all = loop {
@@ -111,10 +129,8 @@ pub async fn instances_by_job(
         }
     };
     for i in all {
-        let uid = i
-            .tags
-            .get("gha:runner_job_uid")
-            .cloned()
+        let uid = (i.tags.get("gha:runner_job_uid").cloned())
+            .or_else(|| named.get(i.id.as_str()).map(|uid| uid.to_string()))
             .unwrap_or_default();
         let entry = by_uid.entry(uid).or_default();
         entry.0 += 1;

@@ -1,0 +1,279 @@
+//! Batched launches: the jobs of one pool that become launchable within a short window are
+//! launched by one call. Each member records the batch's launch (its token, request and member
+//! number) in its own status before the call goes out; the call goes once, and every member
+//! takes the instance at its place in EC2's answer sorted by id (see
+//! [`crate::domain::launch::member_instance`]). A member that asks again (after a restart, or
+//! when the answer was lost) sends the recorded batch again under its token: EC2 answers with
+//! the same instances, and concurrent askers share one call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OnceCell, watch};
+use tokio::time::Instant;
+
+use crate::cloud::{CloudResult, Ec2, LaunchOutcome, LaunchRequest};
+
+/// How long an answer stays shared with members that ask after it came.
+const ANSWER_KEPT: Duration = Duration::from_secs(60);
+
+/// Longest a member waits for the others to record the batch before it is sent anyway: a
+/// member that has not recorded it by then does not claim its instance, which the garbage
+/// collector terminates.
+const RECORD_WAIT: Duration = Duration::from_secs(30);
+
+/// Open batches by pool, and launch calls by token.
+#[derive(Default)]
+pub struct Batches {
+    open: Mutex<HashMap<String, Arc<Batch>>>,
+    flights: Mutex<HashMap<String, (Instant, Flight)>>,
+    /// Places in sent batches whose member failed to record them, by member: its next pass
+    /// records the same place and takes the instance made for it, rather than launching
+    /// another.
+    kept: Mutex<HashMap<String, (Instant, LaunchRequest, u32)>>,
+}
+
+/// One launch call and its answer, shared by the members that ask for it.
+type Flight = Arc<OnceCell<CloudResult<LaunchOutcome>>>;
+
+/// Jobs of one pool gathering for one launch.
+pub struct Batch {
+    closes: Instant,
+    max: usize,
+    members: Mutex<Members>,
+    full: tokio::sync::Notify,
+    /// The request, planned once for every member; `None` when no offering had capacity.
+    plan: OnceCell<Option<LaunchRequest>>,
+    /// Members done recording (or failing to).
+    recorded: watch::Sender<usize>,
+}
+
+#[derive(Default)]
+struct Members {
+    list: Vec<String>,
+    /// Set by the first member to read the list once the batch is full or its window past.
+    closed: bool,
+}
+
+/// A job's place in a batch that has closed.
+pub struct Joined {
+    pub batch: Arc<Batch>,
+    /// Every member, in order: `uid/instance attempt/launch attempt` each.
+    pub members: Vec<String>,
+    pub member: u32,
+    reported: bool,
+}
+
+impl Batches {
+    /// Joins `member` (`uid/instance attempt/launch attempt`) to the open batch of `pool`, or
+    /// opens one; returns once the batch has closed: `window` after it opened, or when it has
+    /// `max` members.
+    pub async fn join(&self, pool: &str, member: String, window: Duration, max: usize) -> Joined {
+        let (batch, index) = {
+            let mut open = self.open.lock().unwrap();
+            let now = Instant::now();
+            let joinable = |b: &Batch| {
+                let m = b.members.lock().unwrap();
+                !m.closed && b.closes > now && m.list.len() < b.max
+            };
+            let batch = match open.get(pool) {
+                Some(b) if joinable(b) => b.clone(),
+                _ => {
+                    let b = Arc::new(Batch {
+                        closes: now + window,
+                        max: max.max(1),
+                        members: Mutex::default(),
+                        full: Default::default(),
+                        plan: OnceCell::new(),
+                        recorded: watch::Sender::new(0),
+                    });
+                    open.insert(pool.to_string(), b.clone());
+                    b
+                }
+            };
+            let mut members = batch.members.lock().unwrap();
+            members.list.push(member);
+            let index = members.list.len() - 1;
+            if members.list.len() >= batch.max {
+                members.closed = true;
+                batch.full.notify_waiters();
+            }
+            drop(members);
+            (batch, index)
+        };
+        {
+            let full = batch.full.notified();
+            tokio::pin!(full);
+            full.as_mut().enable();
+            if !batch.members.lock().unwrap().closed {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(batch.closes) => {}
+                    _ = full => {}
+                }
+            }
+        }
+        // Closed by whoever reads it first: no one joins it after that, so every member reads
+        // the same list.
+        let members = {
+            let mut m = batch.members.lock().unwrap();
+            m.closed = true;
+            m.list.clone()
+        };
+        Joined {
+            batch,
+            members,
+            member: index as u32,
+            reported: false,
+        }
+    }
+
+    /// Sends `request` (a batch's, under its token) once for every member asking now or
+    /// within a minute of the answer. An error is shared only with those who asked with it:
+    /// the next to ask sends again.
+    pub async fn send(&self, ec2: &dyn Ec2, request: &LaunchRequest) -> CloudResult<LaunchOutcome> {
+        let token = request.client_token.clone().unwrap_or_default();
+        let cell = {
+            let mut flights = self.flights.lock().unwrap();
+            let now = Instant::now();
+            flights.retain(|_, (at, cell)| {
+                !cell.initialized() || now.duration_since(*at) < ANSWER_KEPT
+            });
+            flights
+                .entry(token.clone())
+                .or_insert_with(|| (now, Arc::default()))
+                .1
+                .clone()
+        };
+        let answer = cell.get_or_init(|| ec2.launch(request)).await.clone();
+        let mut flights = self.flights.lock().unwrap();
+        match &answer {
+            Err(_) => {
+                if flights
+                    .get(&token)
+                    .is_some_and(|(_, c)| Arc::ptr_eq(c, &cell))
+                {
+                    flights.remove(&token);
+                }
+            }
+            Ok(_) => {
+                if let Some((at, c)) = flights.get_mut(&token)
+                    && Arc::ptr_eq(c, &cell)
+                {
+                    *at = Instant::now();
+                }
+            }
+        }
+        answer
+    }
+}
+
+impl Batches {
+    /// Keeps `member`'s place (`request`'s instance number `place`) for its next pass.
+    pub fn keep(&self, member: &str, request: &LaunchRequest, place: u32) {
+        let mut kept = self.kept.lock().unwrap();
+        let now = Instant::now();
+        kept.retain(|_, (at, _, _)| now.duration_since(*at) < ANSWER_KEPT);
+        kept.insert(member.to_string(), (now, request.clone(), place));
+    }
+
+    /// The place kept for `member` within the last minute, given up to it.
+    pub fn kept(&self, member: &str) -> Option<(LaunchRequest, u32)> {
+        let (at, request, place) = self.kept.lock().unwrap().remove(member)?;
+        (at.elapsed() < ANSWER_KEPT).then_some((request, place))
+    }
+}
+
+impl Joined {
+    /// The batch's request, planned by the first member to ask (by the next, when planning
+    /// failed).
+    pub async fn plan<F, E>(&self, plan: F) -> Result<Option<LaunchRequest>, E>
+    where
+        F: Future<Output = Result<Option<LaunchRequest>, E>>,
+    {
+        self.batch.plan.get_or_try_init(|| plan).await.cloned()
+    }
+
+    /// Says this member is done recording the batch, whether its write went through or not.
+    pub fn recorded(&mut self) {
+        if !self.reported {
+            self.reported = true;
+            self.batch.recorded.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Waits until every member has recorded the batch (or failed to), at most [`RECORD_WAIT`].
+    pub async fn all_recorded(&self) {
+        let size = self.members.len();
+        let mut seen = self.batch.recorded.subscribe();
+        let _ = tokio::time::timeout(RECORD_WAIT, seen.wait_for(|n| *n >= size)).await;
+    }
+}
+
+impl Drop for Joined {
+    /// A member whose pass ends before it recorded the batch does not hold the others up.
+    fn drop(&mut self) {
+        self.recorded();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_of_a_pool_within_the_window_join_one_batch_and_the_next_open_another() {
+        let batches = Arc::new(Batches::default());
+        let join = |pool: &'static str, member: &'static str| {
+            let batches = batches.clone();
+            tokio::spawn(async move {
+                let j = batches
+                    .join(pool, member.into(), Duration::from_secs(1), 3)
+                    .await;
+                (j.members.clone(), j.member)
+            })
+        };
+        let a = join("ns/linux", "a");
+        let other = join("ns/arm", "x");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let b = join("ns/linux", "b");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Full at three: it closes at once, and the fourth opens the next batch.
+        let c = join("ns/linux", "c");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let d = join("ns/linux", "d");
+        let abc: Vec<String> = ["a", "b", "c"].map(Into::into).into();
+        assert_eq!(a.await.unwrap(), (abc.clone(), 0));
+        assert_eq!(b.await.unwrap(), (abc.clone(), 1));
+        assert_eq!(c.await.unwrap(), (abc, 2));
+        assert_eq!(other.await.unwrap(), (vec!["x".to_string()], 0));
+        assert_eq!(d.await.unwrap(), (vec!["d".to_string()], 0));
+        // Past its window, a batch takes no one: a new one opens.
+        let e = join("ns/linux", "e");
+        assert_eq!(e.await.unwrap(), (vec!["e".to_string()], 0));
+    }
+
+    #[tokio::test]
+    async fn members_asking_together_share_one_launch_call() {
+        let (ec2, mut request) = crate::cloud::fake::tests::fleet_of("c").await;
+        let ec2 = Arc::new(ec2.with_latency(Duration::from_millis(50)));
+        let batches = Arc::new(Batches::default());
+        request.client_token = Some("pacer-b1".into());
+        request.count = 3;
+        let asks = (0..3).map(|_| {
+            let (ec2, batches, request) = (ec2.clone(), batches.clone(), request.clone());
+            tokio::spawn(async move { batches.send(ec2.as_ref(), &request).await.unwrap() })
+        });
+        let answers = futures::future::join_all(asks).await;
+        let first = answers[0].as_ref().unwrap().instances.clone();
+        assert_eq!(first.len(), 3);
+        for answer in &answers {
+            assert_eq!(answer.as_ref().unwrap().instances, first);
+        }
+        assert_eq!(ec2.count("CreateFleet"), 1);
+        // Asked again later: the kept answer.
+        let again = batches.send(ec2.as_ref(), &request).await.unwrap();
+        assert_eq!(again.instances, first);
+        assert_eq!(ec2.count("CreateFleet"), 1);
+    }
+}
