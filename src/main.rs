@@ -20,8 +20,8 @@ unsafe extern "C" {
 /// later. Its delayed purges run only from a later call into the allocator that frees a page,
 /// so a process that goes quiet after a burst (the first list and passes over 10,000 cached
 /// RunnerJobs) kept what the burst freed: with 10,000 finished RunnerJobs stored, the bench
-/// read 77–87 MiB settled (anonymous 53–62) with the delay, 64–65 MiB (anonymous 38–39,
-/// close to the live heap) without it. The option has no compile-time default to set (its
+/// read 77–92 MiB settled (anonymous 53–67) with the delay, 64–65 MiB (anonymous 38–39,
+/// close to the live heap) without it (docs/testing.md). The option has no compile-time default to set (its
 /// 1,000 ms is a literal in mimalloc's options.c), so it is set here, before the runtime
 /// starts; `MIMALLOC_PURGE_DELAY` in the environment still overrides it.
 fn purge_freed_memory_at_once() {
