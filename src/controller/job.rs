@@ -115,28 +115,41 @@ impl Shared {
     }
 }
 
-/// Drops from a RunnerJob as watched or listed what no pass reads: its managed fields,
-/// kubectl's copy of the applied object and, once it has finished, what [`trim_finished`]
-/// drops. The watch cache holds thousands of RunnerJobs and the sweep lists them all; managed
-/// fields alone are several kilobytes of each as parsed.
+/// Drops from a RunnerJob as watched or listed what no pass reads: its managed fields, its
+/// labels, annotations (kubectl's copy of the applied object among them) and owner references,
+/// the labels its spec asked for (matched to a pool when it was created, never read again) and,
+/// once it has finished, what [`trim_finished`] drops. The watch cache holds thousands of
+/// RunnerJobs and the sweep lists them all; managed fields alone are several kilobytes of each
+/// as parsed. Passes write only the status (what they changed in it) and the finalizers, so
+/// what the cache lacks stays as it is in the API server.
 pub(super) fn slim(job: &mut RunnerJob) {
-    job.metadata.managed_fields = None;
-    if let Some(annotations) = job.metadata.annotations.as_mut() {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
+    let meta = &mut job.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    job.spec.labels = Vec::new();
     trim_finished(job);
 }
 
 /// Drops from the cached copy of a finished job what no pass reads again: its launch, once it
 /// made an instance (a finished job launches nothing and holds no slot, and a launch with an
-/// instance is settled), and its prices (the cost is estimated in the pass that finishes it).
-/// Finished jobs stay cached by the thousand for their TTL, and the launch's tags and
-/// offerings are the largest part of each. A pass writes only what it changed, so what the
-/// cache lacks stays as it is in the API server.
+/// instance is settled), its prices (the cost is estimated in the pass that finishes it), the
+/// workflow job its runner took (asked of GitHub and read only before the job ends) and its
+/// boot, when the runner it handed out registered (a finished job's pass reads the boot only
+/// for that runner, through `current_runner`, and whether the boot failed only decides a job
+/// that has not finished). Finished jobs stay cached by the thousand for their TTL, and the
+/// launch's tags and offerings are the largest part of each. A pass writes only what it
+/// changed, so what the cache lacks stays as it is in the API server.
 fn trim_finished(job: &mut RunnerJob) {
-    if let Some(status) =
-        (job.status.as_mut()).filter(|s| s.phase.is_finished() && s.instance.is_some())
-    {
+    let Some(status) = (job.status.as_mut()).filter(|s| s.phase.is_finished()) else {
+        return;
+    };
+    status.assigned_job = None;
+    if status.runner.is_some() {
+        status.boot = None;
+    }
+    if status.instance.is_some() {
         status.launch = None;
         status.cost = None;
     }
@@ -1743,47 +1756,129 @@ mod tests {
             "metadata": {
                 "name": "job-1",
                 "namespace": "ci",
+                "uid": "0000-1",
+                "resourceVersion": "42",
+                "generation": 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "finalizers": [FINALIZER],
+                "labels": {"team": "api"},
                 "annotations": {
                     "kubectl.kubernetes.io/last-applied-configuration": "{}",
                     "team": "api",
                 },
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+                    "name": "owner", "uid": "0000-2"}],
                 "managedFields": [{"manager": "pacer", "operation": "Update",
                     "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:phase": {}}}}],
             },
             "spec": {"poolName": "linux", "jobId": 7, "runId": 3,
-                "repository": "example-org/api", "labels": ["self-hosted"]},
+                "repository": "example-org/api", "labels": ["self-hosted"],
+                "installationId": 5},
             "status": {
                 "phase": phase,
+                "attempts": 1,
                 "launch": {"clientToken": "pacer-1", "launchTemplateId": "lt-1",
                     "launchTemplateVersion": 1, "market": "spot", "offerings": [], "tags": {}},
                 "instance": {"id": "i-1", "type": "m7i.large", "zone": "us-east-1a",
-                    "market": "spot"},
+                    "market": "spot", "launchTime": "2026-01-01T00:01:00Z"},
+                "runner": {"id": 9, "name": "pacer-ctl-7-1"},
                 "cost": {"hourlyPrice": "0.04", "currency": "USD"},
+                "boot": {"instanceId": "i-1", "bootstrappedAt": "2026-01-01T00:02:00Z",
+                    "tokenSha256": "ab", "runner": {"id": 9, "name": "pacer-ctl-7-1"},
+                    "runnerVersion": "2.330.0"},
+                "phaseTimes": {"pending": "2026-01-01T00:00:00Z",
+                    "finished": "2026-01-01T00:09:00Z"},
+                "conditions": [{"type": "Launched", "status": "True",
+                    "lastTransitionTime": "2026-01-01T00:01:00Z", "reason": "Launched",
+                    "message": "i-1"}],
+                "lastError": {"reason": "SpotInterrupted", "message": "reclaimed"},
+                "completion": {"result": "success", "reportedAt": "2026-01-01T00:08:00Z"},
+                "assignedJob": {"jobId": 7, "runId": 3, "repository": "example-org/api"},
+                "interruption": {"kind": "spot-interruption",
+                    "reportedAt": "2026-01-01T00:07:00Z"},
+                "nextAttemptAt": "2026-01-01T00:00:30Z",
+                "previousAttempts": [{"instance": "i-0", "reason": "SpotInterrupted",
+                    "message": "reclaimed", "time": "2026-01-01T00:00:50Z"}],
+                "observedGeneration": 1,
             },
         }))
         .unwrap()
     }
 
-    #[test]
-    fn a_slimmed_job_loses_its_managed_fields_and_kubectls_copy_and_keeps_the_rest() {
-        let mut running = job("Running");
-        slim(&mut running);
-        assert_eq!(running.metadata.managed_fields, None);
-        let annotations = running.metadata.annotations.clone().unwrap();
-        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
-        let mut expected = job("Running");
-        expected.metadata.managed_fields = None;
-        expected.metadata.annotations = Some(annotations);
-        assert_eq!(
-            serde_json::to_value(running).unwrap(),
-            serde_json::to_value(expected).unwrap(),
-            "a live job keeps its launch and prices"
-        );
+    /// `job` as the cache keeps any RunnerJob: without what `slim` drops from every job.
+    fn slimmed_everywhere(mut job: RunnerJob) -> RunnerJob {
+        job.metadata.managed_fields = None;
+        job.metadata.labels = None;
+        job.metadata.annotations = None;
+        job.metadata.owner_references = None;
+        job.spec.labels = Vec::new();
+        job
+    }
 
-        let mut finished = job("Succeeded");
-        slim(&mut finished);
-        let status = finished.status.unwrap();
-        assert_eq!((status.launch, status.cost), (None, None));
-        assert_eq!(status.instance.unwrap().id, "i-1");
+    #[test]
+    fn a_slimmed_job_loses_what_no_pass_reads_and_keeps_the_rest() {
+        // A live job loses only its metadata's labels, annotations, owner references and
+        // managed fields and its spec's labels: what passes read of it is all there.
+        for phase in ["Pending", "Launching", "Booting", "Running", "Completing"] {
+            let mut live = job(phase);
+            slim(&mut live);
+            assert_eq!(
+                serde_json::to_value(&live).unwrap(),
+                serde_json::to_value(slimmed_everywhere(job(phase))).unwrap(),
+                "a {phase} job keeps its whole status"
+            );
+            let meta = &live.metadata;
+            assert_eq!(
+                (meta.uid.as_deref(), meta.resource_version.as_deref()),
+                (Some("0000-1"), Some("42"))
+            );
+            assert_eq!(live.finalizers(), [FINALIZER]);
+            assert_eq!(
+                (meta.generation, meta.creation_timestamp.is_some()),
+                (Some(1), true)
+            );
+            assert_eq!(live.spec.installation_id, Some(5));
+        }
+
+        for phase in ["Succeeded", "Failed"] {
+            let mut finished = job(phase);
+            slim(&mut finished);
+            let status = finished.status.clone().unwrap();
+            // Dropped: the settled launch, the prices, the workflow job taken, and the boot,
+            // whose runner registered.
+            assert_eq!((status.launch, status.cost), (None, None));
+            assert_eq!((status.assigned_job, status.boot), (None, None));
+            // Kept, with everything else: what the pass, the breaker, the finalizer and the
+            // TTL read.
+            let mut expected = slimmed_everywhere(job(phase));
+            let kept = expected.status.as_mut().unwrap();
+            (kept.launch, kept.cost, kept.assigned_job, kept.boot) = (None, None, None, None);
+            assert_eq!(
+                serde_json::to_value(&finished).unwrap(),
+                serde_json::to_value(&expected).unwrap(),
+                "a {phase} job keeps the rest of its status"
+            );
+            let status = finished.status.unwrap();
+            assert_eq!(status.current_runner().map(|r| r.id), Some(9));
+            assert_eq!(status.instance.unwrap().id, "i-1");
+            assert_eq!(status.previous_attempts.len(), 1);
+            assert!(status.interruption.is_some() && status.completion.is_some());
+        }
+
+        // A finished job whose runner never registered keeps its boot, the runner's only
+        // record, for the runner's removal from GitHub.
+        let mut unregistered = job("Failed");
+        unregistered.status.as_mut().unwrap().runner = None;
+        slim(&mut unregistered);
+        let status = unregistered.status.unwrap();
+        assert_eq!(status.current_runner().map(|r| r.id), Some(9));
+        assert!(status.boot.is_some());
+
+        // A finished job without an instance keeps its launch: EC2 may still show one for it.
+        let mut no_instance = job("Failed");
+        no_instance.status.as_mut().unwrap().instance = None;
+        slim(&mut no_instance);
+        let status = no_instance.status.unwrap();
+        assert!(status.launch.is_some() && status.cost.is_some());
     }
 }
