@@ -67,7 +67,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let lease_client =
         controller::leader::lease_client(kube_config.clone()).map_err(Error::Kube)?;
     let client = controller::kube_client(kube_config).map_err(Error::Kube)?;
-    check_crds(&client).await?;
+    let batches = check_crds(&client).await?;
+    if !batches {
+        warn!(
+            "the installed RunnerJob CRD predates batched launches: each job is launched by its own call until `pacer crds` is applied"
+        );
+    }
 
     let aws = cloud::aws::sdk_config(&AwsSettings {
         region: config.aws.region.clone(),
@@ -87,7 +92,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let settings = controller::Settings {
         job_concurrency: config.controller.job_concurrency,
         launch_batch_window: std::time::Duration::from_millis(
-            config.controller.launch_batch_window_ms,
+            config.controller.launch_batch_window_ms * u64::from(batches),
         ),
         launch_batch_max: config.controller.launch_batch_max,
         gc_interval: std::time::Duration::from_secs(config.controller.gc_interval_seconds),
@@ -390,8 +395,11 @@ async fn shutdown_signal() {
 }
 
 /// Fails with instructions when a CRD is missing; warns when the installed one differs from
-/// the one this binary was built with.
-pub async fn check_crds(client: &kube::Client) -> Result<()> {
+/// the one this binary was built with. Says whether the installed RunnerJob CRD knows batched
+/// launches: an older one would drop a batch's record from the status (the API server prunes
+/// fields its schema lacks) and cannot select a RunnerJob by its instance.
+pub async fn check_crds(client: &kube::Client) -> Result<bool> {
+    let mut batches = true;
     let installed: Api<CustomResourceDefinition> = Api::all(client.clone());
     for wanted in api::crds() {
         let name = wanted.metadata.name.clone().unwrap_or_default();
@@ -417,8 +425,16 @@ pub async fn check_crds(client: &kube::Client) -> Result<()> {
         if found.spec.versions != wanted.spec.versions {
             warn!(crd = %name, "installed CRD differs from this pacer's; apply `pacer crds` to update it");
         }
+        if found.spec.names.kind == "RunnerJob" {
+            let selectable = |path: &str| {
+                (found.spec.versions.iter())
+                    .flat_map(|v| v.selectable_fields.iter().flatten())
+                    .any(|f| f.json_path == path)
+            };
+            batches = selectable(".status.instance.id") && selectable(".status.launch.clientToken");
+        }
     }
-    Ok(())
+    Ok(batches)
 }
 
 /// `pacer crds`: both CRDs as one multi-document YAML stream.

@@ -158,9 +158,13 @@ pub async fn run(config_path: &Path, lease_ns: Option<&str>) -> Vec<Check> {
         }
     };
     match crate::app::check_crds(&client).await {
-        Ok(()) => checks.push(check(
+        Ok(true) => checks.push(check(
             "crds",
             Ok("RunnerPool and RunnerJob are installed and Established".into()),
+        )),
+        Ok(false) => checks.push(check(
+            "crds",
+            Err("the RunnerJob CRD predates batched launches (no selectable fields); apply `pacer crds` to update it".into()),
         )),
         Err(e) => {
             checks.push(check("crds", Err(e.to_string())));

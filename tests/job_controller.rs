@@ -1773,10 +1773,13 @@ async fn pool_instances(w: &World) -> Vec<Instance> {
 #[tokio::test]
 async fn a_burst_launches_in_batches_and_each_job_takes_its_own_instance() {
     let w = World::new("batches").await;
-    let _controllers = w.start(w.context_with(|s| {
+    let settings = |s: &mut Settings| {
         // Wide enough that the jobs created together are launchable within it.
         s.launch_batch_window = Duration::from_secs(2);
-    }));
+        // An instance a status names and EC2 does not list as the job's is gone this soon.
+        s.job_limits.launch_visibility = Duration::from_secs(4);
+    };
+    let controllers = w.start(w.context_with(settings));
     w.ready_pool(|_| {}).await;
     let proxy = w.ground.proxy();
     let ours = format!("{}/", w.ns);
@@ -1801,7 +1804,7 @@ async fn a_burst_launches_in_batches_and_each_job_takes_its_own_instance() {
     proxy
         .add_fault(
             json!({"action": "CreateFleet", "code": "InsufficientInstanceCapacity",
-            "capacity": 3, "count": 1, "match": {"Value": ours}}),
+            "capacity": 3, "count": 1, "match": {"Key": "gha:batch", "Value": ours}}),
         )
         .await;
     let first: Vec<String> = (0..5).map(|i| format!("first-{i}")).collect();
@@ -1844,7 +1847,7 @@ async fn a_burst_launches_in_batches_and_each_job_takes_its_own_instance() {
     proxy
         .add_fault(
             json!({"action": "CreateFleet", "code": "-", "lose_answer": true,
-            "count": 1, "match": {"Value": ours}}),
+            "count": 1, "match": {"Key": "gha:batch", "Value": ours}}),
         )
         .await;
     let second: Vec<String> = (0..4).map(|i| format!("second-{i}")).collect();
@@ -1889,13 +1892,45 @@ async fn a_burst_launches_in_batches_and_each_job_takes_its_own_instance() {
         assert!(launch.batch.is_some(), "{launch:?}");
     }
 
-    // Every job ends, and its instance with it.
+    // As an attacker with write access to statuses: second-1's status is made to record
+    // second-0's place and instance, and a new controller (which remembers no launch) takes
+    // over. second-1 ends; second-0's instance is not its to terminate, and runs on.
+    controllers.abort();
+    let status_of = |job: &RunnerJob| job.status.clone().unwrap();
+    let victim = status_of(&w.jobs.get("second-0").await.unwrap());
+    let own = status_of(&w.jobs.get("second-1").await.unwrap())
+        .instance
+        .unwrap()
+        .id;
+    w.patch_job_status(
+        "second-1",
+        json!({"launch": victim.launch, "instance": victim.instance}),
+    )
+    .await;
+    let _controllers = w.start(w.context_with(settings));
+    w.report("second-1", "success").await;
+    w.wait(|| async { w.phase("second-1").await.is_some_and(|p| p.is_finished()) })
+        .await;
+    let victim_id = victim.instance.unwrap().id;
+    let alive = |i: &Instance| i.id == victim_id && i.is_alive();
+    assert!(
+        pool_instances(&w).await.iter().any(alive),
+        "second-0's instance was terminated"
+    );
+    assert_eq!(w.phase("second-0").await, Some(JobPhase::Booting));
+
+    // Every job ends, and its instance with it. second-1's own instance, named by no status
+    // now, is the garbage collector's once it is three minutes old.
     for name in first.iter().chain(&second) {
         w.report(name, "success").await;
     }
-    for name in first.iter().chain(&second) {
+    for name in first.iter().chain(&second).filter(|n| *n != "second-1") {
         w.wait_phase(name, JobPhase::Succeeded).await;
     }
-    w.wait(|| async { pool_instances(&w).await.iter().all(|i| !i.is_alive()) })
-        .await;
+    w.wait(|| async {
+        (pool_instances(&w).await.iter())
+            .filter(|i| i.id != own)
+            .all(|i| !i.is_alive())
+    })
+    .await;
 }

@@ -250,8 +250,10 @@ pub struct LaunchIntent {
     pub batch: Option<LaunchBatch>,
 }
 
-/// A job's place in a batched launch.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+/// A job's place in a batched launch. The token is a digest of the members, the request and
+/// the nonce, so a place can be checked against the job that records it: no other job's
+/// status can claim it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LaunchBatch {
     /// Instances the batch asks for: one per member job.
@@ -261,6 +263,11 @@ pub struct LaunchBatch {
     /// instances sorted by id is this job's.
     #[schemars(range(max = 99))]
     pub member: u32,
+    /// Every member, in order: `uid/instance attempt/launch attempt`.
+    #[schemars(length(max = 100))]
+    pub members: Vec<String>,
+    /// The batch's nonce, hex.
+    pub nonce: String,
 }
 
 /// An instance type in a subnet.

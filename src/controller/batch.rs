@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{OnceCell, watch};
 use tokio::time::Instant;
 
+use crate::api::LaunchIntent;
 use crate::cloud::{CloudResult, Ec2, LaunchOutcome, LaunchRequest};
 
 /// How long an answer stays shared with members that ask after it came.
@@ -31,7 +32,7 @@ pub struct Batches {
     /// Places in sent batches whose member failed to record them, by member: its next pass
     /// records the same place and takes the instance made for it, rather than launching
     /// another.
-    kept: Mutex<HashMap<String, (Instant, LaunchRequest, u32)>>,
+    kept: Mutex<HashMap<String, (Instant, LaunchIntent, LaunchRequest)>>,
 }
 
 /// One launch call and its answer, shared by the members that ask for it.
@@ -43,6 +44,8 @@ pub struct Batch {
     max: usize,
     members: Mutex<Members>,
     full: tokio::sync::Notify,
+    /// Part of the batch's token: no later batch of the same jobs has the same one.
+    nonce: [u8; 16],
     /// The request, planned once for every member; `None` when no offering had capacity.
     plan: OnceCell<Option<LaunchRequest>>,
     /// Members done recording (or failing to).
@@ -70,29 +73,33 @@ impl Batches {
     /// opens one; returns once the batch has closed: `window` after it opened, or when it has
     /// `max` members.
     pub async fn join(&self, pool: &str, member: String, window: Duration, max: usize) -> Joined {
-        let (batch, index) = {
+        let mut joined = {
             let mut open = self.open.lock().unwrap();
             let now = Instant::now();
-            let joinable = |b: &Batch| {
-                let m = b.members.lock().unwrap();
-                !m.closed && b.closes > now && m.list.len() < b.max
-            };
-            let batch = match open.get(pool) {
-                Some(b) if joinable(b) => b.clone(),
-                _ => {
-                    let b = Arc::new(Batch {
-                        closes: now + window,
-                        max: max.max(1),
-                        members: Mutex::default(),
-                        full: Default::default(),
-                        plan: OnceCell::new(),
-                        recorded: watch::Sender::new(0),
-                    });
-                    open.insert(pool.to_string(), b.clone());
-                    b
+            let fresh = || {
+                let mut nonce = [0u8; 16];
+                if aws_lc_rs::rand::fill(&mut nonce).is_err() {
+                    let now = k8s_openapi::jiff::Timestamp::now();
+                    nonce = now.as_nanosecond().to_le_bytes();
                 }
+                Arc::new(Batch {
+                    closes: now + window,
+                    max: max.max(1),
+                    members: Mutex::default(),
+                    full: Default::default(),
+                    nonce,
+                    plan: OnceCell::new(),
+                    recorded: watch::Sender::new(0),
+                })
             };
+            let mut batch = open.get(pool).cloned().unwrap_or_else(fresh);
+            // Checked and joined under one lock: a batch closed meanwhile takes no one.
             let mut members = batch.members.lock().unwrap();
+            if members.closed || batch.closes <= now || members.list.len() >= batch.max {
+                drop(members);
+                batch = fresh();
+                members = batch.members.lock().unwrap();
+            }
             members.list.push(member);
             let index = members.list.len() - 1;
             if members.list.len() >= batch.max {
@@ -100,8 +107,16 @@ impl Batches {
                 batch.full.notify_waiters();
             }
             drop(members);
-            (batch, index)
+            open.insert(pool.to_string(), batch.clone());
+            // From here on, a pass that ends (or is cancelled) tells the others it is done.
+            Joined {
+                batch,
+                members: Vec::new(),
+                member: index as u32,
+                reported: false,
+            }
         };
+        let batch = joined.batch.clone();
         {
             let full = batch.full.notified();
             tokio::pin!(full);
@@ -115,24 +130,24 @@ impl Batches {
         }
         // Closed by whoever reads it first: no one joins it after that, so every member reads
         // the same list.
-        let members = {
+        joined.members = {
             let mut m = batch.members.lock().unwrap();
             m.closed = true;
             m.list.clone()
         };
-        Joined {
-            batch,
-            members,
-            member: index as u32,
-            reported: false,
-        }
+        joined
     }
 
     /// Sends `request` (a batch's, under its token) once for every member asking now or
     /// within a minute of the answer. An error is shared only with those who asked with it:
     /// the next to ask sends again.
     pub async fn send(&self, ec2: &dyn Ec2, request: &LaunchRequest) -> CloudResult<LaunchOutcome> {
-        let token = request.client_token.clone().unwrap_or_default();
+        // EC2 answers a token again only for the same parameters: so does this.
+        let token = format!(
+            "{}\n{}",
+            request.client_token.as_deref().unwrap_or_default(),
+            request.parameters()
+        );
         let cell = {
             let mut flights = self.flights.lock().unwrap();
             let now = Instant::now();
@@ -169,22 +184,27 @@ impl Batches {
 }
 
 impl Batches {
-    /// Keeps `member`'s place (`request`'s instance number `place`) for its next pass.
-    pub fn keep(&self, member: &str, request: &LaunchRequest, place: u32) {
+    /// Keeps `member`'s place (its record `intent` of `request`) for its next pass.
+    pub fn keep(&self, member: &str, intent: &LaunchIntent, request: &LaunchRequest) {
         let mut kept = self.kept.lock().unwrap();
         let now = Instant::now();
         kept.retain(|_, (at, _, _)| now.duration_since(*at) < ANSWER_KEPT);
-        kept.insert(member.to_string(), (now, request.clone(), place));
+        kept.insert(member.to_string(), (now, intent.clone(), request.clone()));
     }
 
     /// The place kept for `member` within the last minute, given up to it.
-    pub fn kept(&self, member: &str) -> Option<(LaunchRequest, u32)> {
-        let (at, request, place) = self.kept.lock().unwrap().remove(member)?;
-        (at.elapsed() < ANSWER_KEPT).then_some((request, place))
+    pub fn kept(&self, member: &str) -> Option<(LaunchIntent, LaunchRequest)> {
+        let (at, intent, request) = self.kept.lock().unwrap().remove(member)?;
+        (at.elapsed() < ANSWER_KEPT).then_some((intent, request))
     }
 }
 
 impl Joined {
+    /// The batch's nonce, part of its token.
+    pub fn nonce(&self) -> &[u8] {
+        &self.batch.nonce
+    }
+
     /// The batch's request, planned by the first member to ask (by the next, when planning
     /// failed).
     pub async fn plan<F, E>(&self, plan: F) -> Result<Option<LaunchRequest>, E>

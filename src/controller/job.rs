@@ -341,7 +341,7 @@ fn instance_state(
         .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()))
         .filter(|id| !earlier(id));
     // A batch's instance by the id the status knows; a job's own by its tags.
-    let by_id = known.and_then(|id| snapshot.batched.get(id));
+    let by_id = batch_instance(snapshot, status, uid).filter(|i| known == Some(i.id.as_str()));
     let listed = (by_id.or_else(|| snapshot.instances.get(uid)))
         .filter(|i| !earlier(&i.id))
         .map(|i| Listed {
@@ -361,6 +361,36 @@ fn instance_state(
                 .map(|t| t.0)
         });
     domain_instance_state(listed, known, answered, snapshot.taken, visibility)
+}
+
+/// The instance of the job's batch that its status names, as listed: only when it carries the
+/// batch token the status recorded, and that batch place is the job's. The status is writable
+/// by others: it must not make another job's instance this one's.
+fn batch_instance<'a>(
+    snapshot: &'a Snapshot,
+    status: &RunnerJobStatus,
+    uid: &str,
+) -> Option<&'a Instance> {
+    let launch = status.launch.as_ref()?;
+    launch::batch_place_of(launch, uid).ok()?;
+    let id = &status.instance.as_ref()?.id;
+    let token = Some(&launch.client_token);
+    (snapshot.batched.get(id)).filter(|i| i.tags.get(launch::BATCH) == token)
+}
+
+/// Whether a job other than `uid` that has not finished names instance `id` (as the cache
+/// shows them): a member of the same batch whose status was made to name another's instance
+/// does not get to terminate it.
+fn named_by_another(ctx: &Context, uid: &str, id: &str) -> bool {
+    let Some(store) = ctx.jobs.store() else {
+        return true;
+    };
+    store.state().iter().any(|j| {
+        j.metadata.uid.as_deref() != Some(uid)
+            && (j.status.as_ref()).is_some_and(|s| {
+                !s.phase.is_finished() && s.instance.as_ref().is_some_and(|i| i.id == id)
+            })
+    })
 }
 
 /// Whether `job` may launch from `pool` now. When the pool is ready, a runner slot is
@@ -816,17 +846,15 @@ async fn execute(
 async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
     // The job's by its tags, by this process's launch, or as the instance of the job's batch
     // that its status names.
-    let token = seen.status.launch.as_ref().map(|l| l.client_token.as_str());
-    let named = seen.status.instance.as_ref().map(|i| i.id.as_str());
+    let batch = batch_instance(&seen.snapshot, &seen.status, &seen.uid)
+        .filter(|i| !named_by_another(ctx, &seen.uid, &i.id));
     let verified = |id: &String| {
         seen.snapshot
             .instances
             .get(&seen.uid)
             .is_some_and(|i| &i.id == id)
             || seen.launched.as_ref().is_some_and(|(mine, _)| mine == id)
-            || (named == Some(id.as_str())
-                && (seen.snapshot.batched.get(id))
-                    .is_some_and(|i| i.tags.get(launch::BATCH).map(String::as_str) == token))
+            || batch.is_some_and(|i| &i.id == id)
     };
     if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &seen.facts.instance
         && verified(id)
@@ -1174,8 +1202,7 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
             Some(_) => launch::batch_tags(&pool_tags(job, &pool, ctx), &intent.client_token),
             None => job_tags(job, &pool, ctx),
         };
-        let max_batch = ctx.settings.launch_batch_max;
-        launch::replay(intent, &pool.spec, &template, &tags, max_batch)
+        launch::replay(intent, &pool.spec, &template, &tags, &seen.uid)
     });
     let request = match recorded {
         Some(Ok(request)) => request,
@@ -1230,29 +1257,32 @@ async fn new_launch(
         );
     }
     let planned = match (kept, joined.as_ref().filter(|j| j.members.len() > 1)) {
-        (Some((request, place)), _) => Some((launch::batch_intent(&request, place), request)),
+        (Some(kept), _) => Some(kept),
         (None, None) => plan(job, ctx, pool, template, &seen.status)
             .await?
             .map(|request| (launch::intent(&request), request)),
-        (None, Some(j)) => j
-            .plan(plan_batch(ctx, job, pool, template, &j.members))
+        (None, Some(j)) => (j.plan(plan_batch(ctx, job, pool, template, &j.members, j.nonce())))
             .await?
-            .map(|request| (launch::batch_intent(&request, j.member), request)),
+            .map(|request| {
+                let intent = launch::batch_intent(&request, &j.members, j.member, j.nonce());
+                (intent, request)
+            }),
     };
     let Some((intent, request)) = planned else {
         let why = "no offering of the pool has capacity now".to_string();
         return Ok(Err(LaunchAnswer::NoCapacity { left: false, why }));
     };
-    // The record comes first: whatever happens next, a later pass sends this again.
-    seen.status.launch = Some(intent);
-    enter(&mut seen.status, JobPhase::Launching, seen.now);
+    // The record comes first: whatever happens next, a later pass sends this again. The
+    // launch's visibility window starts as it is recorded, past the batch's window.
+    seen.status.launch = Some(intent.clone());
+    enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
     let written = seen.write(job, ctx, &[]).await;
     if let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) {
         j.recorded();
         match &written {
             Ok(()) => j.all_recorded().await,
             // Sent without this record when the others have theirs: kept for the next pass.
-            Err(_) => batches.keep(&member, &request, j.member),
+            Err(_) => batches.keep(&member, &intent, &request),
         }
     }
     written?;
@@ -1316,17 +1346,14 @@ async fn plan_batch(
     pool: &RunnerPool,
     template: &crate::api::LaunchTemplateRef,
     members: &[String],
+    nonce: &[u8],
 ) -> Result<Option<LaunchRequest>> {
     let tags = pool_tags(job, pool, ctx);
     let Some(mut request) = offer(ctx, pool, template, tags.clone()).await? else {
         return Ok(None);
     };
     request.count = members.len() as u32;
-    let mut nonce = [0u8; 16];
-    if aws_lc_rs::rand::fill(&mut nonce).is_err() {
-        nonce = Timestamp::now().as_nanosecond().to_le_bytes();
-    }
-    let token = launch::batch_token(members, &request.parameters(), &nonce);
+    let token = launch::batch_token(members, &request.parameters(), nonce);
     request.tags = launch::batch_tags(&tags, &token);
     request.client_token = Some(token);
     Ok(Some(request))
@@ -1411,7 +1438,7 @@ async fn send(
         .status
         .launch
         .as_ref()
-        .and_then(|l| l.batch)
+        .and_then(|l| l.batch.as_ref())
         .map(|b| b.member);
     let mine = match member {
         None => outcome.instances.first(),
@@ -1428,12 +1455,26 @@ async fn send(
             (Some(f), _) => format!("EC2 launched nothing: {}", f.error),
             (None, _) => "EC2 launched nothing for the offerings asked".to_string(),
         };
-        // Only a refusal that marked offerings leaves others to try at once, or a batch EC2
+        // Only a refusal that marked offerings leaves others to try at once; a batch EC2
         // filled in part (RunInstances launches what it can up to its MaxCount, and says
-        // nothing of the rest): its members left over go into the next batch. Anything else is
-        // a round, and the next one waits its backoff.
+        // nothing of the rest) marks its offering, and its members left over go into the next
+        // batch. Anything else is a round, and the next one waits its backoff.
         let part = member.is_some() && !outcome.instances.is_empty();
-        let left = (marked && offerings_left(ctx, pool, &zones)) || part;
+        if part
+            && !marked
+            && let Some((t, subnet)) = request.offerings.first()
+        {
+            // Filled in part without a word why: the offering is short for now.
+            let offering = (Some(t.as_str()), Some(subnet.as_str()));
+            let why = format!(
+                "EC2 launched {} of {}",
+                outcome.instances.len(),
+                request.count
+            );
+            mark_offerings(ctx, request, &zones, offering, &why);
+            marked = true;
+        }
+        let left = marked && offerings_left(ctx, pool, &zones);
         return Ok(LaunchAnswer::NoCapacity { left, why });
     };
     if instance.zone.is_empty() {
@@ -1511,6 +1552,14 @@ fn refused(
         };
         ctx.forget_pool_check(&identity.key());
         LaunchAnswer::TemplateMissing(e.to_string())
+    } else if e.code == "IdempotentInstanceTerminated" {
+        // The launch was made, and an instance it made is terminated: EC2 no longer answers
+        // it. A batch member that never heard the answer launches anew; an instance of the
+        // batch that was its own is nobody's, and the garbage collector's.
+        LaunchAnswer::NoCapacity {
+            left: true,
+            why: format!("the recorded launch can no longer be answered: {e}"),
+        }
     } else if matches!(
         e.class,
         ErrorClass::InvalidInput | ErrorClass::NotFound | ErrorClass::Unauthorized

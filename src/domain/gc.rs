@@ -287,7 +287,12 @@ mod tests {
                 allocation_strategy: None,
                 offerings: Vec::new(),
                 tags: Default::default(),
-                batch: Some(LaunchBatch { size: 2, member: 0 }),
+                batch: Some(LaunchBatch {
+                    size: 2,
+                    member: 0,
+                    members: vec!["a/1/1".into(), "b/1/1".into()],
+                    nonce: "00".into(),
+                }),
             }),
             ..Default::default()
         };

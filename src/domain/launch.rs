@@ -311,14 +311,78 @@ pub fn batch_tags(pool_tags: &BTreeMap<String, String>, token: &str) -> BTreeMap
     all
 }
 
-/// Member `member`'s record of a batched launch.
-pub fn batch_intent(request: &LaunchRequest, member: u32) -> LaunchIntent {
+/// Member `member`'s record of a batched launch of `members` under `nonce`.
+pub fn batch_intent(
+    request: &LaunchRequest,
+    members: &[String],
+    member: u32,
+    nonce: &[u8],
+) -> LaunchIntent {
     LaunchIntent {
         batch: Some(LaunchBatch {
             size: request.count,
             member,
+            members: members.to_vec(),
+            nonce: crate::domain::pool::hex(nonce),
         }),
         ..intent(request)
+    }
+}
+
+/// Whether a recorded batch is the place of the job with `uid`: its token is the digest of
+/// its members, request and nonce, and the member at its place is that job. A status is
+/// writable by others: a place copied from another job's status, or a batch made up, does
+/// not pass. Why not, otherwise.
+pub fn batch_place_of(intent: &LaunchIntent, uid: &str) -> Result<(), String> {
+    let Some(batch) = &intent.batch else {
+        return Err("it records no batch".into());
+    };
+    let size = batch.members.len();
+    if !(2..=MAX_BATCH as usize).contains(&size) || batch.size as usize != size {
+        return Err(format!("its batch is not within 2 to {MAX_BATCH} members"));
+    }
+    let at_place = batch.members.get(batch.member as usize);
+    if at_place.and_then(|m| m.split('/').next()) != Some(uid) {
+        return Err("its place in the batch is another job's".into());
+    }
+    let nonce = (0..batch.nonce.len())
+        .step_by(2)
+        .map(|i| {
+            batch
+                .nonce
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or("its nonce is not hex")?;
+    let mut tags = intent.tags.clone();
+    tags.remove(BATCH);
+    let request = LaunchRequest {
+        tags,
+        count: batch.size,
+        client_token: None,
+        ..request_of(intent)
+    };
+    if batch_token(&batch.members, &request.parameters(), &nonce) != intent.client_token {
+        return Err("its token is not its batch's".into());
+    }
+    Ok(())
+}
+
+/// The request `intent` records, its token and count aside.
+fn request_of(intent: &LaunchIntent) -> LaunchRequest {
+    LaunchRequest {
+        launch_template_id: intent.launch_template_id.clone(),
+        version: intent.launch_template_version,
+        offerings: (intent.offerings.iter())
+            .map(|o| (o.instance_type.clone(), o.subnet.clone()))
+            .collect(),
+        spot: intent.market == "spot",
+        fleet: intent.fleet,
+        tags: intent.tags.clone(),
+        allocation_strategy: intent.allocation_strategy.clone(),
+        client_token: Some(intent.client_token.clone()),
+        count: intent.batch.as_ref().map_or(1, |b| b.size),
     }
 }
 
@@ -333,8 +397,8 @@ pub fn member_instance(instances: &[Instance], member: u32) -> Option<&Instance>
 
 /// The request a recorded launch sends again, token and all, when it still fits: the pool's
 /// launch template at its current version, offerings and a market the pool allows, and the
-/// job's tags exactly (a batch's: the pool's and the batch's token), and a batch no larger than
-/// `max_batch`. A status is writable by others; what it records must not steer a launch
+/// job's tags exactly (a batch's: the pool's and the batch's token), and a batch place that is
+/// this job's ([`batch_place_of`]). A status is writable by others; what it records must not steer a launch
 /// elsewhere, and a launch recorded before the pool changed is not the pool's any more. Why
 /// not, otherwise.
 pub fn replay(
@@ -342,7 +406,7 @@ pub fn replay(
     spec: &RunnerPoolSpec,
     template: &crate::api::LaunchTemplateRef,
     job_tags: &BTreeMap<String, String>,
-    max_batch: u32,
+    uid: &str,
 ) -> Result<LaunchRequest, String> {
     if (&intent.launch_template_id, intent.launch_template_version)
         != (&template.id, template.version)
@@ -370,30 +434,10 @@ pub fn replay(
     if &intent.tags != job_tags || intent.client_token.is_empty() {
         return Err("it does not carry this job's tags and a token".into());
     }
-    let count = match intent.batch {
-        None => 1,
-        Some(LaunchBatch { size, member }) if (2..=max_batch).contains(&size) && member < size => {
-            size
-        }
-        Some(_) => {
-            return Err(format!(
-                "its batch is not within 2 to {max_batch} instances"
-            ));
-        }
-    };
-    Ok(LaunchRequest {
-        launch_template_id: intent.launch_template_id.clone(),
-        version: intent.launch_template_version,
-        offerings: (intent.offerings.iter())
-            .map(|o| (o.instance_type.clone(), o.subnet.clone()))
-            .collect(),
-        spot: intent.market == "spot",
-        fleet: intent.fleet,
-        tags: intent.tags.clone(),
-        allocation_strategy: intent.allocation_strategy.clone(),
-        client_token: Some(intent.client_token.clone()),
-        count,
-    })
+    if intent.batch.is_some() {
+        batch_place_of(intent, uid)?;
+    }
+    Ok(request_of(intent))
 }
 
 /// A tag value within EC2's limit: unchanged when it fits, else cut and ended with a digest
@@ -649,29 +693,32 @@ mod tests {
         };
         let current = template("lt-1", 3);
         // The same request, token and all: EC2 answers it with the instance it made.
-        assert_eq!(replay(&intent, &pool, &current, &job_tags, 10), Ok(request));
+        assert_eq!(
+            replay(&intent, &pool, &current, &job_tags, "uid-1"),
+            Ok(request)
+        );
         // What no longer fits is not sent: another template or version, other tags (the
         // pool's or another job's), an offering or a market the pool does not allow, no token.
         for template in [template("lt-2", 3), template("lt-1", 4)] {
-            assert!(replay(&intent, &pool, &template, &job_tags, 10).is_err());
+            assert!(replay(&intent, &pool, &template, &job_tags, "uid-1").is_err());
         }
         for (key, value) in [("team", "infra"), (RUNNER_JOB_UID, "uid-2")] {
             let mut other = job_tags.clone();
             other.insert(key.into(), value.into());
-            assert!(replay(&intent, &pool, &current, &other, 10).is_err());
+            assert!(replay(&intent, &pool, &current, &other, "uid-1").is_err());
         }
         let mut bigger = intent.clone();
         bigger.offerings[0].instance_type = "p5.48xlarge".into();
-        assert!(replay(&bigger, &pool, &current, &job_tags, 10).is_err());
+        assert!(replay(&bigger, &pool, &current, &job_tags, "uid-1").is_err());
         let mut elsewhere = intent.clone();
         elsewhere.offerings[0].subnet = "subnet-z".into();
-        assert!(replay(&elsewhere, &pool, &current, &job_tags, 10).is_err());
+        assert!(replay(&elsewhere, &pool, &current, &job_tags, "uid-1").is_err());
         let mut on_demand = intent.clone();
         on_demand.market = "onDemand".into();
-        assert!(replay(&on_demand, &pool, &current, &job_tags, 10).is_err());
+        assert!(replay(&on_demand, &pool, &current, &job_tags, "uid-1").is_err());
         let mut tokenless = intent.clone();
         tokenless.client_token.clear();
-        assert!(replay(&tokenless, &pool, &current, &job_tags, 10).is_err());
+        assert!(replay(&tokenless, &pool, &current, &job_tags, "uid-1").is_err());
     }
 
     #[test]
@@ -698,16 +745,17 @@ mod tests {
             client_token: None,
             count: 3,
         };
-        let token = batch_token(&members, &request.parameters(), b"n1");
+        let nonce = b"n1";
+        let token = batch_token(&members, &request.parameters(), nonce);
         assert!(token.len() <= 64 && token.is_ascii());
         // Other members, the same ones asking for something else, or again: another launch.
         assert_ne!(
             token,
-            batch_token(&members[..2], &request.parameters(), b"n1")
+            batch_token(&members[..2], &request.parameters(), nonce)
         );
         let mut fewer = request.clone();
         fewer.count = 2;
-        assert_ne!(token, batch_token(&members, &fewer.parameters(), b"n1"));
+        assert_ne!(token, batch_token(&members, &fewer.parameters(), nonce));
         assert_ne!(token, batch_token(&members, &request.parameters(), b"n2"));
         request.tags = batch_tags(&pool_tags, &token);
         request.client_token = Some(token.clone());
@@ -719,25 +767,40 @@ mod tests {
             version: 3,
         };
         let tags = batch_tags(&pool_tags, &token);
-        for member in 0..3 {
-            let intent = batch_intent(&request, member);
+        for (member, uid) in ["uid-1", "uid-2", "uid-3"].into_iter().enumerate() {
+            let intent = batch_intent(&request, &members, member as u32, nonce);
             // Every member sends the whole batch again, under its token.
             assert_eq!(
-                replay(&intent, &pool, &template, &tags, 10),
+                replay(&intent, &pool, &template, &tags, uid),
                 Ok(request.clone())
             );
+            // Not another job: a place copied from a member's status is that member's.
+            assert!(replay(&intent, &pool, &template, &tags, "uid-9").is_err());
             // Not with a job's tags or another batch's token.
-            assert!(replay(&intent, &pool, &template, &pool_tags, 10).is_err());
+            assert!(replay(&intent, &pool, &template, &pool_tags, uid).is_err());
             let other = batch_tags(&pool_tags, "pacer-bother");
-            assert!(replay(&intent, &pool, &template, &other, 10).is_err());
+            assert!(replay(&intent, &pool, &template, &other, uid).is_err());
         }
-        // A recorded batch cannot be made larger than the controller's bound, or name a
-        // member outside it.
-        for (size, member) in [(11, 0), (3, 3), (1, 0)] {
-            let mut forged = batch_intent(&request, 0);
-            forged.batch = Some(LaunchBatch { size, member });
-            assert!(replay(&forged, &pool, &template, &tags, 10).is_err());
-        }
+        // A recorded batch made up or changed does not pass: another job written in at a
+        // place (the token no longer its digest), a size other than its members, a place
+        // outside it, more than the bound.
+        let forged = |uid: &str, change: &dyn Fn(&mut LaunchBatch)| {
+            let mut intent = batch_intent(&request, &members, 0, nonce);
+            change(intent.batch.as_mut().unwrap());
+            batch_place_of(&intent, uid)
+        };
+        assert_eq!(forged("uid-1", &|_| {}), Ok(()));
+        assert!(forged("uid-9", &|b| b.members[0] = "uid-9/1/1".into()).is_err());
+        assert!(forged("uid-1", &|b| b.size = 4).is_err());
+        assert!(forged("uid-1", &|b| b.nonce = "zz".into()).is_err());
+        assert!(forged("uid-1", &|b| b.nonce = "6e32".into()).is_err());
+        let many: Vec<String> = (0..=MAX_BATCH).map(|i| format!("uid-{i}/1/1")).collect();
+        let too_many = |b: &mut LaunchBatch| {
+            b.members = many.clone();
+            b.size = many.len() as u32;
+            b.member = 1;
+        };
+        assert!(forged("uid-1", &too_many).is_err());
         // The answer sorted by id: the same instance for a member however EC2 ordered it, none
         // past what it launched.
         let instance = |id: &str| Instance {

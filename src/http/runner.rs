@@ -28,7 +28,7 @@ use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
 use crate::domain::job::{
     BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap, may_give_back, may_put_back, still_ours,
 };
-use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID};
+use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID, batch_place_of};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
 
@@ -327,17 +327,17 @@ pub async fn bootstrap(
 }
 
 /// The RunnerJob a batch's instance is for: the one whose status names it (a member records
-/// its instance as soon as EC2 answers, before the instance can have booted). While a member
-/// of its batch still waits for EC2's answer, the instance asks again; once none does, an
+/// its instance as soon as EC2 answers, before the instance can have booted), of the pool the
+/// instance's tags name, with a place in the batch its tag names ([`batch_place_of`]). While a
+/// member of its batch still waits for EC2's answer, or the instance is young enough that a
+/// member whose record failed may yet record it, the instance asks again; after that, an
 /// instance no job names is nobody's.
 async fn batch_member(web: &Web, instance: &crate::cloud::Instance) -> Result<RunnerJob, ApiError> {
     let id = &instance.id;
-    let namespace = (instance.tags.get(crate::cloud::tags::POOL))
-        .and_then(|pool| pool.split_once('/'))
-        .map(|(namespace, _)| namespace);
+    let pool = (instance.tags.get(crate::cloud::tags::POOL)).and_then(|pool| pool.split_once('/'));
     let token = instance.tags.get(BATCH);
     let selectable = |v: &str| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    let (Some(namespace), Some(token)) = (namespace, token.filter(|t| selectable(t))) else {
+    let (Some((namespace, pool)), Some(token)) = (pool, token.filter(|t| selectable(t))) else {
         return Err(denied(format!("instance {id} carries no RunnerJob tags")));
     };
     let api = jobs(web, namespace);
@@ -345,6 +345,13 @@ async fn batch_member(web: &Web, instance: &crate::cloud::Instance) -> Result<Ru
         s.instance.as_ref().is_some_and(|i| &i.id == id)
     })
     .await?;
+    let theirs = |job: &RunnerJob| {
+        let launch = job.status.as_ref().and_then(|s| s.launch.as_ref());
+        let uid = job.uid().unwrap_or_default();
+        job.spec.pool_name == pool
+            && launch.is_some_and(|l| &l.client_token == token && batch_place_of(l, &uid).is_ok())
+    };
+    let named: Vec<RunnerJob> = named.into_iter().filter(theirs).collect();
     match <[RunnerJob; 1]>::try_from(named) {
         Ok([job]) => return Ok(job),
         Err(named) if !named.is_empty() => {
@@ -360,7 +367,18 @@ async fn batch_member(web: &Web, instance: &crate::cloud::Instance) -> Result<Ru
     .await?;
     let live =
         || (members.iter().filter_map(|j| j.status.as_ref())).filter(|s| !s.phase.is_finished());
-    if live().any(|s| s.instance.is_none()) {
+    // A member whose record failed keeps its place a while, and records it again: until then
+    // fewer jobs record the batch than it has members.
+    let age = instance
+        .launch_time
+        .map(|t| Timestamp::now().as_second() - t);
+    let young = age.is_some_and(|age| age < crate::domain::gc::BATCH_GRACE.as_secs() as i64);
+    let size = (members.iter())
+        .filter_map(|j| j.status.as_ref()?.launch.as_ref()?.batch.as_ref())
+        .map(|b| b.size as usize)
+        .max();
+    let short = size.is_some_and(|size| members.len() < size);
+    if (young && short) || live().any(|s| s.instance.is_none()) {
         return Err(ApiError::Unavailable(
             "no RunnerJob has recorded this instance of its batch yet; ask again shortly",
         ));

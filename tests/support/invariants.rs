@@ -101,7 +101,7 @@ pub async fn instances_by_job(
 ) -> HashMap<String, (usize, Vec<String>)> {
     // A batch's instances carry no job's uid: the job whose status names one (as its
     // instance, or an earlier attempt's) is its job.
-    let named: HashMap<&str, &str> = jobs
+    let naming: Vec<(&str, &str)> = jobs
         .iter()
         .flat_map(|j| {
             let uid = j.metadata.uid.as_deref().unwrap_or_default();
@@ -115,6 +115,14 @@ pub async fn instances_by_job(
             current.into_iter().chain(earlier).map(move |id| (id, uid))
         })
         .collect();
+    let mut named: HashMap<&str, &str> = HashMap::new();
+    for (id, uid) in naming {
+        let other = named.insert(id, uid).filter(|other| *other != uid);
+        assert!(
+            other.is_none(),
+            "instance {id} is named by two jobs: {uid} and {other:?}"
+        );
+    }
     let mut by_uid: HashMap<String, (usize, Vec<String>)> = HashMap::new();
     let mut tries = 0;
     let all = loop {
