@@ -265,8 +265,10 @@ pub struct LaunchBatch {
     pub member: u32,
     /// Every member, in order: `uid/instance attempt/launch attempt`.
     #[schemars(length(max = 100))]
+    #[serde(default)]
     pub members: Vec<String>,
     /// The batch's nonce, hex.
+    #[serde(default)]
     pub nonce: String,
 }
 

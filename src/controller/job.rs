@@ -378,18 +378,19 @@ fn batch_instance<'a>(
     (snapshot.batched.get(id)).filter(|i| i.tags.get(launch::BATCH) == token)
 }
 
-/// Whether a job other than `uid` that has not finished names instance `id` (as the cache
-/// shows them): a member of the same batch whose status was made to name another's instance
-/// does not get to terminate it.
-fn named_by_another(ctx: &Context, uid: &str, id: &str) -> bool {
+/// Whether a job other than `uid` that has not finished claims batch instance `id` (as the
+/// cache shows them): its status names it, from a batch place that is its own. A member of the
+/// same batch whose status was made to name another's instance does not get to terminate it,
+/// and a replay that answered otherwise than the first time gives no member another's.
+fn named_by_another(ctx: &Context, snapshot: &Snapshot, uid: &str, id: &str) -> bool {
     let Some(store) = ctx.jobs.store() else {
         return true;
     };
     store.state().iter().any(|j| {
-        j.metadata.uid.as_deref() != Some(uid)
-            && (j.status.as_ref()).is_some_and(|s| {
-                !s.phase.is_finished() && s.instance.as_ref().is_some_and(|i| i.id == id)
-            })
+        let other = j.metadata.uid.as_deref().filter(|other| *other != uid);
+        (other.zip(j.status.as_ref())).is_some_and(|(other, s)| {
+            !s.phase.is_finished() && batch_instance(snapshot, s, other).is_some_and(|i| i.id == id)
+        })
     })
 }
 
@@ -846,15 +847,17 @@ async fn execute(
 async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
     // The job's by its tags, by this process's launch, or as the instance of the job's batch
     // that its status names.
-    let batch = batch_instance(&seen.snapshot, &seen.status, &seen.uid)
-        .filter(|i| !named_by_another(ctx, &seen.uid, &i.id));
+    let batch = batch_instance(&seen.snapshot, &seen.status, &seen.uid);
+    let in_batch = seen
+        .status
+        .launch
+        .as_ref()
+        .is_some_and(|l| l.batch.is_some());
     let verified = |id: &String| {
-        seen.snapshot
-            .instances
-            .get(&seen.uid)
-            .is_some_and(|i| &i.id == id)
+        let claimed = (seen.snapshot.instances.get(&seen.uid)).is_some_and(|i| &i.id == id)
             || seen.launched.as_ref().is_some_and(|(mine, _)| mine == id)
-            || batch.is_some_and(|i| &i.id == id)
+            || batch.is_some_and(|i| &i.id == id);
+        claimed && !(in_batch && named_by_another(ctx, &seen.snapshot, &seen.uid, id))
     };
     if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &seen.facts.instance
         && verified(id)
@@ -1444,6 +1447,9 @@ async fn send(
         None => outcome.instances.first(),
         Some(member) => launch::member_instance(&outcome.instances, member),
     };
+    // A replay answered otherwise than the first time gives no member another's instance.
+    let mine = mine
+        .filter(|i| member.is_none() || !named_by_another(ctx, &seen.snapshot, &seen.uid, &i.id));
     let Some(mut instance) = mine.cloned() else {
         ledger.launch_refused(&uid, request.client_token.as_deref().unwrap_or_default());
         let why = match (outcome.failures.first(), member) {
@@ -1554,8 +1560,12 @@ fn refused(
         LaunchAnswer::TemplateMissing(e.to_string())
     } else if e.code == "IdempotentInstanceTerminated" {
         // The launch was made, and an instance it made is terminated: EC2 no longer answers
-        // it. A batch member that never heard the answer launches anew; an instance of the
-        // batch that was its own is nobody's, and the garbage collector's.
+        // it. The job launches anew (a batch member in the next batch, under a new token; a
+        // job alone in a new round, so under a new token too); an instance of the batch that
+        // was its own is nobody's, and the garbage collector's.
+        if request.count <= 1 {
+            seen.status.attempts += 1;
+        }
         LaunchAnswer::NoCapacity {
             left: true,
             why: format!("the recorded launch can no longer be answered: {e}"),

@@ -71,8 +71,9 @@ impl BatchClaims {
 }
 
 /// How old a batch's instance must be, at least, before it may be collected: the claims on it
-/// are read from the watch cache, which may lag behind the statuses a little.
-pub const BATCH_GRACE: Duration = Duration::from_secs(60);
+/// are read from the watch cache, which may lag behind the statuses a little, and a member
+/// whose record failed keeps its place for a minute, retried with backoff.
+pub const BATCH_GRACE: Duration = Duration::from_secs(180);
 
 /// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims: by
 /// the job's uid in the instance's tags, or, for a batch's instance at least [`BATCH_GRACE`]

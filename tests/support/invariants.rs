@@ -112,7 +112,9 @@ pub async fn instances_by_job(
             let earlier = status
                 .into_iter()
                 .flat_map(|s| s.previous_attempts.iter().map(|a| a.instance.as_str()));
-            current.into_iter().chain(earlier).map(move |id| (id, uid))
+            (current.into_iter().chain(earlier))
+                .filter(|id| !id.is_empty())
+                .map(move |id| (id, uid))
         })
         .collect();
     let mut named: HashMap<&str, &str> = HashMap::new();
