@@ -386,12 +386,17 @@ fn named_by_another(ctx: &Context, snapshot: &Snapshot, uid: &str, id: &str) -> 
     let Some(store) = ctx.jobs.store() else {
         return true;
     };
-    store.state().iter().any(|j| {
+    // The id first: only a job that names it is checked further (a digest each), so a burst
+    // of thousands costs a pass over the cache, not a digest per job.
+    let claims = |j: &RunnerJob| {
         let other = j.metadata.uid.as_deref().filter(|other| *other != uid);
         (other.zip(j.status.as_ref())).is_some_and(|(other, s)| {
-            !s.phase.is_finished() && batch_instance(snapshot, s, other).is_some_and(|i| i.id == id)
+            !s.phase.is_finished()
+                && s.instance.as_ref().is_some_and(|i| i.id == id)
+                && batch_instance(snapshot, s, other).is_some()
         })
-    })
+    };
+    store.find(claims).is_some()
 }
 
 /// Whether `job` may launch from `pool` now. When the pool is ready, a runner slot is
