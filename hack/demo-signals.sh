@@ -21,14 +21,7 @@ cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=(int-group hup-group term-make term-group)
 work=$(mktemp -d)
 
-free_ports() {
-  python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks: s.close()' "$1"
-}
+free_ports() { python3 "$here/free-ports.py" "$1"; }
 
 # left MARK DIR: the pids of processes with MARK in their environment or DIR in their arguments.
 left() {

@@ -51,14 +51,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-free_ports() {
-  python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks: s.close()' "$1"
-}
+free_ports() { python3 "$here/free-ports.py" "$1"; }
 
 # wait_for NAME PID URL [CURL_ARGS...]: polls URL until it answers 2xx, or the process dies.
 wait_for() {

@@ -12,14 +12,7 @@ use axum::Router;
 use axum::routing::get;
 use pacer::config::{AcmeConfig, ServerConfig, TlsConfig, TlsMode};
 use pacer::http::serve::Limits;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::process::free_port;
 
 fn scratch(test: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))

@@ -250,6 +250,24 @@ pub struct LaunchIntent {
     pub batch: Option<LaunchBatch>,
 }
 
+#[cfg(test)]
+impl LaunchIntent {
+    /// A single job's on-demand RunInstances under `token`, for tests.
+    pub fn for_test(token: &str) -> Self {
+        Self {
+            client_token: token.into(),
+            launch_template_id: "lt-1".into(),
+            launch_template_version: 1,
+            market: "onDemand".into(),
+            fleet: false,
+            allocation_strategy: None,
+            offerings: Vec::new(),
+            tags: Default::default(),
+            batch: None,
+        }
+    }
+}
+
 /// A job's place in a batched launch. The token is a digest of the members, the request and
 /// the nonce, so a place can be checked against the job that records it: no other job's
 /// status can claim it.

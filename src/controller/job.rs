@@ -26,8 +26,8 @@ use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
     PoolAdmission, RERUN_REQUESTING, RerunAnswer, RunAttempt, SPOT_INTERRUPTION, Step, Witness,
-    decide, enter, holds_slot, instance_state as domain_instance_state, may_rerun, pool_readiness,
-    record_reason, recorded_launch_unsettled, to_wake,
+    claims_batch_instance, decide, enter, holds_slot, instance_state as domain_instance_state,
+    may_rerun, pool_readiness, record_reason, recorded_launch_unsettled, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -371,21 +371,23 @@ fn batch_instance<'a>(
     status: &RunnerJobStatus,
     uid: &str,
 ) -> Option<&'a Instance> {
-    let launch = status.launch.as_ref()?;
-    launch::batch_place_of(launch, uid).ok()?;
     let id = &status.instance.as_ref()?.id;
-    let token = Some(&launch.client_token);
-    (snapshot.batched.get(id)).filter(|i| i.tags.get(launch::BATCH) == token)
+    (snapshot.batched.get(id)).filter(|i| claims_batch_instance(uid, status, id, token_of(i)))
+}
+
+fn token_of(instance: &Instance) -> Option<&str> {
+    instance.tags.get(launch::BATCH).map(String::as_str)
 }
 
 /// Whether a job other than `uid` that has not finished claims batch instance `id` (as the
-/// cache shows them): its status names it, from a batch place that is its own. A member of the
-/// same batch whose status was made to name another's instance does not get to terminate it,
-/// and a replay that answered otherwise than the first time gives no member another's.
+/// cache shows them, see [`claims_batch_instance`]). A member of the same batch whose status
+/// was made to name another's instance does not get to terminate it, and a replay that answered
+/// otherwise than the first time gives no member another's.
 fn named_by_another(ctx: &Context, snapshot: &Snapshot, uid: &str, id: &str) -> bool {
     let Some(store) = ctx.jobs.store() else {
         return true;
     };
+    let token = snapshot.batched.get(id).and_then(token_of);
     // The id first: only a job that names it is checked further (a digest each), so a burst
     // of thousands costs a pass over the cache, not a digest per job.
     let claims = |j: &RunnerJob| {
@@ -393,7 +395,7 @@ fn named_by_another(ctx: &Context, snapshot: &Snapshot, uid: &str, id: &str) -> 
         (other.zip(j.status.as_ref())).is_some_and(|(other, s)| {
             !s.phase.is_finished()
                 && s.instance.as_ref().is_some_and(|i| i.id == id)
-                && batch_instance(snapshot, s, other).is_some()
+                && claims_batch_instance(other, s, id, token)
         })
     };
     store.find(claims).is_some()
@@ -1212,8 +1214,10 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
         };
         launch::replay(intent, &pool.spec, &template, &tags, &seen.uid)
     });
-    let request = match recorded {
-        Some(Ok(request)) => request,
+    // Only a batch planned in this pass cannot have answered otherwise before: any other
+    // member's answer is checked against the instances other jobs claim.
+    let (request, fresh) = match recorded {
+        Some(Ok(request)) => (request, false),
         // A launch that may have made an instance EC2 does not list yet is not replaced.
         Some(Err(why)) if seen.facts.launch_unsettled => {
             let why = format!("the recorded launch no longer fits the pool ({why})");
@@ -1229,12 +1233,12 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
                 seen.status.phase_times.launching = None;
             }
             match new_launch(job, ctx, seen, &pool, &template).await? {
-                Ok(request) => request,
+                Ok(planned) => planned,
                 Err(answer) => return Ok(answer),
             }
         }
     };
-    send(job, ctx, seen, &pool, &request).await
+    send(job, ctx, seen, &pool, &request, fresh).await
 }
 
 /// A new launch for the job, recorded in its status before it goes out: the job's own, or a
@@ -1247,7 +1251,7 @@ async fn new_launch(
     seen: &mut Seen,
     pool: &RunnerPool,
     template: &crate::api::LaunchTemplateRef,
-) -> Result<std::result::Result<LaunchRequest, LaunchAnswer>> {
+) -> Result<std::result::Result<(LaunchRequest, bool), LaunchAnswer>> {
     let settings = &ctx.settings;
     let (window, max) = (settings.launch_batch_window, settings.launch_batch_max);
     let batches = &ctx.jobs.batches;
@@ -1264,6 +1268,7 @@ async fn new_launch(
                 .await,
         );
     }
+    let fresh = kept.is_none();
     let planned = match (kept, joined.as_ref().filter(|j| j.members.len() > 1)) {
         (Some(kept), _) => Some(kept),
         (None, None) => plan(job, ctx, pool, template, &seen.status)
@@ -1294,7 +1299,7 @@ async fn new_launch(
         }
     }
     written?;
-    Ok(Ok(request))
+    Ok(Ok((request, fresh)))
 }
 
 /// The tags of every instance of the pool: the user's and Pacer's.
@@ -1414,6 +1419,7 @@ async fn send(
     seen: &mut Seen,
     pool: &RunnerPool,
     request: &LaunchRequest,
+    fresh: bool,
 ) -> Result<LaunchAnswer> {
     let uid = seen.uid.clone();
     let ledger = &ctx.jobs.ledger;
@@ -1453,8 +1459,9 @@ async fn send(
         Some(member) => launch::member_instance(&outcome.instances, member),
     };
     // A replay answered otherwise than the first time gives no member another's instance.
-    let mine = mine
-        .filter(|i| member.is_none() || !named_by_another(ctx, &seen.snapshot, &seen.uid, &i.id));
+    let replayed = member.is_some() && !fresh;
+    let mine =
+        mine.filter(|i| !replayed || !named_by_another(ctx, &seen.snapshot, &seen.uid, &i.id));
     let Some(mut instance) = mine.cloned() else {
         ledger.launch_refused(&uid, request.client_token.as_deref().unwrap_or_default());
         let why = match (outcome.failures.first(), member) {

@@ -40,7 +40,10 @@ pub fn claims_runner(job: &crate::api::RunnerJob, attempt: u32) -> bool {
 }
 
 /// What live RunnerJobs claim of batched launches, whose instances name no job: the instances
-/// their statuses name, and the batches (by token) a member still waits to hear from.
+/// their statuses name, and the batches (by token) a member still waits to hear from. Unlike
+/// [`super::job::claims_batch_instance`], which decides who may take or terminate an instance,
+/// the collector takes any live status's word: a claim made up only keeps an instance a while
+/// longer (until that job finishes), never ends another job's.
 #[derive(Debug, Default)]
 pub struct BatchClaims {
     pub instances: HashSet<String>,
@@ -280,20 +283,13 @@ mod tests {
                 launch_time: None,
             }),
             launch: Some(LaunchIntent {
-                client_token: token.into(),
-                launch_template_id: "lt-1".into(),
-                launch_template_version: 1,
-                market: "onDemand".into(),
-                fleet: false,
-                allocation_strategy: None,
-                offerings: Vec::new(),
-                tags: Default::default(),
                 batch: Some(LaunchBatch {
                     size: 2,
                     member: 0,
                     members: vec!["a/1/1".into(), "b/1/1".into()],
                     nonce: "00".into(),
                 }),
+                ..LaunchIntent::for_test(token)
             }),
             ..Default::default()
         };

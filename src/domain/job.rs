@@ -1123,6 +1123,68 @@ pub struct Claimant<'a> {
     pub job_uid: &'a str,
 }
 
+/// What RunnerJob `uid`'s status claims of a batched launch, when the batch place it records is
+/// its own (see [`super::launch::batch_place_of`]): the batch's token, and the instance the
+/// status names, once it knows it. Statuses are writable by others: a place copied from another
+/// job's status claims nothing.
+pub fn batch_claim<'a>(
+    uid: &str,
+    status: &'a RunnerJobStatus,
+) -> Option<(&'a str, Option<&'a str>)> {
+    let launch = status.launch.as_ref()?;
+    super::launch::batch_place_of(launch, uid).ok()?;
+    let instance = status.instance.as_ref().map(|i| i.id.as_str());
+    Some((launch.client_token.as_str(), instance))
+}
+
+/// Whether RunnerJob `uid` (finished or not) claims batch instance `id`, listed carrying batch
+/// token `token`: its status names the instance, from a batch place of its own, under that
+/// token. The one rule the bootstrap, the termination, the launch's answer and the garbage
+/// collector apply to a batch's instances, whose tags name no job.
+pub fn claims_batch_instance(
+    uid: &str,
+    status: &RunnerJobStatus,
+    id: &str,
+    token: Option<&str>,
+) -> bool {
+    batch_claim(uid, status)
+        .is_some_and(|(recorded, named)| Some(recorded) == token && named == Some(id))
+}
+
+/// Why batch instance `id`, launched at `launch_time` (seconds) under a token that no RunnerJob
+/// names it under, gets no bootstrap, from the statuses of the jobs that record its batch with
+/// a place of their own (`members`): not yet while a live member still waits for the batch's
+/// answer, or while the instance is younger than [`super::gc::BATCH_GRACE`] and fewer jobs
+/// record the batch than it has members (one whose record failed keeps its place, and records
+/// it again); denied otherwise, naming the instances the batch's jobs did take.
+pub fn unnamed_batch_instance(
+    id: &str,
+    members: &[&RunnerJobStatus],
+    launch_time: Option<i64>,
+    now: Timestamp,
+) -> Refusal {
+    let young =
+        launch_time.is_some_and(|t| now.as_second() - t < super::gc::BATCH_GRACE.as_secs() as i64);
+    let size = (members.iter())
+        .filter_map(|s| s.launch.as_ref()?.batch.as_ref())
+        .map(|b| b.size as usize)
+        .max();
+    let short = size.is_some_and(|size| members.len() < size);
+    let waiting = (members.iter()).any(|s| !s.phase.is_finished() && s.instance.is_none());
+    if (young && short) || waiting {
+        return Refusal::NotYet(
+            "no RunnerJob has recorded this instance of its batch yet; ask again shortly".into(),
+        );
+    }
+    let taken: Vec<&str> = (members.iter())
+        .filter_map(|s| s.instance.as_ref().map(|i| i.id.as_str()))
+        .collect();
+    Refusal::Denied(format!(
+        "the RunnerJobs of its batch launched instances {}, not {id}",
+        taken.join(", ")
+    ))
+}
+
 /// Whether a RunnerJob (its uid and status, as read now) may take an instance's bootstrap at
 /// `now`: it is the RunnerJob the instance was launched for, it waits for one to boot, the
 /// instance is the one it launched (once it knows which), and none has bootstrapped yet. Why
@@ -1670,17 +1732,7 @@ mod tests {
             !recorded_launch_unsettled(&status, never, at, window),
             "nothing recorded"
         );
-        status.launch = Some(crate::api::LaunchIntent {
-            client_token: "t".into(),
-            launch_template_id: "lt-1".into(),
-            launch_template_version: 1,
-            market: "spot".into(),
-            fleet: true,
-            allocation_strategy: None,
-            offerings: Vec::new(),
-            tags: Default::default(),
-            batch: None,
-        });
+        status.launch = Some(crate::api::LaunchIntent::for_test("t"));
         assert!(recorded_launch_unsettled(
             &status,
             never,
@@ -1703,17 +1755,7 @@ mod tests {
     fn a_slot_is_held_from_the_recorded_launch_until_the_job_finishes() {
         let status = |phase, launch: bool, instance: bool| RunnerJobStatus {
             phase,
-            launch: launch.then(|| crate::api::LaunchIntent {
-                client_token: "t".into(),
-                launch_template_id: "lt-1".into(),
-                launch_template_version: 1,
-                market: "onDemand".into(),
-                fleet: false,
-                allocation_strategy: None,
-                offerings: Vec::new(),
-                tags: Default::default(),
-                batch: None,
-            }),
+            launch: launch.then(|| crate::api::LaunchIntent::for_test("t")),
             instance: instance.then(|| crate::api::InstanceStatus {
                 id: "i-1".into(),
                 instance_type: "m7g.large".into(),
@@ -1735,21 +1777,92 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_instance_is_claimed_only_from_a_place_of_the_jobs_own() {
+        let batch = super::super::launch::test_batch(&["a", "b", "c"], b"n");
+        let token = batch[0].client_token.as_str();
+        let status = |intent: &crate::api::LaunchIntent, phase, id: Option<&str>| RunnerJobStatus {
+            phase,
+            launch: Some(intent.clone()),
+            instance: id.map(|id| crate::api::InstanceStatus {
+                id: id.into(),
+                instance_type: "m7g.large".into(),
+                zone: "z".into(),
+                market: "onDemand".into(),
+                launch_time: None,
+            }),
+            ..Default::default()
+        };
+        let a = status(&batch[0], Booting, Some("i-a"));
+        assert_eq!(batch_claim("a", &a), Some((token, Some("i-a"))));
+        assert!(claims_batch_instance("a", &a, "i-a", Some(token)));
+        assert!(
+            !claims_batch_instance("a", &a, "i-b", Some(token)),
+            "another id"
+        );
+        assert!(
+            !claims_batch_instance("a", &a, "i-a", Some("pacer-bx")),
+            "another token"
+        );
+        assert!(!claims_batch_instance("a", &a, "i-a", None), "no token");
+        // b's status given a's place claims nothing; nor does a record of no batch.
+        assert_eq!(batch_claim("b", &a), None);
+        assert!(!claims_batch_instance("b", &a, "i-a", Some(token)));
+        let single = status(
+            &crate::api::LaunchIntent::for_test(token),
+            Booting,
+            Some("i-a"),
+        );
+        assert_eq!(batch_claim("a", &single), None);
+
+        // An instance of the batch that no job names.
+        let now = Timestamp::UNIX_EPOCH + Duration::from_secs(10_000);
+        let launched = now.as_second() - 10;
+        let b_waiting = status(&batch[1], Launching, None);
+        let b_done = status(&batch[1], Booting, Some("i-b"));
+        let c_done = status(&batch[2], Booting, Some("i-c"));
+        let not_yet = |r: Refusal| matches!(r, Refusal::NotYet(_));
+        assert!(
+            not_yet(unnamed_batch_instance(
+                "i-x",
+                &[&a, &b_waiting, &c_done],
+                Some(launched),
+                now
+            )),
+            "a member waits for the answer"
+        );
+        assert!(
+            not_yet(unnamed_batch_instance(
+                "i-x",
+                &[&a, &b_done],
+                Some(launched),
+                now
+            )),
+            "young, and a member has not recorded the batch"
+        );
+        let old = now.as_second() - super::super::gc::BATCH_GRACE.as_secs() as i64;
+        let denied = unnamed_batch_instance("i-x", &[&a, &b_done], Some(old), now);
+        assert!(
+            matches!(&denied, Refusal::Denied(why) if why.contains("i-a, i-b, not i-x")),
+            "{denied:?}"
+        );
+        assert!(matches!(
+            unnamed_batch_instance("i-x", &[&a, &b_done, &c_done], Some(launched), now),
+            Refusal::Denied(_)
+        ));
+        // A finished member waits for nothing.
+        let b_failed = status(&batch[1], Failed, None);
+        assert!(matches!(
+            unnamed_batch_instance("i-x", &[&a, &b_failed, &c_done], Some(launched), now),
+            Refusal::Denied(_)
+        ));
+    }
+
+    #[test]
     fn going_back_to_waiting_drops_the_recorded_launch() {
         let mut s = RunnerJobStatus::default();
         let now = Timestamp::UNIX_EPOCH;
         enter(&mut s, Launching, now);
-        s.launch = Some(crate::api::LaunchIntent {
-            client_token: "t".into(),
-            launch_template_id: "lt-1".into(),
-            launch_template_version: 1,
-            market: "spot".into(),
-            fleet: true,
-            allocation_strategy: None,
-            offerings: Vec::new(),
-            tags: Default::default(),
-            batch: None,
-        });
+        s.launch = Some(crate::api::LaunchIntent::for_test("t"));
         enter(&mut s, Launching, now + Duration::from_secs(5));
         assert_eq!(s.phase_times.launching.as_ref().map(|t| t.0), Some(now));
         assert!(s.launch.is_some());

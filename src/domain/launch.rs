@@ -456,6 +456,29 @@ pub fn fit_tag_value(value: String) -> String {
     format!("{kept}-{suffix}")
 }
 
+/// The records of one valid batch, for tests: one per uid, in order, under a nonce of `seed`.
+#[cfg(test)]
+pub fn test_batch(uids: &[&str], seed: &[u8]) -> Vec<LaunchIntent> {
+    let members: Vec<String> = uids.iter().map(|uid| format!("{uid}/1/1")).collect();
+    let mut request = LaunchRequest {
+        launch_template_id: "lt-1".into(),
+        version: 1,
+        offerings: vec![("m7g.large".into(), "subnet-a".into())],
+        spot: false,
+        fleet: true,
+        tags: BTreeMap::new(),
+        allocation_strategy: None,
+        client_token: None,
+        count: uids.len() as u32,
+    };
+    let token = batch_token(&members, &request.parameters(), seed);
+    request.tags = batch_tags(&request.tags, &token);
+    request.client_token = Some(token);
+    (0..uids.len() as u32)
+        .map(|member| batch_intent(&request, &members, member, seed))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

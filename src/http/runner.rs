@@ -24,11 +24,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{ApiError, Web, patch_job_status as patch_status, read_body};
-use crate::api::{BootStatus, JobResult, RunnerJob, RunnerPool, RunnerStatus};
+use crate::api::{BootStatus, JobResult, RunnerJob, RunnerJobStatus, RunnerPool, RunnerStatus};
 use crate::domain::job::{
-    BOOT_ANSWER_HOLD, Claimant, Refusal, may_bootstrap, may_give_back, may_put_back, still_ours,
+    BOOT_ANSWER_HOLD, Claimant, Refusal, batch_claim, claims_batch_instance, may_bootstrap,
+    may_give_back, may_put_back, still_ours, unnamed_batch_instance,
 };
-use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID, batch_place_of};
+use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
 use crate::runner::token::{self, Claims, Tokens};
 
@@ -328,7 +329,7 @@ pub async fn bootstrap(
 
 /// The RunnerJob a batch's instance is for: the one whose status names it (a member records
 /// its instance as soon as EC2 answers, before the instance can have booted), of the pool the
-/// instance's tags name, with a place in the batch its tag names ([`batch_place_of`]). While a
+/// instance's tags name, with a place in the batch its tag names ([`claims_batch_instance`]). While a
 /// member of its batch still waits for EC2's answer, or the instance is young enough that a
 /// member whose record failed may yet record it, the instance asks again; after that, an
 /// instance no job names is nobody's.
@@ -345,11 +346,11 @@ async fn batch_member(web: &Web, instance: &crate::cloud::Instance) -> Result<Ru
         s.instance.as_ref().is_some_and(|i| &i.id == id)
     })
     .await?;
+    let uid = |job: &RunnerJob| job.uid().unwrap_or_default();
     let theirs = |job: &RunnerJob| {
-        let launch = job.status.as_ref().and_then(|s| s.launch.as_ref());
-        let uid = job.uid().unwrap_or_default();
+        let status = job.status.as_ref();
         job.spec.pool_name == pool
-            && launch.is_some_and(|l| &l.client_token == token && batch_place_of(l, &uid).is_ok())
+            && status.is_some_and(|s| claims_batch_instance(&uid(job), s, id, Some(token)))
     };
     let named: Vec<RunnerJob> = named.into_iter().filter(theirs).collect();
     match <[RunnerJob; 1]>::try_from(named) {
@@ -361,35 +362,22 @@ async fn batch_member(web: &Web, instance: &crate::cloud::Instance) -> Result<Ru
         }
         Err(_) => {}
     }
-    let members = select(&api, "status.launch.clientToken", token, |s| {
+    let recorded = select(&api, "status.launch.clientToken", token, |s| {
         s.launch.as_ref().is_some_and(|l| &l.client_token == token)
     })
     .await?;
-    let live =
-        || (members.iter().filter_map(|j| j.status.as_ref())).filter(|s| !s.phase.is_finished());
-    // A member whose record failed keeps its place a while, and records it again: until then
-    // fewer jobs record the batch than it has members.
-    let age = instance
-        .launch_time
-        .map(|t| Timestamp::now().as_second() - t);
-    let young = age.is_some_and(|age| age < crate::domain::gc::BATCH_GRACE.as_secs() as i64);
-    let size = (members.iter())
-        .filter_map(|j| j.status.as_ref()?.launch.as_ref()?.batch.as_ref())
-        .map(|b| b.size as usize)
-        .max();
-    let short = size.is_some_and(|size| members.len() < size);
-    if (young && short) || live().any(|s| s.instance.is_none()) {
-        return Err(ApiError::Unavailable(
-            "no RunnerJob has recorded this instance of its batch yet; ask again shortly",
-        ));
-    }
-    let theirs: Vec<&str> = (members.iter().filter_map(|j| j.status.as_ref()))
-        .filter_map(|s| s.instance.as_ref().map(|i| i.id.as_str()))
+    let members: Vec<&RunnerJobStatus> = (recorded.iter())
+        .filter(|job| job.spec.pool_name == pool)
+        .filter_map(|job| {
+            let status = job.status.as_ref()?;
+            let (recorded, _) = batch_claim(&uid(job), status)?;
+            (recorded == token).then_some(status)
+        })
         .collect();
-    Err(denied(format!(
-        "the RunnerJobs of its batch launched instances {}, not {id}",
-        theirs.join(", ")
-    )))
+    match unnamed_batch_instance(id, &members, instance.launch_time, Timestamp::now()) {
+        Refusal::NotYet(why) => Err(ApiError::NotYet(why, 5)),
+        Refusal::Denied(why) | Refusal::Never(why) | Refusal::Claimed(why) => Err(denied(why)),
+    }
 }
 
 /// The RunnerJobs whose `field` (a selectable field of the CRD) is `value`; with a CRD older

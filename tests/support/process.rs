@@ -9,12 +9,24 @@ use super::Ground;
 /// The webhook secret every process started here checks deliveries against.
 pub const WEBHOOK_SECRET: &[u8] = b"pacer process webhook secret";
 
+/// A loopback port nothing listens on, for a server started later. It is drawn below Linux's
+/// ephemeral range (32768 and up), where a busy machine's outgoing connections take their local
+/// ports, so only another listener can take it before the server binds; and no port is handed
+/// out twice in one test binary.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_usize(given.len());
+        let port = 20_000 + (hasher.finish() % 12_768) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// How to start one process.
