@@ -261,6 +261,8 @@ impl Ec2 for AwsEc2 {
                             .unwrap_or_default(),
                         root_device_name: root,
                         root_snapshot_gib,
+                        ebs_backed: image.root_device_type()
+                            != Some(&ec2::DeviceType::InstanceStore),
                     }
                 })
                 .collect())

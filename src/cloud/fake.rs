@@ -81,6 +81,7 @@ impl FakeEc2 {
             architecture: architecture.into(),
             root_device_name: Some("/dev/sda1".into()),
             root_snapshot_gib: Some(root_snapshot_gib),
+            ebs_backed: true,
         });
         self
     }

@@ -152,6 +152,9 @@ pub struct Image {
     pub root_device_name: Option<String>,
     /// Size of the root device's snapshot, when the AMI is EBS-backed.
     pub root_snapshot_gib: Option<i32>,
+    /// The root device is an EBS volume (not instance store): only such instances can be
+    /// stopped and started again.
+    pub ebs_backed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
