@@ -30,6 +30,10 @@ pub mod tags {
     pub const CONTROLLER: &str = "gha:controller";
     pub const POOL: &str = "gha:pool";
     pub const SPEC_HASH: &str = "gha:spec-hash";
+    /// On a pool's warm instance (one launched to be prepared and stopped, not for a job): the
+    /// launch template and version it was launched from, `lt-…:7` (see `warm_value`). Like
+    /// every tag, set in the launch request and never changed.
+    pub const WARM: &str = "gha:warm";
     /// Every key Pacer writes starts with this; users may not use it (see the pool rules).
     pub const PREFIX: &str = "gha:";
 
@@ -66,6 +70,11 @@ pub mod tags {
             }
         }
         Ok(())
+    }
+
+    /// The `gha:warm` value of an instance launched from this template version.
+    pub fn warm_value(template_id: &str, version: i64) -> String {
+        format!("{template_id}:{version}")
     }
 
     /// Whether `tags` mark a resource as created by the controller with this id: the only
