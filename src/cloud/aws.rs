@@ -823,6 +823,30 @@ impl Ec2 for AwsEc2 {
             }
         })
     }
+
+    fn stop_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.observer.observe("StopInstances", async move {
+            self.ec2
+                .stop_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify_sdk("StopInstances", e))
+        })
+    }
+
+    fn start_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.observer.observe("StartInstances", async move {
+            self.ec2
+                .start_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify_sdk("StartInstances", e))
+        })
+    }
 }
 
 impl AwsEc2 {

@@ -296,6 +296,16 @@ impl Instance {
     pub fn is_alive(&self) -> bool {
         matches!(self.state.as_str(), "pending" | "running")
     }
+
+    /// Stopped: only its volumes are billed, and StartInstances can bring it back.
+    pub fn is_stopped(&self) -> bool {
+        self.state == "stopped"
+    }
+
+    /// Being stopped: neither startable nor running yet.
+    pub fn is_stopping(&self) -> bool {
+        self.state == "stopping"
+    }
 }
 
 /// An offering EC2 refused in a launch, with its error.
@@ -417,4 +427,16 @@ pub trait Ec2: Send + Sync {
     ) -> BoxFuture<'a, CloudResult<Option<String>>>;
     /// Terminates instances; the IAM policy allows it only for instances carrying our tag.
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
+    /// Stops EBS-backed instances (StopInstances; the root volume stays, the instance is no
+    /// longer billed); already stopping or stopped ones are left as they are. The IAM policy
+    /// allows it only for instances carrying our tag. Fails whole, nothing stopped, when EC2
+    /// knows one of the ids not (`NotFound`), or one cannot be stopped: a terminated instance
+    /// (`IncorrectState`), a spot instance of a one-time request (`InvalidInput`).
+    fn stop_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
+    /// Starts stopped instances (StartInstances); running or pending ones are left as they
+    /// are. EC2 moves an instance's launch time to its start. Fails whole, nothing started,
+    /// when EC2 has no capacity for one (`InsufficientCapacity`: launch another instead), one
+    /// is still stopping or is gone (`IncorrectState`), or an id is unknown (`NotFound`). The
+    /// IAM policy allows it only for instances carrying our tag.
+    fn start_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
 }
