@@ -173,7 +173,7 @@ pub struct RunnerPoolSpec {
 
     /// Prepared, stopped instances kept ready for this pool's jobs. Absent or `size: 0` keeps
     /// none. Needs on-demand capacity and an EBS-backed AMI (EC2 stops nothing else). Not acted
-    /// on yet: this version validates the field but launches no warm instance.
+    /// on yet: this version validates the field but launches no warm instance (docs/warm-pools.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmPool>,
 }
