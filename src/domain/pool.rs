@@ -720,6 +720,8 @@ mod tests {
         let mut labels = base.clone();
         labels.labels.push("gpu".into());
         labels.max_runners = 99;
+        // Resizing a warm pool keeps its template version, and so its warm instances.
+        labels.warm = Some(warm(5, 600));
         assert_eq!(hash(&base), hash(&labels));
         let mut ami = base.clone();
         ami.ami = "ami-0a1b2c3d4e5f60009".into();
