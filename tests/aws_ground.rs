@@ -529,6 +529,63 @@ async fn adapter_without_retries() -> AwsEc2 {
     )
 }
 
+/// Polls the listing until the instance of `uid` is in `state`; returns it.
+async fn until_state(launcher: &Launcher, uid: &str, state: &str) -> Instance {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = launcher.listed_for(uid).await;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        if listed[0].state == state {
+            return listed.into_iter().next().unwrap();
+        }
+        assert!(Instant::now() < deadline, "never {state}: {:?}", listed[0]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn ec2_adapter_stops_a_warm_instance_lists_it_stopped_and_starts_it_again() {
+    let ground = ground(Parts::Aws);
+    let launcher = Launcher::new(adapter_without_retries().await, "warm-adapter-test").await;
+    let mut request = launcher.request("uid-warm");
+    let warm = pacer::cloud::tags::warm_value(&launcher.template, 1);
+    (request.tags).insert(pacer::cloud::tags::WARM.into(), warm.clone());
+    let launched = launcher.ec2.launch(&request).await.unwrap();
+    assert_eq!(launched.instances.len(), 1, "{launched:?}");
+    let ids = [launched.instances[0].id.clone()];
+    let running = until_state(&launcher, "uid-warm", "running").await;
+    assert_eq!(running.tags[pacer::cloud::tags::WARM], warm);
+
+    launcher.ec2.stop_instances(&ids).await.unwrap();
+    let stopped = until_state(&launcher, "uid-warm", "stopped").await;
+    assert!(stopped.is_stopped() && !stopped.is_alive());
+    // Stopping a stopped instance changes nothing and is no error, as on EC2.
+    launcher.ec2.stop_instances(&ids).await.unwrap();
+
+    launcher.ec2.start_instances(&ids).await.unwrap();
+    let started = until_state(&launcher, "uid-warm", "running").await;
+    assert_eq!(started.tags, stopped.tags, "no tag changed on the way");
+
+    // Both calls went out as Pacer's, naming an instance the proxy knows our tags of: what
+    // the IAM simulation replays against StopAndStartOnlyOurInstances.
+    for action in ["StopInstances", "StartInstances"] {
+        let calls = ground.proxy().calls_of(action, &ids[0]).await;
+        assert!(!calls.is_empty(), "{action} not recorded");
+        let tags = &calls[0].resource_tags[&ids[0]];
+        assert_eq!(
+            (
+                tags["gha:managed-by"].as_str(),
+                tags["gha:controller"].as_str()
+            ),
+            ("pacer", "warm-adapter-test"),
+            "{action}: {calls:?}"
+        );
+        assert!(calls.iter().all(|c| c.agent == "pacer" && c.status == 200));
+    }
+
+    launcher.ec2.terminate_instances(&ids).await.unwrap();
+}
+
 #[tokio::test]
 async fn error_faults_reach_the_adapter_for_their_count_with_their_code_and_status_then_stop() {
     let ground = ground(Parts::Aws);

@@ -121,6 +121,27 @@ fn invalid_pools() -> Vec<Breakage> {
             |p| p["spec"]["rootVolume"] = json!({"type": "gp2", "throughput": 250}),
             "spec.rootVolume.throughput",
         ),
+        (
+            "a warm pool of spot instances",
+            |p| p["spec"]["warm"] = json!({"size": 2}),
+            "spec.warm",
+        ),
+        (
+            "a warm pool over 100",
+            |p| {
+                p["spec"]["capacity"] = json!({"type": "onDemand"});
+                p["spec"]["warm"] = json!({"size": 101});
+            },
+            "spec.warm.size",
+        ),
+        (
+            "warm instances kept under 3 hours",
+            |p| {
+                p["spec"]["capacity"] = json!({"type": "onDemand"});
+                p["spec"]["warm"] = json!({"size": 1, "maxAgeMinutes": 179});
+            },
+            "spec.warm.maxAgeMinutes",
+        ),
     ]
 }
 
@@ -160,6 +181,15 @@ async fn example_pools_are_accepted_and_read_back_identically() {
         // Serde's defaults and the schema's defaults agree, so the typed specs are equal.
         assert_eq!(read.spec, pool.spec, "{file}");
     }
+    // A warm pool, with maxAgeMinutes left to its default on both sides.
+    let mut warm = example("runnerpool-org-spot.yaml");
+    warm["metadata"]["name"] = json!("warm");
+    warm["spec"]["capacity"] = json!({"type": "onDemand"});
+    warm["spec"]["warm"] = json!({"size": 3});
+    let pool = pool_in(warm, &ns);
+    let created = pools.create(&PostParams::default(), &pool).await.unwrap();
+    assert_eq!(created.spec, pool.spec);
+    assert_eq!(created.spec.warm.unwrap().max_age_minutes, 1440);
 }
 
 #[tokio::test]
@@ -320,6 +350,7 @@ async fn kubectl_get_shows_the_printer_columns() {
         "OWNER",
         "CAPACITY",
         "MAX",
+        "WARM",
         "VALIDATED",
         "READY",
         "POOL",

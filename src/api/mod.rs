@@ -13,8 +13,9 @@ pub use job::{
 };
 pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,
-    MAX_BOOT_TIMEOUT_SECONDS, RootVolume, RunnerCounts, RunnerPool, RunnerPoolSpec,
-    RunnerPoolStatus, SpawnMethod, VolumeType,
+    MAX_BOOT_TIMEOUT_SECONDS, MAX_WARM_MAX_AGE_MINUTES, MAX_WARM_SIZE, MIN_WARM_MAX_AGE_MINUTES,
+    RootVolume, RunnerCounts, RunnerPool, RunnerPoolSpec, RunnerPoolStatus, SpawnMethod,
+    VolumeType, WarmCounts, WarmPool,
 };
 pub use rules::FieldProblem;
 

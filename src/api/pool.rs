@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Capacity","type":"string","jsonPath":".spec.capacity.type"}"#,
     printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxRunners"}"#,
     printcolumn = r#"{"name":"Running","type":"integer","jsonPath":".status.runners.running"}"#,
+    printcolumn = r#"{"name":"Warm","type":"integer","jsonPath":".status.warm.ready"}"#,
     printcolumn = r#"{"name":"Validated","type":"string","jsonPath":".status.conditions[?(@.type==\"Validated\")].status"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -169,12 +170,69 @@ pub struct RunnerPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 8192))]
     pub user_data: Option<String>,
+
+    /// Prepared, stopped instances kept ready for this pool's jobs. Absent or `size: 0` keeps
+    /// none. Needs on-demand capacity and an EBS-backed AMI (EC2 stops nothing else). Not acted
+    /// on yet: this version validates the field but launches no warm instance (docs/warm-pools.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmPool>,
 }
 
 impl RunnerPoolSpec {
     /// The user the runner runs as.
     pub fn runner_user(&self) -> &str {
         self.runner_user.as_deref().unwrap_or("runner")
+    }
+
+    /// How many warm instances the pool keeps: 0 when it has no warm pool.
+    pub fn warm_size(&self) -> i32 {
+        self.warm.as_ref().map_or(0, |w| w.size)
+    }
+}
+
+/// The largest `warm.size` a pool may set. Each warm instance is a stopped instance with its
+/// root volume billed by the hour; a hundred covers a busy pool's burst while a mistyped size
+/// cannot create thousands of volumes.
+pub const MAX_WARM_SIZE: i32 = 100;
+
+/// The shortest `warm.maxAgeMinutes`: longer than the longest `bootTimeoutSeconds`, so an
+/// instance is never too old before its preparation could have finished.
+pub const MIN_WARM_MAX_AGE_MINUTES: i32 = 180;
+
+/// The longest `warm.maxAgeMinutes` (30 days).
+pub const MAX_WARM_MAX_AGE_MINUTES: i32 = 43200;
+
+/// A pool's warm instances: launched from the pool's template, prepared (user-data run, the
+/// runner unpacked), stopped, and started for one job each.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPool {
+    /// Prepared, stopped instances to keep. They count against nothing but this number:
+    /// `maxRunners` bounds only the instances running jobs.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = MAX_WARM_SIZE))]
+    pub size: i32,
+
+    /// Minutes from its launch after which an unused warm instance is replaced by a fresh
+    /// one, so stopped instances do not grow old on outdated packages. Instances launched
+    /// from an older launch template version are replaced at once.
+    #[serde(default = "default_warm_max_age_minutes")]
+    #[schemars(range(min = MIN_WARM_MAX_AGE_MINUTES, max = MAX_WARM_MAX_AGE_MINUTES))]
+    pub max_age_minutes: i32,
+}
+
+const _: () = assert!(MIN_WARM_MAX_AGE_MINUTES * 60 > MAX_BOOT_TIMEOUT_SECONDS);
+
+fn default_warm_max_age_minutes() -> i32 {
+    1440
+}
+
+impl Default for WarmPool {
+    fn default() -> Self {
+        Self {
+            size: 0,
+            max_age_minutes: default_warm_max_age_minutes(),
+        }
     }
 }
 
@@ -406,6 +464,10 @@ pub struct RunnerPoolStatus {
     #[serde(default)]
     pub runners: RunnerCounts,
 
+    /// The pool's warm instances by state, when it keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmCounts>,
+
     /// Set while the spot interruption breaker is open: the pool launches on-demand until
     /// then (`spec.capacity.interruptionBreaker`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -442,4 +504,19 @@ pub struct RunnerCounts {
     /// Being terminated.
     #[serde(default)]
     pub completing: i32,
+}
+
+/// Counts of a pool's warm instances, jobs' instances aside.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmCounts {
+    /// Prepared and stopped: a job can start one.
+    #[serde(default)]
+    pub ready: i32,
+    /// Launched and not yet reported prepared.
+    #[serde(default)]
+    pub preparing: i32,
+    /// Prepared and being stopped.
+    #[serde(default)]
+    pub stopping: i32,
 }

@@ -103,6 +103,13 @@ pub const POOL_RULES: &[Rule<RunnerPoolSpec>] = &[
         }),
     },
     Rule {
+        field: ".warm",
+        cel: "!has(self.warm) || !has(self.warm.size) || self.warm.size == 0 || !has(self.capacity) || self.capacity.type == 'onDemand'",
+        transition: false,
+        message: "a warm pool needs capacity type onDemand: EC2 cannot stop a spot instance launched by a one-time request",
+        holds: Some(|s| s.warm_size() == 0 || s.capacity.capacity_type == CapacityType::OnDemand),
+    },
+    Rule {
         field: ".tags",
         // EC2 refuses `aws:` in any case; `gha:` is refused the same way so no pool can pass
         // a tag off as Pacer's to a reader who ignores case.

@@ -261,6 +261,8 @@ impl Ec2 for AwsEc2 {
                             .unwrap_or_default(),
                         root_device_name: root,
                         root_snapshot_gib,
+                        ebs_backed: image.root_device_type()
+                            != Some(&ec2::DeviceType::InstanceStore),
                     }
                 })
                 .collect())
@@ -819,6 +821,30 @@ impl Ec2 for AwsEc2 {
                     }
                 }
             }
+        })
+    }
+
+    fn stop_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.observer.observe("StopInstances", async move {
+            self.ec2
+                .stop_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify_sdk("StopInstances", e))
+        })
+    }
+
+    fn start_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.observer.observe("StartInstances", async move {
+            self.ec2
+                .start_instances()
+                .set_instance_ids(Some(ids.to_vec()))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| classify_sdk("StartInstances", e))
         })
     }
 }

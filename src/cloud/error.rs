@@ -16,6 +16,9 @@ pub enum ErrorClass {
     Unauthorized,
     /// The request itself is wrong; retrying the same request cannot help.
     InvalidInput,
+    /// The resource is not in a state that allows the call (starting an instance that is
+    /// still stopping, stopping a terminated one): list it again and decide anew.
+    IncorrectState,
     /// The service does not implement the call (emulators).
     NotImplemented,
     /// Anything else, including transport failures: retry with backoff.
@@ -135,7 +138,13 @@ const TABLE: &[(ErrorClass, &[&str])] = &[
             "MissingParameter",
             // A ClientToken reused with other parameters: the same request cannot succeed.
             "IdempotentParameterMismatch",
+            // Stopping what EC2 cannot stop: a one-time spot instance, an instance-store root.
+            "UnsupportedOperation",
         ],
+    ),
+    (
+        ErrorClass::IncorrectState,
+        &["IncorrectInstanceState", "IncorrectState"],
     ),
     (
         ErrorClass::NotImplemented,
@@ -192,6 +201,13 @@ mod tests {
             ("InvalidKeyPair.Malformed", ErrorClass::InvalidInput),
             ("IdempotentParameterMismatch", ErrorClass::InvalidInput),
             ("InvalidInstanceType", ErrorClass::NotFound),
+            // What StartInstances and StopInstances answer besides the common codes.
+            ("IncorrectInstanceState", ErrorClass::IncorrectState),
+            ("UnsupportedOperation", ErrorClass::InvalidInput),
+            ("InvalidInstanceID.NotFound", ErrorClass::NotFound),
+            ("InvalidInstanceID.Malformed", ErrorClass::InvalidInput),
+            ("InstanceLimitExceeded", ErrorClass::InsufficientCapacity),
+            ("VcpuLimitExceeded", ErrorClass::InsufficientCapacity),
             ("SomethingNew", ErrorClass::Other),
         ];
         for (code, class) in cases {

@@ -81,6 +81,7 @@ impl FakeEc2 {
             architecture: architecture.into(),
             root_device_name: Some("/dev/sda1".into()),
             root_snapshot_gib: Some(root_snapshot_gib),
+            ebs_backed: true,
         });
         self
     }
@@ -166,6 +167,20 @@ impl FakeEc2 {
             .unwrap()
             .exhausted
             .push(instance_type.into());
+    }
+
+    /// Finishes every state change in progress, as EC2 does a little later: pending to
+    /// running, stopping to stopped, shutting-down to terminated.
+    pub fn settle(&self) {
+        for instance in &mut self.state.lock().unwrap().instances {
+            let settled = match instance.state.as_str() {
+                "pending" => "running",
+                "stopping" => "stopped",
+                "shutting-down" => "terminated",
+                _ => continue,
+            };
+            instance.state = settled.into();
+        }
     }
 
     /// Every instance ever launched, terminated ones included.
@@ -671,6 +686,86 @@ impl Ec2 for FakeEc2 {
             Ok(())
         })
     }
+
+    fn stop_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.call("StopInstances", |s| {
+            change_state(s, "StopInstances", ids, unix_now())
+        })
+    }
+
+    fn start_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
+        self.call("StartInstances", |s| {
+            change_state(s, "StartInstances", ids, unix_now())
+        })
+    }
+}
+
+/// StopInstances or StartInstances as EC2 judges them: every id must exist and allow the
+/// change, or nothing changes; instances already where the call would take them stay as they
+/// are.
+fn change_state(s: &mut State, action: &'static str, ids: &[String], now: i64) -> CloudResult<()> {
+    let stopping = action == "StopInstances";
+    let mut changes = Vec::new();
+    for id in ids {
+        let Some(index) = s.instances.iter().position(|i| &i.id == id) else {
+            return Err(not_found(action, "InvalidInstanceID.NotFound", id));
+        };
+        let instance = &s.instances[index];
+        let incorrect = || {
+            CloudError::new(
+                action,
+                "IncorrectInstanceState",
+                format!(
+                    "The instance '{id}' is not in a state from which it can be {}.",
+                    if stopping { "stopped" } else { "started" }
+                ),
+            )
+        };
+        match (stopping, instance.state.as_str()) {
+            (true, _) if instance.spot => {
+                return Err(CloudError::new(
+                    action,
+                    "UnsupportedOperation",
+                    format!(
+                        "You can't stop the Spot Instance '{id}' because it is associated with a one-time Spot Instance request."
+                    ),
+                ));
+            }
+            (true, "running") => changes.push(index),
+            (true, "stopping" | "stopped") | (false, "pending" | "running") => {}
+            (false, "stopped") if s.exhausted.contains(&instance.instance_type) => {
+                return Err(CloudError::new(
+                    action,
+                    "InsufficientInstanceCapacity",
+                    format!(
+                        "Insufficient capacity to start {id}: no {} capacity in {}",
+                        instance.instance_type, instance.zone
+                    ),
+                ));
+            }
+            (false, "stopped") => changes.push(index),
+            _ => return Err(incorrect()),
+        }
+    }
+    for index in changes {
+        let instance = &mut s.instances[index];
+        if stopping {
+            instance.state = "stopping".into();
+            instance.state_reason =
+                Some("Client.UserInitiatedShutdown: User initiated shutdown".into());
+        } else {
+            instance.state = "pending".into();
+            instance.state_reason = None;
+            instance.launch_time = Some(now);
+        }
+    }
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// An instance as a tag-filtered listing shows it: Pacer's own tags only.
@@ -810,5 +905,67 @@ pub(crate) mod tests {
         let all = ec2.describe_managed_instances("c").await.unwrap();
         assert_eq!(all.len(), PAGE + 1);
         assert!(all.iter().all(|i| !i.tags.contains_key("team")));
+    }
+
+    #[tokio::test]
+    async fn instances_stop_and_start_as_ec2_moves_them() {
+        use crate::cloud::ErrorClass;
+        let (ec2, mut request) = fleet_of("c").await;
+        request.spot = false;
+        let id = ec2.launch(&request).await.unwrap().instances[0].id.clone();
+        let ids = [id.clone()];
+        let state = || ec2.instances()[0].state.clone();
+
+        let early = ec2.stop_instances(&ids).await.unwrap_err();
+        assert!(early.is(ErrorClass::IncorrectState), "pending: {early}");
+        ec2.settle();
+        ec2.stop_instances(&ids).await.unwrap();
+        assert!(ec2.instances()[0].is_stopping());
+        let too_soon = ec2.start_instances(&ids).await.unwrap_err();
+        assert!(too_soon.is(ErrorClass::IncorrectState), "{too_soon}");
+        ec2.stop_instances(&ids).await.unwrap();
+        ec2.settle();
+        assert!(ec2.instances()[0].is_stopped());
+        ec2.stop_instances(&ids).await.unwrap();
+        assert_eq!(
+            state(),
+            "stopped",
+            "stopping a stopped instance changes nothing"
+        );
+
+        ec2.exhaust("m7i.large");
+        let none = ec2.start_instances(&ids).await.unwrap_err();
+        assert!(none.is(ErrorClass::InsufficientCapacity), "{none}");
+        assert_eq!(state(), "stopped");
+        ec2.state.lock().unwrap().exhausted.clear();
+        ec2.start_instances(&ids).await.unwrap();
+        assert_eq!(state(), "pending");
+        assert!(
+            ec2.instances()[0].launch_time.is_some(),
+            "a start is a launch time"
+        );
+        ec2.settle();
+        assert_eq!(state(), "running");
+
+        let unknown = ec2
+            .start_instances(&[id.clone(), "i-0000000000000dead".into()])
+            .await
+            .unwrap_err();
+        assert!(unknown.is(ErrorClass::NotFound), "{unknown}");
+        ec2.terminate_instances(&ids).await.unwrap();
+        let gone = ec2.start_instances(&ids).await.unwrap_err();
+        assert!(gone.is(ErrorClass::IncorrectState), "{gone}");
+        assert_eq!(ec2.count("StopInstances") + ec2.count("StartInstances"), 9);
+    }
+
+    #[tokio::test]
+    async fn a_spot_instance_cannot_be_stopped() {
+        let (ec2, request) = fleet_of("c").await;
+        let id = ec2.launch(&request).await.unwrap().instances[0].id.clone();
+        ec2.settle();
+        let err = ec2.stop_instances(&[id]).await.unwrap_err();
+        assert_eq!(err.code, "UnsupportedOperation");
+        assert!(err.is(crate::cloud::ErrorClass::InvalidInput));
+        assert_eq!(ec2.instances()[0].state, "running");
     }
 }

@@ -182,6 +182,16 @@ pub const STATEMENTS: &[Statement] = &[
         why: "Terminate only instances tagged as this controller's.",
     },
     Statement {
+        sid: "StopAndStartOnlyOurInstances",
+        actions: &["ec2:StartInstances", "ec2:StopInstances"],
+        resources: &["arn:aws:ec2:{region}:{account}:instance/*"],
+        condition: RESOURCE_OURS,
+        implied_by: None,
+        why: "Warm pools: stop a warm instance once it is prepared, and start it again for a \
+              job, only for instances tagged as this controller's. Nothing is tagged: a warm \
+              instance's state is the one EC2 lists.",
+    },
+    Statement {
         sid: "PassRunnerInstanceProfile",
         actions: &["iam:PassRole"],
         resources: &["arn:aws:iam::{account}:role/{runner_role}"],

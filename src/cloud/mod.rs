@@ -30,6 +30,10 @@ pub mod tags {
     pub const CONTROLLER: &str = "gha:controller";
     pub const POOL: &str = "gha:pool";
     pub const SPEC_HASH: &str = "gha:spec-hash";
+    /// On a pool's warm instance (one launched to be prepared and stopped, not for a job): the
+    /// launch template and version it was launched from, `lt-…:7` (see `warm_value`). Like
+    /// every tag, set in the launch request and never changed.
+    pub const WARM: &str = "gha:warm";
     /// Every key Pacer writes starts with this; users may not use it (see the pool rules).
     pub const PREFIX: &str = "gha:";
 
@@ -66,6 +70,11 @@ pub mod tags {
             }
         }
         Ok(())
+    }
+
+    /// The `gha:warm` value of an instance launched from this template version.
+    pub fn warm_value(template_id: &str, version: i64) -> String {
+        format!("{template_id}:{version}")
     }
 
     /// Whether `tags` mark a resource as created by the controller with this id: the only
@@ -152,6 +161,9 @@ pub struct Image {
     pub root_device_name: Option<String>,
     /// Size of the root device's snapshot, when the AMI is EBS-backed.
     pub root_snapshot_gib: Option<i32>,
+    /// The root device is an EBS volume (not instance store): only such instances can be
+    /// stopped and started again.
+    pub ebs_backed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,6 +296,16 @@ impl Instance {
     pub fn is_alive(&self) -> bool {
         matches!(self.state.as_str(), "pending" | "running")
     }
+
+    /// Stopped: only its volumes are billed, and StartInstances can bring it back.
+    pub fn is_stopped(&self) -> bool {
+        self.state == "stopped"
+    }
+
+    /// Being stopped: neither startable nor running yet.
+    pub fn is_stopping(&self) -> bool {
+        self.state == "stopping"
+    }
 }
 
 /// An offering EC2 refused in a launch, with its error.
@@ -405,4 +427,16 @@ pub trait Ec2: Send + Sync {
     ) -> BoxFuture<'a, CloudResult<Option<String>>>;
     /// Terminates instances; the IAM policy allows it only for instances carrying our tag.
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
+    /// Stops EBS-backed instances (StopInstances; the root volume stays, the instance is no
+    /// longer billed); already stopping or stopped ones are left as they are. The IAM policy
+    /// allows it only for instances carrying our tag. Fails whole, nothing stopped, when EC2
+    /// knows one of the ids not (`NotFound`), or one cannot be stopped: a terminated instance
+    /// (`IncorrectState`), a spot instance of a one-time request (`InvalidInput`).
+    fn stop_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
+    /// Starts stopped instances (StartInstances); running or pending ones are left as they
+    /// are. EC2 moves an instance's launch time to its start. Fails whole, nothing started,
+    /// when EC2 has no capacity for one (`InsufficientCapacity`: launch another instead), one
+    /// is still stopping or is gone (`IncorrectState`), or an id is unknown (`NotFound`). The
+    /// IAM policy allows it only for instances carrying our tag.
+    fn start_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::{Context, Result};
 use crate::api::{RunnerJob, RunnerPool};
-use crate::cloud::tags::{CONTROLLER, MANAGED_BY, POOL};
+use crate::cloud::tags::{CONTROLLER, MANAGED_BY, POOL, WARM};
 use crate::cloud::{ErrorClass, Instance};
 use crate::domain::gc::{BatchClaims, Owner, may_be_orphan, orphan_templates, orphans};
 use crate::domain::launch::{BATCH, RUNNER_JOB_UID};
@@ -86,7 +86,8 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
                 .filter(|i| may_be_orphan(i, owner, now, grace));
             kept.extend(candidates.map(|mut i| {
                 i.tags.retain(|k, _| {
-                    [MANAGED_BY, CONTROLLER, POOL, RUNNER_JOB_UID, BATCH].contains(&k.as_str())
+                    [MANAGED_BY, CONTROLLER, POOL, RUNNER_JOB_UID, BATCH, WARM]
+                        .contains(&k.as_str())
                 });
                 i
             }));
@@ -114,10 +115,24 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
         job.uid.filter(|uid| !finished.contains(uid))
     })
     .await?;
-    let doomed: Vec<String> = orphans(&instances, owner, &live, batches.as_ref(), now, grace)
-        .into_iter()
-        .map(|i| i.id.clone())
-        .collect();
+    // Warm instances are their pools' while the pools exist: the pools are listed only when
+    // there is one to judge.
+    let pools = match instances.iter().any(|i| i.tags.contains_key(WARM)) {
+        true => Some(live_pools(scope).await?),
+        false => None,
+    };
+    let doomed: Vec<String> = orphans(
+        &instances,
+        owner,
+        &live,
+        batches.as_ref(),
+        pools.as_ref(),
+        now,
+        grace,
+    )
+    .into_iter()
+    .map(|i| i.id.clone())
+    .collect();
     if !doomed.is_empty() {
         ctx.ec2().terminate_instances(&doomed).await?;
         ctx.metrics.gc_terminated.inc_by(doomed.len() as u64);
@@ -137,14 +152,7 @@ async fn collect_templates(ctx: &Context, scope: &Scope) -> Result<usize> {
     if templates.is_empty() {
         return Ok(0);
     }
-    let live = list_metadata(&scope.pools, |pool| {
-        Some(format!(
-            "{}/{}",
-            pool.namespace.as_deref().unwrap_or_default(),
-            pool.name.as_deref().unwrap_or_default()
-        ))
-    })
-    .await?;
+    let live = live_pools(scope).await?;
     let doomed = orphan_templates(
         &templates,
         owner(ctx, scope),
@@ -166,6 +174,18 @@ async fn collect_templates(ctx: &Context, scope: &Scope) -> Result<usize> {
             "deleted a launch template whose RunnerPool is gone");
     }
     Ok(deleted)
+}
+
+/// Every RunnerPool in scope, as `namespace/name` (the `gha:pool` tag's value).
+async fn live_pools(scope: &Scope) -> Result<HashSet<String>> {
+    list_metadata(&scope.pools, |pool| {
+        Some(format!(
+            "{}/{}",
+            pool.namespace.as_deref().unwrap_or_default(),
+            pool.name.as_deref().unwrap_or_default()
+        ))
+    })
+    .await
 }
 
 /// What `keep` takes from the metadata of every object, read from the API server rather than a

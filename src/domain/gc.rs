@@ -80,12 +80,16 @@ pub const BATCH_GRACE: Duration = Duration::from_secs(180);
 
 /// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims: by
 /// the job's uid in the instance's tags, or, for a batch's instance at least [`BATCH_GRACE`]
-/// old, by `batches` (none is collected without them).
+/// old, by `batches` (none is collected without them). A warm instance (`gha:warm`) is its
+/// pool's while the pool is in `live_pools` (the pool's own pass decides its fate), and a
+/// job's while a live job's status names it: it is collected only when neither holds, and
+/// never without both listings.
 pub fn orphans<'a>(
     instances: &'a [Instance],
     owner: Owner<'_>,
     live_jobs: &HashSet<String>,
     batches: Option<&BatchClaims>,
+    live_pools: Option<&HashSet<String>>,
     now: i64,
     grace: Duration,
 ) -> Vec<&'a Instance> {
@@ -97,6 +101,12 @@ pub fn orphans<'a>(
             (None, Some(token)) => {
                 may_be_orphan(i, owner, now, BATCH_GRACE)
                     && batches.is_some_and(|claims| !claims.claim(i, token))
+            }
+            (None, None) if i.tags.contains_key(tags::WARM) => {
+                let pool_gone = live_pools.is_some_and(|pools| {
+                    (i.tags.get(tags::POOL)).is_none_or(|pool| !pools.contains(pool))
+                });
+                pool_gone && batches.is_some_and(|claims| !claims.instances.contains(&i.id))
             }
             (None, None) => true,
         })
@@ -245,6 +255,7 @@ mod tests {
                 owner,
                 &live,
                 Some(&claims),
+                Some(&HashSet::new()),
                 now,
                 Duration::from_secs(120),
             )
@@ -305,14 +316,59 @@ mod tests {
         };
         let live = HashSet::new();
         let grace = Duration::from_secs(120);
-        let doomed: Vec<&str> = orphans(&instances, owner, &live, Some(&claims), now, grace)
+        let doomed: Vec<&str> = orphans(&instances, owner, &live, Some(&claims), None, now, grace)
             .iter()
             .map(|i| i.id.as_str())
             .collect();
         // The batch's other instance that no member recorded, and a finished job's.
         assert_eq!(doomed, ["i-extra", "i-of-a-finished-job"]);
         // Without the statuses, no batch's instance is collected.
-        assert!(orphans(&instances, owner, &live, None, now, grace).is_empty());
+        assert!(orphans(&instances, owner, &live, None, None, now, grace).is_empty());
+    }
+
+    #[test]
+    fn a_warm_instance_is_its_pools_while_the_pool_lives_and_a_jobs_while_one_names_it() {
+        use crate::api::{InstanceStatus, JobPhase, RunnerJobStatus};
+        let now = 10_000;
+        let warm = |id: &str, pool: &str| {
+            let mut i = instance(id, Some("prod"), None, "stopped", now - 3600);
+            i.tags.insert(tags::POOL.into(), pool.into());
+            (i.tags).insert(tags::WARM.into(), tags::warm_value("lt-1", 1));
+            i
+        };
+        let instances = [
+            warm("i-of-a-live-pool", "ci/linux"),
+            warm("i-of-a-deleted-pool", "ci/gone"),
+            warm("i-started-for-a-job", "ci/gone"),
+        ];
+        let running = RunnerJobStatus {
+            phase: JobPhase::Running,
+            instance: Some(InstanceStatus {
+                id: "i-started-for-a-job".into(),
+                instance_type: "m7i.large".into(),
+                zone: "us-east-1a".into(),
+                market: "onDemand".into(),
+                launch_time: None,
+            }),
+            ..Default::default()
+        };
+        let claims = BatchClaims::of([&running]);
+        let owner = Owner {
+            controller_id: "prod",
+            namespace: None,
+        };
+        let (live, grace) = (HashSet::new(), Duration::from_secs(120));
+        let pools = HashSet::from(["ci/linux".to_string()]);
+        let doomed = |pools: Option<&HashSet<String>>, claims: Option<&BatchClaims>| {
+            orphans(&instances, owner, &live, claims, pools, now, grace)
+                .iter()
+                .map(|i| i.id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(doomed(Some(&pools), Some(&claims)), ["i-of-a-deleted-pool"]);
+        // Without either listing, no warm instance is collected.
+        assert!(doomed(None, Some(&claims)).is_empty());
+        assert!(doomed(Some(&pools), None).is_empty());
     }
 
     fn template(

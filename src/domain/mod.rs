@@ -8,3 +8,4 @@ pub mod matching;
 pub mod pool;
 pub mod tenancy;
 pub mod userdata;
+pub mod warm;

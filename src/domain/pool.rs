@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{CapacityType, JobPhase, RunnerCounts, RunnerPoolSpec, SpawnMethod};
+use crate::api::{
+    CapacityType, JobPhase, MAX_WARM_MAX_AGE_MINUTES, MAX_WARM_SIZE, MIN_WARM_MAX_AGE_MINUTES,
+    RunnerCounts, RunnerPoolSpec, SpawnMethod,
+};
 use crate::cloud::{
     BlockDevice, Image, InstanceTypeInfo, LaunchRequest, LaunchTemplateData, SecurityGroup, Subnet,
     tags,
@@ -61,6 +64,7 @@ pub fn validate(spec: &RunnerPoolSpec, observed: &Observed) -> Verdict {
     let checked = found_image(spec, observed).and_then(|image| {
         check_instance_types(spec, observed, image)?;
         check_root_volume(spec, image)?;
+        check_warm(spec, image)?;
         let vpc = check_subnets(spec, observed)?;
         check_security_groups(spec, observed, vpc)?;
         profile_notes(spec, observed)
@@ -133,6 +137,51 @@ fn check_root_volume(spec: &RunnerPoolSpec, image: &Image) -> Result<(), Verdict
             "RootVolumeTooSmall",
             format!(
                 "spec.rootVolume.sizeGiB: {size} GiB is smaller than AMI {}'s {snapshot} GiB root snapshot; use 0 to keep the AMI's size or at least {snapshot}",
+                image.id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A warm pool's instances can be stopped: EC2 stops only EBS-backed, non-spot instances. The
+/// schema and its rule say the same of the spec; this catches the AMI, and a pool stored
+/// before the rule existed.
+fn check_warm(spec: &RunnerPoolSpec, image: &Image) -> Result<(), Verdict> {
+    let Some(warm) = spec.warm.as_ref().filter(|w| w.size != 0) else {
+        return Ok(());
+    };
+    if !(0..=MAX_WARM_SIZE).contains(&warm.size) {
+        return Err(invalid(
+            "WarmPoolInvalid",
+            format!(
+                "spec.warm.size: {} is outside 0 to {MAX_WARM_SIZE}",
+                warm.size
+            ),
+        ));
+    }
+    if !(MIN_WARM_MAX_AGE_MINUTES..=MAX_WARM_MAX_AGE_MINUTES).contains(&warm.max_age_minutes) {
+        return Err(invalid(
+            "WarmPoolInvalid",
+            format!(
+                "spec.warm.maxAgeMinutes: {} is outside {MIN_WARM_MAX_AGE_MINUTES} to {MAX_WARM_MAX_AGE_MINUTES}",
+                warm.max_age_minutes
+            ),
+        ));
+    }
+    if spec.capacity.capacity_type != CapacityType::OnDemand {
+        return Err(invalid(
+            "WarmPoolNeedsOnDemand",
+            "spec.warm: a warm pool needs spec.capacity.type onDemand; EC2 cannot stop a spot \
+             instance launched by a one-time request"
+                .to_string(),
+        ));
+    }
+    if !image.ebs_backed {
+        return Err(invalid(
+            "WarmPoolNeedsEbsAmi",
+            format!(
+                "spec.warm: AMI {} has an instance-store root device; EC2 stops only EBS-backed instances",
                 image.id
             ),
         ));
@@ -425,6 +474,7 @@ mod tests {
             architecture: arch.into(),
             root_device_name: Some("/dev/sda1".into()),
             root_snapshot_gib: Some(snapshot),
+            ebs_backed: true,
         }
     }
 
@@ -464,6 +514,35 @@ mod tests {
         }
     }
 
+    fn warm(size: i32, max_age_minutes: i32) -> crate::api::WarmPool {
+        crate::api::WarmPool {
+            size,
+            max_age_minutes,
+        }
+    }
+
+    fn on_demand(s: &mut RunnerPoolSpec) {
+        s.capacity.capacity_type = CapacityType::OnDemand;
+        s.capacity.fallback_to_on_demand = false;
+        s.capacity.allocation_strategy = None;
+    }
+
+    #[test]
+    fn warm_messages_name_the_field() {
+        let mut s = spec();
+        s.warm = Some(warm(3, 1440));
+        let Verdict::Invalid { message, .. } = validate(&s, &observed()) else {
+            panic!()
+        };
+        assert!(message.starts_with("spec.warm: "), "{message}");
+        on_demand(&mut s);
+        s.warm = Some(warm(-1, 1440));
+        let Verdict::Invalid { message, .. } = validate(&s, &observed()) else {
+            panic!()
+        };
+        assert!(message.starts_with("spec.warm.size: -1"), "{message}");
+    }
+
     fn reason(spec: &RunnerPoolSpec, observed: &Observed) -> &'static str {
         match validate(spec, observed) {
             Verdict::Valid { .. } => "Valid",
@@ -487,6 +566,32 @@ mod tests {
                 o.instance_types = Lookup::Missing("no such type".into())
             }),
             ("RootVolumeTooSmall", |s, _| s.root_volume.size_gib = 4),
+            ("Valid", |s, _| s.warm = Some(warm(0, 1440))),
+            ("WarmPoolNeedsOnDemand", |s, _| s.warm = Some(warm(3, 1440))),
+            ("Valid", |s, _| {
+                s.warm = Some(warm(3, 1440));
+                on_demand(s);
+            }),
+            ("WarmPoolInvalid", |s, _| {
+                s.warm = Some(warm(MAX_WARM_SIZE + 1, 1440));
+                on_demand(s);
+            }),
+            ("WarmPoolInvalid", |s, _| {
+                s.warm = Some(warm(3, MIN_WARM_MAX_AGE_MINUTES - 1));
+                on_demand(s);
+            }),
+            ("WarmPoolNeedsEbsAmi", |s, o| {
+                s.warm = Some(warm(3, 1440));
+                on_demand(s);
+                if let Lookup::Found(image) = &mut o.image {
+                    image.ebs_backed = false;
+                }
+            }),
+            ("Valid", |_, o| {
+                if let Lookup::Found(image) = &mut o.image {
+                    image.ebs_backed = false;
+                }
+            }),
             ("Valid", |s, _| s.root_volume.size_gib = 0),
             ("Valid", |s, _| s.root_volume.size_gib = 8),
             ("SubnetNotFound", |_, o| {
@@ -615,6 +720,8 @@ mod tests {
         let mut labels = base.clone();
         labels.labels.push("gpu".into());
         labels.max_runners = 99;
+        // Resizing a warm pool keeps its template version, and so its warm instances.
+        labels.warm = Some(warm(5, 600));
         assert_eq!(hash(&base), hash(&labels));
         let mut ami = base.clone();
         ami.ami = "ami-0a1b2c3d4e5f60009".into();

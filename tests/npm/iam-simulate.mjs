@@ -149,6 +149,8 @@ async function expand(call) {
         ...tagging(name, ['fleet', 'instance', 'volume']),
       ];
     case 'TerminateInstances':
+    case 'StopInstances':
+    case 'StartInstances':
       return values(params, /^InstanceId\.\d+$/).map((id) => ({
         action, type: 'instance', resource: arn('instance', id), context: resourceContext(resourceTags[id]),
       }));

@@ -1,0 +1,511 @@
+//! A pool's warm instances: which to launch, stop and terminate, and how many are in each
+//! state, decided from EC2's listing and the `prepared` reports. Pure: the clock is passed in.
+//!
+//! A warm instance's state is never written on it (tags do not change after launch): EC2's
+//! state says where it is (pending or running: up; stopping; stopped), and the instance's own
+//! `prepared` report says whether it finished preparing. Instances a job claims belong to the
+//! job: this module neither counts nor touches them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::api::{WarmCounts, WarmPool};
+use crate::cloud::{Instance, tags};
+
+/// One of the pool's instances carrying `gha:warm`, as EC2 lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WarmInstance {
+    pub id: String,
+    /// EC2's state name: `pending`, `running`, `stopping`, `stopped`, `shutting-down`, ...
+    pub state: String,
+    /// EC2's `LaunchTime`, seconds since the Unix epoch. EC2 moves it to the latest start, so
+    /// for an instance that was started again it is that start, not the first launch.
+    pub launched: Option<i64>,
+    /// The `gha:warm` tag: the template version the instance was launched from.
+    pub template: String,
+}
+
+impl WarmInstance {
+    /// The instance as a warm one, when it carries `gha:warm`.
+    pub fn from_instance(instance: &Instance) -> Option<Self> {
+        Some(Self {
+            id: instance.id.clone(),
+            state: instance.state.clone(),
+            launched: instance.launch_time,
+            template: instance.tags.get(tags::WARM)?.clone(),
+        })
+    }
+}
+
+/// Everything the plan depends on.
+#[derive(Clone, Debug)]
+pub struct WarmFacts<'a> {
+    /// The pool's `spec.warm`; `None` keeps no warm instance.
+    pub spec: Option<&'a WarmPool>,
+    /// The pool's launch template and the version in force (`status.launchTemplate`).
+    pub template_id: &'a str,
+    pub template_version: i64,
+    /// The pool's instances carrying `gha:warm`.
+    pub instances: &'a [WarmInstance],
+    /// Instances a live RunnerJob names: the job's now, not the pool's.
+    pub claimed: &'a BTreeSet<String>,
+    /// Instances that reported `prepared`, with when they last did (seconds since the epoch).
+    pub prepared: &'a BTreeMap<String, i64>,
+    /// Seconds an instance has from its launch to report `prepared`.
+    pub prepare_timeout_secs: i64,
+    /// Seconds since the Unix epoch.
+    pub now: i64,
+}
+
+/// Why a warm instance is terminated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Retire {
+    /// Launched from another template or version than the pool's current one.
+    StaleTemplate,
+    /// Older than `spec.warm.maxAgeMinutes`.
+    TooOld,
+    /// Up past the preparation timeout without reporting `prepared`.
+    PreparationTimedOut,
+    /// Started again after it was prepared, yet no job claims it: whatever ran on it since,
+    /// it is not clean any more.
+    StartedWithoutJob,
+    /// More than `spec.warm.size` (or the pool keeps none).
+    Surplus,
+}
+
+impl Retire {
+    /// The reason, in CamelCase, for Events and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Retire::StaleTemplate => "WarmInstanceStale",
+            Retire::TooOld => "WarmInstanceTooOld",
+            Retire::PreparationTimedOut => "WarmPreparationTimedOut",
+            Retire::StartedWithoutJob => "WarmInstanceStartedWithoutJob",
+            Retire::Surplus => "WarmInstanceSurplus",
+        }
+    }
+}
+
+/// What to do with a pool's warm instances in one pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WarmPlan {
+    /// New warm instances to launch from the current template version.
+    pub launch: u32,
+    /// Prepared instances still running: stop them (StopInstances).
+    pub stop: Vec<String>,
+    /// Instances to terminate, each with why.
+    pub terminate: Vec<(String, Retire)>,
+    /// The pool's warm instances by state once the plan is carried out (launches aside: they
+    /// are counted when EC2 lists them).
+    pub counts: WarmCounts,
+}
+
+/// Where a warm instance is in its life, from EC2's state and its report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    /// Up and not (yet) prepared.
+    Preparing,
+    /// Up and prepared: to be stopped.
+    Prepared,
+    Stopping,
+    /// Stopped: ready for a job.
+    Ready,
+}
+
+/// Decides the pool's warm instances. The rules, in order, for each unclaimed instance EC2
+/// still lists as alive: a stale template version, then an age past `maxAge`, then a start
+/// after its preparation without a job, then a preparation past its timeout, each terminate
+/// it; prepared instances still up are stopped; instances beyond `size` are terminated, the
+/// least prepared (then the youngest) first, keeping the ready ones, oldest last; launches
+/// make up the rest.
+pub fn plan(facts: &WarmFacts<'_>) -> WarmPlan {
+    let current = tags::warm_value(facts.template_id, facts.template_version);
+    let max_age = facts.spec.map_or(0, |w| i64::from(w.max_age_minutes) * 60);
+    let size = facts.spec.map_or(0, |w| w.size.max(0)) as usize;
+    let mut plan = WarmPlan::default();
+    let mut kept: Vec<(Stage, &WarmInstance)> = Vec::new();
+
+    for instance in facts.instances {
+        if facts.claimed.contains(&instance.id) {
+            continue;
+        }
+        let up = matches!(instance.state.as_str(), "pending" | "running");
+        let stage = match instance.state.as_str() {
+            "stopped" => Stage::Ready,
+            "stopping" => Stage::Stopping,
+            _ if up => Stage::Preparing,
+            // Shutting down or terminated: already on its way out.
+            _ => continue,
+        };
+        let age = instance.launched.map(|t| facts.now - t);
+        let report = facts.prepared.get(&instance.id).copied();
+        // EC2 moves LaunchTime to each start: a report older than it came before a restart.
+        let restarted = up && matches!((report, instance.launched), (Some(r), Some(l)) if r < l);
+        let retire = if instance.template != current {
+            Some(Retire::StaleTemplate)
+        } else if age.is_some_and(|a| a > max_age) && facts.spec.is_some() {
+            Some(Retire::TooOld)
+        } else if restarted {
+            Some(Retire::StartedWithoutJob)
+        } else if up && report.is_none() && age.is_some_and(|a| a > facts.prepare_timeout_secs) {
+            Some(Retire::PreparationTimedOut)
+        } else {
+            None
+        };
+        match retire {
+            Some(why) => plan.terminate.push((instance.id.clone(), why)),
+            None if up && report.is_some() => kept.push((Stage::Prepared, instance)),
+            None => kept.push((stage, instance)),
+        }
+    }
+
+    // The least prepared go first; among equals the youngest, except that of the ready ones
+    // the oldest go first (they are the nearest to their maximum age).
+    kept.sort_by_key(|(stage, i)| {
+        let launched = i.launched.unwrap_or(i64::MAX);
+        (
+            *stage,
+            if *stage == Stage::Ready {
+                launched
+            } else {
+                -launched
+            },
+        )
+    });
+    let surplus = kept.len().saturating_sub(size);
+    for (_, instance) in kept.drain(..surplus) {
+        plan.terminate.push((instance.id.clone(), Retire::Surplus));
+    }
+    for (stage, instance) in &kept {
+        match stage {
+            Stage::Preparing => plan.counts.preparing += 1,
+            Stage::Prepared => {
+                plan.stop.push(instance.id.clone());
+                plan.counts.stopping += 1;
+            }
+            Stage::Stopping => plan.counts.stopping += 1,
+            Stage::Ready => plan.counts.ready += 1,
+        }
+    }
+    plan.launch = (size - kept.len()) as u32;
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+    const HOUR: i64 = 3600;
+
+    fn warm(id: &str, state: &str, age: i64) -> WarmInstance {
+        WarmInstance {
+            id: id.into(),
+            state: state.into(),
+            launched: Some(NOW - age),
+            template: "lt-1:3".into(),
+        }
+    }
+
+    struct Case {
+        size: i32,
+        instances: Vec<WarmInstance>,
+        claimed: Vec<&'static str>,
+        /// (id, seconds ago it last reported prepared)
+        prepared: Vec<(&'static str, i64)>,
+    }
+
+    fn run(case: Case) -> WarmPlan {
+        let spec = WarmPool {
+            size: case.size,
+            max_age_minutes: 1440,
+        };
+        let claimed = case.claimed.iter().map(|s| s.to_string()).collect();
+        let prepared = (case.prepared.iter())
+            .map(|(id, ago)| (id.to_string(), NOW - ago))
+            .collect();
+        plan(&WarmFacts {
+            spec: Some(&spec),
+            template_id: "lt-1",
+            template_version: 3,
+            instances: &case.instances,
+            claimed: &claimed,
+            prepared: &prepared,
+            prepare_timeout_secs: 600,
+            now: NOW,
+        })
+    }
+
+    fn counts(ready: i32, preparing: i32, stopping: i32) -> WarmCounts {
+        WarmCounts {
+            ready,
+            preparing,
+            stopping,
+        }
+    }
+
+    fn terminated(plan: &WarmPlan) -> Vec<(&str, Retire)> {
+        plan.terminate
+            .iter()
+            .map(|(i, r)| (i.as_str(), *r))
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_pool_launches_its_size() {
+        let plan = run(Case {
+            size: 3,
+            instances: vec![],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert_eq!(plan.launch, 3);
+        assert_eq!(plan.counts, counts(0, 0, 0));
+        assert!(plan.stop.is_empty() && plan.terminate.is_empty());
+    }
+
+    #[test]
+    fn instances_are_counted_by_state_and_only_the_missing_are_launched() {
+        let plan = run(Case {
+            size: 4,
+            instances: vec![
+                warm("i-ready", "stopped", HOUR),
+                warm("i-prep", "pending", 10),
+                warm("i-stopping", "stopping", HOUR),
+            ],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert_eq!(plan.counts, counts(1, 1, 1));
+        assert_eq!(plan.launch, 1);
+        assert!(plan.stop.is_empty() && plan.terminate.is_empty());
+    }
+
+    #[test]
+    fn a_running_instance_that_reported_prepared_is_stopped() {
+        let plan = run(Case {
+            size: 2,
+            instances: vec![warm("i-a", "running", 300), warm("i-b", "running", 300)],
+            claimed: vec![],
+            prepared: vec![("i-a", 5)],
+        });
+        assert_eq!(plan.stop, vec!["i-a".to_string()]);
+        assert_eq!(plan.counts, counts(0, 1, 1));
+        assert_eq!(plan.launch, 0);
+    }
+
+    #[test]
+    fn a_template_change_terminates_every_unclaimed_warm_instance_of_the_old_version() {
+        let mut old = vec![
+            warm("i-ready", "stopped", HOUR),
+            warm("i-prep", "running", 60),
+            warm("i-stopping", "stopping", HOUR),
+        ];
+        for i in &mut old {
+            i.template = "lt-1:2".into();
+        }
+        old.push(warm("i-job", "running", HOUR));
+        old[3].template = "lt-1:2".into();
+        let plan = run(Case {
+            size: 3,
+            instances: old,
+            claimed: vec!["i-job"],
+            prepared: vec![("i-prep", 1)],
+        });
+        assert_eq!(
+            terminated(&plan),
+            vec![
+                ("i-ready", Retire::StaleTemplate),
+                ("i-prep", Retire::StaleTemplate),
+                ("i-stopping", Retire::StaleTemplate),
+            ]
+        );
+        assert!(plan.stop.is_empty());
+        assert_eq!(plan.launch, 3);
+        assert_eq!(plan.counts, counts(0, 0, 0));
+    }
+
+    #[test]
+    fn another_template_id_is_stale_too() {
+        let mut other = warm("i-a", "stopped", HOUR);
+        other.template = "lt-9:3".into();
+        let plan = run(Case {
+            size: 1,
+            instances: vec![other],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert_eq!(terminated(&plan), vec![("i-a", Retire::StaleTemplate)]);
+        assert_eq!(plan.launch, 1);
+    }
+
+    #[test]
+    fn an_instance_a_job_claims_is_neither_counted_nor_touched() {
+        let plan = run(Case {
+            size: 1,
+            instances: vec![
+                // Started for a job: running, long past every timeout, once prepared.
+                warm("i-job", "running", 2 * 24 * HOUR),
+                warm("i-ready", "stopped", HOUR),
+            ],
+            claimed: vec!["i-job"],
+            prepared: vec![("i-job", 3 * 24 * HOUR)],
+        });
+        assert!(plan.terminate.is_empty() && plan.stop.is_empty());
+        assert_eq!(plan.counts, counts(1, 0, 0));
+        assert_eq!(plan.launch, 0);
+    }
+
+    #[test]
+    fn instances_older_than_max_age_are_replaced() {
+        let plan = run(Case {
+            size: 2,
+            instances: vec![
+                warm("i-old", "stopped", 25 * HOUR),
+                warm("i-young", "stopped", 23 * HOUR),
+            ],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert_eq!(terminated(&plan), vec![("i-old", Retire::TooOld)]);
+        assert_eq!(plan.counts, counts(1, 0, 0));
+        assert_eq!(plan.launch, 1);
+    }
+
+    #[test]
+    fn a_preparation_past_its_timeout_without_a_report_is_terminated() {
+        let plan = run(Case {
+            size: 3,
+            instances: vec![
+                warm("i-late", "running", 601),
+                warm("i-in-time", "running", 599),
+                warm("i-late-but-prepared", "running", 700),
+            ],
+            claimed: vec![],
+            prepared: vec![("i-late-but-prepared", 2)],
+        });
+        assert_eq!(
+            terminated(&plan),
+            vec![("i-late", Retire::PreparationTimedOut)]
+        );
+        assert_eq!(plan.stop, vec!["i-late-but-prepared".to_string()]);
+        assert_eq!(plan.counts, counts(0, 1, 1));
+        assert_eq!(plan.launch, 1);
+    }
+
+    #[test]
+    fn an_instance_started_again_without_a_job_is_never_put_back() {
+        // Prepared an hour ago, then started (EC2 moved its launch time) and no job claims it.
+        let plan = run(Case {
+            size: 1,
+            instances: vec![warm("i-used", "running", 60)],
+            claimed: vec![],
+            prepared: vec![("i-used", HOUR)],
+        });
+        assert_eq!(
+            terminated(&plan),
+            vec![("i-used", Retire::StartedWithoutJob)]
+        );
+        assert!(plan.stop.is_empty());
+        assert_eq!(plan.launch, 1);
+    }
+
+    #[test]
+    fn beyond_size_the_least_prepared_go_first_and_the_oldest_ready_before_younger() {
+        let plan = run(Case {
+            size: 2,
+            instances: vec![
+                warm("i-ready-old", "stopped", 5 * HOUR),
+                warm("i-ready-young", "stopped", HOUR),
+                warm("i-stopping", "stopping", HOUR),
+                warm("i-prep-old", "running", 300),
+                warm("i-prep-young", "pending", 10),
+            ],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert_eq!(
+            terminated(&plan),
+            vec![
+                ("i-prep-young", Retire::Surplus),
+                ("i-prep-old", Retire::Surplus),
+                ("i-stopping", Retire::Surplus),
+            ]
+        );
+        let plan = run(Case {
+            size: 1,
+            instances: vec![
+                warm("i-ready-young", "stopped", HOUR),
+                warm("i-ready-old", "stopped", 5 * HOUR),
+            ],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert_eq!(terminated(&plan), vec![("i-ready-old", Retire::Surplus)]);
+        assert_eq!(plan.counts, counts(1, 0, 0));
+    }
+
+    #[test]
+    fn size_zero_or_no_warm_spec_terminates_every_unclaimed_warm_instance() {
+        let plan = run(Case {
+            size: 0,
+            instances: vec![warm("i-a", "stopped", HOUR), warm("i-job", "running", HOUR)],
+            claimed: vec!["i-job"],
+            prepared: vec![],
+        });
+        assert_eq!(terminated(&plan), vec![("i-a", Retire::Surplus)]);
+        assert_eq!(plan.launch, 0);
+        let instances = [warm("i-a", "stopped", 30 * 24 * HOUR)];
+        let none = plan_without_spec(&instances);
+        assert_eq!(terminated(&none), vec![("i-a", Retire::Surplus)]);
+        assert_eq!(none.launch, 0);
+    }
+
+    fn plan_without_spec(instances: &[WarmInstance]) -> WarmPlan {
+        plan(&WarmFacts {
+            spec: None,
+            template_id: "lt-1",
+            template_version: 3,
+            instances,
+            claimed: &BTreeSet::new(),
+            prepared: &BTreeMap::new(),
+            prepare_timeout_secs: 600,
+            now: NOW,
+        })
+    }
+
+    #[test]
+    fn instances_on_their_way_out_are_left_alone() {
+        let plan = run(Case {
+            size: 1,
+            instances: vec![
+                warm("i-gone", "terminated", HOUR),
+                warm("i-going", "shutting-down", HOUR),
+            ],
+            claimed: vec![],
+            prepared: vec![],
+        });
+        assert!(plan.terminate.is_empty());
+        assert_eq!(plan.launch, 1);
+    }
+
+    #[test]
+    fn only_instances_carrying_the_warm_tag_are_warm() {
+        let mut instance = Instance {
+            id: "i-1".into(),
+            instance_type: "m7i.large".into(),
+            zone: "us-east-1a".into(),
+            spot: false,
+            state: "stopped".into(),
+            state_reason: None,
+            launch_time: Some(NOW),
+            tags: BTreeMap::new(),
+        };
+        assert_eq!(WarmInstance::from_instance(&instance), None);
+        instance
+            .tags
+            .insert(tags::WARM.into(), tags::warm_value("lt-1", 3));
+        let warm = WarmInstance::from_instance(&instance).unwrap();
+        assert_eq!(warm.template, "lt-1:3");
+        assert_eq!(warm.launched, Some(NOW));
+    }
+}
