@@ -1247,3 +1247,126 @@ fn base64_of(text: &str) -> String {
 fn log(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("state/boot.log")).unwrap_or_default()
 }
+
+/// A pool with `warm.size: 3` keeps three prepared, stopped instances: launched from its
+/// template with the `gha:warm` tag and no job's, each runs the real boot script's preparation
+/// against the listener (the pool's release downloaded and unpacked, no JIT config, no job
+/// taken), reports `prepared`, and is stopped by the replica it reached. The pool's status
+/// counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
+    let behaviour = Behaviour {
+        stop_when_terminated: true,
+        ..Default::default()
+    };
+    let w = World::new("warm-keep", Some(behaviour)).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    let warm = json!({"spec": {
+        "warm": {"size": 3},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+    }});
+    pools
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let pool = loop {
+        let pool = pools.get("alpha").await.unwrap();
+        let counts = pool.status.as_ref().and_then(|s| s.warm);
+        if counts.as_ref().is_some_and(|c| c.ready == 3) {
+            break pool;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the warm pool never had 3 ready: {:?}",
+            pool.status
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let counts = pool.status.unwrap().warm.unwrap();
+    assert_eq!((counts.preparing, counts.stopping), (0, 0), "{counts:?}");
+
+    let ec2 = moto(w.ground).await;
+    let listed = ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:gha:controller")
+                .values(&w.controller_id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let instances: Vec<_> = (listed.reservations().iter())
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
+        .collect();
+    assert_eq!(instances.len(), 3, "{instances:?}");
+    let sim = w.sim.as_ref().unwrap();
+    for instance in &instances {
+        let id = instance.instance_id().unwrap();
+        let state = instance.state().and_then(|s| s.name()).unwrap().as_str();
+        assert_eq!(state, "stopped", "{id}");
+        let tag = |key: &str| {
+            (instance.tags().iter())
+                .find(|t| t.key() == Some(key))
+                .and_then(|t| t.value())
+        };
+        assert!(
+            tag("gha:warm").is_some_and(|v| v.starts_with("lt-")),
+            "{id}"
+        );
+        assert_eq!(tag("gha:pool"), Some(format!("{}/alpha", w.ns).as_str()));
+        assert_eq!(tag("gha:runner-job-uid"), None, "{id} names no job");
+        let booted = sim.finished(id, Duration::from_secs(10)).await;
+        let boot_log = log(&booted.dir);
+        assert!(booted.dir.join("state/prepared").exists(), "{boot_log}");
+        assert!(booted.dir.join("state/boot.sh").exists(), "{boot_log}");
+        assert!(booted.dir.join("runner/run.sh").exists(), "{boot_log}");
+        assert!(booted.jit_config.is_none(), "a warm instance takes no job");
+        assert!(
+            !booted.shut_down,
+            "stopped by Pacer, not shut down: {boot_log}"
+        );
+        assert!(
+            boot_log.contains("prepared; waiting to be stopped"),
+            "{boot_log}"
+        );
+    }
+    // No RunnerJob was made or taken for them.
+    assert!(
+        w.jobs
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert_eq!(
+        sim.release_downloads().values().sum::<u32>(),
+        1,
+        "Pacer fetched the release once for the three"
+    );
+
+    // A deleted pool leaves no warm instance behind.
+    let ids: Vec<String> = instances
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect();
+    pools.delete("alpha", &Default::default()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for id in &ids {
+        loop {
+            let state = w.instance_state(id).await;
+            if state == "terminated" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} is {state} after its pool was deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

@@ -44,6 +44,8 @@ pub struct Snapshot {
     /// Instances of batched launches, by instance id, with their batch's token as their only
     /// tag: their tags name no job, the statuses of their jobs name them.
     pub batched: Arc<HashMap<String, Instance>>,
+    /// Warm instances, by `namespace/pool`, with their pool's and their `gha:warm` tags only.
+    pub warm: Arc<HashMap<String, Vec<Instance>>>,
     pub taken: Timestamp,
 }
 
@@ -282,10 +284,20 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<Snapshot> {
     let taken = Timestamp::now();
     let ec2 = ctx.ec2();
     let mut batched = HashMap::new();
+    let mut warm: HashMap<String, Vec<Instance>> = HashMap::new();
     let mut pages = ec2.managed_instance_pages(&ctx.settings.controller_id);
     while let Some(page) = pages.try_next().await? {
         for mut instance in page {
             let Some(uid) = instance.tags.remove(launch::RUNNER_JOB_UID) else {
+                if instance.tags.contains_key(crate::cloud::tags::WARM) {
+                    let warm_tags = [crate::cloud::tags::WARM, crate::cloud::tags::POOL];
+                    instance.tags.retain(|k, _| warm_tags.contains(&k.as_str()));
+                    let pool = instance.tags.get(crate::cloud::tags::POOL).cloned();
+                    warm.entry(pool.unwrap_or_default())
+                        .or_default()
+                        .push(instance);
+                    continue;
+                }
                 // Only the batch's token is kept of its tags.
                 instance.tags.retain(|k, _| k == launch::BATCH);
                 if !instance.tags.is_empty() {
@@ -303,6 +315,7 @@ pub async fn instances(ctx: &Context, max_age: Duration) -> Result<Snapshot> {
     let snapshot = Snapshot {
         instances: Arc::new(by_uid),
         batched: Arc::new(batched),
+        warm: Arc::new(warm),
         taken,
     };
     *ctx.jobs.snapshot.lock().unwrap() = Some((Instant::now(), snapshot.clone()));
@@ -1374,7 +1387,7 @@ async fn plan_batch(
 
 /// One instance of the offerings EC2 has not recently refused (the cheapest zone first for a
 /// single-offering spot launch), in the first one's market, without a token yet.
-async fn offer(
+pub(super) async fn offer(
     ctx: &Context,
     pool: &RunnerPool,
     template: &crate::api::LaunchTemplateRef,

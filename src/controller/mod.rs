@@ -11,6 +11,7 @@ mod ledger;
 pub mod metrics;
 pub mod pool;
 pub mod sweep;
+mod warm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -393,6 +394,8 @@ mod event_reasons {
             include_str!("mod.rs"),
             include_str!("job.rs"),
             include_str!("pool.rs"),
+            include_str!("warm.rs"),
+            include_str!("../domain/warm.rs"),
             include_str!("../domain/job.rs"),
             include_str!("../domain/pool.rs"),
             include_str!("../http/runner.rs"),

@@ -180,6 +180,23 @@ impl Pass {
         self.status.on_demand_until = until.map(Time);
     }
 
+    /// The pool's warm instances kept, once it may launch from its template: their counts in
+    /// the status, the pass's Events. Whether to look again soon.
+    async fn warm(&mut self, pool: &RunnerPool, ctx: &Context) -> Result<bool> {
+        let ready = conditions::is_true(&self.status.conditions, LAUNCH_PERMITTED)
+            && conditions::is_true(&self.status.conditions, READY);
+        let Some(template) = self.status.launch_template.clone().filter(|_| ready) else {
+            return Ok(false);
+        };
+        let Some(kept) = super::warm::keep(pool, ctx, &template).await? else {
+            return Ok(false);
+        };
+        let keeps = pool.spec.warm_size() > 0 || kept.counts != Default::default();
+        self.status.warm = keeps.then_some(kept.counts);
+        self.events.extend(kept.events);
+        Ok(kept.moving)
+    }
+
     /// Validated, with the caveats found (an Event the first time they are seen).
     fn validated(&mut self, notes: &[String]) {
         let message = if notes.is_empty() {
@@ -243,11 +260,21 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
 
     // Checked this generation in the last resync period: only the counts can have changed.
     if let Some(left) = recently_checked(pool, ctx, &id, &pass) {
-        let counted = |s: &RunnerPoolStatus| (s.runners.clone(), s.on_demand_until.clone());
-        if pool.status.as_ref().map(counted) != Some(counted(&pass.status)) {
+        let moving = pass.warm(pool, ctx).await?;
+        let counted = |s: &RunnerPoolStatus| {
+            let warm = s.warm;
+            (s.runners.clone(), s.on_demand_until.clone(), warm)
+        };
+        if pool.status.as_ref().map(counted) != Some(counted(&pass.status))
+            || !pass.events.is_empty()
+        {
             finish(pool, ctx, pass).await?;
         }
-        return Ok(Action::requeue(left));
+        return Ok(Action::requeue(if moving {
+            left.min(WARM_LOOK_AGAIN)
+        } else {
+            left
+        }));
     }
     pass.status.observed_generation = pool.metadata.generation;
 
@@ -270,14 +297,24 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
 
     permit(pool, ctx, &id, &template, &mut pass).await?;
     pass.status.launch_template = Some(template);
+    let moving = pass.warm(pool, ctx).await?;
     // Recorded before the status is written: a pass that follows at once (a new term) finds
     // it. Should the write fail, the status's observedGeneration still sends it to EC2.
     ctx.pool_checks
         .lock()
         .unwrap()
         .insert(id.key(), (pool.metadata.generation, Instant::now()));
-    finish(pool, ctx, pass).await
+    let action = finish(pool, ctx, pass).await?;
+    Ok(if moving {
+        Action::requeue(WARM_LOOK_AGAIN)
+    } else {
+        action
+    })
 }
+
+/// How soon a pool whose warm instances are launching, preparing or stopping is looked at
+/// again.
+const WARM_LOOK_AGAIN: Duration = Duration::from_secs(5);
 
 /// How long until the next check when this generation of the pool was checked against EC2
 /// within the last resync period (and the status says so); `None` when it is due.
@@ -535,6 +572,7 @@ async fn wait_for_jobs(pool: &RunnerPool, ctx: &Context) -> Result<Option<Action
 /// the pool holding a slot.
 async fn cleanup(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     let id = identity(pool, ctx);
+    super::warm::retire_all(pool, ctx).await?;
     if let Some(template) = ctx.ec2().find_launch_template(&id.template_name()).await?
         && tags::owned_by(&template.tags, id.controller_id)
     {

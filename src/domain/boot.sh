@@ -10,6 +10,10 @@
 # Nothing here is secret: the instance proves who it is with its signed identity document and
 # receives its just-in-time runner config and a callback token once, over HTTPS.
 #
+# A warm pool's instance is told to prepare instead: it runs the pool's script, unpacks the
+# runner, arranges for this script to run at every later start, reports `prepared` and waits for
+# Pacer to stop it. Started again for a job, it skips what it prepared and takes the job.
+#
 # Needs bash, curl, jq, tar, sudo and coreutils, and a route to PACER_URL only (IMDS aside):
 # the runner release comes from Pacer too. Every failure posts the tail of the boot log to
 # Pacer and shuts down; the launch template makes shutdown terminate the instance.
@@ -29,6 +33,8 @@ AUTH="$STATE/callback.headers"
 LOG_TAIL_BYTES=65536
 
 mkdir -p "$STATE"
+# A token from an earlier boot of this instance (a warm one's preparation) is not this boot's.
+rm -f "$AUTH"
 exec > >(tee -a "$LOG") 2>&1
 tee_pid=$!
 # Pacer's listener may use a private CA; other endpoints keep the AMI's trust store.
@@ -101,14 +107,17 @@ call GET "$IMDS/latest/dynamic/instance-identity/rsa2048" "$STATE/identity.rsa20
 
 # 2. Bootstrap, once: the JIT runner config, a callback token and the runner release (the
 #    pool's runnerVersion, or the latest) to use.
+prepared=false
+[ -e "$STATE/prepared" ] && prepared=true
 jq -n --rawfile document "$STATE/identity.json" --rawfile signature "$STATE/identity.rsa2048" \
-  '{document: $document, signature: $signature}' \
+  --argjson prepared "$prepared" '{document: $document, signature: $signature, prepared: $prepared}' \
   >"$STATE/bootstrap-request.json"
 call POST "$PACER_URL/api/runner/bootstrap" "$STATE/bootstrap.json" "${pacer_tls[@]}" \
   -H 'Content-Type: application/json' --data-binary @"$STATE/bootstrap-request.json"
 printf 'Authorization: Bearer %s\n' "$(jq -er .callbackToken "$STATE/bootstrap.json")" >"$AUTH"
 version=$(jq -er .runner.version "$STATE/bootstrap.json")
-echo "pacer: bootstrapped; runner $version"
+mode=$(jq -r '.mode // "job"' "$STATE/bootstrap.json")
+echo "pacer: bootstrapped ($mode); runner $version"
 
 # EC2 warns two minutes before it reclaims a spot instance, and may recommend a rebalance
 # sooner: each kind of notice is reported to Pacer once, from the background, until the end.
@@ -133,11 +142,13 @@ watch_notices() {
     done
   done
 }
-watch_notices &
-notices=$!
+if [ "$mode" = job ]; then
+  watch_notices &
+  notices=$!
+fi
 
-# 3. The pool's own preparation.
-if [ -n "$PACER_POOL_SCRIPT" ]; then
+# 3. The pool's own preparation (once: a warm instance ran it before it was stopped).
+if [ -n "$PACER_POOL_SCRIPT" ] && [ "$prepared" = false ]; then
   echo "pacer: running the pool's userData script"
   bash -c "$PACER_POOL_SCRIPT"
 fi
@@ -174,6 +185,28 @@ elif [ "$(id -un)" != "$RUNNER_USER" ]; then
   id -u "$RUNNER_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$RUNNER_USER"
   chown -R "$RUNNER_USER" "$RUNNER_DIR"
   run_as=(sudo -H -u "$RUNNER_USER" --)
+fi
+
+# A warm instance's preparation ends here: this script runs again at every start (systemd's
+# unit on a real instance), Pacer hears it is prepared and stops it. The report is repeated
+# until then, so a stop that failed is asked for again.
+if [ "$mode" = prepare ]; then
+  if [ -f "$0" ] && [ "$0" != "$STATE/boot.sh" ]; then cp -- "$0" "$STATE/boot.sh"; fi
+  if command -v systemctl >/dev/null 2>&1 && [ -d /etc/systemd/system ]; then
+    printf '%s\n' '[Unit]' \
+      "Description=Pacer's runner boot, for the job this warm instance is started for" \
+      'Wants=network-online.target' 'After=network-online.target' '' '[Service]' \
+      'Type=simple' "ExecStart=/bin/bash $STATE/boot.sh" '' '[Install]' \
+      'WantedBy=multi-user.target' >/etc/systemd/system/pacer-runner.service
+    systemctl enable pacer-runner.service
+  fi
+  touch "$STATE/prepared"
+  echo "pacer: prepared; waiting to be stopped"
+  while :; do
+    call POST "$PACER_URL/api/runner/prepared" "$STATE/prepared.json" "${pacer_tls[@]}" \
+      -H @"$AUTH" -H 'Content-Type: application/json' --data-binary '{}'
+    sleep "${PACER_PREPARED_REPEAT:-30}"
+  done
 fi
 
 # 6. Register, run the one job, report how it ended.

@@ -162,6 +162,7 @@ pub fn router(state: Arc<Web>) -> Router {
         .route("/api/runner/complete", post(runner::complete))
         .route("/api/runner/interrupted", post(runner::interrupted))
         .route("/api/runner/error", post(runner::error))
+        .route("/api/runner/prepared", post(runner::prepared))
         .route("/api/runner/release/{asset}", get(runner::release))
         .route_layer(axum::middleware::from_fn_with_state(permits, bounded));
     // The probes stay outside the bound: a listener busy with requests is still alive.

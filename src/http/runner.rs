@@ -107,6 +107,10 @@ struct BootstrapRequest {
     document: String,
     /// IMDS's `rsa2048`: base64 PKCS#7.
     signature: String,
+    /// Sent by a warm instance that finished its preparation before: it boots again, started
+    /// for a job (or it must not run).
+    #[serde(default)]
+    prepared: bool,
 }
 
 fn denied(why: impl Into<String>) -> ApiError {
@@ -227,6 +231,9 @@ pub async fn bootstrap(
                     ))
                 })?
         }
+        _ if instance.tags.contains_key(crate::cloud::tags::WARM) => {
+            return prepare_warm(&web, side, &doc, &instance, request.prepared, now).await;
+        }
         _ => batch_member(&web, &instance).await?,
     };
     let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
@@ -325,6 +332,187 @@ pub async fn bootstrap(
         Some(waited) => answer_from_here(&web, instance_id, waited).await,
         None => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
     }
+}
+
+/// The answer to a warm instance no job has taken. At its first boot: its preparation, with no
+/// job and no JIT config, only the actions/runner release and a token for it and for the
+/// `prepared` report; the pool must still keep warm instances of the launch template version
+/// the instance was launched from. At a later boot (`prepared`): nothing, it was started
+/// without a job, and its script ends it.
+async fn prepare_warm(
+    web: &Web,
+    side: &RunnerSide,
+    doc: &crate::runner::identity::Document,
+    instance: &crate::cloud::Instance,
+    prepared: bool,
+    now: Timestamp,
+) -> Result<Response, ApiError> {
+    use crate::cloud::tags;
+    let id = &instance.id;
+    if prepared {
+        return Err(denied(format!(
+            "warm instance {id} was started, but no RunnerJob took it"
+        )));
+    }
+    let Some((namespace, name)) = (instance.tags.get(tags::POOL)).and_then(|p| p.split_once('/'))
+    else {
+        return Err(denied(format!("warm instance {id} names no RunnerPool")));
+    };
+    let pool = pool_named(web, namespace, name).await?.ok_or_else(|| {
+        denied(format!(
+            "warm instance {id}'s RunnerPool {namespace}/{name} is gone"
+        ))
+    })?;
+    let current = (pool.status.as_ref())
+        .and_then(|s| s.launch_template.as_ref())
+        .map(|t| tags::warm_value(&t.id, t.version));
+    let launched_from = instance.tags.get(tags::WARM);
+    if pool.spec.warm_size() == 0 || current.as_ref() != launched_from {
+        return Err(denied(format!(
+            "RunnerPool {namespace}/{name} keeps no warm instances of launch template {}",
+            launched_from.map_or("", String::as_str)
+        )));
+    }
+    let boot_timeout = (web.ctx.settings.job_limits)
+        .for_pool(&pool.spec)
+        .boot_timeout;
+    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
+        return Err(denied(format!(
+            "the instance started at {}, outside the pool's boot timeout of {} s",
+            doc.pending_time,
+            boot_timeout.as_secs()
+        )));
+    }
+    let arch = crate::github::runner_arch(&doc.architecture).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "architecture {} has no actions/runner release",
+            doc.architecture
+        ))
+    })?;
+    let release = (side.releases)
+        .release(pool.spec.runner_version.as_deref(), arch)
+        .await
+        .map_err(|e| unavailable("reading the actions/runner release", e))?;
+    side.releases.fetch(&release);
+    let token = side.tokens.mint_warm(&crate::runner::token::WarmClaims {
+        namespace: namespace.into(),
+        pool: name.into(),
+        instance: id.clone(),
+        runner_version: release.version.clone(),
+        expires: (now + boot_timeout + TOKEN_GRACE).as_second(),
+    });
+    info!(pool = %format!("{namespace}/{name}"), instance = %id, "preparing a warm instance");
+    let answer = json!({
+        "mode": "prepare",
+        "callbackToken": String::from_utf8_lossy(token.expose()),
+        "runner": {
+            "version": release.version,
+            "url": release_url(&web.ctx.settings.public_url, &release.asset),
+            "sha256": release.sha256,
+        },
+    });
+    Ok(axum::Json(answer).into_response())
+}
+
+/// `POST /api/runner/prepared`: a warm instance finished its preparation (its token says which,
+/// for which pool). It is stopped here, by whichever replica the report reaches: still listed
+/// as the pool's warm instance, running, and named by no RunnerJob. The instance reports again
+/// until it stops, so a stop that fails is tried again.
+pub async fn prepared(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let claims = warm_caller(&web, &headers)?;
+    let id = &claims.instance;
+    let instance = warm_instance(&web, &claims).await?;
+    if !instance.is_alive() || instance.is_stopping() || instance.is_stopped() {
+        return Ok(axum::Json(json!({ "stopping": true })).into_response());
+    }
+    let named = select(
+        &jobs(&web, &claims.namespace),
+        "status.instance.id",
+        id,
+        |s| s.instance.as_ref().is_some_and(|i| &i.id == id),
+    )
+    .await?;
+    if named
+        .iter()
+        .any(|j| j.status.as_ref().is_some_and(|s| !s.phase.is_finished()))
+    {
+        return Err(ApiError::Conflict(format!(
+            "warm instance {id} is taken by a RunnerJob; it is not stopped"
+        )));
+    }
+    web.ctx
+        .ec2()
+        .stop_instances(std::slice::from_ref(id))
+        .await
+        .map_err(|e| unavailable("StopInstances", e))?;
+    info!(pool = %format!("{}/{}", claims.namespace, claims.pool), instance = %id, "warm instance prepared; stopping it");
+    Ok(axum::Json(json!({ "stopping": true })).into_response())
+}
+
+/// A warm instance's preparation failed: it is terminated (the pool launches another) and the
+/// pool gets an Event with the last line of its log.
+async fn warm_failed(
+    web: &Web,
+    headers: &HeaderMap,
+    body: Body,
+    claims: &crate::runner::token::WarmClaims,
+) -> Result<Response, ApiError> {
+    let body = read_body(headers, body, ERROR_BODY_LIMIT).await?;
+    let log = String::from_utf8_lossy(&body);
+    let last_line = (log.lines().rev())
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let instance = warm_instance(web, claims).await?;
+    let id = std::slice::from_ref(&instance.id);
+    (web.ctx.ec2().terminate_instances(id).await)
+        .map_err(|e| unavailable("TerminateInstances", e))?;
+    if let Some(pool) = pool_named(web, &claims.namespace, &claims.pool).await? {
+        let note = format!(
+            "warm instance {} failed its preparation and is terminated: {}",
+            instance.id,
+            tail(last_line, 512)
+        );
+        (web.ctx)
+            .event(&pool, EventType::Warning, "WarmPreparationFailed", note)
+            .await;
+    }
+    Ok(axum::Json(json!({ "ok": true })).into_response())
+}
+
+/// The claims of the warm preparation token the request carries.
+fn warm_caller(
+    web: &Web,
+    headers: &HeaderMap,
+) -> Result<crate::runner::token::WarmClaims, ApiError> {
+    let bearer = bearer(headers)?;
+    side(web)?
+        .tokens
+        .verify_warm(bearer, Timestamp::now().as_second())
+        .map_err(|e| denied(e.to_string()))
+}
+
+/// The warm instance a preparation token names, as EC2 lists it: this controller's, warm, and
+/// of the token's pool.
+async fn warm_instance(
+    web: &Web,
+    claims: &crate::runner::token::WarmClaims,
+) -> Result<crate::cloud::Instance, ApiError> {
+    use crate::cloud::tags;
+    let id = &claims.instance;
+    let pool = format!("{}/{}", claims.namespace, claims.pool);
+    let controller_id = &web.ctx.settings.controller_id;
+    let (instance, _) = (web.ctx.ec2().managed_instance(controller_id, id).await)
+        .map_err(|e| unavailable("DescribeInstances", e))?
+        .ok_or_else(|| denied(format!("instance {id} is not one Pacer launched")))?;
+    if instance.tags.get(tags::POOL) != Some(&pool) || !instance.tags.contains_key(tags::WARM) {
+        return Err(denied(format!(
+            "instance {id} is not a warm instance of {pool}"
+        )));
+    }
+    Ok(instance)
 }
 
 /// The RunnerJob a batch's instance is for: the one whose status names it (a member records
@@ -795,20 +983,29 @@ impl Boots {
 
 async fn pool_of(web: &Web, job: &RunnerJob) -> Result<RunnerPool, ApiError> {
     let namespace = job.namespace().unwrap_or_default();
-    let key = kube::runtime::reflector::ObjectRef::new(&job.spec.pool_name).within(&namespace);
-    if let Some(pool) = web.pools.get(&key) {
-        return Ok((*pool).clone());
-    }
-    Api::<RunnerPool>::namespaced(web.ctx.client.clone(), &namespace)
-        .get_opt(&job.spec.pool_name)
-        .await
-        .map_err(|e| unavailable("reading the RunnerPool", e))?
+    pool_named(web, &namespace, &job.spec.pool_name)
+        .await?
         .ok_or_else(|| {
             ApiError::Conflict(format!(
                 "RunnerPool {namespace}/{} is gone",
                 job.spec.pool_name
             ))
         })
+}
+
+async fn pool_named(
+    web: &Web,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<RunnerPool>, ApiError> {
+    let key = kube::runtime::reflector::ObjectRef::new(name).within(namespace);
+    if let Some(pool) = web.pools.get(&key) {
+        return Ok(Some((*pool).clone()));
+    }
+    Api::<RunnerPool>::namespaced(web.ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| unavailable("reading the RunnerPool", e))
 }
 
 /// Records the bootstrap on the job, once: a job already bootstrapped, or past booting, is a
@@ -857,16 +1054,20 @@ fn refused(name: &str, refusal: Refusal) -> ApiError {
     }
 }
 
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| denied("a callback token is required (Authorization: Bearer)"))
+}
+
 /// The RunnerJob a callback's bearer token was minted for, checked against what the job
 /// kept: its uid, the instance that bootstrapped, and the token's fingerprint; a finished job
 /// is a 409.
 async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus), ApiError> {
     let side = side(web)?;
-    let bearer = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| denied("a callback token is required (Authorization: Bearer)"))?;
+    let bearer = bearer(headers)?;
     let claims = side
         .tokens
         .verify(bearer, Timestamp::now().as_second())
@@ -933,8 +1134,14 @@ pub async fn release(
 ) -> Result<Response, ApiError> {
     use crate::runner::release::Fetch;
     use futures::StreamExt as _;
-    let (_, boot) = caller(&web, &headers).await?;
-    let version = boot.runner_version.unwrap_or_default();
+    let version = match warm_caller(&web, &headers) {
+        Ok(warm) => warm.runner_version,
+        Err(_) => caller(&web, &headers)
+            .await?
+            .1
+            .runner_version
+            .unwrap_or_default(),
+    };
     let arch = ["x64", "arm64"]
         .into_iter()
         .find(|arch| crate::github::runner_asset_name(&version, arch) == asset)
@@ -1123,6 +1330,9 @@ pub async fn error(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if let Ok(warm) = warm_caller(&web, &headers) {
+        return warm_failed(&web, &headers, body, &warm).await;
+    }
     let (job, boot) = caller(&web, &headers).await?;
     let body = read_body(&headers, body, ERROR_BODY_LIMIT).await?;
     let log = String::from_utf8_lossy(&body);

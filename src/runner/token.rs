@@ -25,6 +25,22 @@ const VERSION: &str = "v1";
 /// What the key sealing bootstrap answers is derived for.
 const SEALING: &[u8] = b"bootstrap-answer\n";
 
+/// What a warm instance's preparation token is for.
+pub const WARM_PURPOSE: &str = "warm-preparation";
+const WARM_VERSION: &str = "w1";
+
+/// What a warm instance's preparation token says: the pool it prepares for, the instance, and
+/// the actions/runner release it was given. Only its MAC makes it true.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmClaims {
+    pub namespace: String,
+    pub pool: String,
+    pub instance: String,
+    pub runner_version: String,
+    /// Seconds since the Unix epoch.
+    pub expires: i64,
+}
+
 /// What a token says. Only its MAC makes it true.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -69,10 +85,10 @@ impl Tokens {
         Ok(Self { key })
     }
 
-    fn mac(&self, claims: &[u8]) -> Hmac<Sha256> {
+    fn mac(&self, purpose: &str, claims: &[u8]) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(self.key.expose()).expect("HMAC takes any key length");
-        mac.update(PURPOSE.as_bytes());
+        mac.update(purpose.as_bytes());
         mac.update(b"\n");
         mac.update(claims);
         mac
@@ -80,34 +96,65 @@ impl Tokens {
 
     /// A token for `claims`: `v1.<claims>.<mac>`, base64url.
     pub fn mint(&self, claims: &Claims) -> Secret {
-        let body = serde_json::to_vec(claims).expect("claims serialize");
-        let tag = self.mac(&body).finalize().into_bytes();
-        Secret::new(format!(
-            "{VERSION}.{}.{}",
-            B64.encode(&body),
-            B64.encode(tag)
-        ))
+        self.mint_as(VERSION, PURPOSE, claims)
     }
 
     /// The claims of a token this key minted and that has not expired at `now`. The MAC is
     /// compared in constant time.
     pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
-        let mut parts = token.split('.');
-        let (Some(VERSION), Some(body), Some(tag), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed);
-        };
-        let body = B64.decode(body).map_err(|_| TokenError::Malformed)?;
-        let tag = B64.decode(tag).map_err(|_| TokenError::Malformed)?;
-        self.mac(&body)
-            .verify_slice(&tag)
-            .map_err(|_| TokenError::Forged)?;
-        let claims: Claims = serde_json::from_slice(&body).map_err(|_| TokenError::Malformed)?;
+        let claims: Claims = self.verify_as(VERSION, PURPOSE, token)?;
         if claims.expires <= now {
             return Err(TokenError::Expired);
         }
         Ok(claims)
+    }
+
+    /// A warm instance's token for its preparation: `w1.<claims>.<mac>`, under a purpose of its
+    /// own, so it never passes as a job's token, nor a job's as it.
+    pub fn mint_warm(&self, claims: &WarmClaims) -> Secret {
+        self.mint_as(WARM_VERSION, WARM_PURPOSE, claims)
+    }
+
+    /// The claims of a warm instance's token this key minted and that has not expired at `now`.
+    pub fn verify_warm(&self, token: &str, now: i64) -> Result<WarmClaims, TokenError> {
+        let claims: WarmClaims = self.verify_as(WARM_VERSION, WARM_PURPOSE, token)?;
+        if claims.expires <= now {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    fn mint_as(&self, version: &str, purpose: &str, claims: &impl Serialize) -> Secret {
+        let body = serde_json::to_vec(claims).expect("claims serialize");
+        let tag = self.mac(purpose, &body).finalize().into_bytes();
+        Secret::new(format!(
+            "{version}.{}.{}",
+            B64.encode(&body),
+            B64.encode(tag)
+        ))
+    }
+
+    fn verify_as<T: serde::de::DeserializeOwned>(
+        &self,
+        version: &str,
+        purpose: &str,
+        token: &str,
+    ) -> Result<T, TokenError> {
+        let mut parts = token.split('.');
+        let (Some(v), Some(body), Some(tag), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        if v != version {
+            return Err(TokenError::Malformed);
+        }
+        let body = B64.decode(body).map_err(|_| TokenError::Malformed)?;
+        let tag = B64.decode(tag).map_err(|_| TokenError::Malformed)?;
+        self.mac(purpose, &body)
+            .verify_slice(&tag)
+            .map_err(|_| TokenError::Forged)?;
+        serde_json::from_slice(&body).map_err(|_| TokenError::Malformed)
     }
 }
 
@@ -203,6 +250,29 @@ mod tests {
         assert_eq!(tokens("j").verify(text, 0), Err(TokenError::Forged));
         assert!(matches(token.expose(), &fingerprint(token.expose())));
         assert!(!matches(b"v1.x.y", &fingerprint(token.expose())));
+    }
+
+    #[test]
+    fn a_warm_token_and_a_jobs_never_pass_for_each_other() {
+        let tokens = tokens("0123456789abcdef0123456789abcdef");
+        let warm = WarmClaims {
+            namespace: "ci".into(),
+            pool: "linux".into(),
+            instance: "i-1".into(),
+            runner_version: "2.330.0".into(),
+            expires: 2_000,
+        };
+        let minted = tokens.mint_warm(&warm);
+        let minted = std::str::from_utf8(minted.expose()).unwrap();
+        assert_eq!(tokens.verify_warm(minted, 1_000), Ok(warm));
+        assert_eq!(tokens.verify_warm(minted, 2_000), Err(TokenError::Expired));
+        assert!(tokens.verify(minted, 1_000).is_err());
+        let job = tokens.mint(&claims());
+        let job = std::str::from_utf8(job.expose()).unwrap();
+        assert!(tokens.verify_warm(job, 1_000).is_err());
+        // The same body under the other version's prefix: the MAC is over another purpose.
+        let relabelled = minted.replacen("w1.", "v1.", 1);
+        assert!(tokens.verify(&relabelled, 1_000).is_err());
     }
 
     #[test]
