@@ -48,6 +48,7 @@ directory, each call is also appended there as a JSON line (one file per proxy).
 Usage: aws-proxy.py LISTEN_PORT MOTO_URL
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -90,6 +91,15 @@ HIDDEN = [0]
 SPOT_RECLAIMED = set()
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 ET.register_namespace("", EC2_NS)
+# ClientToken -> the lock its calls are answered under, one at a time.
+TOKEN_LOCKS = {}
+
+
+def token_lock(token):
+    if not token:
+        return contextlib.nullcontext()
+    with LOCK:
+        return TOKEN_LOCKS.setdefault(token, threading.Lock())
 
 
 def price_document(instance_type, region):
@@ -369,6 +379,11 @@ class Handler(BaseHTTPRequestHandler):
         flat = params if not target else {k: json.dumps(v) for k, v in params.items()}
         token = params.get("ClientToken") if action in IDEMPOTENT_ACTIONS else None
         rest = {k: v for k, v in params.items() if k != "ClientToken"}
+        # Calls under one token are answered one at a time, as EC2 makes one launch of them.
+        with token_lock(token):
+            self.call(method, raw, service, target, action, params, flat, token, rest)
+
+    def call(self, method, raw, service, target, action, params, flat, token, rest):
         with LOCK:
             known = TOKENS.get(token) if token else None
         replayed = known is not None
@@ -395,13 +410,19 @@ class Handler(BaseHTTPRequestHandler):
         else:
             fault = take_fault(action, flat)
             self.sent = None
-            if fault and fault.get("delay_answer"):
-                status = self.late_answer(method, raw, token, rest, fault["delay_answer"])
-            else:
-                status = self.answer(method, raw, service, target, action, params, fault)
-            if token and status == 200 and self.sent:
-                with LOCK:
-                    TOKENS.setdefault(token, (rest, self.sent[1], self.sent[2]))
+            try:
+                if fault and fault.get("delay_answer"):
+                    status = self.late_answer(method, raw, token, rest, fault["delay_answer"])
+                else:
+                    status = self.answer(method, raw, service, target, action, params, fault)
+            finally:
+                # EC2 keeps a launch's answer under its token whether or not the caller heard
+                # it: a caller killed while the answer was being written replays it, too.
+                if token and self.sent and self.sent[0] == 200:
+                    with LOCK:
+                        TOKENS.setdefault(token, (rest, self.sent[1], self.sent[2]))
+                        if not target:
+                            remember_created(action, params, self.sent[2])
         if status == 200 and self.sent and not target:
             with LOCK:
                 remember_created(action, params, self.sent[2])

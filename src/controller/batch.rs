@@ -33,6 +33,10 @@ pub struct Batches {
     /// records the same place and takes the instance made for it, rather than launching
     /// another.
     kept: Mutex<HashMap<String, (Instant, LaunchIntent, LaunchRequest)>>,
+    /// Places in batches that their other members recorded, by member, as the cache showed
+    /// them when first asked, and when that was: what a member whose own record was lost with
+    /// the process that sent its batch (killed between the call and the record) takes again.
+    recorded: std::sync::OnceLock<(k8s_openapi::jiff::Timestamp, HashMap<String, LaunchIntent>)>,
 }
 
 /// One launch call and its answer, shared by the members that ask for it.
@@ -192,6 +196,21 @@ impl Batches {
         kept.insert(member.to_string(), (now, intent.clone(), request.clone()));
     }
 
+    /// The place in a batch that its other members recorded for `member`, a job created at
+    /// `created`: only for a job older than the first ask (`recorded` reads the cache's
+    /// statuses, once), since this process keeps the places of the jobs it saw itself.
+    pub fn recorded_place(
+        &self,
+        member: &str,
+        created: k8s_openapi::jiff::Timestamp,
+        recorded: impl FnOnce() -> HashMap<String, LaunchIntent>,
+    ) -> Option<LaunchIntent> {
+        let (read_at, places) = self
+            .recorded
+            .get_or_init(|| (k8s_openapi::jiff::Timestamp::now(), recorded()));
+        (created < *read_at).then(|| places.get(member).cloned())?
+    }
+
     /// The place kept for `member` within the last minute, given up to it.
     pub fn kept(&self, member: &str) -> Option<(LaunchIntent, LaunchRequest)> {
         let (at, intent, request) = self.kept.lock().unwrap().remove(member)?;
@@ -271,6 +290,25 @@ mod tests {
         // Past its window, a batch takes no one: a new one opens.
         let e = join("ns/linux", "e");
         assert_eq!(e.await.unwrap(), (vec!["e".to_string()], 0));
+    }
+
+    #[test]
+    fn a_place_recorded_by_the_other_members_goes_to_a_job_older_than_the_first_ask() {
+        use k8s_openapi::jiff::Timestamp;
+        let batches = Batches::default();
+        let before = Timestamp::now() - std::time::Duration::from_secs(60);
+        let mut reads = 0;
+        let mut read = || {
+            reads += 1;
+            HashMap::from([("uid-2/1/1".to_string(), LaunchIntent::for_test("pacer-b1"))])
+        };
+        let place = batches.recorded_place("uid-2/1/1", before, &mut read);
+        assert_eq!(place.map(|p| p.client_token), Some("pacer-b1".to_string()));
+        assert_eq!(batches.recorded_place("uid-3/1/1", before, &mut read), None);
+        // A job made since is this process's own: the places it keeps are its.
+        let later = Timestamp::now() + std::time::Duration::from_secs(1);
+        assert_eq!(batches.recorded_place("uid-2/1/1", later, &mut read), None);
+        assert_eq!(reads, 1, "the cache is read once");
     }
 
     #[tokio::test]

@@ -1270,8 +1270,16 @@ async fn new_launch(
     let batches = &ctx.jobs.batches;
     let (attempt, round) = (seen.status.attempt(), seen.status.attempts + 1);
     let member = format!("{}/{attempt}/{round}", seen.uid);
-    // A batch that went out without this job's record: its place in it, taken again.
-    let kept = batches.kept(&member);
+    // A batch that went out without this job's record: its place in it, taken again; kept by
+    // this process, or, after a restart, recorded by the batch's other members.
+    let kept = batches.kept(&member).or_else(|| {
+        let created = job.metadata.creation_timestamp.as_ref()?.0;
+        let intent = batches.recorded_place(&member, created, || recorded_places(ctx))?;
+        let tags = launch::batch_tags(&pool_tags(job, pool, ctx), &intent.client_token);
+        let request = launch::replay(&intent, &pool.spec, template, &tags, &seen.uid).ok()?;
+        info!(token = %intent.client_token, "taking the place its batch's other members recorded");
+        Some((intent, request))
+    });
     let mut joined = None;
     if kept.is_none() && !window.is_zero() && max > 1 {
         let pool = pool_key(job);
@@ -1313,6 +1321,41 @@ async fn new_launch(
     }
     written?;
     Ok(Ok((request, fresh)))
+}
+
+/// Every place in the batches that live jobs of the cache record, by member, as the member
+/// at that place would record it: the same request, token and nonce, at its own place.
+fn recorded_places(ctx: &Context) -> HashMap<String, crate::api::LaunchIntent> {
+    let mut places = HashMap::new();
+    let Some(store) = ctx.jobs.store() else {
+        return places;
+    };
+    for job in store.state() {
+        let (Some(uid), Some(status)) = (job.metadata.uid.as_deref(), job.status.as_ref()) else {
+            continue;
+        };
+        let Some(intent) = status
+            .launch
+            .as_ref()
+            .filter(|_| !status.phase.is_finished())
+        else {
+            continue;
+        };
+        let Some(batch) = intent.batch.as_ref() else {
+            continue;
+        };
+        if launch::batch_place_of(intent, uid).is_err() {
+            continue;
+        }
+        for (place, member) in batch.members.iter().enumerate() {
+            let mut theirs = intent.clone();
+            if let Some(b) = theirs.batch.as_mut() {
+                b.member = place as u32;
+            }
+            places.entry(member.clone()).or_insert(theirs);
+        }
+    }
+    places
 }
 
 /// The tags of every instance of the pool: the user's and Pacer's.

@@ -188,6 +188,9 @@ impl Pass {
         let Some(template) = self.status.launch_template.clone().filter(|_| ready) else {
             return Ok(false);
         };
+        if pool.spec.warm_size() == 0 && self.status.warm.is_none() {
+            return Ok(false);
+        }
         let Some(kept) = super::warm::keep(pool, ctx, &template).await? else {
             return Ok(false);
         };
