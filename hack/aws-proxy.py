@@ -48,7 +48,6 @@ directory, each call is also appended there as a JSON line (one file per proxy).
 Usage: aws-proxy.py LISTEN_PORT MOTO_URL
 """
 
-import contextlib
 import http.client
 import json
 import os
@@ -97,7 +96,7 @@ TOKEN_LOCKS = {}
 
 def token_lock(token):
     if not token:
-        return contextlib.nullcontext()
+        return None
     with LOCK:
         return TOKEN_LOCKS.setdefault(token, threading.Lock())
 
@@ -379,9 +378,20 @@ class Handler(BaseHTTPRequestHandler):
         flat = params if not target else {k: json.dumps(v) for k, v in params.items()}
         token = params.get("ClientToken") if action in IDEMPOTENT_ACTIONS else None
         rest = {k: v for k, v in params.items() if k != "ClientToken"}
-        # Calls under one token are answered one at a time, as EC2 makes one launch of them.
-        with token_lock(token):
+        # Calls under one token are answered one at a time, as EC2 makes one launch of them; a
+        # late answer lets the next in once EC2 has acted (see late_answer).
+        self.held = token_lock(token)
+        if self.held:
+            self.held.acquire()
+        try:
             self.call(method, raw, service, target, action, params, flat, token, rest)
+        finally:
+            self.release_token()
+
+    def release_token(self):
+        if getattr(self, "held", None):
+            self.held.release()
+            self.held = None
 
     def call(self, method, raw, service, target, action, params, flat, token, rest):
         with LOCK:
@@ -506,6 +516,7 @@ class Handler(BaseHTTPRequestHandler):
         if token and status == 200:
             with LOCK:
                 TOKENS.setdefault(token, (rest, content_type, data))
+        self.release_token()
         time.sleep(float(delay))
         try:
             self.reply(status, data, content_type)

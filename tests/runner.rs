@@ -1252,7 +1252,7 @@ fn log(dir: &std::path::Path) -> String {
 /// template with the `gha:warm` tag and no job's, each runs the real boot script's preparation
 /// against the listener (the pool's release downloaded and unpacked, no JIT config, no job
 /// taken), reports `prepared`, and is stopped by the replica it reached. The pool's status
-/// counts them.
+/// counts them. A change of the pool's template replaces them; a deleted pool leaves none.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
     let behaviour = Behaviour {
@@ -1269,60 +1269,17 @@ async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
         .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let pool = loop {
-        let pool = pools.get("alpha").await.unwrap();
-        let counts = pool.status.as_ref().and_then(|s| s.warm);
-        if counts.as_ref().is_some_and(|c| c.ready == 3) {
-            break pool;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the warm pool never had 3 ready: {:?}",
-            pool.status
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    let counts = pool.status.unwrap().warm.unwrap();
-    assert_eq!((counts.preparing, counts.stopping), (0, 0), "{counts:?}");
-
-    let ec2 = moto(w.ground).await;
-    let listed = ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:gha:controller")
-                .values(&w.controller_id)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let instances: Vec<_> = (listed.reservations().iter())
-        .flat_map(|r| r.instances())
-        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
-        .collect();
-    assert_eq!(instances.len(), 3, "{instances:?}");
+    let first = warm_ready(&w, &pools, None).await;
     let sim = w.sim.as_ref().unwrap();
-    for instance in &instances {
-        let id = instance.instance_id().unwrap();
-        let state = instance.state().and_then(|s| s.name()).unwrap().as_str();
-        assert_eq!(state, "stopped", "{id}");
-        let tag = |key: &str| {
-            (instance.tags().iter())
-                .find(|t| t.key() == Some(key))
-                .and_then(|t| t.value())
-        };
-        assert!(
-            tag("gha:warm").is_some_and(|v| v.starts_with("lt-")),
-            "{id}"
-        );
-        assert_eq!(tag("gha:pool"), Some(format!("{}/alpha", w.ns).as_str()));
-        assert_eq!(tag("gha:runner-job-uid"), None, "{id} names no job");
+    for (id, _) in &first {
         let booted = sim.finished(id, Duration::from_secs(10)).await;
         let boot_log = log(&booted.dir);
         assert!(booted.dir.join("state/prepared").exists(), "{boot_log}");
         assert!(booted.dir.join("state/boot.sh").exists(), "{boot_log}");
+        let unit = std::fs::read_to_string(booted.dir.join("systemd/pacer-runner.service"));
+        assert!(unit.unwrap().contains("state/boot.sh"), "{boot_log}");
+        let enabled = std::fs::read_to_string(booted.dir.join("systemctl.log")).unwrap();
+        assert_eq!(enabled.trim(), "enable pacer-runner.service");
         assert!(booted.dir.join("runner/run.sh").exists(), "{boot_log}");
         assert!(booted.jit_config.is_none(), "a warm instance takes no job");
         assert!(
@@ -1349,14 +1306,30 @@ async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
         "Pacer fetched the release once for the three"
     );
 
-    // A deleted pool leaves no warm instance behind.
-    let ids: Vec<String> = instances
-        .iter()
-        .map(|i| i.instance_id().unwrap().to_string())
+    // A new template version (the pool's script changed): three new ones, the old ones gone.
+    let template = &first[0].1;
+    let script = json!({"spec": {"userData": "echo prepared by the second version"}});
+    pools
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(&script))
+        .await
+        .unwrap();
+    let second = warm_ready(&w, &pools, Some(template)).await;
+    for (id, _) in &first {
+        assert_eq!(w.instance_state(id).await, "terminated", "{id}");
+    }
+    let events: Vec<String> = (w.events_of("alpha").await.into_iter())
+        .filter_map(|e| e.reason)
         .collect();
+    assert!(
+        events.iter().any(|r| r == "WarmInstanceStale"),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|r| r == "WarmLaunched"), "{events:?}");
+
+    // A deleted pool leaves no warm instance behind.
     pools.delete("alpha", &Default::default()).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for id in &ids {
+    for (id, _) in &second {
         loop {
             let state = w.instance_state(id).await;
             if state == "terminated" {
@@ -1368,5 +1341,71 @@ async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// Waits for pool `alpha` of `w` to count three ready warm instances, and returns the three
+/// instances EC2 lists alive (id and `gha:warm` tag): stopped, of the pool, naming no job, and
+/// launched from a template other than `not_from`.
+async fn warm_ready(
+    w: &World,
+    pools: &Api<RunnerPool>,
+    not_from: Option<&str>,
+) -> Vec<(String, String)> {
+    let ec2 = moto(w.ground).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let pool = pools.get("alpha").await.unwrap();
+        let counts = pool.status.as_ref().and_then(|s| s.warm);
+        let listed = ec2
+            .describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:gha:controller")
+                    .values(&w.controller_id)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let alive: Vec<_> = (listed.reservations().iter())
+            .flat_map(|r| r.instances())
+            .filter(|i| {
+                let state = i.state().and_then(|s| s.name()).map(|n| n.as_str());
+                !matches!(state, Some("terminated" | "shutting-down"))
+            })
+            .collect();
+        let tag = |i: &aws_sdk_ec2::types::Instance, key: &str| {
+            (i.tags().iter())
+                .find(|t| t.key() == Some(key))
+                .and_then(|t| t.value())
+                .map(String::from)
+        };
+        let settled = counts.is_some_and(|c| (c.ready, c.preparing, c.stopping) == (3, 0, 0))
+            && alive.len() == 3
+            && alive.iter().all(|i| {
+                i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("stopped")
+                    && tag(i, "gha:warm").is_some_and(|t| Some(t.as_str()) != not_from)
+            });
+        if settled {
+            return alive
+                .iter()
+                .map(|i| {
+                    let id = i.instance_id().unwrap().to_string();
+                    assert_eq!(tag(i, "gha:pool"), Some(format!("{}/alpha", w.ns)), "{id}");
+                    let job = tag(i, pacer::domain::launch::RUNNER_JOB_UID);
+                    assert_eq!(job, None, "{id} names no job");
+                    let template = tag(i, "gha:warm").unwrap();
+                    assert!(template.starts_with("lt-"), "{id}: {template}");
+                    (id, template)
+                })
+                .collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the warm pool never settled at 3 ready: {counts:?}, {} alive",
+            alive.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -172,8 +172,8 @@ pub struct RunnerPoolSpec {
     pub user_data: Option<String>,
 
     /// Prepared, stopped instances kept ready for this pool's jobs. Absent or `size: 0` keeps
-    /// none. Needs on-demand capacity and an EBS-backed AMI (EC2 stops nothing else). Not acted
-    /// on yet: this version validates the field but launches no warm instance (docs/warm-pools.md).
+    /// none. Needs on-demand capacity and an EBS-backed AMI (EC2 stops nothing else). Pacer
+    /// keeps them prepared and stopped; jobs do not start them yet (docs/warm-pools.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmPool>,
 }

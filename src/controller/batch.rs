@@ -33,11 +33,15 @@ pub struct Batches {
     /// records the same place and takes the instance made for it, rather than launching
     /// another.
     kept: Mutex<HashMap<String, (Instant, LaunchIntent, LaunchRequest)>>,
-    /// Places in batches that their other members recorded, by member, as the cache showed
-    /// them when first asked, and when that was: what a member whose own record was lost with
-    /// the process that sent its batch (killed between the call and the record) takes again.
-    recorded: std::sync::OnceLock<(k8s_openapi::jiff::Timestamp, HashMap<String, LaunchIntent>)>,
+    /// Places in batches that their members recorded, by `namespace/pool/member`: the record
+    /// and the place in it, as the cache showed them when first asked, and when that was. What
+    /// a member whose own record was lost with the process that sent its batch (killed between
+    /// the call and the record) takes again.
+    recorded: std::sync::OnceLock<(k8s_openapi::jiff::Timestamp, RecordedPlaces)>,
 }
+
+/// Batch records by `namespace/pool/member`, with the member's place in each.
+pub type RecordedPlaces = HashMap<String, (Arc<LaunchIntent>, u32)>;
 
 /// One launch call and its answer, shared by the members that ask for it.
 type Flight = Arc<OnceCell<CloudResult<LaunchOutcome>>>;
@@ -196,19 +200,25 @@ impl Batches {
         kept.insert(member.to_string(), (now, intent.clone(), request.clone()));
     }
 
-    /// The place in a batch that its other members recorded for `member`, a job created at
-    /// `created`: only for a job older than the first ask (`recorded` reads the cache's
-    /// statuses, once), since this process keeps the places of the jobs it saw itself.
+    /// The place in a batch that its other members recorded for `member` (as
+    /// `namespace/pool/member`), a job created at `created`: only for a job older than the first
+    /// ask (`recorded` reads the cache's statuses, once), since this process keeps the places
+    /// of the jobs it saw itself.
     pub fn recorded_place(
         &self,
         member: &str,
         created: k8s_openapi::jiff::Timestamp,
-        recorded: impl FnOnce() -> HashMap<String, LaunchIntent>,
+        recorded: impl FnOnce() -> RecordedPlaces,
     ) -> Option<LaunchIntent> {
         let (read_at, places) = self
             .recorded
             .get_or_init(|| (k8s_openapi::jiff::Timestamp::now(), recorded()));
-        (created < *read_at).then(|| places.get(member).cloned())?
+        let (intent, place) = places.get(member).filter(|_| created < *read_at)?;
+        let mut theirs = LaunchIntent::clone(intent);
+        if let Some(batch) = theirs.batch.as_mut() {
+            batch.member = *place;
+        }
+        Some(theirs)
     }
 
     /// The place kept for `member` within the last minute, given up to it.
@@ -298,16 +308,29 @@ mod tests {
         let batches = Batches::default();
         let before = Timestamp::now() - std::time::Duration::from_secs(60);
         let mut reads = 0;
+        let intent = crate::domain::launch::test_batch(&["uid-1", "uid-2"], b"n")[0].clone();
         let mut read = || {
             reads += 1;
-            HashMap::from([("uid-2/1/1".to_string(), LaunchIntent::for_test("pacer-b1"))])
+            let record = Arc::new(intent.clone());
+            HashMap::from([("ci/linux/uid-2/1/1".to_string(), (record, 1))])
         };
-        let place = batches.recorded_place("uid-2/1/1", before, &mut read);
-        assert_eq!(place.map(|p| p.client_token), Some("pacer-b1".to_string()));
-        assert_eq!(batches.recorded_place("uid-3/1/1", before, &mut read), None);
+        let place = batches.recorded_place("ci/linux/uid-2/1/1", before, &mut read);
+        let place = place.and_then(|p| p.batch).map(|b| b.member);
+        assert_eq!(place, Some(1), "the member's own place in the record");
+        assert_eq!(
+            batches.recorded_place("ci/linux/uid-3/1/1", before, &mut read),
+            None
+        );
+        assert_eq!(
+            batches.recorded_place("ci/other/uid-2/1/1", before, &mut read),
+            None
+        );
         // A job made since is this process's own: the places it keeps are its.
         let later = Timestamp::now() + std::time::Duration::from_secs(1);
-        assert_eq!(batches.recorded_place("uid-2/1/1", later, &mut read), None);
+        assert_eq!(
+            batches.recorded_place("ci/linux/uid-2/1/1", later, &mut read),
+            None
+        );
         assert_eq!(reads, 1, "the cache is read once");
     }
 

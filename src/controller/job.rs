@@ -392,15 +392,14 @@ fn token_of(instance: &Instance) -> Option<&str> {
     instance.tags.get(launch::BATCH).map(String::as_str)
 }
 
-/// Whether a job other than `uid` that has not finished claims batch instance `id` (as the
-/// cache shows them, see [`claims_batch_instance`]). A member of the same batch whose status
-/// was made to name another's instance does not get to terminate it, and a replay that answered
-/// otherwise than the first time gives no member another's.
-fn named_by_another(ctx: &Context, snapshot: &Snapshot, uid: &str, id: &str) -> bool {
+/// Whether a job other than `uid` that has not finished claims batch instance `id`, made under
+/// batch token `token` (as the cache shows the jobs, see [`claims_batch_instance`]). A member of
+/// the same batch whose status was made to name another's instance does not get to terminate
+/// it, and a replay that answered otherwise than the first time gives no member another's.
+fn named_by_another(ctx: &Context, uid: &str, id: &str, token: Option<&str>) -> bool {
     let Some(store) = ctx.jobs.store() else {
         return true;
     };
-    let token = snapshot.batched.get(id).and_then(token_of);
     // The id first: only a job that names it is checked further (a digest each), so a burst
     // of thousands costs a pass over the cache, not a digest per job.
     let claims = |j: &RunnerJob| {
@@ -877,7 +876,10 @@ async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
         let claimed = (seen.snapshot.instances.get(&seen.uid)).is_some_and(|i| &i.id == id)
             || seen.launched.as_ref().is_some_and(|(mine, _)| mine == id)
             || batch.is_some_and(|i| &i.id == id);
-        claimed && !(in_batch && named_by_another(ctx, &seen.snapshot, &seen.uid, id))
+        // The token the listing shows on it, else the one the job recorded.
+        let token = (seen.snapshot.batched.get(id).and_then(token_of))
+            .or_else(|| seen.status.launch.as_ref().map(|l| l.client_token.as_str()));
+        claimed && !(in_batch && named_by_another(ctx, &seen.uid, id, token))
     };
     if let InstanceState::Alive { id } | InstanceState::Gone { id, .. } = &seen.facts.instance
         && verified(id)
@@ -1274,7 +1276,8 @@ async fn new_launch(
     // this process, or, after a restart, recorded by the batch's other members.
     let kept = batches.kept(&member).or_else(|| {
         let created = job.metadata.creation_timestamp.as_ref()?.0;
-        let intent = batches.recorded_place(&member, created, || recorded_places(ctx))?;
+        let place = format!("{}/{member}", pool_key(job));
+        let intent = batches.recorded_place(&place, created, || recorded_places(ctx))?;
         let tags = launch::batch_tags(&pool_tags(job, pool, ctx), &intent.client_token);
         let request = launch::replay(&intent, &pool.spec, template, &tags, &seen.uid).ok()?;
         info!(token = %intent.client_token, "taking the place its batch's other members recorded");
@@ -1323,9 +1326,10 @@ async fn new_launch(
     Ok(Ok((request, fresh)))
 }
 
-/// Every place in the batches that live jobs of the cache record, by member, as the member
-/// at that place would record it: the same request, token and nonce, at its own place.
-fn recorded_places(ctx: &Context) -> HashMap<String, crate::api::LaunchIntent> {
+/// Every place in the batches that live jobs of the cache record, by `namespace/pool/member`:
+/// a record of the job's own place, shared by the places of its batch. Only a job of the same
+/// pool names the places a member may take.
+fn recorded_places(ctx: &Context) -> super::batch::RecordedPlaces {
     let mut places = HashMap::new();
     let Some(store) = ctx.jobs.store() else {
         return places;
@@ -1347,12 +1351,10 @@ fn recorded_places(ctx: &Context) -> HashMap<String, crate::api::LaunchIntent> {
         if launch::batch_place_of(intent, uid).is_err() {
             continue;
         }
+        let record = Arc::new(intent.clone());
         for (place, member) in batch.members.iter().enumerate() {
-            let mut theirs = intent.clone();
-            if let Some(b) = theirs.batch.as_mut() {
-                b.member = place as u32;
-            }
-            places.entry(member.clone()).or_insert(theirs);
+            let key = format!("{}/{member}", pool_key(&job));
+            places.entry(key).or_insert((record.clone(), place as u32));
         }
     }
     places
@@ -1516,8 +1518,9 @@ async fn send(
     };
     // A replay answered otherwise than the first time gives no member another's instance.
     let replayed = member.is_some() && !fresh;
+    let token = &request.client_token;
     let mine =
-        mine.filter(|i| !replayed || !named_by_another(ctx, &seen.snapshot, &seen.uid, &i.id));
+        mine.filter(|i| !replayed || !named_by_another(ctx, &seen.uid, &i.id, token.as_deref()));
     let Some(mut instance) = mine.cloned() else {
         ledger.launch_refused(&uid, request.client_token.as_deref().unwrap_or_default());
         let why = match (outcome.failures.first(), member) {

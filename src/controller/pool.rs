@@ -191,8 +191,18 @@ impl Pass {
         if pool.spec.warm_size() == 0 && self.status.warm.is_none() {
             return Ok(false);
         }
-        let Some(kept) = super::warm::keep(pool, ctx, &template).await? else {
-            return Ok(false);
+        // Best effort: a failed EC2 call leaves the pool's own status to be written, and the
+        // next pass (soon) tries again.
+        let kept = match super::warm::keep(pool, ctx, &template).await {
+            Ok(Some(kept)) => kept,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                warn!(error = %e, "keeping the warm instances failed; trying again");
+                let note = format!("keeping the warm instances failed: {e}");
+                self.events
+                    .push((EventType::Warning, "WarmPoolFailed", note));
+                return Ok(true);
+            }
         };
         let keeps = pool.spec.warm_size() > 0 || kept.counts != Default::default();
         self.status.warm = keeps.then_some(kept.counts);

@@ -17,6 +17,9 @@ use crate::cloud::tags;
 use crate::domain::pool::PoolIdentity;
 use crate::domain::warm::{WarmFacts, WarmInstance, plan};
 
+/// How long one warm launch token is used for the same listing.
+const TOKEN_BUCKET_SECONDS: i64 = 600;
+
 /// What one pass did to a pool's warm instances.
 pub(super) struct Kept {
     pub counts: WarmCounts,
@@ -55,9 +58,11 @@ pub(super) async fn keep(
             moving: false,
         }));
     }
-    // A warm instance a live job's status names is the job's.
+    // A warm instance a live job of the pool names is the job's.
     let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+    let name = pool.name_any();
     let claimed: BTreeSet<String> = (store.state().iter())
+        .filter(|j| j.metadata.namespace.as_deref() == Some(&namespace) && j.spec.pool_name == name)
         .filter_map(|j| j.status.as_ref())
         .filter(|s| !s.phase.is_finished())
         .filter_map(|s| s.instance.as_ref().map(|i| i.id.as_str()))
@@ -101,9 +106,10 @@ pub(super) async fn keep(
     }))
 }
 
-/// Launches `count` warm instances of the pool, under a token of the pool, the template and the
-/// warm instances listed: a pass that comes again before EC2's listing shows them sends the
-/// same launch, and EC2 answers with the same instances.
+/// Launches `count` warm instances of the pool, under a token of the pool, the template, the
+/// warm instances listed (terminated ones too, while EC2 lists them) and the ten minutes it is
+/// in: a pass that comes again before EC2's listing shows them sends the same launch, and EC2
+/// answers with the same instances; a listing that is empty again later is another launch.
 async fn launch(
     pool: &RunnerPool,
     ctx: &Context,
@@ -131,7 +137,8 @@ async fn launch(
     let mut seen: Vec<&str> = listed.iter().map(|i| i.id.as_str()).collect();
     seen.sort_unstable();
     let uid = pool.metadata.uid.as_deref().unwrap_or_default();
-    let params = format!("{}/{}", request.parameters(), seen.join(","));
+    let bucket = Timestamp::now().as_second() / TOKEN_BUCKET_SECONDS;
+    let params = format!("{}/{}/{bucket}", request.parameters(), seen.join(","));
     request.client_token = Some(crate::domain::launch::client_token(
         &format!("warm/{uid}"),
         0,

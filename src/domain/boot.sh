@@ -14,7 +14,8 @@
 # runner, arranges for this script to run at every later start, reports `prepared` and waits for
 # Pacer to stop it. Started again for a job, it skips what it prepared and takes the job.
 #
-# Needs bash, curl, jq, tar, sudo and coreutils, and a route to PACER_URL only (IMDS aside):
+# Needs bash, curl, jq, tar, sudo and coreutils (and systemd on a warm pool's instance), and a
+# route to PACER_URL only (IMDS aside):
 # the runner release comes from Pacer too. Every failure posts the tail of the boot log to
 # Pacer and shuts down; the launch template makes shutdown terminate the instance.
 set -Eeuo pipefail
@@ -191,15 +192,18 @@ fi
 # unit on a real instance), Pacer hears it is prepared and stops it. The report is repeated
 # until then, so a stop that failed is asked for again.
 if [ "$mode" = prepare ]; then
-  if [ -f "$0" ] && [ "$0" != "$STATE/boot.sh" ]; then cp -- "$0" "$STATE/boot.sh"; fi
-  if command -v systemctl >/dev/null 2>&1 && [ -d /etc/systemd/system ]; then
-    printf '%s\n' '[Unit]' \
-      "Description=Pacer's runner boot, for the job this warm instance is started for" \
-      'Wants=network-online.target' 'After=network-online.target' '' '[Service]' \
-      'Type=simple' "ExecStart=/bin/bash $STATE/boot.sh" '' '[Install]' \
-      'WantedBy=multi-user.target' >/etc/systemd/system/pacer-runner.service
-    systemctl enable pacer-runner.service
+  units="${PACER_SYSTEMD_DIR:-/etc/systemd/system}"
+  if ! command -v systemctl >/dev/null 2>&1 || [ ! -d "$units" ] || [ ! -f "$0" ]; then
+    echo "pacer: a warm instance needs systemd and this script as a file, to run it again at its next start"
+    false
   fi
+  if [ "$0" != "$STATE/boot.sh" ]; then cp -- "$0" "$STATE/boot.sh"; fi
+  printf '%s\n' '[Unit]' \
+    "Description=Pacer's runner boot, for the job this warm instance is started for" \
+    'Wants=network-online.target' 'After=network-online.target' '' '[Service]' \
+    'Type=simple' "ExecStart=/bin/bash $STATE/boot.sh" '' '[Install]' \
+    'WantedBy=multi-user.target' >"$units/pacer-runner.service"
+  systemctl enable pacer-runner.service
   touch "$STATE/prepared"
   echo "pacer: prepared; waiting to be stopped"
   while :; do

@@ -363,10 +363,21 @@ async fn prepare_warm(
             "warm instance {id}'s RunnerPool {namespace}/{name} is gone"
         ))
     })?;
-    let current = (pool.status.as_ref())
-        .and_then(|s| s.launch_template.as_ref())
-        .map(|t| tags::warm_value(&t.id, t.version));
+    let template = (pool.status.as_ref()).and_then(|s| s.launch_template.as_ref());
+    let current = template.map(|t| tags::warm_value(&t.id, t.version));
     let launched_from = instance.tags.get(tags::WARM);
+    // Launched from a version the pool's status does not show yet: its pass writes it next.
+    let newer = (launched_from.and_then(|v| v.rsplit_once(':')))
+        .zip(template)
+        .is_some_and(|((id, version), t)| {
+            id == t.id && version.parse().is_ok_and(|v: i64| v > t.version)
+        });
+    if newer {
+        let why = format!(
+            "RunnerPool {namespace}/{name} does not show its new launch template version yet"
+        );
+        return Err(ApiError::NotYet(why, 5));
+    }
     if pool.spec.warm_size() == 0 || current.as_ref() != launched_from {
         return Err(denied(format!(
             "RunnerPool {namespace}/{name} keeps no warm instances of launch template {}",

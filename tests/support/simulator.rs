@@ -611,8 +611,18 @@ async fn boot(
     )
     .unwrap();
     std::fs::write(stubs.join("useradd"), "#!/bin/bash\n").unwrap();
+    // A warm instance installs a unit to run its boot script again at its next start.
+    std::fs::create_dir_all(sandbox.join("systemd")).unwrap();
+    std::fs::write(
+        stubs.join("systemctl"),
+        format!(
+            "#!/bin/bash\necho \"$*\" >>'{}'\n",
+            sandbox.join("systemctl.log").display()
+        ),
+    )
+    .unwrap();
     std::fs::write(stubs.join("chown"), "#!/bin/bash\n").unwrap();
-    for stub in ["shutdown", "sudo", "useradd", "chown"] {
+    for stub in ["shutdown", "sudo", "useradd", "chown", "systemctl"] {
         std::process::Command::new("chmod")
             .arg("+x")
             .arg(stubs.join(stub))
@@ -641,6 +651,7 @@ async fn boot(
         .env("PACER_IMDS_URL", format!("{base}/imds/{id}"))
         .env("PACER_STATE_DIR", sandbox.join("state"))
         .env("PACER_RUNNER_DIR", sandbox.join("runner"))
+        .env("PACER_SYSTEMD_DIR", sandbox.join("systemd"))
         .env("FAKE_RUNNER_EXIT", behaviour.runner_exit.to_string())
         .env(
             "FAKE_RUNNER_SECONDS",
