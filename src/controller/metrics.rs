@@ -78,6 +78,8 @@ fn call_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub jobs: Family<PoolPhase, Gauge>,
+    /// Warm instances by pool and state (`ready`, `preparing`, `stopping`).
+    pub warm: Family<PoolPhase, Gauge>,
     pub launch_latency: Histogram,
     pub queue_duration: PerPool,
     pub boot_duration: PerPool,
@@ -101,6 +103,7 @@ impl Default for Metrics {
         let mut metrics = Self {
             registry: Registry::with_prefix("pacer"),
             jobs: Family::default(),
+            warm: Family::default(),
             launch_latency: seconds_histogram(),
             queue_duration: per_pool(),
             boot_duration: per_pool(),
@@ -131,6 +134,11 @@ impl Metrics {
             "runner_jobs",
             "RunnerJobs by pool and phase",
             self.jobs.clone(),
+        );
+        registry.register(
+            "warm_instances",
+            "Warm instances by pool and state (ready, preparing, stopping)",
+            self.warm.clone(),
         );
         registry.register(
             "launch_latency_seconds",
@@ -353,7 +361,19 @@ mod tests {
                 phase: "Running".into(),
             })
             .set(3);
+        metrics
+            .warm
+            .get_or_create(&PoolPhase {
+                namespace: "ci".into(),
+                pool: "linux".into(),
+                phase: "ready".into(),
+            })
+            .set(2);
         let text = metrics.encode();
+        assert!(
+            text.contains(r#"pacer_warm_instances{namespace="ci",pool="linux",phase="ready"} 2"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"pacer_ec2_calls_total{action="DescribeSubnets",outcome="ok"} 1"#),
             "{text}"

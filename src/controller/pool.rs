@@ -204,6 +204,20 @@ impl Pass {
                 return Ok(true);
             }
         };
+        let (namespace, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+        let counts = &kept.counts;
+        for (state, n) in [
+            ("ready", counts.ready),
+            ("preparing", counts.preparing),
+            ("stopping", counts.stopping),
+        ] {
+            let labels = super::metrics::PoolPhase {
+                namespace: namespace.clone(),
+                pool: name.clone(),
+                phase: state.into(),
+            };
+            ctx.metrics.warm.get_or_create(&labels).set(n.into());
+        }
         let keeps = pool.spec.warm_size() > 0 || kept.counts != Default::default();
         self.status.warm = keeps.then_some(kept.counts);
         self.events.extend(kept.events);

@@ -262,22 +262,7 @@ pub async fn bootstrap(
         Err(refusal) => return Err(refused(name, refusal)),
     }
     let pool = pool_of(&web, &job).await?;
-    let boot_timeout = (web.ctx.settings.job_limits)
-        .for_pool(&pool.spec)
-        .boot_timeout;
-    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
-        return Err(denied(format!(
-            "the instance started at {}, outside the pool's boot timeout of {} s",
-            doc.pending_time,
-            boot_timeout.as_secs()
-        )));
-    }
-    let arch = crate::github::runner_arch(&doc.architecture).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "architecture {} has no actions/runner release",
-            doc.architecture
-        ))
-    })?;
+    let (_, arch) = boot_checks(&web, &pool, &doc, now)?;
     let github = web
         .ctx
         .github
@@ -384,22 +369,7 @@ async fn prepare_warm(
             launched_from.map_or("", String::as_str)
         )));
     }
-    let boot_timeout = (web.ctx.settings.job_limits)
-        .for_pool(&pool.spec)
-        .boot_timeout;
-    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
-        return Err(denied(format!(
-            "the instance started at {}, outside the pool's boot timeout of {} s",
-            doc.pending_time,
-            boot_timeout.as_secs()
-        )));
-    }
-    let arch = crate::github::runner_arch(&doc.architecture).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "architecture {} has no actions/runner release",
-            doc.architecture
-        ))
-    })?;
+    let (boot_timeout, arch) = boot_checks(web, &pool, doc, now)?;
     let release = (side.releases)
         .release(pool.spec.runner_version.as_deref(), arch)
         .await
@@ -423,6 +393,33 @@ async fn prepare_warm(
         },
     });
     Ok(axum::Json(answer).into_response())
+}
+
+/// What a boot must show of the pool: an instance started within the pool's boot timeout (which
+/// is returned), and an architecture actions/runner is released for (its name there).
+fn boot_checks(
+    web: &Web,
+    pool: &RunnerPool,
+    doc: &crate::runner::identity::Document,
+    now: Timestamp,
+) -> Result<(Duration, &'static str), ApiError> {
+    let boot_timeout = (web.ctx.settings.job_limits)
+        .for_pool(&pool.spec)
+        .boot_timeout;
+    if !crate::domain::job::boots_in_time(doc.pending_time, now, boot_timeout) {
+        return Err(denied(format!(
+            "the instance started at {}, outside the pool's boot timeout of {} s",
+            doc.pending_time,
+            boot_timeout.as_secs()
+        )));
+    }
+    let arch = crate::github::runner_arch(&doc.architecture).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "architecture {} has no actions/runner release",
+            doc.architecture
+        ))
+    })?;
+    Ok((boot_timeout, arch))
 }
 
 /// `POST /api/runner/prepared`: a warm instance finished its preparation (its token says which,
