@@ -1409,3 +1409,56 @@ async fn warm_ready(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// A warm instance whose preparation fails (the pool's script exits non-zero) reports it with
+/// its preparation token: Pacer terminates it and tells the pool, with the log's last line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_warm_preparation_is_terminated_with_an_event() {
+    let behaviour = Behaviour {
+        stop_when_terminated: true,
+        ..Default::default()
+    };
+    let w = World::new("warm-fail", Some(behaviour)).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    let warm = json!({"spec": {
+        "warm": {"size": 1},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+        "userData": "echo the preparation broke; exit 3",
+    }});
+    pools
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let note = loop {
+        let failed = (w.events_of("alpha").await.into_iter())
+            .find(|e| e.reason.as_deref() == Some("WarmPreparationFailed"));
+        if let Some(event) = failed {
+            break event.note.unwrap_or_default();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no WarmPreparationFailed Event"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let id = note
+        .split_whitespace()
+        .find(|word| word.starts_with("i-"))
+        .unwrap()
+        .to_string();
+    assert!(
+        note.contains("failed at line"),
+        "the log's last line: {note}"
+    );
+    assert_eq!(w.instance_state(&id).await, "terminated", "{note}");
+    let booted = w
+        .sim
+        .as_ref()
+        .unwrap()
+        .finished(&id, Duration::from_secs(10))
+        .await;
+    let boot_log = log(&booted.dir);
+    assert!(boot_log.contains("the preparation broke"), "{boot_log}");
+    assert!(!booted.dir.join("state/prepared").exists(), "{boot_log}");
+}
