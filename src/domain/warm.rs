@@ -190,6 +190,32 @@ pub fn plan(facts: &WarmFacts<'_>) -> WarmPlan {
     plan
 }
 
+/// Whether a warm instance launched from `launched_from` (its `gha:warm` tag) may prepare for a
+/// pool keeping `size` warm instances of launch template `current` (id and version): for that
+/// version, yes; for a newer one the pool's status does not show yet, not yet (its pass writes
+/// it next); otherwise never.
+pub fn may_prepare(
+    size: i32,
+    current: Option<(&str, i64)>,
+    launched_from: Option<&str>,
+) -> Result<(), crate::domain::job::Refusal> {
+    use crate::domain::job::Refusal;
+    let from = launched_from.and_then(|v| v.rsplit_once(':'));
+    let from = from.map(|(id, version)| (id, version.parse::<i64>().ok()));
+    match (from, current) {
+        (Some((id, Some(v))), Some((current_id, version))) if id == current_id && v > version => {
+            Err(Refusal::NotYet(
+                "does not show its new launch template version yet".into(),
+            ))
+        }
+        (Some((id, Some(v))), Some(current)) if size > 0 && (id, v) == current => Ok(()),
+        _ => Err(Refusal::Denied(format!(
+            "keeps no warm instances of launch template {}",
+            launched_from.unwrap_or_default()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +259,31 @@ mod tests {
             prepare_timeout_secs: 600,
             now: NOW,
         })
+    }
+
+    #[test]
+    fn an_instance_prepares_for_the_pools_current_template_only() {
+        use crate::domain::job::Refusal;
+        let current = Some(("lt-1", 3));
+        assert_eq!(may_prepare(2, current, Some("lt-1:3")), Ok(()));
+        assert!(matches!(
+            may_prepare(2, current, Some("lt-1:4")),
+            Err(Refusal::NotYet(_))
+        ));
+        for stale in [Some("lt-1:2"), Some("lt-2:3"), Some("lt-1:x"), None] {
+            assert!(matches!(
+                may_prepare(2, current, stale),
+                Err(Refusal::Denied(_))
+            ));
+        }
+        assert!(matches!(
+            may_prepare(0, current, Some("lt-1:3")),
+            Err(Refusal::Denied(_))
+        ));
+        assert!(matches!(
+            may_prepare(2, None, Some("lt-1:3")),
+            Err(Refusal::Denied(_))
+        ));
     }
 
     fn counts(ready: i32, preparing: i32, stopping: i32) -> WarmCounts {

@@ -349,25 +349,19 @@ async fn prepare_warm(
         ))
     })?;
     let template = (pool.status.as_ref()).and_then(|s| s.launch_template.as_ref());
-    let current = template.map(|t| tags::warm_value(&t.id, t.version));
-    let launched_from = instance.tags.get(tags::WARM);
-    // Launched from a version the pool's status does not show yet: its pass writes it next.
-    let newer = (launched_from.and_then(|v| v.rsplit_once(':')))
-        .zip(template)
-        .is_some_and(|((id, version), t)| {
-            id == t.id && version.parse().is_ok_and(|v: i64| v > t.version)
-        });
-    if newer {
-        let why = format!(
-            "RunnerPool {namespace}/{name} does not show its new launch template version yet"
-        );
-        return Err(ApiError::NotYet(why, 5));
-    }
-    if pool.spec.warm_size() == 0 || current.as_ref() != launched_from {
-        return Err(denied(format!(
-            "RunnerPool {namespace}/{name} keeps no warm instances of launch template {}",
-            launched_from.map_or("", String::as_str)
-        )));
+    let current = template.map(|t| (t.id.as_str(), t.version));
+    let launched_from = instance.tags.get(tags::WARM).map(String::as_str);
+    match crate::domain::warm::may_prepare(pool.spec.warm_size(), current, launched_from) {
+        Ok(()) => {}
+        Err(Refusal::NotYet(why)) => {
+            return Err(ApiError::NotYet(
+                format!("RunnerPool {namespace}/{name} {why}"),
+                5,
+            ));
+        }
+        Err(Refusal::Denied(why) | Refusal::Never(why) | Refusal::Claimed(why)) => {
+            return Err(denied(format!("RunnerPool {namespace}/{name} {why}")));
+        }
     }
     let (boot_timeout, arch) = boot_checks(web, &pool, doc, now)?;
     let release = (side.releases)
