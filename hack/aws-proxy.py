@@ -101,6 +101,38 @@ def token_lock(token):
         return TOKEN_LOCKS.setdefault(token, threading.Lock())
 
 
+# EBS storage prices per GB-month as the Price List gives them for us-east-1.
+VOLUME_USD = {"gp3": "0.0800000000", "gp2": "0.1000000000", "io1": "0.1250000000", "io2": "0.1250000000"}
+
+
+def volume_price_document(volume_type, region):
+    """One EBS storage product of the AWS Price List (unit GB-Mo), as GetProducts returns it."""
+    sku = uuid.uuid5(uuid.NAMESPACE_DNS, "ebs" + volume_type + region).hex[:16].upper()
+    offer = sku + ".JRTCKXETXF"
+    return json.dumps({
+        "product": {
+            "productFamily": "Storage",
+            "attributes": {
+                "volumeApiName": volume_type, "regionCode": region, "servicecode": "AmazonEC2",
+                "usagetype": "EBS:VolumeUsage." + volume_type,
+            },
+            "sku": sku,
+        },
+        "serviceCode": "AmazonEC2",
+        "terms": {"OnDemand": {offer: {
+            "priceDimensions": {offer + ".6YS6EN2CT7": {
+                "unit": "GB-Mo", "endRange": "Inf", "beginRange": "0",
+                "description": "$%s per GB-month of %s provisioned storage" % (VOLUME_USD[volume_type], volume_type),
+                "appliesTo": [], "rateCode": offer + ".6YS6EN2CT7",
+                "pricePerUnit": {"USD": VOLUME_USD[volume_type]},
+            }},
+            "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "offerTermCode": "JRTCKXETXF",
+            "termAttributes": {},
+        }}},
+        "version": "20261101000000", "publicationDate": "2026-11-01T00:00:00Z",
+    })
+
+
 def price_document(instance_type, region):
     """One product of the AWS Price List, shaped as GetProducts returns it (a JSON string)."""
     sku = uuid.uuid5(uuid.NAMESPACE_DNS, instance_type + region).hex[:16].upper()
@@ -532,7 +564,11 @@ class Handler(BaseHTTPRequestHandler):
         filters = {f.get("Field"): f.get("Value") for f in params.get("Filters", [])}
         itype = filters.get("instanceType")
         region = filters.get("regionCode") or "us-east-1"
-        prices = [price_document(itype, region)] if itype in ON_DEMAND_USD else []
+        volume = filters.get("volumeApiName")
+        if filters.get("productFamily") == "Storage":
+            prices = [volume_price_document(volume, region)] if volume in VOLUME_USD else []
+        else:
+            prices = [price_document(itype, region)] if itype in ON_DEMAND_USD else []
         self.reply(200, json.dumps({"FormatVersion": "aws_v1", "PriceList": prices}), "application/x-amz-json-1.1")
         return 200
 

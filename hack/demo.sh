@@ -164,6 +164,15 @@ echo "first screen after $(($(date +%s) - started)) s"
 
 step "GitHub queues jobs: signed workflow_job webhooks, shaped like GitHub's, to pacer-a"
 hook() { "$testbed" webhook --url "http://127.0.0.1:$port_a" --secret-file "$conf/webhook-secret" "$@"; }
+# The warm pool's two instances prepare and are stopped before its jobs come.
+deadline=$(($(date +%s) + 90))
+until [ "$(k get runnerpool linux-warm -n ci -o jsonpath='{.status.warm.ready}')" = 2 ]; do
+  [ "$(date +%s)" -gt "$deadline" ] && { echo "demo: the warm pool is not ready after 90 s"; break; }
+  sleep 1
+done
+k get runnerpool linux-warm -n ci
+for id in 45001 45002 45003; do hook --job-id $id --labels self-hosted,linux,warm; done
+echo "jobs 45001-45003 ask for warm: two start the warm pool's stopped instances, the third launches"
 for id in 41001 41002 41003 41004; do hook --job-id $id --labels self-hosted,linux,x64; done
 for id in 42001 42002; do hook --job-id $id --labels self-hosted,linux,arm64; done
 hook --job-id 43001 --labels self-hosted,windows
@@ -198,8 +207,10 @@ calls = json.load(sys.stdin)
 def count(actions):
     return sum(1 for c in calls if c["action"] in actions and c.get("status") == 200
                and "DryRun" not in json.dumps(c.get("params")))
-print("instances launched: %d (CreateFleet/RunInstances), TerminateInstances calls: %d"
-      % (count({"CreateFleet", "RunInstances"}), count({"TerminateInstances"})))'
+print("launch calls: %d (CreateFleet/RunInstances), warm starts: %d (StartInstances), "
+      "TerminateInstances calls: %d"
+      % (count({"CreateFleet", "RunInstances"}), count({"StartInstances"}),
+         count({"TerminateInstances"})))'
 leader=$(k get lease pacer-demo -n default -o jsonpath='{.spec.holderIdentity}')
 echo "leader: $leader"
 

@@ -180,6 +180,21 @@ async fn proxy_answers_create_fleet_with_capacity_errors() {
     );
 }
 
+/// EBS storage prices per GB-month, as the Pricing API lists them (productFamily `Storage`,
+/// by `volumeApiName`), through the adapter.
+#[tokio::test]
+async fn the_adapter_reads_ebs_volume_prices() {
+    let ground = ground(Parts::Aws);
+    let ec2 = AwsEc2::new(&ground.aws_config().await);
+    let price = |volume: &'static str| {
+        let ec2 = &ec2;
+        async move { ec2.volume_price(volume).await.unwrap() }
+    };
+    assert_eq!(price("gp3").await.as_deref(), Some("0.0800000000"));
+    assert_eq!(price("gp2").await.as_deref(), Some("0.1000000000"));
+    assert_eq!(price("tape").await, None);
+}
+
 #[tokio::test]
 async fn proxy_serves_on_demand_prices() {
     let ground = ground(Parts::Aws);

@@ -21,6 +21,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use pacer::api::{JobPhase, RunnerJob, RunnerPool};
+use pacer::cloud::Ec2 as _;
 use pacer::cloud::aws::AwsEc2;
 use serde_json::json;
 use support::github::FakeGitHub;
@@ -813,4 +814,153 @@ async fn spot_instances_reclaimed_before_and_after_their_job_was_taken_lose_and_
         .sum();
     assert!(lost > 0, "no job was reclaimed while running: {c:?}");
     assert_eq!(c.succeeded + lost, c.jobs, "{c:?}");
+}
+
+/// A warm pool whose leader is SIGKILLed twice: while its warm instances prepare, and while jobs
+/// take them. The preparations finish against the restarted replica, nothing is launched twice,
+/// each job runs on a warm instance started for it (no job launches), the pool refills, and
+/// deleting the pool leaves no instance behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_pool_whose_leader_is_killed_while_instances_prepare_and_start_leaks_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut w = World::new(
+        "warm-kill",
+        &Faults {
+            replicas: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.ground.kube_client().await, &w.ns);
+    let warm = json!({"spec": {
+        "warm": {"size": 2},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+    }});
+    let merge = kube::api::Patch::Merge(&warm);
+    pools
+        .patch("linux", &Default::default(), &merge)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    // Killed as soon as EC2 lists them and before any reported prepared.
+    loop {
+        let up = warm_instances(&w).await;
+        if up.len() == 2 && up.iter().all(|i| i.is_alive()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no warm instance launched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(w.kill_leader().await, "nobody led");
+    let ready = |size: i32| {
+        let pools = pools.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let pool = pools.get("linux").await.unwrap();
+                let counts = pool.status.and_then(|s| s.warm);
+                if counts.is_some_and(|c| (c.ready, c.preparing, c.stopping) == (size, 0, 0)) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never {size} ready: {counts:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    ready(2).await;
+    let listed = warm_instances(&w).await;
+    assert_eq!(listed.len(), 2, "launched twice: {listed:?}");
+    assert!(listed.iter().all(|i| i.is_stopped()), "{listed:?}");
+    let prepared: Vec<String> = listed.iter().map(|i| i.id.clone()).collect();
+
+    // Two jobs take them; the leader is killed again as they do.
+    for job_id in [1, 2] {
+        w.queue(job_id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.kill_leader().await, "nobody led");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let jobs = loop {
+        let jobs = w.all_jobs().await.unwrap_or_default();
+        let finished = (jobs.iter())
+            .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
+            .count();
+        if jobs.len() == 2 && finished == 2 {
+            break jobs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the jobs never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    for job in &jobs {
+        let status = job.status.as_ref().unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+        let id = &status.instance.as_ref().unwrap().id;
+        assert!(prepared.contains(id), "ran on {id}, not a warm instance");
+        assert!(status.previous_attempts.is_empty(), "{status:?}");
+    }
+    let launches = (w
+        .ground
+        .proxy()
+        .calls_of("CreateFleet", "")
+        .await
+        .into_iter())
+    .chain(w.ground.proxy().calls_of("RunInstances", "").await)
+    .filter(|c| c.params.to_string().contains(&format!("\"{}\"", w.id)))
+    .filter(|c| !c.params.to_string().contains(r#""DryRun":"true""#))
+    .filter(|c| !c.params.to_string().contains("gha:warm"))
+    .count();
+    assert_eq!(
+        launches, 0,
+        "a job launched instead of starting a warm instance"
+    );
+    ready(2).await;
+    let boots = w.sim.boots.lock().unwrap().clone();
+    assert_eq!(
+        boots.values().filter(|b| b.killed_busy).count(),
+        0,
+        "runners cut off while running a job"
+    );
+    let used = warm_instances(&w).await;
+    for id in &prepared {
+        let left = used
+            .iter()
+            .find(|i| &i.id == id && !i.is_alive() && !i.is_stopped());
+        assert!(
+            left.is_some(),
+            "{id}, used by a job, is still there: {used:?}"
+        );
+    }
+
+    pools.delete("linux", &Default::default()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<_> = (warm_instances(&w).await.into_iter())
+            .filter(|i| !matches!(i.state.as_str(), "shutting-down" | "terminated"))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The controller's warm instances EC2 lists, terminated ones too.
+async fn warm_instances(w: &World) -> Vec<pacer::cloud::Instance> {
+    let all = w.ec2.describe_managed_instances(&w.id).await.unwrap();
+    (all.into_iter())
+        .filter(|i| i.tags.contains_key("gha:warm"))
+        .collect()
 }

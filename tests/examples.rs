@@ -52,8 +52,8 @@ fn every_example_validates_and_the_api_server_accepts_it() {
         .args(&manifests));
     assert_eq!(
         validated.lines().filter(|l| l.ends_with("): ok")).count(),
-        4,
-        "four RunnerPools:\n{validated}"
+        5,
+        "five RunnerPools:\n{validated}"
     );
 
     run(ground

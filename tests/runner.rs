@@ -1270,6 +1270,19 @@ async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
         .await
         .unwrap();
     let first = warm_ready(&w, &pools, None).await;
+    // What the three stopped volumes cost: the pool's root volume size, at EBS's gp3 price
+    // per GB-month as the Pricing API gives it, by the hour.
+    let storage = (pools.get("alpha").await.unwrap().status)
+        .and_then(|s| s.warm_storage)
+        .unwrap();
+    assert!(storage.volume_gib > 0, "{storage:?}");
+    assert_eq!(storage.price_per_gib_month.as_deref(), Some("0.0800000000"));
+    let hourly = 0.08 * f64::from(storage.volume_gib) * 3.0 / 730.0;
+    assert_eq!(
+        storage.hourly_cost,
+        Some(format!("{hourly:.6}")),
+        "{storage:?}"
+    );
     let sim = w.sim.as_ref().unwrap();
     for (id, _) in &first {
         let booted = sim.finished(id, Duration::from_secs(10)).await;
@@ -1306,7 +1319,83 @@ async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
         "Pacer fetched the release once for the three"
     );
 
+    // Three jobs take them: each warm instance is started (no launch for any job), runs its
+    // job from where it was prepared, and is terminated; the pool makes three new ones.
+    let launches = || async {
+        let proxy = w.ground.proxy();
+        let mut calls = proxy.calls_of("CreateFleet", "").await;
+        calls.extend(proxy.calls_of("RunInstances", "").await);
+        // This test's (other tests share the proxy), and not the pools' launch checks (dry runs).
+        let ours = format!("\"{}\"", w.controller_id);
+        calls.retain(|c| {
+            let params = c.params.to_string();
+            params.contains(&ours) && !params.contains(r#""DryRun":"true""#)
+        });
+        calls
+    };
+    let warm_launches = launches().await.len();
+    let names: Vec<String> = (7101..7104).map(job_object_name).collect();
+    for job_id in 7101..7104 {
+        w.queue(job_id, &["self-hosted", "linux", "alpha"]).await;
+    }
+    let mut taken = Vec::new();
+    for name in &names {
+        let job = (w.wait_phase(name, &[JobPhase::Succeeded, JobPhase::Failed], 90)).await;
+        let status = job.status.unwrap();
+        assert_eq!(status.phase, JobPhase::Succeeded, "{name}: {status:?}");
+        let id = status.instance.as_ref().unwrap().id.clone();
+        assert!(
+            first.iter().any(|(warm, _)| *warm == id),
+            "{name} took {id}"
+        );
+        let took = status.launch.as_ref().and_then(|l| l.warm.as_ref());
+        assert_eq!(took.map(|t| t.instance.as_str()), Some(id.as_str()));
+        let booted = sim.finished(&id, Duration::from_secs(10)).await;
+        let boot_log = log(&booted.dir);
+        assert_eq!(booted.starts, 1, "{id} booted again: {boot_log}");
+        assert_eq!(booted.exit, Some(0), "{boot_log}");
+        assert!(
+            booted.jit_config.is_some() && booted.shut_down,
+            "{boot_log}"
+        );
+        assert_eq!(
+            boot_log.matches("pacer: downloading").count(),
+            1,
+            "the runner came with the preparation only: {boot_log}"
+        );
+        assert_eq!(w.instance_state(&id).await, "terminated", "{id}");
+        taken.push(id);
+    }
+    taken.sort();
+    taken.dedup();
+    assert_eq!(taken.len(), 3, "one warm instance per job: {taken:?}");
+    let started = w.ground.proxy().calls_of("StartInstances", "").await;
+    for id in &taken {
+        assert!(
+            started
+                .iter()
+                .any(|c| c.params.to_string().contains(id.as_str())),
+            "{id} was not started"
+        );
+    }
+    let refilled = warm_ready(&w, &pools, None).await;
+    assert!(refilled.iter().all(|(id, _)| !taken.contains(id)));
+    let since_jobs = &launches().await[warm_launches..];
+    assert!(
+        !since_jobs.is_empty(),
+        "the pool launched its new warm instances"
+    );
+    for call in since_jobs {
+        let params = call.params.to_string();
+        assert!(params.contains("gha:warm"), "a launch for a job: {params}");
+    }
+    let events: Vec<String> = (w.events_of(&names[0]).await.into_iter())
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(events.iter().any(|r| r == "Launched"), "{events:?}");
+
     // A new template version (the pool's script changed): three new ones, the old ones gone.
+    let first = refilled;
     let template = &first[0].1;
     let script = json!({"spec": {"userData": "echo prepared by the second version"}});
     pools
@@ -1352,6 +1441,20 @@ async fn warm_ready(
     pools: &Api<RunnerPool>,
     not_from: Option<&str>,
 ) -> Vec<(String, String)> {
+    settled_warm(w, pools, 3, not_from).await
+}
+
+/// Waits for pool `alpha` of `w` to count `size` ready warm instances, as [`warm_ready`].
+async fn wait_warm(w: &World, pools: &Api<RunnerPool>, size: i32) -> Vec<(String, String)> {
+    settled_warm(w, pools, size, None).await
+}
+
+async fn settled_warm(
+    w: &World,
+    pools: &Api<RunnerPool>,
+    size: i32,
+    not_from: Option<&str>,
+) -> Vec<(String, String)> {
     let ec2 = moto(w.ground).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -1381,8 +1484,8 @@ async fn warm_ready(
                 .and_then(|t| t.value())
                 .map(String::from)
         };
-        let settled = counts.is_some_and(|c| (c.ready, c.preparing, c.stopping) == (3, 0, 0))
-            && alive.len() == 3
+        let settled = counts.is_some_and(|c| (c.ready, c.preparing, c.stopping) == (size, 0, 0))
+            && alive.len() == size as usize
             && alive.iter().all(|i| {
                 i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("stopped")
                     && tag(i, "gha:warm").is_some_and(|t| Some(t.as_str()) != not_from)
@@ -1403,7 +1506,7 @@ async fn warm_ready(
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the warm pool never settled at 3 ready: {counts:?}, {} alive",
+            "the warm pool never settled at {size} ready: {counts:?}, {} alive",
             alive.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1461,4 +1564,149 @@ async fn a_failed_warm_preparation_is_terminated_with_an_event() {
     let boot_log = log(&booted.dir);
     assert!(boot_log.contains("the preparation broke"), "{boot_log}");
     assert!(!booted.dir.join("state/prepared").exists(), "{boot_log}");
+}
+
+/// A warm instance EC2 cannot start for want of capacity is left as it was (stopped, never
+/// run, still warm) and the job launches an instance at once, with a `WarmStartFailed` Event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_start_without_capacity_falls_back_to_a_launch_at_once() {
+    let behaviour = Behaviour {
+        stop_when_terminated: true,
+        ..Default::default()
+    };
+    let w = World::new("warm-short", Some(behaviour)).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    let warm = json!({"spec": {
+        "warm": {"size": 1},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+    }});
+    pools
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
+        .await
+        .unwrap();
+    let ready = wait_warm(&w, &pools, 1).await;
+    let warm_id = &ready[0].0;
+    // EC2 sends it as a server error, which the SDK retries first; the adapter classifies it
+    // by its code either way.
+    let fault = json!({"action": "StartInstances", "code": "InsufficientInstanceCapacity",
+        "status": 400, "count": 1, "match": {"InstanceId.1": warm_id}});
+    w.ground.proxy().add_fault(fault).await;
+    w.queue(7201, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(7201);
+    let job = (w.wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 90)).await;
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    let id = &status.instance.as_ref().unwrap().id;
+    assert_ne!(id, warm_id, "the job ran on a launched instance");
+    assert!(status.launch.is_none_or(|l| l.warm.is_none()));
+    let reasons: Vec<String> = (w.events_of(&name).await.into_iter())
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "WarmStartFailed"),
+        "{reasons:?}"
+    );
+    // Never started: still the pool's, stopped and counted ready.
+    assert_eq!(w.instance_state(warm_id).await, "stopped");
+    let again = wait_warm(&w, &pools, 1).await;
+    assert_eq!(&again[0].0, warm_id);
+}
+
+/// StartInstances throttled past the SDK's retries right after a job took a warm instance: the
+/// take is recorded, so the next pass sends the start again for the same instance, and the job
+/// runs on it; nothing is launched for it and the instance is not given up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttled_warm_start_is_sent_again_for_the_same_instance() {
+    let behaviour = Behaviour {
+        stop_when_terminated: true,
+        ..Default::default()
+    };
+    let w = World::new("warm-throttle", Some(behaviour)).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    let warm = json!({"spec": {
+        "warm": {"size": 1},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+    }});
+    pools
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
+        .await
+        .unwrap();
+    let warm_id = wait_warm(&w, &pools, 1).await.remove(0).0;
+    // Every try the SDK makes of the first call.
+    let fault = json!({"action": "StartInstances", "code": "RequestLimitExceeded",
+        "status": 503, "count": 5, "match": {"InstanceId.1": &warm_id}});
+    w.ground.proxy().add_fault(fault).await;
+    w.queue(7301, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(7301);
+    let job = (w.wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 120)).await;
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    assert_eq!(status.instance.as_ref().unwrap().id, warm_id);
+    assert!(status.previous_attempts.is_empty(), "{status:?}");
+    let starts = w.ground.proxy().calls_of("StartInstances", &warm_id).await;
+    let refused = starts.iter().filter(|c| c.status == 503).count();
+    assert_eq!(refused, 5, "the fault fired: {starts:?}");
+    assert!(starts.iter().any(|c| c.status == 200), "{starts:?}");
+    let tagged = format!("{}/{name}", w.ns);
+    assert!(
+        w.ground
+            .proxy()
+            .calls_of("CreateFleet", &tagged)
+            .await
+            .is_empty()
+    );
+}
+
+/// A warm instance stopped under its job (as EC2's scheduled retirement or an operator would)
+/// is never warm again: the job's attempt ends, the instance is terminated, and no job starts
+/// it a second time; the job runs on another instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_taken_warm_instance_stopped_under_its_job_is_terminated_never_taken_again() {
+    let behaviour = Behaviour {
+        stop_when_terminated: true,
+        runner_seconds: Some(8.0),
+        ..Default::default()
+    };
+    let w = World::new("warm-stopped", Some(behaviour)).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    let warm = json!({"spec": {
+        "warm": {"size": 1},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+    }});
+    pools
+        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
+        .await
+        .unwrap();
+    let warm_id = wait_warm(&w, &pools, 1).await.remove(0).0;
+    // Still queued on GitHub when the attempt ends: the job gets another instance.
+    w.github.set_job("example-org/api", 7401, "queued", None);
+    w.queue(7401, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(7401);
+    let job = (w.wait_phase(&name, &[JobPhase::Running], 60)).await;
+    assert_eq!(job.status.unwrap().instance.unwrap().id, warm_id);
+    let ec2 = moto(w.ground).await;
+    ec2.stop_instances()
+        .instance_ids(&warm_id)
+        .send()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = w.instance_state(&warm_id).await;
+        if state == "terminated" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{warm_id} is {state}: a stopped warm instance a job took was left"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let job = (w.wait_phase(&name, &[JobPhase::Succeeded, JobPhase::Failed], 120)).await;
+    let status = job.status.unwrap();
+    assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
+    assert_ne!(status.instance.as_ref().unwrap().id, warm_id);
+    assert_eq!(status.previous_attempts[0].instance, warm_id, "{status:?}");
+    let starts = w.ground.proxy().calls_of("StartInstances", &warm_id).await;
+    assert_eq!(starts.len(), 1, "started once only: {starts:?}");
 }

@@ -248,6 +248,23 @@ pub struct LaunchIntent {
     /// asks for, and which of them (in EC2's answer sorted by instance id) is this job's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<LaunchBatch>,
+    /// Set when the job takes one of its pool's prepared, stopped warm instances instead of
+    /// launching one: that instance is started (StartInstances), never stopped again, and
+    /// terminated when the job is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmStart>,
+}
+
+/// A warm instance a job took.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmStart {
+    /// The instance id (`i-…`).
+    #[schemars(length(min = 1, max = 64))]
+    pub instance: String,
+    /// When the job took it, before it was started: the identity document it bootstraps with
+    /// must be from a start no earlier.
+    pub taken_at: Time,
 }
 
 #[cfg(test)]
@@ -264,6 +281,7 @@ impl LaunchIntent {
             offerings: Vec::new(),
             tags: Default::default(),
             batch: None,
+            warm: None,
         }
     }
 }

@@ -10,12 +10,13 @@ pub use job::{
     AssignedJob, BootStatus, Completion, CostSnapshot, FINALIZER as JOB_FINALIZER, InstanceStatus,
     Interruption, JobPhase, JobResult, LastError, LaunchBatch, LaunchIntent, LaunchOffering,
     PhaseTimes, PreviousAttempt, RunnerJob, RunnerJobSpec, RunnerJobStatus, RunnerStatus,
+    WarmStart,
 };
 pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,
     MAX_BOOT_TIMEOUT_SECONDS, MAX_WARM_MAX_AGE_MINUTES, MAX_WARM_SIZE, MIN_WARM_MAX_AGE_MINUTES,
     RootVolume, RunnerCounts, RunnerPool, RunnerPoolSpec, RunnerPoolStatus, SpawnMethod,
-    VolumeType, WarmCounts, WarmPool,
+    VolumeType, WarmCounts, WarmPool, WarmStorage,
 };
 pub use rules::FieldProblem;
 

@@ -464,6 +464,10 @@ pub struct RunnerPoolStatus {
     #[serde(default)]
     pub runners: RunnerCounts,
 
+    /// What the pool's ready (stopped) warm instances cost while they wait: their root
+    /// volumes, which EBS bills whether the instance runs or not. Set while it keeps any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_storage: Option<WarmStorage>,
     /// The pool's warm instances by state, when it keeps any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmCounts>,
@@ -504,6 +508,25 @@ pub struct RunnerCounts {
     /// Being terminated.
     #[serde(default)]
     pub completing: i32,
+}
+
+/// The price of keeping a pool's warm instances stopped.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmStorage {
+    /// Root volume size of each warm instance, GiB (the AMI's when `spec.rootVolume.sizeGiB`
+    /// is 0).
+    #[serde(default, rename = "volumeGiB")]
+    pub volume_gib: i32,
+    /// EBS price of the pool's volume type per GB-month, from the Pricing API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_gib_month: Option<String>,
+    /// What the ready warm instances' volumes cost an hour now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hourly_cost: Option<String>,
+    /// ISO 4217 code of the prices.
+    #[serde(default)]
+    pub currency: String,
 }
 
 /// Counts of a pool's warm instances, jobs' instances aside.

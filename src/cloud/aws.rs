@@ -747,16 +747,8 @@ impl Ec2 for AwsEc2 {
         &'a self,
         instance_type: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<String>>> {
-        use aws_sdk_pricing::types::{Filter, FilterType};
         self.observer.observe("GetProducts", async move {
-            let term = |field: &str, value: &str| {
-                Filter::builder()
-                    .r#type(FilterType::TermMatch)
-                    .field(field)
-                    .value(value)
-                    .build()
-                    .expect("all fields set")
-            };
+            let term = price_term;
             let out = self
                 .pricing
                 .get_products()
@@ -767,6 +759,26 @@ impl Ec2 for AwsEc2 {
                 .filters(term("tenancy", "Shared"))
                 .filters(term("preInstalledSw", "NA"))
                 .filters(term("capacitystatus", "Used"))
+                .max_results(1)
+                .send()
+                .await
+                .map_err(|e| classify_sdk("GetProducts", e))?;
+            Ok(out.price_list().first().and_then(|doc| on_demand_usd(doc)))
+        })
+    }
+
+    fn volume_price<'a>(
+        &'a self,
+        volume_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        self.observer.observe("GetProducts", async move {
+            let out = self
+                .pricing
+                .get_products()
+                .service_code("AmazonEC2")
+                .filters(price_term("productFamily", "Storage"))
+                .filters(price_term("volumeApiName", volume_type))
+                .filters(price_term("regionCode", &self.region))
                 .max_results(1)
                 .send()
                 .await
@@ -955,6 +967,17 @@ impl AwsEc2 {
 }
 
 /// The USD price per hour in one Price List product document.
+/// A Pricing filter: `field` is `value` exactly.
+fn price_term(field: &str, value: &str) -> aws_sdk_pricing::types::Filter {
+    use aws_sdk_pricing::types::{Filter, FilterType};
+    Filter::builder()
+        .r#type(FilterType::TermMatch)
+        .field(field)
+        .value(value)
+        .build()
+        .expect("all fields set")
+}
+
 fn on_demand_usd(document: &str) -> Option<String> {
     let product: serde_json::Value = serde_json::from_str(document).ok()?;
     let term = product

@@ -666,6 +666,15 @@ impl Ec2 for FakeEc2 {
         })
     }
 
+    fn volume_price<'a>(
+        &'a self,
+        volume_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>> {
+        self.call("GetProducts", |_| {
+            Ok((!volume_type.is_empty()).then(|| "0.0800000000".to_string()))
+        })
+    }
+
     fn spot_price<'a>(
         &'a self,
         instance_type: &'a str,

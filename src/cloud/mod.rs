@@ -419,6 +419,12 @@ pub trait Ec2: Send + Sync {
         &'a self,
         instance_type: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<String>>>;
+    /// EBS storage price in USD per GB-month of a volume type (`gp3`, ...) in the configured
+    /// region, from the Pricing API; `None` when it lists none.
+    fn volume_price<'a>(
+        &'a self,
+        volume_type: &'a str,
+    ) -> BoxFuture<'a, CloudResult<Option<String>>>;
     /// The latest Linux spot price in USD of an instance type in a zone.
     fn spot_price<'a>(
         &'a self,

@@ -81,6 +81,14 @@ pub struct Shared {
     /// Waiting RunnerJobs (by uid) the sweep no longer found among GitHub's queued jobs: each
     /// asks GitHub on its next pass.
     doubted: Mutex<HashSet<String>>,
+    /// Warm instances this process took for jobs, by instance id, with the job's uid: no other
+    /// job takes them, and the pool neither counts nor retires them, before the cache shows
+    /// the job's record. Those the pool's pass terminated are here too, with an empty uid, so
+    /// that no job takes them while the listing still shows them stopped.
+    pub(super) warm_taken: Mutex<HashMap<String, String>>,
+    /// Each warm pool's storage cost an hour at its last pass, by `namespace/pool`, and when:
+    /// what the next pass adds to `pacer_warm_storage_cost_usd`.
+    pub(super) warm_storage: Mutex<HashMap<String, (Instant, f64)>>,
 }
 
 impl Shared {
@@ -96,6 +104,12 @@ impl Shared {
         let current = status.instance.iter().map(|i| i.id.as_str());
         self.ledger.forget_terminations(current.chain(earlier));
         self.doubted.lock().unwrap().remove(uid);
+        self.let_go_of_warm(uid);
+    }
+
+    /// Drops the warm instance this process took for job `uid`, if any.
+    fn let_go_of_warm(&self, uid: &str) {
+        self.warm_taken.lock().unwrap().retain(|_, job| job != uid);
     }
 
     /// Resolves once the RunnerJob controller's cache holds every RunnerJob: its first list
@@ -342,19 +356,36 @@ fn entered(status: &RunnerJobStatus, job: &RunnerJob) -> Option<Time> {
 /// after the launch's answer.
 fn instance_state(
     snapshot: &Snapshot,
-    uid: &str,
+    job: (&str, &str),
     status: &RunnerJobStatus,
     launched: Option<&(String, Timestamp)>,
     visibility: Duration,
 ) -> InstanceState {
+    let (uid, pool) = job;
     // Instances of earlier attempts are history, not this attempt's instance.
     let earlier = |id: &str| status.previous_attempts.iter().any(|a| a.instance == id);
     let known = launched
         .map(|(id, _)| id.as_str())
         .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()))
         .filter(|id| !earlier(id));
-    // A batch's instance by the id the status knows; a job's own by its tags.
-    let by_id = batch_instance(snapshot, status, uid).filter(|i| known == Some(i.id.as_str()));
+    // A warm instance the job took and this process has not started, still stopped while the
+    // job launches: a crash or an error came between the take and the start, which is sent
+    // again.
+    let warm = warm_instance(snapshot, pool, status);
+    if status.phase == JobPhase::Launching
+        && launched.is_none()
+        && warm.is_some_and(|i| i.is_stopped())
+    {
+        return InstanceState::Absent;
+    }
+    let answered = answered(launched, status);
+    let settled = answered.is_none_or(|at| snapshot.taken >= at + visibility);
+    // A taken warm instance listed stopped by a listing its start may not show yet: as if
+    // not listed yet.
+    let warm = warm.filter(|i| settled || !(i.is_stopped() || i.is_stopping()));
+    // A batch's or a warm instance by the id the status knows; a job's own by its tags.
+    let by_id =
+        (batch_instance(snapshot, status, uid).or(warm)).filter(|i| known == Some(i.id.as_str()));
     let listed = (by_id.or_else(|| snapshot.instances.get(uid)))
         .filter(|i| !earlier(&i.id))
         .map(|i| Listed {
@@ -362,8 +393,13 @@ fn instance_state(
             alive: i.is_alive(),
             reason: i.state_reason.as_deref().unwrap_or(&i.state),
         });
-    // The launch's answer came no later than this; the Launching time is set when it does.
-    let answered = launched
+    domain_instance_state(listed, known, answered, snapshot.taken, visibility)
+}
+
+/// When the job's launch (or warm start) was answered at the latest: the Launching time is
+/// set as it is recorded.
+fn answered(launched: Option<&(String, Timestamp)>, status: &RunnerJobStatus) -> Option<Timestamp> {
+    launched
         .map(|(_, at)| *at)
         .or_else(|| status.phase_times.launching.as_ref().map(|t| t.0))
         .or_else(|| {
@@ -372,8 +408,34 @@ fn instance_state(
                 .as_ref()
                 .and_then(|i| i.launch_time.as_ref())
                 .map(|t| t.0)
-        });
-    domain_instance_state(listed, known, answered, snapshot.taken, visibility)
+        })
+}
+
+/// The warm instance of the job's pool (`namespace/name`) that its status says it took, as
+/// listed.
+fn warm_instance<'a>(
+    snapshot: &'a Snapshot,
+    pool: &str,
+    status: &RunnerJobStatus,
+) -> Option<&'a Instance> {
+    let took = &status.launch.as_ref()?.warm.as_ref()?.instance;
+    let id = &status.instance.as_ref()?.id;
+    if id != took {
+        return None;
+    }
+    snapshot.warm.get(pool)?.iter().find(|i| &i.id == id)
+}
+
+/// Whether a live job other than `uid` names warm instance `id` as the one it took.
+fn warm_named_by_another(ctx: &Context, uid: &str, id: &str) -> bool {
+    let Some(store) = ctx.jobs.store() else {
+        return true;
+    };
+    let names = |j: &RunnerJob| {
+        j.metadata.uid.as_deref() != Some(uid)
+            && (j.status.as_ref()).is_some_and(|s| crate::domain::warm::holds(s, id))
+    };
+    store.find(names).is_some()
 }
 
 /// The instance of the job's batch that its status names, as listed: only when it carries the
@@ -563,6 +625,8 @@ enum Next {
 struct Seen {
     now: Timestamp,
     uid: String,
+    /// The job's pool as `namespace/name`.
+    pool_key: String,
     status: RunnerJobStatus,
     /// The status as the API server has it from this pass's writes: what the next write
     /// changes.
@@ -607,7 +671,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     let launched = ctx.jobs.ledger.launched(&uid);
     let mut instance = instance_state(
         &snapshot,
-        &uid,
+        (&uid, &pool_key(job)),
         &status,
         launched.as_ref(),
         limits.launch_visibility,
@@ -621,6 +685,19 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         && (ctx.jobs.ledger).terminating(id, snapshot.taken, limits.launch_visibility)
     {
         let reason = "Client.UserInitiatedShutdown: terminated by Pacer".to_string();
+        instance = InstanceState::Gone {
+            id: id.clone(),
+            reason,
+        };
+    }
+    // A warm instance another live job names too is neither's: each lets go of it (its
+    // bootstrap is refused to both), and the pool's pass terminates it as used.
+    if let InstanceState::Alive { id } = &instance
+        && (status.launch.as_ref())
+            .is_some_and(|l| l.warm.as_ref().is_some_and(|w| &w.instance == id))
+        && warm_named_by_another(ctx, &uid, id)
+    {
+        let reason = "another RunnerJob names it as the warm instance it took".to_string();
         instance = InstanceState::Gone {
             id: id.clone(),
             reason,
@@ -654,6 +731,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     Ok(Seen {
         now,
         uid,
+        pool_key: pool_key(job),
         written: status.clone(),
         version: job.metadata.resource_version.clone(),
         status,
@@ -825,6 +903,7 @@ async fn execute(
             // The ended attempt's runner, if it got one, took no job: it goes from GitHub with
             // its instance (should GitHub refuse, the sweep removes it later).
             deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
+            retire_warm(ctx, seen).await?;
             requeue(ctx, job, &mut seen.status, why, seen.now);
             Action::requeue(Duration::ZERO)
         }
@@ -834,12 +913,14 @@ async fn execute(
             Action::requeue(ctx.settings.instance_refresh)
         }
         Step::Release => {
+            retire_warm(ctx, seen).await?;
             deregister(ctx, job, seen.pool.as_deref(), &seen.status).await;
             ctx.jobs.forget(&seen.uid, &seen.status);
             release_slot(ctx, job);
             return Ok(Next::Released);
         }
         Step::Delete => {
+            retire_warm(ctx, seen).await?;
             // Only this object: one recreated under the same name is not this one's to delete.
             let params = DeleteParams {
                 preconditions: Some(kube::api::Preconditions {
@@ -859,6 +940,23 @@ async fn execute(
     Ok(Next::Look(action))
 }
 
+/// Terminates the warm instance of an attempt that ends: it may have run, and is never warm
+/// again (one EC2 lists stopped after its start would otherwise look ready).
+async fn retire_warm(ctx: &Context, seen: &Seen) -> Result<()> {
+    if let Some(instance) = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
+        && !matches!(instance.state.as_str(), "shutting-down" | "terminated")
+        && !warm_named_by_another(ctx, &seen.uid, &instance.id)
+    {
+        let settle = seen.limits.launch_visibility;
+        (ctx.jobs.ledger)
+            .terminate(ctx, &instance.id, seen.snapshot.taken, settle)
+            .await?;
+        info!(instance = %instance.id, "terminated the warm instance of an ended attempt");
+    }
+    ctx.jobs.let_go_of_warm(&seen.uid);
+    Ok(())
+}
+
 /// Terminates the job's instance: only an id EC2 listed under this job's tag, one our own
 /// launch returned, or the instance of the job's batch its status names, listed with the
 /// batch's token it recorded. The status is writable by others and must not steer a
@@ -867,6 +965,8 @@ async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
     // The job's by its tags, by this process's launch, or as the instance of the job's batch
     // that its status names.
     let batch = batch_instance(&seen.snapshot, &seen.status, &seen.uid);
+    let warm = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
+        .filter(|i| !warm_named_by_another(ctx, &seen.uid, &i.id));
     let in_batch = seen
         .status
         .launch
@@ -875,7 +975,8 @@ async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
     let verified = |id: &String| {
         let claimed = (seen.snapshot.instances.get(&seen.uid)).is_some_and(|i| &i.id == id)
             || seen.launched.as_ref().is_some_and(|(mine, _)| mine == id)
-            || batch.is_some_and(|i| &i.id == id);
+            || batch.is_some_and(|i| &i.id == id)
+            || warm.is_some_and(|i| &i.id == id);
         // The token the listing shows on it, else the one the job recorded.
         let token = (seen.snapshot.batched.get(id).and_then(token_of))
             .or_else(|| seen.status.launch.as_ref().map(|l| l.client_token.as_str()));
@@ -904,11 +1005,11 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
     let before = status.phase;
     let entered_before = entered_time(status).cloned();
     enter(status, decision.phase, now);
+    let warm = (status.launch.as_ref()).is_some_and(|l| l.warm.is_some());
     observe_phase_metrics(
         ctx,
         job,
-        before,
-        status.phase,
+        (before, status.phase, warm),
         since(entered_before.as_ref(), now),
     );
     if status.phase.is_finished() {
@@ -930,6 +1031,10 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
         Step::Requeue { .. } => &crate::domain::job::ATTEMPT_FIELDS,
         _ => &[],
     };
+    // A warm instance it took that is left (EC2 lists it stopped) never runs again.
+    if finishing {
+        retire_warm(ctx, &seen).await?;
+    }
     seen.write(job, ctx, cleared).await?;
     // A runner still registered on GitHub is removed once the job's end is recorded. During a
     // GitHub outage the job finishes anyway and frees its slot: the sweep removes the runner.
@@ -952,11 +1057,11 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
 fn observe_phase_metrics(
     ctx: &Context,
     job: &RunnerJob,
-    from: JobPhase,
-    to: JobPhase,
+    (from, to, warm): (JobPhase, JobPhase, bool),
     spent: Duration,
 ) {
     let histogram = match (from, to) {
+        (JobPhase::Booting, JobPhase::Running) if warm => &ctx.metrics.warm_boot_duration,
         (JobPhase::Booting, JobPhase::Running) => &ctx.metrics.boot_duration,
         (JobPhase::Running, JobPhase::Completing) => &ctx.metrics.run_duration,
         (JobPhase::Completing, JobPhase::Succeeded | JobPhase::Failed) => {
@@ -1221,6 +1326,12 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
         let why = format!("RunnerPool {} has no launch template yet", pool.name_any());
         return Ok(LaunchAnswer::PoolNotReady(why));
     };
+    // A warm instance the job took, or one it takes now: started instead of a launch.
+    if (seen.status.launch.as_ref()).is_none_or(|l| l.warm.is_some())
+        && let Some(answer) = warm_start(job, ctx, seen, &pool, &template).await?
+    {
+        return Ok(answer);
+    }
     let recorded = seen.status.launch.as_ref().map(|intent| {
         // A batch's instances carry the pool's tags and the batch's token, a job's its own.
         let tags = match intent.batch {
@@ -1254,6 +1365,152 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
         }
     };
     send(job, ctx, seen, &pool, &request, fresh).await
+}
+
+/// Starts the warm instance the job took, or takes one of its pool's ready ones and starts
+/// it: recorded in the status (the intent and the instance) before StartInstances, so that no
+/// other job takes it and a pass after a restart starts the same one. `None` when the pool has
+/// none ready, or EC2 cannot start it (no capacity for its type now, its state, no
+/// permission): the job launches at once, as it would without a warm pool. A taken instance
+/// let go of after a start may have run: it is terminated, never warm again.
+async fn warm_start(
+    job: &RunnerJob,
+    ctx: &Context,
+    seen: &mut Seen,
+    pool: &RunnerPool,
+    template: &crate::api::LaunchTemplateRef,
+) -> Result<Option<LaunchAnswer>> {
+    let recorded = (seen.status.launch.as_ref()).and_then(|l| l.warm.clone());
+    let replay = recorded.is_some();
+    // The status is writable by others: a recorded take is started again only when it names
+    // a warm instance of the job's pool, as its instance, and no other live job names it.
+    let listed = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
+        .filter(|i| !warm_named_by_another(ctx, &seen.uid, &i.id));
+    if let Some(took) = &recorded
+        && listed.is_none_or(|i| i.id != took.instance)
+    {
+        warn!(instance = %took.instance, "the recorded warm instance is not the pool's to start; launching instead");
+        seen.status.launch = None;
+        seen.status.instance = None;
+        return Ok(None);
+    }
+    let Some(took) = recorded.or(take_warm(job, ctx, seen, pool, template).await?) else {
+        return Ok(None);
+    };
+    let id = took.instance;
+    let waited = since(job.metadata.creation_timestamp.as_ref(), Timestamp::now());
+    match ctx.ec2().start_instances(std::slice::from_ref(&id)).await {
+        Ok(()) => {
+            let recorded = seen.status.instance.clone();
+            let instance = Instance {
+                id: id.clone(),
+                instance_type: (recorded.as_ref())
+                    .map_or(String::new(), |i| i.instance_type.clone()),
+                zone: recorded.as_ref().map_or(String::new(), |i| i.zone.clone()),
+                spot: false,
+                state: "pending".into(),
+                state_reason: None,
+                // EC2 moves LaunchTime to the start: the job's instance runs from now.
+                launch_time: Some(Timestamp::now().as_second()),
+                tags: Default::default(),
+            };
+            info!(instance = %id, "started a warm instance for the job");
+            let pool = pool_label(job);
+            ctx.metrics.warm_starts.get_or_create(&pool).inc();
+            (ctx.metrics.queue_duration.get_or_create(&pool)).observe(waited.as_secs_f64());
+            launched(ctx, seen, instance, waited).await;
+            Ok(Some(LaunchAnswer::Launched))
+        }
+        Err(e) if e.code == "Transport" => Ok(Some(LaunchAnswer::Unanswered(e.to_string()))),
+        Err(e)
+            if e.is(ErrorClass::InsufficientCapacity)
+                || e.is(ErrorClass::IncorrectState)
+                || e.is(ErrorClass::Unauthorized)
+                || e.is(ErrorClass::NotFound) =>
+        {
+            warn!(instance = %id, error = %e, "the warm instance was not started; launching instead");
+            if replay {
+                // Started by an earlier process, perhaps, and stopped since: not clean.
+                let settle = seen.limits.launch_visibility;
+                (ctx.jobs.ledger)
+                    .terminate(ctx, &id, seen.snapshot.taken, settle)
+                    .await?;
+            }
+            ctx.jobs.let_go_of_warm(&seen.uid);
+            seen.status.launch = None;
+            seen.status.instance = None;
+            let note = format!("warm instance {id} was not started ({e}); launching one instead");
+            let warning = kube::runtime::events::EventType::Warning;
+            ctx.event(job, warning, "WarmStartFailed", note).await;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Takes a ready warm instance of the job's pool ([`crate::domain::warm::take`]) and records
+/// it in the job's status; `None` when there is none. Taken under one lock, so that no two
+/// passes take the same.
+async fn take_warm(
+    job: &RunnerJob,
+    ctx: &Context,
+    seen: &mut Seen,
+    pool: &RunnerPool,
+    template: &crate::api::LaunchTemplateRef,
+) -> Result<Option<crate::api::WarmStart>> {
+    let Some(listed) = seen
+        .snapshot
+        .warm
+        .get(&seen.pool_key)
+        .filter(|l| !l.is_empty())
+    else {
+        return Ok(None);
+    };
+    let current = crate::cloud::tags::warm_value(&template.id, template.version);
+    let ids = listed.iter().map(|i| i.id.as_str()).collect();
+    let namespace = job.namespace().unwrap_or_default();
+    let named = super::warm::named(ctx, &namespace, &pool.name_any(), &ids);
+    let instance = {
+        let mut taken = ctx.jobs.warm_taken.lock().unwrap();
+        // This job's own take, from a pass whose record failed, is taken again first.
+        let mine = |id: &str| taken.get(id) == Some(&seen.uid);
+        let free = |id: &str| {
+            mine(id)
+                || !taken.contains_key(id)
+                    && !named.claimed.contains(id)
+                    && !named.used.contains(id)
+        };
+        let again = (listed.iter()).find(|i| mine(&i.id) && i.is_stopped());
+        let chosen = again.or_else(|| crate::domain::warm::take(listed, &current, |id| !free(id)));
+        let Some(instance) = chosen else {
+            return Ok(None);
+        };
+        taken.insert(instance.id.clone(), seen.uid.clone());
+        instance.clone()
+    };
+    let took = crate::api::WarmStart {
+        instance: instance.id.clone(),
+        taken_at: Time(Timestamp::now()),
+    };
+    seen.status.launch = Some(crate::api::LaunchIntent {
+        client_token: format!("warm-{}", instance.id),
+        launch_template_id: template.id.clone(),
+        launch_template_version: template.version,
+        market: "onDemand".into(),
+        fleet: false,
+        allocation_strategy: None,
+        offerings: Vec::new(),
+        tags: Default::default(),
+        batch: None,
+        warm: Some(took.clone()),
+    });
+    seen.status.instance = Some(instance_status(&instance, None));
+    enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
+    // A write that failed may have landed (a timeout): the instance stays this job's, which
+    // takes it again on its next pass, until the job lets go of it or goes.
+    seen.write(job, ctx, &[]).await?;
+    info!(instance = %instance.id, "took a warm instance");
+    Ok(Some(took))
 }
 
 /// A new launch for the job, recorded in its status before it goes out: the job's own, or a
@@ -1793,6 +2050,19 @@ async fn cheapest_zone_first(ctx: &Context, offerings: &mut [launch::Offering]) 
 }
 
 /// Prices at launch. A denied or failing look-up leaves its price empty; the launch goes on.
+/// The EBS price per GB-month of a volume type, cached as on-demand prices are.
+pub(super) async fn volume_price(ctx: &Context, volume_type: &str) -> Option<String> {
+    cached_price(
+        ctx,
+        format!("volume/{volume_type}"),
+        ON_DEMAND_TTL,
+        &ctx.jobs.warned_on_demand,
+        "pricing:GetProducts",
+        ctx.ec2().volume_price(volume_type),
+    )
+    .await
+}
+
 async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapshot> {
     let shared = &ctx.jobs;
     let ec2 = ctx.ec2();

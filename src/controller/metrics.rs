@@ -83,6 +83,10 @@ pub struct Metrics {
     pub launch_latency: Histogram,
     pub queue_duration: PerPool,
     pub boot_duration: PerPool,
+    /// Boots of warm instances, from their start: beside `boot_duration`'s launched ones.
+    pub warm_boot_duration: PerPool,
+    pub warm_starts: Family<Pool, Counter>,
+    pub warm_storage_cost: Family<Pool, Counter<f64, AtomicU64>>,
     pub run_duration: PerPool,
     pub terminate_duration: PerPool,
     pub ec2_calls: Family<Call, Counter>,
@@ -107,6 +111,9 @@ impl Default for Metrics {
             launch_latency: seconds_histogram(),
             queue_duration: per_pool(),
             boot_duration: per_pool(),
+            warm_boot_duration: per_pool(),
+            warm_starts: Family::default(),
+            warm_storage_cost: Family::default(),
             run_duration: per_pool(),
             terminate_duration: per_pool(),
             ec2_calls: Family::default(),
@@ -152,8 +159,23 @@ impl Metrics {
         );
         registry.register(
             "boot_duration_seconds",
-            "From the instance launched to its runner registered, per pool",
+            "From the instance launched to its runner registered, per pool (launched instances only)",
             self.boot_duration.clone(),
+        );
+        registry.register(
+            "warm_boot_duration_seconds",
+            "From a warm instance started for a job to its runner registered, per pool",
+            self.warm_boot_duration.clone(),
+        );
+        registry.register(
+            "warm_storage_cost_usd",
+            "Estimated cost of the root volumes of stopped warm instances, per pool",
+            self.warm_storage_cost.clone(),
+        );
+        registry.register(
+            "warm_starts",
+            "Warm instances started for jobs instead of launches, per pool",
+            self.warm_starts.clone(),
         );
         registry.register(
             "run_duration_seconds",

@@ -156,6 +156,8 @@ struct Pass {
     status: RunnerPoolStatus,
     generation: Option<i64>,
     events: Vec<(EventType, &'static str, String)>,
+    /// The size of the pool's root volumes, GiB, when this pass read the AMI.
+    root_gib: Option<i32>,
 }
 
 impl Pass {
@@ -220,6 +222,15 @@ impl Pass {
         }
         let keeps = pool.spec.warm_size() > 0 || kept.counts != Default::default();
         self.status.warm = keeps.then_some(kept.counts);
+        let known = (self.status.warm_storage.as_ref()).map(|s| s.volume_gib);
+        let gib = self
+            .root_gib
+            .or(known.filter(|g| *g > 0))
+            .unwrap_or_default();
+        self.status.warm_storage = match keeps {
+            true => Some(super::warm::storage(pool, ctx, gib, kept.counts.ready).await),
+            false => None,
+        };
         self.events.extend(kept.events);
         Ok(kept.moving)
     }
@@ -281,6 +292,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         status: pool.status.clone().unwrap_or_default(),
         generation: pool.metadata.generation,
         events: Vec::new(),
+        root_gib: None,
     };
     pass.status.runners = count_runners(pool, ctx);
     pass.breaker(pool, ctx);
@@ -289,7 +301,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     if let Some(left) = recently_checked(pool, ctx, &id, &pass) {
         let moving = pass.warm(pool, ctx).await?;
         let counted = |s: &RunnerPoolStatus| {
-            let warm = s.warm;
+            let warm = (s.warm, s.warm_storage.clone());
             (s.runners.clone(), s.on_demand_until.clone(), warm)
         };
         if pool.status.as_ref().map(counted) != Some(counted(&pass.status))
@@ -317,6 +329,12 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         return finish(pool, ctx, pass).await;
     };
     pass.validated(notes);
+    let size = pool.spec.root_volume.size_gib;
+    pass.root_gib = Some(if size > 0 {
+        size
+    } else {
+        image.root_snapshot_gib.unwrap_or_default()
+    });
     let data = decide::template_data(&pool.spec, &id, image, &user_data);
     let hash = decide::spec_hash(&data);
     let template = ensure_template(ctx.ec2(), &id, &data, &hash, &mut pass.events).await?;
@@ -586,6 +604,7 @@ async fn wait_for_jobs(pool: &RunnerPool, ctx: &Context) -> Result<Option<Action
         status: pool.status.clone().unwrap_or_default(),
         generation: pool.metadata.generation,
         events: Vec::new(),
+        root_gib: None,
     };
     let message = format!(
         "being deleted: waiting for {holding} RunnerJobs of the pool that may hold an instance to finish before deleting its launch template"

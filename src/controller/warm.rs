@@ -36,9 +36,9 @@ pub(super) async fn keep(
     ctx: &Context,
     template: &LaunchTemplateRef,
 ) -> Result<Option<Kept>> {
-    let Some(store) = ctx.jobs.store() else {
+    if ctx.jobs.store().is_none() {
         return Ok(None);
-    };
+    }
     let namespace = pool.namespace().unwrap_or_default();
     let key = format!("{namespace}/{}", pool.name_any());
     let snapshot = super::job::instances(ctx, ctx.settings.instance_refresh).await?;
@@ -58,34 +58,44 @@ pub(super) async fn keep(
             moving: false,
         }));
     }
-    // A warm instance a live job of the pool names is the job's.
     let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
-    let name = pool.name_any();
-    let claimed: BTreeSet<String> = (store.state().iter())
-        .filter(|j| j.metadata.namespace.as_deref() == Some(&namespace) && j.spec.pool_name == name)
-        .filter_map(|j| j.status.as_ref())
-        .filter(|s| !s.phase.is_finished())
-        .filter_map(|s| s.instance.as_ref().map(|i| i.id.as_str()))
-        .filter(|id| ids.contains(id))
-        .map(String::from)
-        .collect();
+    let named = named(ctx, &namespace, &pool.name_any(), &ids);
     let boot_timeout = (ctx.settings.job_limits.for_pool(&pool.spec)).boot_timeout;
     let decided = plan(&WarmFacts {
         spec: pool.spec.warm.as_ref(),
         template_id: &template.id,
         template_version: template.version,
         instances: &instances,
-        claimed: &claimed,
+        claimed: &named.claimed,
+        used: &named.used,
         // Prepared instances are stopped as they report it (see `http::runner::prepared`).
         prepared: &BTreeMap::new(),
         prepare_timeout_secs: boot_timeout.as_secs() as i64,
         now: Timestamp::now().as_second(),
     });
+    // A job may have taken one since `named` looked: it is the job's. The rest are marked
+    // retired (no job's uid), so that no job takes them while the listing still shows them.
+    let retire: Vec<(String, crate::domain::warm::Retire)> = {
+        let mut taken = ctx.jobs.warm_taken.lock().unwrap();
+        taken.retain(|id, job| !job.is_empty() || ids.contains(id.as_str()));
+        let retire: Vec<_> = (decided.terminate.into_iter())
+            .filter(|(id, _)| !taken.contains_key(id))
+            .collect();
+        for (id, _) in &retire {
+            taken.insert(id.clone(), String::new());
+        }
+        retire
+    };
     let mut events = Vec::new();
-    if !decided.terminate.is_empty() {
-        let ids: Vec<String> = decided.terminate.iter().map(|(id, _)| id.clone()).collect();
-        ctx.ec2().terminate_instances(&ids).await?;
-        for (id, why) in &decided.terminate {
+    if !retire.is_empty() {
+        let ids: Vec<String> = retire.iter().map(|(id, _)| id.clone()).collect();
+        if let Err(e) = ctx.ec2().terminate_instances(&ids).await {
+            // Not retired: decided again by the next pass.
+            let mut taken = ctx.jobs.warm_taken.lock().unwrap();
+            taken.retain(|id, job| !job.is_empty() || !ids.contains(id));
+            return Err(e.into());
+        }
+        for (id, why) in &retire {
             info!(pool = %key, instance = %id, reason = why.reason(), "retired a warm instance");
             let note = format!("warm instance {id} terminated: {}", why.reason());
             events.push((EventType::Normal, why.reason(), note));
@@ -104,6 +114,104 @@ pub(super) async fn keep(
         events,
         moving,
     }))
+}
+
+/// What the pool's `ready` stopped warm instances, with root volumes of `gib` GiB, cost an
+/// hour, at the EBS price of the pool's volume type; the hours since the last pass at the last
+/// pass's rate go to `pacer_warm_storage_cost_usd` (a gap longer than ten minutes, as while
+/// another replica led, counts as ten).
+pub(super) async fn storage(
+    pool: &RunnerPool,
+    ctx: &Context,
+    gib: i32,
+    ready: i32,
+) -> crate::api::WarmStorage {
+    let volume_type = serde_json::to_value(pool.spec.root_volume.volume_type)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let price = super::job::volume_price(ctx, &volume_type).await;
+    let hourly =
+        (price.as_deref()).and_then(|p| crate::domain::cost::volumes_hourly(p, gib, ready));
+    let key = format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    );
+    let rate = hourly.as_deref().and_then(|h| h.parse::<f64>().ok());
+    let before = {
+        let mut seen = ctx.jobs.warm_storage.lock().unwrap();
+        match rate {
+            Some(rate) => seen.insert(key, (std::time::Instant::now(), rate)),
+            None => seen.remove(&key),
+        }
+    };
+    if let Some((at, rate)) = before {
+        let hours = at
+            .elapsed()
+            .min(std::time::Duration::from_secs(600))
+            .as_secs_f64()
+            / 3600.0;
+        let labels = super::metrics::Pool {
+            namespace: pool.namespace().unwrap_or_default(),
+            pool: pool.name_any(),
+        };
+        ctx.metrics
+            .warm_storage_cost
+            .get_or_create(&labels)
+            .inc_by(rate * hours);
+    }
+    crate::api::WarmStorage {
+        volume_gib: gib,
+        price_per_gib_month: price,
+        hourly_cost: hourly,
+        currency: "USD".into(),
+    }
+}
+
+/// Which of a pool's warm instances `ids` RunnerJobs name.
+#[derive(Default)]
+pub(super) struct Named {
+    /// A live job's current instance, or one this process took for a job whose record the
+    /// cache does not show yet: the job's, not the pool's.
+    pub claimed: BTreeSet<String>,
+    /// Taken by a job once, and no live job's now: it may have run, and is never warm again.
+    pub used: BTreeSet<String>,
+}
+
+/// Which of the warm instances `ids` of pool `namespace/pool` jobs name, from the cache and
+/// this process's takes.
+pub(super) fn named(ctx: &Context, namespace: &str, pool: &str, ids: &HashSet<&str>) -> Named {
+    let mut named = Named::default();
+    let note = |set: &mut BTreeSet<String>, id: &str| {
+        if ids.contains(id) {
+            set.insert(id.to_string());
+        }
+    };
+    let jobs = ctx.jobs.store().map(|s| s.state()).unwrap_or_default();
+    let of_pool = (jobs.iter())
+        .filter(|j| j.metadata.namespace.as_deref() == Some(namespace) && j.spec.pool_name == pool);
+    for status in of_pool.filter_map(|j| j.status.as_ref()) {
+        if let Some(current) = &status.instance {
+            let set = match status.phase.is_finished() {
+                false => &mut named.claimed,
+                true => &mut named.used,
+            };
+            note(set, &current.id);
+        }
+        let took = (status.launch.as_ref()).and_then(|l| l.warm.as_ref());
+        if let Some(took) = took {
+            note(&mut named.used, &took.instance);
+        }
+        for earlier in &status.previous_attempts {
+            note(&mut named.used, &earlier.instance);
+        }
+    }
+    for id in ctx.jobs.warm_taken.lock().unwrap().keys() {
+        note(&mut named.claimed, id);
+    }
+    named.used.retain(|id| !named.claimed.contains(id));
+    named
 }
 
 /// Launches `count` warm instances of the pool, under a token of the pool, the template, the

@@ -283,6 +283,7 @@ pub fn intent(request: &LaunchRequest) -> LaunchIntent {
             .collect(),
         tags: request.tags.clone(),
         batch: None,
+        warm: None,
     }
 }
 

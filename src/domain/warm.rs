@@ -48,6 +48,9 @@ pub struct WarmFacts<'a> {
     pub instances: &'a [WarmInstance],
     /// Instances a live RunnerJob names: the job's now, not the pool's.
     pub claimed: &'a BTreeSet<String>,
+    /// Instances a RunnerJob took once and no live one names now: started for a job, they
+    /// are never warm again.
+    pub used: &'a BTreeSet<String>,
     /// Instances that reported `prepared`, with when they last did (seconds since the epoch).
     pub prepared: &'a BTreeMap<String, i64>,
     /// Seconds an instance has from its launch to report `prepared`.
@@ -140,7 +143,9 @@ pub fn plan(facts: &WarmFacts<'_>) -> WarmPlan {
         let report = facts.prepared.get(&instance.id).copied();
         // EC2 moves LaunchTime to each start: a report older than it came before a restart.
         let restarted = up && matches!((report, instance.launched), (Some(r), Some(l)) if r < l);
-        let retire = if instance.template != current {
+        let retire = if facts.used.contains(&instance.id) {
+            Some(Retire::StartedWithoutJob)
+        } else if instance.template != current {
             Some(Retire::StaleTemplate)
         } else if age.is_some_and(|a| a > max_age) && facts.spec.is_some() {
             Some(Retire::TooOld)
@@ -216,6 +221,44 @@ pub fn may_prepare(
     }
 }
 
+/// The warm instance a job of the pool takes: a stopped one of the pool's current launch
+/// template version (`current`, as `gha:warm` spells it) that no job has taken, the oldest
+/// first (the nearest to its maximum age).
+pub fn take<'a>(
+    listed: &'a [Instance],
+    current: &str,
+    taken: impl Fn(&str) -> bool,
+) -> Option<&'a Instance> {
+    (listed.iter())
+        .filter(|i| i.is_stopped() && i.tags.get(tags::WARM).map(String::as_str) == Some(current))
+        .filter(|i| !taken(&i.id))
+        .min_by_key(|i| (i.launch_time.unwrap_or(i64::MAX), i.id.clone()))
+}
+
+/// Whether a RunnerJob whose status is `status` holds warm instance `id` as the one it took: it
+/// has not finished, `id` is its instance, and its launch records taking `id`.
+pub fn holds(status: &crate::api::RunnerJobStatus, id: &str) -> bool {
+    !status.phase.is_finished()
+        && status.instance.as_ref().is_some_and(|i| i.id == id)
+        && (status.launch.as_ref())
+            .is_some_and(|l| l.warm.as_ref().is_some_and(|w| w.instance == id))
+}
+
+/// How far EC2's clock may be behind Pacer's when a taken warm instance starts.
+pub const START_SKEW_SECONDS: i64 = 10;
+
+/// Whether an identity document whose `pendingTime` is `pending` (seconds since the epoch) is
+/// from a start no earlier than `since` (a warm instance's take, or the start a bootstrap began
+/// with): EC2 writes the document again at every start, so the one a warm instance had while it
+/// prepared, however kept, is older. How many seconds earlier it is, otherwise.
+pub fn started_after(pending: i64, since: i64) -> Result<(), i64> {
+    if pending + START_SKEW_SECONDS >= since {
+        Ok(())
+    } else {
+        Err(since - pending)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +279,7 @@ mod tests {
         size: i32,
         instances: Vec<WarmInstance>,
         claimed: Vec<&'static str>,
+        used: Vec<&'static str>,
         /// (id, seconds ago it last reported prepared)
         prepared: Vec<(&'static str, i64)>,
     }
@@ -246,6 +290,7 @@ mod tests {
             max_age_minutes: 1440,
         };
         let claimed = case.claimed.iter().map(|s| s.to_string()).collect();
+        let used = case.used.iter().map(|s| s.to_string()).collect();
         let prepared = (case.prepared.iter())
             .map(|(id, ago)| (id.to_string(), NOW - ago))
             .collect();
@@ -255,6 +300,7 @@ mod tests {
             template_version: 3,
             instances: &case.instances,
             claimed: &claimed,
+            used: &used,
             prepared: &prepared,
             prepare_timeout_secs: 600,
             now: NOW,
@@ -307,6 +353,7 @@ mod tests {
             size: 3,
             instances: vec![],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(plan.launch, 3);
@@ -324,6 +371,7 @@ mod tests {
                 warm("i-stopping", "stopping", HOUR),
             ],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(plan.counts, counts(1, 1, 1));
@@ -337,6 +385,7 @@ mod tests {
             size: 2,
             instances: vec![warm("i-a", "running", 300), warm("i-b", "running", 300)],
             claimed: vec![],
+            used: vec![],
             prepared: vec![("i-a", 5)],
         });
         assert_eq!(plan.stop, vec!["i-a".to_string()]);
@@ -360,6 +409,7 @@ mod tests {
             size: 3,
             instances: old,
             claimed: vec!["i-job"],
+            used: vec![],
             prepared: vec![("i-prep", 1)],
         });
         assert_eq!(
@@ -383,6 +433,7 @@ mod tests {
             size: 1,
             instances: vec![other],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-a", Retire::StaleTemplate)]);
@@ -399,6 +450,7 @@ mod tests {
                 warm("i-ready", "stopped", HOUR),
             ],
             claimed: vec!["i-job"],
+            used: vec![],
             prepared: vec![("i-job", 3 * 24 * HOUR)],
         });
         assert!(plan.terminate.is_empty() && plan.stop.is_empty());
@@ -415,6 +467,7 @@ mod tests {
                 warm("i-young", "stopped", 23 * HOUR),
             ],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-old", Retire::TooOld)]);
@@ -432,6 +485,7 @@ mod tests {
                 warm("i-late-but-prepared", "running", 700),
             ],
             claimed: vec![],
+            used: vec![],
             prepared: vec![("i-late-but-prepared", 2)],
         });
         assert_eq!(
@@ -450,6 +504,7 @@ mod tests {
             size: 1,
             instances: vec![warm("i-used", "running", 60)],
             claimed: vec![],
+            used: vec![],
             prepared: vec![("i-used", HOUR)],
         });
         assert_eq!(
@@ -472,6 +527,7 @@ mod tests {
                 warm("i-prep-young", "pending", 10),
             ],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(
@@ -489,6 +545,7 @@ mod tests {
                 warm("i-ready-old", "stopped", 5 * HOUR),
             ],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-ready-old", Retire::Surplus)]);
@@ -501,6 +558,7 @@ mod tests {
             size: 0,
             instances: vec![warm("i-a", "stopped", HOUR), warm("i-job", "running", HOUR)],
             claimed: vec!["i-job"],
+            used: vec![],
             prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-a", Retire::Surplus)]);
@@ -518,6 +576,7 @@ mod tests {
             template_version: 3,
             instances,
             claimed: &BTreeSet::new(),
+            used: &BTreeSet::new(),
             prepared: &BTreeMap::new(),
             prepare_timeout_secs: 600,
             now: NOW,
@@ -533,6 +592,7 @@ mod tests {
                 warm("i-going", "shutting-down", HOUR),
             ],
             claimed: vec![],
+            used: vec![],
             prepared: vec![],
         });
         assert!(plan.terminate.is_empty());
@@ -558,5 +618,113 @@ mod tests {
         let warm = WarmInstance::from_instance(&instance).unwrap();
         assert_eq!(warm.template, "lt-1:3");
         assert_eq!(warm.launched, Some(NOW));
+    }
+
+    fn listed(id: &str, state: &str, template: &str, launched: i64) -> Instance {
+        let tags = BTreeMap::from([(tags::WARM.to_string(), template.to_string())]);
+        Instance {
+            id: id.into(),
+            instance_type: "m7i.large".into(),
+            zone: "us-east-1a".into(),
+            spot: false,
+            state: state.into(),
+            state_reason: None,
+            launch_time: Some(launched),
+            tags,
+        }
+    }
+
+    #[test]
+    fn a_job_takes_the_oldest_stopped_instance_of_the_current_version_nobody_took() {
+        let listed = [
+            listed("i-young", "stopped", "lt-1:3", NOW - HOUR),
+            listed("i-old", "stopped", "lt-1:3", NOW - 5 * HOUR),
+            listed("i-older-stale", "stopped", "lt-1:2", NOW - 9 * HOUR),
+            listed("i-oldest-running", "running", "lt-1:3", NOW - 10 * HOUR),
+            listed("i-stopping", "stopping", "lt-1:3", NOW - 10 * HOUR),
+        ];
+        let id = |i: Option<&Instance>| i.map(|i| i.id.clone());
+        assert_eq!(id(take(&listed, "lt-1:3", |_| false)), Some("i-old".into()));
+        let taken = |id: &str| id == "i-old";
+        assert_eq!(id(take(&listed, "lt-1:3", taken)), Some("i-young".into()));
+        let all = |_: &str| true;
+        assert_eq!(id(take(&listed, "lt-1:3", all)), None);
+        assert_eq!(id(take(&listed, "lt-1:4", |_| false)), None);
+    }
+
+    #[test]
+    fn a_used_instance_is_never_warm_again_whatever_its_state() {
+        let plan = run(Case {
+            size: 3,
+            instances: vec![
+                warm("i-used-stopped", "stopped", HOUR),
+                warm("i-used-running", "running", HOUR),
+                warm("i-taken", "running", HOUR),
+                warm("i-ready", "stopped", HOUR),
+            ],
+            claimed: vec!["i-taken"],
+            used: vec!["i-used-stopped", "i-used-running", "i-taken"],
+            prepared: vec![],
+        });
+        assert_eq!(
+            terminated(&plan),
+            vec![
+                ("i-used-stopped", Retire::StartedWithoutJob),
+                ("i-used-running", Retire::StartedWithoutJob),
+            ],
+            "a job's claim wins over an earlier use"
+        );
+        assert_eq!(plan.counts, counts(1, 0, 0));
+        assert_eq!(plan.launch, 2);
+    }
+
+    #[test]
+    fn a_taken_instance_bootstraps_only_with_a_document_of_a_later_start() {
+        let taken = NOW;
+        assert_eq!(started_after(NOW + 40, taken), Ok(()));
+        assert_eq!(started_after(NOW - START_SKEW_SECONDS, taken), Ok(()));
+        let prepared_at = NOW - 300;
+        assert_eq!(started_after(prepared_at, taken), Err(300));
+    }
+
+    #[test]
+    fn a_job_holds_a_warm_instance_only_while_live_naming_it_and_recording_its_take() {
+        use crate::api::{InstanceStatus, JobPhase, LaunchIntent, RunnerJobStatus, WarmStart};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let status = |phase, instance: &str, took: Option<&str>| RunnerJobStatus {
+            phase,
+            instance: Some(InstanceStatus {
+                id: instance.into(),
+                instance_type: "m7i.large".into(),
+                zone: "us-east-1a".into(),
+                market: "onDemand".into(),
+                launch_time: None,
+            }),
+            launch: Some(LaunchIntent {
+                warm: took.map(|id| WarmStart {
+                    instance: id.into(),
+                    taken_at: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                }),
+                ..LaunchIntent::for_test("warm-i-1")
+            }),
+            ..Default::default()
+        };
+        assert!(holds(&status(JobPhase::Booting, "i-1", Some("i-1")), "i-1"));
+        assert!(!holds(
+            &status(JobPhase::Booting, "i-1", Some("i-1")),
+            "i-2"
+        ));
+        assert!(!holds(
+            &status(JobPhase::Succeeded, "i-1", Some("i-1")),
+            "i-1"
+        ));
+        assert!(
+            !holds(&status(JobPhase::Booting, "i-1", None), "i-1"),
+            "launched, not taken"
+        );
+        assert!(
+            !holds(&status(JobPhase::Booting, "i-2", Some("i-1")), "i-1"),
+            "named, not its"
+        );
     }
 }

@@ -165,8 +165,9 @@ pub async fn bootstrap(
             doc.pending_time,
         )));
     }
-    // This instance asked before and its bootstrap started here: that answer, once.
-    if let Some(waited) = web.boots.wait(instance_id).await {
+    // This instance asked before and its bootstrap started here: that answer, once (to a
+    // document of the same start or a later one).
+    if let Some(waited) = web.boots.wait(instance_id, doc.pending_time).await {
         return answer_from_here(&web, instance_id, waited).await;
     }
     // What cannot be Pacer's costs no EC2 call: another account's document, or an instance
@@ -232,7 +233,15 @@ pub async fn bootstrap(
                 })?
         }
         _ if instance.tags.contains_key(crate::cloud::tags::WARM) => {
-            return prepare_warm(&web, side, &doc, &instance, request.prepared, now).await;
+            match warm_taker(&web, &instance).await? {
+                Some(job) => {
+                    started_for(&job, &doc)?;
+                    job
+                }
+                None => {
+                    return prepare_warm(&web, side, &doc, &instance, request.prepared, now).await;
+                }
+            }
         }
         _ => batch_member(&web, &instance).await?,
     };
@@ -312,8 +321,9 @@ pub async fn bootstrap(
         name: name.into(),
         uid: uid.clone(),
     };
-    web.boots.start(instance_id, job, sequence);
-    match web.boots.wait(instance_id).await {
+    web.boots
+        .start(instance_id, job, doc.pending_time, sequence);
+    match web.boots.wait(instance_id, doc.pending_time).await {
         Some(waited) => answer_from_here(&web, instance_id, waited).await,
         None => Err(ApiError::Unavailable("the bootstrap stopped; retry later")),
     }
@@ -515,6 +525,54 @@ async fn warm_instance(
         )));
     }
     Ok(instance)
+}
+
+/// Whether the identity document is from a start of the warm instance after `job` took it:
+/// EC2 writes the document again at every start, so the one the instance had while it
+/// prepared, however kept, is refused. Checked before anything of the job is answered.
+fn started_for(job: &RunnerJob, doc: &crate::runner::identity::Document) -> Result<(), ApiError> {
+    let status = job.status.as_ref();
+    let took = status.and_then(|s| s.launch.as_ref()?.warm.as_ref());
+    let Some(took) = took else {
+        return Ok(());
+    };
+    let (pending, taken) = (doc.pending_time.as_second(), took.taken_at.0.as_second());
+    crate::domain::warm::started_after(pending, taken).map_err(|early| {
+        denied(format!(
+            "warm instance {}'s identity document is from a start {early} s before RunnerJob {} \
+             took it",
+            doc.instance_id,
+            job.name_any()
+        ))
+    })
+}
+
+/// The RunnerJob that took warm instance `instance`: a live job of the pool the instance's tag
+/// names whose status records it as the warm instance it took. `None` when none did.
+async fn warm_taker(
+    web: &Web,
+    instance: &crate::cloud::Instance,
+) -> Result<Option<RunnerJob>, ApiError> {
+    let id = &instance.id;
+    let pool = (instance.tags.get(crate::cloud::tags::POOL)).and_then(|pool| pool.split_once('/'));
+    let Some((namespace, pool)) = pool else {
+        return Ok(None);
+    };
+    let named = select(&jobs(web, namespace), "status.instance.id", id, |s| {
+        s.instance.as_ref().is_some_and(|i| &i.id == id)
+    })
+    .await?;
+    let took = |job: &RunnerJob| {
+        job.spec.pool_name == pool
+            && (job.status.as_ref()).is_some_and(|s| crate::domain::warm::holds(s, id))
+    };
+    let mut took: Vec<RunnerJob> = named.into_iter().filter(took).collect();
+    match took.len() {
+        0 | 1 => Ok(took.pop()),
+        _ => Err(denied(format!(
+            "warm instance {id} is named by several RunnerJobs"
+        ))),
+    }
 }
 
 /// The RunnerJob a batch's instance is for: the one whose status names it (a member records
@@ -906,6 +964,8 @@ pub struct Boots(Mutex<HashMap<String, Boot>>);
 /// whether its answer was collected.
 struct Boot {
     started: Instant,
+    /// The `pendingTime` of the document it started with.
+    pending: Timestamp,
     job: JobRef,
     outcome: watch::Receiver<Option<Outcome>>,
     collected: bool,
@@ -929,6 +989,7 @@ impl Boots {
         &self,
         instance: &str,
         job: JobRef,
+        pending: Timestamp,
         sequence: impl Future<Output = Outcome> + Send + 'static,
     ) {
         let mut boots = self.0.lock().unwrap();
@@ -939,6 +1000,7 @@ impl Boots {
         let (sender, outcome) = watch::channel(None);
         let boot = Boot {
             started: Instant::now(),
+            pending,
             job,
             outcome,
             collected: false,
@@ -949,13 +1011,22 @@ impl Boots {
         });
     }
 
-    /// What the bootstrap of `instance` started here came to; `None` when none was started
-    /// here. A failure frees the way for a new bootstrap.
-    async fn wait(&self, instance: &str) -> Option<Waited> {
+    /// What the bootstrap of `instance` started here came to, for a document from a start at
+    /// `pending`; `None` when none was started here. A document of an earlier start than the
+    /// bootstrap's (a warm instance's, kept from its preparation) is refused. A failure frees
+    /// the way for a new bootstrap.
+    async fn wait(&self, instance: &str, pending: Timestamp) -> Option<Waited> {
         let (mut outcome, job) = {
             let mut boots = self.0.lock().unwrap();
             boots.retain(|_, boot| boot.started.elapsed() < BOOT_ANSWER_HOLD);
             let boot = boots.get(instance)?;
+            let (pending, started) = (pending.as_second(), boot.pending.as_second());
+            if let Err(early) = crate::domain::warm::started_after(pending, started) {
+                return Some(Waited::Failed(denied(format!(
+                    "instance {instance}'s identity document is from a start {early} s before \
+                     the one its bootstrap began with"
+                ))));
+            }
             if boot.collected {
                 return Some(Waited::Collected);
             }

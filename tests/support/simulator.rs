@@ -107,6 +107,12 @@ pub struct Boot {
     /// Webhooks sent for the job, and how many of them Pacer did not accept.
     pub webhooks_sent: u32,
     pub webhooks_refused: u32,
+    /// Starts after the first boot: 1 for a warm instance started again (its boot script run
+    /// again, as its systemd unit runs it), and this is that boot.
+    pub starts: u32,
+    /// A warm instance (tagged `gha:warm`): stopped, its processes stop, whatever the
+    /// behaviour.
+    pub warm: bool,
 }
 
 struct Shared {
@@ -490,6 +496,52 @@ async fn watch(
         for instance in out.reservations().iter().flat_map(|r| r.instances()) {
             let id = instance.instance_id().unwrap_or_default().to_string();
             if !seen.insert(id.clone()) {
+                // A prepared warm instance whose boot ended when it was stopped, up again:
+                // started, it runs its boot script again (systemd's unit on a real one).
+                let restarted = {
+                    let boots = boots.lock().unwrap();
+                    (boots.get(&id))
+                        .filter(|b| b.exit.is_some() && b.starts == 0)
+                        .map(|b| {
+                            let state = b.dir.join("state");
+                            (state.join("prepared").exists() && state.join("boot.sh").exists())
+                                .then(|| b.dir.clone())
+                        })
+                };
+                if let Some(Some(sandbox)) = restarted {
+                    // EC2 writes the identity document again at every start.
+                    let pending = k8s_openapi::jiff::Timestamp::now().to_string();
+                    let arch = match instance.architecture().map(|a| a.as_str()) {
+                        Some("arm64") => "arm64",
+                        _ => "x86_64",
+                    };
+                    let document =
+                        identity::document("123456789012", &shared.region, &id, arch, &pending);
+                    shared
+                        .documents
+                        .lock()
+                        .unwrap()
+                        .insert(id.clone(), document);
+                    if let Some(boot) = boots.lock().unwrap().get_mut(&id) {
+                        *boot = Boot {
+                            user_data: boot.user_data.clone(),
+                            dir: boot.dir.clone(),
+                            spot: boot.spot,
+                            warm: boot.warm,
+                            starts: 1,
+                            ..Default::default()
+                        };
+                    }
+                    let script = sandbox.join("state/boot.sh");
+                    tokio::spawn(run_boot(
+                        ec2.clone(),
+                        id,
+                        (sandbox, script),
+                        base.clone(),
+                        shared.clone(),
+                        boots.clone(),
+                    ));
+                }
                 continue;
             }
             let tag = |key: &str| {
@@ -518,6 +570,7 @@ async fn watch(
                 .unwrap()
                 .insert(id.clone(), document);
             let launched = Launched {
+                warm: tag("gha:warm").is_some(),
                 job_id: tag("gha:job_id").and_then(|j| j.parse().ok()),
                 spot: instance.instance_lifecycle()
                     == Some(&aws_sdk_ec2::types::InstanceLifecycleType::Spot),
@@ -538,6 +591,7 @@ async fn watch(
 
 /// What EC2 says of an instance at its launch.
 struct Launched {
+    warm: bool,
     job_id: Option<i64>,
     spot: bool,
     /// Its launch template's id and version.
@@ -554,7 +608,6 @@ async fn boot(
     shared: Arc<Shared>,
     boots: Arc<Mutex<HashMap<String, Boot>>>,
 ) {
-    let behaviour = &shared.behaviour;
     // EC2 tags instances launched from a template with it; moto does so for RunInstances but
     // not for CreateFleet, where the instance's own userData attribute is the template's.
     let encoded = match launched.template {
@@ -636,16 +689,33 @@ async fn boot(
             dir: sandbox.clone(),
             job_id: launched.job_id,
             spot: launched.spot,
+            warm: launched.warm,
             ..Default::default()
         },
     );
+    let script = sandbox.join("user-data.sh");
+    run_boot(ec2, id, (sandbox, script), base, shared, boots).await;
+}
+
+/// Runs a boot script of the instance in its sandbox, as the instance, to its end, and records
+/// what became of it.
+async fn run_boot(
+    ec2: aws_sdk_ec2::Client,
+    id: String,
+    (sandbox, script): (PathBuf, PathBuf),
+    base: String,
+    shared: Arc<Shared>,
+    boots: Arc<Mutex<HashMap<String, Boot>>>,
+) {
+    let behaviour = &shared.behaviour;
+    let stubs = sandbox.join("stubs");
     let path = format!(
         "{}:{}",
         stubs.display(),
         std::env::var("PATH").unwrap_or_default()
     );
     let mut bash = tokio::process::Command::new("bash");
-    bash.arg(sandbox.join("user-data.sh"))
+    bash.arg(&script)
         .current_dir(&sandbox)
         .env("PATH", path)
         .env("PACER_IMDS_URL", format!("{base}/imds/{id}"))
@@ -660,6 +730,7 @@ async fn boot(
         .env("PACER_NOTICE_POLL", "0.5")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    let warm = boots.lock().unwrap().get(&id).is_some_and(|b| b.warm);
     if behaviour.stop_when_terminated {
         // Its own process group, so that termination stops the whole instance. Otherwise the
         // scripts share the simulator's group and end with it (`make demo`'s Ctrl-C).
@@ -668,7 +739,8 @@ async fn boot(
     if behaviour.github_side.is_some() {
         bash.env("FAKE_RUNNER_HANDSHAKE", "1");
     }
-    let (status, played) = run_instance(bash.spawn().unwrap(), &id, &sandbox, &shared).await;
+    let child = bash.spawn().unwrap();
+    let (status, played) = run_instance(child, &id, &sandbox, &shared, warm).await;
     let shut_down = sandbox.join("shutdown.called").exists();
     if shut_down {
         // The launch template terminates the instance on shutdown.
@@ -707,6 +779,7 @@ async fn run_instance(
     id: &str,
     sandbox: &Path,
     shared: &Shared,
+    warm: bool,
 ) -> (std::process::ExitStatus, Played) {
     let runner = sandbox.join("runner");
     let mut played = Played::default();
@@ -737,12 +810,16 @@ async fn run_instance(
         played.reclaimed = shared.reclaimed.lock().unwrap().contains(id);
         if played.reclaimed || !shared.alive.lock().unwrap().contains(id) {
             played.killed_busy |= !played.reclaimed && marked("job.started") && !marked("job.done");
-            if (played.reclaimed || shared.behaviour.stop_when_terminated)
+            if (played.reclaimed || shared.behaviour.stop_when_terminated || warm)
                 && let Some(pid) = bash.id()
             {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{pid}")])
-                    .status();
+                if shared.behaviour.stop_when_terminated {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{pid}")])
+                        .status();
+                } else {
+                    kill_tree(pid);
+                }
                 break bash.wait().await.unwrap();
             }
         }
@@ -753,6 +830,35 @@ async fn run_instance(
         played.webhooks_refused += refused;
     }
     (status, played)
+}
+
+/// Kills process `pid` and every process under it, as an instance that stops stops, when they
+/// share the simulator's process group.
+fn kill_tree(pid: u32) {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (command) state ppid ...": the parent is the second field after the command.
+        let parent = (stat.rsplit_once(')'))
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(parent) = parent {
+            children.entry(parent).or_default().push(child);
+        }
+    }
+    // Parents first, so that none starts another child meanwhile.
+    let mut left = vec![pid];
+    while let Some(p) = left.pop() {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+        left.extend(children.get(&p).into_iter().flatten());
+    }
 }
 
 /// The job a runner took, as GitHub knows it.
