@@ -8,8 +8,9 @@
 //! Before that, `pacer run` alone as a process (see `process`): start to ready and memory, idle
 //! and with `BENCH_STORED` RunnerJobs; after it, slot refill (see `refill`: `BENCH_REFILL_JOBS`
 //! jobs of `BENCH_RUN_MS` each through `BENCH_REFILL_MAX` slots). `BENCH_ONLY` (a comma-separated
-//! list of `process`, `launch`, `refill`, `waiting`, `webhooks`) runs only those parts. The
-//! figures are written to `bench/results/latest.md`.
+//! list of `process`, `launch`, `refill`, `waiting`, `webhooks`, `warm`) runs only those parts.
+//! `warm` (see `warm`) times queue to runner for warm starts and launches on the simulator,
+//! `BENCH_WARM` (3) jobs each. The figures are written to `bench/results/latest.md`.
 //!
 //! The launch part also reads the API server's own request counts (see `apiserver`): Pacer's
 //! RunnerJob writes, Event writes and RunnerJob reads per job over the burst. `waiting` (see
@@ -30,6 +31,8 @@ mod refill;
 mod support;
 #[path = "launch/waiting.rs"]
 mod waiting;
+#[path = "launch/warm.rs"]
+mod warm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -682,6 +685,29 @@ async fn main() {
             &mut report,
         )
         .await;
+    }
+
+    if part("warm") {
+        let size = env("BENCH_WARM", 3) as usize;
+        let w = warm::run(size).await;
+        let summary = |v: &[f64]| {
+            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+            let max = v.iter().copied().fold(0.0, f64::max);
+            format!("mean {mean:.2} s, max {max:.2} s over {} jobs", v.len())
+        };
+        println!("== queue to runner on the simulator ({size} jobs each)");
+        println!("warm start: {}", summary(&w.warm));
+        println!("launched: {}", summary(&w.cold));
+        report.add(
+            "RunnerJob created → runner registered, warm start (simulator: no EC2 boot time)",
+            summary(&w.warm),
+            "",
+        );
+        report.add(
+            "RunnerJob created → runner registered, launched (simulator: no EC2 boot time)",
+            summary(&w.cold),
+            "",
+        );
     }
 
     if std::env::var("BENCH_MOTO").as_deref() == Ok("1") {

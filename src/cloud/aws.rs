@@ -966,7 +966,6 @@ impl AwsEc2 {
     }
 }
 
-/// The USD price per hour in one Price List product document.
 /// A Pricing filter: `field` is `value` exactly.
 fn price_term(field: &str, value: &str) -> aws_sdk_pricing::types::Filter {
     use aws_sdk_pricing::types::{Filter, FilterType};
@@ -978,6 +977,7 @@ fn price_term(field: &str, value: &str) -> aws_sdk_pricing::types::Filter {
         .expect("all fields set")
 }
 
+/// The USD price per unit (an hour, a GB-month) in one Price List product document.
 fn on_demand_usd(document: &str) -> Option<String> {
     let product: serde_json::Value = serde_json::from_str(document).ok()?;
     let term = product

@@ -222,6 +222,13 @@ impl Batches {
     }
 
     /// The place kept for `member` within the last minute, given up to it.
+    /// Whether this process keeps a place for `member` (see [`Batches::kept`]), left in place.
+    pub fn has_kept(&self, member: &str) -> bool {
+        let kept = self.kept.lock().unwrap();
+        kept.get(member)
+            .is_some_and(|(at, _, _)| at.elapsed() < ANSWER_KEPT)
+    }
+
     pub fn kept(&self, member: &str) -> Option<(LaunchIntent, LaunchRequest)> {
         let (at, intent, request) = self.kept.lock().unwrap().remove(member)?;
         (at.elapsed() < ANSWER_KEPT).then_some((intent, request))

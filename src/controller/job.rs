@@ -943,9 +943,13 @@ async fn execute(
 /// Terminates the warm instance of an attempt that ends: it may have run, and is never warm
 /// again (one EC2 lists stopped after its start would otherwise look ready).
 async fn retire_warm(ctx: &Context, seen: &Seen) -> Result<()> {
+    // Once this attempt started it, no other job's claim keeps it.
+    let started = seen.launched.is_some()
+        || seen.status.boot.is_some()
+        || !matches!(seen.status.phase, JobPhase::Pending | JobPhase::Launching);
     if let Some(instance) = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
         && !matches!(instance.state.as_str(), "shutting-down" | "terminated")
-        && !warm_named_by_another(ctx, &seen.uid, &instance.id)
+        && (started || !warm_named_by_another(ctx, &seen.uid, &instance.id))
     {
         let settle = seen.limits.launch_visibility;
         (ctx.jobs.ledger)
@@ -1326,8 +1330,10 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
         let why = format!("RunnerPool {} has no launch template yet", pool.name_any());
         return Ok(LaunchAnswer::PoolNotReady(why));
     };
-    // A warm instance the job took, or one it takes now: started instead of a launch.
+    // A warm instance the job took, or one it takes now: started instead of a launch (unless a
+    // batch went out with a place for this attempt that its record missed).
     if (seen.status.launch.as_ref()).is_none_or(|l| l.warm.is_some())
+        && !has_batch_place(job, ctx, seen)
         && let Some(answer) = warm_start(job, ctx, seen, &pool, &template).await?
     {
         return Ok(answer);
@@ -1429,7 +1435,7 @@ async fn warm_start(
                 || e.is(ErrorClass::NotFound) =>
         {
             warn!(instance = %id, error = %e, "the warm instance was not started; launching instead");
-            if replay {
+            if replay && !e.is(ErrorClass::NotFound) {
                 // Started by an earlier process, perhaps, and stopped since: not clean.
                 let settle = seen.limits.launch_visibility;
                 (ctx.jobs.ledger)
@@ -1513,6 +1519,25 @@ async fn take_warm(
     Ok(Some(took))
 }
 
+/// The job's name in a batch for its next launch: `uid/instance attempt/launch attempt`.
+fn member_key(seen: &Seen) -> String {
+    let (attempt, round) = (seen.status.attempt(), seen.status.attempts + 1);
+    format!("{}/{attempt}/{round}", seen.uid)
+}
+
+/// Whether a batch went out with a place for the job's next launch that its record missed
+/// (kept by this process, or recorded by the batch's other members): that place's instance is
+/// the job's, and it takes no warm instance.
+fn has_batch_place(job: &RunnerJob, ctx: &Context, seen: &Seen) -> bool {
+    let member = member_key(seen);
+    let batches = &ctx.jobs.batches;
+    batches.has_kept(&member)
+        || (job.metadata.creation_timestamp.as_ref()).is_some_and(|created| {
+            let place = format!("{}/{member}", seen.pool_key);
+            (batches.recorded_place(&place, created.0, || recorded_places(ctx))).is_some()
+        })
+}
+
 /// A new launch for the job, recorded in its status before it goes out: the job's own, or a
 /// batch's with the jobs of its pool that became launchable within the batch window. A batch
 /// is sent once every member has recorded it (or failed to: the instance of a member that did
@@ -1527,8 +1552,7 @@ async fn new_launch(
     let settings = &ctx.settings;
     let (window, max) = (settings.launch_batch_window, settings.launch_batch_max);
     let batches = &ctx.jobs.batches;
-    let (attempt, round) = (seen.status.attempt(), seen.status.attempts + 1);
-    let member = format!("{}/{attempt}/{round}", seen.uid);
+    let member = member_key(seen);
     // A batch that went out without this job's record: its place in it, taken again; kept by
     // this process, or, after a restart, recorded by the batch's other members.
     let kept = batches.kept(&member).or_else(|| {
@@ -2049,7 +2073,6 @@ async fn cheapest_zone_first(ctx: &Context, offerings: &mut [launch::Offering]) 
     launch::cheapest_zone_first(offerings, &prices);
 }
 
-/// Prices at launch. A denied or failing look-up leaves its price empty; the launch goes on.
 /// The EBS price per GB-month of a volume type, cached as on-demand prices are.
 pub(super) async fn volume_price(ctx: &Context, volume_type: &str) -> Option<String> {
     cached_price(
@@ -2063,6 +2086,7 @@ pub(super) async fn volume_price(ctx: &Context, volume_type: &str) -> Option<Str
     .await
 }
 
+/// Prices at launch. A denied or failing look-up leaves its price empty; the launch goes on.
 async fn cost_snapshot(ctx: &Context, instance: &Instance) -> Option<CostSnapshot> {
     let shared = &ctx.jobs;
     let ec2 = ctx.ec2();

@@ -229,7 +229,10 @@ impl Pass {
             .unwrap_or_default();
         self.status.warm_storage = match keeps {
             true => Some(super::warm::storage(pool, ctx, gib, kept.counts.ready).await),
-            false => None,
+            false => {
+                super::warm::forget_storage(pool, ctx);
+                None
+            }
         };
         self.events.extend(kept.events);
         Ok(kept.moving)

@@ -36,7 +36,12 @@ pub(super) async fn keep(
     ctx: &Context,
     template: &LaunchTemplateRef,
 ) -> Result<Option<Kept>> {
-    if ctx.jobs.store().is_none() {
+    // Until the job controller's cache has its first list, it shows no job holding any
+    // instance: nothing is decided from it.
+    let Some(store) = ctx.jobs.store() else {
+        return Ok(None);
+    };
+    if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
         return Ok(None);
     }
     let namespace = pool.namespace().unwrap_or_default();
@@ -78,8 +83,11 @@ pub(super) async fn keep(
     let retire: Vec<(String, crate::domain::warm::Retire)> = {
         let mut taken = ctx.jobs.warm_taken.lock().unwrap();
         taken.retain(|id, job| !job.is_empty() || ids.contains(id.as_str()));
+        // A job's pass terminated it already (the listing does not show it yet).
+        let settle = ctx.settings.job_limits.launch_visibility;
+        let terminating = |id: &str| (ctx.jobs.ledger).terminating(id, snapshot.taken, settle);
         let retire: Vec<_> = (decided.terminate.into_iter())
-            .filter(|(id, _)| !taken.contains_key(id))
+            .filter(|(id, _)| !taken.contains_key(id) && !terminating(id))
             .collect();
         for (id, _) in &retire {
             taken.insert(id.clone(), String::new());
@@ -169,13 +177,25 @@ pub(super) async fn storage(
     }
 }
 
+/// Forgets the storage rate of a pool that keeps no warm instances any more: one that keeps
+/// some again starts counting afresh.
+pub(super) fn forget_storage(pool: &RunnerPool, ctx: &Context) {
+    let key = format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    );
+    ctx.jobs.warm_storage.lock().unwrap().remove(&key);
+}
+
 /// Which of a pool's warm instances `ids` RunnerJobs name.
 #[derive(Default)]
 pub(super) struct Named {
-    /// A live job's current instance, or one this process took for a job whose record the
-    /// cache does not show yet: the job's, not the pool's.
+    /// Held by a live job ([`crate::domain::warm::holds`]), or taken by this process for a job
+    /// whose record the cache does not show yet: the job's, not the pool's.
     pub claimed: BTreeSet<String>,
-    /// Taken by a job once, and no live job's now: it may have run, and is never warm again.
+    /// Taken by a job once and not held by it now (an earlier attempt's, a finished job's): it
+    /// may have run, and is never warm again, whoever else claims it.
     pub used: BTreeSet<String>,
 }
 
@@ -192,16 +212,21 @@ pub(super) fn named(ctx: &Context, namespace: &str, pool: &str, ids: &HashSet<&s
     let of_pool = (jobs.iter())
         .filter(|j| j.metadata.namespace.as_deref() == Some(namespace) && j.spec.pool_name == pool);
     for status in of_pool.filter_map(|j| j.status.as_ref()) {
-        if let Some(current) = &status.instance {
-            let set = match status.phase.is_finished() {
-                false => &mut named.claimed,
-                true => &mut named.used,
-            };
-            note(set, &current.id);
-        }
         let took = (status.launch.as_ref()).and_then(|l| l.warm.as_ref());
         if let Some(took) = took {
-            note(&mut named.used, &took.instance);
+            let holding = crate::domain::warm::holds(status, &took.instance);
+            let set = match holding {
+                true => &mut named.claimed,
+                false => &mut named.used,
+            };
+            note(set, &took.instance);
+        }
+        if let Some(current) = status
+            .instance
+            .as_ref()
+            .filter(|_| status.phase.is_finished())
+        {
+            note(&mut named.used, &current.id);
         }
         for earlier in &status.previous_attempts {
             note(&mut named.used, &earlier.instance);
@@ -210,7 +235,8 @@ pub(super) fn named(ctx: &Context, namespace: &str, pool: &str, ids: &HashSet<&s
     for id in ctx.jobs.warm_taken.lock().unwrap().keys() {
         note(&mut named.claimed, id);
     }
-    named.used.retain(|id| !named.claimed.contains(id));
+    // Once a job has run on it, no claim keeps it warm.
+    named.claimed.retain(|id| !named.used.contains(id));
     named
 }
 
