@@ -1255,20 +1255,7 @@ fn log(dir: &std::path::Path) -> String {
 /// counts them. A change of the pool's template replaces them; a deleted pool leaves none.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
-    let behaviour = Behaviour {
-        stop_when_terminated: true,
-        ..Default::default()
-    };
-    let w = World::new("warm-keep", Some(behaviour)).await;
-    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
-    let warm = json!({"spec": {
-        "warm": {"size": 3},
-        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
-    }});
-    pools
-        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
-        .await
-        .unwrap();
+    let (w, pools) = warm_world("warm-keep", 3, None, json!({})).await;
     let first = warm_ready(&w, &pools, None).await;
     // What the three stopped volumes cost: the pool's root volume size, at EBS's gp3 price
     // per GB-month as the Pricing API gives it, by the hour.
@@ -1433,6 +1420,37 @@ async fn a_warm_pool_keeps_its_instances_prepared_and_stopped() {
     }
 }
 
+/// A world whose pool `alpha` keeps `size` warm instances (on-demand), with `extra` merged into
+/// its spec; the simulated instances stop as EC2 stops or terminates them, and a runner runs its
+/// job `runner_seconds` (0.2 when `None`).
+async fn warm_world(
+    test: &str,
+    size: i32,
+    runner_seconds: Option<f64>,
+    extra: Value,
+) -> (World, Api<RunnerPool>) {
+    let behaviour = Behaviour {
+        stop_when_terminated: true,
+        runner_seconds,
+        ..Default::default()
+    };
+    let w = World::new(test, Some(behaviour)).await;
+    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
+    let mut spec = json!({
+        "warm": {"size": size},
+        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
+    });
+    for (key, value) in extra.as_object().into_iter().flatten() {
+        spec[key] = value.clone();
+    }
+    let patch = Patch::Merge(json!({ "spec": spec }));
+    pools
+        .patch("alpha", &PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    (w, pools)
+}
+
 /// Waits for pool `alpha` of `w` to count three ready warm instances, and returns the three
 /// instances EC2 lists alive (id and `gha:warm` tag): stopped, of the pool, naming no job, and
 /// launched from a template other than `not_from`.
@@ -1517,21 +1535,13 @@ async fn settled_warm(
 /// its preparation token: Pacer terminates it and tells the pool, with the log's last line.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_warm_preparation_is_terminated_with_an_event() {
-    let behaviour = Behaviour {
-        stop_when_terminated: true,
-        ..Default::default()
-    };
-    let w = World::new("warm-fail", Some(behaviour)).await;
-    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
-    let warm = json!({"spec": {
-        "warm": {"size": 1},
-        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
-        "userData": "echo the preparation broke; exit 3",
-    }});
-    pools
-        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
-        .await
-        .unwrap();
+    let (w, _) = warm_world(
+        "warm-fail",
+        1,
+        None,
+        json!({"userData": "echo the preparation broke; exit 3"}),
+    )
+    .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let note = loop {
         let failed = (w.events_of("alpha").await.into_iter())
@@ -1570,20 +1580,7 @@ async fn a_failed_warm_preparation_is_terminated_with_an_event() {
 /// run, still warm) and the job launches an instance at once, with a `WarmStartFailed` Event.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_warm_start_without_capacity_falls_back_to_a_launch_at_once() {
-    let behaviour = Behaviour {
-        stop_when_terminated: true,
-        ..Default::default()
-    };
-    let w = World::new("warm-short", Some(behaviour)).await;
-    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
-    let warm = json!({"spec": {
-        "warm": {"size": 1},
-        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
-    }});
-    pools
-        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
-        .await
-        .unwrap();
+    let (w, pools) = warm_world("warm-short", 1, None, json!({})).await;
     let ready = wait_warm(&w, &pools, 1).await;
     let warm_id = &ready[0].0;
     // EC2 sends it as a server error, which the SDK retries first; the adapter classifies it
@@ -1617,20 +1614,7 @@ async fn a_warm_start_without_capacity_falls_back_to_a_launch_at_once() {
 /// runs on it; nothing is launched for it and the instance is not given up.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_throttled_warm_start_is_sent_again_for_the_same_instance() {
-    let behaviour = Behaviour {
-        stop_when_terminated: true,
-        ..Default::default()
-    };
-    let w = World::new("warm-throttle", Some(behaviour)).await;
-    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
-    let warm = json!({"spec": {
-        "warm": {"size": 1},
-        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
-    }});
-    pools
-        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
-        .await
-        .unwrap();
+    let (w, pools) = warm_world("warm-throttle", 1, None, json!({})).await;
     let warm_id = wait_warm(&w, &pools, 1).await.remove(0).0;
     // Every try the SDK makes of the first call.
     let fault = json!({"action": "StartInstances", "code": "RequestLimitExceeded",
@@ -1662,21 +1646,7 @@ async fn a_throttled_warm_start_is_sent_again_for_the_same_instance() {
 /// it a second time; the job runs on another instance.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_taken_warm_instance_stopped_under_its_job_is_terminated_never_taken_again() {
-    let behaviour = Behaviour {
-        stop_when_terminated: true,
-        runner_seconds: Some(8.0),
-        ..Default::default()
-    };
-    let w = World::new("warm-stopped", Some(behaviour)).await;
-    let pools: Api<RunnerPool> = Api::namespaced(w.jobs.clone().into_client(), &w.ns);
-    let warm = json!({"spec": {
-        "warm": {"size": 1},
-        "capacity": {"type": "onDemand", "fallbackToOnDemand": false},
-    }});
-    pools
-        .patch("alpha", &PatchParams::default(), &Patch::Merge(&warm))
-        .await
-        .unwrap();
+    let (w, pools) = warm_world("warm-stopped", 1, Some(8.0), json!({})).await;
     let warm_id = wait_warm(&w, &pools, 1).await.remove(0).0;
     // Still queued on GitHub when the attempt ends: the job gets another instance.
     w.github.set_job("example-org/api", 7401, "queued", None);
