@@ -31,6 +31,7 @@ use crate::domain::job::{
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
+use crate::domain::warm::{TakenListing, taken_listing};
 
 pub use crate::api::JOB_FINALIZER as FINALIZER;
 
@@ -353,14 +354,15 @@ fn entered(status: &RunnerJobStatus, job: &RunnerJob) -> Option<Time> {
 
 /// What EC2 says about the job's instance: the shared listing, and the id this process
 /// launched or the status recorded, judged gone only from a listing taken a visibility window
-/// after the launch's answer.
+/// after the launch's answer. With it, how long until a listing of the job's warm instance
+/// that was set aside (it may predate the start) would count.
 fn instance_state(
     snapshot: &Snapshot,
     job: (&str, &str),
     status: &RunnerJobStatus,
     launched: Option<&(String, Timestamp)>,
     visibility: Duration,
-) -> InstanceState {
+) -> (InstanceState, Option<Duration>) {
     let (uid, pool) = job;
     // Instances of earlier attempts are history, not this attempt's instance.
     let earlier = |id: &str| status.previous_attempts.iter().any(|a| a.instance == id);
@@ -368,21 +370,26 @@ fn instance_state(
         .map(|(id, _)| id.as_str())
         .or_else(|| status.instance.as_ref().map(|i| i.id.as_str()))
         .filter(|id| !earlier(id));
-    // A warm instance the job took and this process has not started, still stopped while the
-    // job launches: a crash or an error came between the take and the start, which is sent
-    // again.
-    let warm = warm_instance(snapshot, pool, status);
-    if status.phase == JobPhase::Launching
-        && launched.is_none()
-        && warm.is_some_and(|i| i.is_stopped())
-    {
-        return InstanceState::Absent;
-    }
     let answered = answered(launched, status);
-    let settled = answered.is_none_or(|at| snapshot.taken >= at + visibility);
-    // A taken warm instance listed stopped by a listing its start may not show yet: as if
-    // not listed yet.
-    let warm = warm.filter(|i| settled || !(i.is_stopped() || i.is_stopping()));
+    // The warm instance the job took, unless its listing may predate the start.
+    let taken = warm_instance(snapshot, pool, status);
+    let launching = status.phase == JobPhase::Launching;
+    let started_here = launched.is_some();
+    let how = (taken.as_ref()).map(|i| {
+        taken_listing(
+            &i.state,
+            launching,
+            started_here,
+            answered,
+            snapshot.taken,
+            visibility,
+        )
+    });
+    let (warm, set_aside) = match how {
+        Some(TakenListing::StartAgain) => return (InstanceState::Absent, None),
+        Some(TakenListing::SetAside(left)) => (None, Some(left)),
+        _ => (taken, None),
+    };
     // A batch's or a warm instance by the id the status knows; a job's own by its tags.
     let by_id =
         (batch_instance(snapshot, status, uid).or(warm)).filter(|i| known == Some(i.id.as_str()));
@@ -393,7 +400,8 @@ fn instance_state(
             alive: i.is_alive(),
             reason: i.state_reason.as_deref().unwrap_or(&i.state),
         });
-    domain_instance_state(listed, known, answered, snapshot.taken, visibility)
+    let state = domain_instance_state(listed, known, answered, snapshot.taken, visibility);
+    (state, set_aside)
 }
 
 /// When the job's launch (or warm start) was answered at the latest: the Launching time is
@@ -669,7 +677,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     let limits = pool.as_ref().map_or(limits, |p| limits.for_pool(&p.spec));
     let snapshot = instances(ctx, ctx.settings.instance_refresh).await?;
     let launched = ctx.jobs.ledger.launched(&uid);
-    let mut instance = instance_state(
+    let (mut instance, set_aside) = instance_state(
         &snapshot,
         (&uid, &pool_key(job)),
         &status,
@@ -727,6 +735,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         launch_rounds: status.attempts,
         rerun_due: crate::domain::job::rerun_due(&status, &limits),
         rerun: None,
+        set_aside,
     };
     Ok(Seen {
         now,

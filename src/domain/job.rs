@@ -167,6 +167,10 @@ pub struct Facts {
     pub rerun_due: bool,
     /// GitHub's answer, when this pass asked it to re-run the job ([`Step::Rerun`]).
     pub rerun: Option<RerunAnswer>,
+    /// A listing of the job's warm instance was set aside as possibly older than its start
+    /// ([`crate::domain::warm::taken_listing`]): one taken this much later counts, so no wait
+    /// goes past it.
+    pub set_aside: Option<Duration>,
 }
 
 /// How GitHub answered a request to re-run a job.
@@ -346,6 +350,15 @@ fn left(limit: Duration, spent: Duration) -> Duration {
 
 /// Decides the next phase and step.
 pub fn decide(f: &Facts, limits: &Limits) -> Decision {
+    let mut decision = decide_now(f, limits);
+    if let (Step::Wait(wait), Some(counts_in)) = (&mut decision.step, f.set_aside) {
+        *wait = (*wait).min(counts_in);
+    }
+    decision
+}
+
+/// The decision, with no regard for a listing set aside.
+fn decide_now(f: &Facts, limits: &Limits) -> Decision {
     use JobPhase::*;
     if f.deleting {
         return deleting(f);
@@ -1630,6 +1643,27 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_never_waits_past_the_moment_a_set_aside_listing_counts() {
+        let mut f = facts(Running);
+        f.registered = true;
+        f.instance = alive();
+        let unbounded = decide(&f, &Limits::default());
+        assert_eq!(unbounded.step, Step::Wait(Duration::from_secs(60)));
+        f.set_aside = Some(Duration::from_secs(7));
+        let d = decide(&f, &Limits::default());
+        assert_eq!(
+            (d.phase, d.step),
+            (Running, Step::Wait(Duration::from_secs(7)))
+        );
+        // Only waits are bounded; a step is a step.
+        f.instance = InstanceState::Gone {
+            id: "i-1".into(),
+            reason: "stopped".into(),
+        };
+        assert_eq!(decide(&f, &Limits::default()).step, Step::Consult);
+    }
+
+    #[test]
     fn a_job_lost_to_a_spot_interruption_after_it_was_taken_is_rerun_when_its_pool_asks() {
         let mut f = facts(Running);
         f.assigned = true;
@@ -1900,6 +1934,7 @@ mod tests {
             launch_rounds: 0,
             rerun_due: false,
             rerun: None,
+            set_aside: None,
         }
     }
 

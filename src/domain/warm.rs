@@ -7,6 +7,9 @@
 //! job: this module neither counts nor touches them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{WarmCounts, WarmPool};
 use crate::cloud::{Instance, tags};
@@ -256,6 +259,45 @@ pub fn started_after(pending: i64, since: i64) -> Result<(), i64> {
         Ok(())
     } else {
         Err(since - pending)
+    }
+}
+
+/// How a listing shows the warm instance a job took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakenListing {
+    /// Stopped while the job launches, and this process did not start it: a crash or an error
+    /// came between the take and the start, which is sent again (as if no instance were there).
+    StartAgain,
+    /// Stopped or stopping in a listing that may predate the start: set aside, as if not
+    /// listed, until a listing taken this much later.
+    SetAside(Duration),
+    /// What the listing shows is the instance's state.
+    Counts,
+}
+
+/// How the listing taken at `listed_at` shows the warm instance a job took, in `state`.
+/// `launching` says the job is still launching, `started_here` whether this process sent the
+/// start, `answered` when a start (or the launch before it) was answered at the latest.
+/// DescribeInstances lags StartInstances as it lags launches: a stopped listing counts only
+/// once it is `visibility` past the answer.
+pub fn taken_listing(
+    state: &str,
+    launching: bool,
+    started_here: bool,
+    answered: Option<Timestamp>,
+    listed_at: Timestamp,
+    visibility: Duration,
+) -> TakenListing {
+    let stopped = state == "stopped";
+    if launching && !started_here && stopped {
+        return TakenListing::StartAgain;
+    }
+    let counts_at = answered.map(|at| at + visibility);
+    match counts_at {
+        Some(at) if (stopped || state == "stopping") && listed_at < at => {
+            TakenListing::SetAside(at.duration_since(listed_at).unsigned_abs())
+        }
+        _ => TakenListing::Counts,
     }
 }
 
@@ -725,6 +767,38 @@ mod tests {
         assert!(
             !holds(&status(JobPhase::Booting, "i-2", Some("i-1")), "i-1"),
             "named, not its"
+        );
+    }
+
+    #[test]
+    fn a_stopped_listing_of_a_taken_instance_counts_a_visibility_window_after_its_start() {
+        let start = Timestamp::from_second(NOW).unwrap();
+        let window = Duration::from_secs(60);
+        let at = |secs: i64| Timestamp::from_second(NOW + secs).unwrap();
+        let how = |state, launching, here, listed| {
+            taken_listing(state, launching, here, Some(start), at(listed), window)
+        };
+        // Taken and not started by this process (a crash between take and start): sent again.
+        assert_eq!(how("stopped", true, false, 5), TakenListing::StartAgain);
+        assert_eq!(how("stopped", true, false, 300), TakenListing::StartAgain);
+        // Started here: a stopped listing may be from before the start, until the window ends;
+        // the time left is what the job's pass waits at most.
+        assert_eq!(
+            how("stopped", true, true, 5),
+            TakenListing::SetAside(Duration::from_secs(55))
+        );
+        assert_eq!(
+            how("stopping", false, true, 59),
+            TakenListing::SetAside(Duration::from_secs(1))
+        );
+        assert_eq!(how("stopped", false, true, 60), TakenListing::Counts);
+        assert_eq!(how("stopped", false, false, 61), TakenListing::Counts);
+        // Running or pending always counts, as does any state with no start answered.
+        assert_eq!(how("running", false, true, 1), TakenListing::Counts);
+        assert_eq!(how("pending", true, true, 0), TakenListing::Counts);
+        assert_eq!(
+            taken_listing("stopped", false, false, None, at(0), window),
+            TakenListing::Counts
         );
     }
 }
