@@ -582,7 +582,8 @@ async fn ec2_adapter_stops_a_warm_instance_lists_it_stopped_and_starts_it_again(
     assert_eq!(started.tags, stopped.tags, "no tag changed on the way");
 
     // Both calls went out as Pacer's, naming an instance the proxy knows our tags of: what
-    // the IAM simulation replays against StopAndStartOnlyOurInstances.
+    // the IAM simulation replays against StopAndStartOnlyOurWarmInstances, which asks for
+    // gha:warm too.
     for action in ["StopInstances", "StartInstances"] {
         let calls = ground.proxy().calls_of(action, &ids[0]).await;
         assert!(!calls.is_empty(), "{action} not recorded");
@@ -595,6 +596,7 @@ async fn ec2_adapter_stops_a_warm_instance_lists_it_stopped_and_starts_it_again(
             ("pacer", "warm-adapter-test"),
             "{action}: {calls:?}"
         );
+        assert_eq!(tags["gha:warm"].as_str(), warm.as_str(), "{action}");
         assert!(calls.iter().all(|c| c.agent == "pacer" && c.status == 200));
     }
 

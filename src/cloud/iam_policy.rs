@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use super::tags::{CONTROLLER, MANAGED_BY, MANAGED_BY_VALUE};
+use super::tags::{CONTROLLER, MANAGED_BY, MANAGED_BY_VALUE, WARM};
 
 /// One policy statement.
 pub struct Statement {
@@ -17,6 +17,8 @@ pub struct Statement {
     /// `StringEquals` conditions. In keys, `{managed}` and `{controller}` stand for our tag
     /// keys; in values, `{controller_id}` for the controller's id.
     pub condition: &'static [(&'static str, &'static [&'static str])],
+    /// Keys whose tag the resources must carry, whatever its value (a `Null` condition).
+    pub tagged: &'static [&'static str],
     /// Why an action is here that `aws.rs` never calls by name (EC2 authorizes it as part of
     /// another call).
     pub implied_by: Option<&'static str>,
@@ -69,6 +71,7 @@ pub const STATEMENTS: &[Statement] = &[
         ],
         resources: &["*"],
         condition: &[],
+        tagged: &[],
         implied_by: None,
         why: "Validate pools (AMI, types, subnets, security groups), find launch templates, and \
               follow instances. EC2's Describe calls take no resource or tag scoping.",
@@ -78,6 +81,7 @@ pub const STATEMENTS: &[Statement] = &[
         actions: &["ec2:DescribeSpotPriceHistory", "pricing:GetProducts"],
         resources: &["*"],
         condition: &[],
+        tagged: &[],
         implied_by: None,
         why: "Optional: prices for the cost snapshot of each job. Without it prices stay empty \
               and Pacer warns once.",
@@ -87,6 +91,7 @@ pub const STATEMENTS: &[Statement] = &[
         actions: &["iam:GetInstanceProfile"],
         resources: &["arn:aws:iam::{account}:instance-profile/*"],
         condition: &[],
+        tagged: &[],
         implied_by: None,
         why: "Optional: check that a pool's instance profile exists and has a role.",
     },
@@ -95,6 +100,7 @@ pub const STATEMENTS: &[Statement] = &[
         actions: &["ec2:CreateLaunchTemplate"],
         resources: LAUNCH_TEMPLATES,
         condition: REQUEST_OURS,
+        tagged: &[],
         implied_by: None,
         why: "Create a pool's launch template, only when the request tags it as this \
               controller's.",
@@ -109,6 +115,7 @@ pub const STATEMENTS: &[Statement] = &[
         ],
         resources: LAUNCH_TEMPLATES,
         condition: RESOURCE_OURS,
+        tagged: &[],
         implied_by: None,
         why: "New versions, the default version, and deletion, only of launch templates tagged \
               as this controller's.",
@@ -124,6 +131,7 @@ pub const STATEMENTS: &[Statement] = &[
             "arn:aws:ec2:{region}:{account}:spot-instances-request/*",
         ],
         condition: &[],
+        tagged: &[],
         implied_by: None,
         why: "Launch with the AMI, subnets and security groups the pool names, creating the \
               network interface and, for spot, the spot request that come with an instance. \
@@ -134,6 +142,7 @@ pub const STATEMENTS: &[Statement] = &[
         actions: &["ec2:RunInstances", "ec2:CreateFleet"],
         resources: LAUNCH_TEMPLATES,
         condition: RESOURCE_OURS,
+        tagged: &[],
         implied_by: None,
         why: "Launch only from launch templates tagged as this controller's.",
     },
@@ -146,6 +155,7 @@ pub const STATEMENTS: &[Statement] = &[
             "arn:aws:ec2:{region}:{account}:fleet/*",
         ],
         condition: REQUEST_OURS,
+        tagged: &[],
         implied_by: None,
         why: "Create instances, their volumes and instant fleets only when the launch request \
               tags them as this controller's.",
@@ -167,6 +177,7 @@ pub const STATEMENTS: &[Statement] = &[
             ("aws:RequestTag/{managed}", &[MANAGED_BY_VALUE]),
             ("aws:RequestTag/{controller}", &["{controller_id}"]),
         ],
+        tagged: &[],
         implied_by: Some(
             "tag specifications in CreateLaunchTemplate, CreateFleet and RunInstances",
         ),
@@ -178,24 +189,28 @@ pub const STATEMENTS: &[Statement] = &[
         actions: &["ec2:TerminateInstances"],
         resources: &["arn:aws:ec2:{region}:{account}:instance/*"],
         condition: RESOURCE_OURS,
+        tagged: &[],
         implied_by: None,
         why: "Terminate only instances tagged as this controller's.",
     },
     Statement {
-        sid: "StopAndStartOnlyOurInstances",
+        sid: "StopAndStartOnlyOurWarmInstances",
         actions: &["ec2:StartInstances", "ec2:StopInstances"],
         resources: &["arn:aws:ec2:{region}:{account}:instance/*"],
         condition: RESOURCE_OURS,
+        tagged: &["{warm}"],
         implied_by: None,
         why: "Warm pools: stop a warm instance once it is prepared, and start it again for a \
-              job, only for instances tagged as this controller's. Nothing is tagged: a warm \
-              instance's state is the one EC2 lists.",
+              job, only for instances tagged as this controller's and launched warm (they carry \
+              gha:warm, whatever its value); a job's own instance is never stopped or started. \
+              Nothing is tagged: a warm instance's state is the one EC2 lists.",
     },
     Statement {
         sid: "PassRunnerInstanceProfile",
         actions: &["iam:PassRole"],
         resources: &["arn:aws:iam::{account}:role/{runner_role}"],
         condition: &[("iam:PassedToService", &["ec2.amazonaws.com"])],
+        tagged: &[],
         implied_by: Some("launching from a template that names an instance profile"),
         why: "Pass exactly the runners' role to EC2, for pools with an instance profile.",
     },
@@ -203,6 +218,7 @@ pub const STATEMENTS: &[Statement] = &[
 
 fn fill(text: &str, params: &Params) -> String {
     text.replace("{managed}", MANAGED_BY)
+        .replace("{warm}", WARM)
         .replace("{controller_id}", &params.controller_id)
         .replace("{controller}", CONTROLLER)
         .replace("{region}", &params.region)
@@ -246,6 +262,17 @@ pub fn policy(params: &Params) -> Value {
                     })
                     .collect();
                 statement["Condition"] = json!({ "StringEquals": equals });
+            }
+            if !s.tagged.is_empty() {
+                let present: serde_json::Map<String, Value> = (s.tagged.iter())
+                    .map(|k| {
+                        (
+                            format!("aws:ResourceTag/{}", fill(k, params)),
+                            json!("false"),
+                        )
+                    })
+                    .collect();
+                statement["Condition"]["Null"] = Value::Object(present);
             }
             statement
         })
@@ -381,6 +408,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn only_instances_launched_warm_are_stopped_or_started() {
+        let policy = policy(&Params::default());
+        let statements = policy["Statement"].as_array().unwrap();
+        let starting: Vec<_> = (statements.iter())
+            .filter(|s| {
+                let actions = s["Action"].as_array().unwrap();
+                actions
+                    .iter()
+                    .any(|a| a == "ec2:StartInstances" || a == "ec2:StopInstances")
+            })
+            .collect();
+        assert_eq!(starting.len(), 1, "{starting:?}");
+        let condition = &starting[0]["Condition"];
+        assert_eq!(condition["Null"]["aws:ResourceTag/gha:warm"], "false");
+        assert_eq!(
+            condition["StringEquals"]["aws:ResourceTag/gha:managed-by"],
+            "pacer"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 // tags of the resources it names (aws:ResourceTag/*, kept by the proxy), plus the ec2:CreateTags
 // a tag specification implies. Each is evaluated with npm @cloud-copilot/iam-simulate against the
 // policy `pacer iam-policy` prints for the call's controller id. Then the same mutating calls
-// are tried without our tags and under another controller id: those must be denied.
+// are tried without our tags and under another controller id, and starts and stops on an
+// instance without gha:warm: those must be denied.
 //
 // Usage: node iam-simulate.mjs PACER_BINARY CALL_LOG_DIR
 // Exits 1, naming the call and the statement it needs, when anything is off.
@@ -206,6 +207,7 @@ function variant(requests, change) {
 }
 const withoutOurTags = (tags) => Object.fromEntries(Object.entries(tags).filter(([k]) => !k.startsWith('gha:')));
 const otherController = (tags) => ({ ...tags, 'gha:controller': 'someone-else' });
+const notWarm = (tags) => Object.fromEntries(Object.entries(tags).filter(([k]) => k !== 'gha:warm'));
 
 const calls = readdirSync(logDir)
   .filter((f) => f.endsWith('.jsonl'))
@@ -244,7 +246,10 @@ for (const call of calls) {
   }
   const mutating = !/^(Describe|Get)/.test(call.action);
   if (!mutating) continue;
-  for (const [what, change] of [['without our tags', withoutOurTags], ['as another controller', otherController]]) {
+  const variants = [['without our tags', withoutOurTags], ['as another controller', otherController]];
+  // Only warm instances are stopped and started: a job's own instance never is.
+  if (/^(Start|Stop)Instances$/.test(call.action)) variants.push(['on an instance not launched warm', notWarm]);
+  for (const [what, change] of variants) {
     const changed = variant(requests, change);
     if (JSON.stringify(changed) === JSON.stringify(requests)) continue;
     let denied = false;
