@@ -700,6 +700,67 @@ async fn a_github_slower_than_the_request_timeout_makes_no_instance_shut_itself_
 /// Behind a Service, an instance's next try may reach another replica than the one that
 /// started its bootstrap, or that replica may be gone: the answer waits, sealed, in the
 /// RunnerJob's status, and whichever replica the instance reaches hands it out, once.
+/// A replica killed between a bootstrap's claim and its record leaves a claim with nothing on
+/// it (no runner, no answer) that no process will free. The same instance is told to ask again
+/// while it is young, and makes the claim afresh once it is `CLAIM_ORPHANED` old, on the same
+/// attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_left_by_a_replica_killed_before_its_record_is_made_afresh_by_its_instance() {
+    let w = World::new("runner-orphan", None).await;
+    w.queue(5301, &["self-hosted", "linux", "alpha"]).await;
+    let name = job_object_name(5301);
+    let job = w.wait_phase(&name, &[JobPhase::Booting], 60).await;
+    let instance = job.status.unwrap().instance.unwrap().id;
+    let signer = Signer::at(&w.dir.join("identity"));
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let request = |id: &str| {
+        let region = w.ground.var("AWS_REGION");
+        let document = identity::document(ACCOUNT, region, id, "x86_64", &now.to_string());
+        json!({ "signature": signer.sign(&document), "document": document })
+    };
+    let orphan = |age: Duration| {
+        let at = now - age;
+        Patch::Merge(json!({"status": {"boot": {
+            "instanceId": instance,
+            "bootstrappedAt": at.to_string(),
+            "tokenSha256": "0".repeat(64),
+        }}}))
+    };
+    let params = PatchParams::default();
+    // Claimed a moment ago: its answer may still come, so the instance asks again.
+    w.jobs
+        .patch_status(&name, &params, &orphan(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let (status, answer) = w
+        .post("/api/runner/bootstrap", None, request(&instance))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.get("jitConfig").is_none(), "{answer}");
+    // Nothing recorded on it past CLAIM_ORPHANED: the same instance bootstraps.
+    let old = pacer::domain::job::CLAIM_ORPHANED + Duration::from_secs(2);
+    w.jobs
+        .patch_status(&name, &params, &orphan(old))
+        .await
+        .unwrap();
+    let (status, answer) = w
+        .post("/api/runner/bootstrap", None, request(&instance))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["jitConfig"].as_str().is_some_and(|c| !c.is_empty()),
+        "{answer}"
+    );
+    assert_eq!(
+        w.github.calls_of("generate_jitconfig"),
+        1,
+        "one runner minted"
+    );
+    let status = w.jobs.get(&name).await.unwrap().status.unwrap();
+    assert!(status.previous_attempts.is_empty(), "{status:?}");
+    assert_ne!(status.boot.unwrap().token_sha256, "0".repeat(64));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_instance_collects_its_bootstrap_answer_from_another_replica_once() {
     let w = World::new("runner-handover", None).await;

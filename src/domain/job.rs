@@ -1128,6 +1128,12 @@ pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
 /// RunnerJob's status, through any replica); past it, the instance is refused for good.
 pub const BOOT_ANSWER_HOLD: Duration = Duration::from_secs(120);
 
+/// How long a claim with nothing recorded on it (no runner, no answer) stands before the same
+/// instance may claim the job afresh: the replica that claimed it died (or gave up) between
+/// the claim and the record, and nothing else would free it before [`BOOT_ANSWER_HOLD`]. A
+/// live claimant gives up by then, and its late record finds the claim no longer its own.
+pub const CLAIM_ORPHANED: Duration = Duration::from_secs(30);
+
 /// Who asks to bootstrap: an instance whose identity verified, and the RunnerJob uid its tags
 /// name.
 #[derive(Clone, Copy, Debug)]
@@ -1235,7 +1241,9 @@ pub fn may_bootstrap(
             "launched instance {launched}, not {instance}"
         )));
     }
-    if let Some(boot) = &status.boot {
+    if let Some(boot) = &status.boot
+        && !orphaned(boot, status, instance, now)
+    {
         return Err(already_bootstrapped(boot, status, instance, now));
     }
     // Launched, but the controller has not recorded it yet (its pass is still running, or a
@@ -1271,6 +1279,17 @@ fn already_bootstrapped(
         return Refusal::Claimed("is bootstrapping this instance; ask again shortly".into());
     }
     Refusal::Never("has already bootstrapped an instance".into())
+}
+
+/// Whether `boot` is a claim of this very instance left with nothing recorded on it for
+/// [`CLAIM_ORPHANED`]: the instance may claim the job again.
+fn orphaned(boot: &BootStatus, status: &RunnerJobStatus, instance: &str, now: Timestamp) -> bool {
+    let age = now.duration_since(boot.bootstrapped_at.0);
+    boot.instance_id == instance
+        && boot.runner.is_none()
+        && boot.answer.is_none()
+        && status.runner.is_none()
+        && age.as_secs() >= CLAIM_ORPHANED.as_secs() as i64
 }
 
 /// Whether `boot`, as read now, is still the claim `ours` made: the same instance, holding the
@@ -2776,6 +2795,22 @@ mod tests {
         assert!(
             matches!(ask(&status, "i-3", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("already"))
         );
+        // A claim left with nothing recorded (its replica died before minting the runner) is
+        // the same instance's to make again once it is CLAIM_ORPHANED old; never another's.
+        let orphan_age = Timestamp::now() + CLAIM_ORPHANED + Duration::from_secs(1);
+        assert_eq!(ask(&status, "i-2", orphan_age), Ok(()));
+        assert!(
+            matches!(ask(&status, "i-3", orphan_age), Err(Refusal::Never(w)) if w.contains("already"))
+        );
+        // With its runner recorded, the claim stands: collected, or never.
+        (status.boot.as_mut().unwrap()).runner = Some(crate::api::RunnerStatus {
+            id: 7,
+            name: "pacer-run-1".into(),
+        });
+        assert!(matches!(
+            ask(&status, "i-2", orphan_age),
+            Err(Refusal::Claimed(_))
+        ));
         let later = Timestamp::now() + BOOT_ANSWER_HOLD;
         assert!(
             matches!(ask(&status, "i-2", later), Err(Refusal::Never(w)) if w.contains("already"))

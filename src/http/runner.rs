@@ -26,8 +26,8 @@ use tracing::{info, warn};
 use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerJobStatus, RunnerPool, RunnerStatus};
 use crate::domain::job::{
-    BOOT_ANSWER_HOLD, Claimant, Refusal, batch_claim, claims_batch_instance, may_bootstrap,
-    may_give_back, may_put_back, still_ours, unnamed_batch_instance,
+    BOOT_ANSWER_HOLD, CLAIM_ORPHANED, Claimant, Refusal, batch_claim, claims_batch_instance,
+    may_bootstrap, may_give_back, may_put_back, still_ours, unnamed_batch_instance,
 };
 use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID};
 use crate::runner::identity::TrustRoots;
@@ -848,8 +848,11 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
             "the bootstrap answer could not be sealed; retry",
         ));
     };
+    // A claim this old is the instance's to make afresh (`CLAIM_ORPHANED`): the next try
+    // starts again rather than race it. The answer, recorded sooner, has most of the hold
+    // left to be collected.
     let spent = Timestamp::now().duration_since(boot.bootstrapped_at.0);
-    if spent.unsigned_abs() + ANSWER_MARGIN >= BOOT_ANSWER_HOLD {
+    if spent.unsigned_abs() >= CLAIM_ORPHANED {
         give_back(&web, job, boot).await;
         let why = "minting the runner took too long; the next try starts again";
         return Err(ApiError::NotYet(why.into(), 2));
@@ -950,9 +953,6 @@ type Outcome = Result<(), ApiError>;
 /// Longest a bootstrap request waits for its answer before it is told to ask again: well
 /// inside the listener's request timeout.
 const BOOT_WAIT: Duration = Duration::from_secs(5);
-
-/// The least time an answer must have left within [`BOOT_ANSWER_HOLD`] to be left at all.
-const ANSWER_MARGIN: Duration = Duration::from_secs(20);
 
 /// The bootstraps started on this replica, by instance id: running, or answered (the answer
 /// left in the RunnerJob's status) and remembered until the instance collects it, at most
