@@ -1596,7 +1596,7 @@ async fn settled_warm(
 /// its preparation token: Pacer terminates it and tells the pool, with the log's last line.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_warm_preparation_is_terminated_with_an_event() {
-    let (w, _) = warm_world(
+    let (w, pools) = warm_world(
         "warm-fail",
         1,
         None,
@@ -1635,6 +1635,113 @@ async fn a_failed_warm_preparation_is_terminated_with_an_event() {
     let boot_log = log(&booted.dir);
     assert!(boot_log.contains("the preparation broke"), "{boot_log}");
     assert!(!booted.dir.join("state/prepared").exists(), "{boot_log}");
+
+    // They keep failing: the pool counts them in a row, says so in a False condition, and
+    // waits twice as long before each new warm launch. The test's backoff unit is 200 ms: the
+    // seventh failure holds launches for 12.8 s, well past the 5 s between the pool's passes
+    // while an instance prepares (without the hold, the next launch comes within those 5 s).
+    let (failures, condition) = warm_failing(&pools, 7).await;
+    assert_eq!(condition.reason, "WarmPreparationFailing", "{condition:?}");
+    for said in [
+        "failed at line",
+        failures.instance.as_str(),
+        "no warm launch before",
+    ] {
+        assert!(condition.message.contains(said), "{said}: {condition:?}");
+    }
+    let hold = Duration::from_millis(200) * (1 << (failures.count - 1));
+    let failed_at = failures.at.0.as_second();
+    let deadline = tokio::time::Instant::now() + hold + Duration::from_secs(30);
+    let next = loop {
+        let launched = warm_launch_times(&w).await;
+        let after = (launched.iter())
+            .filter(|(id, t)| *id != failures.instance && *t >= failed_at)
+            .map(|(_, t)| *t)
+            .min();
+        if let Some(t) = after {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing launched after the hold: {launched:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // EC2's LaunchTime is in whole seconds.
+    assert!(
+        next - failed_at >= hold.as_secs() as i64 - 1,
+        "launched {} s after {failures:?}, inside its hold of {hold:?}",
+        next - failed_at
+    );
+
+    // A fix of the spec is a new template version: launched at once, prepared, and the pool
+    // says it is kept again.
+    let patch = Patch::Merge(json!({ "spec": { "userData": "echo prepared fine" } }));
+    (pools.patch("alpha", &PatchParams::default(), &patch).await).unwrap();
+    wait_warm(&w, &pools, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = pools.get("alpha").await.unwrap().status.unwrap_or_default();
+        let kept = (status.conditions.iter())
+            .any(|c| c.type_ == "WarmPool" && c.status == "True" && c.reason == "WarmPoolKept");
+        if kept && status.warm_failures.is_none() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits for pool `alpha` to count at least `count` failed warm preparations in a row and
+/// its `WarmPool` condition to be `False`.
+async fn warm_failing(
+    pools: &Api<RunnerPool>,
+    count: i32,
+) -> (
+    pacer::api::WarmFailures,
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    loop {
+        let status = pools.get("alpha").await.unwrap().status.unwrap_or_default();
+        let condition = (status.conditions.iter())
+            .find(|c| c.type_ == "WarmPool" && c.status == "False")
+            .cloned();
+        // The pool's pass writes the condition after the failure is counted.
+        if let (Some(f), Some(c)) = (status.warm_failures.clone(), condition)
+            && f.count >= count
+            && c.message.contains(&f.instance)
+        {
+            return (f, c);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every warm instance of `w`'s controller EC2 lists, terminated ones too, with its
+/// LaunchTime (seconds).
+async fn warm_launch_times(w: &World) -> Vec<(String, i64)> {
+    let ec2 = moto(w.ground).await;
+    let listed = ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:gha:controller")
+                .values(&w.controller_id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    (listed.reservations().iter())
+        .flat_map(|r| r.instances())
+        .filter(|i| i.tags().iter().any(|t| t.key() == Some("gha:warm")))
+        .map(|i| {
+            let at = i.launch_time().map_or(0, |t| t.secs());
+            (i.instance_id().unwrap_or_default().to_string(), at)
+        })
+        .collect()
 }
 
 /// A warm instance EC2 cannot start for want of capacity is left as it was (stopped, never

@@ -16,7 +16,7 @@ pub use pool::{
     AllocationStrategy, Capacity, CapacityType, GitHubScope, GitHubTarget, LaunchTemplateRef,
     MAX_BOOT_TIMEOUT_SECONDS, MAX_WARM_MAX_AGE_MINUTES, MAX_WARM_SIZE, MIN_WARM_MAX_AGE_MINUTES,
     RootVolume, RunnerCounts, RunnerPool, RunnerPoolSpec, RunnerPoolStatus, SpawnMethod,
-    VolumeType, WarmCounts, WarmPool, WarmStorage,
+    VolumeType, WarmCounts, WarmFailures, WarmPool, WarmStorage,
 };
 pub use rules::FieldProblem;
 

@@ -471,6 +471,12 @@ pub struct RunnerPoolStatus {
     /// The pool's warm instances by state, when it keeps any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<WarmCounts>,
+    /// Warm preparations that failed in a row (reported by the instance, or timed out), since
+    /// the last that succeeded: each makes the next warm launch wait longer. Written by
+    /// whichever replica hears of a failure, cleared by the next success; a new launch template
+    /// version starts afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_failures: Option<WarmFailures>,
 
     /// Set while the spot interruption breaker is open: the pool launches on-demand until
     /// then (`spec.capacity.interruptionBreaker`).
@@ -527,6 +533,23 @@ pub struct WarmStorage {
     /// ISO 4217 code of the prices.
     #[serde(default)]
     pub currency: String,
+}
+
+/// Warm preparations that failed in a row, and the last of them.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmFailures {
+    /// How many failed in a row.
+    pub count: i32,
+    /// The launch template version they were launched from, as `gha:warm` spells it
+    /// (`lt-…:N`).
+    pub template: String,
+    /// The last failed instance.
+    pub instance: String,
+    /// When the last failed.
+    pub at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// What the last said: its log's last line, or the timeout.
+    pub message: String,
 }
 
 /// Counts of a pool's warm instances, jobs' instances aside.

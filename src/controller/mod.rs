@@ -11,7 +11,7 @@ mod ledger;
 pub mod metrics;
 pub mod pool;
 pub mod sweep;
-mod warm;
+pub(crate) mod warm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -30,6 +30,8 @@ pub const FINALIZER: &str = "pacer.dev/launch-template";
 pub const VALIDATED: &str = "Validated";
 pub const LAUNCH_PERMITTED: &str = "LaunchPermitted";
 pub const READY: &str = "Ready";
+/// Set while the pool keeps warm instances: `False` while their preparations keep failing.
+pub const WARM: &str = "WarmPool";
 
 /// Runs the RunnerPool controller until the stream ends (shutdown).
 pub(super) async fn run(
@@ -183,29 +185,31 @@ impl Pass {
     }
 
     /// The pool's warm instances kept, once it may launch from its template: their counts in
-    /// the status, the pass's Events. Whether to look again soon.
-    async fn warm(&mut self, pool: &RunnerPool, ctx: &Context) -> Result<bool> {
+    /// the status, the pass's Events. How soon to look again, when sooner than usual.
+    async fn warm(&mut self, pool: &RunnerPool, ctx: &Context) -> Result<Option<Duration>> {
         let ready = conditions::is_true(&self.status.conditions, LAUNCH_PERMITTED)
             && conditions::is_true(&self.status.conditions, READY);
         let Some(template) = self.status.launch_template.clone().filter(|_| ready) else {
-            return Ok(false);
+            return Ok(None);
         };
         if pool.spec.warm_size() == 0 && self.status.warm.is_none() {
-            return Ok(false);
+            self.status.conditions.retain(|c| c.type_ != WARM);
+            return Ok(None);
         }
         // Best effort: a failed EC2 call leaves the pool's own status to be written, and the
         // next pass (soon) tries again.
         let kept = match super::warm::keep(pool, ctx, &template).await {
             Ok(Some(kept)) => kept,
-            Ok(None) => return Ok(false),
+            Ok(None) => return Ok(None),
             Err(e) => {
                 warn!(error = %e, "keeping the warm instances failed; trying again");
                 let note = format!("keeping the warm instances failed: {e}");
                 self.events
                     .push((EventType::Warning, "WarmPoolFailed", note));
-                return Ok(true);
+                return Ok(Some(WARM_LOOK_AGAIN));
             }
         };
+        self.warm_condition(pool, &template, kept.counts, ctx.settings.backoff_unit);
         let (namespace, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
         let counts = &kept.counts;
         for (state, n) in [
@@ -235,7 +239,53 @@ impl Pass {
             }
         };
         self.events.extend(kept.events);
-        Ok(kept.moving)
+        let moving = kept.moving.then_some(WARM_LOOK_AGAIN);
+        Ok(match (moving, kept.held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// `WarmPool`: `False` while the pool's warm preparations keep failing, naming the last
+    /// failure and when the next launch is due; `True` otherwise, with the counts. Gone when
+    /// the pool keeps no warm instances.
+    fn warm_condition(
+        &mut self,
+        pool: &RunnerPool,
+        template: &LaunchTemplateRef,
+        counts: crate::api::WarmCounts,
+        unit: Duration,
+    ) {
+        let size = pool.spec.warm_size();
+        if size == 0 {
+            self.status.conditions.retain(|c| c.type_ != WARM);
+            return;
+        }
+        let current = tags::warm_value(&template.id, template.version);
+        let failures = (pool.status.as_ref()).and_then(|s| s.warm_failures.as_ref());
+        let next = crate::domain::warm::launch_after(failures, &current, unit);
+        match failures.zip(next) {
+            Some((f, next)) => {
+                let message = format!(
+                    "{} warm preparation(s) in a row failed; the last, of {} at {}: {}; no warm launch before {}",
+                    f.count,
+                    f.instance,
+                    f.at.0
+                        .round(k8s_openapi::jiff::Unit::Second)
+                        .unwrap_or(f.at.0),
+                    f.message,
+                    next.round(k8s_openapi::jiff::Unit::Second).unwrap_or(next)
+                );
+                self.condition(WARM, false, "WarmPreparationFailing", message);
+            }
+            None => {
+                let message = format!(
+                    "{} of {size} warm instances ready, {} preparing, {} stopping",
+                    counts.ready, counts.preparing, counts.stopping
+                );
+                self.condition(WARM, true, "WarmPoolKept", message);
+            }
+        }
     }
 
     /// Validated, with the caveats found (an Event the first time they are seen).
@@ -304,7 +354,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
     if let Some(left) = recently_checked(pool, ctx, &id, &pass) {
         let moving = pass.warm(pool, ctx).await?;
         let counted = |s: &RunnerPoolStatus| {
-            let warm = (s.warm, s.warm_storage.clone());
+            let warm = (s.warm, s.warm_storage.clone(), s.conditions.clone());
             (s.runners.clone(), s.on_demand_until.clone(), warm)
         };
         if pool.status.as_ref().map(counted) != Some(counted(&pass.status))
@@ -312,11 +362,7 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         {
             finish(pool, ctx, pass).await?;
         }
-        return Ok(Action::requeue(if moving {
-            left.min(WARM_LOOK_AGAIN)
-        } else {
-            left
-        }));
+        return Ok(Action::requeue(moving.map_or(left, |soon| left.min(soon))));
     }
     pass.status.observed_generation = pool.metadata.generation;
 
@@ -353,11 +399,9 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
         .unwrap()
         .insert(id.key(), (pool.metadata.generation, Instant::now()));
     let action = finish(pool, ctx, pass).await?;
-    Ok(if moving {
-        Action::requeue(WARM_LOOK_AGAIN)
-    } else {
-        action
-    })
+    Ok(moving.map_or(action, |soon| {
+        Action::requeue(soon.min(ctx.settings.resync))
+    }))
 }
 
 /// How soon a pool whose warm instances are launching, preparing or stopping is looked at
@@ -494,10 +538,16 @@ async fn finish(pool: &RunnerPool, ctx: &Context, pass: Pass) -> Result<Action> 
         ctx.client.clone(),
         pool.metadata.namespace.as_deref().unwrap_or_default(),
     );
+    // `warmFailures` is written by merge patches only (`warm::record_failure`): owning it
+    // here would undo a failure recorded since this pass read the pool.
+    let status = RunnerPoolStatus {
+        warm_failures: None,
+        ..pass.status
+    };
     let patch = serde_json::json!({
         "apiVersion": RunnerPool::api_version(&()),
         "kind": RunnerPool::kind(&()),
-        "status": pass.status,
+        "status": status,
     });
     api.patch_status(
         &pool.name_any(),

@@ -5,9 +5,11 @@
 //! listing is read every pass, nothing is kept between passes but the shared snapshot.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
@@ -15,7 +17,7 @@ use super::{Context, Result};
 use crate::api::{LaunchTemplateRef, RunnerPool, WarmCounts};
 use crate::cloud::tags;
 use crate::domain::pool::PoolIdentity;
-use crate::domain::warm::{WarmFacts, WarmInstance, plan};
+use crate::domain::warm::{Retire, WarmFacts, WarmInstance, failed, launch_after, plan};
 
 /// How long one warm launch token is used for the same listing.
 const TOKEN_BUCKET_SECONDS: i64 = 600;
@@ -26,6 +28,8 @@ pub(super) struct Kept {
     pub events: Vec<(EventType, &'static str, String)>,
     /// Instances are on their way to ready or out: look again soon.
     pub moving: bool,
+    /// Launches wait this long yet for the pool's failed preparations.
+    pub held: Option<Duration>,
 }
 
 /// Brings the pool's warm instances to what [`plan`] says, for its current launch template.
@@ -61,12 +65,13 @@ pub(super) async fn keep(
             counts: WarmCounts::default(),
             events: Vec::new(),
             moving: false,
+            held: None,
         }));
     }
     let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
     let named = named(ctx, &namespace, &pool.name_any(), &ids);
     let boot_timeout = (ctx.settings.job_limits.for_pool(&pool.spec)).boot_timeout;
-    let decided = plan(&WarmFacts {
+    let mut decided = plan(&WarmFacts {
         spec: pool.spec.warm.as_ref(),
         template_id: &template.id,
         template_version: template.version,
@@ -78,6 +83,16 @@ pub(super) async fn keep(
         prepare_timeout_secs: boot_timeout.as_secs() as i64,
         now: Timestamp::now().as_second(),
     });
+    // After failed preparations, new launches wait (see `domain::warm::launch_after`).
+    let current = tags::warm_value(&template.id, template.version);
+    let failures = pool.status.as_ref().and_then(|s| s.warm_failures.as_ref());
+    let now = Timestamp::now();
+    let held = (launch_after(failures, &current, ctx.settings.backoff_unit))
+        .filter(|at| *at > now)
+        .map(|at| at.duration_since(now).unsigned_abs());
+    if held.is_some() {
+        decided.launch = 0;
+    }
     // A job may have taken one since `named` looked: it is the job's. The rest are marked
     // retired (no job's uid), so that no job takes them while the listing still shows them.
     let retire: Vec<(String, crate::domain::warm::Retire)> = {
@@ -107,7 +122,28 @@ pub(super) async fn keep(
             info!(pool = %key, instance = %id, reason = why.reason(), "retired a warm instance");
             let note = format!("warm instance {id} terminated: {}", why.reason());
             events.push((EventType::Normal, why.reason(), note));
+            if *why != Retire::PreparationTimedOut {
+                continue;
+            }
+            let from = instances.iter().find(|i| &i.id == id);
+            let template = from.map_or("", |i| i.template.as_str());
+            let message = format!(
+                "did not report prepared within {} s of its launch",
+                boot_timeout.as_secs()
+            );
+            let failure = (namespace.as_str(), pool.name_any(), template, id.as_str());
+            if let Err(e) = record_failure(ctx, failure, &message).await {
+                warn!(pool = %key, instance = %id, error = %e, "could not record a failed warm preparation");
+            }
         }
+    }
+    // A preparation that timed out in this pass is recorded now: the next pass launches its
+    // replacement, as long after it as the failures in a row say.
+    if retire
+        .iter()
+        .any(|(_, why)| *why == Retire::PreparationTimedOut)
+    {
+        decided.launch = 0;
     }
     if !decided.stop.is_empty() {
         ctx.ec2().stop_instances(&decided.stop).await?;
@@ -116,12 +152,58 @@ pub(super) async fn keep(
         events.push(launch(pool, ctx, template, &key, &instances, decided.launch).await?);
     }
     let counts = decided.counts;
-    let moving = decided.launch > 0 || counts.preparing > 0 || counts.stopping > 0;
+    let moving =
+        decided.launch > 0 || !retire.is_empty() || counts.preparing > 0 || counts.stopping > 0;
     Ok(Some(Kept {
         counts,
         events,
         moving,
+        held,
     }))
+}
+
+/// Records on pool `namespace/name` that its warm instance `instance`, launched from
+/// `template`, failed its preparation saying `message` ([`failed`]): a merge patch of
+/// `status.warmFailures` conditional on the version read, read and tried again on a conflict.
+/// The pool's own status apply never sets that field, so the two writers do not undo each
+/// other's work.
+pub(crate) async fn record_failure(
+    ctx: &Context,
+    (namespace, name, template, instance): (&str, String, &str, &str),
+    message: &str,
+) -> Result<()> {
+    let api: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), namespace);
+    for _ in 0..5 {
+        let Some(pool) = api.get_opt(&name).await? else {
+            return Ok(());
+        };
+        let previous = pool.status.as_ref().and_then(|s| s.warm_failures.as_ref());
+        let Some(failures) = failed(previous, template, instance, Timestamp::now(), message) else {
+            return Ok(());
+        };
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": pool.resource_version()},
+            "status": {"warmFailures": failures},
+        });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A warm instance of pool `namespace/name` prepared: the failures in a row are over.
+pub(crate) async fn clear_failures(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
+    let api: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({"status": {"warmFailures": null}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 /// What the pool's `ready` stopped warm instances, with root volumes of `gib` GiB, cost an

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{WarmCounts, WarmPool};
+use crate::api::{WarmCounts, WarmFailures, WarmPool};
 use crate::cloud::{Instance, tags};
 
 /// One of the pool's instances carrying `gha:warm`, as EC2 lists it.
@@ -299,6 +299,50 @@ pub fn taken_listing(
         }
         _ => TakenListing::Counts,
     }
+}
+
+/// The longest a pool waits between warm launches after failed preparations.
+pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// The pool's failures once warm instance `instance`, launched from `template` (its
+/// `gha:warm`), failed at `at` saying `message`: one more in a row for the same template
+/// version, the first for another. `None` when this instance's failure is recorded already (a
+/// report sent again, or a timeout after the report).
+pub fn failed(
+    previous: Option<&WarmFailures>,
+    template: &str,
+    instance: &str,
+    at: Timestamp,
+    message: &str,
+) -> Option<WarmFailures> {
+    if previous.is_some_and(|p| p.instance == instance) {
+        return None;
+    }
+    let before = previous
+        .filter(|p| p.template == template)
+        .map_or(0, |p| p.count);
+    Some(WarmFailures {
+        count: before + 1,
+        template: template.into(),
+        instance: instance.into(),
+        at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at),
+        message: message.into(),
+    })
+}
+
+/// When a pool keeping warm instances of `current` (as `gha:warm` spells it) may launch one
+/// again after `failures`: `unit` after the first failure, twice as long after each more, at
+/// most [`FAILURE_BACKOFF_MAX`]. `None` when nothing holds it back (no failure, or only of an
+/// older template version, which a fix of the spec replaced).
+pub fn launch_after(
+    failures: Option<&WarmFailures>,
+    current: &str,
+    unit: Duration,
+) -> Option<Timestamp> {
+    let f = failures.filter(|f| f.template == current && f.count > 0)?;
+    let doublings = u32::try_from(f.count - 1).unwrap_or(0).min(20);
+    let wait = unit.saturating_mul(1 << doublings).min(FAILURE_BACKOFF_MAX);
+    Some(f.at.0 + wait)
 }
 
 #[cfg(test)]
@@ -800,5 +844,42 @@ mod tests {
             taken_listing("stopped", false, false, None, at(0), window),
             TakenListing::Counts
         );
+    }
+
+    #[test]
+    fn failed_preparations_count_in_a_row_per_template_version_once_each() {
+        let at = |secs: i64| Timestamp::from_second(NOW + secs).unwrap();
+        let first = failed(None, "lt-1:3", "i-1", at(0), "exit 3").unwrap();
+        assert_eq!((first.count, first.instance.as_str()), (1, "i-1"));
+        let second = failed(Some(&first), "lt-1:3", "i-2", at(5), "exit 4").unwrap();
+        assert_eq!((second.count, second.message.as_str()), (2, "exit 4"));
+        // The same instance again (a report retried, a timeout after its report): no change.
+        assert_eq!(failed(Some(&second), "lt-1:3", "i-2", at(9), "again"), None);
+        // A new template version starts afresh.
+        let fresh = failed(Some(&second), "lt-1:4", "i-3", at(9), "exit 3").unwrap();
+        assert_eq!((fresh.count, fresh.template.as_str()), (1, "lt-1:4"));
+    }
+
+    #[test]
+    fn warm_launches_wait_longer_after_each_failure_up_to_a_bound() {
+        let unit = Duration::from_secs(5);
+        let last = Timestamp::from_second(NOW).unwrap();
+        let failures = |count| WarmFailures {
+            count,
+            template: "lt-1:3".into(),
+            instance: "i-1".into(),
+            at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(last),
+            message: String::new(),
+        };
+        let wait = |count| {
+            let after = launch_after(Some(&failures(count)), "lt-1:3", unit).unwrap();
+            after.duration_since(last).as_secs()
+        };
+        assert_eq!([wait(1), wait(2), wait(3), wait(4)], [5, 10, 20, 40]);
+        assert_eq!(wait(10), 1800);
+        assert_eq!(wait(500), 1800);
+        assert_eq!(launch_after(None, "lt-1:3", unit), None);
+        // Failures of an older version hold nothing back: the spec was changed since.
+        assert_eq!(launch_after(Some(&failures(7)), "lt-1:4", unit), None);
     }
 }

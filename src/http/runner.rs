@@ -461,11 +461,21 @@ pub async fn prepared(
         .await
         .map_err(|e| unavailable("StopInstances", e))?;
     info!(pool = %format!("{}/{}", claims.namespace, claims.pool), instance = %id, "warm instance prepared; stopping it");
+    // A preparation succeeded: the pool's failures in a row, if any, are over.
+    let pool = pool_named(&web, &claims.namespace, &claims.pool).await?;
+    if pool.and_then(|p| p.status?.warm_failures).is_some() {
+        let cleared =
+            crate::controller::warm::clear_failures(&web.ctx, &claims.namespace, &claims.pool);
+        if let Err(e) = cleared.await {
+            warn!(instance = %id, error = %e, "could not clear the pool's failed warm preparations");
+        }
+    }
     Ok(axum::Json(json!({ "stopping": true })).into_response())
 }
 
-/// A warm instance's preparation failed: it is terminated (the pool launches another) and the
-/// pool gets an Event with the last line of its log.
+/// A warm instance's preparation failed: it is counted on the pool (`status.warmFailures`),
+/// terminated (the pool launches another, later after each failure in a row) and the pool gets
+/// an Event with the last line of its log.
 async fn warm_failed(
     web: &Web,
     headers: &HeaderMap,
@@ -478,14 +488,25 @@ async fn warm_failed(
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
     let instance = warm_instance(web, claims).await?;
+    let said = tail(last_line, 512);
+    // Counted on the pool first, whose next warm launch waits longer for it: a pool pass
+    // that sees the instance go finds the failure already there.
+    let template = (instance.tags.get(crate::cloud::tags::WARM)).map_or("", String::as_str);
+    let failure = (
+        claims.namespace.as_str(),
+        claims.pool.clone(),
+        template,
+        instance.id.as_str(),
+    );
+    (crate::controller::warm::record_failure(&web.ctx, failure, said).await)
+        .map_err(|e| unavailable("recording the failed preparation", e))?;
     let id = std::slice::from_ref(&instance.id);
     (web.ctx.ec2().terminate_instances(id).await)
         .map_err(|e| unavailable("TerminateInstances", e))?;
     if let Some(pool) = pool_named(web, &claims.namespace, &claims.pool).await? {
         let note = format!(
-            "warm instance {} failed its preparation and is terminated: {}",
+            "warm instance {} failed its preparation and is terminated: {said}",
             instance.id,
-            tail(last_line, 512)
         );
         (web.ctx)
             .event(&pool, EventType::Warning, "WarmPreparationFailed", note)
