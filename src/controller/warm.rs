@@ -4,7 +4,7 @@
 //! stale, too old, surplus, or started without a job. The instances are the state: EC2's
 //! listing is read every pass, nothing is kept between passes but the shared snapshot.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -78,8 +78,6 @@ pub(super) async fn keep(
         instances: &instances,
         claimed: &named.claimed,
         used: &named.used,
-        // Prepared instances are stopped as they report it (see `http::runner::prepared`).
-        prepared: &BTreeMap::new(),
         prepare_timeout_secs: boot_timeout.as_secs() as i64,
         now: Timestamp::now().as_second(),
     });
@@ -144,9 +142,6 @@ pub(super) async fn keep(
         .any(|(_, why)| *why == Retire::PreparationTimedOut)
     {
         decided.launch = 0;
-    }
-    if !decided.stop.is_empty() {
-        ctx.ec2().stop_instances(&decided.stop).await?;
     }
     if decided.launch > 0 {
         events.push(launch(pool, ctx, template, &key, &instances, decided.launch).await?);

@@ -1,12 +1,12 @@
-//! A pool's warm instances: which to launch, stop and terminate, and how many are in each
-//! state, decided from EC2's listing and the `prepared` reports. Pure: the clock is passed in.
+//! A pool's warm instances: which to launch and terminate, and how many are in each state,
+//! decided from EC2's listing. Pure: the clock is passed in.
 //!
 //! A warm instance's state is never written on it (tags do not change after launch): EC2's
-//! state says where it is (pending or running: up; stopping; stopped), and the instance's own
-//! `prepared` report says whether it finished preparing. Instances a job claims belong to the
-//! job: this module neither counts nor touches them.
+//! state says where it is (pending or running: up and preparing; stopping; stopped: ready). Its
+//! `prepared` report stops it where it is heard (`http::runner::prepared`). Instances a job
+//! claims belong to the job: this module neither counts nor touches them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -54,8 +54,6 @@ pub struct WarmFacts<'a> {
     /// Instances a RunnerJob took once and no live one names now: started for a job, they
     /// are never warm again.
     pub used: &'a BTreeSet<String>,
-    /// Instances that reported `prepared`, with when they last did (seconds since the epoch).
-    pub prepared: &'a BTreeMap<String, i64>,
     /// Seconds an instance has from its launch to report `prepared`.
     pub prepare_timeout_secs: i64,
     /// Seconds since the Unix epoch.
@@ -69,10 +67,10 @@ pub enum Retire {
     StaleTemplate,
     /// Older than `spec.warm.maxAgeMinutes`.
     TooOld,
-    /// Up past the preparation timeout without reporting `prepared`.
+    /// Up past the preparation timeout (it did not report `prepared` and stop in time).
     PreparationTimedOut,
-    /// Started again after it was prepared, yet no job claims it: whatever ran on it since,
-    /// it is not clean any more.
+    /// A job took it once and no live job names it now: whatever ran on it since, it is not
+    /// clean any more.
     StartedWithoutJob,
     /// More than `spec.warm.size` (or the pool keeps none).
     Surplus,
@@ -96,8 +94,6 @@ impl Retire {
 pub struct WarmPlan {
     /// New warm instances to launch from the current template version.
     pub launch: u32,
-    /// Prepared instances still running: stop them (StopInstances).
-    pub stop: Vec<String>,
     /// Instances to terminate, each with why.
     pub terminate: Vec<(String, Retire)>,
     /// The pool's warm instances by state once the plan is carried out (launches aside: they
@@ -108,21 +104,18 @@ pub struct WarmPlan {
 /// Where a warm instance is in its life, from EC2's state and its report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
-    /// Up and not (yet) prepared.
+    /// Up: preparing, or prepared and about to be stopped.
     Preparing,
-    /// Up and prepared: to be stopped.
-    Prepared,
     Stopping,
     /// Stopped: ready for a job.
     Ready,
 }
 
 /// Decides the pool's warm instances. The rules, in order, for each unclaimed instance EC2
-/// still lists as alive: a stale template version, then an age past `maxAge`, then a start
-/// after its preparation without a job, then a preparation past its timeout, each terminate
-/// it; prepared instances still up are stopped; instances beyond `size` are terminated, the
-/// least prepared (then the youngest) first, keeping the ready ones, oldest last; launches
-/// make up the rest.
+/// still lists as alive: a job used it once, then a stale template version, then an age past
+/// `maxAge`, then up past the preparation timeout, each terminate it; instances beyond `size`
+/// are terminated, the least prepared (then the youngest) first, keeping the ready ones,
+/// oldest last; launches make up the rest.
 pub fn plan(facts: &WarmFacts<'_>) -> WarmPlan {
     let current = tags::warm_value(facts.template_id, facts.template_version);
     let max_age = facts.spec.map_or(0, |w| i64::from(w.max_age_minutes) * 60);
@@ -143,25 +136,19 @@ pub fn plan(facts: &WarmFacts<'_>) -> WarmPlan {
             _ => continue,
         };
         let age = instance.launched.map(|t| facts.now - t);
-        let report = facts.prepared.get(&instance.id).copied();
-        // EC2 moves LaunchTime to each start: a report older than it came before a restart.
-        let restarted = up && matches!((report, instance.launched), (Some(r), Some(l)) if r < l);
         let retire = if facts.used.contains(&instance.id) {
             Some(Retire::StartedWithoutJob)
         } else if instance.template != current {
             Some(Retire::StaleTemplate)
         } else if age.is_some_and(|a| a > max_age) && facts.spec.is_some() {
             Some(Retire::TooOld)
-        } else if restarted {
-            Some(Retire::StartedWithoutJob)
-        } else if up && report.is_none() && age.is_some_and(|a| a > facts.prepare_timeout_secs) {
+        } else if up && age.is_some_and(|a| a > facts.prepare_timeout_secs) {
             Some(Retire::PreparationTimedOut)
         } else {
             None
         };
         match retire {
             Some(why) => plan.terminate.push((instance.id.clone(), why)),
-            None if up && report.is_some() => kept.push((Stage::Prepared, instance)),
             None => kept.push((stage, instance)),
         }
     }
@@ -183,13 +170,9 @@ pub fn plan(facts: &WarmFacts<'_>) -> WarmPlan {
     for (_, instance) in kept.drain(..surplus) {
         plan.terminate.push((instance.id.clone(), Retire::Surplus));
     }
-    for (stage, instance) in &kept {
+    for (stage, _) in &kept {
         match stage {
             Stage::Preparing => plan.counts.preparing += 1,
-            Stage::Prepared => {
-                plan.stop.push(instance.id.clone());
-                plan.counts.stopping += 1;
-            }
             Stage::Stopping => plan.counts.stopping += 1,
             Stage::Ready => plan.counts.ready += 1,
         }
@@ -366,8 +349,6 @@ mod tests {
         instances: Vec<WarmInstance>,
         claimed: Vec<&'static str>,
         used: Vec<&'static str>,
-        /// (id, seconds ago it last reported prepared)
-        prepared: Vec<(&'static str, i64)>,
     }
 
     fn run(case: Case) -> WarmPlan {
@@ -377,9 +358,6 @@ mod tests {
         };
         let claimed = case.claimed.iter().map(|s| s.to_string()).collect();
         let used = case.used.iter().map(|s| s.to_string()).collect();
-        let prepared = (case.prepared.iter())
-            .map(|(id, ago)| (id.to_string(), NOW - ago))
-            .collect();
         plan(&WarmFacts {
             spec: Some(&spec),
             template_id: "lt-1",
@@ -387,7 +365,6 @@ mod tests {
             instances: &case.instances,
             claimed: &claimed,
             used: &used,
-            prepared: &prepared,
             prepare_timeout_secs: 600,
             now: NOW,
         })
@@ -440,11 +417,10 @@ mod tests {
             instances: vec![],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(plan.launch, 3);
         assert_eq!(plan.counts, counts(0, 0, 0));
-        assert!(plan.stop.is_empty() && plan.terminate.is_empty());
+        assert!(plan.terminate.is_empty());
     }
 
     #[test]
@@ -458,25 +434,10 @@ mod tests {
             ],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(plan.counts, counts(1, 1, 1));
         assert_eq!(plan.launch, 1);
-        assert!(plan.stop.is_empty() && plan.terminate.is_empty());
-    }
-
-    #[test]
-    fn a_running_instance_that_reported_prepared_is_stopped() {
-        let plan = run(Case {
-            size: 2,
-            instances: vec![warm("i-a", "running", 300), warm("i-b", "running", 300)],
-            claimed: vec![],
-            used: vec![],
-            prepared: vec![("i-a", 5)],
-        });
-        assert_eq!(plan.stop, vec!["i-a".to_string()]);
-        assert_eq!(plan.counts, counts(0, 1, 1));
-        assert_eq!(plan.launch, 0);
+        assert!(plan.terminate.is_empty());
     }
 
     #[test]
@@ -496,7 +457,6 @@ mod tests {
             instances: old,
             claimed: vec!["i-job"],
             used: vec![],
-            prepared: vec![("i-prep", 1)],
         });
         assert_eq!(
             terminated(&plan),
@@ -506,7 +466,6 @@ mod tests {
                 ("i-stopping", Retire::StaleTemplate),
             ]
         );
-        assert!(plan.stop.is_empty());
         assert_eq!(plan.launch, 3);
         assert_eq!(plan.counts, counts(0, 0, 0));
     }
@@ -520,7 +479,6 @@ mod tests {
             instances: vec![other],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-a", Retire::StaleTemplate)]);
         assert_eq!(plan.launch, 1);
@@ -537,9 +495,8 @@ mod tests {
             ],
             claimed: vec!["i-job"],
             used: vec![],
-            prepared: vec![("i-job", 3 * 24 * HOUR)],
         });
-        assert!(plan.terminate.is_empty() && plan.stop.is_empty());
+        assert!(plan.terminate.is_empty());
         assert_eq!(plan.counts, counts(1, 0, 0));
         assert_eq!(plan.launch, 0);
     }
@@ -554,7 +511,6 @@ mod tests {
             ],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-old", Retire::TooOld)]);
         assert_eq!(plan.counts, counts(1, 0, 0));
@@ -568,37 +524,16 @@ mod tests {
             instances: vec![
                 warm("i-late", "running", 601),
                 warm("i-in-time", "running", 599),
-                warm("i-late-but-prepared", "running", 700),
             ],
             claimed: vec![],
             used: vec![],
-            prepared: vec![("i-late-but-prepared", 2)],
         });
         assert_eq!(
             terminated(&plan),
             vec![("i-late", Retire::PreparationTimedOut)]
         );
-        assert_eq!(plan.stop, vec!["i-late-but-prepared".to_string()]);
-        assert_eq!(plan.counts, counts(0, 1, 1));
-        assert_eq!(plan.launch, 1);
-    }
-
-    #[test]
-    fn an_instance_started_again_without_a_job_is_never_put_back() {
-        // Prepared an hour ago, then started (EC2 moved its launch time) and no job claims it.
-        let plan = run(Case {
-            size: 1,
-            instances: vec![warm("i-used", "running", 60)],
-            claimed: vec![],
-            used: vec![],
-            prepared: vec![("i-used", HOUR)],
-        });
-        assert_eq!(
-            terminated(&plan),
-            vec![("i-used", Retire::StartedWithoutJob)]
-        );
-        assert!(plan.stop.is_empty());
-        assert_eq!(plan.launch, 1);
+        assert_eq!(plan.counts, counts(0, 1, 0));
+        assert_eq!(plan.launch, 2);
     }
 
     #[test]
@@ -614,7 +549,6 @@ mod tests {
             ],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(
             terminated(&plan),
@@ -632,7 +566,6 @@ mod tests {
             ],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-ready-old", Retire::Surplus)]);
         assert_eq!(plan.counts, counts(1, 0, 0));
@@ -645,7 +578,6 @@ mod tests {
             instances: vec![warm("i-a", "stopped", HOUR), warm("i-job", "running", HOUR)],
             claimed: vec!["i-job"],
             used: vec![],
-            prepared: vec![],
         });
         assert_eq!(terminated(&plan), vec![("i-a", Retire::Surplus)]);
         assert_eq!(plan.launch, 0);
@@ -663,7 +595,6 @@ mod tests {
             instances,
             claimed: &BTreeSet::new(),
             used: &BTreeSet::new(),
-            prepared: &BTreeMap::new(),
             prepare_timeout_secs: 600,
             now: NOW,
         })
@@ -679,7 +610,6 @@ mod tests {
             ],
             claimed: vec![],
             used: vec![],
-            prepared: vec![],
         });
         assert!(plan.terminate.is_empty());
         assert_eq!(plan.launch, 1);
@@ -695,7 +625,7 @@ mod tests {
             state: "stopped".into(),
             state_reason: None,
             launch_time: Some(NOW),
-            tags: BTreeMap::new(),
+            tags: std::collections::BTreeMap::new(),
         };
         assert_eq!(WarmInstance::from_instance(&instance), None);
         instance
@@ -707,7 +637,8 @@ mod tests {
     }
 
     fn listed(id: &str, state: &str, template: &str, launched: i64) -> Instance {
-        let tags = BTreeMap::from([(tags::WARM.to_string(), template.to_string())]);
+        let tags =
+            std::collections::BTreeMap::from([(tags::WARM.to_string(), template.to_string())]);
         Instance {
             id: id.into(),
             instance_type: "m7i.large".into(),
@@ -750,7 +681,6 @@ mod tests {
             ],
             claimed: vec!["i-taken"],
             used: vec!["i-used-stopped", "i-used-running", "i-taken"],
-            prepared: vec![],
         });
         assert_eq!(
             terminated(&plan),
