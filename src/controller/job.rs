@@ -648,6 +648,9 @@ struct Seen {
     snapshot: Snapshot,
     /// The instance this process launched for the job, and when EC2 answered.
     launched: Option<(String, Timestamp)>,
+    /// The warm instance the job's status says it took, when another live job names it too
+    /// (or the job cache cannot tell yet): neither job's to start or terminate.
+    contested: Option<String>,
     facts: Facts,
 }
 
@@ -700,10 +703,11 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
     }
     // A warm instance another live job names too is neither's: each lets go of it (its
     // bootstrap is refused to both), and the pool's pass terminates it as used.
+    let contested = (status.launch.as_ref())
+        .and_then(|l| Some(l.warm.as_ref()?.instance.clone()))
+        .filter(|id| warm_named_by_another(ctx, &uid, id));
     if let InstanceState::Alive { id } = &instance
-        && (status.launch.as_ref())
-            .is_some_and(|l| l.warm.as_ref().is_some_and(|w| &w.instance == id))
-        && warm_named_by_another(ctx, &uid, id)
+        && contested.as_ref() == Some(id)
     {
         let reason = "another RunnerJob names it as the warm instance it took".to_string();
         instance = InstanceState::Gone {
@@ -748,6 +752,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         limits,
         snapshot,
         launched,
+        contested,
         facts,
     })
 }
@@ -958,7 +963,7 @@ async fn retire_warm(ctx: &Context, seen: &Seen) -> Result<()> {
         || !matches!(seen.status.phase, JobPhase::Pending | JobPhase::Launching);
     if let Some(instance) = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
         && !matches!(instance.state.as_str(), "shutting-down" | "terminated")
-        && (started || !warm_named_by_another(ctx, &seen.uid, &instance.id))
+        && (started || seen.contested.as_ref() != Some(&instance.id))
     {
         let settle = seen.limits.launch_visibility;
         (ctx.jobs.ledger)
@@ -979,7 +984,7 @@ async fn terminate(ctx: &Context, seen: &Seen) -> Result<()> {
     // that its status names.
     let batch = batch_instance(&seen.snapshot, &seen.status, &seen.uid);
     let warm = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
-        .filter(|i| !warm_named_by_another(ctx, &seen.uid, &i.id));
+        .filter(|i| seen.contested.as_ref() != Some(&i.id));
     let in_batch = seen
         .status
         .launch
@@ -1341,7 +1346,11 @@ async fn launch(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Launc
     };
     // A warm instance the job took, or one it takes now: started instead of a launch (unless a
     // batch went out with a place for this attempt that its record missed).
-    if (seen.status.launch.as_ref()).is_none_or(|l| l.warm.is_some())
+    let may_warm = match &seen.status.launch {
+        Some(intent) => intent.warm.is_some(),
+        None => (seen.snapshot.warm.get(&seen.pool_key)).is_some_and(|l| !l.is_empty()),
+    };
+    if may_warm
         && !has_batch_place(job, ctx, seen)
         && let Some(answer) = warm_start(job, ctx, seen, &pool, &template).await?
     {
@@ -1400,7 +1409,7 @@ async fn warm_start(
     // The status is writable by others: a recorded take is started again only when it names
     // a warm instance of the job's pool, as its instance, and no other live job names it.
     let listed = warm_instance(&seen.snapshot, &seen.pool_key, &seen.status)
-        .filter(|i| !warm_named_by_another(ctx, &seen.uid, &i.id));
+        .filter(|i| seen.contested.as_ref() != Some(&i.id));
     if let Some(took) = &recorded
         && listed.is_none_or(|i| i.id != took.instance)
     {
@@ -1507,18 +1516,7 @@ async fn take_warm(
         instance: instance.id.clone(),
         taken_at: Time(Timestamp::now()),
     };
-    seen.status.launch = Some(crate::api::LaunchIntent {
-        client_token: format!("warm-{}", instance.id),
-        launch_template_id: template.id.clone(),
-        launch_template_version: template.version,
-        market: "onDemand".into(),
-        fleet: false,
-        allocation_strategy: None,
-        offerings: Vec::new(),
-        tags: Default::default(),
-        batch: None,
-        warm: Some(took.clone()),
-    });
+    seen.status.launch = Some(launch::warm_intent(template, took.clone()));
     seen.status.instance = Some(instance_status(&instance, None));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
     // A write that failed may have landed (a timeout): the instance stays this job's, which

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{
     AllocationStrategy, Capacity, CapacityType, LaunchBatch, LaunchIntent, LaunchOffering,
-    RunnerPoolSpec,
+    RunnerPoolSpec, WarmStart,
 };
 use crate::cloud::{Instance, LaunchRequest, tags};
 
@@ -284,6 +284,23 @@ pub fn intent(request: &LaunchRequest) -> LaunchIntent {
         tags: request.tags.clone(),
         batch: None,
         warm: None,
+    }
+}
+
+/// The intent of a job that takes warm instance `took`, launched from the pool's `template`,
+/// instead of launching: recorded like a launch's, its token naming the instance.
+pub fn warm_intent(template: &crate::api::LaunchTemplateRef, took: WarmStart) -> LaunchIntent {
+    LaunchIntent {
+        client_token: format!("warm-{}", took.instance),
+        launch_template_id: template.id.clone(),
+        launch_template_version: template.version,
+        market: "onDemand".into(),
+        fleet: false,
+        allocation_strategy: None,
+        offerings: Vec::new(),
+        tags: Default::default(),
+        batch: None,
+        warm: Some(took),
     }
 }
 
