@@ -739,7 +739,9 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         launch_rounds: status.attempts,
         rerun_due: crate::domain::job::rerun_due(&status, &limits),
         rerun: None,
-        set_aside,
+        // The listing that counts is one taken after the moment: the shared one is refreshed
+        // only once it is `instance_refresh` old, so no sooner than that.
+        set_aside: set_aside.map(|left| left.max(ctx.settings.instance_refresh)),
     };
     Ok(Seen {
         now,

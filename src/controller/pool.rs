@@ -263,7 +263,7 @@ impl Pass {
         }
         let current = tags::warm_value(&template.id, template.version);
         let failures = (pool.status.as_ref()).and_then(|s| s.warm_failures.as_ref());
-        let next = crate::domain::warm::launch_after(failures, &current, unit);
+        let next = crate::domain::warm::launch_after(failures, &current, unit, now().0);
         match failures.zip(next) {
             Some((f, next)) => {
                 let message = format!(

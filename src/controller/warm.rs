@@ -17,7 +17,7 @@ use super::{Context, Result};
 use crate::api::{LaunchTemplateRef, RunnerPool, WarmCounts};
 use crate::cloud::tags;
 use crate::domain::pool::PoolIdentity;
-use crate::domain::warm::{Retire, WarmFacts, WarmInstance, failed, launch_after, plan};
+use crate::domain::warm::{Failure, Retire, WarmFacts, WarmInstance, failed, launch_after, plan};
 
 /// How long one warm launch token is used for the same listing.
 const TOKEN_BUCKET_SECONDS: i64 = 600;
@@ -81,16 +81,45 @@ pub(super) async fn keep(
         prepare_timeout_secs: boot_timeout.as_secs() as i64,
         now: Timestamp::now().as_second(),
     });
-    // After failed preparations, new launches wait (see `domain::warm::launch_after`).
+    // After failed preparations, new launches wait (see `domain::warm::launch_after`), then
+    // one goes first, alone, until one prepares.
     let current = tags::warm_value(&template.id, template.version);
     let failures = pool.status.as_ref().and_then(|s| s.warm_failures.as_ref());
     let now = Timestamp::now();
-    let held = (launch_after(failures, &current, ctx.settings.backoff_unit))
-        .filter(|at| *at > now)
-        .map(|at| at.duration_since(now).unsigned_abs());
+    let after = launch_after(failures, &current, ctx.settings.backoff_unit, now);
+    let held = (after.filter(|at| *at > now)).map(|at| at.duration_since(now).unsigned_abs());
     if held.is_some() {
         decided.launch = 0;
+    } else if after.is_some() {
+        decided.launch = decided.launch.min(1);
     }
+    // A preparation that timed out is counted before the instance goes (a failure not
+    // counted leaves it for the next pass); one of an older template version counts nothing.
+    let message = format!(
+        "did not report prepared within {} s of its launch",
+        boot_timeout.as_secs()
+    );
+    let mut uncounted = Vec::new();
+    for (id, _) in (decided.terminate.iter()).filter(|(_, why)| *why == Retire::PreparationTimedOut)
+    {
+        let Some(from) = instances
+            .iter()
+            .find(|i| &i.id == id && i.template == current)
+        else {
+            continue;
+        };
+        let failure = Failure {
+            template: &from.template,
+            instance: id,
+            launched: from.launched,
+            message: &message,
+        };
+        if let Err(e) = record_failure(ctx, (&namespace, &pool.name_any()), failure).await {
+            warn!(pool = %key, instance = %id, error = %e, "could not count a failed warm preparation; trying again");
+            uncounted.push(id.clone());
+        }
+    }
+    decided.terminate.retain(|(id, _)| !uncounted.contains(id));
     // A job may have taken one since `named` looked: it is the job's. The rest are marked
     // retired (no job's uid), so that no job takes them while the listing still shows them.
     let retire: Vec<(String, crate::domain::warm::Retire)> = {
@@ -119,24 +148,15 @@ pub(super) async fn keep(
         for (id, why) in &retire {
             info!(pool = %key, instance = %id, reason = why.reason(), "retired a warm instance");
             let note = format!("warm instance {id} terminated: {}", why.reason());
-            events.push((EventType::Normal, why.reason(), note));
-            if *why != Retire::PreparationTimedOut {
-                continue;
-            }
-            let from = instances.iter().find(|i| &i.id == id);
-            let template = from.map_or("", |i| i.template.as_str());
-            let message = format!(
-                "did not report prepared within {} s of its launch",
-                boot_timeout.as_secs()
-            );
-            let failure = (namespace.as_str(), pool.name_any(), template, id.as_str());
-            if let Err(e) = record_failure(ctx, failure, &message).await {
-                warn!(pool = %key, instance = %id, error = %e, "could not record a failed warm preparation");
-            }
+            let kind = match why {
+                Retire::PreparationTimedOut => EventType::Warning,
+                _ => EventType::Normal,
+            };
+            events.push((kind, why.reason(), note));
         }
     }
-    // A preparation that timed out in this pass is recorded now: the next pass launches its
-    // replacement, as long after it as the failures in a row say.
+    // A preparation that timed out in this pass: the next pass launches its replacement, as
+    // long after it as the failures in a row say.
     if retire
         .iter()
         .any(|(_, why)| *why == Retire::PreparationTimedOut)
@@ -157,23 +177,24 @@ pub(super) async fn keep(
     }))
 }
 
-/// Records on pool `namespace/name` that its warm instance `instance`, launched from
-/// `template`, failed its preparation saying `message` ([`failed`]): a merge patch of
+/// Counts `failure` on pool `namespace/name` ([`failed`]): a merge patch of
 /// `status.warmFailures` conditional on the version read, read and tried again on a conflict.
 /// The pool's own status apply never sets that field, so the two writers do not undo each
-/// other's work.
+/// other's work. An error when it could not be written: the caller keeps the instance, so the
+/// failure is counted on a later try.
 pub(crate) async fn record_failure(
     ctx: &Context,
-    (namespace, name, template, instance): (&str, String, &str, &str),
-    message: &str,
+    (namespace, name): (&str, &str),
+    failure: Failure<'_>,
 ) -> Result<()> {
     let api: Api<RunnerPool> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut conflict = None;
     for _ in 0..5 {
-        let Some(pool) = api.get_opt(&name).await? else {
+        let Some(pool) = api.get_opt(name).await? else {
             return Ok(());
         };
         let previous = pool.status.as_ref().and_then(|s| s.warm_failures.as_ref());
-        let Some(failures) = failed(previous, template, instance, Timestamp::now(), message) else {
+        let Some(failures) = failed(previous, failure, Timestamp::now()) else {
             return Ok(());
         };
         let patch = serde_json::json!({
@@ -181,15 +202,15 @@ pub(crate) async fn record_failure(
             "status": {"warmFailures": failures},
         });
         match api
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(kube::Error::Api(e)) if e.code == 409 => conflict = Some(e),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    Err(kube::Error::Api(conflict.expect("five conflicts")).into())
 }
 
 /// A warm instance of pool `namespace/name` prepared: the failures in a row are over.

@@ -1128,11 +1128,17 @@ pub fn phase_notice(was: JobPhase, status: &RunnerJobStatus) -> Option<Notice> {
 /// RunnerJob's status, through any replica); past it, the instance is refused for good.
 pub const BOOT_ANSWER_HOLD: Duration = Duration::from_secs(120);
 
+/// How long after its claim a bootstrap may go on minting the runner and recording it: past
+/// it, the claimant gives the claim back (its GitHub call is cut off) and the instance's next
+/// try starts again.
+pub const CLAIM_GIVE_UP: Duration = Duration::from_secs(45);
+
 /// How long a claim with nothing recorded on it (no runner, no answer) stands before the same
-/// instance may claim the job afresh: the replica that claimed it died (or gave up) between
-/// the claim and the record, and nothing else would free it before [`BOOT_ANSWER_HOLD`]. A
-/// live claimant gives up by then, and its late record finds the claim no longer its own.
-pub const CLAIM_ORPHANED: Duration = Duration::from_secs(30);
+/// instance may claim the job afresh: the replica that claimed it died between the claim and
+/// the record, and nothing else would free it before [`BOOT_ANSWER_HOLD`]. It is
+/// [`CLAIM_GIVE_UP`] and 30 s more, for the clocks of two replicas to disagree: a live
+/// claimant has given up by then, so two replicas never mint for one claim at once.
+pub const CLAIM_ORPHANED: Duration = Duration::from_secs(75);
 
 /// Who asks to bootstrap: an instance whose identity verified, and the RunnerJob uid its tags
 /// name.

@@ -287,25 +287,46 @@ pub fn taken_listing(
 /// The longest a pool waits between warm launches after failed preparations.
 pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30 * 60);
 
-/// The pool's failures once warm instance `instance`, launched from `template` (its
-/// `gha:warm`), failed at `at` saying `message`: one more in a row for the same template
-/// version, the first for another. `None` when this instance's failure is recorded already (a
-/// report sent again, or a timeout after the report).
+/// One warm instance's failed preparation.
+#[derive(Clone, Copy, Debug)]
+pub struct Failure<'a> {
+    /// The instance's `gha:warm`: the launch template version it was launched from.
+    pub template: &'a str,
+    pub instance: &'a str,
+    /// Its LaunchTime, seconds since the Unix epoch.
+    pub launched: Option<i64>,
+    pub message: &'a str,
+}
+
+/// The pool's failures once `failure` happened at `at`: one more in a row for the same
+/// template version, the first for another. An instance launched before the last failure
+/// failed with it (the pool launches what it misses at once: one incident, say a mirror that
+/// is down, fails them together) and counts once; its failure is the last now. `None` when
+/// this instance's failure is recorded already (a report sent again, or a timeout after it).
 pub fn failed(
     previous: Option<&WarmFailures>,
-    template: &str,
-    instance: &str,
+    failure: Failure<'_>,
     at: Timestamp,
-    message: &str,
 ) -> Option<WarmFailures> {
-    if previous.is_some_and(|p| p.instance == instance) {
+    if previous.is_some_and(|p| p.instance == failure.instance) {
         return None;
     }
-    let before = previous
-        .filter(|p| p.template == template)
-        .map_or(0, |p| p.count);
+    let same = previous.filter(|p| p.template == failure.template);
+    let together = same.is_some_and(|p| failure.launched.is_some_and(|l| l < p.at.0.as_second()));
+    let before = same.map_or(0, |p| p.count);
+    let count = if together {
+        before
+    } else {
+        before.saturating_add(1)
+    };
+    let Failure {
+        template,
+        instance,
+        message,
+        ..
+    } = failure;
     Some(WarmFailures {
-        count: before + 1,
+        count: count.max(1),
         template: template.into(),
         instance: instance.into(),
         at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at),
@@ -314,18 +335,20 @@ pub fn failed(
 }
 
 /// When a pool keeping warm instances of `current` (as `gha:warm` spells it) may launch one
-/// again after `failures`: `unit` after the first failure, twice as long after each more, at
-/// most [`FAILURE_BACKOFF_MAX`]. `None` when nothing holds it back (no failure, or only of an
+/// again after `failures`, as of `now`: `unit` after the first failure, twice as long after
+/// each more, at most [`FAILURE_BACKOFF_MAX`] (from `now` at the latest: a time recorded ahead
+/// of the clock holds no longer). `None` when nothing holds it back (no failure, or only of an
 /// older template version, which a fix of the spec replaced).
 pub fn launch_after(
     failures: Option<&WarmFailures>,
     current: &str,
     unit: Duration,
+    now: Timestamp,
 ) -> Option<Timestamp> {
     let f = failures.filter(|f| f.template == current && f.count > 0)?;
     let doublings = u32::try_from(f.count - 1).unwrap_or(0).min(20);
     let wait = unit.saturating_mul(1 << doublings).min(FAILURE_BACKOFF_MAX);
-    Some(f.at.0 + wait)
+    Some(f.at.0.min(now) + wait)
 }
 
 #[cfg(test)]
@@ -779,14 +802,24 @@ mod tests {
     #[test]
     fn failed_preparations_count_in_a_row_per_template_version_once_each() {
         let at = |secs: i64| Timestamp::from_second(NOW + secs).unwrap();
-        let first = failed(None, "lt-1:3", "i-1", at(0), "exit 3").unwrap();
+        let failure = |template, instance, launched: i64, message| Failure {
+            template,
+            instance,
+            launched: Some(NOW + launched),
+            message,
+        };
+        let first = failed(None, failure("lt-1:3", "i-1", -60, "exit 3"), at(0)).unwrap();
         assert_eq!((first.count, first.instance.as_str()), (1, "i-1"));
-        let second = failed(Some(&first), "lt-1:3", "i-2", at(5), "exit 4").unwrap();
+        let second = failed(Some(&first), failure("lt-1:3", "i-2", 1, "exit 4"), at(5)).unwrap();
         assert_eq!((second.count, second.message.as_str()), (2, "exit 4"));
         // The same instance again (a report retried, a timeout after its report): no change.
-        assert_eq!(failed(Some(&second), "lt-1:3", "i-2", at(9), "again"), None);
+        let again = failure("lt-1:3", "i-2", 1, "again");
+        assert_eq!(failed(Some(&second), again, at(9)), None);
+        // Launched before the last failure: it failed with it, and counts once.
+        let along = failed(Some(&second), failure("lt-1:3", "i-9", 2, "exit 5"), at(9)).unwrap();
+        assert_eq!((along.count, along.instance.as_str()), (2, "i-9"));
         // A new template version starts afresh.
-        let fresh = failed(Some(&second), "lt-1:4", "i-3", at(9), "exit 3").unwrap();
+        let fresh = failed(Some(&second), failure("lt-1:4", "i-3", 8, "exit 3"), at(9)).unwrap();
         assert_eq!((fresh.count, fresh.template.as_str()), (1, "lt-1:4"));
     }
 
@@ -801,15 +834,20 @@ mod tests {
             at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(last),
             message: String::new(),
         };
+        let now = last + Duration::from_secs(1);
         let wait = |count| {
-            let after = launch_after(Some(&failures(count)), "lt-1:3", unit).unwrap();
+            let after = launch_after(Some(&failures(count)), "lt-1:3", unit, now).unwrap();
             after.duration_since(last).as_secs()
         };
         assert_eq!([wait(1), wait(2), wait(3), wait(4)], [5, 10, 20, 40]);
         assert_eq!(wait(10), 1800);
-        assert_eq!(wait(500), 1800);
-        assert_eq!(launch_after(None, "lt-1:3", unit), None);
+        assert_eq!(wait(i32::MAX), 1800);
+        assert_eq!(launch_after(None, "lt-1:3", unit, now), None);
         // Failures of an older version hold nothing back: the spec was changed since.
-        assert_eq!(launch_after(Some(&failures(7)), "lt-1:4", unit), None);
+        assert_eq!(launch_after(Some(&failures(7)), "lt-1:4", unit, now), None);
+        // A failure recorded ahead of the clock holds from now at the latest.
+        let early = now - Duration::from_secs(100);
+        let after = launch_after(Some(&failures(1)), "lt-1:3", unit, early).unwrap();
+        assert_eq!(after, early + unit);
     }
 }

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::{ApiError, Web, patch_job_status as patch_status, read_body};
 use crate::api::{BootStatus, JobResult, RunnerJob, RunnerJobStatus, RunnerPool, RunnerStatus};
 use crate::domain::job::{
-    BOOT_ANSWER_HOLD, CLAIM_ORPHANED, Claimant, Refusal, batch_claim, claims_batch_instance,
+    BOOT_ANSWER_HOLD, CLAIM_GIVE_UP, Claimant, Refusal, batch_claim, claims_batch_instance,
     may_bootstrap, may_give_back, may_put_back, still_ours, unnamed_batch_instance,
 };
 use crate::domain::launch::{BATCH, RUNNER_JOB, RUNNER_JOB_UID};
@@ -440,17 +440,7 @@ pub async fn prepared(
     if !instance.is_alive() || instance.is_stopping() || instance.is_stopped() {
         return Ok(axum::Json(json!({ "stopping": true })).into_response());
     }
-    let named = select(
-        &jobs(&web, &claims.namespace),
-        "status.instance.id",
-        id,
-        |s| s.instance.as_ref().is_some_and(|i| &i.id == id),
-    )
-    .await?;
-    if named
-        .iter()
-        .any(|j| j.status.as_ref().is_some_and(|s| !s.phase.is_finished()))
-    {
+    if taken_by_a_job(&web, &claims).await? {
         return Err(ApiError::Conflict(format!(
             "warm instance {id} is taken by a RunnerJob; it is not stopped"
         )));
@@ -461,9 +451,19 @@ pub async fn prepared(
         .await
         .map_err(|e| unavailable("StopInstances", e))?;
     info!(pool = %format!("{}/{}", claims.namespace, claims.pool), instance = %id, "warm instance prepared; stopping it");
-    // A preparation succeeded: the pool's failures in a row, if any, are over.
+    // A preparation of the version the pool launches from now succeeded: the failures in a
+    // row are over (those of an older version are history). A straggler of an older version
+    // clears nothing.
     let pool = pool_named(&web, &claims.namespace, &claims.pool).await?;
-    if pool.and_then(|p| p.status?.warm_failures).is_some() {
+    let status = pool.and_then(|p| p.status);
+    let current = (status.as_ref())
+        .and_then(|s| s.launch_template.as_ref())
+        .map(|t| crate::cloud::tags::warm_value(&t.id, t.version));
+    let failing = status.is_some_and(|s| s.warm_failures.is_some());
+    if failing
+        && current.is_some()
+        && instance.tags.get(crate::cloud::tags::WARM) == current.as_ref()
+    {
         let cleared =
             crate::controller::warm::clear_failures(&web.ctx, &claims.namespace, &claims.pool);
         if let Err(e) = cleared.await {
@@ -488,22 +488,37 @@ async fn warm_failed(
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
     let instance = warm_instance(web, claims).await?;
+    // A job's instance is the job's: a warm token left on it reports nothing for the pool.
+    if taken_by_a_job(web, claims).await? {
+        return Err(ApiError::Conflict(format!(
+            "warm instance {} is taken by a RunnerJob; its preparation is over",
+            instance.id
+        )));
+    }
     let said = tail(last_line, 512);
-    // Counted on the pool first, whose next warm launch waits longer for it: a pool pass
-    // that sees the instance go finds the failure already there.
+    let pool = pool_named(web, &claims.namespace, &claims.pool).await?;
+    // Counted on the pool first, whose next warm launch waits longer for it (a pool pass that
+    // sees the instance go finds the failure there), when it is of the version the pool
+    // launches from now.
     let template = (instance.tags.get(crate::cloud::tags::WARM)).map_or("", String::as_str);
-    let failure = (
-        claims.namespace.as_str(),
-        claims.pool.clone(),
-        template,
-        instance.id.as_str(),
-    );
-    (crate::controller::warm::record_failure(&web.ctx, failure, said).await)
-        .map_err(|e| unavailable("recording the failed preparation", e))?;
+    let current = (pool.as_ref())
+        .and_then(|p| p.status.as_ref()?.launch_template.as_ref())
+        .map(|t| crate::cloud::tags::warm_value(&t.id, t.version));
+    if current.as_deref() == Some(template) {
+        let failure = crate::domain::warm::Failure {
+            template,
+            instance: &instance.id,
+            launched: instance.launch_time,
+            message: said,
+        };
+        let pool_name = (claims.namespace.as_str(), claims.pool.as_str());
+        (crate::controller::warm::record_failure(&web.ctx, pool_name, failure).await)
+            .map_err(|e| unavailable("counting the failed preparation", e))?;
+    }
     let id = std::slice::from_ref(&instance.id);
     (web.ctx.ec2().terminate_instances(id).await)
         .map_err(|e| unavailable("TerminateInstances", e))?;
-    if let Some(pool) = pool_named(web, &claims.namespace, &claims.pool).await? {
+    if let Some(pool) = pool {
         let note = format!(
             "warm instance {} failed its preparation and is terminated: {said}",
             instance.id,
@@ -513,6 +528,24 @@ async fn warm_failed(
             .await;
     }
     Ok(axum::Json(json!({ "ok": true })).into_response())
+}
+
+/// Whether a live RunnerJob names the warm instance of `claims` as its instance.
+async fn taken_by_a_job(
+    web: &Web,
+    claims: &crate::runner::token::WarmClaims,
+) -> Result<bool, ApiError> {
+    let id = &claims.instance;
+    let named = select(
+        &jobs(web, &claims.namespace),
+        "status.instance.id",
+        id,
+        |s| s.instance.as_ref().is_some_and(|i| &i.id == id),
+    )
+    .await?;
+    Ok(named
+        .iter()
+        .any(|j| j.status.as_ref().is_some_and(|s| !s.phase.is_finished())))
 }
 
 /// The claims of the warm preparation token the request carries.
@@ -826,22 +859,32 @@ struct Handout {
 /// client that gives up (a timeout, a dropped connection) cannot cut it in half; the answer
 /// waits for the instance's next try, whichever replica that reaches.
 async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
-    let Handout { job, boot, .. } = &h;
+    let job = &h.job;
+    // Stamped as it is claimed: the claim's age counts from here on every replica.
+    let boot = &BootStatus {
+        bootstrapped_at: Time(Timestamp::now()),
+        ..h.boot.clone()
+    };
     let (name, instance_id) = (job.name_any(), boot.instance_id.as_str());
     let claimed = claim(&web, job, boot, &h.job_uid).await?;
     // Claimed: from here on a failure gives the claim back, so the instance may try again.
     let attempt = job.status.as_ref().map_or(1, |s| s.attempt());
     let controller_id = &web.ctx.settings.controller_id;
     let runner_name = crate::github::runner_name(controller_id, job.spec.job_id, attempt);
-    let jit = match h
-        .github
-        .jit_config(&h.target, &runner_name, &h.labels)
-        .await
-    {
-        Ok(jit) => jit,
-        Err(e) => {
+    // Given up well before the claim may be made afresh (`CLAIM_ORPHANED`), so a slow mint
+    // never races the one that replaces it.
+    let left = CLAIM_GIVE_UP.saturating_sub(since_claim(boot));
+    let minted = h.github.jit_config(&h.target, &runner_name, &h.labels);
+    let jit = match tokio::time::timeout(left, minted).await {
+        Ok(Ok(jit)) => jit,
+        Ok(Err(e)) => {
             give_back(&web, job, boot).await;
             return Err(unavailable("minting the JIT runner config", e));
+        }
+        Err(_) => {
+            give_back(&web, job, boot).await;
+            let why = "minting the runner took too long; the next try starts again";
+            return Err(ApiError::NotYet(why.into(), 2));
         }
     };
     let runner = RunnerStatus {
@@ -869,11 +912,10 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
             "the bootstrap answer could not be sealed; retry",
         ));
     };
-    // A claim this old is the instance's to make afresh (`CLAIM_ORPHANED`): the next try
-    // starts again rather than race it. The answer, recorded sooner, has most of the hold
+    // Past the give-up time the claim may soon be made afresh (`CLAIM_ORPHANED`): the next
+    // try starts again rather than race it. An answer recorded sooner has most of the hold
     // left to be collected.
-    let spent = Timestamp::now().duration_since(boot.bootstrapped_at.0);
-    if spent.unsigned_abs() >= CLAIM_ORPHANED {
+    if since_claim(boot) >= CLAIM_GIVE_UP {
         give_back(&web, job, boot).await;
         let why = "minting the runner took too long; the next try starts again";
         return Err(ApiError::NotYet(why.into(), 2));
@@ -908,6 +950,13 @@ async fn hand_out(web: Arc<Web>, h: Handout) -> Outcome {
         .event(job, EventType::Normal, "Bootstrapped", note)
         .await;
     Ok(())
+}
+
+/// How long ago `boot` was claimed, by this replica's clock.
+fn since_claim(boot: &BootStatus) -> Duration {
+    Timestamp::now()
+        .duration_since(boot.bootstrapped_at.0)
+        .unsigned_abs()
 }
 
 /// Records the runner and the sealed answer (`recorded`) on the claim `ours`, written at
