@@ -105,61 +105,51 @@ def token_lock(token):
 VOLUME_USD = {"gp3": "0.0800000000", "gp2": "0.1000000000", "io1": "0.1250000000", "io2": "0.1250000000"}
 
 
-def volume_price_document(volume_type, region):
-    """One EBS storage product of the AWS Price List (unit GB-Mo), as GetProducts returns it."""
-    sku = uuid.uuid5(uuid.NAMESPACE_DNS, "ebs" + volume_type + region).hex[:16].upper()
+def product_document(seed, family, attributes, unit, description, usd):
+    """One product of the AWS Price List with one on-demand price, shaped as GetProducts
+    returns it (a JSON string); `seed` makes its SKU."""
+    sku = uuid.uuid5(uuid.NAMESPACE_DNS, seed).hex[:16].upper()
     offer = sku + ".JRTCKXETXF"
     return json.dumps({
         "product": {
-            "productFamily": "Storage",
-            "attributes": {
-                "volumeApiName": volume_type, "regionCode": region, "servicecode": "AmazonEC2",
-                "usagetype": "EBS:VolumeUsage." + volume_type,
-            },
+            "productFamily": family,
+            "attributes": dict(attributes, servicecode="AmazonEC2"),
             "sku": sku,
         },
         "serviceCode": "AmazonEC2",
         "terms": {"OnDemand": {offer: {
             "priceDimensions": {offer + ".6YS6EN2CT7": {
-                "unit": "GB-Mo", "endRange": "Inf", "beginRange": "0",
-                "description": "$%s per GB-month of %s provisioned storage" % (VOLUME_USD[volume_type], volume_type),
+                "unit": unit, "endRange": "Inf", "beginRange": "0",
+                "description": description,
                 "appliesTo": [], "rateCode": offer + ".6YS6EN2CT7",
-                "pricePerUnit": {"USD": VOLUME_USD[volume_type]},
+                "pricePerUnit": {"USD": usd},
             }},
             "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "offerTermCode": "JRTCKXETXF",
             "termAttributes": {},
         }}},
         "version": "20261101000000", "publicationDate": "2026-11-01T00:00:00Z",
     })
+
+
+def volume_price_document(volume_type, region):
+    """One EBS storage product of the AWS Price List (unit GB-Mo)."""
+    usd = VOLUME_USD[volume_type]
+    return product_document(
+        "ebs" + volume_type + region, "Storage",
+        {"volumeApiName": volume_type, "regionCode": region,
+         "usagetype": "EBS:VolumeUsage." + volume_type},
+        "GB-Mo", "$%s per GB-month of %s provisioned storage" % (usd, volume_type), usd)
 
 
 def price_document(instance_type, region):
-    """One product of the AWS Price List, shaped as GetProducts returns it (a JSON string)."""
-    sku = uuid.uuid5(uuid.NAMESPACE_DNS, instance_type + region).hex[:16].upper()
-    offer = sku + ".JRTCKXETXF"
-    return json.dumps({
-        "product": {
-            "productFamily": "Compute Instance",
-            "attributes": {
-                "instanceType": instance_type, "regionCode": region, "operatingSystem": "Linux",
-                "tenancy": "Shared", "preInstalledSw": "NA", "capacitystatus": "Used",
-                "servicecode": "AmazonEC2", "usagetype": "BoxUsage:" + instance_type,
-            },
-            "sku": sku,
-        },
-        "serviceCode": "AmazonEC2",
-        "terms": {"OnDemand": {offer: {
-            "priceDimensions": {offer + ".6YS6EN2CT7": {
-                "unit": "Hrs", "endRange": "Inf", "beginRange": "0",
-                "description": "$%s per On Demand Linux %s Instance Hour" % (ON_DEMAND_USD[instance_type], instance_type),
-                "appliesTo": [], "rateCode": offer + ".6YS6EN2CT7",
-                "pricePerUnit": {"USD": ON_DEMAND_USD[instance_type]},
-            }},
-            "sku": sku, "effectiveDate": "2026-11-01T00:00:00Z", "offerTermCode": "JRTCKXETXF",
-            "termAttributes": {},
-        }}},
-        "version": "20261101000000", "publicationDate": "2026-11-01T00:00:00Z",
-    })
+    """One Linux on-demand instance product of the AWS Price List (unit Hrs)."""
+    usd = ON_DEMAND_USD[instance_type]
+    return product_document(
+        instance_type + region, "Compute Instance",
+        {"instanceType": instance_type, "regionCode": region, "operatingSystem": "Linux",
+         "tenancy": "Shared", "preInstalledSw": "NA", "capacitystatus": "Used",
+         "usagetype": "BoxUsage:" + instance_type},
+        "Hrs", "$%s per On Demand Linux %s Instance Hour" % (usd, instance_type), usd)
 
 
 def service_of(headers):

@@ -263,18 +263,25 @@ impl Pass {
         }
         let current = tags::warm_value(&template.id, template.version);
         let failures = (pool.status.as_ref()).and_then(|s| s.warm_failures.as_ref());
-        let next = crate::domain::warm::launch_after(failures, &current, unit, now().0);
+        let at = now().0;
+        let next = crate::domain::warm::launch_after(failures, &current, unit, at);
+        let second =
+            |t: k8s_openapi::jiff::Timestamp| t.round(k8s_openapi::jiff::Unit::Second).unwrap_or(t);
         match failures.zip(next) {
             Some((f, next)) => {
+                let then = match next > at {
+                    true => format!("no warm launch before {}", second(next)),
+                    false => format!(
+                        "warm launches resumed at {}, one at a time until one prepares",
+                        second(next)
+                    ),
+                };
                 let message = format!(
-                    "{} warm preparation(s) in a row failed; the last, of {} at {}: {}; no warm launch before {}",
+                    "{} warm preparation(s) in a row failed; the last, of {} at {}: {}; {then}",
                     f.count,
                     f.instance,
-                    f.at.0
-                        .round(k8s_openapi::jiff::Unit::Second)
-                        .unwrap_or(f.at.0),
+                    second(f.at.0),
                     f.message,
-                    next.round(k8s_openapi::jiff::Unit::Second).unwrap_or(next)
                 );
                 self.condition(WARM, false, "WarmPreparationFailing", message);
             }
