@@ -1676,6 +1676,39 @@ async fn a_failed_warm_preparation_is_terminated_with_an_event() {
     }
 }
 
+/// A pool that turns invalid (its AMI gone) launches no warm instance, yet still retires the
+/// ones it no longer keeps: stopped volumes are not left to bill until someone fixes the spec.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_that_is_not_ready_still_retires_the_warm_instances_it_no_longer_keeps() {
+    let (w, pools) = warm_world("warm-invalid", 1, None, json!({})).await;
+    let warm_id = wait_warm(&w, &pools, 1).await.remove(0).0;
+    let patch = Patch::Merge(json!({ "spec": {
+        "ami": "ami-0123456789abcdef0",
+        "warm": {"size": 0},
+    }}));
+    (pools.patch("alpha", &PatchParams::default(), &patch).await).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = pools.get("alpha").await.unwrap().status.unwrap_or_default();
+        let not_ready =
+            (status.conditions.iter()).any(|c| c.type_ == "Ready" && c.status == "False");
+        let state = w.instance_state(&warm_id).await;
+        if not_ready && matches!(state.as_str(), "terminated" | "shutting-down") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{warm_id} is {state}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let warm: Vec<_> = (controller_instances(&w).await.into_iter())
+        .filter(|i| i.tags().iter().any(|t| t.key() == Some("gha:warm")))
+        .map(|i| i.instance_id().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(warm, vec![warm_id], "launched while not ready");
+}
+
 /// Waits for pool `alpha` to count at least `count` failed warm preparations in a row and
 /// its `WarmPool` condition to be `False`.
 async fn warm_failing(

@@ -184,12 +184,13 @@ impl Pass {
         self.status.on_demand_until = until.map(Time);
     }
 
-    /// The pool's warm instances kept, once it may launch from its template: their counts in
-    /// the status, the pass's Events. How soon to look again, when sooner than usual.
+    /// The pool's warm instances kept, from the launch template it last had: their counts in
+    /// the status, the pass's Events. Launched only while it may launch; retired whatever it is.
+    /// How soon to look again, when sooner than usual.
     async fn warm(&mut self, pool: &RunnerPool, ctx: &Context) -> Result<Option<Duration>> {
         let ready = conditions::is_true(&self.status.conditions, LAUNCH_PERMITTED)
             && conditions::is_true(&self.status.conditions, READY);
-        let Some(template) = self.status.launch_template.clone().filter(|_| ready) else {
+        let Some(template) = self.status.launch_template.clone() else {
             return Ok(None);
         };
         if pool.spec.warm_size() == 0 && self.status.warm.is_none() {
@@ -198,7 +199,7 @@ impl Pass {
         }
         // Best effort: a failed EC2 call leaves the pool's own status to be written, and the
         // next pass (soon) tries again.
-        let kept = match super::warm::keep(pool, ctx, &template).await {
+        let kept = match super::warm::keep(pool, ctx, &template, ready).await {
             Ok(Some(kept)) => kept,
             Ok(None) => return Ok(None),
             Err(e) => {
@@ -382,7 +383,12 @@ async fn apply(pool: &RunnerPool, ctx: &Context) -> Result<Action> {
             unreachable!("valid verdicts have an image and user-data")
         };
         pass.invalid(reason, message);
-        return finish(pool, ctx, pass).await;
+        // Its warm instances are still retired as they go stale, old or surplus.
+        let moving = pass.warm(pool, ctx).await?;
+        let action = finish(pool, ctx, pass).await?;
+        return Ok(moving.map_or(action, |soon| {
+            Action::requeue(soon.min(ctx.settings.resync))
+        }));
     };
     pass.validated(notes);
     let size = pool.spec.root_volume.size_gib;

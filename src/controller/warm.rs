@@ -32,13 +32,15 @@ pub(super) struct Kept {
     pub held: Option<Duration>,
 }
 
-/// Brings the pool's warm instances to what [`plan`] says, for its current launch template.
-/// `None` while this process does not run the job controller, whose cache says which warm
-/// instances jobs have taken.
+/// Brings the pool's warm instances to what [`plan`] says, for its current launch template;
+/// launching none unless `may_launch` (a pool that is not Ready still retires what it no
+/// longer keeps, as it was last valid). `None` while this process does not run the job
+/// controller, whose cache says which warm instances jobs have taken.
 pub(super) async fn keep(
     pool: &RunnerPool,
     ctx: &Context,
     template: &LaunchTemplateRef,
+    may_launch: bool,
 ) -> Result<Option<Kept>> {
     // Until the job controller's cache has its first list, it shows no job holding any
     // instance: nothing is decided from it.
@@ -88,7 +90,7 @@ pub(super) async fn keep(
     let now = Timestamp::now();
     let after = launch_after(failures, &current, ctx.settings.backoff_unit, now);
     let held = (after.filter(|at| *at > now)).map(|at| at.duration_since(now).unsigned_abs());
-    if held.is_some() {
+    if held.is_some() || !may_launch {
         decided.launch = 0;
     } else if after.is_some() {
         decided.launch = decided.launch.min(1);
