@@ -881,13 +881,15 @@ async fn a_warm_pool_whose_leader_is_killed_while_instances_prepare_and_start_le
 
     // Two jobs take them; the leader is killed again as they do. A kill between a bootstrap's
     // claim and its record leaves a claim nothing frees: the same instance makes it afresh
-    // once it is CLAIM_ORPHANED old, on the same attempt.
+    // once it is CLAIM_ORPHANED (75 s) old, on the same attempt. The boot script's backoff
+    // (1, 2, 4, 8, 16, then 30 s) puts its first try past that about 91 s after the kill, so
+    // the jobs get 180 s.
     for job_id in [1, 2] {
         w.queue(job_id).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(w.kill_leader().await, "nobody led");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let jobs = loop {
         let jobs = w.all_jobs().await.unwrap_or_default();
         let finished = (jobs.iter())
