@@ -813,6 +813,33 @@ async fn a_full_pool_holds_jobs_pending_until_one_finishes_and_finished_jobs_go_
 }
 
 #[tokio::test]
+async fn a_finished_job_far_from_its_ttl_is_woken_for_it_by_the_expiry_scan() {
+    let w = World::new("expiry-scan").await;
+    // Past a 2 s visibility window, a finished job whose TTL ends more than two 1 s scans away
+    // holds no timer of its own: only the scan wakes it for its TTL.
+    let ctx = w.context_with(|s| {
+        s.job_limits.launch_visibility = Duration::from_secs(2);
+        s.job_limits.expiry_scan = Duration::from_secs(1);
+    });
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|p| p["spec"]["ttlSecondsAfterFinished"] = json!(20))
+        .await;
+    w.create_job("job-1", 1).await;
+    w.wait_phase("job-1", JobPhase::Booting).await;
+    w.report("job-1", "success").await;
+    w.wait_phase("job-1", JobPhase::Succeeded).await;
+    let finished = tokio::time::Instant::now();
+    w.wait(|| async { w.jobs.get_opt("job-1").await.unwrap().is_none() })
+        .await;
+    // Kept for its TTL (the phase was seen up to a poll after it was entered), not much longer.
+    let kept = finished.elapsed();
+    assert!(
+        (Duration::from_secs(19)..Duration::from_secs(26)).contains(&kept),
+        "deleted {kept:?} after it finished"
+    );
+}
+
+#[tokio::test]
 async fn a_freed_slot_goes_to_a_waiting_job_without_waiting_for_the_next_listing() {
     let w = World::new("refill").await;
     // Neither the waiting job's recheck nor a new DescribeInstances comes within the test: the

@@ -26,8 +26,9 @@ use crate::cloud::{ErrorClass, Instance, LaunchRequest};
 use crate::domain::job::{
     Decision, Facts, GitHubJob, InstanceState, LaunchAnswer, Limits, Listed, Outcome,
     PoolAdmission, RERUN_REQUESTING, RerunAnswer, RunAttempt, SPOT_INTERRUPTION, Step, Witness,
-    claims_batch_instance, decide, enter, holds_slot, instance_state as domain_instance_state,
-    may_rerun, pool_readiness, record_reason, recorded_launch_unsettled, to_wake,
+    claims_batch_instance, decide, enter, expiring, holds_slot,
+    instance_state as domain_instance_state, may_rerun, needs_no_pass, pool_readiness,
+    record_reason, recorded_launch_unsettled, to_wake,
 };
 use crate::domain::launch::{self, CapacityCache, JobIdentity, Market};
 use crate::domain::pool::PoolIdentity;
@@ -185,8 +186,12 @@ pub(super) async fn run(
     let config =
         kube::runtime::controller::Config::default().concurrency(ctx.settings.job_concurrency);
     let wake = ctx.clone();
+    let expired = expiring_jobs(ctx.clone(), store.clone());
+    let settled = ctx.clone();
+    let changes = changes.filter(move |job| std::future::ready(!passless(&settled, job)));
     Controller::for_shared_stream(changes, store)
         .watches_shared_stream(finished, move |job| waiting_for_room(&wake, &job))
+        .reconcile_on(expired)
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -614,6 +619,51 @@ fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>>
     to_wake(pool.spec.max_runners as usize, busy, pending)
 }
 
+/// Whether a change to `job` can be left without a pass ([`needs_no_pass`]): finished long
+/// enough ago, its TTL far, no re-run due, not being deleted and holding our finalizer. Only
+/// with its pool cached: its TTL and re-runs are the pool's. (At a start, the few pools are
+/// listed before the thousands of RunnerJobs.)
+fn passless(ctx: &Context, job: &RunnerJob) -> bool {
+    let (Some(status), Some(pool)) = (job.status.as_ref(), cached_pool(ctx, job)) else {
+        return false;
+    };
+    let limits = ctx.settings.job_limits.for_pool(&pool.spec);
+    job.metadata.deletion_timestamp.is_none()
+        && job.finalizers().iter().any(|f| f == FINALIZER)
+        && needs_no_pass(
+            status,
+            entered_time(status).map(|t| t.0),
+            &limits,
+            Timestamp::now(),
+        )
+}
+
+/// Every `expiry_scan` of the job limits, the cached finished RunnerJobs whose TTL ends within
+/// two scans: they hold no timer until then ([`Step::Kept`]), and their pass sets one for the
+/// rest.
+fn expiring_jobs(
+    ctx: Arc<Context>,
+    store: Store<RunnerJob>,
+) -> impl futures::Stream<Item = ObjectRef<RunnerJob>> + Send + 'static {
+    futures::stream::unfold((ctx, store), |(ctx, store)| async move {
+        tokio::time::sleep(ctx.settings.job_limits.expiry_scan).await;
+        let now = Timestamp::now();
+        let due: Vec<_> = (store.state().iter())
+            .filter(|job| {
+                let Some(status) = job.status.as_ref().filter(|s| s.phase.is_finished()) else {
+                    return false;
+                };
+                let limits = ctx.settings.job_limits;
+                let limits = cached_pool(&ctx, job).map_or(limits, |p| limits.for_pool(&p.spec));
+                expiring(entered_time(status).map(|t| t.0), &limits, now)
+            })
+            .map(|job| ObjectRef::from_obj(&**job))
+            .collect();
+        Some((futures::stream::iter(due), (ctx, store)))
+    })
+    .flatten()
+}
+
 fn outcome(status: &RunnerJobStatus) -> Option<Outcome> {
     status.completion.as_ref().map(|c| match c.result {
         JobResult::Success => Outcome::Success,
@@ -807,11 +857,11 @@ async fn decision(job: &RunnerJob, ctx: &Context, seen: &mut Seen) -> Result<Dec
         let witness = consult(ctx, job, seen.pool.as_deref(), &seen.status).await;
         if witness.job == GitHubJob::Ours && seen.status.assigned_job.is_none() {
             // Its `in_progress` delivery was lost: GitHub's word records the assignment.
-            seen.status.assigned_job = Some(AssignedJob {
+            seen.status.assigned_job = Some(Box::new(AssignedJob {
                 job_id: job.spec.job_id,
                 run_id: job.spec.run_id,
                 repository: job.spec.repository.clone(),
-            });
+            }));
             seen.facts.assigned = true;
         }
         seen.facts.witness = Some(witness);
@@ -905,6 +955,7 @@ async fn execute(
 ) -> Result<Next> {
     let action = match &decision.step {
         Step::Wait(d) => Action::requeue(*d),
+        Step::Kept => Action::await_change(),
         Step::Backoff(d) => {
             seen.status.next_attempt_at = Some(Time(seen.now + *d));
             Action::requeue(*d)
@@ -1518,7 +1569,7 @@ async fn take_warm(
         instance: instance.id.clone(),
         taken_at: Time(Timestamp::now()),
     };
-    seen.status.launch = Some(launch::warm_intent(template, took.clone()));
+    seen.status.launch = Some(Box::new(launch::warm_intent(template, took.clone())));
     seen.status.instance = Some(instance_status(&instance, None));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
     // A write that failed may have landed (a timeout): the instance stays this job's, which
@@ -1601,7 +1652,7 @@ async fn new_launch(
     };
     // The record comes first: whatever happens next, a later pass sends this again. The
     // launch's visibility window starts as it is recorded, past the batch's window.
-    seen.status.launch = Some(intent.clone());
+    seen.status.launch = Some(Box::new(intent.clone()));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
     let written = seen.write(job, ctx, &[]).await;
     if let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) {
@@ -1641,7 +1692,7 @@ fn recorded_places(ctx: &Context) -> super::batch::RecordedPlaces {
         if launch::batch_place_of(intent, uid).is_err() {
             continue;
         }
-        let record = Arc::new(intent.clone());
+        let record = Arc::new((**intent).clone());
         for (place, member) in batch.members.iter().enumerate() {
             let key = format!("{}/{member}", pool_key(&job));
             places.entry(key).or_insert((record.clone(), place as u32));
@@ -1879,7 +1930,7 @@ async fn launched(
     ctx.metrics.launch_latency.observe(waited.as_secs_f64());
     let status = &mut seen.status;
     status.attempts += 1;
-    status.cost = cost_snapshot(ctx, &instance).await;
+    status.cost = cost_snapshot(ctx, &instance).await.map(Box::new);
     status.instance = Some(instance_status(&instance, Some(seen.now)));
     status.last_error = None;
     status.next_attempt_at = None;

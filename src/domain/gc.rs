@@ -293,7 +293,7 @@ mod tests {
                 market: "onDemand".into(),
                 launch_time: None,
             }),
-            launch: Some(LaunchIntent {
+            launch: Some(Box::new(LaunchIntent {
                 batch: Some(LaunchBatch {
                     size: 2,
                     member: 0,
@@ -301,7 +301,7 @@ mod tests {
                     nonce: "00".into(),
                 }),
                 ..LaunchIntent::for_test(token)
-            }),
+            })),
             ..Default::default()
         };
         let statuses = [

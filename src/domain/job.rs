@@ -249,6 +249,8 @@ pub struct Limits {
     pub rerun_interrupted: bool,
     /// How often such a job asks again while its workflow run is still going.
     pub rerun_retry: Duration,
+    /// How often finished jobs near the end of their TTL are looked for ([`keeps_timer`]).
+    pub expiry_scan: Duration,
 }
 
 impl Default for Limits {
@@ -267,6 +269,7 @@ impl Default for Limits {
             backoff_unit: Duration::from_secs(5),
             rerun_interrupted: false,
             rerun_retry: Duration::from_secs(60),
+            expiry_scan: Duration::from_secs(60),
         }
     }
 }
@@ -309,6 +312,9 @@ pub enum Step {
     Delete,
     /// Ask GitHub to re-run the job, then decide again with the answer.
     Rerun,
+    /// A finished job with its TTL far off: no timer; the expiry scan wakes it (see
+    /// [`keeps_timer`]).
+    Kept,
 }
 
 /// The decision: the phase to record, the step, and why (a CamelCase reason and a message).
@@ -344,6 +350,49 @@ const POLL: Duration = Duration::from_secs(10);
 /// How often a runner past its idle limit that GitHub reports busy is looked at again.
 const IDLE_RECHECK: Duration = Duration::from_secs(60);
 
+/// Whether a finished job that waits `wait` for its TTL to end keeps a timer of its own, when
+/// the controller looks for jobs near their TTL's end every `scan` ([`Limits::expiry_scan`]).
+/// One that waits longer holds none: the scan wakes it once its TTL ends within two scans
+/// ([`expiring`]), and its pass then sets the timer. Finished jobs are kept by the thousand
+/// for their TTL, an hour by default, and each timer is an entry in the controller's queue
+/// with the job's reference (10,000 of them held more than a megabyte).
+pub fn keeps_timer(wait: Duration, scan: Duration) -> bool {
+    wait <= 2 * scan
+}
+
+/// Whether the expiry scan at `now` wakes a job that finished at `finished_at` and is kept
+/// `ttl`: its TTL has ended or ends within two scans, so its pass keeps a timer for the rest
+/// ([`keeps_timer`]). A job with no recorded finish time is never deleted by its pass either.
+pub fn expiring(finished_at: Option<Timestamp>, limits: &Limits, now: Timestamp) -> bool {
+    finished_at.is_some_and(|at| {
+        let spent = now.duration_since(at).unsigned_abs();
+        keeps_timer(
+            limits.ttl_after_finished.saturating_sub(spent),
+            limits.expiry_scan,
+        )
+    })
+}
+
+/// Whether a change to a finished job, which finished at `finished_at`, needs no pass: the
+/// pass would only wait for the expiry scan ([`Step::Kept`]). EC2 has had its visibility window
+/// to list the job's instance (one still listed is claimed by no job and goes with the garbage
+/// collector), its TTL is not near, and no re-run is due. The caller leaves out jobs being
+/// deleted. After a restart, thousands of finished jobs then cost no pass and no place in the
+/// controller's queue.
+pub fn needs_no_pass(
+    status: &RunnerJobStatus,
+    finished_at: Option<Timestamp>,
+    limits: &Limits,
+    now: Timestamp,
+) -> bool {
+    let settled = finished_at
+        .is_some_and(|at| now.duration_since(at).unsigned_abs() >= limits.launch_visibility);
+    status.phase.is_finished()
+        && settled
+        && !expiring(finished_at, limits, now)
+        && !rerun_due(status, limits)
+}
+
 fn left(limit: Duration, spent: Duration) -> Duration {
     limit.saturating_sub(spent).max(Duration::from_secs(1))
 }
@@ -351,8 +400,10 @@ fn left(limit: Duration, spent: Duration) -> Duration {
 /// Decides the next phase and step.
 pub fn decide(f: &Facts, limits: &Limits) -> Decision {
     let mut decision = decide_now(f, limits);
-    if let (Step::Wait(wait), Some(counts_in)) = (&mut decision.step, f.set_aside) {
-        *wait = (*wait).min(counts_in);
+    match (&mut decision.step, f.set_aside) {
+        (Step::Wait(wait), Some(counts_in)) => *wait = (*wait).min(counts_in),
+        (step @ Step::Kept, Some(counts_in)) => *step = Step::Wait(counts_in),
+        _ => {}
     }
     decision
 }
@@ -427,10 +478,10 @@ fn finished(f: &Facts, limits: &Limits) -> Decision {
             f.phase,
             Step::Wait(left(limits.ttl_after_finished, f.in_phase).min(POLL)),
         ),
-        _ => go(
-            f.phase,
-            Step::Wait(left(limits.ttl_after_finished, f.in_phase)),
-        ),
+        _ => match left(limits.ttl_after_finished, f.in_phase) {
+            wait if keeps_timer(wait, limits.expiry_scan) => go(f.phase, Step::Wait(wait)),
+            _ => go(f.phase, Step::Kept),
+        },
     }
 }
 
@@ -959,11 +1010,11 @@ pub fn record_reason(
     {
         return;
     }
-    status.last_error = Some(crate::api::LastError {
+    status.last_error = Some(Box::new(crate::api::LastError {
         reason: reason.into(),
         message,
         time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
-    });
+    }));
 }
 
 /// The status fields of one attempt, as the API server spells them: a new attempt clears
@@ -1770,6 +1821,91 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_job_holds_a_timer_only_once_its_ttl_is_near() {
+        let limits = Limits::default();
+        let (ttl, scan) = (limits.ttl_after_finished, limits.expiry_scan);
+        let mut f = facts(JobPhase::Succeeded);
+        f.instance = InstanceState::Absent;
+        // Its TTL far off: no timer; the expiry scan will wake it.
+        f.in_phase = limits.launch_visibility;
+        assert_eq!(decide(&f, &limits).step, Step::Kept);
+        // A listing set aside is looked at again when it counts, TTL far off or not.
+        f.set_aside = Some(Duration::from_secs(7));
+        assert_eq!(decide(&f, &limits).step, Step::Wait(Duration::from_secs(7)));
+        f.set_aside = None;
+        // Within two scans of its end: the rest is a timer of its own.
+        f.in_phase = ttl - 2 * scan;
+        assert_eq!(decide(&f, &limits).step, Step::Wait(2 * scan));
+        f.in_phase = ttl - 2 * scan - Duration::from_secs(1);
+        assert_eq!(decide(&f, &limits).step, Step::Kept);
+
+        // The scan wakes it no later than the pass would set that timer, and never a job whose
+        // finish is not recorded (its pass never deletes it either).
+        let now = Timestamp::now();
+        let finished = |ago: Duration| Some(now - ago);
+        assert!(!expiring(finished(limits.launch_visibility), &limits, now));
+        let far = ttl - 2 * scan - Duration::from_secs(1);
+        assert!(!expiring(finished(far), &limits, now));
+        assert!(expiring(finished(ttl - 2 * scan), &limits, now));
+        assert!(expiring(
+            finished(ttl + Duration::from_secs(3600)),
+            &limits,
+            now
+        ));
+        assert!(!expiring(None, &limits, now));
+        // Changes to it need no pass while its TTL is far, once EC2 has had time to list its
+        // instance, unless a re-run is due.
+        let status = RunnerJobStatus {
+            phase: JobPhase::Succeeded,
+            ..Default::default()
+        };
+        assert!(needs_no_pass(
+            &status,
+            finished(limits.launch_visibility),
+            &limits,
+            now
+        ));
+        assert!(!needs_no_pass(
+            &status,
+            finished(Duration::ZERO),
+            &limits,
+            now
+        ));
+        assert!(!needs_no_pass(
+            &status,
+            finished(ttl - 2 * scan),
+            &limits,
+            now
+        ));
+        assert!(!needs_no_pass(&status, None, &limits, now));
+        let mut failed = RunnerJobStatus {
+            phase: JobPhase::Failed,
+            ..Default::default()
+        };
+        record_reason(&mut failed, INTERRUPTED_WHILE_RUNNING, String::new(), now);
+        let far = finished(limits.launch_visibility);
+        assert!(needs_no_pass(&failed, far, &limits, now));
+        let rerunning = Limits {
+            rerun_interrupted: true,
+            ..limits
+        };
+        assert!(!needs_no_pass(&failed, far, &rerunning, now));
+        let running = RunnerJobStatus {
+            phase: JobPhase::Running,
+            ..Default::default()
+        };
+        assert!(!needs_no_pass(&running, far, &limits, now));
+        // However the scans fall, the first to wake it comes a scan or more before its TTL ends.
+        for offset in (0..scan.as_secs()).step_by(7) {
+            let first = (0u32..)
+                .map(|k| now + Duration::from_secs(offset) + scan * k)
+                .find(|at| expiring(Some(now), &limits, *at))
+                .unwrap();
+            assert!(first <= now + ttl - scan, "offset {offset}");
+        }
+    }
+
+    #[test]
     fn each_notice_is_recorded_once_and_a_spot_notice_is_never_hidden() {
         assert!(notice_kind("spot-interruption").is_some() && notice_kind("rebalance").is_some());
         assert_eq!(notice_kind("reboot"), None);
@@ -1791,7 +1927,7 @@ mod tests {
             !recorded_launch_unsettled(&status, never, at, window),
             "nothing recorded"
         );
-        status.launch = Some(crate::api::LaunchIntent::for_test("t"));
+        status.launch = Some(Box::new(crate::api::LaunchIntent::for_test("t")));
         assert!(recorded_launch_unsettled(
             &status,
             never,
@@ -1814,7 +1950,7 @@ mod tests {
     fn a_slot_is_held_from_the_recorded_launch_until_the_job_finishes() {
         let status = |phase, launch: bool, instance: bool| RunnerJobStatus {
             phase,
-            launch: launch.then(|| crate::api::LaunchIntent::for_test("t")),
+            launch: (launch.then(|| crate::api::LaunchIntent::for_test("t"))).map(Box::new),
             instance: instance.then(|| crate::api::InstanceStatus {
                 id: "i-1".into(),
                 instance_type: "m7g.large".into(),
@@ -1841,7 +1977,7 @@ mod tests {
         let token = batch[0].client_token.as_str();
         let status = |intent: &crate::api::LaunchIntent, phase, id: Option<&str>| RunnerJobStatus {
             phase,
-            launch: Some(intent.clone()),
+            launch: Some(Box::new(intent.clone())),
             instance: id.map(|id| crate::api::InstanceStatus {
                 id: id.into(),
                 instance_type: "m7g.large".into(),
@@ -1921,7 +2057,7 @@ mod tests {
         let mut s = RunnerJobStatus::default();
         let now = Timestamp::UNIX_EPOCH;
         enter(&mut s, Launching, now);
-        s.launch = Some(crate::api::LaunchIntent::for_test("t"));
+        s.launch = Some(Box::new(crate::api::LaunchIntent::for_test("t")));
         enter(&mut s, Launching, now + Duration::from_secs(5));
         assert_eq!(s.phase_times.launching.as_ref().map(|t| t.0), Some(now));
         assert!(s.launch.is_some());
@@ -2011,11 +2147,11 @@ mod tests {
                 id: 7,
                 name: "pacer-x-1-1".into(),
             }),
-            last_error: Some(crate::api::LastError {
+            last_error: Some(Box::new(crate::api::LastError {
                 reason: "Requeued".into(),
                 message: "instance i-1 ended".into(),
                 time: None,
-            }),
+            })),
             ..Default::default()
         };
         let ended = start_new_attempt(&mut status, "SpotInterrupted", now);
@@ -2667,7 +2803,7 @@ mod tests {
                     f.registered = true
                 },
                 Succeeded,
-                Step::Wait(mins(58)),
+                Step::Kept,
                 None,
             ),
             (
@@ -2783,7 +2919,7 @@ mod tests {
         assert!(
             matches!(ask(&status, "i-1", Timestamp::now()), Err(Refusal::Never(w)) if w.contains("replaced"))
         );
-        status.boot = Some(crate::api::BootStatus {
+        status.boot = Some(Box::new(crate::api::BootStatus {
             instance_id: "i-2".into(),
             bootstrapped_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
             token_sha256: String::new(),
@@ -2791,7 +2927,7 @@ mod tests {
             runner: None,
             runner_version: None,
             log_tail: None,
-        });
+        }));
         // The same instance asking again at once may collect its answer; another, or later,
         // never.
         assert!(matches!(
@@ -2863,7 +2999,7 @@ mod tests {
 
         // Put back only onto the same claim, taken (no answer there) and its runner not started.
         let status = |boot: Option<crate::api::BootStatus>| RunnerJobStatus {
-            boot,
+            boot: boot.map(Box::new),
             ..Default::default()
         };
         assert!(may_put_back(

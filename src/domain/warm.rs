@@ -739,13 +739,13 @@ mod tests {
                 market: "onDemand".into(),
                 launch_time: None,
             }),
-            launch: Some(LaunchIntent {
+            launch: Some(Box::new(LaunchIntent {
                 warm: took.map(|id| WarmStart {
                     instance: id.into(),
                     taken_at: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
                 }),
                 ..LaunchIntent::for_test("warm-i-1")
-            }),
+            })),
             ..Default::default()
         };
         assert!(holds(&status(JobPhase::Booting, "i-1", Some("i-1")), "i-1"));

@@ -83,8 +83,8 @@ impl Web {
             runners: None,
             draining: AtomicBool::new(false),
             ready: AtomicBool::new(false),
-            deliveries: Mutex::new(Recent::with_capacity(4096)),
-            finished_jobs: Mutex::new(Recent::with_capacity(16384)),
+            deliveries: Mutex::new(Recent::up_to(4096)),
+            finished_jobs: Mutex::new(Recent::up_to(16384)),
             boots: Default::default(),
             strangers: Default::default(),
         }
@@ -116,10 +116,12 @@ struct Recent {
 }
 
 impl Recent {
-    fn with_capacity(capacity: usize) -> Self {
+    /// Grows as ids come, up to `capacity`: the sets are sized for a busy day (16,384 finished
+    /// jobs), which an idle controller should not hold in memory from its start.
+    fn up_to(capacity: usize) -> Self {
         Self {
-            order: VecDeque::with_capacity(capacity),
-            seen: HashSet::with_capacity(capacity),
+            order: VecDeque::new(),
+            seen: HashSet::new(),
             capacity,
         }
     }
@@ -473,7 +475,7 @@ mod tests {
 
     #[test]
     fn recent_deliveries_forget_the_oldest_when_full() {
-        let mut recent = Recent::with_capacity(2);
+        let mut recent = Recent::up_to(2);
         for id in ["a", "b", "a", "c"] {
             recent.insert(id.into());
         }

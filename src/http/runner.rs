@@ -979,7 +979,7 @@ async fn record(
         let current = (jobs(web, &job.namespace().unwrap_or_default()).get(&job.name_any()))
             .await
             .map_err(|e| unavailable("reading the RunnerJob", e))?;
-        let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
+        let boot = current.status.as_ref().and_then(|s| s.boot.as_deref());
         if current.uid() != job.uid() || !still_ours(boot, ours) {
             return Err(ApiError::NotYet(
                 "the RunnerJob moved on while its runner was minted; ask again".into(),
@@ -1001,7 +1001,7 @@ async fn give_back(web: &Web, job: &RunnerJob, ours: &BootStatus) {
         let Ok(Some(current)) = api.get_opt(&job.name_any()).await else {
             return;
         };
-        let boot = current.status.as_ref().and_then(|s| s.boot.as_ref());
+        let boot = current.status.as_ref().and_then(|s| s.boot.as_deref());
         if current.uid() != job.uid() || !may_give_back(boot, ours) {
             return;
         }
@@ -1224,7 +1224,7 @@ async fn caller(web: &Web, headers: &HeaderMap) -> Result<(RunnerJob, BootStatus
     let boot = job
         .status
         .as_ref()
-        .and_then(|s| s.boot.clone())
+        .and_then(|s| s.boot.as_deref().cloned())
         .filter(|b| b.instance_id == claims.instance)
         .filter(|b| token::matches(bearer.as_bytes(), &b.token_sha256))
         .ok_or_else(|| denied("the callback token is not this RunnerJob's"))?;
