@@ -816,7 +816,8 @@ async fn a_full_pool_holds_jobs_pending_until_one_finishes_and_finished_jobs_go_
 async fn a_finished_job_far_from_its_ttl_is_woken_for_it_by_the_expiry_scan() {
     let w = World::new("expiry-scan").await;
     // Past a 2 s visibility window, a finished job whose TTL ends more than two 1 s scans away
-    // holds no timer of its own: only the scan wakes it for its TTL.
+    // holds no timer of its own and changes to it take no pass: only the scan wakes it for its
+    // TTL, and only its deletion otherwise.
     let ctx = w.context_with(|s| {
         s.job_limits.launch_visibility = Duration::from_secs(2);
         s.job_limits.expiry_scan = Duration::from_secs(1);
@@ -825,10 +826,28 @@ async fn a_finished_job_far_from_its_ttl_is_woken_for_it_by_the_expiry_scan() {
     w.ready_pool(|p| p["spec"]["ttlSecondsAfterFinished"] = json!(20))
         .await;
     w.create_job("job-1", 1).await;
+    w.create_job("job-2", 2).await;
     w.wait_phase("job-1", JobPhase::Booting).await;
+    w.wait_phase("job-2", JobPhase::Booting).await;
     w.report("job-1", "success").await;
+    w.report("job-2", "success").await;
     w.wait_phase("job-1", JobPhase::Succeeded).await;
     let finished = tokio::time::Instant::now();
+    w.wait_phase("job-2", JobPhase::Succeeded).await;
+
+    // Deleted by hand once it waits without a timer (its last poll came within 10 s of its
+    // end), it goes at once: its finalizer is released by the pass the deletion brings.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    w.jobs.delete("job-2", &Default::default()).await.unwrap();
+    let deleting = tokio::time::Instant::now();
+    w.wait(|| async { w.jobs.get_opt("job-2").await.unwrap().is_none() })
+        .await;
+    assert!(
+        deleting.elapsed() < Duration::from_secs(5),
+        "released {:?} after its deletion",
+        deleting.elapsed()
+    );
+
     w.wait(|| async { w.jobs.get_opt("job-1").await.unwrap().is_none() })
         .await;
     // Kept for its TTL (the phase was seen up to a poll after it was entered), not much longer.
