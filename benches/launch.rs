@@ -408,7 +408,7 @@ fn api_economy(
             per_job(writes - conflicts),
             per_job(conflicts)
         ),
-        "≈ 2 (one per phase change)",
+        "≤ 2 (one per phase change at most)",
     );
     report.add(
         "Event writes per job, same burst",

@@ -1816,6 +1816,68 @@ async fn pool_instances(w: &World) -> Vec<Instance> {
     .collect()
 }
 
+/// A batch is recorded once before its call, by its first member; the others record their
+/// places with their instances after it. Killed while the call is out, the controller's
+/// successor finds those places in the first member's record: nothing is launched twice.
+#[tokio::test]
+async fn a_batch_recorded_by_its_first_member_alone_survives_a_restart_during_its_call() {
+    let w = World::new("batch-restart").await;
+    let settings = |s: &mut Settings| s.launch_batch_window = Duration::from_secs(2);
+    let controllers = w.start(w.context_with(settings));
+    w.ready_pool(|_| {}).await;
+    let proxy = w.ground.proxy();
+    let ours = format!("{}/", w.ns);
+    // EC2 acts at once and answers 8 s later: the controller is gone before it hears.
+    proxy
+        .add_fault(
+            json!({"action": "CreateFleet", "code": "-", "delay_answer": 8,
+            "count": 1, "match": {"Key": "gha:batch", "Value": ours}}),
+        )
+        .await;
+    let names: Vec<String> = (0..3).map(|i| format!("member-{i}")).collect();
+    create_together(&w, &names, 300).await;
+    w.wait(|| async { pool_instances(&w).await.len() == 3 })
+        .await;
+    controllers.abort();
+    let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+    let recorded: Vec<_> = (jobs.iter())
+        .filter_map(|j| j.status.as_ref()?.launch.as_ref()?.batch.as_ref())
+        .collect();
+    assert_eq!(recorded.len(), 1, "one record before the call: {jobs:?}");
+    assert_eq!(recorded[0].members.len(), 3, "naming every member");
+
+    let _controllers = w.start(w.context_with(settings));
+    w.wait(|| async {
+        let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+        (jobs.iter()).all(|j| j.status.as_ref().is_some_and(|s| s.instance.is_some()))
+    })
+    .await;
+    let jobs = w.jobs.list(&Default::default()).await.unwrap().items;
+    let mut named: Vec<String> = (jobs.iter())
+        .map(|j| j.status.clone().unwrap().instance.unwrap().id)
+        .collect();
+    named.sort();
+    named.dedup();
+    assert_eq!(named.len(), 3, "each member its own instance: {jobs:?}");
+    let made = pool_instances(&w).await;
+    assert_eq!(made.len(), 3, "nothing launched twice: {made:?}");
+    let tokens: std::collections::BTreeSet<String> = (proxy.calls_of("CreateFleet", &ours).await)
+        .into_iter()
+        .filter(|c| c.params.get("DryRun").is_none())
+        .map(|c| {
+            c.params["ClientToken"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        tokens.len(),
+        1,
+        "the batch, replayed under its token: {tokens:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_burst_launches_in_batches_and_each_job_takes_its_own_instance() {
     let w = World::new("batches").await;

@@ -1,8 +1,10 @@
 //! Batched launches: the jobs of one pool that become launchable within a short window are
-//! launched by one call. Each member records the batch's launch (its token, request and member
-//! number) in its own status before the call goes out; the call goes once, and every member
-//! takes the instance at its place in EC2's answer sorted by id (see
-//! [`crate::domain::launch::member_instance`]). A member that asks again (after a restart, or
+//! launched by one call. The batch's first member records its launch (its token, request and
+//! every member) in its status before the call goes out; the others record their place with
+//! their instance once the call is answered (a restart between the two finds their places in
+//! the first member's record), or each before the call when the first member's record failed.
+//! The call goes once, and every member takes the instance at its place in EC2's answer sorted
+//! by id (see [`crate::domain::launch::member_instance`]). A member that asks again (after a restart, or
 //! when the answer was lost) sends the recorded batch again under its token: EC2 answers with
 //! the same instances, and concurrent askers share one call.
 
@@ -58,6 +60,8 @@ pub struct Batch {
     plan: OnceCell<Option<LaunchRequest>>,
     /// Members done recording (or failing to).
     recorded: watch::Sender<usize>,
+    /// Whether the first member's record landed; `None` until it is known.
+    first: watch::Sender<Option<bool>>,
 }
 
 #[derive(Default)]
@@ -98,6 +102,7 @@ impl Batches {
                     nonce,
                     plan: OnceCell::new(),
                     recorded: watch::Sender::new(0),
+                    first: watch::Sender::new(None),
                 })
             };
             let mut batch = open.get(pool).cloned().unwrap_or_else(fresh);
@@ -258,6 +263,23 @@ impl Joined {
         }
     }
 
+    /// Says, as the batch's first member, whether its record of the batch landed.
+    pub fn first_recorded(&mut self, landed: bool) {
+        self.batch.first.send_if_modified(|first| {
+            let unknown = first.is_none();
+            first.get_or_insert(landed);
+            unknown
+        });
+        self.recorded();
+    }
+
+    /// Whether the batch's first member recorded it, waited for at most [`RECORD_WAIT`].
+    pub async fn recorded_by_first(&self) -> bool {
+        let mut first = self.batch.first.subscribe();
+        let known = tokio::time::timeout(RECORD_WAIT, first.wait_for(Option::is_some)).await;
+        matches!(known, Ok(Ok(landed)) if *landed == Some(true))
+    }
+
     /// Waits until every member has recorded the batch (or failed to), at most [`RECORD_WAIT`].
     pub async fn all_recorded(&self) {
         let size = self.members.len();
@@ -269,6 +291,9 @@ impl Joined {
 impl Drop for Joined {
     /// A member whose pass ends before it recorded the batch does not hold the others up.
     fn drop(&mut self) {
+        if self.member == 0 && !self.reported {
+            self.first_recorded(false);
+        }
         self.recorded();
     }
 }
@@ -307,6 +332,37 @@ mod tests {
         // Past its window, a batch takes no one: a new one opens.
         let e = join("ns/linux", "e");
         assert_eq!(e.await.unwrap(), (vec!["e".to_string()], 0));
+    }
+
+    #[tokio::test]
+    async fn members_learn_whether_the_first_member_recorded_the_batch() {
+        let batches = Arc::new(Batches::default());
+        let pair = || {
+            let join = |member: &'static str| {
+                let batches = batches.clone();
+                tokio::spawn(async move {
+                    (batches.join("ns/linux", member.into(), Duration::from_secs(5), 2)).await
+                })
+            };
+            let (a, b) = (join("a"), join("b"));
+            async move {
+                let (a, b) = (a.await.unwrap(), b.await.unwrap());
+                if a.member == 0 { (a, b) } else { (b, a) }
+            }
+        };
+        let (mut first, other) = pair().await;
+        let asks = tokio::spawn(async move { other.recorded_by_first().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!asks.is_finished(), "waits for the first member's word");
+        first.first_recorded(true);
+        assert!(asks.await.unwrap());
+        // Failed, or the first member's pass ended before its record: each records its own.
+        let (mut first, other) = pair().await;
+        first.first_recorded(false);
+        assert!(!other.recorded_by_first().await);
+        let (first, other) = pair().await;
+        drop(first);
+        assert!(!other.recorded_by_first().await);
     }
 
     #[test]

@@ -1598,10 +1598,13 @@ fn has_batch_place(job: &RunnerJob, ctx: &Context, seen: &Seen) -> bool {
         })
 }
 
-/// A new launch for the job, recorded in its status before it goes out: the job's own, or a
-/// batch's with the jobs of its pool that became launchable within the batch window. A batch
-/// is sent once every member has recorded it (or failed to: the instance of a member that did
-/// not record it is nobody's, and the garbage collector's).
+/// A new launch for the job, recorded before it goes out: the job's own, or a batch's with the
+/// jobs of its pool that became launchable within the batch window. A batch is sent once its
+/// first member has recorded it: that record names every member's place, so the others write
+/// theirs with their instance after the call (this process keeps their places meanwhile, and
+/// a restart finds them in that record). When the first member's record fails, each member
+/// records its own and the batch is sent once every member has (or failed to: the instance of
+/// a member that did not record it is nobody's, and the garbage collector's).
 async fn new_launch(
     job: &RunnerJob,
     ctx: &Context,
@@ -1654,14 +1657,28 @@ async fn new_launch(
     // launch's visibility window starts as it is recorded, past the batch's window.
     seen.status.launch = Some(Box::new(intent.clone()));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
-    let written = seen.write(job, ctx, &[]).await;
-    if let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) {
+    let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) else {
+        seen.write(job, ctx, &[]).await?;
+        return Ok(Ok((request, fresh)));
+    };
+    // Recorded by the first member: this one's record goes with its instance, after the call.
+    if j.member > 0 && j.recorded_by_first().await {
+        batches.keep(&member, &intent, &request);
         j.recorded();
-        match &written {
-            Ok(()) => j.all_recorded().await,
-            // Sent without this record when the others have theirs: kept for the next pass.
-            Err(_) => batches.keep(&member, &intent, &request),
+        return Ok(Ok((request, fresh)));
+    }
+    let written = seen.write(job, ctx, &[]).await;
+    match (j.member, &written) {
+        (0, _) => j.first_recorded(written.is_ok()),
+        (_, Ok(())) => {
+            j.recorded();
+            j.all_recorded().await;
         }
+        (_, Err(_)) => j.recorded(),
+    }
+    // Sent without this record: kept for the next pass.
+    if written.is_err() {
+        batches.keep(&member, &intent, &request);
     }
     written?;
     Ok(Ok((request, fresh)))
