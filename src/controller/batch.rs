@@ -21,9 +21,15 @@ use crate::cloud::{CloudResult, Ec2, LaunchOutcome, LaunchRequest};
 /// How long an answer stays shared with members that ask after it came.
 const ANSWER_KEPT: Duration = Duration::from_secs(60);
 
-/// Longest a member waits for the others to record the batch before it is sent anyway: a
-/// member that has not recorded it by then does not claim its instance, which the garbage
-/// collector terminates.
+/// How long a member's place in a sent batch is kept for its next pass while its own record is
+/// not in: a minute less than the garbage collector leaves a batch's instance unclaimed
+/// ([`crate::domain::gc::BATCH_GRACE`]), for the write and the call that take it again.
+const PLACE_KEPT: Duration = Duration::from_secs(120);
+
+/// Longest a member waits for the first member's record (then records its own), or, when that
+/// failed, for the others' records before the batch is sent anyway: a member that recorded
+/// nothing and keeps no place does not claim its instance, which the garbage collector
+/// terminates.
 const RECORD_WAIT: Duration = Duration::from_secs(30);
 
 /// Open batches by pool, and launch calls by token.
@@ -201,7 +207,7 @@ impl Batches {
     pub fn keep(&self, member: &str, intent: &LaunchIntent, request: &LaunchRequest) {
         let mut kept = self.kept.lock().unwrap();
         let now = Instant::now();
-        kept.retain(|_, (at, _, _)| now.duration_since(*at) < ANSWER_KEPT);
+        kept.retain(|_, (at, _, _)| now.duration_since(*at) < PLACE_KEPT);
         kept.insert(member.to_string(), (now, intent.clone(), request.clone()));
     }
 
@@ -226,17 +232,17 @@ impl Batches {
         Some(theirs)
     }
 
-    /// The place kept for `member` within the last minute, given up to it.
     /// Whether this process keeps a place for `member` (see [`Batches::kept`]), left in place.
     pub fn has_kept(&self, member: &str) -> bool {
         let kept = self.kept.lock().unwrap();
         kept.get(member)
-            .is_some_and(|(at, _, _)| at.elapsed() < ANSWER_KEPT)
+            .is_some_and(|(at, _, _)| at.elapsed() < PLACE_KEPT)
     }
 
+    /// The place kept for `member` within [`PLACE_KEPT`], given up to it.
     pub fn kept(&self, member: &str) -> Option<(LaunchIntent, LaunchRequest)> {
         let (at, intent, request) = self.kept.lock().unwrap().remove(member)?;
-        (at.elapsed() < ANSWER_KEPT).then_some((intent, request))
+        (at.elapsed() < PLACE_KEPT).then_some((intent, request))
     }
 }
 

@@ -701,6 +701,9 @@ struct Seen {
     /// The warm instance the job's status says it took, when another live job names it too
     /// (or the job cache cannot tell yet): neither job's to start or terminate.
     contested: Option<String>,
+    /// The job's place in a sent batch that this process keeps for it (see
+    /// [`super::batch::Batches::keep`]) until its record is in or the call is refused.
+    place: Option<String>,
     facts: Facts,
 }
 
@@ -805,6 +808,7 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         snapshot,
         launched,
         contested,
+        place: None,
         facts,
     })
 }
@@ -1107,6 +1111,7 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
         retire_warm(ctx, &seen).await?;
     }
     seen.write(job, ctx, cleared).await?;
+    forget_place(ctx, &mut seen);
     // A runner still registered on GitHub is removed once the job's end is recorded. During a
     // GitHub outage the job finishes anyway and frees its slot: the sweep removes the runner.
     if finishing {
@@ -1658,12 +1663,18 @@ async fn new_launch(
     seen.status.launch = Some(Box::new(intent.clone()));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
     let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) else {
-        seen.write(job, ctx, &[]).await?;
+        let written = seen.write(job, ctx, &[]).await;
+        // A batch place taken again is kept again until its record is in.
+        if written.is_err() && intent.batch.is_some() {
+            batches.keep(&member, &intent, &request);
+        }
+        written?;
         return Ok(Ok((request, fresh)));
     };
     // Recorded by the first member: this one's record goes with its instance, after the call.
     if j.member > 0 && j.recorded_by_first().await {
         batches.keep(&member, &intent, &request);
+        seen.place = Some(member);
         j.recorded();
         return Ok(Ok((request, fresh)));
     }
@@ -1855,7 +1866,10 @@ async fn send(
         // No answer (a transport failure): EC2 may have launched. The same request, sent
         // again under the same token, finds out.
         Err(e) if e.code == "Transport" => return Ok(LaunchAnswer::Unanswered(e.to_string())),
-        Err(e) => return refused(ctx, seen, pool, request, &zones, e),
+        Err(e) => {
+            forget_place(ctx, seen);
+            return refused(ctx, seen, pool, request, &zones, e);
+        }
     };
     let short = (outcome.failures.iter()).filter(|f| f.error.is(ErrorClass::InsufficientCapacity));
     let mut marked = false;
@@ -1910,6 +1924,7 @@ async fn send(
             marked = true;
         }
         let left = marked && offerings_left(ctx, pool, &zones);
+        forget_place(ctx, seen);
         return Ok(LaunchAnswer::NoCapacity { left, why });
     };
     if instance.zone.is_empty() {
@@ -1917,6 +1932,14 @@ async fn send(
     }
     launched(ctx, seen, instance, waited).await;
     Ok(LaunchAnswer::Launched)
+}
+
+/// Gives up the batch place this process kept for the job: EC2 made no instance for it, or its
+/// record is in.
+fn forget_place(ctx: &Context, seen: &mut Seen) {
+    if let Some(place) = seen.place.take() {
+        ctx.jobs.batches.kept(&place);
+    }
 }
 
 /// The zone of the subnet a launch offered `instance_type` in: CreateFleet does not always say.

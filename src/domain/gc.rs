@@ -1,6 +1,6 @@
 //! Which of our instances and launch templates nobody claims any more.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::cloud::{Instance, LaunchTemplate, tags};
@@ -40,7 +40,9 @@ pub fn claims_runner(job: &crate::api::RunnerJob, attempt: u32) -> bool {
 }
 
 /// What live RunnerJobs claim of batched launches, whose instances name no job: the instances
-/// their statuses name, and the batches (by token) a member still waits to hear from. Unlike
+/// their statuses name, and the batches (by token) a member still waits to hear from or that
+/// fewer live jobs record than it has members (the members after the first record theirs
+/// after the call, see [`crate::controller::batch`]). Unlike
 /// [`super::job::claims_batch_instance`], which decides who may take or terminate an instance,
 /// the collector takes any live status's word: a claim made up only keeps an instance a while
 /// longer (until that job finishes), never ends another job's.
@@ -54,7 +56,15 @@ impl BatchClaims {
     /// The claims of RunnerJobs with these statuses: those not finished.
     pub fn of<'a>(statuses: impl IntoIterator<Item = &'a crate::api::RunnerJobStatus>) -> Self {
         let mut claims = Self::default();
+        // Per token: the batch's size and how many live statuses record it.
+        let mut recorded: HashMap<&str, (u32, u32)> = HashMap::new();
         for status in statuses.into_iter().filter(|s| !s.phase.is_finished()) {
+            if let Some(launch) = &status.launch
+                && let Some(batch) = &launch.batch
+            {
+                let (size, count) = recorded.entry(&launch.client_token).or_default();
+                (*size, *count) = ((*size).max(batch.size), *count + 1);
+            }
             match (&status.instance, &status.launch) {
                 (Some(instance), _) => {
                     claims.instances.insert(instance.id.clone());
@@ -65,6 +75,12 @@ impl BatchClaims {
                 _ => {}
             }
         }
+        let short = recorded
+            .into_iter()
+            .filter(|(_, (size, count))| count < size);
+        claims
+            .tokens
+            .extend(short.map(|(token, _)| token.to_string()));
         claims
     }
 
@@ -75,7 +91,8 @@ impl BatchClaims {
 
 /// How old a batch's instance must be, at least, before it may be collected: the claims on it
 /// are read from the watch cache, which may lag behind the statuses a little, and a member
-/// whose record failed keeps its place for a minute, retried with backoff.
+/// whose record is not in yet (it failed, or, past a batch's first member, is written after
+/// the call) keeps its place this long, retried with backoff.
 pub const BATCH_GRACE: Duration = Duration::from_secs(180);
 
 /// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims: by
@@ -280,9 +297,12 @@ mod tests {
         };
         let instances = [
             batch_instance("i-named", "pacer-b1"),
+            batch_instance("i-named-too", "pacer-b1"),
             batch_instance("i-waited-for", "pacer-b2"),
             batch_instance("i-extra", "pacer-b1"),
             batch_instance("i-of-a-finished-job", "pacer-b3"),
+            batch_instance("i-first", "pacer-b4"),
+            batch_instance("i-not-recorded-yet", "pacer-b4"),
         ];
         let status = |phase, instance: Option<&str>, token: &str| RunnerJobStatus {
             phase,
@@ -306,8 +326,13 @@ mod tests {
         };
         let statuses = [
             status(JobPhase::Booting, Some("i-named"), "pacer-b1"),
+            status(JobPhase::Booting, Some("i-named-too"), "pacer-b1"),
+            status(JobPhase::Launching, None, "pacer-b2"),
             status(JobPhase::Launching, None, "pacer-b2"),
             status(JobPhase::Succeeded, Some("i-of-a-finished-job"), "pacer-b3"),
+            status(JobPhase::Succeeded, Some("i-b3-other"), "pacer-b3"),
+            // Recorded by its first member only: the other records its place after the call.
+            status(JobPhase::Booting, Some("i-first"), "pacer-b4"),
         ];
         let claims = BatchClaims::of(&statuses);
         let owner = Owner {
@@ -320,8 +345,16 @@ mod tests {
             .iter()
             .map(|i| i.id.as_str())
             .collect();
-        // The batch's other instance that no member recorded, and a finished job's.
+        // An instance of a batch every member recorded that none names, and a finished job's.
         assert_eq!(doomed, ["i-extra", "i-of-a-finished-job"]);
+        // Once b4's other member has recorded another instance, the one left is nobody's.
+        let statuses = [
+            status(JobPhase::Booting, Some("i-first"), "pacer-b4"),
+            status(JobPhase::Booting, Some("i-second"), "pacer-b4"),
+        ];
+        let claims = BatchClaims::of(&statuses);
+        let doomed = orphans(&instances, owner, &live, Some(&claims), None, now, grace);
+        assert!(doomed.iter().any(|i| i.id == "i-not-recorded-yet"));
         // Without the statuses, no batch's instance is collected.
         assert!(orphans(&instances, owner, &live, None, None, now, grace).is_empty());
     }
