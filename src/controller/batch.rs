@@ -46,10 +46,36 @@ pub struct Batches {
     /// a member whose own record was lost with the process that sent its batch (killed between
     /// the call and the record) takes again.
     recorded: std::sync::OnceLock<(k8s_openapi::jiff::Timestamp, RecordedPlaces)>,
+    /// Members given their recorded place already: each is given once.
+    given: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Batch records by `namespace/pool/member`, with the member's place in each.
 pub type RecordedPlaces = HashMap<String, (Arc<LaunchIntent>, u32)>;
+
+/// The places that batch records name, by `pool/member` (`pool` as `namespace/name`): each
+/// record given as its job's pool, the record and when it was recorded. A member found in two
+/// records (left without an instance by one batch, it went into the next) takes its place in
+/// the one recorded last.
+pub fn places_of(
+    records: impl IntoIterator<Item = (String, LaunchIntent, Option<k8s_openapi::jiff::Timestamp>)>,
+) -> RecordedPlaces {
+    let mut places: HashMap<String, (Arc<LaunchIntent>, u32, _)> = HashMap::new();
+    for (pool, intent, at) in records {
+        let members = (intent.batch.as_ref()).map_or(Vec::new(), |b| b.members.clone());
+        let record = Arc::new(intent);
+        for (place, member) in members.iter().enumerate() {
+            let key = format!("{pool}/{member}");
+            if places.get(&key).is_none_or(|(_, _, then)| *then < at) {
+                places.insert(key, (record.clone(), place as u32, at));
+            }
+        }
+    }
+    let places = places.into_iter();
+    places
+        .map(|(key, (record, place, _))| (key, (record, place)))
+        .collect()
+}
 
 /// One launch call and its answer, shared by the members that ask for it.
 type Flight = Arc<OnceCell<CloudResult<LaunchOutcome>>>;
@@ -225,11 +251,27 @@ impl Batches {
             .recorded
             .get_or_init(|| (k8s_openapi::jiff::Timestamp::now(), recorded()));
         let (intent, place) = places.get(member).filter(|_| created < *read_at)?;
+        if self.given.lock().unwrap().contains(member) {
+            return None;
+        }
         let mut theirs = LaunchIntent::clone(intent);
         if let Some(batch) = theirs.batch.as_mut() {
             batch.member = *place;
         }
         Some(theirs)
+    }
+
+    /// [`Batches::recorded_place`], given to `member` once: asked again (EC2 made it no
+    /// instance, say), it finds none; a record of it that fails is kept ([`Batches::keep`]).
+    pub fn take_recorded_place(
+        &self,
+        member: &str,
+        created: k8s_openapi::jiff::Timestamp,
+        recorded: impl FnOnce() -> RecordedPlaces,
+    ) -> Option<LaunchIntent> {
+        let place = self.recorded_place(member, created, recorded)?;
+        self.given.lock().unwrap().insert(member.to_string());
+        Some(place)
     }
 
     /// Whether this process keeps a place for `member` (see [`Batches::kept`]), left in place.
@@ -400,7 +442,36 @@ mod tests {
             batches.recorded_place("ci/linux/uid-2/1/1", later, &mut read),
             None
         );
+        // Given once: asked again, the member has no recorded place left.
+        assert!((batches.take_recorded_place("ci/linux/uid-2/1/1", before, &mut read)).is_some());
+        assert_eq!(
+            batches.recorded_place("ci/linux/uid-2/1/1", before, &mut read),
+            None
+        );
         assert_eq!(reads, 1, "the cache is read once");
+    }
+
+    #[test]
+    fn a_member_in_two_batch_records_takes_its_place_in_the_later_one() {
+        use k8s_openapi::jiff::Timestamp;
+        let first = crate::domain::launch::test_batch(&["uid-1", "uid-2"], b"one")[0].clone();
+        let next = crate::domain::launch::test_batch(&["uid-3", "uid-2"], b"two")[0].clone();
+        let (then, now) = (Timestamp::UNIX_EPOCH, Timestamp::now());
+        for records in [
+            vec![(first.clone(), then), (next.clone(), now)],
+            vec![(next.clone(), now), (first.clone(), then)],
+        ] {
+            let records =
+                (records.into_iter()).map(|(r, at)| ("ci/linux".to_string(), r, Some(at)));
+            let places = places_of(records);
+            let (record, place) =
+                &places[&format!("ci/linux/{}", next.batch.as_ref().unwrap().members[1])];
+            assert_eq!(
+                (record.client_token.as_str(), *place),
+                (next.client_token.as_str(), 1)
+            );
+            assert_eq!(places.len(), 3, "{places:?}");
+        }
     }
 
     #[tokio::test]

@@ -1626,7 +1626,7 @@ async fn new_launch(
     let kept = batches.kept(&member).or_else(|| {
         let created = job.metadata.creation_timestamp.as_ref()?.0;
         let place = format!("{}/{member}", pool_key(job));
-        let intent = batches.recorded_place(&place, created, || recorded_places(ctx))?;
+        let intent = batches.take_recorded_place(&place, created, || recorded_places(ctx))?;
         let tags = launch::batch_tags(&pool_tags(job, pool, ctx), &intent.client_token);
         let request = launch::replay(&intent, &pool.spec, template, &tags, &seen.uid).ok()?;
         info!(token = %intent.client_token, "taking the place its batch's other members recorded");
@@ -1695,14 +1695,14 @@ async fn new_launch(
     Ok(Ok((request, fresh)))
 }
 
-/// Every place in the batches that live jobs of the cache record, by `namespace/pool/member`:
-/// a record of the job's own place, shared by the places of its batch. Only a job of the same
-/// pool names the places a member may take.
+/// Every place in the batches that live jobs of the cache record (see
+/// [`super::batch::places_of`]): only a record of the job's own place counts, and only a job of
+/// the same pool names the places a member may take.
 fn recorded_places(ctx: &Context) -> super::batch::RecordedPlaces {
-    let mut places = HashMap::new();
     let Some(store) = ctx.jobs.store() else {
-        return places;
+        return HashMap::new();
     };
+    let mut records = Vec::new();
     for job in store.state() {
         let (Some(uid), Some(status)) = (job.metadata.uid.as_deref(), job.status.as_ref()) else {
             continue;
@@ -1714,19 +1714,13 @@ fn recorded_places(ctx: &Context) -> super::batch::RecordedPlaces {
         else {
             continue;
         };
-        let Some(batch) = intent.batch.as_ref() else {
-            continue;
-        };
-        if launch::batch_place_of(intent, uid).is_err() {
+        if intent.batch.is_none() || launch::batch_place_of(intent, uid).is_err() {
             continue;
         }
-        let record = Arc::new((**intent).clone());
-        for (place, member) in batch.members.iter().enumerate() {
-            let key = format!("{}/{member}", pool_key(&job));
-            places.entry(key).or_insert((record.clone(), place as u32));
-        }
+        let at = status.phase_times.launching.as_ref().map(|t| t.0);
+        records.push((pool_key(&job), (**intent).clone(), at));
     }
-    places
+    super::batch::places_of(records)
 }
 
 /// The tags of every instance of the pool: the user's and Pacer's.
