@@ -4,9 +4,9 @@
 //! their instance once the call is answered (a restart between the two finds their places in
 //! the first member's record), or each before the call when the first member's record failed.
 //! The call goes once, and every member takes the instance at its place in EC2's answer sorted
-//! by id (see [`crate::domain::launch::member_instance`]). A member that asks again (after a restart, or
-//! when the answer was lost) sends the recorded batch again under its token: EC2 answers with
-//! the same instances, and concurrent askers share one call.
+//! by id (see [`crate::domain::launch::member_instance`]). A member that asks again (after a
+//! restart, or when the answer was lost) sends the recorded batch again under its token: EC2
+//! answers with the same instances, and concurrent askers share one call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
