@@ -1,9 +1,6 @@
 //! Batched launches: the jobs of one pool that become launchable within a short window are
-//! launched by one call. The batch's first member records its launch (its token, request and
-//! every member) in its status before the call goes out; the others record their place with
-//! their instance once the call is answered (a restart between the two finds their places in
-//! the first member's record), or each before the call when the first member's record failed.
-//! The call goes once, and every member takes the instance at its place in EC2's answer sorted
+//! launched by one call. Each member records the batch's launch (its token, request and every
+//! member) in its own status before the call goes out; the call goes once, and every member takes the instance at its place in EC2's answer sorted
 //! by id (see [`crate::domain::launch::member_instance`]). A member that asks again (after a
 //! restart, or when the answer was lost) sends the recorded batch again under its token: EC2
 //! answers with the same instances, and concurrent askers share one call.
@@ -21,15 +18,14 @@ use crate::cloud::{CloudResult, Ec2, LaunchOutcome, LaunchRequest};
 /// How long an answer stays shared with members that ask after it came.
 const ANSWER_KEPT: Duration = Duration::from_secs(60);
 
-/// How long a member's place in a sent batch is kept for its next pass while its own record is
-/// not in: a minute less than the garbage collector leaves a batch's instance unclaimed
+/// How long a member's place in a sent batch is kept for its next pass when its record failed:
+/// a minute less than the garbage collector leaves a batch's instance unclaimed
 /// ([`crate::domain::gc::BATCH_GRACE`]), for the write and the call that take it again.
 const PLACE_KEPT: Duration = Duration::from_secs(120);
 
-/// Longest a member waits for the first member's record (then records its own), or, when that
-/// failed, for the others' records before the batch is sent anyway: a member that recorded
-/// nothing and keeps no place does not claim its instance, which the garbage collector
-/// terminates.
+/// Longest a member waits for the others to record the batch before it is sent anyway: a
+/// member that recorded nothing and keeps no place does not claim its instance, which the
+/// garbage collector terminates.
 const RECORD_WAIT: Duration = Duration::from_secs(30);
 
 /// Open batches by pool, and launch calls by token.
@@ -62,9 +58,11 @@ pub fn places_of(
 ) -> RecordedPlaces {
     let mut places: HashMap<String, (Arc<LaunchIntent>, u32, _)> = HashMap::new();
     for (pool, intent, at) in records {
-        let members = (intent.batch.as_ref()).map_or(Vec::new(), |b| b.members.clone());
         let record = Arc::new(intent);
-        for (place, member) in members.iter().enumerate() {
+        let Some(batch) = record.batch.as_ref() else {
+            continue;
+        };
+        for (place, member) in batch.members.iter().enumerate() {
             let key = format!("{pool}/{member}");
             if places.get(&key).is_none_or(|(_, _, then)| *then < at) {
                 places.insert(key, (record.clone(), place as u32, at));
@@ -92,8 +90,6 @@ pub struct Batch {
     plan: OnceCell<Option<LaunchRequest>>,
     /// Members done recording (or failing to).
     recorded: watch::Sender<usize>,
-    /// Whether the first member's record landed; `None` until it is known.
-    first: watch::Sender<Option<bool>>,
 }
 
 #[derive(Default)]
@@ -134,7 +130,6 @@ impl Batches {
                     nonce,
                     plan: OnceCell::new(),
                     recorded: watch::Sender::new(0),
-                    first: watch::Sender::new(None),
                 })
             };
             let mut batch = open.get(pool).cloned().unwrap_or_else(fresh);
@@ -311,23 +306,6 @@ impl Joined {
         }
     }
 
-    /// Says, as the batch's first member, whether its record of the batch landed.
-    pub fn first_recorded(&mut self, landed: bool) {
-        self.batch.first.send_if_modified(|first| {
-            let unknown = first.is_none();
-            first.get_or_insert(landed);
-            unknown
-        });
-        self.recorded();
-    }
-
-    /// Whether the batch's first member recorded it, waited for at most [`RECORD_WAIT`].
-    pub async fn recorded_by_first(&self) -> bool {
-        let mut first = self.batch.first.subscribe();
-        let known = tokio::time::timeout(RECORD_WAIT, first.wait_for(Option::is_some)).await;
-        matches!(known, Ok(Ok(landed)) if *landed == Some(true))
-    }
-
     /// Waits until every member has recorded the batch (or failed to), at most [`RECORD_WAIT`].
     pub async fn all_recorded(&self) {
         let size = self.members.len();
@@ -339,9 +317,6 @@ impl Joined {
 impl Drop for Joined {
     /// A member whose pass ends before it recorded the batch does not hold the others up.
     fn drop(&mut self) {
-        if self.member == 0 && !self.reported {
-            self.first_recorded(false);
-        }
         self.recorded();
     }
 }
@@ -380,37 +355,6 @@ mod tests {
         // Past its window, a batch takes no one: a new one opens.
         let e = join("ns/linux", "e");
         assert_eq!(e.await.unwrap(), (vec!["e".to_string()], 0));
-    }
-
-    #[tokio::test]
-    async fn members_learn_whether_the_first_member_recorded_the_batch() {
-        let batches = Arc::new(Batches::default());
-        let pair = || {
-            let join = |member: &'static str| {
-                let batches = batches.clone();
-                tokio::spawn(async move {
-                    (batches.join("ns/linux", member.into(), Duration::from_secs(5), 2)).await
-                })
-            };
-            let (a, b) = (join("a"), join("b"));
-            async move {
-                let (a, b) = (a.await.unwrap(), b.await.unwrap());
-                if a.member == 0 { (a, b) } else { (b, a) }
-            }
-        };
-        let (mut first, other) = pair().await;
-        let asks = tokio::spawn(async move { other.recorded_by_first().await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!asks.is_finished(), "waits for the first member's word");
-        first.first_recorded(true);
-        assert!(asks.await.unwrap());
-        // Failed, or the first member's pass ended before its record: each records its own.
-        let (mut first, other) = pair().await;
-        first.first_recorded(false);
-        assert!(!other.recorded_by_first().await);
-        let (first, other) = pair().await;
-        drop(first);
-        assert!(!other.recorded_by_first().await);
     }
 
     #[test]

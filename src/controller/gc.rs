@@ -105,9 +105,9 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
         .filter(|j| j.status.as_ref().is_some_and(|s| s.phase.is_finished()))
         .filter_map(|j| j.metadata.uid.clone())
         .collect();
-    // A batch's instances are claimed through their jobs' statuses: its first member records
-    // the batch before the call, every member its place and instance after the answer, and
-    // the instances are older than the grace period, so the watch cache has long seen them.
+    // A batch's instances are claimed through their jobs' statuses: a member records the
+    // batch before the call and its instance after the answer, and the instances are older
+    // than the grace period, so the watch cache has long seen both.
     let batches = (ctx.jobs.store().is_some())
         .then(|| BatchClaims::of(cached.iter().filter_map(|j| j.status.as_ref())));
     drop(cached);

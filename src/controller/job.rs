@@ -624,10 +624,9 @@ fn waiting_for_room(ctx: &Context, job: &RunnerJob) -> Vec<ObjectRef<RunnerJob>>
 /// with its pool cached: its TTL and re-runs are the pool's. (At a start, the few pools are
 /// listed before the thousands of RunnerJobs.)
 fn passless(ctx: &Context, job: &RunnerJob) -> bool {
-    let (Some(status), Some(pool)) = (job.status.as_ref(), cached_pool(ctx, job)) else {
+    let (Some(status), Some(limits)) = (job.status.as_ref(), cached_limits(ctx, job)) else {
         return false;
     };
-    let limits = ctx.settings.job_limits.for_pool(&pool.spec);
     job.metadata.deletion_timestamp.is_none()
         && job.finalizers().iter().any(|f| f == FINALIZER)
         && needs_no_pass(
@@ -636,6 +635,11 @@ fn passless(ctx: &Context, job: &RunnerJob) -> bool {
             &limits,
             Timestamp::now(),
         )
+}
+
+/// The job limits of `job`'s pool, when the pool is cached.
+fn cached_limits(ctx: &Context, job: &RunnerJob) -> Option<Limits> {
+    cached_pool(ctx, job).map(|pool| ctx.settings.job_limits.for_pool(&pool.spec))
 }
 
 /// Every `expiry_scan` of the job limits, the cached finished RunnerJobs whose TTL ends within
@@ -653,8 +657,7 @@ fn expiring_jobs(
                 let Some(status) = job.status.as_ref().filter(|s| s.phase.is_finished()) else {
                     return false;
                 };
-                let limits = ctx.settings.job_limits;
-                let limits = cached_pool(&ctx, job).map_or(limits, |p| limits.for_pool(&p.spec));
+                let limits = cached_limits(&ctx, job).unwrap_or(ctx.settings.job_limits);
                 expiring(entered_time(status).map(|t| t.0), &limits, now)
             })
             .map(|job| ObjectRef::from_obj(&**job))
@@ -701,9 +704,6 @@ struct Seen {
     /// The warm instance the job's status says it took, when another live job names it too
     /// (or the job cache cannot tell yet): neither job's to start or terminate.
     contested: Option<String>,
-    /// The job's place in a sent batch that this process keeps for it (see
-    /// [`super::batch::Batches::keep`]) until its record is in or the call is refused.
-    place: Option<String>,
     facts: Facts,
 }
 
@@ -808,7 +808,6 @@ async fn observe(job: &RunnerJob, ctx: &Context, deleting: bool) -> Result<Seen>
         snapshot,
         launched,
         contested,
-        place: None,
         facts,
     })
 }
@@ -1111,7 +1110,6 @@ async fn record(job: &RunnerJob, ctx: &Context, mut seen: Seen, decision: Decisi
         retire_warm(ctx, &seen).await?;
     }
     seen.write(job, ctx, cleared).await?;
-    forget_place(ctx, &mut seen);
     // A runner still registered on GitHub is removed once the job's end is recorded. During a
     // GitHub outage the job finishes anyway and frees its slot: the sweep removes the runner.
     if finishing {
@@ -1603,13 +1601,11 @@ fn has_batch_place(job: &RunnerJob, ctx: &Context, seen: &Seen) -> bool {
         })
 }
 
-/// A new launch for the job, recorded before it goes out: the job's own, or a batch's with the
-/// jobs of its pool that became launchable within the batch window. A batch is sent once its
-/// first member has recorded it: that record names every member's place, so the others write
-/// theirs with their instance after the call (this process keeps their places meanwhile, and
-/// a restart finds them in that record). When the first member's record fails, each member
-/// records its own and the batch is sent once every member has (or failed to: the instance of
-/// a member that did not record it is nobody's, and the garbage collector's).
+/// A new launch for the job, recorded in its status before it goes out: the job's own, or a
+/// batch's with the jobs of its pool that became launchable within the batch window. A batch
+/// is sent once every member has recorded it (or failed to: a member whose record failed keeps
+/// its place for its next pass; the instance of one that keeps none is nobody's, and the
+/// garbage collector's).
 async fn new_launch(
     job: &RunnerJob,
     ctx: &Context,
@@ -1662,33 +1658,15 @@ async fn new_launch(
     // launch's visibility window starts as it is recorded, past the batch's window.
     seen.status.launch = Some(Box::new(intent.clone()));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
-    let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) else {
-        let written = seen.write(job, ctx, &[]).await;
-        // A batch place taken again is kept again until its record is in.
-        if written.is_err() && intent.batch.is_some() {
-            batches.keep(&member, &intent, &request);
-        }
-        written?;
-        return Ok(Ok((request, fresh)));
-    };
-    // Recorded by the first member: this one's record goes with its instance, after the call.
-    if j.member > 0 && j.recorded_by_first().await {
-        batches.keep(&member, &intent, &request);
-        seen.place = Some(member);
-        j.recorded();
-        return Ok(Ok((request, fresh)));
-    }
     let written = seen.write(job, ctx, &[]).await;
-    match (j.member, &written) {
-        (0, _) => j.first_recorded(written.is_ok()),
-        (_, Ok(())) => {
-            j.recorded();
+    if let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) {
+        j.recorded();
+        if written.is_ok() {
             j.all_recorded().await;
         }
-        (_, Err(_)) => j.recorded(),
     }
-    // Sent without this record: kept for the next pass.
-    if written.is_err() {
+    // A batch's place sent (or taken again) without this record: kept for the next pass.
+    if written.is_err() && intent.batch.is_some() {
         batches.keep(&member, &intent, &request);
     }
     written?;
@@ -1860,10 +1838,7 @@ async fn send(
         // No answer (a transport failure): EC2 may have launched. The same request, sent
         // again under the same token, finds out.
         Err(e) if e.code == "Transport" => return Ok(LaunchAnswer::Unanswered(e.to_string())),
-        Err(e) => {
-            forget_place(ctx, seen);
-            return refused(ctx, seen, pool, request, &zones, e);
-        }
+        Err(e) => return refused(ctx, seen, pool, request, &zones, e),
     };
     let short = (outcome.failures.iter()).filter(|f| f.error.is(ErrorClass::InsufficientCapacity));
     let mut marked = false;
@@ -1918,7 +1893,6 @@ async fn send(
             marked = true;
         }
         let left = marked && offerings_left(ctx, pool, &zones);
-        forget_place(ctx, seen);
         return Ok(LaunchAnswer::NoCapacity { left, why });
     };
     if instance.zone.is_empty() {
@@ -1926,14 +1900,6 @@ async fn send(
     }
     launched(ctx, seen, instance, waited).await;
     Ok(LaunchAnswer::Launched)
-}
-
-/// Gives up the batch place this process kept for the job: EC2 made no instance for it, or its
-/// record is in.
-fn forget_place(ctx: &Context, seen: &mut Seen) {
-    if let Some(place) = seen.place.take() {
-        ctx.jobs.batches.kept(&place);
-    }
 }
 
 /// The zone of the subnet a launch offered `instance_type` in: CreateFleet does not always say.

@@ -41,8 +41,8 @@ pub fn claims_runner(job: &crate::api::RunnerJob, attempt: u32) -> bool {
 
 /// What live RunnerJobs claim of batched launches, whose instances name no job: the instances
 /// their statuses name, and the batches (by token) a member still waits to hear from or that
-/// fewer live jobs record than it has members (the members after the first record theirs
-/// after the call, see [`crate::controller::batch`]). Unlike
+/// fewer live jobs record than it has members (a member whose record failed keeps its place,
+/// see [`crate::controller::batch`]). Unlike
 /// [`super::job::claims_batch_instance`], which decides who may take or terminate an instance,
 /// the collector takes any live status's word: a claim made up only keeps an instance a while
 /// longer (until that job finishes), never ends another job's.
@@ -91,8 +91,7 @@ impl BatchClaims {
 
 /// How old a batch's instance must be, at least, before it may be collected: the claims on it
 /// are read from the watch cache, which may lag behind the statuses a little, and a member
-/// whose record is not in yet (it failed, or, past a batch's first member, is written after
-/// the call) keeps its place this long, retried with backoff.
+/// whose record failed keeps its place for two minutes, retried with backoff.
 pub const BATCH_GRACE: Duration = Duration::from_secs(180);
 
 /// Instances to terminate: those that [`may_be_orphan`] and that no live RunnerJob claims: by
@@ -331,7 +330,7 @@ mod tests {
             status(JobPhase::Launching, None, "pacer-b2"),
             status(JobPhase::Succeeded, Some("i-of-a-finished-job"), "pacer-b3"),
             status(JobPhase::Succeeded, Some("i-b3-other"), "pacer-b3"),
-            // Recorded by its first member only: the other records its place after the call.
+            // Recorded by one member only: the other's record failed, and it keeps its place.
             status(JobPhase::Booting, Some("i-first"), "pacer-b4"),
         ];
         let claims = BatchClaims::of(&statuses);
