@@ -13,7 +13,9 @@
 //! `BENCH_WARM` (3) jobs each. The figures are written to `bench/results/latest.md`.
 //!
 //! The launch part also reads the API server's own request counts (see `apiserver`): Pacer's
-//! RunnerJob writes, Event writes and RunnerJob reads per job over the burst. `waiting` (see
+//! RunnerJob writes, Event writes and RunnerJob reads per job over the burst. Then it measures
+//! the API server's floor (see `floor`): the same burst with each job's launch record written
+//! as it is created and no controller running. `waiting` (see
 //! `waiting`) fills a pool of `BENCH_WAITING_MAX` (10) slots, queues `BENCH_WAITING` (2000) jobs
 //! behind it and, once settled, counts Pacer's writes over `BENCH_WINDOW_S` (60) seconds.
 
@@ -23,6 +25,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "launch/apiserver.rs"]
 mod apiserver;
+#[path = "launch/floor.rs"]
+mod floor;
 #[path = "launch/process.rs"]
 mod process;
 #[path = "launch/refill.rs"]
@@ -188,7 +192,14 @@ struct Run {
     sg: String,
 }
 
-async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
+/// Runs the burst; returns a launch record of a batch member that it made, as the API server
+/// stored it.
+async fn bench(
+    run: Run,
+    count: usize,
+    stored: usize,
+    report: &mut Report,
+) -> Option<serde_json::Value> {
     let ground = ground(Parts::Both);
     let client = ground.kube_client().await;
     let ns = ground
@@ -266,6 +277,16 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     }
     let all_launched = started.elapsed();
     latencies.sort();
+    let record = (jobs
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter())
+    .filter_map(|j| j.status?.launch.filter(|l| l.batch.is_some()))
+    .map(|l| serde_json::to_value(l).unwrap())
+    .next();
+    own_lists += 1;
     // Let every job reach Booting so the steady-state reads are counted too.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let calls = ctx.metrics.encode();
@@ -359,6 +380,7 @@ async fn bench(run: Run, count: usize, stored: usize, report: &mut Report) {
     // Stop the controllers before the runtime goes, so their tasks end cleanly.
     controllers.abort();
     let _ = controllers.await;
+    record
 }
 
 /// The API server's requests over the burst, from before the creations until every job was
@@ -564,7 +586,7 @@ async fn main() {
         let metrics = Arc::new(Metrics::default());
         let fake = Arc::new(fake.with_latency(latency).observed_by(metrics.clone()));
         println!("fake EC2 latency per call: {latency:?}");
-        bench(
+        let record = bench(
             Run {
                 name: "fake",
                 ec2: fake.clone(),
@@ -579,6 +601,32 @@ async fn main() {
             &mut report,
         )
         .await;
+        for limited in [true, false].iter().filter(|_| record.is_some()) {
+            let record = record.as_ref().unwrap();
+            let f = floor::run(ground(Parts::Both), count, record, *limited).await;
+            let client = match limited {
+                true => "at most 32 in flight, as Pacer's client",
+                false => "no client-side limit",
+            };
+            let figure = format!(
+                "p50 {:.2?}  p95 {:.2?}  p99 {:.2?}; the last stored {:.2?} after the first \
+                 creation",
+                percentile(&f.latencies, 0.50),
+                percentile(&f.latencies, 0.95),
+                percentile(&f.latencies, 0.99),
+                f.all
+            );
+            println!("floor ({client}): creation -> own launch record stored: {figure}");
+            report.add(
+                &format!(
+                    "floor, no controller: RunnerJob created → a launch record of its own \
+                     stored, {count} at once ({client}): what recording each job before its \
+                     call costs the API server here, the EC2 call not counted"
+                ),
+                figure,
+                "",
+            );
+        }
     }
 
     if part("refill") {
