@@ -1,9 +1,10 @@
 //! Batched launches: the jobs of one pool that become launchable within a short window are
 //! launched by one call. Each member records the batch's launch (its token, request and every
-//! member) in its own status before the call goes out; the call goes once, and every member takes the instance at its place in EC2's answer sorted
-//! by id (see [`crate::domain::launch::member_instance`]). A member that asks again (after a
-//! restart, or when the answer was lost) sends the recorded batch again under its token: EC2
-//! answers with the same instances, and concurrent askers share one call.
+//! member) in its own status before the call goes out; the call goes once, and every member
+//! takes the instance at its place in EC2's answer sorted by id (see
+//! [`crate::domain::launch::member_instance`]). A member that asks again (after a restart, or
+//! when the answer was lost) sends the recorded batch again under its token: EC2 answers with
+//! the same instances, and concurrent askers share one call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -69,8 +70,7 @@ pub fn places_of(
             }
         }
     }
-    let places = places.into_iter();
-    places
+    (places.into_iter())
         .map(|(key, (record, place, _))| (key, (record, place)))
         .collect()
 }
