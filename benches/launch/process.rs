@@ -94,7 +94,7 @@ impl std::fmt::Display for Start {
 }
 
 pub struct Figures {
-    /// Listing the stored RunnerJobs from the bench, as a watcher's first list does.
+    /// The API server serving the stored RunnerJobs as Pacer's watch asks for them, unparsed.
     pub listing: Duration,
     pub start_idle: Start,
     pub idle: Memory,
@@ -266,38 +266,35 @@ async fn store_finished(ns: &str, pool: &str, count: usize) {
         .await;
 }
 
-/// How long listing the RunnerJobs of `ns` takes in pages of 500, parsed into RunnerJobs, as a
-/// watcher's first list does (in this build, with this build's parsing speed).
+/// How long the API server takes to serve the RunnerJobs of `ns` as Pacer's watch asks for them
+/// (pages of 500 and no resourceVersion: a consistent list, which Kubernetes serves from its
+/// watch cache), read to the last byte and not parsed: what no client syncs faster here.
 async fn list_time(ns: &str) -> Duration {
+    use kube::Resource as _;
     let g = ground(Parts::Both);
     let client = kube::Client::try_from(g.kube_config().await).unwrap();
-    let jobs: Api<RunnerJob> = Api::namespaced(client, ns);
+    let path = RunnerJob::url_path(&(), Some(ns));
     let started = Instant::now();
-    let mut params = kube::api::ListParams::default().limit(500);
+    let mut next = String::new();
     loop {
-        let page = jobs.list(&params).await.unwrap();
-        match page.metadata.continue_.filter(|t| !t.is_empty()) {
-            Some(t) => params = params.continue_token(&t),
+        let uri = format!("{path}?limit=500{next}");
+        let request = axum::http::Request::get(uri).body(vec![]).unwrap();
+        let page = client.request_text(request).await.unwrap();
+        // The list's metadata comes after its items; a scan finds the token without parsing.
+        let token = page.rfind(r#""continue":""#).map(|at| {
+            let rest = &page[at + r#""continue":""#.len()..];
+            rest[..rest.find('"').unwrap()].to_string()
+        });
+        match token.filter(|t| !t.is_empty()) {
+            Some(t) => next = format!("&continue={t}"),
             None => break,
         }
     }
     started.elapsed()
 }
 
-/// Measures `pacer run`: start to ready and memory with pools Ready and no RunnerJob, then the
-/// same with `stored` finished RunnerJobs.
-pub async fn run(stored: usize) -> Figures {
-    let g = ground(Parts::Both);
-    let client = g.kube_client().await;
-    let ns = g.namespace(&client, "bench-process").await;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{ns}"));
-    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
-    for i in 0..POOLS {
-        let pool: RunnerPool =
-            serde_json::from_value(g.example_pool(&ns, &format!("linux-{i}"))).unwrap();
-        pools.create(&PostParams::default(), &pool).await.unwrap();
-    }
-    let (pacer, start_idle) = start(&dir, &ns, "idle").await;
+/// Waits until every pool of `pools` is Ready.
+async fn pools_ready(pools: &Api<RunnerPool>, pacer: &Pacer) {
     let all_ready = || async {
         let list = pools.list(&Default::default()).await.unwrap();
         list.items.iter().all(|p| {
@@ -315,6 +312,38 @@ pub async fn run(stored: usize) -> Figures {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `pacer run` ready and serving one pool (the example's, Ready against moto) in a namespace
+/// of its own, returned with that namespace: the listener the webhook part posts to.
+pub async fn serving(name: &str) -> (Pacer, String) {
+    let g = ground(Parts::Both);
+    let client = g.kube_client().await;
+    let ns = g.namespace(&client, name).await;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{ns}"));
+    let pools: Api<RunnerPool> = Api::namespaced(client, &ns);
+    let pool: RunnerPool = serde_json::from_value(g.example_pool(&ns, "linux")).unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let (pacer, _) = start(&dir, &ns, name).await;
+    pools_ready(&pools, &pacer).await;
+    (pacer, ns)
+}
+
+/// Measures `pacer run`: start to ready and memory with pools Ready and no RunnerJob, then the
+/// same with `stored` finished RunnerJobs.
+pub async fn run(stored: usize) -> Figures {
+    let g = ground(Parts::Both);
+    let client = g.kube_client().await;
+    let ns = g.namespace(&client, "bench-process").await;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{ns}"));
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    for i in 0..POOLS {
+        let pool: RunnerPool =
+            serde_json::from_value(g.example_pool(&ns, &format!("linux-{i}"))).unwrap();
+        pools.create(&PostParams::default(), &pool).await.unwrap();
+    }
+    let (pacer, start_idle) = start(&dir, &ns, "idle").await;
+    pools_ready(&pools, &pacer).await;
     let idle = settled(&pacer, Duration::from_secs(10), Duration::from_secs(10)).await;
     drop(pacer);
 
@@ -326,7 +355,9 @@ pub async fn run(stored: usize) -> Figures {
         storing.elapsed()
     );
     let listing = list_time(&ns).await;
-    println!("listing them from the bench in pages of 500, parsed: {listing:.2?}");
+    println!(
+        "the API server serving them as the watch asks (pages of 500), not parsed: {listing:.2?}"
+    );
     // The first process's Lease must expire, or the second waits its 15 s out.
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let _ = leases
