@@ -8,6 +8,7 @@
 //! The simulator boots in about a second, so the figures show what Pacer adds (a start against
 //! a launch, the bootstrap, the JIT config), not EC2's boot times.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,10 +24,12 @@ use crate::support::{Parts, current_user, ground, wait_ready, webhooks};
 
 const REPO: &str = "example-org/api";
 
-/// Seconds from creation to the runner registered, per job, of each kind.
+/// Seconds from creation to the runner registered, per job, of each kind; and the calls the
+/// fake GitHub answered from the first delivery until every job had finished, by endpoint.
 pub struct Figures {
     pub warm: Vec<f64>,
     pub cold: Vec<f64>,
+    pub github_calls: BTreeMap<String, usize>,
 }
 
 pub async fn run(size: usize) -> Figures {
@@ -95,9 +98,20 @@ pub async fn run(size: usize) -> Figures {
     // Each job's clock starts as its delivery is accepted (the RunnerJob stored); its runner
     // is seen registered by polling every 50 ms (the status's times are whole seconds).
     let mut queued = std::collections::HashMap::new();
+    let calls_before = fake.calls_by_endpoint();
     for (job_id, pool) in &jobs {
         fake.set_job(REPO, *job_id, "queued", None);
-        let body = webhooks::queued(*job_id, &["self-hosted", "linux", pool]);
+        // Queued just now, as a live delivery is (GitHub's example is years old, and a delivery
+        // that old looks replayed: Pacer would ask GitHub about the job first).
+        let mut event: serde_json::Value =
+            serde_json::from_slice(&webhooks::queued(*job_id, &["self-hosted", "linux", pool]))
+                .unwrap();
+        event["workflow_job"]["created_at"] = json!(
+            k8s_openapi::jiff::Timestamp::now()
+                .strftime("%Y-%m-%dT%H:%M:%SZ")
+                .to_string()
+        );
+        let body = serde_json::to_vec(&event).unwrap();
         let delivery = format!("bench-{job_id}");
         let answer = webhooks::send(&http, &pacer.url(), WEBHOOK_SECRET, &delivery, body).await;
         assert!(
@@ -111,6 +125,7 @@ pub async fn run(size: usize) -> Figures {
     let mut figures = Figures {
         warm: Vec::new(),
         cold: Vec::new(),
+        github_calls: BTreeMap::new(),
     };
     let mut seen = std::collections::HashSet::new();
     while seen.len() < jobs.len() {
@@ -149,6 +164,31 @@ pub async fn run(size: usize) -> Figures {
             pacer.log_text()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each runner runs its job for a moment and exits; the job finishes (its instance
+    // terminated, its runner removed).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let list = api.list(&Default::default()).await.unwrap().items;
+        let finished = (list.iter())
+            .filter(|j| (j.status.as_ref()).is_some_and(|s| s.phase.is_finished()))
+            .count();
+        if finished == jobs.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{finished} of {} jobs finished:\n{}",
+            jobs.len(),
+            pacer.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (endpoint, n) in fake.calls_by_endpoint() {
+        let before = calls_before.get(&endpoint).copied().unwrap_or(0);
+        if n > before {
+            figures.github_calls.insert(endpoint, n - before);
+        }
     }
     figures
 }

@@ -256,6 +256,15 @@ impl FakeGitHub {
         s.delays.insert(endpoint.into(), delay);
     }
 
+    /// Every call recorded so far, by endpoint.
+    pub fn calls_by_endpoint(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        for (endpoint, _) in &self.state.lock().unwrap().calls {
+            *by.entry(endpoint.clone()).or_default() += 1;
+        }
+        by
+    }
+
     pub fn calls_of(&self, endpoint: &str) -> usize {
         self.state
             .lock()
