@@ -112,7 +112,7 @@ iam-check: build ## Lint the IAM policy and simulate the AWS calls the last `mak
 	hack/iam-check.sh $(PACER) $(AWS_CALL_LOG)
 
 .PHONY: bench
-bench: tools ## Launch latency, EC2 calls per job and memory with many RunnerJobs (BENCH_JOBS, BENCH_STORED, BENCH_LATENCY_MS, BENCH_MOTO=1)
+bench: tools ## Launch latency, EC2 calls per job and memory with many RunnerJobs (BENCH_JOBS, BENCH_STORED, BENCH_LATENCY_MS, BENCH_ONLY)
 	cargo bench --bench launch --profile $(or $(BENCH_PROFILE),dev)
 
 .PHONY: chaos
