@@ -1,6 +1,6 @@
 //! The RunnerJob as the controllers' watch reads it: the metadata no pass reads (what
-//! [`super::job::slim`] drops from the metadata) is skipped while the API server's answer is
-//! parsed, rather than parsed and then dropped. A start with thousands of RunnerJobs parses every one of them, and
+//! [`super::job::slim`] drops) is skipped while the API server's answer is parsed, rather than
+//! parsed and then dropped. A start with thousands of RunnerJobs parses every one of them, and
 //! their managed fields alone are several kilobytes each.
 
 use std::borrow::Cow;
@@ -15,8 +15,7 @@ use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
 use crate::api::{RunnerJob, RunnerJobSpec, RunnerJobStatus};
 
-/// Metadata fields no pass reads: skipped unparsed. [`super::job::slim`] drops the same from a
-/// job (a test holds the two together).
+/// Metadata fields no pass reads: skipped unparsed.
 const SKIPPED: [&str; 4] = ["managedFields", "annotations", "labels", "ownerReferences"];
 
 /// A RunnerJob read without the metadata in [`SKIPPED`].
@@ -118,19 +117,16 @@ impl<'de> Deserialize<'de> for Meta {
 
 #[cfg(test)]
 mod tests {
-    use kube::core::{ObjectList, WatchEvent};
-
     use super::*;
 
-    /// A RunnerJob as the API server sends it, with every metadata field Pacer's objects carry.
-    fn sent() -> serde_json::Value {
-        serde_json::json!({
+    #[test]
+    fn a_listed_job_is_the_job_without_what_no_pass_reads() {
+        let json = serde_json::json!({
             "apiVersion": "pacer.dev/v1alpha1",
             "kind": "RunnerJob",
             "metadata": {
                 "name": "job-1", "namespace": "ci", "uid": "u-1", "resourceVersion": "7",
                 "generation": 1, "creationTimestamp": "2026-01-01T00:00:00Z",
-                "deletionTimestamp": "2026-01-01T00:01:00Z", "deletionGracePeriodSeconds": 0,
                 "finalizers": ["pacer.dev/instance"],
                 "labels": {"a": "b"}, "annotations": {"c": "d"},
                 "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "x"}],
@@ -140,54 +136,21 @@ mod tests {
             "spec": {"poolName": "linux", "jobId": 1, "runId": 2,
                 "repository": "example-org/api", "labels": ["self-hosted"]},
             "status": {"phase": "Booting"},
-        })
-    }
-
-    /// `job` as the cache keeps it.
-    fn slimmed(mut job: RunnerJob) -> serde_json::Value {
-        super::super::job::slim(&mut job);
-        serde_json::to_value(job).unwrap()
-    }
-
-    #[test]
-    fn a_listed_job_is_cached_as_the_whole_job_is() {
-        let listed: Listed = serde_json::from_value(sent()).unwrap();
-        let whole: RunnerJob = serde_json::from_value(sent()).unwrap();
-        assert_eq!(slimmed(listed.0.clone()), slimmed(whole));
-        // What is skipped is what the cache never holds.
-        let meta = &listed.0.metadata;
-        assert!(meta.managed_fields.is_none() && meta.labels.is_none());
-        assert!(meta.annotations.is_none() && meta.owner_references.is_none());
+        });
+        let listed: Listed = serde_json::from_value(json.clone()).unwrap();
+        let mut whole: RunnerJob = serde_json::from_value(json).unwrap();
+        let meta = &mut whole.metadata;
+        (meta.managed_fields, meta.labels) = (None, None);
+        (meta.annotations, meta.owner_references) = (None, None);
+        assert_eq!(
+            serde_json::to_value(&listed.0).unwrap(),
+            serde_json::to_value(&whole).unwrap()
+        );
         assert_eq!(listed.meta().resource_version.as_deref(), Some("7"));
-        assert!(meta.deletion_timestamp.is_some());
         assert_eq!(
             Listed::url_path(&(), Some("ci")),
             RunnerJob::url_path(&(), Some("ci"))
         );
-    }
-
-    #[test]
-    fn lists_and_watch_events_read_as_kube_parses_them() {
-        let list = serde_json::json!({
-            "apiVersion": "pacer.dev/v1alpha1", "kind": "RunnerJobList",
-            "items": [sent(), sent()],
-            "metadata": {"continue": "", "resourceVersion": "9"},
-        });
-        let list: ObjectList<Listed> = serde_json::from_str(&list.to_string()).unwrap();
-        assert_eq!(list.items.len(), 2);
-        assert_eq!(list.metadata.resource_version.as_deref(), Some("9"));
-
-        // The object may come before the type: serde buffers it then.
-        let added = format!(r#"{{"object":{},"type":"ADDED"}}"#, sent());
-        let added: WatchEvent<Listed> = serde_json::from_str(&added).unwrap();
-        assert!(matches!(added, WatchEvent::Added(job) if job.0.metadata.labels.is_none()));
-        let deleted = format!(r#"{{"type":"DELETED","object":{}}}"#, sent());
-        let deleted: WatchEvent<Listed> = serde_json::from_str(&deleted).unwrap();
-        assert!(matches!(deleted, WatchEvent::Deleted(_)));
-        let bookmark = r#"{"type":"BOOKMARK","object":{"kind":"RunnerJob",
-            "apiVersion":"pacer.dev/v1alpha1","metadata":{"resourceVersion":"12"}}}"#;
-        let bookmark: WatchEvent<Listed> = serde_json::from_str(bookmark).unwrap();
-        assert!(matches!(bookmark, WatchEvent::Bookmark(b) if b.metadata.resource_version == "12"));
     }
 
     #[test]
