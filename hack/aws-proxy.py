@@ -10,6 +10,9 @@ same parameters replays the first successful answer (an empty fleet included) an
 nothing; the same token with other parameters is refused with IdempotentParameterMismatch (400).
 A RunInstances asking for up to MaxCount instances gets MaxCount, as from EC2 with capacity (moto
 launches MinCount).
+Calls that draw instance addresses go to moto one at a time: moto's address generator has no
+lock, and two launches at once could fail one with HTTP 500 after it had made part of its
+instances, which EC2 never does.
 
 Control endpoints, all JSON:
   GET    /_proxy/health            -> {"ok": true}
@@ -92,6 +95,13 @@ EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 ET.register_namespace("", EC2_NS)
 # ClientToken -> the lock its calls are answered under, one at a time.
 TOKEN_LOCKS = {}
+# moto draws each new instance's address from its subnet's shared generator without a lock:
+# two launches at once into one subnet can fail one of them with HTTP 500 after moto made part
+# of its instances, which EC2 never does (a launch is whole, or replayed by its token). The
+# actions that draw addresses go to moto one at a time.
+ADDRESSING_ACTIONS = ("RunInstances", "CreateFleet", "RequestSpotInstances", "RequestSpotFleet",
+                      "CreateNetworkInterface")
+ADDRESSING = threading.Lock()
 
 
 def token_lock(token):
@@ -373,6 +383,12 @@ class Handler(BaseHTTPRequestHandler):
         return self.reply(404, '{"error": "unknown control path"}')
 
     def forward(self, method, path, raw, headers):
+        if getattr(self, "action", "") in ADDRESSING_ACTIONS:
+            with ADDRESSING:
+                return self.forward_now(method, path, raw, headers)
+        return self.forward_now(method, path, raw, headers)
+
+    def forward_now(self, method, path, raw, headers):
         conn = http.client.HTTPConnection(UPSTREAM.hostname, UPSTREAM.port, timeout=120)
         conn.request(method, path, body=raw, headers=headers)
         resp = conn.getresponse()
@@ -382,6 +398,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_any(self, method):
         self.sent = None
+        self.action = ""
         raw = self.body()
         if self.path.startswith("/_proxy/"):
             return self.control(method, raw)
@@ -397,6 +414,7 @@ class Handler(BaseHTTPRequestHandler):
             query = raw.decode() if method == "POST" else urllib.parse.urlsplit(self.path).query
             params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
             action = params.get("Action", "")
+        self.action = action
         flat = params if not target else {k: json.dumps(v) for k, v in params.items()}
         token = params.get("ClientToken") if action in IDEMPOTENT_ACTIONS else None
         rest = {k: v for k, v in params.items() if k != "ClientToken"}
