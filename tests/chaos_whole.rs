@@ -325,8 +325,9 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
     for job_id in 1..=n {
         w.queue(job_id).await;
         if let Some(reclaimer) = &mut reclaimer {
+            let jobs = w.all_jobs().await.unwrap_or_default();
             let boots = w.sim.boots.lock().unwrap().clone();
-            reclaimer.step(&boots).await;
+            reclaimer.step(&boots, &jobs).await;
         }
     }
     let deadline = started + Duration::from_secs(120 + 8 * n as u64);
@@ -350,7 +351,7 @@ async fn run(scenario: &str, faults: Faults) -> Counts {
         }
         if let Some(reclaimer) = &mut reclaimer {
             let boots = w.sim.boots.lock().unwrap().clone();
-            reclaimer.step(&boots).await;
+            reclaimer.step(&boots, &jobs).await;
             // GitHub queues a job it re-runs as a new job.
             let reruns = w.fake.state.lock().unwrap().reruns.clone();
             for job_id in reruns.into_iter().map(|j| RERUN + j) {
@@ -511,10 +512,20 @@ impl Reclaimer {
     }
 
     /// Plans a reclaim for each job's first spot instance as it appears; reclaims those whose
-    /// moment came.
-    async fn step(&mut self, boots: &HashMap<String, Boot>) {
+    /// moment came. An instance is its job's by its tag, or, launched in a batch (whose
+    /// instances carry no job's tags), by the status of the job that took it (`jobs`).
+    async fn step(&mut self, boots: &HashMap<String, Boot>, jobs: &[RunnerJob]) {
+        let taken: HashMap<&str, i64> = (jobs.iter())
+            .filter_map(|j| {
+                let instance = j.status.as_ref()?.instance.as_ref()?;
+                Some((instance.id.as_str(), j.spec.job_id))
+            })
+            .collect();
         for (instance, boot) in boots {
-            let Some(job_id) = boot.job_id.filter(|j| *j <= self.jobs) else {
+            let job_id = boot
+                .job_id
+                .or_else(|| taken.get(instance.as_str()).copied());
+            let Some(job_id) = job_id.filter(|j| *j <= self.jobs) else {
                 continue;
             };
             if !boot.spot || self.plans.contains_key(&job_id) {
