@@ -13,7 +13,7 @@ use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
 use serde_json::json;
 
 use crate::support::process::{self, Pacer};
-use crate::support::{Parts, ground};
+use crate::support::{Parts, ground, wait_ready};
 
 /// Pools the process serves, each made Ready against moto.
 const POOLS: usize = 3;
@@ -314,27 +314,6 @@ async fn list_time(ns: &str) -> Duration {
     started.elapsed()
 }
 
-/// Waits until every pool of `pools` is Ready.
-async fn pools_ready(pools: &Api<RunnerPool>, pacer: &Pacer) {
-    let all_ready = || async {
-        let list = pools.list(&Default::default()).await.unwrap();
-        list.items.iter().all(|p| {
-            p.status.as_ref().is_some_and(|s| {
-                (s.conditions.iter()).any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !all_ready().await {
-        assert!(
-            Instant::now() < deadline,
-            "pools not Ready:\n{}",
-            pacer.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// `pacer run` ready and serving one pool (the example's, Ready against moto) in a namespace
 /// of its own, returned with that namespace: the listener the webhook part posts to.
 pub async fn serving(name: &str) -> (Pacer, String) {
@@ -346,7 +325,7 @@ pub async fn serving(name: &str) -> (Pacer, String) {
     let pool: RunnerPool = serde_json::from_value(g.example_pool(&ns, "linux")).unwrap();
     pools.create(&PostParams::default(), &pool).await.unwrap();
     let (pacer, _) = start(&dir, &ns, name).await;
-    pools_ready(&pools, &pacer).await;
+    wait_ready(&pools, "linux", Duration::from_secs(120)).await;
     (pacer, ns)
 }
 
@@ -364,7 +343,9 @@ pub async fn run(stored: usize) -> Figures {
         pools.create(&PostParams::default(), &pool).await.unwrap();
     }
     let (pacer, start_idle) = start(&dir, &ns, "idle").await;
-    pools_ready(&pools, &pacer).await;
+    for i in 0..POOLS {
+        wait_ready(&pools, &format!("linux-{i}"), Duration::from_secs(120)).await;
+    }
     let idle = settled(&pacer, Duration::from_secs(10), Duration::from_secs(10)).await;
     drop(pacer);
 
