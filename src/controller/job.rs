@@ -139,7 +139,8 @@ impl Shared {
 /// once it has finished, what [`trim_finished`] drops. The watch cache holds thousands of
 /// RunnerJobs and the sweep lists them all; managed fields alone are several kilobytes of each
 /// as parsed. Passes write only the status (what they changed in it) and the finalizers, so
-/// what the cache lacks stays as it is in the API server.
+/// what the cache lacks stays as it is in the API server. The watch skips the same metadata
+/// while it parses (`listed.rs`); a test there holds the two together.
 pub(super) fn slim(job: &mut RunnerJob) {
     let meta = &mut job.metadata;
     meta.managed_fields = None;

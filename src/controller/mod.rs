@@ -8,6 +8,7 @@ pub mod gc;
 pub mod job;
 pub mod leader;
 mod ledger;
+mod listed;
 pub mod metrics;
 pub mod pool;
 pub mod sweep;
@@ -17,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -86,8 +87,14 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
     let _ = ctx.jobs.store.set(store.clone());
     // The first list comes a page of 500 at a time with no resourceVersion: a consistent list,
     // which the API server serves from its watch cache. (kube's watcher drops `any_semantic`'s
-    // resourceVersion 0 from a paged list, so asking for it changes no request.)
-    let events = watcher(jobs, watcher::Config::default())
+    // resourceVersion 0 from a paged list, so asking for it changes no request.) What no pass
+    // reads of each job's metadata is skipped as it is parsed.
+    let listed = match jobs.namespace() {
+        Some(ns) => Api::namespaced(jobs.clone().into_client(), ns),
+        None => Api::all(jobs.clone().into_client()),
+    };
+    let events = watcher::<listed::Listed>(listed, watcher::Config::default())
+        .map_ok(listed::into_job)
         .default_backoff()
         // Thousands of RunnerJobs are cached: only what passes read is kept.
         .modify(job::slim)
