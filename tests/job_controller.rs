@@ -1356,6 +1356,13 @@ async fn a_busy_runner_whose_in_progress_was_lost_is_never_cut_off_at_the_idle_l
             .is_some_and(|e| e.reason == "RunnerIdle")
     })
     .await;
+    // The busy job's own pass past the limit asks GitHub too, and records what it says (or
+    // cuts the runner off): passes of the two jobs come in either order.
+    w.wait(|| async {
+        let status = w.jobs.get("busy").await.unwrap().status.unwrap_or_default();
+        status.assigned_job.is_some() || status.phase != JobPhase::Running
+    })
+    .await;
     let busy = w.jobs.get("busy").await.unwrap();
     let status = busy.status.clone().unwrap();
     assert_eq!(status.phase, JobPhase::Running, "{status:?}");
