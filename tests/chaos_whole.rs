@@ -919,7 +919,11 @@ async fn a_warm_pool_whose_leader_is_killed_while_instances_prepare_and_start_le
         let status = job.status.as_ref().unwrap();
         assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
         let id = &status.instance.as_ref().unwrap().id;
-        assert!(prepared.contains(id), "ran on {id}, not a warm instance");
+        let warm = warm_instances(&w).await;
+        assert!(
+            prepared.contains(id),
+            "ran on {id}, not one of the prepared {prepared:?}; warm ones now: {warm:?}"
+        );
         assert!(status.previous_attempts.is_empty(), "{status:?}");
     }
     let launches = (w
