@@ -3,7 +3,9 @@
 //!
 //! Runs against the in-memory fake EC2 with a per-call latency (`BENCH_LATENCY_MS`, default
 //! 200) and then against moto (at most 200). `BENCH_JOBS` (default 500) jobs are timed;
-//! `BENCH_STORED` (default 10000) RunnerJobs are then stored for the memory reading.
+//! `BENCH_STORED` (default 10000) RunnerJobs are then stored for the memory reading. Last, the
+//! timed jobs are deleted and their terminations counted with their launches: the mutating EC2
+//! calls of a whole life, per job.
 //!
 //! Before that, `pacer run` alone as a process (see `process`): start to ready and memory, idle
 //! and with `BENCH_STORED` RunnerJobs; after it, slot refill (see `refill`: `BENCH_REFILL_JOBS`
@@ -400,10 +402,73 @@ async fn bench(
             "",
         );
     }
+    terminations(&ctx, &creating_jobs, count, mutating, run.name, report).await;
     // Stop the controllers before the runtime goes, so their tasks end cleanly.
     controllers.abort();
     let _ = controllers.await;
     record
+}
+
+/// Deletes the burst's `count` jobs (each Booting, its instance alive) and waits until they are
+/// gone, which each is once Pacer has terminated its instance; reports the mutating EC2 calls
+/// per job of the whole life, the burst's `launched` and these terminations.
+async fn terminations(
+    ctx: &Context,
+    jobs: &Api<RunnerJob>,
+    count: usize,
+    launched: u64,
+    name: &str,
+    report: &mut Report,
+) {
+    let before = ctx.metrics.encode();
+    stream::iter(0..count)
+        .map(|i| async move {
+            jobs.delete(&format!("job-{i}"), &Default::default())
+                .await
+                .unwrap();
+        })
+        .buffer_unordered(64)
+        .collect::<()>()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let gone = loop {
+        let left = jobs.list(&Default::default()).await.unwrap().items;
+        let burst = (left.iter()).filter(|j| {
+            let name = j.metadata.name.as_deref().unwrap_or_default();
+            (name
+                .strip_prefix("job-")
+                .and_then(|i| i.parse::<usize>().ok()))
+            .is_some_and(|i| i < count)
+        });
+        let left = burst.count();
+        if left == 0 || Instant::now() > deadline {
+            break count - left;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (terminating, _) = count_calls(&before, &ctx.metrics.encode());
+    let per_job = |n: u64| n as f64 / count as f64;
+    println!(
+        "EC2 mutating calls per job, launch and terminate: {:.3} (launch {:.3}, terminate \
+         {:.3}; {gone} of {count} jobs deleted and gone)",
+        per_job(launched + terminating),
+        per_job(launched),
+        per_job(terminating)
+    );
+    report.add(
+        &format!(
+            "EC2 mutating calls per job, launch and terminate, {count} at once ({name}; the \
+             burst deleted once Booting, each job gone once its instance is terminated)"
+        ),
+        format!(
+            "{:.3} (launch {:.3}, terminate {:.3}; {gone} of {count} gone)",
+            per_job(launched + terminating),
+            per_job(launched),
+            per_job(terminating)
+        ),
+        "≤ 0.25",
+    );
+    report.anchor(ANCHOR_EC2);
 }
 
 /// The API server's requests over the burst, from before the creations until every job was
