@@ -3,9 +3,9 @@
 //!
 //! Runs against the in-memory fake EC2 with a per-call latency (`BENCH_LATENCY_MS`, default
 //! 200) and then against moto (at most 200). `BENCH_JOBS` (default 500) jobs are timed;
-//! `BENCH_STORED` (default 10000) RunnerJobs are then stored for the memory reading. Last, the
-//! timed jobs are deleted and their terminations counted with their launches: the mutating EC2
-//! calls of a whole life, per job.
+//! the timed jobs are then deleted and their terminations counted with their launches (the
+//! mutating EC2 calls of a whole life, per job), and `BENCH_STORED` (default 10000) RunnerJobs
+//! are stored for the memory reading.
 //!
 //! Before that, `pacer run` alone as a process (see `process`): start to ready and memory, idle
 //! and with `BENCH_STORED` RunnerJobs; after it, slot refill (see `refill`: `BENCH_REFILL_JOBS`
@@ -383,13 +383,15 @@ async fn bench(
             .for_each(|l| println!("  {l}"));
     }
     api_economy(run.name, count, booting, &requests, own_lists, report);
-    if stored > count {
-        create_jobs(&creating_jobs, &ns, count..stored).await;
+    // Before the stored jobs, so that nothing else is launching and the listing is the burst's.
+    terminations(&ctx, &creating_jobs, count, mutating, run.name, report).await;
+    if stored > 0 {
+        create_jobs(&creating_jobs, &ns, count..count + stored).await;
         // Read memory once the controller is done with them: every job launched and the
         // snapshot refreshed, not in the middle of the burst.
         let deadline = Instant::now() + Duration::from_secs(600);
         while let Some(fake) = &run.fake
-            && fake.launched() < stored
+            && fake.launched() < count + stored
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -402,7 +404,6 @@ async fn bench(
             "",
         );
     }
-    terminations(&ctx, &creating_jobs, count, mutating, run.name, report).await;
     // Stop the controllers before the runtime goes, so their tasks end cleanly.
     controllers.abort();
     let _ = controllers.await;
@@ -411,7 +412,7 @@ async fn bench(
 
 /// Deletes the burst's `count` jobs (each Booting, its instance alive) and waits until they are
 /// gone, which each is once Pacer has terminated its instance; reports the mutating EC2 calls
-/// per job of the whole life, the burst's `launched` and these terminations.
+/// per job of the whole life: the burst's `launched` and the TerminateInstances calls since.
 async fn terminations(
     ctx: &Context,
     jobs: &Api<RunnerJob>,
@@ -446,7 +447,7 @@ async fn terminations(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let (terminating, _) = count_calls(&before, &ctx.metrics.encode());
+    let terminating = calls_of(&before, &ctx.metrics.encode(), "TerminateInstances");
     let per_job = |n: u64| n as f64 / count as f64;
     println!(
         "EC2 mutating calls per job, launch and terminate: {:.3} (launch {:.3}, terminate \
@@ -534,6 +535,17 @@ fn api_economy(
 }
 
 /// Calls made between two metric readings, split into mutating and read actions.
+/// The calls of `operation` between two readings of the EC2 call metrics.
+fn calls_of(before: &str, after: &str, operation: &str) -> u64 {
+    let total = |text: &str| -> u64 {
+        (text.lines())
+            .filter(|l| l.starts_with("pacer_ec2_calls_total{") && l.contains(operation))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    total(after).saturating_sub(total(before))
+}
+
 fn count_calls(before: &str, after: &str) -> (u64, u64) {
     let totals = |text: &str| -> HashMap<String, u64> {
         text.lines()
