@@ -1,7 +1,7 @@
 //! The RunnerJob as the controllers' watch reads it: the metadata no pass reads (what
 //! [`super::job::slim`] drops from the metadata) is skipped while the API server's answer is
-//! parsed, rather than parsed and then dropped. A start with thousands of RunnerJobs parses every one of them, and
-//! their managed fields alone are several kilobytes each.
+//! parsed, rather than parsed and then dropped. A start with thousands of RunnerJobs parses
+//! every one of them, and their managed fields alone are several kilobytes each.
 
 use std::borrow::Cow;
 use std::fmt;
