@@ -86,8 +86,7 @@ impl World {
             .namespace(&client, &format!("whole-{scenario}"))
             .await;
         let id = format!("whole-{scenario}");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("whole-{ns}-{}", std::process::id()));
+        let dir = support::scratch(&format!("whole-{ns}"));
         let fake = FakeGitHub::start().await;
         fake.install(1, &[REPO]);
         let service = Balancer::start().await;

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -62,7 +62,7 @@ async fn doctor_says_ok_then_names_each_broken_part() {
     let ground = ground(Parts::Both);
     let client = ground.kube_client().await;
     let ns = ground.namespace(&client, "doctor").await;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("doctor-{ns}"));
+    let dir = support::scratch(&format!("doctor-{ns}"));
     let github = FakeGitHub::start().await;
     github.install(1, &["example-org/api"]);
     let asset = pacer::github::runner_asset_name("2.999.0", "x64");

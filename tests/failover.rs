@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -74,8 +74,7 @@ struct Pair {
 async fn pair(ground: &'static Ground, id: &str) -> Pair {
     let client = ground.kube_client().await;
     let ns = ground.namespace(&client, id).await;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("failover-{ns}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch(&format!("failover-{ns}"));
 
     let mut replicas = vec![start(ground, &dir, "replica-a", id, &ns)];
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -445,8 +445,7 @@ async fn ten_thousand_forgeries_write_nothing_call_no_one_and_leave_memory_at_id
     let client = ground.kube_client().await;
     let ns = ground.namespace(&client, "forgeries").await;
     let id = "forgeries";
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("forgeries-{ns}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch(&format!("forgeries-{ns}"));
     let kubeconfig = audited_kubeconfig(ground, &ns, &dir);
     let user = format!("system:serviceaccount:{ns}:forgeries");
 

@@ -56,8 +56,7 @@ fn mutate(u: &mut Unstructured<'_>, bytes: &mut Vec<u8>) -> Result<()> {
 
 #[test]
 fn mutated_identity_signatures_never_panic_and_never_vouch_for_another_document() {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("hostile-identity-{}", std::process::id()));
+    let dir = support::scratch("hostile-identity");
     let signer = Signer::new(&dir);
     let roots = TrustRoots::from_pem(&std::fs::read(signer.certificate()).unwrap()).unwrap();
     let document = identity::document(

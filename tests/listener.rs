@@ -30,8 +30,7 @@ const SECRET: &[u8] = b"webhook secret for listener tests";
 fn signer() -> &'static support::identity::Signer {
     static SIGNER: std::sync::OnceLock<support::identity::Signer> = std::sync::OnceLock::new();
     SIGNER.get_or_init(|| {
-        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("listener-{}", std::process::id()));
+        let dir = support::scratch("listener");
         support::identity::Signer::new(&dir)
     })
 }

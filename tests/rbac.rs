@@ -8,7 +8,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -72,8 +71,7 @@ async fn the_chart_grants_exactly_the_calls_pacer_makes() {
     let ns = ground.namespace(&client, "rbac").await;
     let id = "rbac";
     let release = format!("rbac-{}", std::process::id());
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("rbac-{ns}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch(&format!("rbac-{ns}"));
 
     // The chart's ServiceAccount and RBAC, for real, watching every namespace (the default).
     let rendered = Command::new(helm())

@@ -80,9 +80,7 @@ impl World {
             .chars()
             .take(40)
             .collect();
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("runner-{ns}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = support::scratch(&format!("runner-{ns}"));
 
         let (github, dotcom) = if enterprise {
             let dotcom = FakeGitHub::start().await;

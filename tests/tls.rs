@@ -15,11 +15,7 @@ use pacer::http::serve::Limits;
 use support::process::free_port;
 
 fn scratch(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("tls-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::scratch(&format!("tls-{test}"))
 }
 
 /// Serves a one-route app as `pacer run` serves its listener; returns the port.

@@ -3,7 +3,6 @@
 //! many RunnerJobs stored. The bench's own memory (its fakes and clients) is not in these
 //! figures.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
@@ -320,7 +319,7 @@ pub async fn serving(name: &str) -> (Pacer, String) {
     let g = ground(Parts::Both);
     let client = g.kube_client().await;
     let ns = g.namespace(&client, name).await;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{ns}"));
+    let dir = crate::support::scratch(&format!("bench-{ns}"));
     let pools: Api<RunnerPool> = Api::namespaced(client, &ns);
     let pool: RunnerPool = serde_json::from_value(g.example_pool(&ns, "linux")).unwrap();
     pools.create(&PostParams::default(), &pool).await.unwrap();
@@ -335,7 +334,7 @@ pub async fn run(stored: usize) -> Figures {
     let g = ground(Parts::Both);
     let client = g.kube_client().await;
     let ns = g.namespace(&client, "bench-process").await;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{ns}"));
+    let dir = crate::support::scratch(&format!("bench-{ns}"));
     let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
     for i in 0..POOLS {
         let pool: RunnerPool =

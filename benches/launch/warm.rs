@@ -9,7 +9,6 @@
 //! a launch, the bootstrap, the JIT config), not EC2's boot times.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, PostParams};
@@ -37,7 +36,7 @@ pub async fn run(size: usize) -> Figures {
     let client = g.kube_client().await;
     let ns = g.namespace(&client, "bench-warm").await;
     let id = format!("bench-warm-{}", std::process::id());
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{ns}"));
+    let dir = crate::support::scratch(&format!("bench-{ns}"));
     let fake = FakeGitHub::start().await;
     fake.install(1, &[REPO]);
     Signer::new(&dir);

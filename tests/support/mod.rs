@@ -101,12 +101,27 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// An empty folder of this process for `name`, under the target's scratch folder. That folder
+/// outlives the run (CI keeps the target in a cache), and process ids come round again on a
+/// fresh machine, so a folder of the same name may hold an earlier run's files: it is emptied.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot empty {}: {e}", dir.display()),
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 impl Ground {
     fn start(parts: Parts) -> Self {
         let binary = std::env::current_exe().unwrap();
         let binary = binary.file_name().unwrap().to_string_lossy().to_string();
-        let state = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("ground-{binary}-{}", std::process::id()));
+        // Emptied first: an earlier run's `env` there would be read as this ground's.
+        let state = scratch(&format!("ground-{binary}"));
         let log_path = state.with_extension("log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut args = vec!["--until-stdin-closes".to_string()];
