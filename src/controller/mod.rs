@@ -11,6 +11,7 @@ mod ledger;
 mod listed;
 pub mod metrics;
 pub mod pool;
+mod prefetch;
 pub mod sweep;
 pub(crate) mod warm;
 
@@ -87,11 +88,13 @@ pub async fn run(ctx: Arc<Context>, pools: Api<RunnerPool>, jobs: Api<RunnerJob>
     let _ = ctx.jobs.store.set(store.clone());
     // The first list comes a page of 500 at a time with no resourceVersion: a consistent list,
     // which the API server serves from its watch cache. (kube's watcher drops `any_semantic`'s
-    // resourceVersion 0 from a paged list, so asking for it changes no request.) What no pass
-    // reads of each job's metadata is skipped as it is parsed.
+    // resourceVersion 0 from a paged list, so asking for it changes no request.) Each page is
+    // asked for while the one before is parsed, and what no pass reads of each job's metadata
+    // is skipped as it is parsed.
+    let client = prefetch::client(jobs.clone().into_client());
     let listed = match jobs.namespace() {
-        Some(ns) => Api::namespaced(jobs.clone().into_client(), ns),
-        None => Api::all(jobs.clone().into_client()),
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     };
     let events = watcher::<listed::Listed>(listed, watcher::Config::default())
         .map_ok(listed::into_job)

@@ -1,0 +1,305 @@
+//! A paged list that asks for its next page while the last one is parsed.
+//!
+//! kube's watcher lists a page, parses it, and only then asks for the next: with thousands of
+//! RunnerJobs the API server and Pacer take turns, each idle while the other works. The client
+//! [`client`] makes sends a page's request on to the API server as before, reads the answer's
+//! continue token, and at once asks for the page after it, which the watcher's next request then
+//! takes. Nothing else changes: every other request (the watch, a list without a limit) goes
+//! straight through, a request for any other page drops the one fetched ahead, and a page whose
+//! fetch failed in transit is asked for again. A continue token pins the list to one
+//! resourceVersion, so a page fetched early is the page the API server would answer later.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::http::{Method, Request, Response, Uri};
+use futures::future::BoxFuture;
+use kube::client::Body;
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+
+/// A client that sends every request through `base`, fetching a paged list's next page ahead.
+pub(super) fn client(base: kube::Client) -> kube::Client {
+    let namespace = base.default_namespace().to_string();
+    let prefetch = Prefetch {
+        base,
+        ahead: Arc::default(),
+    };
+    kube::Client::new(prefetch, namespace)
+}
+
+#[derive(Clone)]
+struct Prefetch {
+    base: kube::Client,
+    ahead: Arc<Ahead>,
+}
+
+/// A page as the API server answered it, read to its last byte.
+type Page = kube::Result<Response<Vec<u8>>>;
+
+/// The page fetched ahead, if any: the request the watcher is expected to send, and its answer.
+#[derive(Default)]
+struct Ahead(Mutex<Option<(Uri, JoinHandle<Page>)>>);
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        if let Ok(Some((_, fetch))) = self.0.get_mut().map(Option::take) {
+            fetch.abort();
+        }
+    }
+}
+
+impl tower::Service<Request<Body>> for Prefetch {
+    type Response = Response<Body>;
+    type Error = kube::Error;
+    type Future = BoxFuture<'static, kube::Result<Response<Body>>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // `base` has its own queue and limit.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.send(request).await })
+    }
+}
+
+impl Prefetch {
+    async fn send(self, request: Request<Body>) -> kube::Result<Response<Body>> {
+        if !is_page(&request) {
+            return self.base.send(request).await;
+        }
+        let ahead = self.ahead.0.lock().unwrap().take();
+        let fetched = match ahead {
+            Some((uri, fetch)) if same_page(&uri, request.uri()) => match fetch.await {
+                Ok(Ok(page)) => Some(page),
+                // Lost in transit: asked for again below, as the watcher asked.
+                Ok(Err(_)) | Err(_) => None,
+            },
+            Some((_, fetch)) => {
+                fetch.abort();
+                None
+            }
+            None => None,
+        };
+        let uri = request.uri().clone();
+        let headers = request.headers().clone();
+        let page = match fetched {
+            Some(page) => page,
+            None => fetch(self.base.clone(), request).await?,
+        };
+        if page.status().is_success()
+            && let Some(next) = next_page(&uri, page.body())
+        {
+            let mut request = Request::get(next.clone())
+                .body(Body::empty())
+                .expect("a GET of a valid URI");
+            *request.headers_mut() = headers;
+            let fetch = tokio::spawn(fetch(self.base.clone(), request));
+            *self.ahead.0.lock().unwrap() = Some((next, fetch));
+        }
+        Ok(page.map(Body::from))
+    }
+}
+
+async fn fetch(base: kube::Client, request: Request<Body>) -> Page {
+    let (parts, body) = base.send(request).await?.into_parts();
+    let bytes = body.collect_bytes().await?;
+    Ok(Response::from_parts(parts, bytes.to_vec()))
+}
+
+/// A GET of one page of a list: it has a limit and is not a watch.
+fn is_page(request: &Request<Body>) -> bool {
+    request.method() == Method::GET
+        && query(request.uri()).iter().any(|(k, _)| k == "limit")
+        && !query(request.uri()).iter().any(|(k, _)| k == "watch")
+}
+
+fn query(uri: &Uri) -> Vec<(String, String)> {
+    form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// Whether two requests ask for the same page: one path, the same parameters in any order.
+fn same_page(a: &Uri, b: &Uri) -> bool {
+    let sorted = |uri: &Uri| {
+        let mut pairs = query(uri);
+        pairs.sort();
+        pairs
+    };
+    a.path() == b.path() && sorted(a) == sorted(b)
+}
+
+/// The request for the page after `page`, the answer to `uri`; `None` on the last page.
+fn next_page(uri: &Uri, page: &[u8]) -> Option<Uri> {
+    // Only the list's metadata is read; the items are skipped unparsed.
+    #[derive(Deserialize)]
+    struct List {
+        #[serde(default)]
+        metadata: Meta,
+    }
+    #[derive(Default, Deserialize)]
+    struct Meta {
+        #[serde(default, rename = "continue")]
+        next: Option<String>,
+    }
+    let token = serde_json::from_slice::<List>(page)
+        .ok()?
+        .metadata
+        .next
+        .filter(|t| !t.is_empty())?;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query_pairs_but_continue(uri) {
+        query.append_pair(&k, &v);
+    }
+    query.append_pair("continue", &token);
+    format!("{}?{}", uri.path(), query.finish()).parse().ok()
+}
+
+fn query_pairs_but_continue(uri: &Uri) -> impl Iterator<Item = (String, String)> {
+    query(uri).into_iter().filter(|(k, _)| k != "continue")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use futures::TryStreamExt;
+    use kube::Api;
+    use kube::runtime::watcher;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::RunnerJob;
+
+    /// An API server of `jobs` RunnerJobs in pages of two, whose continue tokens need escaping,
+    /// and whose watch never answers. It records the page each request asks for.
+    #[derive(Clone, Default)]
+    struct Server {
+        asked: Arc<Mutex<Vec<String>>>,
+        jobs: usize,
+    }
+
+    impl Server {
+        fn client(&self) -> kube::Client {
+            let server = self.clone();
+            let service = tower::service_fn(move |request: Request<Body>| {
+                let server = server.clone();
+                async move { Ok::<_, std::convert::Infallible>(server.answer(request).await) }
+            });
+            kube::Client::new(service, "default")
+        }
+
+        async fn answer(&self, request: Request<Body>) -> Response<Body> {
+            let pairs: HashMap<String, String> = query(request.uri()).into_iter().collect();
+            self.asked.lock().unwrap().push(
+                pairs
+                    .get("continue")
+                    .cloned()
+                    .unwrap_or_else(|| pairs.get("watch").map_or("first", |_| "watch").into()),
+            );
+            if pairs.contains_key("watch") {
+                std::future::pending::<()>().await;
+            }
+            let from = pairs
+                .get("continue")
+                .map_or(0, |t| t.trim_start_matches("page+/=").parse().unwrap());
+            let to = (from + 2).min(self.jobs);
+            let items: Vec<_> = (from..to)
+                .map(|i| {
+                    json!({
+                        "apiVersion": "pacer.dev/v1alpha1", "kind": "RunnerJob",
+                        "metadata": {"name": format!("job-{i}"), "namespace": "default",
+                                     "resourceVersion": "7"},
+                        "spec": {"poolName": "linux", "jobId": i + 1, "runId": 1,
+                                 "repository": "example-org/api", "labels": ["self-hosted"]},
+                    })
+                })
+                .collect();
+            let next = if to < self.jobs {
+                format!("page+/={to}")
+            } else {
+                String::new()
+            };
+            let body = json!({
+                "apiVersion": "pacer.dev/v1alpha1", "kind": "RunnerJobList", "items": items,
+                "metadata": {"resourceVersion": "7", "continue": next},
+            });
+            Response::new(Body::from(serde_json::to_vec(&body).unwrap()))
+        }
+
+        fn asked(&self) -> Vec<String> {
+            self.asked.lock().unwrap().clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_lists_every_page_once_taking_the_pages_fetched_ahead() {
+        let server = Server {
+            jobs: 7,
+            ..Server::default()
+        };
+        let api: Api<RunnerJob> = Api::namespaced(client(server.client()), "default");
+        let listed: Vec<String> = watcher(api, watcher::Config::default().page_size(2))
+            .try_take_while(|e| std::future::ready(Ok(!matches!(e, watcher::Event::InitDone))))
+            .try_filter_map(|e| async move {
+                Ok(match e {
+                    watcher::Event::InitApply(job) => job.metadata.name,
+                    _ => None,
+                })
+            })
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            listed,
+            (0..7).map(|i| format!("job-{i}")).collect::<Vec<_>>()
+        );
+        // Each page once: the watcher's requests for pages 2 to 4 took the ones fetched ahead.
+        assert_eq!(
+            server.asked()[..4],
+            ["first", "page+/=2", "page+/=4", "page+/=6"]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_next_page_is_asked_for_as_soon_as_a_page_is_read() {
+        let server = Server {
+            jobs: 5,
+            ..Server::default()
+        };
+        let client = client(server.client());
+        let first = Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?&limit=2")
+            .body(Vec::new())
+            .unwrap();
+        client.request_text(first).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while server.asked().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the second page asked for unprompted");
+        assert_eq!(server.asked(), ["first", "page+/=2"]);
+
+        // A request for another page drops the one fetched ahead and goes through.
+        let other =
+            Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?limit=2&continue=page%2B%2F%3D4")
+                .body(Vec::new())
+                .unwrap();
+        let text = client.request_text(other).await.unwrap();
+        assert!(text.contains("job-4"), "{text}");
+        assert_eq!(server.asked(), ["first", "page+/=2", "page+/=4"]);
+
+        // Neither a watch nor a list without a limit is fetched ahead.
+        let whole = Request::get("/apis/pacer.dev/v1alpha1/runnerjobs")
+            .body(Vec::new())
+            .unwrap();
+        client.request_text(whole).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(server.asked(), ["first", "page+/=2", "page+/=4", "first"]);
+    }
+}
