@@ -98,7 +98,7 @@ AWS_CALL_LOG := $(CURDIR)/target/aws-calls
 test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven, the demo ended by each signal
 	rm -rf $(AWS_CALL_LOG)
 	@# Test grounds keep their logs for a post-mortem; the target (in CI, a cache) keeps two days'.
-	find $(CARGO_TARGET_DIR)/tmp -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} + 2>/dev/null || true
+	if [ -n "$(CARGO_TARGET_DIR)" ] && [ -d "$(CARGO_TARGET_DIR)/tmp" ]; then find "$(CARGO_TARGET_DIR)/tmp" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} +; fi
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet
 	cargo build --quiet --features testing --bin pacer-testbed

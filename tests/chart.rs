@@ -58,8 +58,7 @@ fn the_chart_lints_renders_and_every_object_is_accepted_by_the_api_server() {
         ],
         None,
     );
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chart");
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch = support::scratch("chart");
     for values in values_files() {
         let name = values.file_stem().unwrap().to_string_lossy().to_string();
         run(Command::new(&helm)
@@ -253,9 +252,7 @@ fn the_network_policy_admits_metrics_from_its_peers_only_and_narrows_egress() {
 fn the_documented_helm_commands_render_and_every_object_is_accepted() {
     let helm = helm();
     let ground = ground(Parts::Kube);
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("documented");
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch = support::scratch("documented");
     std::fs::write(
         scratch.join("app.private-key.pem"),
         "-----BEGIN RSA PRIVATE KEY-----\nnot a real key\n-----END RSA PRIVATE KEY-----\n",

@@ -28,8 +28,7 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 fn every_example_validates_and_the_api_server_accepts_it() {
     let ground = ground(Parts::Kube);
     let examples = repo_root().join("examples");
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("examples");
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch = support::scratch("examples");
 
     // What is applied: each top-level manifest, the overlay rendered, the Application.
     let overlay = run(ground

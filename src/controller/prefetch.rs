@@ -6,17 +6,20 @@
 //! continue token, and at once asks for the page after it, which the watcher's next request then
 //! takes. Nothing else changes: every other request (the watch, a list without a limit) goes
 //! straight through, a request for any other page drops the one fetched ahead, and a page whose
-//! fetch failed in transit is asked for again. A continue token pins the list to one
-//! resourceVersion, so a page fetched early is the page the API server would answer later.
+//! fetch ahead failed (in transit or answered with an error) is asked for again. A continue
+//! token pins the list to one resourceVersion, so a page fetched early is the page the API
+//! server would answer later.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use axum::body::Bytes;
 use axum::http::{Method, Request, Response, Uri};
 use futures::future::BoxFuture;
 use kube::client::Body;
 use serde::Deserialize;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// A client that sends every request through `base`, fetching a paged list's next page ahead.
 pub(super) fn client(base: kube::Client) -> kube::Client {
@@ -31,21 +34,24 @@ pub(super) fn client(base: kube::Client) -> kube::Client {
 #[derive(Clone)]
 struct Prefetch {
     base: kube::Client,
-    ahead: Arc<Ahead>,
+    /// The page fetched ahead, if any, with the request the watcher is expected to send for it.
+    ahead: Arc<Mutex<Option<(Uri, Fetch)>>>,
 }
 
-/// A page as the API server answered it, read to its last byte.
-type Page = kube::Result<Response<Vec<u8>>>;
+/// An answer read to its last byte, with the request for the page after it: `None` on the last
+/// page, or when the answer is not a page (an error).
+struct Page {
+    response: Response<Bytes>,
+    next: Option<Uri>,
+}
 
-/// The page fetched ahead, if any: the request the watcher is expected to send, and its answer.
-#[derive(Default)]
-struct Ahead(Mutex<Option<(Uri, JoinHandle<Page>)>>);
+/// A page's fetch, stopped when dropped: by a request for another page, by the watcher's own
+/// request given up while it waited for it, or with the client.
+struct Fetch(JoinHandle<kube::Result<Page>>);
 
-impl Drop for Ahead {
+impl Drop for Fetch {
     fn drop(&mut self) {
-        if let Ok(Some((_, fetch))) = self.0.get_mut().map(Option::take) {
-            fetch.abort();
-        }
+        self.0.abort();
     }
 }
 
@@ -70,43 +76,52 @@ impl Prefetch {
         if !is_page(&request) {
             return self.base.send(request).await;
         }
-        let ahead = self.ahead.0.lock().unwrap().take();
+        // Whatever was fetched ahead is taken: this page's, or another's, dropped here.
+        let ahead = self.ahead.lock().unwrap().take();
         let fetched = match ahead {
-            Some((uri, fetch)) if same_page(&uri, request.uri()) => match fetch.await {
-                Ok(Ok(page)) => Some(page),
-                // Lost in transit: asked for again below, as the watcher asked.
-                Ok(Err(_)) | Err(_) => None,
-            },
-            Some((_, fetch)) => {
-                fetch.abort();
-                None
+            Some((uri, mut fetch)) if same_page(&uri, request.uri()) => {
+                match (&mut fetch.0).await {
+                    Ok(Ok(page)) if page.response.status().is_success() => Some(page),
+                    // A failure, in transit or answered, is asked again now, when the watcher
+                    // asks: an answer from a while ago may no longer hold.
+                    _ => None,
+                }
             }
-            None => None,
+            _ => None,
         };
-        let uri = request.uri().clone();
         let headers = request.headers().clone();
+        let extensions = request.extensions().clone();
         let page = match fetched {
             Some(page) => page,
             None => fetch(self.base.clone(), request).await?,
         };
-        if page.status().is_success()
-            && let Some(next) = next_page(&uri, page.body())
-        {
+        if let Some(next) = page.next.clone() {
             let mut request = Request::get(next.clone())
                 .body(Body::empty())
                 .expect("a GET of a valid URI");
             *request.headers_mut() = headers;
-            let fetch = tokio::spawn(fetch(self.base.clone(), request));
-            *self.ahead.0.lock().unwrap() = Some((next, fetch));
+            *request.extensions_mut() = extensions;
+            let fetch = fetch(self.base.clone(), request).in_current_span();
+            *self.ahead.lock().unwrap() = Some((next, Fetch(tokio::spawn(fetch))));
         }
-        Ok(page.map(Body::from))
+        Ok(page.response.map(Body::from))
     }
 }
 
-async fn fetch(base: kube::Client, request: Request<Body>) -> Page {
+async fn fetch(base: kube::Client, request: Request<Body>) -> kube::Result<Page> {
+    let uri = request.uri().clone();
     let (parts, body) = base.send(request).await?.into_parts();
     let bytes = body.collect_bytes().await?;
-    Ok(Response::from_parts(parts, bytes.to_vec()))
+    // An error's body may carry a continue token too (a 410's): it is not followed.
+    let next = parts
+        .status
+        .is_success()
+        .then(|| next_page(&uri, &bytes))
+        .flatten();
+    Ok(Page {
+        response: Response::from_parts(parts, bytes),
+        next,
+    })
 }
 
 /// A GET of one page of a list: it has a limit and is not a watch.
@@ -181,6 +196,20 @@ mod tests {
     struct Server {
         asked: Arc<Mutex<Vec<String>>>,
         jobs: usize,
+        /// Pages answered once with this error status, a continue token in its metadata.
+        failing: Arc<Mutex<HashMap<String, u16>>>,
+        /// A page never answered, and whether its request was given up.
+        hanging: Option<&'static str>,
+        given_up: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    /// Marks a request given up when the server's answer to it is dropped unfinished.
+    struct GivenUp(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for GivenUp {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     impl Server {
@@ -203,6 +232,23 @@ mod tests {
             );
             if pairs.contains_key("watch") {
                 std::future::pending::<()>().await;
+            }
+            if self.hanging.is_some() && pairs.get("continue").map(String::as_str) == self.hanging {
+                let _given_up = GivenUp(self.given_up.clone());
+                std::future::pending::<()>().await;
+            }
+            let failure = pairs
+                .get("continue")
+                .and_then(|t| self.failing.lock().unwrap().remove(t));
+            if let Some(code) = failure {
+                let status = json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+                    "reason": "Expired", "message": "the page failed",
+                    "metadata": {"continue": "page+/=4"},
+                });
+                let mut response = Response::new(Body::from(serde_json::to_vec(&status).unwrap()));
+                *response.status_mut() = axum::http::StatusCode::from_u16(code).unwrap();
+                return response;
             }
             let from = pairs
                 .get("continue")
@@ -263,6 +309,84 @@ mod tests {
             server.asked()[..4],
             ["first", "page+/=2", "page+/=4", "page+/=6"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_page_whose_fetch_ahead_failed_is_asked_for_again_when_the_watcher_asks() {
+        let server = Server {
+            jobs: 5,
+            ..Server::default()
+        };
+        server
+            .failing
+            .lock()
+            .unwrap()
+            .insert("page+/=2".into(), 500);
+        let api: Api<RunnerJob> = Api::namespaced(client(server.client()), "default");
+        let listed: Vec<String> = watcher(api, watcher::Config::default().page_size(2))
+            .try_take_while(|e| std::future::ready(Ok(!matches!(e, watcher::Event::InitDone))))
+            .try_filter_map(|e| async move {
+                Ok(match e {
+                    watcher::Event::InitApply(job) => job.metadata.name,
+                    _ => None,
+                })
+            })
+            .try_collect()
+            .await
+            .expect("the watcher never sees the failure");
+        assert_eq!(
+            listed,
+            (0..5).map(|i| format!("job-{i}")).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            server.asked()[..4],
+            ["first", "page+/=2", "page+/=2", "page+/=4"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_is_handed_back_as_answered_and_its_continue_token_not_followed() {
+        let server = Server {
+            jobs: 7,
+            ..Server::default()
+        };
+        server
+            .failing
+            .lock()
+            .unwrap()
+            .insert("page+/=2".into(), 410);
+        let client = client(server.client());
+        let expired =
+            Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?limit=2&continue=page%2B%2F%3D2")
+                .body(Vec::new())
+                .unwrap();
+        match client.request_text(expired).await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 410),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(server.asked(), ["page+/=2"]);
+    }
+
+    #[tokio::test]
+    async fn a_page_fetched_ahead_is_given_up_with_the_client() {
+        let server = Server {
+            jobs: 5,
+            hanging: Some("page+/=2"),
+            ..Server::default()
+        };
+        let client = client(server.client());
+        let first = Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?&limit=2")
+            .body(Vec::new())
+            .unwrap();
+        client.request_text(first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(server.asked(), ["first", "page+/=2"]);
+        assert!(!server.given_up.load(std::sync::atomic::Ordering::SeqCst));
+        // Leadership lost: the watch, its client and the page it had asked ahead for go.
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(server.given_up.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]

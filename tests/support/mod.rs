@@ -103,10 +103,21 @@ pub fn repo_root() -> PathBuf {
 
 /// An empty folder of this process for `name`, under the target's scratch folder. That folder
 /// outlives the run (CI keeps the target in a cache), and process ids come round again on a
-/// fresh machine, so a folder of the same name may hold an earlier run's files: it is emptied.
+/// fresh machine (or are shared by two containers on one cache): the name carries the process's
+/// start time too, and a folder of the same name is emptied all the same.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    static STARTED: OnceLock<u128> = OnceLock::new();
+    let started = STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    });
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{:x}",
+        std::process::id(),
+        started % (1 << 32)
+    ));
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
