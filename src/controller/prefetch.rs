@@ -282,14 +282,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_watch_lists_every_page_once_taking_the_pages_fetched_ahead() {
-        let server = Server {
-            jobs: 7,
-            ..Server::default()
-        };
+    /// The names kube's watcher lists from `server` through the client, in pages of two.
+    async fn listed(server: &Server) -> Vec<String> {
         let api: Api<RunnerJob> = Api::namespaced(client(server.client()), "default");
-        let listed: Vec<String> = watcher(api, watcher::Config::default().page_size(2))
+        watcher(api, watcher::Config::default().page_size(2))
             .try_take_while(|e| std::future::ready(Ok(!matches!(e, watcher::Event::InitDone))))
             .try_filter_map(|e| async move {
                 Ok(match e {
@@ -299,11 +295,27 @@ mod tests {
             })
             .try_collect()
             .await
-            .unwrap();
-        assert_eq!(
-            listed,
-            (0..7).map(|i| format!("job-{i}")).collect::<Vec<_>>()
-        );
+            .unwrap()
+    }
+
+    fn names(jobs: usize) -> Vec<String> {
+        (0..jobs).map(|i| format!("job-{i}")).collect()
+    }
+
+    /// A GET of `query` on the RunnerJobs.
+    fn list(query: &str) -> Request<Vec<u8>> {
+        Request::get(format!("/apis/pacer.dev/v1alpha1/runnerjobs?{query}"))
+            .body(Vec::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_watch_lists_every_page_once_taking_the_pages_fetched_ahead() {
+        let server = Server {
+            jobs: 7,
+            ..Server::default()
+        };
+        assert_eq!(listed(&server).await, names(7));
         // Each page once: the watcher's requests for pages 2 to 4 took the ones fetched ahead.
         assert_eq!(
             server.asked()[..4],
@@ -322,22 +334,8 @@ mod tests {
             .lock()
             .unwrap()
             .insert("page+/=2".into(), 500);
-        let api: Api<RunnerJob> = Api::namespaced(client(server.client()), "default");
-        let listed: Vec<String> = watcher(api, watcher::Config::default().page_size(2))
-            .try_take_while(|e| std::future::ready(Ok(!matches!(e, watcher::Event::InitDone))))
-            .try_filter_map(|e| async move {
-                Ok(match e {
-                    watcher::Event::InitApply(job) => job.metadata.name,
-                    _ => None,
-                })
-            })
-            .try_collect()
-            .await
-            .expect("the watcher never sees the failure");
-        assert_eq!(
-            listed,
-            (0..5).map(|i| format!("job-{i}")).collect::<Vec<_>>()
-        );
+        // The watcher never sees the failure.
+        assert_eq!(listed(&server).await, names(5));
         assert_eq!(
             server.asked()[..4],
             ["first", "page+/=2", "page+/=2", "page+/=4"]
@@ -356,10 +354,7 @@ mod tests {
             .unwrap()
             .insert("page+/=2".into(), 410);
         let client = client(server.client());
-        let expired =
-            Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?limit=2&continue=page%2B%2F%3D2")
-                .body(Vec::new())
-                .unwrap();
+        let expired = list("limit=2&continue=page%2B%2F%3D2");
         match client.request_text(expired).await {
             Err(kube::Error::Api(status)) => assert_eq!(status.code, 410),
             other => panic!("{other:?}"),
@@ -376,9 +371,7 @@ mod tests {
             ..Server::default()
         };
         let client = client(server.client());
-        let first = Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?&limit=2")
-            .body(Vec::new())
-            .unwrap();
+        let first = list("&limit=2");
         client.request_text(first).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(server.asked(), ["first", "page+/=2"]);
@@ -396,9 +389,7 @@ mod tests {
             ..Server::default()
         };
         let client = client(server.client());
-        let first = Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?&limit=2")
-            .body(Vec::new())
-            .unwrap();
+        let first = list("&limit=2");
         client.request_text(first).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), async {
             while server.asked().len() < 2 {
@@ -410,18 +401,13 @@ mod tests {
         assert_eq!(server.asked(), ["first", "page+/=2"]);
 
         // A request for another page drops the one fetched ahead and goes through.
-        let other =
-            Request::get("/apis/pacer.dev/v1alpha1/runnerjobs?limit=2&continue=page%2B%2F%3D4")
-                .body(Vec::new())
-                .unwrap();
+        let other = list("limit=2&continue=page%2B%2F%3D4");
         let text = client.request_text(other).await.unwrap();
         assert!(text.contains("job-4"), "{text}");
         assert_eq!(server.asked(), ["first", "page+/=2", "page+/=4"]);
 
         // Neither a watch nor a list without a limit is fetched ahead.
-        let whole = Request::get("/apis/pacer.dev/v1alpha1/runnerjobs")
-            .body(Vec::new())
-            .unwrap();
+        let whole = list("");
         client.request_text(whole).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(server.asked(), ["first", "page+/=2", "page+/=4", "first"]);
