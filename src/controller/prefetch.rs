@@ -2,9 +2,9 @@
 //!
 //! kube's watcher lists a page, parses it, and only then asks for the next: with thousands of
 //! RunnerJobs the API server and Pacer take turns, each idle while the other works. The client
-//! [`client`] makes sends a page's request on to the API server as before, reads the answer's
-//! continue token, and at once asks for the page after it, which the watcher's next request then
-//! takes. Nothing else changes: every other request (the watch, a list without a limit) goes
+//! that [`client`] makes sends a page's request on to the API server as before, reads the
+//! answer's continue token, and at once asks for the page after it, which the watcher's next
+//! request then takes. Nothing else changes: every other request (the watch, a list without a limit) goes
 //! straight through, a request for any other page drops the one fetched ahead, and a page whose
 //! fetch ahead failed (in transit or answered with an error) is asked for again. A continue
 //! token pins the list to one resourceVersion, so a page fetched early is the page the API
@@ -126,9 +126,9 @@ async fn fetch(base: kube::Client, request: Request<Body>) -> kube::Result<Page>
 
 /// A GET of one page of a list: it has a limit and is not a watch.
 fn is_page(request: &Request<Body>) -> bool {
-    request.method() == Method::GET
-        && query(request.uri()).iter().any(|(k, _)| k == "limit")
-        && !query(request.uri()).iter().any(|(k, _)| k == "watch")
+    let query = query(request.uri());
+    let has = |key: &str| query.iter().any(|(k, _)| k == key);
+    request.method() == Method::GET && has("limit") && !has("watch")
 }
 
 fn query(uri: &Uri) -> Vec<(String, String)> {
@@ -165,16 +165,12 @@ fn next_page(uri: &Uri, page: &[u8]) -> Option<Uri> {
         .metadata
         .next
         .filter(|t| !t.is_empty())?;
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    for (k, v) in query_pairs_but_continue(uri) {
-        query.append_pair(&k, &v);
+    let mut next = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in query(uri).iter().filter(|(k, _)| k != "continue") {
+        next.append_pair(k, v);
     }
-    query.append_pair("continue", &token);
-    format!("{}?{}", uri.path(), query.finish()).parse().ok()
-}
-
-fn query_pairs_but_continue(uri: &Uri) -> impl Iterator<Item = (String, String)> {
-    query(uri).into_iter().filter(|(k, _)| k != "continue")
+    next.append_pair("continue", &token);
+    format!("{}?{}", uri.path(), next.finish()).parse().ok()
 }
 
 #[cfg(test)]
