@@ -1632,6 +1632,71 @@ async fn a_job_life_costs_one_status_write_per_phase_change() {
     assert_eq!(versions.len(), 1 + 5 + 2, "{phases:?}");
 }
 
+/// A pass queued while the controller's own write was on its way back through the watch is
+/// handed the object that write replaced. It waits for the newer one: no write of the
+/// controller is refused as made on an old version, and the job's life costs no extra write.
+#[tokio::test]
+async fn a_pass_handed_the_version_its_own_write_replaced_writes_nothing_over_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let w = World::new("behind").await;
+    // The controllers' watches through a relay that passes the API server's bytes late, as a
+    // loaded API server does: each pass after a write is handed the job as it was before.
+    let mut late = w.ground.kube_config().await;
+    let url = &late.cluster_url;
+    let upstream = format!("{}:{}", url.host().unwrap(), url.port_u16().unwrap());
+    let relay = support::relay::Relay::start(upstream.parse().unwrap()).await;
+    relay.slow(Duration::from_millis(300));
+    late.cluster_url = format!("https://{}", relay.addr).parse().unwrap();
+    let late = kube::Client::try_from(late).unwrap();
+    // The controllers' writes go straight to the API server, each refused one counted.
+    let refused = Arc::new(AtomicUsize::new(0));
+    fn counting<B>(
+        refused: Arc<AtomicUsize>,
+    ) -> impl Fn(axum::http::Response<B>) -> axum::http::Response<B> + Clone {
+        move |response| {
+            if response.status() == axum::http::StatusCode::CONFLICT {
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+            response
+        }
+    }
+    let config = w.ground.kube_config().await;
+    let client = (kube::client::ClientBuilder::try_from(config).unwrap())
+        .with_layer(&tower::util::MapResponseLayer::new(counting(
+            refused.clone(),
+        )))
+        .build();
+    let settings = Settings {
+        backoff_unit: Duration::from_millis(200),
+        instance_refresh: Duration::from_millis(500),
+        ..Settings::new(&w.controller_id, "https://pacer.example.test")
+    };
+    let ctx = Context::new(client, Arc::new(w.ec2.clone()), settings);
+    let (pools, jobs) = (
+        Api::namespaced(late.clone(), &w.ns),
+        Api::namespaced(late, &w.ns),
+    );
+    let _controllers = tokio::spawn(controller::run(Arc::new(ctx), pools, jobs));
+    w.ready_pool(|_| {}).await;
+    w.create_queued_job("job-1", 4343).await;
+    let job = w.wait_phase("job-1", JobPhase::Booting).await;
+    // Long enough for the passes the late watch brings.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(relay.delayed() > 0, "the watch went through the relay");
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        0,
+        "writes refused as conflicts"
+    );
+    let now = w.jobs.get("job-1").await.unwrap();
+    let versions = (now.metadata.resource_version, job.metadata.resource_version);
+    assert_eq!(
+        versions.0, versions.1,
+        "written after Booting: {:?}",
+        now.status
+    );
+}
+
 /// A spot instance EC2 reclaimed while its runner ran the job: the job fails there as it would
 /// on any runner, and a pool that asks for it has GitHub re-run the job, once, when its run
 /// has completed and GitHub says the job failed on our runner. An instance that only says it

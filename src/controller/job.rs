@@ -67,6 +67,8 @@ pub struct Shared {
     slots: Mutex<HashMap<String, HashMap<String, String>>>,
     /// Launches and terminations this process made that EC2's listings may not show yet.
     pub(super) ledger: super::ledger::Ledger,
+    /// The job versions this process's own writes replaced, until the cache shows a later one.
+    own_writes: OwnWrites,
     /// Jobs gathering for a batched launch, and batched launch calls in flight.
     batches: super::batch::Batches,
     /// Prices by kind, instance type (and zone), with when they expire.
@@ -102,6 +104,7 @@ impl Shared {
     /// gone, or going.
     fn forget(&self, uid: &str, status: &RunnerJobStatus) {
         self.ledger.forget(uid);
+        self.own_writes.forget(uid);
         let earlier = status.previous_attempts.iter().map(|a| a.instance.as_str());
         let current = status.instance.iter().map(|i| i.id.as_str());
         self.ledger.forget_terminations(current.chain(earlier));
@@ -200,11 +203,25 @@ pub(super) async fn run(
         .await;
 }
 
+/// How soon a pass handed an object older than this process's own write looks again, should
+/// the watch not bring the newer one first.
+const BEHIND_RECHECK: Duration = Duration::from_secs(1);
+
 async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
     let ns = job.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", job.name_any());
     let span = info_span!("reconcile", job = %key, pool = %job.spec.pool_name, job_id = job.spec.job_id, run_id = job.spec.run_id, repository = %job.spec.repository);
     async move {
+        let uid = job.uid().unwrap_or_default();
+        if ctx
+            .jobs
+            .own_writes
+            .behind(&uid, job.metadata.resource_version.as_deref())
+        {
+            // The watch brings this process's newer write, and a pass with it; the requeue
+            // only guards against a watch that stalls.
+            return Ok(Action::requeue(BEHIND_RECHECK));
+        }
         let api: Api<RunnerJob> = Api::namespaced(ctx.client.clone(), &ns);
         let ours = job.finalizers().iter().any(|f| f == FINALIZER);
         let action = match (job.metadata.deletion_timestamp.is_some(), ours) {
@@ -213,7 +230,11 @@ async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
             // The finalizer is on before any launch; the pass goes on with the patched object
             // rather than waiting for the watch to bring it back.
             (false, false) => {
-                let job = set_finalizer(&api, &job, true).await?;
+                let written = set_finalizer(&api, &job, true).await?;
+                ctx.jobs
+                    .own_writes
+                    .wrote(&uid, job.resource_version().as_deref());
+                let job = written;
                 looked(pass(&job, &ctx, false).await?)
             }
             (false, true) => looked(pass(&job, &ctx, false).await?),
@@ -262,6 +283,42 @@ async fn set_finalizer(api: &Api<RunnerJob>, job: &RunnerJob, on: bool) -> Resul
             &Patch::Merge(&patch),
         )
         .await?)
+}
+
+/// The versions of each RunnerJob that this process's own writes replaced. The watch brings a
+/// job's own write back after the write returned, and a pass queued meanwhile is handed the
+/// object the write replaced: deciding on it would redo what the write recorded, and its write
+/// would be refused (409) as made on an old version. Such a pass waits for the newer object
+/// instead. An entry goes once a pass is handed a version it does not hold: the cache only moves
+/// forward.
+#[derive(Default)]
+struct OwnWrites(Mutex<HashMap<String, Vec<String>>>);
+
+impl OwnWrites {
+    /// This process wrote RunnerJob `uid` over `replaced`, the version its write named.
+    fn wrote(&self, uid: &str, replaced: Option<&str>) {
+        if let Some(replaced) = replaced {
+            let mut writes = self.0.lock().unwrap();
+            writes.entry(uid.into()).or_default().push(replaced.into());
+        }
+    }
+
+    /// Whether `version` of RunnerJob `uid` is one this process's own writes replaced.
+    fn behind(&self, uid: &str, version: Option<&str>) -> bool {
+        let mut writes = self.0.lock().unwrap();
+        let Some(replaced) = writes.get(uid) else {
+            return false;
+        };
+        if version.is_some_and(|v| replaced.iter().any(|r| r == v)) {
+            return true;
+        }
+        writes.remove(uid);
+        false
+    }
+
+    fn forget(&self, uid: &str) {
+        self.0.lock().unwrap().remove(uid);
+    }
 }
 
 /// The shared instance snapshot, refreshed when older than `instance_refresh`: one
@@ -1364,6 +1421,9 @@ impl Seen {
             ..Default::default()
         };
         let written = (api.patch_status(&job.name_any(), &params, &Patch::Merge(patch))).await?;
+        ctx.jobs
+            .own_writes
+            .wrote(&self.uid, self.version.as_deref());
         self.version = written.metadata.resource_version;
         self.written = self.status.clone();
         Ok(())
@@ -2298,6 +2358,30 @@ mod tests {
         job.metadata.owner_references = None;
         job.spec.labels = Vec::new();
         job
+    }
+
+    #[test]
+    fn a_version_this_process_wrote_over_is_behind_until_a_later_one_is_seen() {
+        let writes = OwnWrites::default();
+        // The finalizer over 1, then the status over 2 and over 3.
+        for replaced in ["1", "2", "3"] {
+            writes.wrote("a", Some(replaced));
+        }
+        writes.wrote("b", None);
+        for replaced in ["1", "2", "3"] {
+            assert!(writes.behind("a", Some(replaced)), "{replaced}");
+        }
+        // Another job's versions, and a write that named none, hold nothing back.
+        assert!(!writes.behind("b", Some("1")));
+        assert!(!writes.behind("c", Some("1")));
+        // The cache shows the last write: from then on nothing is held back, and the entry is
+        // gone.
+        assert!(!writes.behind("a", Some("4")));
+        assert!(!writes.behind("a", Some("3")));
+        assert!(writes.0.lock().unwrap().is_empty());
+        writes.wrote("a", Some("4"));
+        writes.forget("a");
+        assert!(!writes.behind("a", Some("4")));
     }
 
     #[test]
