@@ -394,6 +394,18 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     ] {
         assert!(text.contains(expected), "{expected} not in:\n{text}");
     }
+    let calls = |action: &str| {
+        let line = format!(r#"pacer_ec2_calls_total{{action="{action}",outcome="ok"}} "#);
+        let count = text.lines().find_map(|l| l.strip_prefix(line.as_str()));
+        count.map(|n| n.parse::<u64>().unwrap())
+    };
+    // Subnets are looked up by the pool's checks alone (with its security groups): the launch
+    // took its subnets' zones from them.
+    assert_eq!(
+        calls("DescribeSubnets"),
+        calls("DescribeSecurityGroups"),
+        "{text}"
+    );
     let describes = text
         .lines()
         .find(|l| {

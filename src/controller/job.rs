@@ -112,6 +112,12 @@ impl Shared {
         self.let_go_of_warm(uid);
     }
 
+    /// Remembers the zones of `subnets`, as a pool's check found them.
+    pub(super) async fn learn_zones(&self, subnets: &[crate::cloud::Subnet]) {
+        let mut known = self.zones.lock().await;
+        known.extend(subnets.iter().map(|s| (s.id.clone(), s.zone.clone())));
+    }
+
     /// Drops the warm instance this process took for job `uid`, if any.
     fn let_go_of_warm(&self, uid: &str) {
         self.warm_taken.lock().unwrap().retain(|_, job| job != uid);

@@ -130,6 +130,10 @@ async fn observe(spec: &RunnerPoolSpec, ctx: &Context) -> Result<Observed> {
     };
     let instance_types = lookup(ec2.describe_instance_types(&spec.instance_types).await)?;
     let subnets = lookup(ec2.describe_subnets(&spec.subnets).await)?;
+    if let Lookup::Found(found) = &subnets {
+        // The zones the pool's first launches look up: known before its first job comes.
+        ctx.jobs.learn_zones(found).await;
+    }
     let security_groups = lookup(ec2.describe_security_groups(&spec.security_groups).await)?;
     let instance_profile = match &spec.instance_profile {
         None => ProfileLookup::NotSet,
