@@ -1110,8 +1110,10 @@ async fn webhooks(count: usize, rate: u64, report: &mut Report) {
     report.anchor(ANCHOR_WEBHOOK);
     let why = format!(
         "the API server alone stores the same creations at p99 {:.1?} here (the floor row \
-         below); what would close it: an API server whose own p99 for a creation is well under \
-         10 ms",
+         below), and over the deliveries Pacer wrote {besides} besides (the row after next: \
+         each waiting job's first pass records why it waits); what would close it: an API \
+         server whose own p99 for a creation is well under 10 ms, and fewer writes while \
+         deliveries arrive",
         percentile(&floor, 0.99)
     );
     report.verdict(
