@@ -394,18 +394,21 @@ async fn a_job_gets_exactly_one_tagged_instance_and_completion_terminates_it() {
     ] {
         assert!(text.contains(expected), "{expected} not in:\n{text}");
     }
-    let calls = |action: &str| {
+    // Subnets are looked up by the pool's checks alone (each with its security groups): the
+    // launch took its subnets' zones from them. A check may be between the two calls as the
+    // metrics are read, so they are read until the counts meet.
+    let calls = |text: &str, action: &str| {
         let line = format!(r#"pacer_ec2_calls_total{{action="{action}",outcome="ok"}} "#);
         let count = text.lines().find_map(|l| l.strip_prefix(line.as_str()));
         count.map(|n| n.parse::<u64>().unwrap())
     };
-    // Subnets are looked up by the pool's checks alone (with its security groups): the launch
-    // took its subnets' zones from them.
-    assert_eq!(
-        calls("DescribeSubnets"),
-        calls("DescribeSecurityGroups"),
-        "{text}"
-    );
+    let metrics = format!("http://{address}/metrics");
+    w.wait(|| async {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        let subnets = calls(&text, "DescribeSubnets");
+        subnets.is_some() && subnets == calls(&text, "DescribeSecurityGroups")
+    })
+    .await;
     let describes = text
         .lines()
         .find(|l| {
@@ -1690,8 +1693,14 @@ async fn a_pass_handed_the_version_its_own_write_replaced_writes_nothing_over_it
     );
     let _controllers = tokio::spawn(controller::run(Arc::new(ctx), pools, jobs));
     w.ready_pool(|_| {}).await;
+    // One created with the finalizer on, as the listener does; one without, which the first
+    // pass puts on.
     w.create_queued_job("job-1", 4343).await;
-    let job = w.wait_phase("job-1", JobPhase::Booting).await;
+    w.create_job("job-2", 4344).await;
+    let mut booting = Vec::new();
+    for name in ["job-1", "job-2"] {
+        booting.push(w.wait_phase(name, JobPhase::Booting).await);
+    }
     // Long enough for the passes the late watch brings.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(relay.delayed() > 0, "the watch went through the relay");
@@ -1700,13 +1709,16 @@ async fn a_pass_handed_the_version_its_own_write_replaced_writes_nothing_over_it
         0,
         "writes refused as conflicts"
     );
-    let now = w.jobs.get("job-1").await.unwrap();
-    let versions = (now.metadata.resource_version, job.metadata.resource_version);
-    assert_eq!(
-        versions.0, versions.1,
-        "written after Booting: {:?}",
-        now.status
-    );
+    for job in booting {
+        let name = job.metadata.name.clone().unwrap();
+        let now = w.jobs.get(&name).await.unwrap();
+        let versions = (now.metadata.resource_version, job.metadata.resource_version);
+        assert_eq!(
+            versions.0, versions.1,
+            "{name} written after Booting: {:?}",
+            now.status
+        );
+    }
 }
 
 /// A spot instance EC2 reclaimed while its runner ran the job: the job fails there as it would

@@ -115,7 +115,8 @@ impl Shared {
     /// Remembers the zones of `subnets`, as a pool's check found them.
     pub(super) async fn learn_zones(&self, subnets: &[crate::cloud::Subnet]) {
         let mut known = self.zones.lock().await;
-        known.extend(subnets.iter().map(|s| (s.id.clone(), s.zone.clone())));
+        let named = subnets.iter().filter(|s| !s.zone.is_empty());
+        known.extend(named.map(|s| (s.id.clone(), s.zone.clone())));
     }
 
     /// Drops the warm instance this process took for job `uid`, if any.
@@ -237,9 +238,9 @@ async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
             // rather than waiting for the watch to bring it back.
             (false, false) => {
                 let written = set_finalizer(&api, &job, true).await?;
-                ctx.jobs
-                    .own_writes
-                    .wrote(&uid, job.resource_version().as_deref());
+                let versions = (job.resource_version(), written.resource_version());
+                let (replaced, now) = (versions.0.as_deref(), versions.1.as_deref());
+                ctx.jobs.own_writes.wrote(&uid, replaced, now);
                 let job = written;
                 looked(pass(&job, &ctx, false).await?)
             }
@@ -295,27 +296,43 @@ async fn set_finalizer(api: &Api<RunnerJob>, job: &RunnerJob, on: bool) -> Resul
 /// job's own write back after the write returned, and a pass queued meanwhile is handed the
 /// object the write replaced: deciding on it would redo what the write recorded, and its write
 /// would be refused (409) as made on an old version. Such a pass waits for the newer object
-/// instead. An entry goes once a pass is handed a version it does not hold: the cache only moves
-/// forward.
+/// instead. An entry goes once a pass is handed a version it does not hold, since the cache only
+/// moves forward (its relists are consistent lists, see [`super::run`]), or once it is
+/// [`OWN_WRITES_KEPT`] old.
 #[derive(Default)]
-struct OwnWrites(Mutex<HashMap<String, Vec<String>>>);
+struct OwnWrites(Mutex<HashMap<String, (Instant, Vec<String>)>>);
+
+/// How long a job's own writes hold back its passes handed an older version, at most. Past it,
+/// a pass goes on as if they had not (a write on an old version is refused, and the pass
+/// retried): no case unforeseen here holds a job longer.
+const OWN_WRITES_KEPT: Duration = Duration::from_secs(30);
 
 impl OwnWrites {
-    /// This process wrote RunnerJob `uid` over `replaced`, the version its write named.
-    fn wrote(&self, uid: &str, replaced: Option<&str>) {
-        if let Some(replaced) = replaced {
-            let mut writes = self.0.lock().unwrap();
-            writes.entry(uid.into()).or_default().push(replaced.into());
-        }
+    /// This process wrote RunnerJob `uid` over `replaced`, the version its write named, and
+    /// the API server answered with `written`. A write that left the version as it was (it
+    /// changed nothing) replaced nothing.
+    fn wrote(&self, uid: &str, replaced: Option<&str>, written: Option<&str>) {
+        let Some(replaced) = replaced.filter(|r| Some(*r) != written) else {
+            return;
+        };
+        let mut writes = self.0.lock().unwrap();
+        let now = Instant::now();
+        let (at, versions) = writes
+            .entry(uid.into())
+            .or_insert_with(|| (now, Vec::new()));
+        *at = now;
+        versions.push(replaced.into());
     }
 
     /// Whether `version` of RunnerJob `uid` is one this process's own writes replaced.
     fn behind(&self, uid: &str, version: Option<&str>) -> bool {
         let mut writes = self.0.lock().unwrap();
-        let Some(replaced) = writes.get(uid) else {
+        let Some((at, replaced)) = writes.get(uid) else {
             return false;
         };
-        if version.is_some_and(|v| replaced.iter().any(|r| r == v)) {
+        if at.elapsed() < OWN_WRITES_KEPT
+            && version.is_some_and(|v| replaced.iter().any(|r| r == v))
+        {
             return true;
         }
         writes.remove(uid);
@@ -1427,9 +1444,8 @@ impl Seen {
             ..Default::default()
         };
         let written = (api.patch_status(&job.name_any(), &params, &Patch::Merge(patch))).await?;
-        ctx.jobs
-            .own_writes
-            .wrote(&self.uid, self.version.as_deref());
+        let now = written.metadata.resource_version.as_deref();
+        (ctx.jobs.own_writes).wrote(&self.uid, self.version.as_deref(), now);
         self.version = written.metadata.resource_version;
         self.written = self.status.clone();
         Ok(())
@@ -2370,24 +2386,35 @@ mod tests {
     fn a_version_this_process_wrote_over_is_behind_until_a_later_one_is_seen() {
         let writes = OwnWrites::default();
         // The finalizer over 1, then the status over 2 and over 3.
-        for replaced in ["1", "2", "3"] {
-            writes.wrote("a", Some(replaced));
+        for (replaced, written) in [("1", "2"), ("2", "3"), ("3", "4")] {
+            writes.wrote("a", Some(replaced), Some(written));
         }
-        writes.wrote("b", None);
+        writes.wrote("b", None, Some("1"));
+        // A write that left the version as it was replaced nothing.
+        writes.wrote("d", Some("7"), Some("7"));
         for replaced in ["1", "2", "3"] {
             assert!(writes.behind("a", Some(replaced)), "{replaced}");
         }
-        // Another job's versions, and a write that named none, hold nothing back.
-        assert!(!writes.behind("b", Some("1")));
-        assert!(!writes.behind("c", Some("1")));
+        // Another job's versions, and writes that named none or replaced none, hold nothing
+        // back.
+        for job in ["b", "c", "d"] {
+            assert!(!writes.behind(job, Some("1")), "{job}");
+        }
+        assert!(!writes.behind("d", Some("7")));
         // The cache shows the last write: from then on nothing is held back, and the entry is
         // gone.
         assert!(!writes.behind("a", Some("4")));
         assert!(!writes.behind("a", Some("3")));
         assert!(writes.0.lock().unwrap().is_empty());
-        writes.wrote("a", Some("4"));
+        writes.wrote("a", Some("4"), Some("5"));
         writes.forget("a");
         assert!(!writes.behind("a", Some("4")));
+        // Held back no longer than OWN_WRITES_KEPT after the last write.
+        writes.wrote("a", Some("5"), Some("6"));
+        assert!(writes.behind("a", Some("5")));
+        let long_ago = Instant::now().checked_sub(OWN_WRITES_KEPT + Duration::from_secs(1));
+        writes.0.lock().unwrap().get_mut("a").unwrap().0 = long_ago.unwrap();
+        assert!(!writes.behind("a", Some("5")));
     }
 
     #[test]
