@@ -698,18 +698,14 @@ async fn main() {
             p.stored, p.start_stored
         );
         println!("RSS with {} RunnerJobs stored: {}", p.stored, p.with_stored);
+        let why = "see docs/testing.md for where it goes";
         let row = report.add("`pacer run` RSS idle, pools Ready", &p.idle, "≤ 30 MiB");
-        report.verdict(
-            row,
-            p.idle.rss <= 30.0,
-            "see docs/testing.md for where it goes",
-        );
+        report.verdict(row, p.idle.rss <= 30.0, why);
         let row = report.add(
             &format!("`pacer run` RSS with {} RunnerJobs stored", p.stored),
             &p.with_stored,
             "≤ 50 MiB",
         );
-        let why = "see docs/testing.md for where it goes";
         report.verdict(row, p.with_stored.rss <= 50.0, why);
         let row = report.add(
             &format!("`pacer run` start → ready with {} RunnerJobs", p.stored),

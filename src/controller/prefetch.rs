@@ -4,11 +4,11 @@
 //! RunnerJobs the API server and Pacer take turns, each idle while the other works. The client
 //! that [`client`] makes sends a page's request on to the API server as before, reads the
 //! answer's continue token, and at once asks for the page after it, which the watcher's next
-//! request then takes. Nothing else changes: every other request (the watch, a list without a limit) goes
-//! straight through, a request for any other page drops the one fetched ahead, and a page whose
-//! fetch ahead failed (in transit or answered with an error) is asked for again. A continue
-//! token pins the list to one resourceVersion, so a page fetched early is the page the API
-//! server would answer later.
+//! request then takes. Nothing else changes: every other request (the watch, a list without a
+//! limit) goes straight through, a request for any other page drops the one fetched ahead, and a
+//! page whose fetch ahead failed (in transit or answered with an error) is asked for again. A
+//! continue token pins the list to one resourceVersion, so a page fetched early is the page the
+//! API server would answer later.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
