@@ -1721,6 +1721,54 @@ async fn a_pass_handed_the_version_its_own_write_replaced_writes_nothing_over_it
     }
 }
 
+/// The launch's record, which the launch call waits on, is the one write of a job's launch
+/// marked to go ahead of the client's queue; its Booting write and its Event wait their turn.
+#[tokio::test]
+async fn a_launch_record_goes_ahead_of_the_client_queue_and_nothing_else_does() {
+    use axum::http::{Method, Request};
+    use pacer::controller::lanes::Ahead;
+    let w = World::new("ahead").await;
+    // Every write of the controllers' client, with whether it was marked.
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = {
+        let writes = writes.clone();
+        move |request: Request<kube::client::Body>| {
+            if request.method() != Method::GET {
+                let ahead = request.extensions().get::<Ahead>().is_some();
+                let what = format!("{} {}", request.method(), request.uri().path());
+                writes.lock().unwrap().push((ahead, what));
+            }
+            request
+        }
+    };
+    let config = w.ground.kube_config().await;
+    let client = (kube::client::ClientBuilder::try_from(config).unwrap())
+        .with_layer(&tower::util::MapRequestLayer::new(record))
+        .build();
+    let settings = Settings::new(&w.controller_id, "https://pacer.example.test");
+    let ctx = Context::new(client, Arc::new(w.ec2.clone()), settings);
+    let _controllers = w.start(Arc::new(ctx));
+    w.ready_pool(|_| {}).await;
+    w.create_queued_job("job-1", 4343).await;
+    w.wait_phase("job-1", JobPhase::Booting).await;
+    let writes = writes.lock().unwrap().clone();
+    let status = format!("/namespaces/{}/runnerjobs/job-1/status", w.ns);
+    let (ahead, rest): (Vec<_>, Vec<_>) = writes.into_iter().partition(|(ahead, _)| *ahead);
+    let ahead: Vec<_> = ahead.into_iter().map(|(_, what)| what).collect();
+    assert_eq!(ahead.len(), 1, "{ahead:?}");
+    assert!(
+        ahead[0].starts_with("PATCH ") && ahead[0].ends_with(&status),
+        "{ahead:?}"
+    );
+    let booting = rest.iter().filter(|(_, what)| what.ends_with(&status));
+    assert!(
+        booting.count() >= 1,
+        "the Booting write waits its turn: {rest:?}"
+    );
+    let events = rest.iter().filter(|(_, what)| what.contains("/events"));
+    assert!(events.count() >= 1, "an Event waits its turn: {rest:?}");
+}
+
 /// A spot instance EC2 reclaimed while its runner ran the job: the job fails there as it would
 /// on any runner, and a pool that asks for it has GitHub re-run the job, once, when its run
 /// has completed and GitHub says the job failed on our runner. An instance that only says it

@@ -238,9 +238,9 @@ async fn reconcile(job: Arc<RunnerJob>, ctx: Arc<Context>) -> Result<Action> {
             // rather than waiting for the watch to bring it back.
             (false, false) => {
                 let written = set_finalizer(&api, &job, true).await?;
-                let versions = (job.resource_version(), written.resource_version());
-                let (replaced, now) = (versions.0.as_deref(), versions.1.as_deref());
-                ctx.jobs.own_writes.wrote(&uid, replaced, now);
+                let replaced = job.metadata.resource_version.as_deref();
+                let version = written.metadata.resource_version.as_deref();
+                ctx.jobs.own_writes.wrote(&uid, replaced, version);
                 let job = written;
                 looked(pass(&job, &ctx, false).await?)
             }
@@ -1422,6 +1422,22 @@ impl Seen {
     /// wrote it; nothing when it changed nothing, so a job that is only being watched costs
     /// the API server no writes. Fields the pass did not change are left to their writers.
     async fn write(&mut self, job: &RunnerJob, ctx: &Context, cleared: &[&str]) -> Result<()> {
+        self.send(job, ctx, cleared, false).await
+    }
+
+    /// [`Seen::write`], ahead of the client's queue: for a launch's record, which the launch
+    /// call waits on (see [`super::lanes`]).
+    async fn write_ahead(&mut self, job: &RunnerJob, ctx: &Context) -> Result<()> {
+        self.send(job, ctx, &[], true).await
+    }
+
+    async fn send(
+        &mut self,
+        job: &RunnerJob,
+        ctx: &Context,
+        cleared: &[&str],
+        ahead: bool,
+    ) -> Result<()> {
         // A status is strings, numbers and maps with string keys: it always serializes.
         let json = |s: &RunnerJobStatus| serde_json::to_value(s).expect("a status serializes");
         let after = json(&self.status);
@@ -1443,9 +1459,16 @@ impl Seen {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        let written = (api.patch_status(&job.name_any(), &params, &Patch::Merge(patch))).await?;
-        let now = written.metadata.resource_version.as_deref();
-        (ctx.jobs.own_writes).wrote(&self.uid, self.version.as_deref(), now);
+        let mut request = kube::core::Request::new(api.resource_url())
+            .patch_subresource("status", &job.name_any(), &params, &Patch::Merge(patch))
+            .map_err(kube::Error::BuildRequest)?;
+        request.extensions_mut().insert("patch_status");
+        if ahead {
+            request.extensions_mut().insert(super::lanes::Ahead);
+        }
+        let written: RunnerJob = ctx.client.request(request).await?;
+        let version = written.metadata.resource_version.as_deref();
+        (ctx.jobs.own_writes).wrote(&self.uid, self.version.as_deref(), version);
         self.version = written.metadata.resource_version;
         self.written = self.status.clone();
         Ok(())
@@ -1741,7 +1764,7 @@ async fn new_launch(
     // launch's visibility window starts as it is recorded, past the batch's window.
     seen.status.launch = Some(Box::new(intent.clone()));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
-    let written = seen.write(job, ctx, &[]).await;
+    let written = seen.write_ahead(job, ctx).await;
     if let Some(j) = joined.as_mut().filter(|j| j.members.len() > 1) {
         j.recorded();
         if written.is_ok() {

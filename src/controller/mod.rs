@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod demand;
 pub mod gc;
 pub mod job;
+pub mod lanes;
 pub mod leader;
 mod ledger;
 mod listed;
@@ -69,10 +70,10 @@ pub(crate) fn merge_patch(
 pub const API_CONCURRENCY: usize = 32;
 
 /// The Kubernetes client the controllers use: kube's default stack from `config`, with at
-/// most [`API_CONCURRENCY`] requests in flight.
+/// most [`API_CONCURRENCY`] requests in flight, a launch's records first (see [`lanes`]).
 pub fn kube_client(config: kube::Config) -> kube::Result<kube::Client> {
     Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(API_CONCURRENCY))
+        .with_layer(&lanes::LanesLayer::new(API_CONCURRENCY))
         .build())
 }
 

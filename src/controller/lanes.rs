@@ -1,0 +1,217 @@
+//! The API client's limit on requests in flight, with a lane that goes ahead of the queue.
+//!
+//! In a burst, the writes a launch waits on (each member's launch record, stored before the
+//! EC2 call) queue behind the writes of launches already sent: their Booting statuses and
+//! their Events. A request marked [`Ahead`] takes the next free place before any unmarked one
+//! waiting; among themselves, each lane is first come, first served. Nothing is dropped or
+//! reordered beyond that, and an unmarked request waits only while marked ones are queued,
+//! which a burst's launch records are for a moment.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::http::Request;
+use futures::future::BoxFuture;
+use tokio::sync::oneshot;
+
+/// A request extension: the request takes the next free place before unmarked ones.
+#[derive(Clone, Copy, Debug)]
+pub struct Ahead;
+
+/// At most `limit` requests of the wrapped service in flight; see the module's comment.
+#[derive(Clone)]
+pub struct LanesLayer(Arc<Lanes>);
+
+impl LanesLayer {
+    pub fn new(limit: usize) -> Self {
+        Self(Arc::new(Lanes {
+            limit,
+            state: Mutex::default(),
+        }))
+    }
+}
+
+impl<S> tower::Layer<S> for LanesLayer {
+    type Service = Limited<S>;
+
+    fn layer(&self, inner: S) -> Limited<S> {
+        Limited {
+            inner,
+            lanes: self.0.clone(),
+        }
+    }
+}
+
+pub struct Limited<S> {
+    inner: S,
+    lanes: Arc<Lanes>,
+}
+
+impl<S, B> tower::Service<Request<B>> for Limited<S>
+where
+    S: tower::Service<Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    /// The request is handed to the inner service at once (which does nothing until its
+    /// future is polled) and sent when it has a place; the place is held until the answer's
+    /// head arrives, so a watch holds one only until its stream starts.
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let ahead = request.extensions().get::<Ahead>().is_some();
+        let lanes = self.lanes.clone();
+        let sent = self.inner.call(request);
+        Box::pin(async move {
+            let _place = lanes.place(ahead).await;
+            sent.await
+        })
+    }
+}
+
+struct Lanes {
+    limit: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    in_flight: usize,
+    /// Requests waiting for a place: marked [`Ahead`], then the rest. Only while all places
+    /// are taken; a freed place goes to the first of them rather than back to the count.
+    ahead: VecDeque<oneshot::Sender<Place>>,
+    rest: VecDeque<oneshot::Sender<Place>>,
+}
+
+/// One of the `limit` places, given to the next waiting request when dropped. (`None` only for
+/// a place whose request was given up before it arrived: the place went on to another.)
+struct Place(Option<Arc<Lanes>>);
+
+impl Lanes {
+    async fn place(self: Arc<Self>, ahead: bool) -> Place {
+        let waiting = {
+            let mut state = self.state.lock().unwrap();
+            if state.in_flight < self.limit {
+                state.in_flight += 1;
+                None
+            } else {
+                let (give, wait) = oneshot::channel();
+                let lane = if ahead {
+                    &mut state.ahead
+                } else {
+                    &mut state.rest
+                };
+                lane.push_back(give);
+                Some(wait)
+            }
+        };
+        match waiting {
+            None => Place(Some(self)),
+            // A waiter's sender is dropped only once its place is sent, or once its receiver
+            // is gone; while this receiver waits, the place comes.
+            Some(wait) => wait.await.expect("a waiting request is given a place"),
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let Some(lanes) = self.0.take() else { return };
+        let mut state = lanes.state.lock().unwrap();
+        while let Some(next) = (state.ahead.pop_front()).or_else(|| state.rest.pop_front()) {
+            match next.send(Place(Some(lanes.clone()))) {
+                Ok(()) => return,
+                // That request was given up while it waited: the place goes to the next.
+                Err(mut place) => place.0 = None,
+            }
+        }
+        state.in_flight -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt as _;
+
+    fn lanes(limit: usize) -> Arc<Lanes> {
+        LanesLayer::new(limit).0
+    }
+
+    #[tokio::test]
+    async fn a_freed_place_goes_to_a_request_marked_ahead_before_one_waiting_longer() {
+        let lanes = lanes(1);
+        let taken = lanes.clone().place(false).await;
+        let mut rest = Box::pin(lanes.clone().place(false));
+        assert!(
+            (&mut rest).now_or_never().is_none(),
+            "the only place is taken"
+        );
+        let mut ahead = Box::pin(lanes.clone().place(true));
+        assert!((&mut ahead).now_or_never().is_none());
+        drop(taken);
+        assert!(
+            (&mut rest).now_or_never().is_none(),
+            "the marked request goes first"
+        );
+        let place = ahead.now_or_never().expect("the freed place went ahead");
+        drop(place);
+        let place = rest.now_or_never().expect("then the one waiting longer");
+        drop(place);
+        assert_eq!(lanes.state.lock().unwrap().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_while_waiting_loses_no_place() {
+        let lanes = lanes(2);
+        let first = lanes.clone().place(false).await;
+        let second = lanes.clone().place(true).await;
+        let mut given_up = Box::pin(lanes.clone().place(true));
+        assert!(
+            (&mut given_up).now_or_never().is_none(),
+            "both places are taken"
+        );
+        let mut waiting = Box::pin(lanes.clone().place(false));
+        assert!((&mut waiting).now_or_never().is_none());
+        drop(given_up);
+        drop(first);
+        assert!(
+            waiting.now_or_never().is_some(),
+            "the freed place skipped the dropped one"
+        );
+        assert_eq!(
+            lanes.state.lock().unwrap().in_flight,
+            1,
+            "the second's place is held"
+        );
+        drop(second);
+        assert_eq!(lanes.state.lock().unwrap().in_flight, 0);
+        assert_eq!(
+            Arc::strong_count(&lanes),
+            1,
+            "no place still holds the lanes"
+        );
+    }
+
+    #[tokio::test]
+    async fn places_are_counted_back_when_nobody_waits() {
+        let lanes = lanes(2);
+        let (a, b) = (
+            lanes.clone().place(false).await,
+            lanes.clone().place(true).await,
+        );
+        drop((a, b));
+        assert_eq!(lanes.state.lock().unwrap().in_flight, 0);
+        let _again = [
+            lanes.clone().place(false).await,
+            lanes.clone().place(false).await,
+        ];
+        assert_eq!(lanes.state.lock().unwrap().in_flight, 2);
+    }
+}
