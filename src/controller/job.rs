@@ -1425,8 +1425,8 @@ impl Seen {
         self.send(job, ctx, cleared, false).await
     }
 
-    /// [`Seen::write`], ahead of the client's queue: for a launch's record, which the launch
-    /// call waits on (see [`super::lanes`]).
+    /// [`Seen::write`], ahead of the client's queue: for a launch's record (or a warm
+    /// instance's taking), which the EC2 call waits on (see [`super::lanes`]).
     async fn write_ahead(&mut self, job: &RunnerJob, ctx: &Context) -> Result<()> {
         self.send(job, ctx, &[], true).await
     }
@@ -1682,8 +1682,9 @@ async fn take_warm(
     seen.status.instance = Some(instance_status(&instance, None));
     enter(&mut seen.status, JobPhase::Launching, Timestamp::now());
     // A write that failed may have landed (a timeout): the instance stays this job's, which
-    // takes it again on its next pass, until the job lets go of it or goes.
-    seen.write(job, ctx, &[]).await?;
+    // takes it again on its next pass, until the job lets go of it or goes. The start waits on
+    // it, as a launch on its record.
+    seen.write_ahead(job, ctx).await?;
     info!(instance = %instance.id, "took a warm instance");
     Ok(Some(took))
 }

@@ -25,6 +25,10 @@ pub struct LanesLayer(Arc<Lanes>);
 
 impl LanesLayer {
     pub fn new(limit: usize) -> Self {
+        assert!(
+            limit > 0,
+            "a limit of no requests in flight would send none"
+        );
         Self(Arc::new(Lanes {
             limit,
             state: Mutex::default(),
@@ -61,9 +65,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    /// The request is handed to the inner service at once (which does nothing until its
-    /// future is polled) and sent when it has a place; the place is held until the answer's
-    /// head arrives, so a watch holds one only until its stream starts.
+    /// The request is handed to the inner service at once and sent when it has a place: kube's
+    /// stack connects and sends only when its future is polled, though its trace span (and
+    /// the span's latency) starts at the call, so it includes the wait for a place. The place
+    /// is held until the answer's head arrives, so a watch holds one only until its stream
+    /// starts.
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let ahead = request.extensions().get::<Ahead>().is_some();
         let lanes = self.lanes.clone();
@@ -123,15 +129,25 @@ impl Lanes {
 impl Drop for Place {
     fn drop(&mut self) {
         let Some(lanes) = self.0.take() else { return };
-        let mut state = lanes.state.lock().unwrap();
-        while let Some(next) = (state.ahead.pop_front()).or_else(|| state.rest.pop_front()) {
+        loop {
+            let next = {
+                let mut state = lanes.state.lock().unwrap();
+                match (state.ahead.pop_front()).or_else(|| state.rest.pop_front()) {
+                    Some(next) => next,
+                    None => {
+                        state.in_flight -= 1;
+                        return;
+                    }
+                }
+            };
+            // Sent with the lock released: a place that cannot be delivered is dropped here,
+            // and its drop takes the lock. Until it arrives it stays counted in flight.
             match next.send(Place(Some(lanes.clone()))) {
                 Ok(()) => return,
                 // That request was given up while it waited: the place goes to the next.
                 Err(mut place) => place.0 = None,
             }
         }
-        state.in_flight -= 1;
     }
 }
 
@@ -197,6 +213,71 @@ mod tests {
             1,
             "no place still holds the lanes"
         );
+    }
+
+    #[tokio::test]
+    async fn a_place_sent_to_a_request_given_up_before_it_arrived_is_freed() {
+        let lanes = lanes(1);
+        let first = lanes.clone().place(false).await;
+        let mut waiting = Box::pin(lanes.clone().place(false));
+        assert!((&mut waiting).now_or_never().is_none());
+        // The place is sent to the waiting request, which is dropped before it reads it.
+        drop(first);
+        drop(waiting);
+        assert_eq!(lanes.state.lock().unwrap().in_flight, 0);
+        assert_eq!(Arc::strong_count(&lanes), 1);
+    }
+
+    #[tokio::test]
+    async fn through_the_layer_a_marked_request_is_sent_before_an_unmarked_one_waiting_longer() {
+        use tower::{Layer as _, Service as _};
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        // The first request sent waits for this before it is answered.
+        let (answer, first_answered) = oneshot::channel::<()>();
+        let first_answered = Mutex::new(Some(first_answered));
+        let service = tower::service_fn({
+            let sent = sent.clone();
+            move |request: Request<&'static str>| {
+                let sent = sent.clone();
+                let gate = first_answered.lock().unwrap().take();
+                async move {
+                    sent.lock().unwrap().push(*request.body());
+                    if let Some(gate) = gate {
+                        let _ = gate.await;
+                    }
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            }
+        });
+        let mut limited = LanesLayer::new(1).layer(service);
+        let mut call = |body, ahead| {
+            let mut request = Request::new(body);
+            if ahead {
+                request.extensions_mut().insert(Ahead);
+            }
+            limited.call(request)
+        };
+        let mut first = call("first", false);
+        assert!((&mut first).now_or_never().is_none(), "sent, and waiting");
+        let mut unmarked = call("unmarked", false);
+        assert!(
+            (&mut unmarked).now_or_never().is_none(),
+            "waiting for a place"
+        );
+        let mut marked = call("marked", true);
+        assert!(
+            (&mut marked).now_or_never().is_none(),
+            "waiting for a place"
+        );
+        answer.send(()).unwrap();
+        first.await.unwrap();
+        assert!(
+            (&mut unmarked).now_or_never().is_none(),
+            "the marked one went first"
+        );
+        marked.await.unwrap();
+        unmarked.await.unwrap();
+        assert_eq!(*sent.lock().unwrap(), ["first", "marked", "unmarked"]);
     }
 
     #[tokio::test]
