@@ -94,11 +94,13 @@ test-unit: ## Unit tests only (no servers): the inner loop
 
 .PHONY: test
 AWS_CALL_LOG := $(CURDIR)/target/aws-calls
+# Test grounds keep their logs for a post-mortem; the target (in CI, a cache) keeps two days'.
+GROUNDS = $(CARGO_TARGET_DIR)/tmp
+PRUNE_GROUNDS = if [ -d "$(GROUNDS)" ]; then find "$(GROUNDS)" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} +; fi
 
 test: fmt-check clippy shellcheck check-generated tools supply-chain image-check ## Every check: format, clippy, shellcheck, generated files, supply chain, the image, unit and integration tests, the IAM policy proven, the demo ended by each signal
 	rm -rf $(AWS_CALL_LOG)
-	@# Test grounds keep their logs for a post-mortem; the target (in CI, a cache) keeps two days'.
-	if [ -n "$(CARGO_TARGET_DIR)" ] && [ -d "$(CARGO_TARGET_DIR)/tmp" ]; then find "$(CARGO_TARGET_DIR)/tmp" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} +; fi
+	$(PRUNE_GROUNDS)
 	AWS_PROXY_CALL_LOG=$(AWS_CALL_LOG) cargo test --lib --bins --tests
 	cargo build --quiet
 	cargo build --quiet --features testing --bin pacer-testbed
@@ -115,11 +117,13 @@ iam-check: build ## Lint the IAM policy and simulate the AWS calls the last `mak
 
 .PHONY: bench
 bench: tools ## Launch latency, EC2 calls per job and memory with many RunnerJobs (BENCH_JOBS, BENCH_STORED, BENCH_LATENCY_MS, BENCH_ONLY)
+	$(PRUNE_GROUNDS)
 	cargo bench --bench launch --profile $(or $(BENCH_PROFILE),dev)
 
 .PHONY: chaos
 CHAOS_REPORT := $(CURDIR)/bench/results/chaos-latest.md
 chaos: tools ## The fault scenarios with CHAOS_JOBS jobs each (default 40), one at a time; writes bench/results/chaos-latest.md
+	$(PRUNE_GROUNDS)
 	mkdir -p $(dir $(CHAOS_REPORT))
 	{ echo '# Chaos run'; echo; \
 	  echo "$$(date -u +%Y-%m-%dT%H:%MZ), commit $$(git rev-parse --short HEAD), $${CHAOS_JOBS:-40} jobs per scenario, maxRunners 4, \`make chaos\`."; \
