@@ -4,8 +4,8 @@
 //! EC2 call) queue behind the writes of launches already sent: their Booting statuses and
 //! their Events. A request marked [`Ahead`] takes the next free place before any unmarked one
 //! waiting; among themselves, each lane is first come, first served. Nothing is dropped or
-//! reordered beyond that, and an unmarked request waits only while marked ones are queued,
-//! which a burst's launch records are for a moment.
+//! reordered beyond that: an unmarked request waits longer than it would have only while
+//! marked ones are queued, which a burst's launch records are for a moment.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -47,6 +47,7 @@ impl<S> tower::Layer<S> for LanesLayer {
     }
 }
 
+/// The service [`LanesLayer`] makes: `inner`, with its requests waiting for a place.
 pub struct Limited<S> {
     inner: S,
     lanes: Arc<Lanes>,
@@ -160,22 +161,21 @@ mod tests {
         LanesLayer::new(limit).0
     }
 
+    /// Polls `future` once: whether it is still waiting.
+    fn waits<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        future.now_or_never().is_none()
+    }
+
     #[tokio::test]
     async fn a_freed_place_goes_to_a_request_marked_ahead_before_one_waiting_longer() {
         let lanes = lanes(1);
         let taken = lanes.clone().place(false).await;
         let mut rest = Box::pin(lanes.clone().place(false));
-        assert!(
-            (&mut rest).now_or_never().is_none(),
-            "the only place is taken"
-        );
+        assert!(waits(&mut rest), "the only place is taken");
         let mut ahead = Box::pin(lanes.clone().place(true));
-        assert!((&mut ahead).now_or_never().is_none());
+        assert!(waits(&mut ahead));
         drop(taken);
-        assert!(
-            (&mut rest).now_or_never().is_none(),
-            "the marked request goes first"
-        );
+        assert!(waits(&mut rest), "the marked request goes first");
         let place = ahead.now_or_never().expect("the freed place went ahead");
         drop(place);
         let place = rest.now_or_never().expect("then the one waiting longer");
@@ -189,12 +189,9 @@ mod tests {
         let first = lanes.clone().place(false).await;
         let second = lanes.clone().place(true).await;
         let mut given_up = Box::pin(lanes.clone().place(true));
-        assert!(
-            (&mut given_up).now_or_never().is_none(),
-            "both places are taken"
-        );
+        assert!(waits(&mut given_up), "both places are taken");
         let mut waiting = Box::pin(lanes.clone().place(false));
-        assert!((&mut waiting).now_or_never().is_none());
+        assert!(waits(&mut waiting));
         drop(given_up);
         drop(first);
         assert!(
@@ -220,7 +217,7 @@ mod tests {
         let lanes = lanes(1);
         let first = lanes.clone().place(false).await;
         let mut waiting = Box::pin(lanes.clone().place(false));
-        assert!((&mut waiting).now_or_never().is_none());
+        assert!(waits(&mut waiting));
         // The place is sent to the waiting request, which is dropped before it reads it.
         drop(first);
         drop(waiting);
@@ -258,23 +255,14 @@ mod tests {
             limited.call(request)
         };
         let mut first = call("first", false);
-        assert!((&mut first).now_or_never().is_none(), "sent, and waiting");
+        assert!(waits(&mut first), "sent, and waiting");
         let mut unmarked = call("unmarked", false);
-        assert!(
-            (&mut unmarked).now_or_never().is_none(),
-            "waiting for a place"
-        );
+        assert!(waits(&mut unmarked), "waiting for a place");
         let mut marked = call("marked", true);
-        assert!(
-            (&mut marked).now_or_never().is_none(),
-            "waiting for a place"
-        );
+        assert!(waits(&mut marked), "waiting for a place");
         answer.send(()).unwrap();
         first.await.unwrap();
-        assert!(
-            (&mut unmarked).now_or_never().is_none(),
-            "the marked one went first"
-        );
+        assert!(waits(&mut unmarked), "the marked one went first");
         marked.await.unwrap();
         unmarked.await.unwrap();
         assert_eq!(*sent.lock().unwrap(), ["first", "marked", "unmarked"]);

@@ -66,7 +66,7 @@ pub(crate) fn merge_patch(
 
 /// Requests to the API server in flight at once. Each holds an HTTP/1.1 connection with its TLS
 /// state and buffers, so a burst of passes would otherwise open hundreds; beyond this they
-/// wait in the client's queue. Watches hold a permit only until their response starts.
+/// wait in the client's queue. Watches hold a place only until their response starts.
 pub const API_CONCURRENCY: usize = 32;
 
 /// The Kubernetes client the controllers use: kube's default stack from `config`, with at
