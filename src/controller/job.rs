@@ -1422,16 +1422,16 @@ impl Seen {
     /// wrote it; nothing when it changed nothing, so a job that is only being watched costs
     /// the API server no writes. Fields the pass did not change are left to their writers.
     async fn write(&mut self, job: &RunnerJob, ctx: &Context, cleared: &[&str]) -> Result<()> {
-        self.send(job, ctx, cleared, false).await
+        self.patch(job, ctx, cleared, false).await
     }
 
     /// [`Seen::write`], ahead of the client's queue: for a launch's record (or a warm
     /// instance's taking), which the EC2 call waits on (see [`super::lanes`]).
     async fn write_ahead(&mut self, job: &RunnerJob, ctx: &Context) -> Result<()> {
-        self.send(job, ctx, &[], true).await
+        self.patch(job, ctx, &[], true).await
     }
 
-    async fn send(
+    async fn patch(
         &mut self,
         job: &RunnerJob,
         ctx: &Context,

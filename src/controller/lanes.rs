@@ -102,28 +102,25 @@ struct Place(Option<Arc<Lanes>>);
 
 impl Lanes {
     async fn place(self: Arc<Self>, ahead: bool) -> Place {
-        let waiting = {
+        let wait = {
             let mut state = self.state.lock().unwrap();
             if state.in_flight < self.limit {
                 state.in_flight += 1;
-                None
-            } else {
-                let (give, wait) = oneshot::channel();
-                let lane = if ahead {
-                    &mut state.ahead
-                } else {
-                    &mut state.rest
-                };
-                lane.push_back(give);
-                Some(wait)
+                drop(state);
+                return Place(Some(self));
             }
+            let (give, wait) = oneshot::channel();
+            let lane = if ahead {
+                &mut state.ahead
+            } else {
+                &mut state.rest
+            };
+            lane.push_back(give);
+            wait
         };
-        match waiting {
-            None => Place(Some(self)),
-            // A waiter's sender is dropped only once its place is sent, or once its receiver
-            // is gone; while this receiver waits, the place comes.
-            Some(wait) => wait.await.expect("a waiting request is given a place"),
-        }
+        // A waiter's sender is dropped only once its place is sent, or once its receiver is
+        // gone; while this receiver waits, the place comes.
+        wait.await.expect("a waiting request is given a place")
     }
 }
 
