@@ -36,7 +36,8 @@ pub async fn wait_ready(pools: &Api<pacer::api::RunnerPool>, name: &str, within:
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "pool {name} never got Ready"
+            "pool {name} never got Ready: {:?}",
+            pool.status.map(|s| s.conditions)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
