@@ -53,10 +53,10 @@ pub struct Config {
     /// `PACER_LOG` and `RUST_LOG` environment variables win over it.
     #[serde(default)]
     pub log_level: Option<String>,
-    /// Accept `http://` for `server.public_url` and `github.api_url`. Off: plain HTTP there
-    /// carries webhook signatures, callback tokens, runner configs and the App's tokens in the
-    /// clear, so Pacer refuses it; tests and the demo on loopback set it, and Pacer warns at
-    /// start while it is on.
+    /// Accept `http://` for `server.public_url`, `github.api_url` and `runners.release_source`.
+    /// Off: plain HTTP there carries webhook signatures, callback tokens, runner configs, the
+    /// App's tokens and the runner release in the clear, so Pacer refuses it; tests and the
+    /// demo on loopback set it, and Pacer warns at start while it is on.
     #[serde(default)]
     pub allow_insecure_http: bool,
     /// Namespace → the GitHub owners (and `owner/name` repositories) its RunnerPools may
@@ -353,6 +353,10 @@ struct Override {
 
 const OVERRIDES: &[Override] = &[
     Override {
+        key: "log_level",
+        set: |c, v| set_optional(&mut c.log_level, v),
+    },
+    Override {
         key: "allow_insecure_http",
         set: |c, v| set_parsed(&mut c.allow_insecure_http, v),
     },
@@ -393,6 +397,14 @@ const OVERRIDES: &[Override] = &[
         },
     },
     Override {
+        key: "server.tls.cert_file",
+        set: |c, v| set_optional(&mut c.server.tls.cert_file, v),
+    },
+    Override {
+        key: "server.tls.key_file",
+        set: |c, v| set_optional(&mut c.server.tls.key_file, v),
+    },
+    Override {
         key: "github.app_id",
         set: |c, v| set_parsed(&mut c.github.app_id, v),
     },
@@ -410,10 +422,7 @@ const OVERRIDES: &[Override] = &[
     },
     Override {
         key: "github.previous_webhook_secret_file",
-        set: |c, v| {
-            c.github.previous_webhook_secret_file = (!v.is_empty()).then(|| v.into());
-            Ok(())
-        },
+        set: |c, v| set_optional(&mut c.github.previous_webhook_secret_file, v),
     },
     Override {
         key: "runners.callback_key_file",
@@ -421,10 +430,11 @@ const OVERRIDES: &[Override] = &[
     },
     Override {
         key: "runners.identity_certificates_file",
-        set: |c, v| {
-            c.runners.identity_certificates_file = (!v.is_empty()).then(|| v.into());
-            Ok(())
-        },
+        set: |c, v| set_optional(&mut c.runners.identity_certificates_file, v),
+    },
+    Override {
+        key: "runners.ca_file",
+        set: |c, v| set_optional(&mut c.runners.ca_file, v),
     },
     Override {
         key: "runners.release_source",
@@ -432,10 +442,7 @@ const OVERRIDES: &[Override] = &[
     },
     Override {
         key: "runners.release_cache_dir",
-        set: |c, v| {
-            c.runners.release_cache_dir = (!v.is_empty()).then(|| v.into());
-            Ok(())
-        },
+        set: |c, v| set_optional(&mut c.runners.release_cache_dir, v),
     },
     Override {
         key: "controller.id",
@@ -479,8 +486,9 @@ fn set_string(field: &mut String, v: &str) -> Result<(), String> {
     *field = v.to_string();
     Ok(())
 }
-fn set_optional(field: &mut Option<String>, v: &str) -> Result<(), String> {
-    *field = (!v.is_empty()).then(|| v.to_string());
+/// Empty unsets the key.
+fn set_optional<T: for<'a> From<&'a str>>(field: &mut Option<T>, v: &str) -> Result<(), String> {
+    *field = (!v.is_empty()).then(|| v.into());
     Ok(())
 }
 fn set_parsed<T: std::str::FromStr>(field: &mut T, v: &str) -> Result<(), String>
@@ -899,6 +907,28 @@ runners:
             config.aws.endpoint_url.as_deref(),
             Some("http://127.0.0.1:5000")
         );
+    }
+
+    #[test]
+    fn file_keys_are_set_and_unset_by_environment() {
+        let set = [
+            ("PACER_LOG_LEVEL", "pacer=debug,info"),
+            ("PACER_SERVER_TLS_MODE", "manual"),
+            ("PACER_SERVER_TLS_CERT_FILE", "/tls/tls.crt"),
+            ("PACER_SERVER_TLS_KEY_FILE", "/tls/tls.key"),
+            ("PACER_RUNNERS_CA_FILE", "/etc/pacer/runner-ca.pem"),
+        ];
+        let config = load(MINIMAL, &set).unwrap();
+        assert_eq!(config.log_level.as_deref(), Some("pacer=debug,info"));
+        let tls = &config.server.tls;
+        assert_eq!(tls.cert_file.as_deref(), Some(Path::new("/tls/tls.crt")));
+        assert_eq!(tls.key_file.as_deref(), Some(Path::new("/tls/tls.key")));
+        let ca = config.runners.ca_file.as_deref();
+        assert_eq!(ca, Some(Path::new("/etc/pacer/runner-ca.pem")));
+        // Empty unsets what the file set.
+        let file = format!("{MINIMAL}log_level: debug\n");
+        let config = load(&file, &[("PACER_LOG_LEVEL", "")]).unwrap();
+        assert_eq!(config.log_level, None);
     }
 
     #[test]
