@@ -4,6 +4,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::api::{Api, PostParams};
 use pacer::api::{RunnerJob, RunnerJobSpec, RunnerPool};
@@ -22,14 +23,13 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
     let ns = ground.namespace(&client, "sweep").await;
     let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
     let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
-    let text =
-        std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
-    let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
-    pool["metadata"] = json!({"name": "linux", "namespace": ns});
-    pool["spec"]["github"] = json!({"scope": "org", "owner": "example-org"});
-    pool["spec"]["labels"] = json!(["self-hosted", "linux"]);
-    let pool: RunnerPool = serde_json::from_value(pool).unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
+    pools
+        .create(
+            &PostParams::default(),
+            &org_pool(&ns, "linux", "example-org"),
+        )
+        .await
+        .unwrap();
     // A job whose webhook did arrive.
     let spec = RunnerJobSpec {
         pool_name: "linux".into(),
@@ -181,14 +181,8 @@ async fn the_sweep_keeps_to_its_budget_resumes_where_it_stopped_and_spares_a_low
     let ns = ground.namespace(&client, "sweep-budget").await;
     let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
     let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
-    let text =
-        std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
     for (name, owner) in [("busy", "busy-org"), ("low", "low-org")] {
-        let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
-        pool["metadata"] = json!({"name": name, "namespace": ns});
-        pool["spec"]["github"] = json!({"scope": "org", "owner": owner});
-        pool["spec"]["labels"] = json!(["self-hosted", "linux"]);
-        let pool: RunnerPool = serde_json::from_value(pool).unwrap();
+        let pool = org_pool(&ns, name, owner);
         pools.create(&PostParams::default(), &pool).await.unwrap();
     }
     let fake = FakeGitHub::start().await;
@@ -264,4 +258,83 @@ async fn the_sweep_keeps_to_its_budget_resumes_where_it_stopped_and_spares_a_low
     let (third, _) = pass().await;
     assert!(recorded().await.contains(&8001), "{third:?}");
     assert_eq!(recorded().await.len(), 121);
+}
+
+/// A job recorded, claimed and given its runner while a pass reads GitHub is not taken for one
+/// whose runner nobody claims: the pass reads the RunnerJobs again after listing the runners.
+#[tokio::test]
+async fn a_runner_registered_while_the_sweep_reads_github_is_kept() {
+    let ground = ground(Parts::Kube);
+    let client = ground.kube_client().await;
+    let ns = ground.namespace(&client, "sweep-late").await;
+    let pools: Api<RunnerPool> = Api::namespaced(client.clone(), &ns);
+    let jobs: Api<RunnerJob> = Api::namespaced(client.clone(), &ns);
+    pools
+        .create(
+            &PostParams::default(),
+            &org_pool(&ns, "linux", "example-org"),
+        )
+        .await
+        .unwrap();
+    let fake = FakeGitHub::start().await;
+    {
+        let mut s = fake.state.lock().unwrap();
+        s.installations.insert(11, vec!["example-org/api".into()]);
+        s.queued.insert("example-org/api".into(), vec![]);
+    }
+    let org = "orgs/example-org";
+    fake.add_runner(org, "pacer-sweep-9999-1", "offline");
+    // The pass reads the App's repositories slowly: time for a job to come and boot.
+    fake.slow("list_installation_repositories", Duration::from_secs(3));
+    let github = fake.client();
+    let ctx = Context::new(
+        client.clone(),
+        Arc::new(FakeEc2::new()),
+        Settings::new("sweep", "https://pacer.example.test"),
+    );
+    let scope = Scope::new(pools.clone(), jobs.clone());
+    let pass = tokio::spawn(async move { sweep(&ctx, &github, &scope).await.unwrap() });
+    // Past its deliveries, the next request GitHub sees comes after the pass listed the jobs.
+    while fake.calls_of("list_deliveries") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = fake.requests();
+    while fake.requests() == seen {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let spec = RunnerJobSpec {
+        pool_name: "linux".into(),
+        job_id: 9100,
+        run_id: 910,
+        repository: "example-org/api".into(),
+        labels: vec!["self-hosted".into()],
+        installation_id: Some(11),
+    };
+    jobs.create(
+        &PostParams::default(),
+        &RunnerJob::for_queued_job(&ns, &job_object_name(9100), spec),
+    )
+    .await
+    .unwrap();
+    fake.add_runner(org, "pacer-sweep-9100-1", "offline");
+    assert_eq!(
+        fake.calls_of("list_installation_repositories"),
+        0,
+        "too late"
+    );
+
+    let swept = pass.await.unwrap();
+    assert_eq!(swept.runners_removed, 1, "{swept:?}");
+    assert_eq!(fake.runner_names(org), ["pacer-sweep-9100-1"]);
+}
+
+/// An organization pool named `name` in `ns` for `owner`'s jobs labelled `self-hosted, linux`.
+fn org_pool(ns: &str, name: &str, owner: &str) -> RunnerPool {
+    let text =
+        std::fs::read_to_string(repo_root().join("examples/runnerpool-org-spot.yaml")).unwrap();
+    let mut pool: Value = serde_saphyr::from_str(&text).unwrap();
+    pool["metadata"] = json!({"name": name, "namespace": ns});
+    pool["spec"]["github"] = json!({"scope": "org", "owner": owner});
+    pool["spec"]["labels"] = json!(["self-hosted", "linux"]);
+    serde_json::from_value(pool).unwrap()
 }

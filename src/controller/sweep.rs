@@ -111,7 +111,7 @@ pub async fn sweep(ctx: &Context, github: &dyn GitHub, scope: &Scope) -> Result<
     let jobs = list_jobs(&scope.jobs).await?;
     let recorded: HashMap<i64, &RunnerJob> = jobs.iter().map(|j| (j.spec.job_id, j)).collect();
     pass.catch_up(scope, &pools, &recorded).await?;
-    pass.remove_runners(&pools, &recorded).await;
+    pass.remove_runners(scope, &pools, &recorded).await?;
     Ok(pass.swept)
 }
 
@@ -302,9 +302,21 @@ impl Pass<'_> {
     }
 
     /// Removes from GitHub the runners Pacer named that no live RunnerJob claims and that
-    /// are not busy.
-    async fn remove_runners(&mut self, pools: &[&RunnerPool], recorded: &HashMap<i64, &RunnerJob>) {
+    /// are not busy. The runners are listed first and the RunnerJobs read again after: a
+    /// runner is registered only once its job's claim is written (the bootstrap's status write
+    /// comes before the JIT config is minted), so a job listed after its runner shows the
+    /// claim, while `recorded`, listed before the pass read GitHub, may predate the job.
+    async fn remove_runners(
+        &mut self,
+        scope: &Scope,
+        pools: &[&RunnerPool],
+        recorded: &HashMap<i64, &RunnerJob>,
+    ) -> Result<()> {
         let controller = &self.ctx.settings.controller_id;
+        let claims = |jobs: &HashMap<i64, &RunnerJob>, job_id: i64, attempt: u32| {
+            (jobs.get(&job_id)).is_some_and(|j| crate::domain::gc::claims_runner(j, attempt))
+        };
+        let mut unclaimed = Vec::new();
         for target in targets(pools) {
             let runners = match self.github.list_runners(&target).await {
                 Ok(runners) => runners,
@@ -318,22 +330,30 @@ impl Pass<'_> {
                 let Some((job_id, attempt)) = job_id_of_runner(controller, &runner.name) else {
                     continue;
                 };
-                let claimed = recorded
-                    .get(&job_id)
-                    .is_some_and(|j| crate::domain::gc::claims_runner(j, attempt));
                 // A busy runner is running someone's job: never removed, whoever claims it.
-                if claimed || runner.busy {
-                    continue;
+                if !runner.busy && !claims(recorded, job_id, attempt) {
+                    unclaimed.push((target.clone(), runner, job_id, attempt));
                 }
-                if let Err(e) = self.github.delete_runner(&target, runner.id).await {
-                    warn!(runner = %runner.name, error = %e, "could not remove a runner; next pass");
-                    self.swept.errors += 1;
-                    continue;
-                }
-                info!(runner = %runner.name, status = %runner.status, "removed a runner of Pacer's that no live RunnerJob claims");
-                self.swept.runners_removed += 1;
             }
         }
+        if unclaimed.is_empty() {
+            return Ok(());
+        }
+        let jobs = list_jobs(&scope.jobs).await?;
+        let now: HashMap<i64, &RunnerJob> = jobs.iter().map(|j| (j.spec.job_id, j)).collect();
+        for (target, runner, job_id, attempt) in unclaimed {
+            if claims(&now, job_id, attempt) {
+                continue;
+            }
+            if let Err(e) = self.github.delete_runner(&target, runner.id).await {
+                warn!(runner = %runner.name, error = %e, "could not remove a runner; next pass");
+                self.swept.errors += 1;
+                continue;
+            }
+            info!(runner = %runner.name, status = %runner.status, "removed a runner of Pacer's that no live RunnerJob claims");
+            self.swept.runners_removed += 1;
+        }
+        Ok(())
     }
 }
 
