@@ -919,15 +919,23 @@ async fn a_warm_pool_whose_leader_is_killed_while_instances_prepare_and_start_le
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
+    // A kill after a bootstrap's answer was collected and before it reached the instance
+    // loses that answer: the instance is refused once the claim's hold is past and shuts
+    // down, and the job runs again on the pool's next warm instance. Any other way, each job
+    // runs on a prepared instance at its first attempt.
     for job in &jobs {
         let status = job.status.as_ref().unwrap();
         assert_eq!(status.phase, JobPhase::Succeeded, "{status:?}");
         let id = &status.instance.as_ref().unwrap().id;
-        if !prepared.contains(id) {
+        let first = (status.previous_attempts.first()).map_or(id, |a| &a.instance);
+        if !prepared.contains(first) {
             let warm = warm_instances(&w).await;
-            panic!("ran on {id}, not one of the prepared {prepared:?}; warm ones now: {warm:?}");
+            panic!("ran on {first}, not one of the prepared {prepared:?}; warm ones now: {warm:?}");
         }
-        assert!(status.previous_attempts.is_empty(), "{status:?}");
+        for lost in &status.previous_attempts {
+            assert_eq!(lost.reason, "InstanceLost", "{status:?}");
+        }
+        assert!(status.previous_attempts.len() <= 1, "{status:?}");
     }
     let launches = (w
         .ground
