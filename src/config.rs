@@ -480,6 +480,9 @@ const NOT_KEYS: &[&str] = &[
     "PACER_LOG_FORMAT",
     "PACER_CONFIG",
     "PACER_CACHE",
+    // The project's own tooling, which a test run passes on to the Pacer it starts.
+    "PACER_ADVISORY_DB",
+    "PACER_FUZZ_MS",
 ];
 
 fn set_string(field: &mut String, v: &str) -> Result<(), String> {
@@ -545,6 +548,12 @@ impl Config {
 
     /// Checks what the types alone cannot; returns the offending key and what is expected.
     fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Some(level) = &self.log_level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            let why = format!("expected a tracing filter such as info or pacer=debug,info: {e}");
+            return Err(("log_level", why));
+        }
         if self.aws.region.is_empty() {
             return Err((
                 "aws.region",
@@ -929,6 +938,14 @@ runners:
         let file = format!("{MINIMAL}log_level: debug\n");
         let config = load(&file, &[("PACER_LOG_LEVEL", "")]).unwrap();
         assert_eq!(config.log_level, None);
+        // A filter that does not parse is named, not silently taken for info.
+        let err = load(MINIMAL, &[("PACER_LOG_LEVEL", "pacer=loud")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log_level"), "{err}");
+        // The project's tooling variables are not configuration keys, and not errors.
+        let tooling = [("PACER_ADVISORY_DB", "/db"), ("PACER_FUZZ_MS", "2000")];
+        assert!(load(MINIMAL, &tooling).is_ok());
     }
 
     #[test]
