@@ -51,7 +51,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
-free_ports() { python3 "$here/free-ports.py" "$1"; }
+free_ports() { python3 "$here/free-ports.py" "$1" 16000 20000; }
 
 # wait_for NAME PID URL [CURL_ARGS...]: polls URL until it answers 2xx, or the process dies.
 wait_for() {
