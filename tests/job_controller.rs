@@ -688,32 +688,61 @@ async fn gc_removes_unclaimed_instances_and_templates_of_ours_only() {
         live.is_ok_and(|o| o.launch_templates().len() == 1),
         "the live pool's template stays"
     );
-    let state = |id: String| {
-        let sdk = sdk.clone();
-        async move {
-            let out = sdk
-                .describe_instances()
-                .instance_ids(id)
-                .send()
-                .await
-                .unwrap();
-            out.reservations()[0].instances()[0]
-                .state()
-                .unwrap()
-                .name()
-                .unwrap()
-                .as_str()
-                .to_string()
-        }
-    };
-    assert_eq!(state(orphan.id).await, "terminated");
-    assert_eq!(state(foreign.id).await, "running");
-    assert_eq!(state(untagged).await, "running");
+    assert_eq!(instance_state(&sdk, &orphan.id).await, "terminated");
+    assert_eq!(instance_state(&sdk, &foreign.id).await, "running");
+    assert_eq!(instance_state(&sdk, &untagged).await, "running");
     assert_eq!(
         w.alive_of(&claimed).await.len(),
         1,
         "a claimed instance stays"
     );
+}
+
+/// EC2's state name of instance `id`, asked of moto directly.
+async fn instance_state(sdk: &aws_sdk_ec2::Client, id: &str) -> String {
+    let out = sdk.describe_instances().instance_ids(id).send().await;
+    let out = out.unwrap();
+    let state = out.reservations()[0].instances()[0].state().unwrap();
+    state.name().unwrap().as_str().to_string()
+}
+
+/// One TerminateInstances fails whole when one of its instances is protected from termination
+/// (an operator debugging it, say): the collector then terminates the others each alone,
+/// names the one left, and goes on to the launch templates.
+#[tokio::test]
+async fn gc_terminates_the_other_orphans_when_one_is_protected() {
+    use aws_sdk_ec2::types::AttributeBooleanValue;
+    let w = World::new("gc-protected").await;
+    let ctx = w.context();
+    let _controllers = w.start(ctx.clone());
+    w.ready_pool(|_| {}).await;
+    let protected = launch_unclaimed(&w, &w.controller_id, &w.ns).await;
+    let orphan = launch_unclaimed(&w, &w.controller_id, &w.ns).await;
+    let sdk = aws_sdk_ec2::Client::new(&w.ground.aws_config().await);
+    let protect = |on: bool| {
+        let sdk = sdk.clone();
+        let id = protected.id.clone();
+        async move {
+            let value = AttributeBooleanValue::builder().value(on).build();
+            let call = sdk.modify_instance_attribute().instance_id(id);
+            call.disable_api_termination(value).send().await.unwrap();
+        }
+    };
+    protect(true).await;
+    let scope = controller::gc::Scope {
+        pools: w.pools.clone(),
+        jobs: w.jobs.clone(),
+        namespace: Some(w.ns.clone()),
+    };
+    let collected = controller::gc::collect(&ctx, &scope).await.unwrap();
+    assert_eq!(collected.instances, 1);
+    assert_eq!(instance_state(&sdk, &orphan.id).await, "terminated");
+    assert_eq!(instance_state(&sdk, &protected.id).await, "running");
+    // Let go, it is the next round's.
+    protect(false).await;
+    let collected = controller::gc::collect(&ctx, &scope).await.unwrap();
+    assert_eq!(collected.instances, 1);
+    assert_eq!(instance_state(&sdk, &protected.id).await, "terminated");
 }
 
 #[tokio::test]

@@ -826,7 +826,8 @@ impl Ec2 for AwsEc2 {
                 Ok(_) => Ok(()),
                 Err(err) => {
                     let err = classify_sdk("TerminateInstances", err);
-                    if err.is(ErrorClass::NotFound) {
+                    // One unknown id of several fails the call whole: nothing was terminated.
+                    if err.is(ErrorClass::NotFound) && ids.len() == 1 {
                         Ok(())
                     } else {
                         Err(err)

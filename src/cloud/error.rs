@@ -144,7 +144,12 @@ const TABLE: &[(ErrorClass, &[&str])] = &[
     ),
     (
         ErrorClass::IncorrectState,
-        &["IncorrectInstanceState", "IncorrectState"],
+        // OperationNotPermitted: an instance protected from termination, among others.
+        &[
+            "IncorrectInstanceState",
+            "IncorrectState",
+            "OperationNotPermitted",
+        ],
     ),
     (
         ErrorClass::NotImplemented,
@@ -203,6 +208,7 @@ mod tests {
             ("InvalidInstanceType", ErrorClass::NotFound),
             // What StartInstances and StopInstances answer besides the common codes.
             ("IncorrectInstanceState", ErrorClass::IncorrectState),
+            ("OperationNotPermitted", ErrorClass::IncorrectState),
             ("UnsupportedOperation", ErrorClass::InvalidInput),
             ("InvalidInstanceID.NotFound", ErrorClass::NotFound),
             ("InvalidInstanceID.Malformed", ErrorClass::InvalidInput),

@@ -37,6 +37,8 @@ struct State {
     /// answered, the instances launched (by id) and the failures. Kept small: a bench keeps
     /// thousands.
     tokens: HashMap<String, Remembered>,
+    /// Instances protected from termination (`DisableApiTermination`).
+    protected: Vec<String>,
 }
 
 /// The answer to one ClientToken.
@@ -158,6 +160,11 @@ impl FakeEc2 {
             .unwrap()
             .failures
             .insert(action.into(), (code.into(), times));
+    }
+
+    /// Protects instance `id` from termination, as an operator may (`DisableApiTermination`).
+    pub fn protect(&self, id: &str) {
+        self.state.lock().unwrap().protected.push(id.into());
     }
 
     /// Makes EC2 report no capacity for `instance_type` until told otherwise.
@@ -687,6 +694,14 @@ impl Ec2 for FakeEc2 {
 
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>> {
         self.call("TerminateInstances", |s| {
+            // One protected instance fails the call whole, nothing terminated, as in EC2.
+            if let Some(id) = ids.iter().find(|id| s.protected.contains(id)) {
+                return Err(CloudError::new(
+                    "TerminateInstances",
+                    "OperationNotPermitted",
+                    format!("The instance '{id}' may not be terminated. Modify its 'disableApiTermination' instance attribute and try again."),
+                ));
+            }
             for instance in s.instances.iter_mut().filter(|i| ids.contains(&i.id)) {
                 instance.state = "terminated".into();
                 instance.state_reason =
@@ -845,6 +860,41 @@ pub(crate) mod tests {
             count: 1,
         };
         (ec2, request)
+    }
+
+    #[tokio::test]
+    async fn a_protected_instance_fails_a_termination_whole_and_terminate_each_isolates_it() {
+        use crate::cloud::ErrorClass;
+        let (ec2, mut request) = fleet_of("c").await;
+        request.count = 3;
+        let launched = ec2.launch(&request).await.unwrap().instances;
+        let ids: Vec<String> = launched.into_iter().map(|i| i.id).collect();
+        assert_eq!(ids.len(), 3);
+        ec2.protect(&ids[1]);
+        let terminated = || {
+            let all = ec2.instances();
+            all.iter().filter(|i| i.state == "terminated").count()
+        };
+        // As EC2 does: the call fails whole, nothing terminated.
+        let err = ec2.terminate_instances(&ids).await.unwrap_err();
+        assert!(err.is(ErrorClass::IncorrectState), "{err}");
+        assert_eq!(terminated(), 0);
+        // Each alone then: the protected one stays, the others go.
+        let each = crate::cloud::terminate_each(&ec2, &ids).await;
+        let failed: Vec<&String> = (each.iter())
+            .filter(|(_, r)| r.is_err())
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(failed, [&ids[1]]);
+        assert_eq!(terminated(), 2);
+        // Throttled, the call is not fanned out into more: every id gets that answer.
+        ec2.fail_next("TerminateInstances", "RequestLimitExceeded", 1);
+        let before = ec2.count("TerminateInstances");
+        let each = crate::cloud::terminate_each(&ec2, &ids).await;
+        assert_eq!(ec2.count("TerminateInstances") - before, 1);
+        let throttled =
+            |r: &CloudResult<()>| r.as_ref().is_err_and(|e| e.is(ErrorClass::Throttled));
+        assert!(each.iter().all(|(_, r)| throttled(r)), "{each:?}");
     }
 
     #[tokio::test]

@@ -324,6 +324,35 @@ pub struct LaunchOutcome {
     pub failures: Vec<LaunchFailure>,
 }
 
+/// Terminates `ids` in one call, or each alone when EC2 refuses that call for one of them: a
+/// TerminateInstances fails whole when one id is unknown, protected or not Pacer's, and one
+/// instance's trouble must not keep the others running. Throttling and EC2's own failures are
+/// not fanned out into more calls: every id gets that answer.
+pub async fn terminate_each(ec2: &dyn Ec2, ids: &[String]) -> Vec<(String, CloudResult<()>)> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let all = ec2.terminate_instances(ids).await;
+    let one_of_them = |e: &CloudError| {
+        use ErrorClass::*;
+        matches!(
+            e.class,
+            NotFound | Unauthorized | InvalidInput | IncorrectState
+        )
+    };
+    match all {
+        Err(e) if ids.len() > 1 && one_of_them(&e) => {
+            let mut each = Vec::with_capacity(ids.len());
+            for id in ids {
+                let alone = ec2.terminate_instances(std::slice::from_ref(id)).await;
+                each.push((id.clone(), alone));
+            }
+            each
+        }
+        all => ids.iter().map(|id| (id.clone(), all.clone())).collect(),
+    }
+}
+
 /// The EC2 and IAM calls Pacer makes, and nothing else.
 pub trait Ec2: Send + Sync {
     fn describe_images<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<Vec<Image>>>;
@@ -432,6 +461,9 @@ pub trait Ec2: Send + Sync {
         zone: &'a str,
     ) -> BoxFuture<'a, CloudResult<Option<String>>>;
     /// Terminates instances; the IAM policy allows it only for instances carrying our tag.
+    /// Fails whole, nothing terminated, when one of several ids is unknown (`NotFound`; one
+    /// unknown id alone is gone already, and fine), one is protected from termination
+    /// (`IncorrectState`) or not Pacer's to terminate (`Unauthorized`): see [`terminate_each`].
     fn terminate_instances<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, CloudResult<()>>;
     /// Stops EBS-backed instances (StopInstances; the root volume stays, the instance is no
     /// longer billed); already stopping or stopped ones are left as they are. The IAM policy

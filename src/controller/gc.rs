@@ -133,14 +133,25 @@ async fn collect_instances(ctx: &Context, scope: &Scope) -> Result<usize> {
     .into_iter()
     .map(|i| i.id.clone())
     .collect();
-    if !doomed.is_empty() {
-        ctx.ec2().terminate_instances(&doomed).await?;
-        ctx.metrics.gc_terminated.inc_by(doomed.len() as u64);
-        for id in &doomed {
-            info!(instance = %id, "terminated an instance no RunnerJob claims");
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    // An instance that cannot be terminated (protected by an operator, say) is named and tried
+    // again next round; it keeps neither the others nor the templates from being collected.
+    let mut terminated = 0;
+    for (id, result) in crate::cloud::terminate_each(ctx.ec2(), &doomed).await {
+        match result {
+            Ok(()) => {
+                terminated += 1;
+                info!(instance = %id, "terminated an instance no RunnerJob claims");
+            }
+            Err(e) => {
+                warn!(instance = %id, error = %e, "could not terminate an instance no RunnerJob claims; next round");
+            }
         }
     }
-    Ok(doomed.len())
+    ctx.metrics.gc_terminated.inc_by(terminated as u64);
+    Ok(terminated)
 }
 
 async fn collect_templates(ctx: &Context, scope: &Scope) -> Result<usize> {

@@ -161,30 +161,21 @@ impl Ledger {
             ids.sort();
             ids.dedup();
             let now = Timestamp::now();
-            let result = ctx.ec2().terminate_instances(&ids).await;
             // One bad id fails the whole call: then each goes alone, so one job's problem is
             // not every job's.
-            if result.is_err() && ids.len() > 1 {
-                for (id, waiter) in chunk {
-                    let alone = ctx
-                        .ec2()
-                        .terminate_instances(std::slice::from_ref(&id))
-                        .await;
-                    if alone.is_ok() {
-                        self.terminated.lock().unwrap().insert(id, now);
-                    }
-                    let _ = waiter.send(alone);
-                }
-                continue;
-            }
-            if result.is_ok() {
+            let results: HashMap<String, CloudResult<()>> =
+                crate::cloud::terminate_each(ctx.ec2(), &ids)
+                    .await
+                    .into_iter()
+                    .collect();
+            {
                 let mut sent = self.terminated.lock().unwrap();
-                for id in &ids {
+                for (id, _) in results.iter().filter(|(_, r)| r.is_ok()) {
                     sent.insert(id.clone(), now);
                 }
             }
-            for (_, waiter) in chunk {
-                let _ = waiter.send(result.clone());
+            for (id, waiter) in chunk {
+                let _ = waiter.send(results[&id].clone());
             }
         }
     }

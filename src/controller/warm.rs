@@ -139,12 +139,25 @@ pub(super) async fn keep(
         retire
     };
     let mut events = Vec::new();
+    let mut retire = retire;
     if !retire.is_empty() {
         let ids: Vec<String> = retire.iter().map(|(id, _)| id.clone()).collect();
-        if let Err(e) = ctx.ec2().terminate_instances(&ids).await {
+        let mut failed = Vec::new();
+        let mut error = None;
+        for (id, result) in crate::cloud::terminate_each(ctx.ec2(), &ids).await {
+            if let Err(e) = result {
+                warn!(pool = %key, instance = %id, error = %e, "could not retire a warm instance; next pass");
+                failed.push(id);
+                error = Some(e);
+            }
+        }
+        if !failed.is_empty() {
             // Not retired: decided again by the next pass.
             let mut taken = ctx.jobs.warm_taken.lock().unwrap();
-            taken.retain(|id, job| !job.is_empty() || !ids.contains(id));
+            taken.retain(|id, job| !job.is_empty() || !failed.contains(id));
+            retire.retain(|(id, _)| !failed.contains(id));
+        }
+        if let Some(e) = error.filter(|_| retire.is_empty()) {
             return Err(e.into());
         }
         for (id, why) in &retire {
@@ -414,9 +427,15 @@ pub(super) async fn retire_all(pool: &RunnerPool, ctx: &Context) -> Result<()> {
         .filter(|i| !matches!(i.state.as_str(), "shutting-down" | "terminated"))
         .map(|i| i.id.clone())
         .collect();
-    if !ids.is_empty() {
-        ctx.ec2().terminate_instances(&ids).await?;
-        info!(pool = %key, instances = ?ids, "terminated the warm instances of a deleted pool");
+    // Each that can be goes, whatever one that cannot (protected, say) answers.
+    let mut error = None;
+    for (id, result) in crate::cloud::terminate_each(ctx.ec2(), &ids).await {
+        match result {
+            Ok(()) => {
+                info!(pool = %key, instance = %id, "terminated a warm instance of a deleted pool")
+            }
+            Err(e) => error = Some(e),
+        }
     }
-    Ok(())
+    error.map_or(Ok(()), |e| Err(e.into()))
 }
