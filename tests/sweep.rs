@@ -284,8 +284,8 @@ async fn a_runner_registered_while_the_sweep_reads_github_is_kept() {
     }
     let org = "orgs/example-org";
     fake.add_runner(org, "pacer-sweep-9999-1", "offline");
-    // The pass reads the App's repositories slowly: time for a job to come and boot.
-    fake.slow("list_installation_repositories", Duration::from_secs(3));
+    // The pass's read of the App's repositories waits: time for a job to come and boot.
+    let gate = fake.hold("list_installation_repositories");
     let github = fake.client();
     let ctx = Context::new(
         client.clone(),
@@ -317,11 +317,7 @@ async fn a_runner_registered_while_the_sweep_reads_github_is_kept() {
     .await
     .unwrap();
     fake.add_runner(org, "pacer-sweep-9100-1", "offline");
-    assert_eq!(
-        fake.calls_of("list_installation_repositories"),
-        0,
-        "too late"
-    );
+    gate.close();
 
     let swept = pass.await.unwrap();
     assert_eq!(swept.runners_removed, 1, "{swept:?}");

@@ -52,6 +52,8 @@ pub struct FakeState {
     faults: HashMap<String, (u16, u32)>,
     /// How long each call of an endpoint takes to answer.
     delays: HashMap<String, std::time::Duration>,
+    /// Endpoints whose calls wait until their gate is closed ([`FakeGitHub::hold`]).
+    holds: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Workflow jobs by id, as `GET /repos/{owner}/{repo}/actions/jobs/{id}` answers them.
     pub jobs: HashMap<i64, Value>,
     /// Every call: (endpoint name, status answered).
@@ -254,6 +256,15 @@ impl FakeGitHub {
     pub fn slow(&self, endpoint: &str, delay: std::time::Duration) {
         let mut s = self.state.lock().unwrap();
         s.delays.insert(endpoint.into(), delay);
+    }
+
+    /// Makes every call of `endpoint` wait, once it has arrived, until the returned gate is
+    /// closed (`Semaphore::close`).
+    pub fn hold(&self, endpoint: &str) -> Arc<tokio::sync::Semaphore> {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut s = self.state.lock().unwrap();
+        s.holds.insert(endpoint.into(), gate.clone());
+        gate
     }
 
     /// Every call recorded so far, by endpoint.
@@ -525,6 +536,10 @@ macro_rules! guard {
         let delay = $shared.state.lock().unwrap().delays.get($endpoint).copied();
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
+        }
+        let hold = $shared.state.lock().unwrap().holds.get($endpoint).cloned();
+        if let Some(gate) = hold {
+            let _ = gate.acquire().await;
         }
         if let Some(fault) = enter(&$shared, $endpoint) {
             return fault;
