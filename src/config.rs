@@ -548,11 +548,28 @@ impl Config {
 
     /// Checks what the types alone cannot; returns the offending key and what is expected.
     fn check(&self) -> Result<(), (&'static str, String)> {
-        if let Some(level) = &self.log_level
-            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
-        {
-            let why = format!("expected a tracing filter such as info or pacer=debug,info: {e}");
-            return Err(("log_level", why));
+        if let Some(level) = &self.log_level {
+            // A bare word is a target at every level to tracing: `warning` would log nearly
+            // nothing. A bare word must be a level.
+            const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+            let bare =
+                (level.split(',').map(str::trim)).filter(|d| !d.is_empty() && !d.contains('='));
+            let not_level = bare
+                .into_iter()
+                .find(|d| !LEVELS.contains(&d.to_lowercase().as_str()));
+            let problem = match (not_level, tracing_subscriber::EnvFilter::try_new(level)) {
+                (Some(word), _) => Some(format!(
+                    "{word:?} is no level (trace, debug, info, warn, error, off)"
+                )),
+                (None, Err(e)) => Some(e.to_string()),
+                (None, Ok(_)) => None,
+            };
+            if let Some(problem) = problem {
+                let why = format!(
+                    "expected a tracing filter such as info or pacer=debug,info: {problem}"
+                );
+                return Err(("log_level", why));
+            }
         }
         if self.aws.region.is_empty() {
             return Err((
@@ -939,10 +956,14 @@ runners:
         let config = load(&file, &[("PACER_LOG_LEVEL", "")]).unwrap();
         assert_eq!(config.log_level, None);
         // A filter that does not parse is named, not silently taken for info.
-        let err = load(MINIMAL, &[("PACER_LOG_LEVEL", "pacer=loud")])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("log_level"), "{err}");
+        for wrong in ["pacer=loud", "warning", "info,verbose"] {
+            let err = load(MINIMAL, &[("PACER_LOG_LEVEL", wrong)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("log_level"), "{wrong}: {err}");
+        }
+        let levels = [("PACER_LOG_LEVEL", "WARN,pacer=debug")];
+        assert!(load(MINIMAL, &levels).is_ok());
         // The project's tooling variables are not configuration keys, and not errors.
         let tooling = [("PACER_ADVISORY_DB", "/db"), ("PACER_FUZZ_MS", "2000")];
         assert!(load(MINIMAL, &tooling).is_ok());

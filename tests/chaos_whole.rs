@@ -934,9 +934,21 @@ async fn a_warm_pool_whose_leader_is_killed_while_instances_prepare_and_start_le
         }
         for lost in &status.previous_attempts {
             assert_eq!(lost.reason, "InstanceLost", "{status:?}");
+            // Refused and gone by its own shutdown, never given a runner: not taken from a job.
+            let boots = w.sim.boots.lock().unwrap();
+            let boot = boots.get(&lost.instance);
+            assert!(
+                boot.is_some_and(|b| b.shut_down && b.jit_config.is_none()),
+                "{}: {:?}",
+                lost.instance,
+                boot.map(|b| (b.shut_down, b.jit_config.is_some()))
+            );
         }
         assert!(status.previous_attempts.len() <= 1, "{status:?}");
     }
+    let ran_on: Vec<String> = (jobs.iter())
+        .filter_map(|j| Some(j.status.as_ref()?.instance.as_ref()?.id.clone()))
+        .collect();
     let launches = (w
         .ground
         .proxy()
@@ -960,7 +972,7 @@ async fn a_warm_pool_whose_leader_is_killed_while_instances_prepare_and_start_le
         "runners cut off while running a job"
     );
     let used = warm_instances(&w).await;
-    for id in &prepared {
+    for id in prepared.iter().chain(&ran_on) {
         let left = used
             .iter()
             .find(|i| &i.id == id && !i.is_alive() && !i.is_stopped());

@@ -324,27 +324,29 @@ pub struct LaunchOutcome {
     pub failures: Vec<LaunchFailure>,
 }
 
-/// Terminates `ids` in one call, or each alone when EC2 refuses that call for one of them: a
+/// Terminates `ids` in one call, or each alone when EC2 refuses that call: a
 /// TerminateInstances fails whole when one id is unknown, protected or not Pacer's, and one
-/// instance's trouble must not keep the others running. Throttling and EC2's own failures are
-/// not fanned out into more calls: every id gets that answer.
+/// instance's trouble must not keep the others running. Throttling is not fanned out into more
+/// calls: once EC2 throttles, every id left gets that answer.
 pub async fn terminate_each(ec2: &dyn Ec2, ids: &[String]) -> Vec<(String, CloudResult<()>)> {
     if ids.is_empty() {
         return Vec::new();
     }
     let all = ec2.terminate_instances(ids).await;
-    let one_of_them = |e: &CloudError| {
-        use ErrorClass::*;
-        matches!(
-            e.class,
-            NotFound | Unauthorized | InvalidInput | IncorrectState
-        )
-    };
     match all {
-        Err(e) if ids.len() > 1 && one_of_them(&e) => {
+        Err(e) if ids.len() > 1 && !e.is(ErrorClass::Throttled) => {
             let mut each = Vec::with_capacity(ids.len());
+            let mut throttled: Option<CloudError> = None;
             for id in ids {
-                let alone = ec2.terminate_instances(std::slice::from_ref(id)).await;
+                let alone = match &throttled {
+                    Some(e) => Err(e.clone()),
+                    None => ec2.terminate_instances(std::slice::from_ref(id)).await,
+                };
+                if let Err(e) = &alone
+                    && e.is(ErrorClass::Throttled)
+                {
+                    throttled = Some(e.clone());
+                }
                 each.push((id.clone(), alone));
             }
             each

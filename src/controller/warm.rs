@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{Context, Result};
 use crate::api::{LaunchTemplateRef, RunnerPool, WarmCounts};
-use crate::cloud::tags;
+use crate::cloud::{ErrorClass, tags};
 use crate::domain::pool::PoolIdentity;
 use crate::domain::warm::{Failure, Retire, WarmFacts, WarmInstance, failed, launch_after, plan};
 
@@ -143,13 +143,18 @@ pub(super) async fn keep(
     if !retire.is_empty() {
         let ids: Vec<String> = retire.iter().map(|(id, _)| id.clone()).collect();
         let mut failed = Vec::new();
-        let mut error = None;
+        let mut trouble = None;
         for (id, result) in crate::cloud::terminate_each(ctx.ec2(), &ids).await {
-            if let Err(e) = result {
-                warn!(pool = %key, instance = %id, error = %e, "could not retire a warm instance; next pass");
-                failed.push(id);
-                error = Some(e);
+            let Err(e) = result else { continue };
+            warn!(pool = %key, instance = %id, error = %e, "could not retire a warm instance; next pass");
+            // One instance refused (protected, say): named, and the pass goes on to refill.
+            if e.is(ErrorClass::Throttled) || e.is(ErrorClass::Other) {
+                trouble = Some(e);
+            } else {
+                let note = format!("could not retire warm instance {id}: {e}");
+                events.push((EventType::Warning, "WarmPoolFailed", note));
             }
+            failed.push(id);
         }
         if !failed.is_empty() {
             // Not retired: decided again by the next pass.
@@ -157,7 +162,8 @@ pub(super) async fn keep(
             taken.retain(|id, job| !job.is_empty() || !failed.contains(id));
             retire.retain(|(id, _)| !failed.contains(id));
         }
-        if let Some(e) = error.filter(|_| retire.is_empty()) {
+        // EC2 itself in trouble and nothing retired: the pass's error, tried again with backoff.
+        if let Some(e) = trouble.filter(|_| retire.is_empty()) {
             return Err(e.into());
         }
         for (id, why) in &retire {
@@ -434,7 +440,10 @@ pub(super) async fn retire_all(pool: &RunnerPool, ctx: &Context) -> Result<()> {
             Ok(()) => {
                 info!(pool = %key, instance = %id, "terminated a warm instance of a deleted pool")
             }
-            Err(e) => error = Some(e),
+            Err(e) => {
+                warn!(pool = %key, instance = %id, error = %e, "could not terminate a warm instance of a deleted pool; the pool waits for it");
+                error = Some(e);
+            }
         }
     }
     error.map_or(Ok(()), |e| Err(e.into()))
