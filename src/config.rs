@@ -552,10 +552,8 @@ impl Config {
             // A bare word is a target at every level to tracing: `warning` would log nearly
             // nothing. A bare word must be a level.
             const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-            let bare =
-                (level.split(',').map(str::trim)).filter(|d| !d.is_empty() && !d.contains('='));
-            let not_level = bare
-                .into_iter()
+            let not_level = (level.split(',').map(str::trim))
+                .filter(|d| !d.is_empty() && !d.contains('='))
                 .find(|d| !LEVELS.contains(&d.to_lowercase().as_str()));
             let problem = match (not_level, tracing_subscriber::EnvFilter::try_new(level)) {
                 (Some(word), _) => Some(format!(

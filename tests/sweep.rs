@@ -31,20 +31,7 @@ async fn the_sweep_records_missed_jobs_redelivers_failures_and_removes_unclaimed
         .await
         .unwrap();
     // A job whose webhook did arrive.
-    let spec = RunnerJobSpec {
-        pool_name: "linux".into(),
-        job_id: 9003,
-        run_id: 900,
-        repository: "example-org/api".into(),
-        labels: vec!["self-hosted".into()],
-        installation_id: Some(11),
-    };
-    jobs.create(
-        &PostParams::default(),
-        &RunnerJob::for_queued_job(&ns, &job_object_name(9003), spec),
-    )
-    .await
-    .unwrap();
+    create_job(&jobs, &ns, 9003, 900).await;
 
     let fake = FakeGitHub::start().await;
     let minutes_ago = |m: i64| {
@@ -302,26 +289,28 @@ async fn a_runner_registered_while_the_sweep_reads_github_is_kept() {
     while fake.requests() == seen {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let spec = RunnerJobSpec {
-        pool_name: "linux".into(),
-        job_id: 9100,
-        run_id: 910,
-        repository: "example-org/api".into(),
-        labels: vec!["self-hosted".into()],
-        installation_id: Some(11),
-    };
-    jobs.create(
-        &PostParams::default(),
-        &RunnerJob::for_queued_job(&ns, &job_object_name(9100), spec),
-    )
-    .await
-    .unwrap();
+    create_job(&jobs, &ns, 9100, 910).await;
     fake.add_runner(org, "pacer-sweep-9100-1", "offline");
     gate.close();
 
     let swept = pass.await.unwrap();
     assert_eq!(swept.runners_removed, 1, "{swept:?}");
     assert_eq!(fake.runner_names(org), ["pacer-sweep-9100-1"]);
+}
+
+/// Records GitHub job `job_id` of run `run_id` in example-org/api, for the pool `linux`, as
+/// its webhook would.
+async fn create_job(jobs: &Api<RunnerJob>, ns: &str, job_id: i64, run_id: i64) {
+    let spec = RunnerJobSpec {
+        pool_name: "linux".into(),
+        job_id,
+        run_id,
+        repository: "example-org/api".into(),
+        labels: vec!["self-hosted".into()],
+        installation_id: Some(11),
+    };
+    let job = RunnerJob::for_queued_job(ns, &job_object_name(job_id), spec);
+    jobs.create(&PostParams::default(), &job).await.unwrap();
 }
 
 /// An organization pool named `name` in `ns` for `owner`'s jobs labelled `self-hosted, linux`.

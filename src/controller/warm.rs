@@ -124,7 +124,7 @@ pub(super) async fn keep(
     decided.terminate.retain(|(id, _)| !uncounted.contains(id));
     // A job may have taken one since `named` looked: it is the job's. The rest are marked
     // retired (no job's uid), so that no job takes them while the listing still shows them.
-    let retire: Vec<(String, crate::domain::warm::Retire)> = {
+    let mut retire: Vec<(String, crate::domain::warm::Retire)> = {
         let mut taken = ctx.jobs.warm_taken.lock().unwrap();
         taken.retain(|id, job| !job.is_empty() || ids.contains(id.as_str()));
         // A job's pass terminated it already (the listing does not show it yet).
@@ -139,7 +139,6 @@ pub(super) async fn keep(
         retire
     };
     let mut events = Vec::new();
-    let mut retire = retire;
     if !retire.is_empty() {
         let ids: Vec<String> = retire.iter().map(|(id, _)| id.clone()).collect();
         let mut failed = Vec::new();
